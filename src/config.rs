@@ -1,0 +1,669 @@
+//! Configuration: a TOML file with a default for every key, CLI flags merged over it, validated
+//! before anything starts. Every key named here is public interface, documented in the README.
+//!
+//! Single values are checked while deserializing, so a bad value is reported by `toml` with the
+//! line it is on; checks across keys run afterwards and look the line up themselves.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{de, Deserialize, Deserializer};
+
+use crate::upstream::{Address, Endpoint};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+}
+
+/// `[server]`: the client-facing side.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// TCP addresses to accept clients on: a string or a list of strings.
+    #[serde(deserialize_with = "listen_addresses")]
+    pub listen: Vec<SocketAddr>,
+    /// A unix socket to accept clients on as well.
+    pub unix_socket: Option<PathBuf>,
+    /// Permissions of the unix socket file, in octal.
+    #[serde(deserialize_with = "file_mode")]
+    pub unix_socket_mode: u32,
+    /// Clients beyond this get `-ERR max number of clients reached` and are closed.
+    pub max_clients: usize,
+    /// Requests in flight per client; past it redmux stops reading from that client.
+    pub max_pipeline: usize,
+    /// Longest bulk argument accepted (Redis's `proto-max-bulk-len`).
+    #[serde(deserialize_with = "byte_size")]
+    pub max_bulk_len: u64,
+    /// Most arguments in one request.
+    pub max_multibulk_len: u64,
+    /// Most unparsed bytes buffered for one client (Redis's `client-query-buffer-limit`); past
+    /// it the client is closed.
+    #[serde(deserialize_with = "byte_size")]
+    pub client_query_limit: u64,
+    /// Close clients idle this long; 0 = never.
+    #[serde(deserialize_with = "duration")]
+    pub client_idle_timeout: Duration,
+    /// How long SIGTERM waits for in-flight requests before exiting anyway.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 6380))],
+            unix_socket: None,
+            unix_socket_mode: 0o660,
+            max_clients: 10_000,
+            max_pipeline: 1024,
+            max_bulk_len: 512 * 1024 * 1024,
+            max_multibulk_len: 1024 * 1024,
+            client_query_limit: 1024 * 1024 * 1024,
+            client_idle_timeout: Duration::ZERO,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[upstream]`: the Redis server behind redmux.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `redis://[user:pass@]host:port[/db]`, `host:port`, `unix:///path` or `embedded`.
+    #[serde(deserialize_with = "address")]
+    pub address: Endpoint,
+    /// Upstream connections (actors); each client is assigned to one.
+    pub connections: usize,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub db: Option<u32>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            address: Endpoint::from(Address::Embedded),
+            connections: 1,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(5),
+            username: None,
+            password: None,
+            db: None,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// Where to connect and how to log in: the `username`, `password` and `db` keys win over
+    /// the same parts of a `redis://` address.
+    pub fn endpoint(&self) -> Endpoint {
+        let mut endpoint = self.address.clone();
+        if let Some(user) = &self.username {
+            endpoint.username = Some(user.clone());
+        }
+        if let Some(password) = &self.password {
+            endpoint.password = Some(password.clone());
+        }
+        if let Some(db) = self.db {
+            endpoint.db = db;
+        }
+        endpoint
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter directive (`info`, `redmux=debug,warn`...); `RUST_LOG` overrides it.
+    #[serde(deserialize_with = "log_level")]
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A password: kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// Values given on the command line; each replaces the file's.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Vec<String>,
+    pub upstream: Option<String>,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error("{flag}: {message}")]
+    Flag { flag: &'static str, message: String },
+    #[error("{location}{key}: {message}")]
+    Invalid {
+        /// `file:line: ` when the key is in the file, empty otherwise.
+        location: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads `path` (or the defaults), applies the command-line overrides, and validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let (mut config, source) = match path {
+            None => (Config::default(), None),
+            Some(path) => {
+                let name = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: name.clone(),
+                    source,
+                })?;
+                let config = Config::parse(&text).map_err(|source| ConfigError::Parse {
+                    path: name.clone(),
+                    source,
+                })?;
+                (config, Some((name, text)))
+            }
+        };
+        config.apply(overrides)?;
+        config.validate(
+            source
+                .as_ref()
+                .map(|(name, text)| (name.as_str(), text.as_str())),
+        )?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; single values are validated here.
+    pub fn parse(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    fn apply(&mut self, overrides: &Overrides) -> Result<(), ConfigError> {
+        if !overrides.listen.is_empty() {
+            self.server.listen = overrides
+                .listen
+                .iter()
+                .map(|addr| parse_listen(addr))
+                .collect::<Result<_, _>>()
+                .map_err(|message| ConfigError::Flag {
+                    flag: "--listen",
+                    message,
+                })?;
+        }
+        if let Some(upstream) = &overrides.upstream {
+            self.upstream.address = upstream.parse().map_err(|message| ConfigError::Flag {
+                flag: "--upstream",
+                message,
+            })?;
+        }
+        if let Some(level) = &overrides.log_level {
+            check_log_level(level).map_err(|message| ConfigError::Flag {
+                flag: "--log-level",
+                message,
+            })?;
+            self.log.level = level.clone();
+        }
+        Ok(())
+    }
+
+    /// Checks that involve more than one key. `source` is the file's name and text, to point
+    /// at the offending line.
+    fn validate(&self, source: Option<(&str, &str)>) -> Result<(), ConfigError> {
+        let fail = |key: &'static str, message: &str| {
+            let location = source
+                .and_then(|(name, text)| Some(format!("{name}:{}: ", line_of(text, key)?)))
+                .unwrap_or_default();
+            Err(ConfigError::Invalid {
+                location,
+                key,
+                message: message.to_owned(),
+            })
+        };
+        let server = &self.server;
+        let upstream = &self.upstream;
+        if server.listen.is_empty() && server.unix_socket.is_none() {
+            return fail(
+                "server.listen",
+                "no address to listen on (and no server.unix_socket)",
+            );
+        }
+        for (key, value) in [
+            ("server.max_clients", server.max_clients),
+            ("server.max_pipeline", server.max_pipeline),
+            ("upstream.connections", upstream.connections),
+        ] {
+            if value == 0 {
+                return fail(key, "must be at least 1");
+            }
+        }
+        if server.max_multibulk_len == 0 {
+            return fail("server.max_multibulk_len", "must be at least 1");
+        }
+        if server.max_bulk_len < 1024 * 1024 {
+            return fail("server.max_bulk_len", "must be at least 1MB, as in Redis");
+        }
+        for (key, value) in [
+            ("upstream.connect_timeout", upstream.connect_timeout),
+            ("upstream.request_timeout", upstream.request_timeout),
+        ] {
+            if value.is_zero() {
+                return fail(key, "must be more than 0");
+            }
+        }
+        if upstream.address.address == Address::Embedded {
+            let endpoint = upstream.endpoint();
+            if endpoint.username.is_some() {
+                return fail("upstream.username", "the embedded upstream has no users");
+            }
+            if endpoint.password.is_some() {
+                return fail("upstream.password", "the embedded upstream has no password");
+            }
+            if endpoint.db != 0 {
+                return fail("upstream.db", "the embedded upstream has only db 0");
+            }
+        }
+        Ok(())
+    }
+
+    /// A human summary for `--check`, passwords redacted.
+    pub fn summary(&self) -> String {
+        let endpoint = self.upstream.endpoint();
+        let listen: Vec<String> = self.server.listen.iter().map(ToString::to_string).collect();
+        let mut out = format!("listen: {}\n", listen.join(", "));
+        if let Some(path) = &self.server.unix_socket {
+            out += &format!(
+                "unix_socket: {} (mode {:04o})\n",
+                path.display(),
+                self.server.unix_socket_mode
+            );
+        }
+        out += &format!(
+            "upstream: {} (connections {}, db {}, user {}, password {})\n",
+            endpoint.address,
+            self.upstream.connections,
+            endpoint.db,
+            endpoint.username.as_deref().unwrap_or("-"),
+            if endpoint.password.is_some() {
+                "set"
+            } else {
+                "-"
+            },
+        );
+        out += &format!(
+            "limits: max_clients {}, max_pipeline {}, max_bulk_len {}, max_multibulk_len {}\n",
+            self.server.max_clients,
+            self.server.max_pipeline,
+            self.server.max_bulk_len,
+            self.server.max_multibulk_len
+        );
+        out += &format!(
+            "timeouts: connect {:?}, request {:?}, client idle {:?}, shutdown grace {:?}\n",
+            self.upstream.connect_timeout,
+            self.upstream.request_timeout,
+            self.server.client_idle_timeout,
+            self.server.shutdown_grace
+        );
+        out += &format!(
+            "log: level {}, format {:?}\n",
+            self.log.level, self.log.format
+        );
+        out
+    }
+}
+
+/// The line (1-based) of `section.key` in TOML text, found by reading the section headers.
+fn line_of(text: &str, dotted: &str) -> Option<usize> {
+    let (section, key) = dotted.split_once('.')?;
+    let mut current = "";
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = header.trim();
+        } else if current == section
+            && line
+                .split_once('=')
+                .is_some_and(|(name, _)| name.trim() == key)
+        {
+            return Some(number + 1);
+        }
+    }
+    None
+}
+
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!("{text:?} is not an address: expected IP:PORT, e.g. \"127.0.0.1:6380\"")
+    })
+}
+
+fn check_log_level(level: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(drop)
+        .map_err(|e| format!("{level:?} is not a log filter: {e}"))
+}
+
+/// Parses a size the way Redis's config does: a plain number of bytes, or a number with a unit,
+/// case-insensitive: `k`/`m`/`g` are powers of 1000, `kb`/`mb`/`gb` powers of 1024.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let lower = text.trim().to_ascii_lowercase();
+    let split = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(lower.len());
+    let (number, unit) = lower.split_at(split);
+    let multiplier: u64 = match unit {
+        "" | "b" => 1,
+        "k" => 1000,
+        "kb" => 1024,
+        "m" => 1000 * 1000,
+        "mb" => 1024 * 1024,
+        "g" => 1000 * 1000 * 1000,
+        "gb" => 1024 * 1024 * 1024,
+        _ => u64::MAX,
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .filter(|_| multiplier != u64::MAX)
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| format!("{text:?} is not a size: expected e.g. 1024, \"64kb\", \"512mb\""))
+}
+
+/// Parses a duration: a whole number with a unit `ms`, `s`, `m` or `h`; `0` alone is allowed.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || format!("{text:?} is not a duration: expected e.g. \"500ms\", \"5s\", \"1m\"");
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    Ok(match unit {
+        "" if n == 0 => Duration::ZERO,
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
+        _ => return Err(bad()),
+    })
+}
+
+// === serde adapters: each gives a precise message, and toml adds the line ===
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    parse_duration(&String::deserialize(d)?).map_err(de::Error::custom)
+}
+
+fn address<'de, D: Deserializer<'de>>(d: D) -> Result<Endpoint, D::Error> {
+    String::deserialize(d)?.parse().map_err(de::Error::custom)
+}
+
+fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let level = String::deserialize(d)?;
+    check_log_level(&level).map_err(de::Error::custom)?;
+    Ok(level)
+}
+
+fn file_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let text = String::deserialize(d)?;
+    u32::from_str_radix(&text, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| {
+            de::Error::custom(format!(
+                "{text:?} is not a file mode: expected octal, e.g. \"0660\""
+            ))
+        })
+}
+
+/// A size: a TOML integer (bytes) or a string with a unit.
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d).map_err(|_| {
+        de::Error::custom("expected a size: a number of bytes or a string such as \"512mb\"")
+    })? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(text) => parse_size(&text).map_err(de::Error::custom),
+    }
+}
+
+/// A string or a list of strings.
+fn listen_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let list = match OneOrMany::deserialize(d)
+        .map_err(|_| de::Error::custom("expected an address or a list of addresses"))?
+    {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    };
+    list.iter()
+        .map(|addr| parse_listen(addr).map_err(de::Error::custom))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str, overrides: &Overrides) -> Result<Config, String> {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        Config::load(Some(file.path()), overrides).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let config = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(
+            config.server.listen,
+            vec!["127.0.0.1:6380".parse().unwrap()]
+        );
+        assert_eq!(config.server.max_pipeline, 1024);
+        assert_eq!(config.server.max_bulk_len, 512 * 1024 * 1024);
+        assert_eq!(config.upstream.address.address, Address::Embedded);
+        assert_eq!(config.upstream.request_timeout, Duration::from_secs(5));
+        assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let config = load_text(
+            r#"
+            [server]
+            listen = ["127.0.0.1:7000", "[::1]:7000"]
+            unix_socket = "/tmp/redmux.sock"
+            unix_socket_mode = "0600"
+            max_clients = 5
+            max_pipeline = 16
+            max_bulk_len = "2mb"
+            max_multibulk_len = 100
+            client_query_limit = 1048576
+            client_idle_timeout = "30s"
+            shutdown_grace = "500ms"
+            [upstream]
+            address = "redis://u:p%40ss@127.0.0.1:7001/3"
+            connections = 2
+            connect_timeout = "2s"
+            request_timeout = "1m"
+            [log]
+            level = "debug"
+            format = "json"
+            "#,
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.server.listen.len(), 2);
+        assert_eq!(config.server.unix_socket_mode, 0o600);
+        assert_eq!(config.server.max_bulk_len, 2 * 1024 * 1024);
+        assert_eq!(config.server.client_idle_timeout, Duration::from_secs(30));
+        assert_eq!(config.upstream.request_timeout, Duration::from_secs(60));
+        let endpoint = config.upstream.endpoint();
+        assert_eq!(endpoint.username.as_deref(), Some("u"));
+        assert_eq!(endpoint.password, Some(Secret::new("p@ss")));
+        assert_eq!(endpoint.db, 3);
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_line() {
+        let err = load_text(
+            "[server]\nmax_pipeline = 8\nlisten = \"nope\"\n",
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("line 3")
+                && err.contains("listen")
+                && err.contains("\"nope\" is not an address"),
+            "{err}"
+        );
+        let err = load_text("[server]\nbogus = 1\n", &Overrides::default()).unwrap_err();
+        assert!(
+            err.contains("line 2") && err.contains("unknown field `bogus`"),
+            "{err}"
+        );
+        let err = load_text(
+            "[upstream]\nrequest_timeout = \"5 parsecs\"\n",
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("line 2") && err.contains("not a duration"),
+            "{err}"
+        );
+        let err =
+            load_text("[server]\nmax_bulk_len = \"12XB\"\n", &Overrides::default()).unwrap_err();
+        assert!(err.contains("not a size"), "{err}");
+        let err = load_text("[log]\nformat = \"xml\"\n", &Overrides::default()).unwrap_err();
+        assert!(err.contains("line 2") && err.contains("xml"), "{err}");
+        let err = load_text("\n[server]\n\nmax_pipeline = 0\n", &Overrides::default()).unwrap_err();
+        assert!(
+            err.ends_with(":4: server.max_pipeline: must be at least 1"),
+            "{err}"
+        );
+        let err = load_text("[upstream]\npassword = \"x\"\n", &Overrides::default()).unwrap_err();
+        assert!(
+            err.ends_with(":2: upstream.password: the embedded upstream has no password"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let overrides = Overrides {
+            listen: vec!["127.0.0.1:9999".into()],
+            upstream: Some("127.0.0.1:7777".into()),
+            log_level: Some("warn".into()),
+        };
+        let config = load_text("[server]\nlisten = \"127.0.0.1:1\"\n", &overrides).unwrap();
+        assert_eq!(
+            config.server.listen,
+            vec!["127.0.0.1:9999".parse().unwrap()]
+        );
+        assert_eq!(
+            config.upstream.address.address.to_string(),
+            "127.0.0.1:7777"
+        );
+        assert_eq!(config.log.level, "warn");
+        let bad = Overrides {
+            upstream: Some("http://x".into()),
+            ..Overrides::default()
+        };
+        let err = Config::load(None, &bad).unwrap_err().to_string();
+        assert!(err.starts_with("--upstream: "), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("512MB"), Ok(536_870_912));
+        assert_eq!(parse_size("1k"), Ok(1000));
+        assert_eq!(parse_size("1kb"), Ok(1024));
+        assert_eq!(parse_size("7"), Ok(7));
+        assert!(parse_size("mb").is_err());
+        assert!(parse_size("1tb").is_err());
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        let config = Config::load(
+            None,
+            &Overrides {
+                upstream: Some("redis://:hunter2@127.0.0.1:1".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert!(!config.summary().contains("hunter2"));
+    }
+}

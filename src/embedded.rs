@@ -1,0 +1,173 @@
+//! The embedded upstream: a mini-redis server run in-process, so redmux can be tried with no
+//! Redis installed.
+//!
+//! mini-redis knows GET, SET (with EX/PX), PUBLISH and SUBSCRIBE, and drops the whole connection
+//! when one of those arrives with arguments it cannot parse. On a shared connection that would
+//! fail every other client's requests, so redmux checks those commands first and answers bad ones
+//! itself, with Redis's error texts. It also answers PING, which mini-redis does not know, so
+//! health checks and `redis-benchmark` work against the embedded store.
+
+use std::{io, net::SocketAddr};
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{command::error_reply, resp::Args};
+
+/// Starts mini-redis on an ephemeral loopback port; it stops when `shutdown` is cancelled.
+pub async fn start(shutdown: CancellationToken) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(error) = mini_redis::server::run(listener, shutdown.cancelled_owned()).await {
+            tracing::error!(%error, "embedded mini-redis server stopped");
+        }
+    });
+    tracing::warn!(
+        %addr,
+        "upstream is \"embedded\": an in-memory toy store (mini-redis) for trying redmux. It knows \
+         only GET, SET, PUBLISH and PING, and nothing is persisted. Point upstream.address at a \
+         real redis-server for real use"
+    );
+    Ok(addr)
+}
+
+/// Answers locally what the embedded store cannot take; `None` means forward it.
+pub fn screen(name: &[u8], mut args: Args<'_>) -> Option<Bytes> {
+    let Ok(name) = std::str::from_utf8(name) else {
+        return Some(error_reply(&format!(
+            "unknown command '{}'",
+            String::from_utf8_lossy(name)
+        )));
+    };
+    let lower = name.to_ascii_lowercase();
+    let argc = args.remaining();
+    let arity_ok = match lower.as_str() {
+        "ping" => argc <= 1,
+        "get" => argc == 1,
+        "set" => argc >= 2,
+        "publish" => argc == 2,
+        _ => return None,
+    };
+    if !arity_ok {
+        return Some(error_reply(&format!(
+            "wrong number of arguments for '{lower}' command"
+        )));
+    }
+    match lower.as_str() {
+        "ping" => Some(match args.next() {
+            None => Bytes::from_static(b"+PONG\r\n"),
+            Some(arg) => bulk(arg),
+        }),
+        // The key (or channel) is read as a UTF-8 string by mini-redis.
+        "get" | "publish" => utf8_key(args.next()?),
+        "set" => {
+            let key = args.next()?;
+            args.next(); // the value: any bytes will do
+            utf8_key(key).or_else(|| set_options(&mut args))
+        }
+        _ => None,
+    }
+}
+
+fn utf8_key(key: &[u8]) -> Option<Bytes> {
+    std::str::from_utf8(key)
+        .is_err()
+        .then(|| error_reply("redmux: the embedded upstream only accepts UTF-8 keys and channels"))
+}
+
+/// mini-redis takes `SET key value [EX seconds | PX milliseconds]` and nothing else.
+fn set_options(options: &mut Args<'_>) -> Option<Bytes> {
+    let option = options.next()?;
+    let upper = String::from_utf8_lossy(option).to_ascii_uppercase();
+    match upper.as_str() {
+        "EX" | "PX" => {}
+        "NX" | "XX" | "GET" | "KEEPTTL" | "EXAT" | "PXAT" => {
+            return Some(error_reply(&format!(
+                "redmux: the embedded upstream does not support SET {upper}"
+            )))
+        }
+        _ => return Some(error_reply("syntax error")),
+    }
+    let Some(value) = options.next() else {
+        return Some(error_reply("syntax error"));
+    };
+    if options.next().is_some() {
+        return Some(error_reply(
+            "redmux: the embedded upstream supports only one SET option",
+        ));
+    }
+    match crate::resp::parse_int(value) {
+        Some(n) if n > 0 => None,
+        Some(_) => Some(error_reply("invalid expire time in 'set' command")),
+        None => Some(error_reply("value is not an integer or out of range")),
+    }
+}
+
+fn bulk(payload: &[u8]) -> Bytes {
+    let mut out = format!("${}\r\n", payload.len()).into_bytes();
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\n");
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resp::encode_command;
+
+    fn check(args: &[&[u8]]) -> Option<String> {
+        let request = encode_command(args.iter().copied());
+        let mut parsed = Args::new(&request);
+        let name = parsed.next().unwrap();
+        screen(name, parsed).map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    #[test]
+    fn screens_what_mini_redis_would_choke_on() {
+        assert_eq!(check(&[b"GET", b"k"]), None);
+        assert_eq!(check(&[b"SET", b"k", b"v"]), None);
+        assert_eq!(check(&[b"set", b"k", b"v", b"ex", b"10"]), None);
+        assert_eq!(check(&[b"PUBLISH", b"c", b"m"]), None);
+        assert_eq!(
+            check(&[b"INCR", b"k"]),
+            None,
+            "unknown commands are answered by mini-redis"
+        );
+        assert_eq!(check(&[b"PING"]).unwrap(), "+PONG\r\n");
+        assert_eq!(check(&[b"PING", b"hi"]).unwrap(), "$2\r\nhi\r\n");
+        assert_eq!(
+            check(&[b"GET"]).unwrap(),
+            "-ERR wrong number of arguments for 'get' command\r\n"
+        );
+        assert_eq!(
+            check(&[b"GET", b"\xff"]).unwrap(),
+            "-ERR redmux: the embedded upstream only accepts UTF-8 keys and channels\r\n"
+        );
+        assert_eq!(
+            check(&[b"SET", b"k", b"v", b"NX"]).unwrap(),
+            "-ERR redmux: the embedded upstream does not support SET NX\r\n"
+        );
+        assert_eq!(
+            check(&[b"SET", b"k", b"v", b"EX"]).unwrap(),
+            "-ERR syntax error\r\n"
+        );
+        assert_eq!(
+            check(&[b"SET", b"k", b"v", b"EX", b"x"]).unwrap(),
+            "-ERR value is not an integer or out of range\r\n"
+        );
+        assert_eq!(
+            check(&[b"SET", b"k", b"v", b"EX", b"0"]).unwrap(),
+            "-ERR invalid expire time in 'set' command\r\n"
+        );
+        assert_eq!(
+            check(&[b"SET", b"k", b"v", b"EX", b"1", b"PX", b"1"]).unwrap(),
+            "-ERR redmux: the embedded upstream supports only one SET option\r\n"
+        );
+        assert_eq!(
+            check(&[b"\xff"]).unwrap(),
+            "-ERR unknown command '\u{fffd}'\r\n"
+        );
+    }
+}

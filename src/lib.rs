@@ -1,0 +1,20 @@
+//! redmux: a local Redis proxy that multiplexes many client connections onto one pipelined
+//! upstream connection.
+//!
+//! Data flow, one module each: [`server`] accepts clients → [`client`] sessions parse requests
+//! ([`resp`]) and decide what to do with each ([`command`]) → [`upstream`] actors pipeline them
+//! onto Redis (or the [`embedded`] store) → replies flow back through a `oneshot` per batch.
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod client;
+pub mod command;
+pub mod config;
+pub mod embedded;
+pub mod resp;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{Server, ServerError};

@@ -1,0 +1,122 @@
+//! The `redmux` binary: parse flags, load the config, set up logging, run the server until a
+//! signal. Everything else lives in the library.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::Parser;
+use redmux::{
+    config::{LogConfig, LogFormat, Overrides},
+    Config, Server,
+};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// A local Redis proxy: many client connections, one pipelined upstream connection.
+#[derive(Debug, Parser)]
+#[command(name = "redmux", version)]
+struct Cli {
+    /// Configuration file (TOML). Without it the built-in defaults apply.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to accept clients on, e.g. 127.0.0.1:6380 (repeatable); replaces server.listen.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// Upstream Redis: redis://[user:pass@]host:port[/db], host:port, unix:///path or embedded.
+    #[arg(long, value_name = "ADDR")]
+    upstream: Option<String>,
+    /// Log filter, e.g. info or redmux=debug; RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Validate the configuration, print a summary and exit: 0 if valid, 1 if not.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        listen: cli.listen,
+        upstream: cli.upstream,
+        log_level: cli.log_level,
+    };
+    let config = match Config::load(cli.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("redmux: invalid configuration: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.check {
+        let source = cli
+            .config
+            .map_or("defaults".into(), |p| p.display().to_string());
+        println!("configuration OK ({source})");
+        print!("{}", config.summary());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config.log);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    // Every client is a file descriptor: 10,000 clients need more than the usual soft limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-file limit raised"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let server = Server::bind(config).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signals(shutdown.clone()));
+        server.run(shutdown).await;
+        Ok(())
+    })
+}
+
+/// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
+async fn on_signals(shutdown: CancellationToken) {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting without waiting");
+    std::process::exit(1);
+}
+
+fn init_logging(log: &LogConfig) {
+    // mini-redis logs every connection at info; keep it quiet unless asked for by RUST_LOG.
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(format!("{},mini_redis=warn", log.level)))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

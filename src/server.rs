@@ -1,0 +1,257 @@
+//! The server: listeners, the accept loops, and the order of a graceful shutdown.
+//!
+//! Shutdown: the token stops the accept loops and tells every session to stop reading; sessions
+//! finish the replies they owe; after `shutdown_grace` whatever is left is abandoned. Upstream
+//! actors end by themselves once the last session (and so the last channel sender) is gone.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, UnixListener},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::{
+    client::{Session, SessionConfig},
+    config::Config,
+    resp::Limits,
+    upstream::Upstreams,
+};
+
+/// Pause after a failed accept (typically EMFILE), so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: io::Error },
+    #[error("cannot start the upstream: {0}")]
+    Upstream(io::Error),
+}
+
+/// A bound, not yet running, server.
+pub struct Server {
+    config: Config,
+    tcp: Vec<TcpListener>,
+    unix: Option<(UnixListener, PathBuf)>,
+    upstreams: Upstreams,
+    /// Stops the embedded upstream, once clients are done with it.
+    upstream_shutdown: CancellationToken,
+}
+
+/// State the accept loops share.
+struct Shared {
+    session: Arc<SessionConfig>,
+    upstreams: Upstreams,
+    max_clients: usize,
+    clients: AtomicUsize,
+    next_id: AtomicU64,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Server {
+    /// Binds every listener and starts the upstream actors (and the embedded store).
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let mut tcp = Vec::new();
+        for addr in &config.server.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            tcp.push(listener);
+        }
+        let unix = match &config.server.unix_socket {
+            Some(path) => Some((
+                bind_unix(path, config.server.unix_socket_mode)?,
+                path.clone(),
+            )),
+            None => None,
+        };
+        let upstream_shutdown = CancellationToken::new();
+        let upstreams = Upstreams::start(&config.upstream, upstream_shutdown.clone())
+            .await
+            .map_err(ServerError::Upstream)?;
+        Ok(Server {
+            config,
+            tcp,
+            unix,
+            upstreams,
+            upstream_shutdown,
+        })
+    }
+
+    /// The TCP addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.tcp
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains for at most `shutdown_grace`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let server = &self.config.server;
+        let shared = Arc::new(Shared {
+            session: Arc::new(SessionConfig {
+                limits: Limits {
+                    max_bulk_len: server.max_bulk_len,
+                    max_multibulk_len: server.max_multibulk_len,
+                },
+                max_pipeline: server.max_pipeline,
+                client_query_limit: server.client_query_limit,
+                idle_timeout: Some(server.client_idle_timeout).filter(|t| !t.is_zero()),
+                request_timeout: self.config.upstream.request_timeout,
+                profile: self.upstreams.profile(),
+            }),
+            upstreams: self.upstreams,
+            max_clients: server.max_clients,
+            clients: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            tracker: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+        });
+        let mut loops = Vec::new();
+        for listener in self.tcp {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "listening");
+            }
+            loops.push(tokio::spawn(accept_loop(listener, shared.clone())));
+        }
+        let unix_path = self.unix.map(|(listener, path)| {
+            info!(path = %path.display(), "listening on unix socket");
+            loops.push(tokio::spawn(accept_loop(listener, shared.clone())));
+            path
+        });
+        shutdown.cancelled().await;
+        info!("shutting down: no new clients; finishing in-flight requests");
+        for accept in loops {
+            let _ = accept.await;
+        }
+        shared.tracker.close();
+        let grace = self.config.server.shutdown_grace;
+        if tokio::time::timeout(grace, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                ?grace,
+                "shutdown grace period over; closing remaining clients"
+            );
+        }
+        self.upstream_shutdown.cancel();
+        if let Some(path) = unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+        info!("stopped");
+    }
+}
+
+/// A source of client connections: TCP or unix.
+trait Listener: Send + 'static {
+    type Reader: AsyncRead + Unpin + Send + 'static;
+    type Writer: AsyncWrite + Unpin + Send + 'static;
+    fn accept(
+        &self,
+    ) -> impl Future<Output = io::Result<(Self::Reader, Self::Writer, String)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Reader = tokio::net::tcp::OwnedReadHalf;
+    type Writer = tokio::net::tcp::OwnedWriteHalf;
+
+    async fn accept(&self) -> io::Result<(Self::Reader, Self::Writer, String)> {
+        let (stream, peer) = TcpListener::accept(self).await?;
+        stream.set_nodelay(true)?;
+        let (r, w) = stream.into_split();
+        Ok((r, w, peer.to_string()))
+    }
+}
+
+impl Listener for UnixListener {
+    type Reader = tokio::net::unix::OwnedReadHalf;
+    type Writer = tokio::net::unix::OwnedWriteHalf;
+
+    async fn accept(&self) -> io::Result<(Self::Reader, Self::Writer, String)> {
+        let (stream, _) = UnixListener::accept(self).await?;
+        let (r, w) = stream.into_split();
+        Ok((r, w, "unix".to_owned()))
+    }
+}
+
+async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shared.shutdown.cancelled() => return,
+        };
+        let (reader, mut writer, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                error!(%error, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        if shared.clients.fetch_add(1, Ordering::AcqRel) >= shared.max_clients {
+            shared.clients.fetch_sub(1, Ordering::AcqRel);
+            debug!(%peer, "max_clients reached; refusing");
+            shared.tracker.spawn(async move {
+                let _ = writer.write_all(MAX_CLIENTS_REPLY).await;
+                let _ = writer.shutdown().await;
+            });
+            continue;
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("client", id, %peer);
+        let session = Session::new(
+            reader,
+            writer,
+            shared.session.clone(),
+            shared.upstreams.assign(),
+            shared.shutdown.clone(),
+        );
+        let shared_for_task = shared.clone();
+        shared.tracker.spawn(
+            async move {
+                debug!("connected");
+                session.run().await;
+                shared_for_task.clients.fetch_sub(1, Ordering::AcqRel);
+                debug!("disconnected");
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Binds a unix socket, replacing a stale socket file (one nobody answers on), and sets its
+/// permissions.
+fn bind_unix(path: &std::path::Path, mode: u32) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let fail = |source| ServerError::Bind {
+        addr: path.display().to_string(),
+        source,
+    };
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket && std::os::unix::net::UnixStream::connect(path).is_err() {
+        std::fs::remove_file(path).map_err(fail)?;
+    }
+    let listener = UnixListener::bind(path).map_err(fail)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+    Ok(listener)
+}

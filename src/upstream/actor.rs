@@ -1,0 +1,383 @@
+//! The upstream actor: owns one connection, writes every client's requests to it in batches and
+//! hands each batch of replies back to the client that sent it.
+//!
+//! Replies come back in the order requests were written, so a FIFO of reply senders is all the
+//! routing there is. The FIFO is only trustworthy while every byte is accounted for: on any
+//! error, timeout or surprise from the upstream the connection is dropped and every request in
+//! the FIFO is failed. Never resynchronised, never retried (redis-rs #698 shows what happens
+//! otherwise).
+
+use std::{
+    collections::VecDeque,
+    hash::{BuildHasher, RandomState},
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::{mpsc, oneshot},
+    time::{interval, sleep, sleep_until, Instant, MissedTickBehavior},
+};
+use tracing::{debug, info, warn, Instrument};
+
+use super::{
+    connect::{connect, Reader, Writer},
+    Endpoint, Reply, Request, Timeouts, UpstreamError,
+};
+use crate::resp::{ReplyError, ReplyScanner};
+
+/// Messages taken off the channel at once: one batch, one write.
+const BATCH: usize = 256;
+/// Stop taking requests while this much is still waiting to be written.
+const WRITE_HIGH_WATER: usize = 1024 * 1024;
+/// Read-buffer growth step; replies are cut out of it as `Bytes` without copying.
+const READ_CHUNK: usize = 64 * 1024;
+/// Exponential reconnect backoff: first delay and cap.
+const BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const BACKOFF_CAP: Duration = Duration::from_secs(1);
+
+pub(super) fn spawn(
+    id: usize,
+    endpoint: Endpoint,
+    timeouts: Timeouts,
+    rx: mpsc::Receiver<Request>,
+) {
+    let span = tracing::info_span!("upstream", id, addr = %endpoint.address);
+    let actor = Actor {
+        endpoint,
+        timeouts,
+        rx,
+        closed: false,
+        waiting: VecDeque::new(),
+    };
+    tokio::spawn(actor.run().instrument(span));
+}
+
+/// A batch written upstream whose replies are not all back yet.
+#[derive(Debug)]
+struct InFlight {
+    /// Replies still to come for this batch.
+    remaining: u32,
+    reply: oneshot::Sender<Reply>,
+    /// Past this instant the connection is presumed stuck.
+    deadline: Instant,
+}
+
+/// Why `serve` returned.
+enum Ended {
+    /// Every client is gone and every request answered.
+    Done,
+    /// The connection is unusable; in-flight requests have been failed.
+    Lost(String),
+}
+
+struct Actor {
+    endpoint: Endpoint,
+    timeouts: Timeouts,
+    rx: mpsc::Receiver<Request>,
+    /// The channel is closed: no client will send again.
+    closed: bool,
+    /// Requests that arrived while there was no connection, oldest first. Each waits at most
+    /// `connect_timeout` from when it was queued.
+    waiting: VecDeque<Request>,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        let mut failures: u32 = 0;
+        loop {
+            let (endpoint, timeout) = (self.endpoint.clone(), self.timeouts.connect);
+            let attempt = async move { connect(&endpoint, timeout).await };
+            let result = match self.while_disconnected(attempt).await {
+                Some(result) => result,
+                None => return,
+            };
+            match result {
+                Ok((reader, writer)) => {
+                    info!("upstream connected");
+                    failures = 0;
+                    match self.serve(reader, writer).await {
+                        Ended::Done => return,
+                        Ended::Lost(why) => warn!(%why, "upstream connection lost; reconnecting"),
+                    }
+                }
+                Err(error) => {
+                    // One warning per outage, not one per retry.
+                    if failures == 0 {
+                        warn!(%error, "cannot connect to upstream; retrying with backoff");
+                    } else {
+                        debug!(%error, failures, "upstream connect failed");
+                    }
+                    let delay = backoff(failures);
+                    failures = failures.saturating_add(1);
+                    if self.while_disconnected(sleep(delay)).await.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `fut` while holding incoming requests for the next connection and failing those
+    /// that waited too long. `None` when every client is gone and nothing waits.
+    async fn while_disconnected<F: std::future::Future>(&mut self, fut: F) -> Option<F::Output> {
+        tokio::pin!(fut);
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            if self.closed && self.waiting.is_empty() {
+                return None;
+            }
+            let expiry = self
+                .waiting
+                .front()
+                .map(|r| r.queued_at + self.timeouts.connect);
+            tokio::select! {
+                output = &mut fut => return Some(output),
+                n = self.rx.recv_many(&mut batch, BATCH), if !self.closed => {
+                    self.closed = n == 0;
+                    self.waiting.extend(batch.drain(..));
+                }
+                _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
+                    let now = Instant::now();
+                    while let Some(request) = self.waiting.front() {
+                        if request.queued_at + self.timeouts.connect > now {
+                            break;
+                        }
+                        if let Some(request) = self.waiting.pop_front() {
+                            let _ = request.reply.send(Err(UpstreamError::Unavailable));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pipelines requests over one live connection until it fails or every client is gone.
+    async fn serve(&mut self, mut reader: Reader, mut writer: Writer) -> Ended {
+        let mut pipe = Pipeline::new(self.timeouts.request);
+        let now = Instant::now();
+        for request in self.waiting.drain(..) {
+            pipe.push(request, now);
+        }
+        let mut batch = Vec::with_capacity(BATCH);
+        // Timeouts are checked on a coarse tick rather than a timer per request: precise enough
+        // for a multi-second timeout, and free on the hot path.
+        let mut tick = interval(
+            (self.timeouts.request / 10)
+                .clamp(Duration::from_millis(5), Duration::from_millis(250)),
+        );
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            if self.closed && pipe.is_idle() {
+                return Ended::Done;
+            }
+            if pipe.rbuf.capacity() - pipe.rbuf.len() < READ_CHUNK / 4 {
+                pipe.rbuf.reserve(READ_CHUNK);
+            }
+            // Reading is always polled, whatever else is pending: a writer blocked on a full
+            // socket while nobody reads replies would deadlock (redis-rs #1955).
+            tokio::select! {
+                biased;
+                read = reader.read_buf(&mut pipe.rbuf) => match read {
+                    Ok(0) => return pipe.fail(UpstreamError::ConnectionLost, "closed by upstream"),
+                    Ok(_) => {
+                        if let Err(error) = pipe.dispatch() {
+                            return pipe.fail(UpstreamError::ConnectionLost, &error.to_string());
+                        }
+                    }
+                    Err(error) => return pipe.fail(UpstreamError::ConnectionLost, &error.to_string()),
+                },
+                n = self.rx.recv_many(&mut batch, BATCH),
+                    if !self.closed && pipe.wbuf.len() < WRITE_HIGH_WATER =>
+                {
+                    self.closed = n == 0;
+                    let now = Instant::now();
+                    for request in batch.drain(..) {
+                        pipe.push(request, now);
+                    }
+                }
+                written = writer.write_buf(&mut pipe.wbuf), if !pipe.wbuf.is_empty() => {
+                    let flushed = match written {
+                        Ok(_) if pipe.wbuf.is_empty() => writer.flush().await,
+                        Ok(_) => Ok(()),
+                        Err(error) => Err(error),
+                    };
+                    if let Err(error) = flushed {
+                        return pipe.fail(UpstreamError::ConnectionLost, &error.to_string());
+                    }
+                }
+                _ = tick.tick(), if !pipe.inflight.is_empty() => {
+                    if pipe.inflight.front().is_some_and(|f| f.deadline <= Instant::now()) {
+                        return pipe.fail(UpstreamError::Timeout, "a request timed out");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The state of one live connection: bytes to write, bytes read, and who is owed what.
+struct Pipeline {
+    wbuf: BytesMut,
+    rbuf: BytesMut,
+    scanner: ReplyScanner,
+    inflight: VecDeque<InFlight>,
+    request_timeout: Duration,
+}
+
+impl Pipeline {
+    fn new(request_timeout: Duration) -> Self {
+        Pipeline {
+            wbuf: BytesMut::with_capacity(READ_CHUNK),
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            scanner: ReplyScanner::new(),
+            inflight: VecDeque::new(),
+            request_timeout,
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.inflight.is_empty() && self.wbuf.is_empty()
+    }
+
+    /// Queues a request for writing. One whose client has already gone is dropped unwritten.
+    fn push(&mut self, request: Request, now: Instant) {
+        if request.reply.is_closed() {
+            return;
+        }
+        self.wbuf.extend_from_slice(&request.frames);
+        self.inflight.push_back(InFlight {
+            remaining: request.count,
+            reply: request.reply,
+            deadline: now + self.request_timeout,
+        });
+    }
+
+    /// Cuts complete replies out of the read buffer and completes the batches they finish.
+    fn dispatch(&mut self) -> Result<(), DispatchError> {
+        loop {
+            let Some(front) = self.inflight.front_mut() else {
+                return if self.rbuf.is_empty() {
+                    Ok(())
+                } else {
+                    Err(DispatchError::Unsolicited)
+                };
+            };
+            let Some(end) = self.scanner.next_reply(&self.rbuf)? else {
+                return Ok(());
+            };
+            front.remaining -= 1;
+            if front.remaining == 0 {
+                let replies = self.rbuf.split_to(end).freeze();
+                self.scanner.consumed(end);
+                if let Some(done) = self.inflight.pop_front() {
+                    // A client that has gone no longer wants its replies: they are dropped.
+                    let _ = done.reply.send(Ok(replies));
+                }
+            }
+        }
+    }
+
+    /// Fails every request written or queued on this connection.
+    fn fail(&mut self, error: UpstreamError, why: &str) -> Ended {
+        for request in self.inflight.drain(..) {
+            let _ = request.reply.send(Err(error));
+        }
+        Ended::Lost(why.to_owned())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DispatchError {
+    #[error("malformed reply: {0}")]
+    Malformed(#[from] ReplyError),
+    #[error("reply received with no request outstanding")]
+    Unsolicited,
+}
+
+/// Delay before reconnect attempt `failures + 1`: exponential, capped, with jitter so that many
+/// redmux instances do not reconnect in step.
+fn backoff(failures: u32) -> Duration {
+    let ceiling = BACKOFF_FIRST
+        .saturating_mul(1u32 << failures.min(16))
+        .min(BACKOFF_CAP);
+    let half = ceiling / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1);
+    let random = RandomState::new().hash_one(Instant::now()) % nanos;
+    half + Duration::from_nanos(random)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        assert!(backoff(0) <= BACKOFF_FIRST && backoff(0) >= BACKOFF_FIRST / 2);
+        assert!(backoff(3) <= BACKOFF_FIRST * 8);
+        for _ in 0..100 {
+            let delay = backoff(30);
+            assert!(
+                delay >= BACKOFF_CAP / 2 && delay <= BACKOFF_CAP,
+                "{delay:?}"
+            );
+        }
+    }
+
+    fn request(frames: &'static [u8], count: u32) -> (Request, oneshot::Receiver<Reply>) {
+        let (reply, rx) = oneshot::channel();
+        let request = Request {
+            frames: bytes::Bytes::from_static(frames),
+            count,
+            queued_at: Instant::now(),
+            reply,
+        };
+        (request, rx)
+    }
+
+    #[tokio::test]
+    async fn replies_go_to_their_batch_in_order() {
+        let mut pipe = Pipeline::new(Duration::from_secs(1));
+        let (a, mut rx_a) = request(b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n", 2);
+        let (b, mut rx_b) = request(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", 1);
+        pipe.push(a, Instant::now());
+        pipe.push(b, Instant::now());
+        assert_eq!(
+            &pipe.wbuf[..],
+            b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+        );
+        pipe.rbuf.extend_from_slice(b"+PONG\r\n+PO");
+        pipe.dispatch().unwrap();
+        assert!(rx_a.try_recv().is_err(), "half a batch is not delivered");
+        pipe.rbuf.extend_from_slice(b"NG\r\n$1\r\nv");
+        pipe.dispatch().unwrap();
+        assert_eq!(
+            &rx_a.try_recv().unwrap().unwrap()[..],
+            b"+PONG\r\n+PONG\r\n"
+        );
+        pipe.rbuf.extend_from_slice(b"\r\n");
+        pipe.dispatch().unwrap();
+        assert_eq!(&rx_b.try_recv().unwrap().unwrap()[..], b"$1\r\nv\r\n");
+        assert!(pipe.inflight.is_empty());
+        pipe.rbuf.extend_from_slice(b"+EXTRA\r\n");
+        assert!(matches!(pipe.dispatch(), Err(DispatchError::Unsolicited)));
+    }
+
+    #[tokio::test]
+    async fn failure_reaches_every_batch_and_gone_clients_are_skipped() {
+        let mut pipe = Pipeline::new(Duration::from_secs(1));
+        let (a, rx_a) = request(b"*1\r\n$4\r\nPING\r\n", 1);
+        let (b, mut rx_b) = request(b"*1\r\n$4\r\nPING\r\n", 1);
+        drop(rx_a);
+        pipe.push(a, Instant::now());
+        pipe.push(b, Instant::now());
+        assert_eq!(
+            pipe.inflight.len(),
+            1,
+            "the departed client's request is never written"
+        );
+        pipe.fail(UpstreamError::ConnectionLost, "test");
+        assert_eq!(rx_b.try_recv().unwrap(), Err(UpstreamError::ConnectionLost));
+    }
+}
