@@ -1,0 +1,333 @@
+//! End-to-end behaviour through real clients against a real redis-server.
+
+mod support;
+
+use redis::AsyncCommands;
+use support::{Redmux, RedisServer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_commands_through_the_redis_crate() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut con = redmux.client().await;
+
+    let pong: String = redis::cmd("PING").query_async(&mut con).await.unwrap();
+    assert_eq!(pong, "PONG");
+    let _: () = con.set("greeting", "hello").await.unwrap();
+    let got: String = con.get("greeting").await.unwrap();
+    assert_eq!(got, "hello");
+    let n: i64 = con.incr("counter", 5).await.unwrap();
+    assert_eq!(n, 5);
+    let missing: Option<String> = con.get("nope").await.unwrap();
+    assert_eq!(missing, None);
+    let binary: Vec<u8> = (0..=255).collect();
+    let _: () = con.set("bin", &binary).await.unwrap();
+    let back: Vec<u8> = con.get("bin").await.unwrap();
+    assert_eq!(back, binary);
+    let big = "x".repeat(3 * 1024 * 1024);
+    let _: () = con.set("big", &big).await.unwrap();
+    let back: String = con.get("big").await.unwrap();
+    assert_eq!(back.len(), big.len());
+    let _: () = con.rpush("list", &[1, 2, 3]).await.unwrap();
+    let list: Vec<i64> = con.lrange("list", 0, -1).await.unwrap();
+    assert_eq!(list, vec![1, 2, 3]);
+    let err = con.incr::<_, _, i64>("greeting", 1).await.unwrap_err();
+    assert!(err.to_string().contains("not an integer"), "{err}");
+    // The data really is in Redis.
+    let direct: String = redis::Commands::get(&mut redis.direct(), "greeting").unwrap();
+    assert_eq!(direct, "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mini_redis_client_through_redmux() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut client = mini_redis::client::connect(redmux.addr).await.unwrap();
+    client.set("k", "v".into()).await.unwrap();
+    assert_eq!(client.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(client.publish("chan", "m".into()).await.unwrap(), 0);
+}
+
+/// 128 clients, each writing and reading keys and values that carry its own id: every reply
+/// must be the one for that client's own request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_get_only_their_own_replies() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut tasks = Vec::new();
+    for id in 0..128 {
+        let url = redmux.url();
+        tasks.push(tokio::spawn(async move {
+            let mut con = redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            for seq in 0..50 {
+                let key = format!("client:{id}:{seq}");
+                let value = format!("value:{id}:{seq}:{}", "v".repeat(seq * 7));
+                let _: () = con.set(&key, &value).await.unwrap();
+                let back: String = con.get(&key).await.unwrap();
+                assert_eq!(back, value, "client {id} got someone else's reply");
+                let n: i64 = con.incr(format!("count:{id}"), 1).await.unwrap();
+                assert_eq!(n, seq as i64 + 1, "client {id} counter");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// One client writes 20,000 commands in a single write; the replies come back complete and in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_pipeline_in_one_write_keeps_order() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut raw = redmux.raw().await;
+    const N: usize = 20_000;
+    let mut batch = Vec::new();
+    for i in 0..N {
+        batch.extend_from_slice(&redmux::resp::encode_command([&b"INCR"[..], b"seq"]));
+        if i % 1000 == 0 {
+            let value = format!("marker-{i}");
+            batch.extend_from_slice(&redmux::resp::encode_command([
+                &b"SET"[..],
+                format!("m{i}").as_bytes(),
+                value.as_bytes(),
+            ]));
+            batch.extend_from_slice(&redmux::resp::encode_command([&b"GET"[..], format!("m{i}").as_bytes()]));
+        }
+    }
+    let replies = raw.pipeline(&batch, N + 2 * (N / 1000)).await;
+    let mut replies = replies.into_iter();
+    for i in 0..N {
+        assert_eq!(replies.next().unwrap(), format!(":{}\r\n", i + 1).into_bytes(), "reply {i}");
+        if i % 1000 == 0 {
+            assert_eq!(replies.next().unwrap(), b"+OK\r\n");
+            let value = format!("marker-{i}");
+            assert_eq!(replies.next().unwrap(), format!("${}\r\n{value}\r\n", value.len()).into_bytes());
+        }
+    }
+    assert!(replies.next().is_none());
+}
+
+/// Past `max_pipeline` outstanding requests redmux stops reading the client; the pipeline still
+/// completes, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_limit_applies_backpressure_without_losing_order() {
+    let redis = RedisServer::start();
+    let mut config = support::config(&redis.addr());
+    config.server.max_pipeline = 3;
+    let redmux = Redmux::start_with(config).await;
+    let mut raw = redmux.raw().await;
+    let mut batch = Vec::new();
+    for _ in 0..1000 {
+        batch.extend_from_slice(b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\nPING\r\n");
+    }
+    let replies = raw.pipeline(&batch, 2000).await;
+    for (i, pair) in replies.chunks(2).enumerate() {
+        assert_eq!(pair[0], format!(":{}\r\n", i + 1).into_bytes());
+        assert_eq!(pair[1], b"+PONG\r\n");
+    }
+    assert_eq!(replies.len(), 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_commands_work_like_redis() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut raw = redmux.raw().await;
+    raw.send("PING\r\n").await;
+    assert_eq!(raw.reply_str().await, "+PONG\r\n");
+    raw.send("SET \"key one\" 'it\\'s'\r\n\r\n   \nGET \"key one\"\n").await;
+    assert_eq!(raw.reply_str().await, "+OK\r\n");
+    assert_eq!(raw.reply_str().await, "$4\r\nit's\r\n");
+    // Mixed with multibulk in one write, and blank lines ignored as Redis does.
+    raw.send("*1\r\n$4\r\nPING\r\nECHO hi\r\n\r\n*0\r\n*-1\r\nPING\r\n").await;
+    assert_eq!(raw.reply_str().await, "+PONG\r\n");
+    assert_eq!(raw.reply_str().await, "$2\r\nhi\r\n");
+    assert_eq!(raw.reply_str().await, "+PONG\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_answers_ok_then_closes_and_ignores_the_rest() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut raw = redmux.raw().await;
+    raw.send("INCR q\r\nQUIT\r\nINCR q\r\n").await;
+    assert_eq!(raw.reply_str().await, ":1\r\n");
+    assert_eq!(raw.reply_str().await, "+OK\r\n");
+    raw.expect_closed().await;
+    let value: i64 = redis::Commands::get(&mut redis.direct(), "q").unwrap();
+    assert_eq!(value, 1, "the command after QUIT never ran");
+}
+
+/// Stateful commands are refused with an error naming them, and never reach the shared
+/// connection: Redis's own command statistics show none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateful_commands_are_refused_and_never_forwarded() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut a = redmux.raw().await;
+    let mut b = redmux.raw().await;
+    let refused: &[&[&str]] = &[
+        &["SELECT", "1"],
+        &["HELLO", "3"],
+        &["AUTH", "pw"],
+        &["CLIENT", "SETNAME", "x"],
+        &["MULTI"],
+        &["EXEC"],
+        &["DISCARD"],
+        &["WATCH", "k"],
+        &["UNWATCH"],
+        &["BLPOP", "l", "0"],
+        &["BRPOP", "l", "0"],
+        &["BLMOVE", "a", "b", "LEFT", "LEFT", "0"],
+        &["BZPOPMIN", "z", "0"],
+        &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"],
+        &["WAIT", "0", "0"],
+        &["SUBSCRIBE", "c"],
+        &["PSUBSCRIBE", "c*"],
+        &["MONITOR"],
+        &["RESET"],
+        &["READONLY"],
+        &["SHUTDOWN"],
+        &["REPLICAOF", "NO", "ONE"],
+    ];
+    for args in refused {
+        let reply = a.call(args).await;
+        let mut name = args[0].to_string();
+        if name == "CLIENT" {
+            name.push_str(" SETNAME");
+        }
+        if name == "XREAD" {
+            name.push_str(" BLOCK");
+        }
+        assert_eq!(reply, format!("-ERR redmux: {name} is not supported yet\r\n"));
+    }
+    // The other client is unaffected: still db 0, and its writes land in db 0.
+    assert_eq!(b.call(&["SET", "shared", "b"]).await, "+OK\r\n");
+    let mut direct = redis.direct();
+    let in_db0: String = redis::Commands::get(&mut direct, "shared").unwrap();
+    assert_eq!(in_db0, "b");
+    // XREAD without BLOCK is an ordinary read and is forwarded.
+    assert_eq!(a.call(&["XREAD", "STREAMS", "s", "0"]).await, "*-1\r\n");
+    let stats: String = redis::cmd("INFO").arg("commandstats").query(&mut direct).unwrap();
+    for args in refused.iter().filter(|args| args[0] != "XREAD") {
+        let stat = format!("cmdstat_{}:", args[0].to_ascii_lowercase());
+        assert!(!stats.contains(&stat), "{} reached Redis:\n{stats}", args[0]);
+    }
+    assert!(stats.contains("cmdstat_xread:calls=1,"), "only the non-blocking XREAD: {stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_are_dropped_silently() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut raw = redmux.raw().await;
+    raw.send("POST / HTTP/1.1\r\nHost: example\r\n\r\n").await;
+    raw.expect_closed().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_clients_refuses_with_the_redis_error() {
+    let redis = RedisServer::start();
+    let mut config = support::config(&redis.addr());
+    config.server.max_clients = 2;
+    let redmux = Redmux::start_with(config).await;
+    let mut first = redmux.raw().await;
+    let mut second = redmux.raw().await;
+    assert_eq!(first.call(&["PING"]).await, "+PONG\r\n");
+    assert_eq!(second.call(&["PING"]).await, "+PONG\r\n");
+    let mut third = redmux.raw().await;
+    assert_eq!(third.reply_str().await, "-ERR max number of clients reached\r\n");
+    third.expect_closed().await;
+    // A slot frees up when a client leaves.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + support::READY_TIMEOUT;
+    loop {
+        let mut next = redmux.raw().await;
+        next.send("PING\r\n").await;
+        if next.reply_str().await == "+PONG\r\n" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_with_requests_in_flight_does_not_disturb_others() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut other = redmux.client().await;
+    for round in 0..20 {
+        let mut leaver = redmux.raw().await;
+        let mut batch = Vec::new();
+        for _ in 0..500 {
+            batch.extend_from_slice(b"*2\r\n$4\r\nINCR\r\n$6\r\nleaver\r\n");
+        }
+        leaver.send(&batch).await;
+        drop(leaver);
+        let key = format!("other:{round}");
+        let _: () = other.set(&key, round).await.unwrap();
+        let back: i64 = other.get(&key).await.unwrap();
+        assert_eq!(back, round);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_closed_when_configured() {
+    let redis = RedisServer::start();
+    let mut config = support::config(&redis.addr());
+    config.server.client_idle_timeout = std::time::Duration::from_millis(300);
+    let redmux = Redmux::start_with(config).await;
+    let mut raw = redmux.raw().await;
+    assert_eq!(raw.call(&["PING"]).await, "+PONG\r\n");
+    let started = std::time::Instant::now();
+    raw.expect_closed().await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_listener() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("redmux.sock");
+    let mut config = support::config(&redis.addr());
+    config.server.unix_socket = Some(path.clone());
+    config.server.unix_socket_mode = 0o600;
+    let redmux = Redmux::start_with(config).await;
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"PING\r\n").await.unwrap();
+    let mut buf = [0u8; 7];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut buf).await.unwrap();
+    assert_eq!(&buf, b"+PONG\r\n");
+    redmux.stop().await;
+    assert!(!path.exists(), "socket file removed at exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_upstream_for_a_first_try() {
+    let redmux = Redmux::start("embedded").await;
+    let mut con = redmux.client().await;
+    let pong: String = redis::cmd("PING").query_async(&mut con).await.unwrap();
+    assert_eq!(pong, "PONG");
+    let _: () = con.set("k", "v").await.unwrap();
+    let v: String = con.get("k").await.unwrap();
+    assert_eq!(v, "v");
+    let _: () = redis::cmd("SET").arg("t").arg("v").arg("EX").arg(100).query_async(&mut con).await.unwrap();
+    let mut raw = redmux.raw().await;
+    // What mini-redis would choke on is answered by redmux, and the shared connection survives.
+    assert_eq!(raw.call(&["SET", "k", "v", "NX"]).await, "-ERR redmux: the embedded upstream does not support SET NX\r\n");
+    assert_eq!(raw.call(&["GET"]).await, "-ERR wrong number of arguments for 'get' command\r\n");
+    assert_eq!(raw.call(&["INCR", "k"]).await, "-ERR unknown command 'incr'\r\n");
+    let v: String = con.get("k").await.unwrap();
+    assert_eq!(v, "v");
+    let mut mini = mini_redis::client::connect(redmux.addr).await.unwrap();
+    assert_eq!(mini.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+}

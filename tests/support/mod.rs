@@ -1,0 +1,345 @@
+//! Test fixtures: real redis-server processes on free loopback ports, redmux in-process on port
+//! 0, and a raw RESP socket for protocol edges. Never port 6379, never a mock.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use redmux::{config::Config, resp::ReplyScanner, Server};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
+};
+use tokio_util::sync::CancellationToken;
+
+/// How long anything in a test may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A redis-server child process, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts redis-server on a free port and waits until it answers PING.
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// Starts redis-server with extra `--option value` arguments.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                port: free_port(),
+                child: None,
+                dir: tempfile::tempdir().expect("temp dir"),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+            };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server would not start on any free port");
+    }
+
+    /// The port is fixed: start (again) on it, waiting for readiness.
+    fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", &self.dir.path().display().to_string()])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return false; // e.g. the port was taken meanwhile
+                }
+            }
+            if ping(self.port) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server on port {} did not become ready", self.port);
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// A direct connection, bypassing redmux, to check what Redis really holds.
+    pub fn direct(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .expect("direct connection to redis-server")
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(self.spawn(), "redis-server could not restart on port {}", self.port);
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// True if something on `port` answers PING with +PONG.
+pub fn ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut buf).is_ok()
+        && &buf == b"+PONG\r\n"
+}
+
+/// A redmux server running in this process, stopped on drop.
+pub struct Redmux {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Redmux {
+    /// Starts redmux in front of `upstream` (an address string) with default settings.
+    pub async fn start(upstream: &str) -> Redmux {
+        Self::start_with(config(upstream)).await
+    }
+
+    /// Starts redmux with `config`, listening on a free port.
+    pub async fn start_with(mut config: Config) -> Redmux {
+        config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+        let server = Server::bind(config).await.expect("redmux binds");
+        let addr = server.local_addrs()[0];
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        Redmux {
+            addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    /// A `redis` crate multiplexed connection through redmux.
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect through redmux")
+    }
+
+    pub async fn raw(&self) -> Raw {
+        Raw::connect(self.addr).await
+    }
+
+    /// Graceful stop, waiting for the server to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Redmux {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Default config pointed at `upstream`.
+pub fn config(upstream: &str) -> Config {
+    let mut config = Config::default();
+    config.upstream.address = upstream.parse().expect("upstream address");
+    config
+}
+
+/// A raw client socket for protocol edges.
+pub struct Raw {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    buf: BytesMut,
+    scanner: ReplyScanner,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        let (reader, writer) = stream.into_split();
+        Raw {
+            reader,
+            writer,
+            buf: BytesMut::new(),
+            scanner: ReplyScanner::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.writer.write_all(bytes.as_ref()).await.expect("send");
+    }
+
+    /// Writes `bytes` while reading `count` replies, as a pipelining client must (a client that
+    /// writes everything before reading can deadlock against any server).
+    pub async fn pipeline(&mut self, bytes: &[u8], count: usize) -> Vec<Vec<u8>> {
+        let write = async {
+            self.writer.write_all(bytes).await.expect("send");
+        };
+        let read = async {
+            let mut replies = Vec::with_capacity(count);
+            while replies.len() < count {
+                match Self::next_reply(&mut self.reader, &mut self.buf, &mut self.scanner).await {
+                    Some(reply) => replies.push(reply),
+                    None => break,
+                }
+            }
+            replies
+        };
+        let ((), replies) = tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(write, read) })
+            .await
+            .expect("pipeline finished in time");
+        replies
+    }
+
+    /// Closes the write side, as a client does when it has nothing more to send.
+    pub async fn shutdown_write(&mut self) {
+        let _ = self.writer.shutdown().await;
+    }
+
+    /// Reads one complete reply, as raw bytes (within 10 s).
+    pub async fn reply(&mut self) -> Vec<u8> {
+        tokio::time::timeout(READY_TIMEOUT, self.try_reply())
+            .await
+            .expect("a reply within the timeout")
+            .expect("a reply before the connection closed")
+    }
+
+    /// One reply, or `None` if the connection closed first.
+    pub async fn try_reply(&mut self) -> Option<Vec<u8>> {
+        Self::next_reply(&mut self.reader, &mut self.buf, &mut self.scanner).await
+    }
+
+    async fn next_reply(
+        reader: &mut OwnedReadHalf,
+        buf: &mut BytesMut,
+        scanner: &mut ReplyScanner,
+    ) -> Option<Vec<u8>> {
+        loop {
+            if let Some(end) = scanner.next_reply(buf).expect("valid RESP") {
+                scanner.consumed(end);
+                return Some(buf.split_to(end).to_vec());
+            }
+            match reader.read_buf(buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Reads a reply and returns it as a string, for readable assertions.
+    pub async fn reply_str(&mut self) -> String {
+        String::from_utf8_lossy(&self.reply().await).into_owned()
+    }
+
+    /// Sends a command and returns its reply as a string.
+    pub async fn call(&mut self, args: &[&str]) -> String {
+        self.send(redmux::resp::encode_command(args.iter().map(|a| a.as_bytes())))
+            .await;
+        self.reply_str().await
+    }
+
+    /// Asserts the server closes the connection (within 10 s), with nothing more to read.
+    pub async fn expect_closed(&mut self) {
+        let next = tokio::time::timeout(READY_TIMEOUT, self.try_reply())
+            .await
+            .expect("the connection should close");
+        assert_eq!(
+            next.map(|r| String::from_utf8_lossy(&r).into_owned()),
+            None,
+            "expected the connection to be closed"
+        );
+    }
+}
+
+/// Path of the redmux binary built for these tests.
+pub fn redmux_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_redmux"))
+}
+
+/// Waits until `port` accepts connections (or panics after the ready timeout).
+pub fn wait_listening(port: u16) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nothing listening on port {port}");
+}
+
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write file");
+    path
+}
