@@ -22,13 +22,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::{
-    command::{self, error_reply, Action, Profile},
+    command::{self, Action, Profile},
     resp::{Frame, Limits, RequestDecoder},
     upstream::{Reply, Request, UpstreamError},
 };
 
 /// Read size for client sockets.
 const READ_CHUNK: usize = 16 * 1024;
+/// Most buffer growth reserved at once for a large request.
+const MAX_READ_RESERVE: usize = 1024 * 1024;
 /// Slices handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 /// Stop reading a client while this many reply bytes wait for it to read them.
@@ -48,8 +50,8 @@ pub struct SessionConfig {
 /// A reply slot, in request order.
 #[derive(Debug)]
 enum Pending {
-    /// A reply redmux produced itself.
-    Local(Bytes),
+    /// Replies redmux produced itself, to `count` requests.
+    Local { bytes: Bytes, count: u32 },
     /// The replies to `count` requests forwarded as one batch.
     Upstream {
         rx: oneshot::Receiver<Reply>,
@@ -80,7 +82,8 @@ pub struct Session<R, W> {
     draining: bool,
     /// Close now, writing nothing more (an HTTP request, like Redis does).
     abort: bool,
-    last_read: Instant,
+    /// Last time the client sent a request or took a reply: idleness is measured from here.
+    last_activity: Instant,
 }
 
 impl<R, W> Session<R, W>
@@ -110,7 +113,7 @@ where
             out_len: 0,
             draining: false,
             abort: false,
-            last_read: Instant::now(),
+            last_activity: Instant::now(),
         }
     }
 
@@ -132,7 +135,10 @@ where
                 && self.outstanding < self.config.max_pipeline
                 && self.out_len < OUTPUT_HIGH_WATER;
             if can_read && self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-                self.rbuf.reserve(READ_CHUNK.max(self.decoder.missing()));
+                // Grow towards a large announced bulk step by step: a header alone must not
+                // reserve 512 MB.
+                self.rbuf
+                    .reserve(self.decoder.missing().clamp(READ_CHUNK, MAX_READ_RESERVE));
             }
             let waiting_upstream = matches!(self.pending.front(), Some(Pending::Upstream { .. }));
             tokio::select! {
@@ -147,7 +153,10 @@ where
                 }
                 written = write_some(&mut self.writer, &mut self.out), if !self.out.is_empty() => {
                     match written {
-                        Ok(n) => self.out_len -= n,
+                        Ok(n) => {
+                            self.out_len -= n;
+                            self.last_activity = Instant::now();
+                        }
                         Err(error) => {
                             debug!(%error, "client write failed");
                             return;
@@ -158,7 +167,7 @@ where
                     Ok(0) => self.draining = true,
                     Ok(_) => {
                         self.unparsed = true;
-                        self.last_read = Instant::now();
+                        self.last_activity = Instant::now();
                         if self.rbuf.len() as u64 > self.config.client_query_limit {
                             debug!("query buffer limit exceeded; closing");
                             return;
@@ -169,13 +178,14 @@ where
                         return;
                     }
                 },
-                () = &mut idle, if idle_timeout.is_some() => {
-                    let deadline = self.last_read + idle_timeout.unwrap_or_default();
-                    if deadline <= Instant::now() && self.pending.is_empty() {
+                // A client owed replies is not idle: the timer runs only when nothing is owed.
+                () = &mut idle, if idle_timeout.is_some() && self.outstanding == 0 && self.out.is_empty() => {
+                    let deadline = self.last_activity + idle_timeout.unwrap_or_default();
+                    if deadline <= Instant::now() {
                         debug!("idle timeout; closing");
                         return;
                     }
-                    idle.as_mut().reset(deadline.max(Instant::now() + Duration::from_millis(1)));
+                    idle.as_mut().reset(deadline);
                 }
                 () = self.shutdown.cancelled(), if !self.draining => self.draining = true,
             }
@@ -189,7 +199,7 @@ where
     fn collect_ready(&mut self) {
         while let Some(front) = self.pending.front_mut() {
             let (bytes, count) = match front {
-                Pending::Local(bytes) => (std::mem::take(bytes), 1),
+                Pending::Local { bytes, count } => (std::mem::take(bytes), *count),
                 Pending::Upstream { rx, count } => match rx.try_recv() {
                     Ok(reply) => (reply_bytes(reply, *count), *count),
                     Err(oneshot::error::TryRecvError::Empty) => return,
@@ -229,7 +239,7 @@ where
                 Err(error) => {
                     self.flush_run(&mut run_len, &mut run_count).await;
                     debug!(%error, "protocol error; closing");
-                    self.reply_locally(error_reply(&error.to_string()));
+                    self.reply_locally(error.reply());
                     self.draining = true;
                     break;
                 }
@@ -288,7 +298,7 @@ where
 
     fn reply_locally(&mut self, bytes: Bytes) {
         self.outstanding += 1;
-        self.pending.push_back(Pending::Local(bytes));
+        self.pending.push_back(Pending::Local { bytes, count: 1 });
     }
 
     /// Sends the run of requests at the front of `rbuf` upstream as one batch.
@@ -323,7 +333,10 @@ where
         self.pending.push_back(if sent {
             Pending::Upstream { rx, count }
         } else {
-            Pending::Local(UpstreamError::Unavailable.replies(count))
+            Pending::Local {
+                bytes: UpstreamError::Unavailable.replies(count),
+                count,
+            }
         });
     }
 }

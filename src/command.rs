@@ -22,11 +22,14 @@ pub enum Kind {
     Transaction,
     /// Blocks the connection until it is served (BLPOP, WAIT...).
     Blocking,
-    /// Blocking only with a `BLOCK` option (XREAD, XREADGROUP).
-    BlockingWithOption,
+    /// XREAD and XREADGROUP: blocking only with a `BLOCK` option.
+    StreamRead,
+    /// SCRIPT: stateless, except `SCRIPT DEBUG`, which turns the connection into a debugger.
+    Script,
     /// Puts the connection in subscribed state.
     Subscribe,
-    /// Turns the connection into something else: MONITOR, SYNC, REPLICAOF, SHUTDOWN.
+    /// Turns the connection into something else: MONITOR, SYNC, REPLICAOF, SHUTDOWN, and
+    /// REPLCONF, whose ACK is answered with nothing at all.
     Takeover,
     /// `POST` / `Host:`: an HTTP request sent to the Redis port; Redis drops the connection
     /// silently to defeat cross-protocol attacks, and so does redmux.
@@ -48,10 +51,13 @@ pub fn kind(name: &[u8]) -> Kind {
         b"multi" | b"exec" | b"discard" | b"watch" | b"unwatch" => Kind::Transaction,
         b"blpop" | b"brpop" | b"brpoplpush" | b"blmove" | b"blmpop" | b"bzpopmin" | b"bzpopmax"
         | b"bzmpop" | b"wait" | b"waitaof" => Kind::Blocking,
-        b"xread" | b"xreadgroup" => Kind::BlockingWithOption,
+        b"xread" | b"xreadgroup" => Kind::StreamRead,
+        b"script" => Kind::Script,
         b"subscribe" | b"psubscribe" | b"ssubscribe" | b"unsubscribe" | b"punsubscribe"
         | b"sunsubscribe" => Kind::Subscribe,
-        b"monitor" | b"sync" | b"psync" | b"replicaof" | b"slaveof" | b"shutdown" => Kind::Takeover,
+        b"monitor" | b"sync" | b"psync" | b"replicaof" | b"slaveof" | b"shutdown" | b"replconf" => {
+            Kind::Takeover
+        }
         b"post" | b"host:" => Kind::Http,
         _ => Kind::Stateless,
     }
@@ -94,41 +100,66 @@ pub fn action(request: &[u8], profile: Profile) -> Action {
         },
         Kind::Quit => Action::ReplyAndClose(Bytes::from_static(b"+OK\r\n")),
         Kind::Http => Action::Drop,
-        Kind::BlockingWithOption if !has_block_option(args.clone()) => Action::Forward,
+        Kind::StreamRead if !blocks_stream_read(name, args.clone()) => Action::Forward,
+        Kind::StreamRead => Action::Reply(not_supported(name, Some("BLOCK"))),
+        Kind::Script => match args.next() {
+            Some(sub) if sub.eq_ignore_ascii_case(b"debug") => {
+                Action::Reply(not_supported(name, Some("DEBUG")))
+            }
+            _ => Action::Forward,
+        },
+        Kind::ConnectionState if name.eq_ignore_ascii_case(b"client") => {
+            let sub = args
+                .next()
+                .map(|sub| String::from_utf8_lossy(sub).to_ascii_uppercase());
+            Action::Reply(not_supported(name, sub.as_deref()))
+        }
         Kind::ConnectionState
         | Kind::Transaction
         | Kind::Blocking
-        | Kind::BlockingWithOption
         | Kind::Subscribe
-        | Kind::Takeover => Action::Reply(not_supported(name, args)),
+        | Kind::Takeover => Action::Reply(not_supported(name, None)),
     }
 }
 
-/// XREAD and XREADGROUP block only when a `BLOCK` option comes before `STREAMS`.
-fn has_block_option<'a>(args: impl Iterator<Item = &'a [u8]>) -> bool {
-    for arg in args {
-        if arg.eq_ignore_ascii_case(b"block") {
-            return true;
-        }
-        if arg.eq_ignore_ascii_case(b"streams") {
-            return false;
-        }
-    }
-    false
-}
-
-/// `-ERR redmux: SELECT is not supported yet`, naming the subcommand or option that matters.
-fn not_supported(name: &[u8], mut args: Args<'_>) -> Bytes {
-    let mut what = String::from_utf8_lossy(name).to_ascii_uppercase();
-    match kind(name) {
-        Kind::ConnectionState if name.eq_ignore_ascii_case(b"client") => {
-            if let Some(sub) = args.next() {
-                what.push(' ');
-                what.push_str(&String::from_utf8_lossy(sub).to_ascii_uppercase());
+/// Whether XREAD / XREADGROUP will block: reads the options the way Redis's `xreadCommand` does
+/// (GROUP takes two operands, so a group or consumer named "streams" or "block" is no option).
+fn blocks_stream_read<'a>(name: &[u8], mut args: impl Iterator<Item = &'a [u8]>) -> bool {
+    let group = name.eq_ignore_ascii_case(b"xreadgroup");
+    let mut blocks = false;
+    while let Some(option) = args.next() {
+        let takes = if option.eq_ignore_ascii_case(b"block") {
+            blocks = true;
+            1
+        } else if option.eq_ignore_ascii_case(b"count") {
+            1
+        } else if group && option.eq_ignore_ascii_case(b"group") {
+            2
+        } else if group && option.eq_ignore_ascii_case(b"noack") {
+            0
+        } else {
+            // STREAMS ends the options; anything else is a syntax error Redis reports at once.
+            break;
+        };
+        for _ in 0..takes {
+            if args.next().is_none() {
+                return false;
             }
         }
-        Kind::BlockingWithOption => what.push_str(" BLOCK"),
-        _ => {}
+    }
+    blocks
+}
+
+/// Longest piece of client input echoed in an error, as Redis truncates command names.
+const ECHO_MAX: usize = 128;
+
+/// `-ERR redmux: SELECT is not supported yet`, naming the subcommand or option that matters.
+fn not_supported(name: &[u8], detail: Option<&str>) -> Bytes {
+    let name = &name[..name.len().min(ECHO_MAX)];
+    let mut what = String::from_utf8_lossy(name).to_ascii_uppercase();
+    if let Some(detail) = detail {
+        what.push(' ');
+        what.extend(detail.chars().take(ECHO_MAX));
     }
     error_reply(&format!("redmux: {what} is not supported yet"))
 }
@@ -190,6 +221,29 @@ mod tests {
             refused(&["XREAD", "COUNT", "1", "BLOCK", "0", "STREAMS", "s", "$"]),
             "-ERR redmux: XREAD BLOCK is not supported yet\r\n"
         );
+        assert_eq!(
+            refused(&[
+                "XREADGROUP",
+                "GROUP",
+                "streams",
+                "c",
+                "BLOCK",
+                "0",
+                "STREAMS",
+                "s",
+                ">"
+            ]),
+            "-ERR redmux: XREADGROUP BLOCK is not supported yet\r\n"
+        );
+        assert_eq!(
+            refused(&["script", "debug", "yes"]),
+            "-ERR redmux: SCRIPT DEBUG is not supported yet\r\n"
+        );
+        let long = "x".repeat(1000);
+        assert_eq!(
+            refused(&["CLIENT", &long]).len(),
+            "-ERR redmux: CLIENT  is not supported yet\r\n".len() + 128
+        );
         for cmd in [
             "HELLO",
             "AUTH",
@@ -221,6 +275,7 @@ mod tests {
             "SHUTDOWN",
             "REPLICAOF",
             "SLAVEOF",
+            "REPLCONF",
         ] {
             assert_eq!(
                 refused(&[cmd]),

@@ -424,7 +424,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is not a size: expected e.g. 1024, \"64kb\", \"512mb\""))
 }
 
+/// Longest duration accepted anywhere: keeps deadline arithmetic far from overflow.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Parses a duration: a whole number with a unit `ms`, `s`, `m` or `h`; `0` alone is allowed.
+/// At most a year.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -433,14 +437,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(split);
     let bad = || format!("{text:?} is not a duration: expected e.g. \"500ms\", \"5s\", \"1m\"");
     let n: u64 = number.parse().map_err(|_| bad())?;
-    Ok(match unit {
+    let duration = match unit {
         "" if n == 0 => Duration::ZERO,
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
         "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(bad)?),
         _ => return Err(bad()),
-    })
+    };
+    if duration > MAX_DURATION {
+        return Err(format!("{text:?} is too long: at most a year"));
+    }
+    Ok(duration)
 }
 
 // === serde adapters: each gives a precise message, and toml adds the line ===
@@ -651,6 +659,8 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert!(parse_duration("366d").is_err());
     }
 
     #[test]

@@ -98,8 +98,15 @@ fn set_options(options: &mut Args<'_>) -> Option<Bytes> {
             "redmux: the embedded upstream supports only one SET option",
         ));
     }
+    // Redis's bounds: positive, and the expiry in milliseconds must fit an i64. mini-redis adds
+    // the duration to an Instant and panics on overflow, poisoning the whole store.
+    let max = if upper == "EX" {
+        i64::MAX / 1000
+    } else {
+        i64::MAX
+    } / 2;
     match crate::resp::parse_int(value) {
-        Some(n) if n > 0 => None,
+        Some(n) if n > 0 && n <= max => None,
         Some(_) => Some(error_reply("invalid expire time in 'set' command")),
         None => Some(error_reply("value is not an integer or out of range")),
     }
@@ -156,6 +163,10 @@ mod tests {
         assert_eq!(
             check(&[b"SET", b"k", b"v", b"EX", b"x"]).unwrap(),
             "-ERR value is not an integer or out of range\r\n"
+        );
+        assert_eq!(
+            check(&[b"SET", b"k", b"v", b"EX", b"9223372036854775807"]).unwrap(),
+            "-ERR invalid expire time in 'set' command\r\n"
         );
         assert_eq!(
             check(&[b"SET", b"k", b"v", b"EX", b"0"]).unwrap(),

@@ -5,7 +5,7 @@ mod support;
 
 use std::net::SocketAddr;
 
-use support::{Raw, Redmux, RedisServer};
+use support::{Raw, RedisServer, Redmux};
 
 /// Everything a server says in answer to `input` until it closes the connection.
 async fn transcript(addr: SocketAddr, input: &[u8], name: &str) -> Vec<String> {
@@ -41,14 +41,26 @@ async fn protocol_errors_match_redis_byte_for_byte() {
         ("negative bulk", b"*1\r\n$-1\r\n".to_vec()),
         ("non-numeric bulk", b"*1\r\n$abc\r\n".to_vec()),
         ("leading zero bulk", b"*1\r\n$04\r\nPING\r\n".to_vec()),
-        ("overflowing bulk", b"*1\r\n$99999999999999999999\r\n".to_vec()),
-        ("bulk over proto-max-bulk-len", b"*1\r\n$536870913\r\n".to_vec()),
-        ("integer inside request", b"*2\r\n$3\r\nGET\r\n:1\r\n".to_vec()),
+        (
+            "overflowing bulk",
+            b"*1\r\n$99999999999999999999\r\n".to_vec(),
+        ),
+        (
+            "bulk over proto-max-bulk-len",
+            b"*1\r\n$536870913\r\n".to_vec(),
+        ),
+        (
+            "integer inside request",
+            b"*2\r\n$3\r\nGET\r\n:1\r\n".to_vec(),
+        ),
         ("array inside request", b"*1\r\n*1\r\n".to_vec()),
         ("simple string inside request", b"*1\r\n+PING\r\n".to_vec()),
         ("unbalanced quotes", b"SET \"a b\"c\r\n".to_vec()),
         ("unterminated quote", b"GET 'abc\r\n".to_vec()),
-        ("replies before the error are kept", b"PING\r\nECHO x\r\n*1\r\n$-5\r\nPING\r\n".to_vec()),
+        (
+            "replies before the error are kept",
+            b"PING\r\nECHO x\r\n*1\r\n$-5\r\nPING\r\n".to_vec(),
+        ),
         ("too big inline request", too_big_inline),
         ("too big mbulk count string", too_big_count),
         ("too big bulk count string", too_big_bulk_count),
@@ -58,12 +70,17 @@ async fn protocol_errors_match_redis_byte_for_byte() {
         let expected = transcript(redis_addr, &input, name).await;
         let got = transcript(redmux.addr, &input, name).await;
         assert!(
-            expected.last().is_some_and(|r| r.starts_with("-ERR Protocol error")),
+            expected
+                .last()
+                .is_some_and(|r| r.starts_with("-ERR Protocol error")),
             "{name}: the case should be a protocol error in Redis: {expected:?}"
         );
         assert_eq!(got, expected, "{name}");
         // Other clients carry on.
-        assert_eq!(bystander.call(&["ECHO", name]).await, format!("${}\r\n{name}\r\n", name.len()));
+        assert_eq!(
+            bystander.call(&["ECHO", name]).await,
+            format!("${}\r\n{name}\r\n", name.len())
+        );
     }
 }
 
@@ -101,11 +118,17 @@ async fn configured_limits_give_the_redis_errors() {
     let redmux = Redmux::start_with(config).await;
     let mut raw = redmux.raw().await;
     raw.send("*5\r\n").await;
-    assert_eq!(raw.reply_str().await, "-ERR Protocol error: invalid multibulk length\r\n");
+    assert_eq!(
+        raw.reply_str().await,
+        "-ERR Protocol error: invalid multibulk length\r\n"
+    );
     raw.expect_closed().await;
     let mut raw = redmux.raw().await;
     raw.send("*2\r\n$3\r\nGET\r\n$1048577\r\n").await;
-    assert_eq!(raw.reply_str().await, "-ERR Protocol error: invalid bulk length\r\n");
+    assert_eq!(
+        raw.reply_str().await,
+        "-ERR Protocol error: invalid bulk length\r\n"
+    );
     raw.expect_closed().await;
     let mut raw = redmux.raw().await;
     let value = "v".repeat(1024 * 1024);
@@ -127,7 +150,10 @@ async fn fragmented_and_hostile_input() {
 
     let mut nested = redmux.raw().await;
     nested.send(b"*1\r\n".repeat(100_000)).await;
-    assert_eq!(nested.reply_str().await, "-ERR Protocol error: expected '$', got '*'\r\n");
+    assert_eq!(
+        nested.reply_str().await,
+        "-ERR Protocol error: expected '$', got '*'\r\n"
+    );
     nested.expect_closed().await;
 
     let mut half = redmux.raw().await;

@@ -3,7 +3,7 @@
 mod support;
 
 use redis::AsyncCommands;
-use support::{Redmux, RedisServer};
+use support::{RedisServer, Redmux};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_commands_through_the_redis_crate() {
@@ -97,17 +97,27 @@ async fn deep_pipeline_in_one_write_keeps_order() {
                 format!("m{i}").as_bytes(),
                 value.as_bytes(),
             ]));
-            batch.extend_from_slice(&redmux::resp::encode_command([&b"GET"[..], format!("m{i}").as_bytes()]));
+            batch.extend_from_slice(&redmux::resp::encode_command([
+                &b"GET"[..],
+                format!("m{i}").as_bytes(),
+            ]));
         }
     }
     let replies = raw.pipeline(&batch, N + 2 * (N / 1000)).await;
     let mut replies = replies.into_iter();
     for i in 0..N {
-        assert_eq!(replies.next().unwrap(), format!(":{}\r\n", i + 1).into_bytes(), "reply {i}");
+        assert_eq!(
+            replies.next().unwrap(),
+            format!(":{}\r\n", i + 1).into_bytes(),
+            "reply {i}"
+        );
         if i % 1000 == 0 {
             assert_eq!(replies.next().unwrap(), b"+OK\r\n");
             let value = format!("marker-{i}");
-            assert_eq!(replies.next().unwrap(), format!("${}\r\n{value}\r\n", value.len()).into_bytes());
+            assert_eq!(
+                replies.next().unwrap(),
+                format!("${}\r\n{value}\r\n", value.len()).into_bytes()
+            );
         }
     }
     assert!(replies.next().is_none());
@@ -141,11 +151,13 @@ async fn inline_commands_work_like_redis() {
     let mut raw = redmux.raw().await;
     raw.send("PING\r\n").await;
     assert_eq!(raw.reply_str().await, "+PONG\r\n");
-    raw.send("SET \"key one\" 'it\\'s'\r\n\r\n   \nGET \"key one\"\n").await;
+    raw.send("SET \"key one\" 'it\\'s'\r\n\r\n   \nGET \"key one\"\n")
+        .await;
     assert_eq!(raw.reply_str().await, "+OK\r\n");
     assert_eq!(raw.reply_str().await, "$4\r\nit's\r\n");
     // Mixed with multibulk in one write, and blank lines ignored as Redis does.
-    raw.send("*1\r\n$4\r\nPING\r\nECHO hi\r\n\r\n*0\r\n*-1\r\nPING\r\n").await;
+    raw.send("*1\r\n$4\r\nPING\r\nECHO hi\r\n\r\n*0\r\n*-1\r\nPING\r\n")
+        .await;
     assert_eq!(raw.reply_str().await, "+PONG\r\n");
     assert_eq!(raw.reply_str().await, "$2\r\nhi\r\n");
     assert_eq!(raw.reply_str().await, "+PONG\r\n");
@@ -205,7 +217,10 @@ async fn stateful_commands_are_refused_and_never_forwarded() {
         if name == "XREAD" {
             name.push_str(" BLOCK");
         }
-        assert_eq!(reply, format!("-ERR redmux: {name} is not supported yet\r\n"));
+        assert_eq!(
+            reply,
+            format!("-ERR redmux: {name} is not supported yet\r\n")
+        );
     }
     // The other client is unaffected: still db 0, and its writes land in db 0.
     assert_eq!(b.call(&["SET", "shared", "b"]).await, "+OK\r\n");
@@ -214,12 +229,22 @@ async fn stateful_commands_are_refused_and_never_forwarded() {
     assert_eq!(in_db0, "b");
     // XREAD without BLOCK is an ordinary read and is forwarded.
     assert_eq!(a.call(&["XREAD", "STREAMS", "s", "0"]).await, "*-1\r\n");
-    let stats: String = redis::cmd("INFO").arg("commandstats").query(&mut direct).unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut direct)
+        .unwrap();
     for args in refused.iter().filter(|args| args[0] != "XREAD") {
         let stat = format!("cmdstat_{}:", args[0].to_ascii_lowercase());
-        assert!(!stats.contains(&stat), "{} reached Redis:\n{stats}", args[0]);
+        assert!(
+            !stats.contains(&stat),
+            "{} reached Redis:\n{stats}",
+            args[0]
+        );
     }
-    assert!(stats.contains("cmdstat_xread:calls=1,"), "only the non-blocking XREAD: {stats}");
+    assert!(
+        stats.contains("cmdstat_xread:calls=1,"),
+        "only the non-blocking XREAD: {stats}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,7 +267,10 @@ async fn max_clients_refuses_with_the_redis_error() {
     assert_eq!(first.call(&["PING"]).await, "+PONG\r\n");
     assert_eq!(second.call(&["PING"]).await, "+PONG\r\n");
     let mut third = redmux.raw().await;
-    assert_eq!(third.reply_str().await, "-ERR max number of clients reached\r\n");
+    assert_eq!(
+        third.reply_str().await,
+        "-ERR max number of clients reached\r\n"
+    );
     third.expect_closed().await;
     // A slot frees up when a client leaves.
     drop(first);
@@ -301,11 +329,18 @@ async fn unix_socket_listener() {
     config.server.unix_socket_mode = 0o600;
     let redmux = Redmux::start_with(config).await;
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut stream, b"PING\r\n").await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"PING\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 7];
-    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut buf).await.unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut buf)
+        .await
+        .unwrap();
     assert_eq!(&buf, b"+PONG\r\n");
     redmux.stop().await;
     assert!(!path.exists(), "socket file removed at exit");
@@ -320,12 +355,28 @@ async fn embedded_upstream_for_a_first_try() {
     let _: () = con.set("k", "v").await.unwrap();
     let v: String = con.get("k").await.unwrap();
     assert_eq!(v, "v");
-    let _: () = redis::cmd("SET").arg("t").arg("v").arg("EX").arg(100).query_async(&mut con).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("t")
+        .arg("v")
+        .arg("EX")
+        .arg(100)
+        .query_async(&mut con)
+        .await
+        .unwrap();
     let mut raw = redmux.raw().await;
     // What mini-redis would choke on is answered by redmux, and the shared connection survives.
-    assert_eq!(raw.call(&["SET", "k", "v", "NX"]).await, "-ERR redmux: the embedded upstream does not support SET NX\r\n");
-    assert_eq!(raw.call(&["GET"]).await, "-ERR wrong number of arguments for 'get' command\r\n");
-    assert_eq!(raw.call(&["INCR", "k"]).await, "-ERR unknown command 'incr'\r\n");
+    assert_eq!(
+        raw.call(&["SET", "k", "v", "NX"]).await,
+        "-ERR redmux: the embedded upstream does not support SET NX\r\n"
+    );
+    assert_eq!(
+        raw.call(&["GET"]).await,
+        "-ERR wrong number of arguments for 'get' command\r\n"
+    );
+    assert_eq!(
+        raw.call(&["INCR", "k"]).await,
+        "-ERR unknown command 'incr'\r\n"
+    );
     let v: String = con.get("k").await.unwrap();
     assert_eq!(v, "v");
     let mut mini = mini_redis::client::connect(redmux.addr).await.unwrap();

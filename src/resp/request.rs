@@ -42,6 +42,32 @@ pub enum ProtocolError {
     UnbalancedQuotes,
 }
 
+impl ProtocolError {
+    /// The error reply, byte for byte as Redis sends it: the offending byte is echoed raw (a
+    /// byte above 0x7f is not re-encoded as UTF-8), CR and LF replaced by a space.
+    pub fn reply(&self) -> Bytes {
+        match self {
+            ProtocolError::ExpectedDollar(byte) => {
+                let byte = if matches!(byte, b'\r' | b'\n') {
+                    b' '
+                } else {
+                    *byte
+                };
+                Bytes::from(
+                    [
+                        &b"-ERR Protocol error: expected '$', got '"[..],
+                        &[byte],
+                        b"'\r\n",
+                    ]
+                    .concat(),
+                )
+            }
+            other => Bytes::from(format!("-ERR {other}\r\n")),
+        }
+    }
+}
+
+/// For logs only; the reply uses the raw byte.
 fn printable(byte: u8) -> char {
     match byte {
         b'\r' | b'\n' => ' ',
@@ -396,6 +422,22 @@ mod tests {
         let mut long = b"*1\r\n$".to_vec();
         long.extend([b'1'; INLINE_MAX + 1]);
         assert_eq!(error(&long), "Protocol error: too big bulk count string");
+    }
+
+    #[test]
+    fn error_replies_echo_the_raw_byte() {
+        assert_eq!(
+            ProtocolError::ExpectedDollar(0xe9).reply(),
+            Bytes::from_static(b"-ERR Protocol error: expected '$', got '\xe9'\r\n")
+        );
+        assert_eq!(
+            ProtocolError::ExpectedDollar(b'\n').reply(),
+            Bytes::from_static(b"-ERR Protocol error: expected '$', got ' '\r\n")
+        );
+        assert_eq!(
+            ProtocolError::InvalidBulkLength.reply(),
+            Bytes::from_static(b"-ERR Protocol error: invalid bulk length\r\n")
+        );
     }
 
     #[test]

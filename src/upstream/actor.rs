@@ -37,16 +37,20 @@ const READ_CHUNK: usize = 64 * 1024;
 const BACKOFF_FIRST: Duration = Duration::from_millis(10);
 const BACKOFF_CAP: Duration = Duration::from_secs(1);
 
+/// Starts an actor. `ping`: check each new connection with a PING (not for the embedded store,
+/// which does not know PING).
 pub(super) fn spawn(
     id: usize,
     endpoint: Endpoint,
     timeouts: Timeouts,
+    ping: bool,
     rx: mpsc::Receiver<Request>,
 ) {
     let span = tracing::info_span!("upstream", id, addr = %endpoint.address);
     let actor = Actor {
         endpoint,
         timeouts,
+        ping,
         rx,
         closed: false,
         waiting: VecDeque::new(),
@@ -68,13 +72,15 @@ struct InFlight {
 enum Ended {
     /// Every client is gone and every request answered.
     Done,
-    /// The connection is unusable; in-flight requests have been failed.
-    Lost(String),
+    /// The connection is unusable; in-flight requests have been failed. `answered`: it had
+    /// delivered replies, so it was healthy for a while (not a server closing at once).
+    Lost { why: String, answered: bool },
 }
 
 struct Actor {
     endpoint: Endpoint,
     timeouts: Timeouts,
+    ping: bool,
     rx: mpsc::Receiver<Request>,
     /// The channel is closed: no client will send again.
     closed: bool,
@@ -85,10 +91,12 @@ struct Actor {
 
 impl Actor {
     async fn run(mut self) {
+        // Consecutive attempts that did not give a healthy connection; drives the backoff.
         let mut failures: u32 = 0;
         loop {
-            let (endpoint, timeout) = (self.endpoint.clone(), self.timeouts.connect);
-            let attempt = async move { connect(&endpoint, timeout).await };
+            let (endpoint, timeout, ping) =
+                (self.endpoint.clone(), self.timeouts.connect, self.ping);
+            let attempt = async move { connect(&endpoint, timeout, ping).await };
             let result = match self.while_disconnected(attempt).await {
                 Some(result) => result,
                 None => return,
@@ -96,25 +104,33 @@ impl Actor {
             match result {
                 Ok((reader, writer)) => {
                     info!("upstream connected");
-                    failures = 0;
                     match self.serve(reader, writer).await {
                         Ended::Done => return,
-                        Ended::Lost(why) => warn!(%why, "upstream connection lost; reconnecting"),
+                        Ended::Lost {
+                            why,
+                            answered: true,
+                        } => {
+                            warn!(%why, "upstream connection lost; reconnecting");
+                            failures = 0;
+                        }
+                        Ended::Lost {
+                            why,
+                            answered: false,
+                        } => {
+                            debug!(%why, failures, "upstream connection lost before any reply");
+                        }
                     }
                 }
-                Err(error) => {
-                    // One warning per outage, not one per retry.
-                    if failures == 0 {
-                        warn!(%error, "cannot connect to upstream; retrying with backoff");
-                    } else {
-                        debug!(%error, failures, "upstream connect failed");
-                    }
-                    let delay = backoff(failures);
-                    failures = failures.saturating_add(1);
-                    if self.while_disconnected(sleep(delay)).await.is_none() {
-                        return;
-                    }
+                // One warning per outage, not one per retry.
+                Err(error) if failures == 0 => {
+                    warn!(%error, "cannot connect to upstream; retrying with backoff");
                 }
+                Err(error) => debug!(%error, failures, "upstream connect failed"),
+            }
+            let delay = backoff(failures);
+            failures = failures.saturating_add(1);
+            if self.while_disconnected(sleep(delay)).await.is_none() {
+                return;
             }
         }
     }
@@ -224,6 +240,8 @@ struct Pipeline {
     scanner: ReplyScanner,
     inflight: VecDeque<InFlight>,
     request_timeout: Duration,
+    /// Some batch has been answered on this connection.
+    answered: bool,
 }
 
 impl Pipeline {
@@ -234,6 +252,7 @@ impl Pipeline {
             scanner: ReplyScanner::new(),
             inflight: VecDeque::new(),
             request_timeout,
+            answered: false,
         }
     }
 
@@ -271,6 +290,7 @@ impl Pipeline {
             if front.remaining == 0 {
                 let replies = self.rbuf.split_to(end).freeze();
                 self.scanner.consumed(end);
+                self.answered = true;
                 if let Some(done) = self.inflight.pop_front() {
                     // A client that has gone no longer wants its replies: they are dropped.
                     let _ = done.reply.send(Ok(replies));
@@ -284,7 +304,10 @@ impl Pipeline {
         for request in self.inflight.drain(..) {
             let _ = request.reply.send(Err(error));
         }
-        Ended::Lost(why.to_owned())
+        Ended::Lost {
+            why: why.to_owned(),
+            answered: self.answered,
+        }
     }
 }
 

@@ -33,14 +33,17 @@ pub enum ConnectError {
     Malformed,
 }
 
-/// Connects to `endpoint` and logs in, all within `timeout`.
+/// Connects to `endpoint` and logs in, all within `timeout`. With `ping`, a PING must be
+/// answered `+PONG` before the connection counts as up: a server that accepts and then refuses
+/// (max clients reached, a password required) is caught here, not by a client's request.
 pub async fn connect(
     endpoint: &Endpoint,
     timeout: Duration,
+    ping: bool,
 ) -> Result<(Reader, Writer), ConnectError> {
     tokio::time::timeout(timeout, async {
         let (mut reader, mut writer) = dial(&endpoint.address).await?;
-        handshake(endpoint, &mut reader, &mut writer).await?;
+        handshake(endpoint, ping, &mut reader, &mut writer).await?;
         Ok((reader, writer))
     })
     .await
@@ -66,35 +69,44 @@ async fn dial(address: &Address) -> io::Result<(Reader, Writer)> {
     }
 }
 
-/// Sends AUTH and SELECT as configured and checks each reply is `+OK`.
+/// Sends AUTH, SELECT and PING as configured and checks each reply.
 async fn handshake(
     endpoint: &Endpoint,
+    ping: bool,
     reader: &mut Reader,
     writer: &mut Writer,
 ) -> Result<(), ConnectError> {
-    let mut commands: Vec<(&'static str, bytes::Bytes)> = Vec::new();
+    // (name for errors, request, the only acceptable reply)
+    let mut commands: Vec<(&'static str, bytes::Bytes, &'static [u8])> = Vec::new();
     if let Some(password) = &endpoint.password {
         let mut args: Vec<&[u8]> = vec![b"AUTH"];
         if let Some(user) = &endpoint.username {
             args.push(user.as_bytes());
         }
         args.push(password.expose().as_bytes());
-        commands.push(("AUTH", encode_command(args)));
+        commands.push(("AUTH", encode_command(args), b"+OK\r\n"));
     }
     if endpoint.db != 0 {
         let db = endpoint.db.to_string();
-        commands.push(("SELECT", encode_command([&b"SELECT"[..], db.as_bytes()])));
+        commands.push((
+            "SELECT",
+            encode_command([&b"SELECT"[..], db.as_bytes()]),
+            b"+OK\r\n",
+        ));
+    }
+    if ping {
+        commands.push(("PING", encode_command([&b"PING"[..]]), b"+PONG\r\n"));
     }
     if commands.is_empty() {
         return Ok(());
     }
-    for (_, bytes) in &commands {
+    for (_, bytes, _) in &commands {
         writer.write_all(bytes).await?;
     }
     writer.flush().await?;
     let mut buf = BytesMut::with_capacity(256);
     let mut scanner = ReplyScanner::new();
-    for (command, _) in commands {
+    for (command, _, expected) in commands {
         let end = loop {
             if let Some(end) = scanner
                 .next_reply(&buf)
@@ -108,7 +120,7 @@ async fn handshake(
         };
         let reply = buf.split_to(end);
         scanner.consumed(end);
-        if &reply[..] != b"+OK\r\n" {
+        if reply[..] != *expected {
             let reply = String::from_utf8_lossy(&reply).trim_end().to_owned();
             return Err(ConnectError::Rejected { command, reply });
         }

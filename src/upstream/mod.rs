@@ -112,7 +112,13 @@ impl Upstreams {
         let senders = (0..config.connections)
             .map(|id| {
                 let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-                actor::spawn(id, endpoint.clone(), timeouts, rx);
+                actor::spawn(
+                    id,
+                    endpoint.clone(),
+                    timeouts,
+                    profile == Profile::Redis,
+                    rx,
+                );
                 tx
             })
             .collect();

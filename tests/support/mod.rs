@@ -118,7 +118,11 @@ impl RedisServer {
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.kill();
-        assert!(self.spawn(), "redis-server could not restart on port {}", self.port);
+        assert!(
+            self.spawn(),
+            "redis-server could not restart on port {}",
+            self.port
+        );
     }
 
     pub fn signal(&self, signal: &str) {
@@ -257,9 +261,10 @@ impl Raw {
             }
             replies
         };
-        let ((), replies) = tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(write, read) })
-            .await
-            .expect("pipeline finished in time");
+        let ((), replies) =
+            tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(write, read) })
+                .await
+                .expect("pipeline finished in time");
         replies
     }
 
@@ -305,8 +310,10 @@ impl Raw {
 
     /// Sends a command and returns its reply as a string.
     pub async fn call(&mut self, args: &[&str]) -> String {
-        self.send(redmux::resp::encode_command(args.iter().map(|a| a.as_bytes())))
-            .await;
+        self.send(redmux::resp::encode_command(
+            args.iter().map(|a| a.as_bytes()),
+        ))
+        .await;
         self.reply_str().await
     }
 
