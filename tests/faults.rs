@@ -216,3 +216,20 @@ async fn no_request_runs_twice_across_a_crash() {
     );
     assert!(sent_ok >= total.unwrap_or(0));
 }
+
+/// A Redis that accepts the connection and then refuses it (max clients reached): the refusal
+/// is caught by the handshake PING, never handed to a client as a reply, and redmux backs off
+/// until a slot frees up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_refusing_connections_is_not_a_reply() {
+    let redis = RedisServer::start_with(&["--maxclients", "1"]);
+    let occupant = redis.direct();
+    let redmux = Redmux::start_with(config(&redis.addr())).await;
+    let mut raw = redmux.raw().await;
+    assert_eq!(
+        raw.call(&["PING"]).await,
+        "-ERR redmux: upstream unavailable\r\n"
+    );
+    drop(occupant);
+    wait_recovered(&redmux, Duration::from_secs(3)).await;
+}

@@ -184,39 +184,49 @@ async fn stateful_commands_are_refused_and_never_forwarded() {
     let redmux = Redmux::start(&redis.addr()).await;
     let mut a = redmux.raw().await;
     let mut b = redmux.raw().await;
-    let refused: &[&[&str]] = &[
-        &["SELECT", "1"],
-        &["HELLO", "3"],
-        &["AUTH", "pw"],
-        &["CLIENT", "SETNAME", "x"],
-        &["MULTI"],
-        &["EXEC"],
-        &["DISCARD"],
-        &["WATCH", "k"],
-        &["UNWATCH"],
-        &["BLPOP", "l", "0"],
-        &["BRPOP", "l", "0"],
-        &["BLMOVE", "a", "b", "LEFT", "LEFT", "0"],
-        &["BZPOPMIN", "z", "0"],
-        &["XREAD", "BLOCK", "0", "STREAMS", "s", "$"],
-        &["WAIT", "0", "0"],
-        &["SUBSCRIBE", "c"],
-        &["PSUBSCRIBE", "c*"],
-        &["MONITOR"],
-        &["RESET"],
-        &["READONLY"],
-        &["SHUTDOWN"],
-        &["REPLICAOF", "NO", "ONE"],
+    // (request, the name the error gives)
+    let refused: &[(&[&str], &str)] = &[
+        (&["SELECT", "1"], "SELECT"),
+        (&["HELLO", "3"], "HELLO"),
+        (&["AUTH", "pw"], "AUTH"),
+        (&["CLIENT", "SETNAME", "x"], "CLIENT SETNAME"),
+        (&["MULTI"], "MULTI"),
+        (&["EXEC"], "EXEC"),
+        (&["DISCARD"], "DISCARD"),
+        (&["WATCH", "k"], "WATCH"),
+        (&["UNWATCH"], "UNWATCH"),
+        (&["BLPOP", "l", "0"], "BLPOP"),
+        (&["BRPOP", "l", "0"], "BRPOP"),
+        (&["BLMOVE", "a", "b", "LEFT", "LEFT", "0"], "BLMOVE"),
+        (&["BZPOPMIN", "z", "0"], "BZPOPMIN"),
+        (&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"], "XREAD BLOCK"),
+        (
+            &[
+                "XREADGROUP",
+                "GROUP",
+                "streams",
+                "c",
+                "BLOCK",
+                "0",
+                "STREAMS",
+                "s",
+                ">",
+            ],
+            "XREADGROUP BLOCK",
+        ),
+        (&["WAIT", "0", "0"], "WAIT"),
+        (&["SUBSCRIBE", "c"], "SUBSCRIBE"),
+        (&["PSUBSCRIBE", "c*"], "PSUBSCRIBE"),
+        (&["MONITOR"], "MONITOR"),
+        (&["RESET"], "RESET"),
+        (&["READONLY"], "READONLY"),
+        (&["SHUTDOWN"], "SHUTDOWN"),
+        (&["REPLICAOF", "NO", "ONE"], "REPLICAOF"),
+        (&["REPLCONF", "ACK", "0"], "REPLCONF"),
+        (&["SCRIPT", "DEBUG", "YES"], "SCRIPT DEBUG"),
     ];
-    for args in refused {
+    for (args, name) in refused {
         let reply = a.call(args).await;
-        let mut name = args[0].to_string();
-        if name == "CLIENT" {
-            name.push_str(" SETNAME");
-        }
-        if name == "XREAD" {
-            name.push_str(" BLOCK");
-        }
         assert_eq!(
             reply,
             format!("-ERR redmux: {name} is not supported yet\r\n")
@@ -233,7 +243,7 @@ async fn stateful_commands_are_refused_and_never_forwarded() {
         .arg("commandstats")
         .query(&mut direct)
         .unwrap();
-    for args in refused.iter().filter(|args| args[0] != "XREAD") {
+    for (args, _) in refused.iter().filter(|(args, _)| args[0] != "XREAD") {
         let stat = format!("cmdstat_{}:", args[0].to_ascii_lowercase());
         assert!(
             !stats.contains(&stat),
@@ -317,6 +327,35 @@ async fn idle_clients_are_closed_when_configured() {
     let started = std::time::Instant::now();
     raw.expect_closed().await;
     assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+
+    // A client slowly reading a large reply is busy, not idle: it gets the whole reply.
+    let big = "b".repeat(4 * 1024 * 1024);
+    let _: () = redis::Commands::set(&mut redis.direct(), "big", &big).unwrap();
+    let mut stream = tokio::net::TcpStream::connect(redmux.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET big\r\n")
+        .await
+        .unwrap();
+    let mut received = 0;
+    let mut chunk = vec![0u8; 128 * 1024];
+    loop {
+        // A deliberately slow reader: the pause models the client, it synchronises nothing.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        match tokio::io::AsyncReadExt::read(&mut stream, &mut chunk)
+            .await
+            .unwrap()
+        {
+            0 => break,
+            n => received += n,
+        }
+        if received == big.len() + "$4194304\r\n\r\n".len() {
+            break;
+        }
+    }
+    assert_eq!(
+        received,
+        big.len() + "$4194304\r\n\r\n".len(),
+        "the reply was cut"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

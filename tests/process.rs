@@ -1,0 +1,224 @@
+//! The binary as an operator runs it: flags, config checking, signals.
+
+mod support;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::{Raw, RedisServer};
+
+struct Process(Child);
+
+impl Process {
+    fn start(args: &[&str]) -> Process {
+        let child = Command::new(support::redmux_bin())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redmux");
+        Process(child)
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the exit code, for at most `within`.
+    fn exit_code(&mut self, within: Duration) -> i32 {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                return status.code().expect("exited normally");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redmux did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(support::redmux_bin())
+        .args(args)
+        .output()
+        .expect("run redmux");
+    (
+        out.status.code().expect("exit code"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let redis = RedisServer::start();
+    let port = support::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut redmux = Process::start(&["--listen", &listen, "--upstream", &redis.addr()]);
+    support::wait_listening(port);
+    let mut client = Raw::connect(listen.parse().unwrap()).await;
+    assert_eq!(client.call(&["PING"]).await, "+PONG\r\n");
+    client
+        .send("*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$1\r\n1\r\n")
+        .await;
+    while support::answers_ping(redis.port, Duration::from_millis(100)) {}
+    redmux.signal("TERM");
+    // No new clients once shutdown has begun (Redis is still asleep, so the request is still
+    // in flight while this is checked).
+    let deadline = Instant::now() + support::READY_TIMEOUT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        client.reply_str().await,
+        "+OK\r\n",
+        "the in-flight request finished"
+    );
+    client.expect_closed().await;
+    assert_eq!(redmux.exit_code(Duration::from_secs(5)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_grace_bounds_the_drain() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let file = support::write_file(
+        dir.path(),
+        "redmux.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"300ms\"\n[upstream]\naddress = \"{}\"\nrequest_timeout = \"30s\"\n",
+            redis.addr()
+        ),
+    );
+    let mut redmux = Process::start(&["--config", file.to_str().unwrap()]);
+    support::wait_listening(port);
+    let mut client = Raw::connect(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    client
+        .send("*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$1\r\n5\r\n")
+        .await;
+    while support::answers_ping(redis.port, Duration::from_millis(100)) {}
+    let started = Instant::now();
+    redmux.signal("INT");
+    assert_eq!(redmux.exit_code(Duration::from_secs(3)), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn check_accepts_the_shipped_config_and_prints_a_summary() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/redmux.toml");
+    let (code, out, _) = run(&["--check", "--config", shipped]);
+    assert_eq!(code, 0);
+    assert!(out.contains("configuration OK"), "{out}");
+    assert!(out.contains("upstream: embedded"), "{out}");
+}
+
+#[test]
+fn check_rejects_a_bad_file_naming_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = support::write_file(
+        dir.path(),
+        "bad.toml",
+        "[server]\nmax_pipeline = 10\nmax_bulk_len = \"lots\"\n",
+    );
+    let (code, _, err) = run(&["--check", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.toml"), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("max_bulk_len"), "{err}");
+    let (code, _, err) = run(&["--check", "--config", "/nonexistent/redmux.toml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read"), "{err}");
+    let (code, _, err) = run(&["--check", "--upstream", "rediss://h:1"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--upstream") && err.contains("not supported yet"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_never_prints_passwords() {
+    let (code, out, _) = run(&[
+        "--check",
+        "--upstream",
+        "redis://bob:hunter2@127.0.0.1:7000/1",
+    ]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("hunter2"), "{out}");
+    assert!(out.contains("user bob, password set"), "{out}");
+}
+
+#[test]
+fn version_flag() {
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), format!("redmux {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_listen_address_fails_at_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut redmux = Process::start(&["--listen", &addr]);
+    assert_eq!(redmux.exit_code(Duration::from_secs(5)), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let file = support::write_file(
+        dir.path(),
+        "redmux.toml",
+        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[log]\nformat = \"json\"\n"),
+    );
+    let child = Command::new(support::redmux_bin())
+        .args(["--config", file.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut redmux = Process(child);
+    support::wait_listening(port);
+    redmux.signal("TERM");
+    assert_eq!(redmux.exit_code(Duration::from_secs(5)), 0);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(redmux.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() >= 3, "{stderr}");
+    for line in lines {
+        assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+        assert!(
+            line.contains("\"timestamp\":") && line.contains("\"level\":"),
+            "{line}"
+        );
+        assert!(line.contains("\"message\":"), "{line}");
+    }
+    assert!(
+        stderr.contains("in-memory toy store"),
+        "the embedded warning is logged"
+    );
+}
