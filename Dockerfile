@@ -1,0 +1,23 @@
+# redmux container image: build stage, then a slim runtime running as a non-root user.
+#   docker build -t redmux .
+#   docker run --rm -p 127.0.0.1:6380:6380 redmux                       # embedded toy upstream
+#   docker run --rm -p 127.0.0.1:6380:6380 \
+#     -v "$PWD/my-redmux.toml:/etc/redmux/redmux.toml:ro" redmux        # your own config
+# The config is read from /etc/redmux/redmux.toml. Inside the container redmux listens on
+# 0.0.0.0:6380 (the --listen flag below) so the published port reaches it.
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked --bin redmux
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin redmux
+COPY --from=build /src/target/release/redmux /usr/local/bin/redmux
+COPY config/redmux.toml /etc/redmux/redmux.toml
+USER redmux
+EXPOSE 6380
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/redmux"]
+CMD ["--config", "/etc/redmux/redmux.toml", "--listen", "0.0.0.0:6380"]
