@@ -12,6 +12,7 @@ use std::{collections::VecDeque, io::IoSlice, sync::Arc, time::Duration};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpStream, UnixStream},
     sync::{
         mpsc::{self, error::TrySendError},
         oneshot,
@@ -59,9 +60,41 @@ enum Pending {
     },
 }
 
-pub struct Session<R, W> {
-    reader: R,
-    writer: W,
+/// A client socket that can be read and written at once through borrowed halves: no `Arc`, no
+/// lock, and no `shutdown(2)` on drop (a plain close is all Redis does either).
+pub trait Duplex: Send + 'static {
+    type Read<'a>: AsyncRead + Unpin + Send
+    where
+        Self: 'a;
+    type Write<'a>: AsyncWrite + Unpin + Send
+    where
+        Self: 'a;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+}
+
+impl Duplex for TcpStream {
+    type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+}
+
+impl Duplex for UnixStream {
+    type Read<'a> = tokio::net::unix::ReadHalf<'a>;
+    type Write<'a> = tokio::net::unix::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+}
+
+pub struct Session<S> {
+    io: S,
+    state: State,
+}
+
+/// Everything a session tracks besides its socket.
+struct State {
     config: Arc<SessionConfig>,
     upstream: mpsc::Sender<Request>,
     shutdown: CancellationToken,
@@ -86,21 +119,14 @@ pub struct Session<R, W> {
     last_activity: Instant,
 }
 
-impl<R, W> Session<R, W>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+impl<S: Duplex> Session<S> {
     pub fn new(
-        reader: R,
-        writer: W,
+        io: S,
         config: Arc<SessionConfig>,
         upstream: mpsc::Sender<Request>,
         shutdown: CancellationToken,
     ) -> Self {
-        Session {
-            reader,
-            writer,
+        let state = State {
             decoder: RequestDecoder::new(config.limits),
             config,
             upstream,
@@ -114,48 +140,58 @@ where
             draining: false,
             abort: false,
             last_activity: Instant::now(),
-        }
+        };
+        Session { io, state }
     }
 
     /// Serves the client until it leaves, QUITs, misbehaves or the server shuts down.
-    pub async fn run(mut self) {
-        let idle_timeout = self.config.idle_timeout;
+    pub async fn run(self) {
+        let Session {
+            mut io,
+            state: mut this,
+        } = self;
+        let (mut reader, mut writer) = io.halves();
+        let idle_timeout = this.config.idle_timeout;
+        // Registered once: a fresh `cancelled()` future per loop turn would lock the token's
+        // waiter list twice per request.
+        let shutdown = this.shutdown.clone().cancelled_owned();
+        tokio::pin!(shutdown);
         let idle = tokio::time::sleep(idle_timeout.unwrap_or(Duration::MAX / 4));
         tokio::pin!(idle);
         loop {
-            self.collect_ready();
-            if self.unparsed && !self.draining && self.outstanding < self.config.max_pipeline {
-                self.process_input().await;
+            this.collect_ready();
+            if this.unparsed && !this.draining && this.outstanding < this.config.max_pipeline {
+                this.process_input().await;
                 continue;
             }
-            if self.abort || (self.draining && self.pending.is_empty() && self.out.is_empty()) {
+            if this.abort || (this.draining && this.pending.is_empty() && this.out.is_empty()) {
                 break;
             }
-            let can_read = !self.draining
-                && self.outstanding < self.config.max_pipeline
-                && self.out_len < OUTPUT_HIGH_WATER;
-            if can_read && self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            let can_read = !this.draining
+                && this.outstanding < this.config.max_pipeline
+                && this.out_len < OUTPUT_HIGH_WATER;
+            if can_read && this.rbuf.capacity() - this.rbuf.len() < READ_CHUNK / 4 {
                 // Grow towards a large announced bulk step by step: a header alone must not
                 // reserve 512 MB.
-                self.rbuf
-                    .reserve(self.decoder.missing().clamp(READ_CHUNK, MAX_READ_RESERVE));
+                this.rbuf
+                    .reserve(this.decoder.missing().clamp(READ_CHUNK, MAX_READ_RESERVE));
             }
-            let waiting_upstream = matches!(self.pending.front(), Some(Pending::Upstream { .. }));
+            let waiting_upstream = matches!(this.pending.front(), Some(Pending::Upstream { .. }));
             tokio::select! {
                 biased;
-                (reply, count) = front_reply(&mut self.pending), if waiting_upstream => {
-                    self.pending.pop_front();
+                (reply, count) = front_reply(&mut this.pending), if waiting_upstream => {
+                    this.pending.pop_front();
                     let bytes = match reply {
                         Ok(reply) => reply_bytes(reply, count),
                         Err(_) => UpstreamError::ConnectionLost.replies(count),
                     };
-                    self.queue_out(bytes, count);
+                    this.queue_out(bytes, count);
                 }
-                written = write_some(&mut self.writer, &mut self.out), if !self.out.is_empty() => {
+                written = write_some(&mut writer, &mut this.out), if !this.out.is_empty() => {
                     match written {
                         Ok(n) => {
-                            self.out_len -= n;
-                            self.last_activity = Instant::now();
+                            this.out_len -= n;
+                            this.last_activity = Instant::now();
                         }
                         Err(error) => {
                             debug!(%error, "client write failed");
@@ -163,12 +199,12 @@ where
                         }
                     }
                 }
-                read = self.reader.read_buf(&mut self.rbuf), if can_read => match read {
-                    Ok(0) => self.draining = true,
+                read = reader.read_buf(&mut this.rbuf), if can_read => match read {
+                    Ok(0) => this.draining = true,
                     Ok(_) => {
-                        self.unparsed = true;
-                        self.last_activity = Instant::now();
-                        if self.rbuf.len() as u64 > self.config.client_query_limit {
+                        this.unparsed = true;
+                        this.last_activity = Instant::now();
+                        if this.rbuf.len() as u64 > this.config.client_query_limit {
                             debug!("query buffer limit exceeded; closing");
                             return;
                         }
@@ -179,22 +215,21 @@ where
                     }
                 },
                 // A client owed replies is not idle: the timer runs only when nothing is owed.
-                () = &mut idle, if idle_timeout.is_some() && self.outstanding == 0 && self.out.is_empty() => {
-                    let deadline = self.last_activity + idle_timeout.unwrap_or_default();
+                () = &mut idle, if idle_timeout.is_some() && this.outstanding == 0 && this.out.is_empty() => {
+                    let deadline = this.last_activity + idle_timeout.unwrap_or_default();
                     if deadline <= Instant::now() {
                         debug!("idle timeout; closing");
                         return;
                     }
                     idle.as_mut().reset(deadline);
                 }
-                () = self.shutdown.cancelled(), if !self.draining => self.draining = true,
+                () = &mut shutdown, if !this.draining => this.draining = true,
             }
         }
-        if !self.abort {
-            let _ = self.writer.shutdown().await;
-        }
     }
+}
 
+impl State {
     /// Moves replies that are ready, in order, from `pending` to `out`.
     fn collect_ready(&mut self) {
         while let Some(front) = self.pending.front_mut() {

@@ -72,7 +72,11 @@ fn run(config: Config) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(limit, "open-file limit raised"),
         Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread, like Redis and twemproxy. Measured with shared/bench/compare.py on 2 cores:
+    // the multi-thread scheduler was 7-25% slower on every one-request-at-a-time workload, its
+    // cross-thread wakeups costing more than a second core gives back while Redis and the
+    // clients compete for the same cores.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

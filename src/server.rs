@@ -17,14 +17,14 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    net::{TcpListener, UnixListener},
+    io::{AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::{
-    client::{Session, SessionConfig},
+    client::{Duplex, Session, SessionConfig},
     config::Config,
     resp::Limits,
     upstream::Upstreams,
@@ -164,43 +164,40 @@ impl Server {
 
 /// A source of client connections: TCP or unix.
 trait Listener: Send + 'static {
-    type Reader: AsyncRead + Unpin + Send + 'static;
-    type Writer: AsyncWrite + Unpin + Send + 'static;
-    fn accept(
-        &self,
-    ) -> impl Future<Output = io::Result<(Self::Reader, Self::Writer, String)>> + Send;
+    type Stream: Duplex + AsyncWrite + Unpin;
+    /// A new client and its address (none for a unix socket).
+    fn accept(&self)
+        -> impl Future<Output = io::Result<(Self::Stream, Option<SocketAddr>)>> + Send;
 }
 
 impl Listener for TcpListener {
-    type Reader = tokio::net::tcp::OwnedReadHalf;
-    type Writer = tokio::net::tcp::OwnedWriteHalf;
+    type Stream = TcpStream;
 
-    async fn accept(&self) -> io::Result<(Self::Reader, Self::Writer, String)> {
+    async fn accept(&self) -> io::Result<(TcpStream, Option<SocketAddr>)> {
         let (stream, peer) = TcpListener::accept(self).await?;
         stream.set_nodelay(true)?;
-        let (r, w) = stream.into_split();
-        Ok((r, w, peer.to_string()))
+        Ok((stream, Some(peer)))
     }
 }
 
 impl Listener for UnixListener {
-    type Reader = tokio::net::unix::OwnedReadHalf;
-    type Writer = tokio::net::unix::OwnedWriteHalf;
+    type Stream = UnixStream;
 
-    async fn accept(&self) -> io::Result<(Self::Reader, Self::Writer, String)> {
+    async fn accept(&self) -> io::Result<(UnixStream, Option<SocketAddr>)> {
         let (stream, _) = UnixListener::accept(self).await?;
-        let (r, w) = stream.into_split();
-        Ok((r, w, "unix".to_owned()))
+        Ok((stream, None))
     }
 }
 
 async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
+    let shutdown = shared.shutdown.clone().cancelled_owned();
+    tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = shared.shutdown.cancelled() => return,
+            () = &mut shutdown => return,
         };
-        let (reader, mut writer, peer) = match accepted {
+        let (mut stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 error!(%error, "accept failed");
@@ -210,18 +207,17 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
         };
         if shared.clients.fetch_add(1, Ordering::AcqRel) >= shared.max_clients {
             shared.clients.fetch_sub(1, Ordering::AcqRel);
-            debug!(%peer, "max_clients reached; refusing");
+            debug!(?peer, "max_clients reached; refusing");
             shared.tracker.spawn(async move {
-                let _ = writer.write_all(MAX_CLIENTS_REPLY).await;
-                let _ = writer.shutdown().await;
+                let _ = stream.write_all(MAX_CLIENTS_REPLY).await;
             });
             continue;
         }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("client", id, %peer);
+        // Debug level: an enabled span per connection costs more than the connection itself.
+        let span = tracing::debug_span!("client", id, ?peer);
         let session = Session::new(
-            reader,
-            writer,
+            stream,
             shared.session.clone(),
             shared.upstreams.assign(),
             shared.shutdown.clone(),
