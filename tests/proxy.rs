@@ -77,6 +77,55 @@ async fn concurrent_clients_get_only_their_own_replies() {
     for task in tasks {
         task.await.unwrap();
     }
+    // Redis saw one connection from redmux for all 128 clients (plus this direct one).
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.direct())
+        .unwrap();
+    assert_eq!(list.lines().count(), 2, "{list}");
+}
+
+/// `connections = 3`: three upstream connections, clients spread over them, each client's
+/// replies still in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_upstream_connections() {
+    let redis = RedisServer::start();
+    let mut config = support::config(&redis.addr());
+    config.upstream.connections = 3;
+    let redmux = Redmux::start_with(config).await;
+    let mut clients = Vec::new();
+    for id in 0..6 {
+        let mut raw = redmux.raw().await;
+        assert_eq!(
+            raw.call(&["SET", &format!("k{id}"), &id.to_string()]).await,
+            "+OK\r\n"
+        );
+        clients.push(raw);
+    }
+    for (id, raw) in clients.iter_mut().enumerate() {
+        let mut batch = Vec::new();
+        for _ in 0..100 {
+            batch.extend_from_slice(&redmux::resp::encode_command([
+                &b"GET"[..],
+                format!("k{id}").as_bytes(),
+            ]));
+        }
+        let expected = format!("${}\r\n{id}\r\n", id.to_string().len()).into_bytes();
+        assert!(raw
+            .pipeline(&batch, 100)
+            .await
+            .iter()
+            .all(|r| *r == expected));
+    }
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.direct())
+        .unwrap();
+    assert_eq!(
+        list.lines().count(),
+        4,
+        "three from redmux, one direct: {list}"
+    );
 }
 
 /// One client writes 20,000 commands in a single write; the replies come back complete and in
