@@ -20,7 +20,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{
     command::{self, Action, Profile},
@@ -43,6 +43,7 @@ pub struct SessionConfig {
     pub limits: Limits,
     pub max_pipeline: usize,
     pub client_query_limit: u64,
+    pub client_output_limit: u64,
     pub idle_timeout: Option<Duration>,
     pub request_timeout: Duration,
     pub profile: Profile,
@@ -113,7 +114,8 @@ struct State {
     /// No more requests are read: QUIT, a protocol error, EOF or shutdown. The session ends
     /// once the replies already owed are written.
     draining: bool,
-    /// Close now, writing nothing more (an HTTP request, like Redis does).
+    /// Close now, writing nothing more: an HTTP request (as Redis does), or a client over its
+    /// output limit.
     abort: bool,
     /// Last time the client sent a request or took a reply: idleness is measured from here.
     last_activity: Instant,
@@ -160,11 +162,14 @@ impl<S: Duplex> Session<S> {
         tokio::pin!(idle);
         loop {
             this.collect_ready();
+            if this.abort {
+                break;
+            }
             if this.unparsed && !this.draining && this.outstanding < this.config.max_pipeline {
                 this.process_input().await;
                 continue;
             }
-            if this.abort || (this.draining && this.pending.is_empty() && this.out.is_empty()) {
+            if this.draining && this.pending.is_empty() && this.out.is_empty() {
                 break;
             }
             let can_read = !this.draining
@@ -253,6 +258,13 @@ impl State {
         if !bytes.is_empty() {
             self.out_len += bytes.len();
             self.out.push_back(bytes);
+        }
+        if self.out_len as u64 > self.config.client_output_limit && !self.abort {
+            warn!(
+                limit = self.config.client_output_limit,
+                "client output limit reached (it does not read its replies); closing"
+            );
+            self.abort = true;
         }
     }
 

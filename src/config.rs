@@ -49,6 +49,10 @@ pub struct ServerConfig {
     /// it the client is closed.
     #[serde(deserialize_with = "byte_size")]
     pub client_query_limit: u64,
+    /// Most reply bytes waiting for one client to read them (Redis's
+    /// `client-output-buffer-limit`); past it the client is closed.
+    #[serde(deserialize_with = "byte_size")]
+    pub client_output_limit: u64,
     /// Close clients idle this long; 0 = never.
     #[serde(deserialize_with = "duration")]
     pub client_idle_timeout: Duration,
@@ -68,6 +72,7 @@ impl Default for ServerConfig {
             max_bulk_len: 512 * 1024 * 1024,
             max_multibulk_len: 1024 * 1024,
             client_query_limit: 1024 * 1024 * 1024,
+            client_output_limit: 64 * 1024 * 1024,
             client_idle_timeout: Duration::ZERO,
             shutdown_grace: Duration::from_secs(5),
         }
@@ -346,11 +351,14 @@ impl Config {
             },
         );
         out += &format!(
-            "limits: max_clients {}, max_pipeline {}, max_bulk_len {}, max_multibulk_len {}\n",
+            "limits: max_clients {}, max_pipeline {}, max_bulk_len {}, max_multibulk_len {}, \
+             client_query_limit {}, client_output_limit {}\n",
             self.server.max_clients,
             self.server.max_pipeline,
             self.server.max_bulk_len,
-            self.server.max_multibulk_len
+            self.server.max_multibulk_len,
+            self.server.client_query_limit,
+            self.server.client_output_limit
         );
         out += &format!(
             "timeouts: connect {:?}, request {:?}, client idle {:?}, shutdown grace {:?}\n",
@@ -551,6 +559,7 @@ mod tests {
             max_bulk_len = "2mb"
             max_multibulk_len = 100
             client_query_limit = 1048576
+            client_output_limit = "8mb"
             client_idle_timeout = "30s"
             shutdown_grace = "500ms"
             [upstream]

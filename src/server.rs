@@ -115,6 +115,7 @@ impl Server {
                 },
                 max_pipeline: server.max_pipeline,
                 client_query_limit: server.client_query_limit,
+                client_output_limit: server.client_output_limit,
                 idle_timeout: Some(server.client_idle_timeout).filter(|t| !t.is_zero()),
                 request_timeout: self.config.upstream.request_timeout,
                 profile: self.upstreams.profile(),

@@ -470,3 +470,43 @@ async fn embedded_upstream_for_a_first_try() {
     let mut mini = mini_redis::client::connect(redmux.addr).await.unwrap();
     assert_eq!(mini.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
 }
+
+/// A client that pipelines GETs of a large value and does not read its replies is closed once
+/// `client_output_limit` bytes wait for it, instead of making redmux buffer without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_not_reading_replies_is_cut_off_at_the_output_limit() {
+    let redis = RedisServer::start();
+    let value = "v".repeat(100 * 1000);
+    let _: () = redis::Commands::set(&mut redis.direct(), "big", &value).unwrap();
+    let mut config = support::config(&redis.addr());
+    config.server.client_output_limit = 2 * 1024 * 1024;
+    let redmux = Redmux::start_with(config).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(redmux.addr).await.unwrap();
+    let requests = "GET big\r\n".repeat(1000);
+    tokio::io::AsyncWriteExt::write_all(&mut stream, requests.as_bytes())
+        .await
+        .unwrap();
+    // The client under test does not read for a while: that is the behaviour being tested.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut received = 0usize;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::time::timeout(
+            support::READY_TIMEOUT,
+            tokio::io::AsyncReadExt::read(&mut stream, &mut chunk),
+        )
+        .await
+        .expect("redmux closes the connection");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received += n,
+        }
+    }
+    let full = 1000 * (value.len() + "$100000\r\n\r\n".len());
+    assert!(received < full / 4, "received {received} of {full} bytes");
+    // Everyone else carries on.
+    let mut other = redmux.raw().await;
+    assert_eq!(other.call(&["PING"]).await, "+PONG\r\n");
+}
