@@ -6,6 +6,11 @@
 //! one `oneshot`), and replies are written as soon as the oldest outstanding one is ready. At
 //! most `max_pipeline` requests are outstanding; past that the client is not read until replies
 //! drain, which is all the backpressure a well-behaved client needs.
+//!
+//! Where requests go follows the client's state: its shared connection for its (db, protocol),
+//! or a pinned connection of its own from MULTI or WATCH until EXEC, DISCARD or UNWATCH, and for
+//! the duration of a blocking command. A run of requests is always cut where the destination
+//! changes, so each batch goes to exactly one connection.
 
 use std::{collections::VecDeque, io::IoSlice, sync::Arc, time::Duration};
 
@@ -23,9 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
-    command::{self, Action, Profile},
-    resp::{Frame, Limits, RequestDecoder},
-    upstream::{Reply, Request, UpstreamError},
+    command::{self, error_reply, Action, Profile, Transaction},
+    connection::{ClientState, Effect, ReplyMode},
+    resp::{Args, Frame, Limits, RequestDecoder},
+    upstream::{Lease, Reply, Request, UpstreamError, Upstreams},
 };
 
 /// Read size for client sockets.
@@ -58,7 +64,30 @@ enum Pending {
     Upstream {
         rx: oneshot::Receiver<Reply>,
         count: u32,
+        /// CLIENT REPLY OFF or SKIP: the replies are read and dropped.
+        suppress: bool,
+        /// A pinned connection to give back once these replies are in (EXEC, DISCARD, UNWATCH,
+        /// a blocking command). Dropped unreleased if the client leaves first, which closes it.
+        release: Option<Lease>,
     },
+}
+
+/// The client's transaction state, and the pinned connection that carries it.
+#[derive(Debug)]
+enum Tx {
+    None,
+    /// After WATCH, before MULTI.
+    Watching(Lease),
+    /// After MULTI (with or without WATCH before it).
+    Multi(Lease),
+}
+
+/// A batch of requests about to be handed to an upstream connection.
+struct Batch {
+    frames: Bytes,
+    count: u32,
+    timeout: Option<Duration>,
+    release: Option<Lease>,
 }
 
 /// A client socket that can be read and written at once through borrowed halves: no `Arc`, no
@@ -97,7 +126,9 @@ pub struct Session<S> {
 /// Everything a session tracks besides its socket.
 struct State {
     config: Arc<SessionConfig>,
-    upstream: mpsc::Sender<Request>,
+    upstreams: Upstreams,
+    client: ClientState,
+    tx: Tx,
     shutdown: CancellationToken,
     decoder: RequestDecoder,
     /// Bytes read and not yet parsed (or parsed and not yet split off to be forwarded).
@@ -125,13 +156,16 @@ impl<S: Duplex> Session<S> {
     pub fn new(
         io: S,
         config: Arc<SessionConfig>,
-        upstream: mpsc::Sender<Request>,
+        client: ClientState,
+        upstreams: Upstreams,
         shutdown: CancellationToken,
     ) -> Self {
         let state = State {
             decoder: RequestDecoder::new(config.limits),
             config,
-            upstream,
+            upstreams,
+            client,
+            tx: Tx::None,
             shutdown,
             rbuf: BytesMut::new(),
             unparsed: false,
@@ -184,13 +218,11 @@ impl<S: Duplex> Session<S> {
             let waiting_upstream = matches!(this.pending.front(), Some(Pending::Upstream { .. }));
             tokio::select! {
                 biased;
-                (reply, count) = front_reply(&mut this.pending), if waiting_upstream => {
-                    this.pending.pop_front();
-                    let bytes = match reply {
-                        Ok(reply) => reply_bytes(reply, count),
-                        Err(_) => UpstreamError::ConnectionLost.replies(count),
-                    };
-                    this.queue_out(bytes, count);
+                reply = front_reply(&mut this.pending), if waiting_upstream => {
+                    if let Some(Pending::Upstream { count, suppress, release, .. }) = this.pending.pop_front() {
+                        let reply = reply.unwrap_or(Err(UpstreamError::ConnectionLost));
+                        this.deliver(reply, count, suppress, release);
+                    }
                 }
                 written = write_some(&mut writer, &mut this.out), if !this.out.is_empty() => {
                     match written {
@@ -205,7 +237,15 @@ impl<S: Duplex> Session<S> {
                     }
                 }
                 read = reader.read_buf(&mut this.rbuf), if can_read => match read {
-                    Ok(0) => this.draining = true,
+                    // The client has closed its side: the replies it is owed are still written,
+                    // except a blocking command's, which may never come: like Redis, drop it
+                    // (its pinned connection closes with it).
+                    Ok(0) => {
+                        this.draining = true;
+                        this.abort = this.pending.iter().any(|p| {
+                            matches!(p, Pending::Upstream { release: Some(_), .. })
+                        });
+                    }
                     Ok(_) => {
                         this.unparsed = true;
                         this.last_activity = Instant::now();
@@ -238,19 +278,43 @@ impl State {
     /// Moves replies that are ready, in order, from `pending` to `out`.
     fn collect_ready(&mut self) {
         while let Some(front) = self.pending.front_mut() {
-            let (bytes, count) = match front {
-                Pending::Local { bytes, count } => (std::mem::take(bytes), *count),
-                Pending::Upstream { rx, count } => match rx.try_recv() {
-                    Ok(reply) => (reply_bytes(reply, *count), *count),
+            let reply = match front {
+                Pending::Local { bytes, count } => {
+                    let (bytes, count) = (std::mem::take(bytes), *count);
+                    self.pending.pop_front();
+                    self.queue_out(bytes, count);
+                    continue;
+                }
+                Pending::Upstream { rx, .. } => match rx.try_recv() {
+                    Ok(reply) => reply,
                     Err(oneshot::error::TryRecvError::Empty) => return,
-                    Err(oneshot::error::TryRecvError::Closed) => {
-                        (UpstreamError::ConnectionLost.replies(*count), *count)
-                    }
+                    Err(oneshot::error::TryRecvError::Closed) => Err(UpstreamError::ConnectionLost),
                 },
             };
-            self.pending.pop_front();
-            self.queue_out(bytes, count);
+            if let Some(Pending::Upstream {
+                count,
+                suppress,
+                release,
+                ..
+            }) = self.pending.pop_front()
+            {
+                self.deliver(reply, count, suppress, release);
+            }
         }
+    }
+
+    /// Queues the replies of an upstream batch for the client, and gives back the pinned
+    /// connection it was holding, if any.
+    fn deliver(&mut self, reply: Reply, count: u32, suppress: bool, release: Option<Lease>) {
+        if let Some(lease) = release {
+            lease.release();
+        }
+        let bytes = if suppress {
+            Bytes::new()
+        } else {
+            reply.unwrap_or_else(|error| error.replies(count))
+        };
+        self.queue_out(bytes, count);
     }
 
     fn queue_out(&mut self, bytes: Bytes, count: u32) {
@@ -270,7 +334,7 @@ impl State {
 
     /// Parses buffered requests while the pipeline limit allows, forwarding runs of them.
     async fn process_input(&mut self) {
-        // `rbuf[..run_len]` holds `run_count` canonical requests to forward as one batch.
+        // `rbuf[..run_len]` holds `run_count` canonical requests for the current connection.
         let mut run_len = 0;
         let mut run_count = 0;
         loop {
@@ -291,50 +355,41 @@ impl State {
                     break;
                 }
             };
-            let action = frame
-                .command_bytes(&self.rbuf[run_len..])
-                .map(|request| command::action(request, self.config.profile));
-            match (action, frame) {
-                (
-                    Some(Action::Forward),
-                    Frame::Command {
-                        len,
-                        rewritten: None,
-                    },
-                ) => {
+            let Some(request) = frame.command_bytes(&self.rbuf[run_len..]) else {
+                // Input Redis ignores without a reply.
+                self.flush_run(&mut run_len, &mut run_count).await;
+                self.rbuf.advance(frame.consumed());
+                continue;
+            };
+            let action = command::action(request, self.config.profile);
+            if action == Action::Forward && self.client.reply_mode == ReplyMode::On {
+                if let Frame::Command {
+                    len,
+                    rewritten: None,
+                } = frame
+                {
+                    // The common case: extend the run, no copy.
                     run_len += len;
                     run_count += 1;
                     self.outstanding += 1;
                     continue;
                 }
-                (action, frame) => {
-                    self.flush_run(&mut run_len, &mut run_count).await;
-                    self.rbuf.advance(frame.consumed());
-                    match (action, frame) {
-                        (
-                            Some(Action::Forward),
-                            Frame::Command {
-                                rewritten: Some(bytes),
-                                ..
-                            },
-                        ) => {
-                            self.outstanding += 1;
-                            self.forward(bytes, 1).await;
-                        }
-                        (Some(Action::Reply(bytes)), _) => self.reply_locally(bytes),
-                        (Some(Action::ReplyAndClose(bytes)), _) => {
-                            self.reply_locally(bytes);
-                            self.draining = true;
-                            break;
-                        }
-                        (Some(Action::Drop), _) => {
-                            self.abort = true;
-                            break;
-                        }
-                        // Input Redis ignores, and the already-handled forward case.
-                        _ => {}
-                    }
+            }
+            self.flush_run(&mut run_len, &mut run_count).await;
+            // The frame is now at the front of the buffer.
+            let consumed = frame.consumed();
+            let request = match frame {
+                Frame::Command {
+                    rewritten: Some(bytes),
+                    ..
+                } => {
+                    self.rbuf.advance(consumed);
+                    bytes
                 }
+                _ => self.rbuf.split_to(consumed).freeze(),
+            };
+            if !self.execute(action, request).await {
+                break;
             }
         }
         self.flush_run(&mut run_len, &mut run_count).await;
@@ -343,45 +398,214 @@ impl State {
         }
     }
 
+    /// Carries out one request that is not part of a plain forwarded run. `false` once the
+    /// client must not be read any further.
+    async fn execute(&mut self, action: Action, request: Bytes) -> bool {
+        match action {
+            Action::Forward => {
+                let timeout = Some(self.config.request_timeout);
+                self.forward_one(request, timeout, None).await;
+            }
+            Action::Reply(bytes) => self.reply_locally(bytes),
+            Action::ReplyAndClose(bytes) => {
+                self.reply_locally(bytes);
+                self.draining = true;
+                return false;
+            }
+            Action::Drop => {
+                self.abort = true;
+                return false;
+            }
+            Action::Connection => {
+                let mut args = Args::new(&request);
+                let name = args.next().unwrap_or_default();
+                // A SKIP set before this command silences it; OFF (even if this command set
+                // it) silences it; `CLIENT REPLY ON` is answered.
+                let skip = self.client.reply_mode == ReplyMode::Skip;
+                let (reply, effect) = self.client.handle(name, args);
+                if effect == Effect::Reset {
+                    // Dropping a lease closes its connection: an open transaction is discarded.
+                    self.tx = Tx::None;
+                }
+                let suppress = skip || self.client.reply_mode == ReplyMode::Off;
+                if skip && self.client.reply_mode == ReplyMode::Skip && !reply.is_empty() {
+                    self.client.reply_mode = ReplyMode::On;
+                }
+                self.outstanding += 1;
+                let bytes = if suppress { Bytes::new() } else { reply };
+                self.pending.push_back(Pending::Local { bytes, count: 1 });
+            }
+            Action::Transaction(command) => self.transaction(command, request).await,
+            Action::Block(block) => {
+                let timeout = block.map(|t| t + self.config.request_timeout);
+                if matches!(self.tx, Tx::None) {
+                    match self.upstreams.pinned(self.client.target()).await {
+                        Ok(lease) => self.forward_one(request, timeout, Some(lease)).await,
+                        Err(error) => self.reply_locally(error.replies(1)),
+                    }
+                } else {
+                    // In a transaction it is queued (and never blocks); while watching it
+                    // blocks on the client's own connection, which it holds already.
+                    self.forward_one(request, timeout, None).await;
+                }
+            }
+        }
+        true
+    }
+
+    /// MULTI, EXEC, DISCARD, WATCH, UNWATCH (with the arity that changes state).
+    async fn transaction(&mut self, command: Transaction, request: Bytes) {
+        let timeout = Some(self.config.request_timeout);
+        match (command, std::mem::replace(&mut self.tx, Tx::None)) {
+            // Opening: take a pinned connection (the one WATCH holds, or a new one).
+            (Transaction::Multi, Tx::None) | (Transaction::Watch, Tx::None) => {
+                match self.upstreams.pinned(self.client.target()).await {
+                    Ok(lease) => {
+                        self.tx = if command == Transaction::Multi {
+                            Tx::Multi(lease)
+                        } else {
+                            Tx::Watching(lease)
+                        };
+                        self.forward_one(request, timeout, None).await;
+                    }
+                    Err(error) => self.reply_locally(error.replies(1)),
+                }
+            }
+            (Transaction::Multi, Tx::Watching(lease)) => {
+                self.tx = Tx::Multi(lease);
+                self.forward_one(request, timeout, None).await;
+            }
+            // Closing: the last request on the pinned connection; it is given back after.
+            (Transaction::Exec | Transaction::Discard, Tx::Multi(lease))
+            | (Transaction::Unwatch, Tx::Watching(lease)) => {
+                self.forward_one(request, timeout, Some(lease)).await;
+            }
+            // Without a transaction there is nothing to close: Redis's own answers.
+            (Transaction::Exec, Tx::None) => self.reply_locally(error_reply("EXEC without MULTI")),
+            (Transaction::Discard, Tx::None) => {
+                self.reply_locally(error_reply("DISCARD without MULTI"))
+            }
+            (Transaction::Unwatch, Tx::None) => self.reply_locally(Bytes::from_static(b"+OK\r\n")),
+            // Everything else goes to the pinned connection, whose Redis answers it (nested
+            // MULTI, WATCH inside MULTI, EXEC without MULTI while watching, queued UNWATCH...).
+            (_, tx) => {
+                self.tx = tx;
+                self.forward_one(request, timeout, None).await;
+            }
+        }
+    }
+
+    /// Answers one request locally, honouring CLIENT REPLY OFF and SKIP.
     fn reply_locally(&mut self, bytes: Bytes) {
+        let bytes = if self.take_suppress() {
+            Bytes::new()
+        } else {
+            bytes
+        };
         self.outstanding += 1;
         self.pending.push_back(Pending::Local { bytes, count: 1 });
     }
 
-    /// Sends the run of requests at the front of `rbuf` upstream as one batch.
+    /// Whether this request's reply is to be dropped (CLIENT REPLY OFF, or SKIP once).
+    fn take_suppress(&mut self) -> bool {
+        match self.client.reply_mode {
+            ReplyMode::On => false,
+            ReplyMode::Off => true,
+            ReplyMode::Skip => {
+                self.client.reply_mode = ReplyMode::On;
+                true
+            }
+        }
+    }
+
+    /// Where forwarded requests go now: the pinned connection during a transaction, else the
+    /// shared one for the client's db and protocol.
+    fn destination(&self) -> mpsc::Sender<Request> {
+        match &self.tx {
+            Tx::Watching(lease) | Tx::Multi(lease) => lease.sender().clone(),
+            Tx::None => self.client.shared.clone(),
+        }
+    }
+
+    /// Sends the run of requests at the front of `rbuf` as one batch.
     async fn flush_run(&mut self, run_len: &mut usize, run_count: &mut u32) {
         if *run_count > 0 {
             let frames = self.rbuf.split_to(*run_len).freeze();
-            self.forward(frames, *run_count).await;
+            let batch = Batch {
+                frames,
+                count: *run_count,
+                timeout: Some(self.config.request_timeout),
+                release: None,
+            };
+            let destination = self.destination();
+            self.send(&destination, batch, false).await;
         }
         *run_len = 0;
         *run_count = 0;
     }
 
-    /// Hands `count` requests to the upstream actor. A full channel is waited on for at most
+    /// Forwards one request: on `release`'s connection if given (which is then given back
+    /// after the reply), else to the current destination.
+    async fn forward_one(
+        &mut self,
+        frames: Bytes,
+        timeout: Option<Duration>,
+        release: Option<Lease>,
+    ) {
+        self.outstanding += 1;
+        let suppress = self.take_suppress();
+        let destination = match &release {
+            Some(lease) => lease.sender().clone(),
+            None => self.destination(),
+        };
+        let batch = Batch {
+            frames,
+            count: 1,
+            timeout,
+            release,
+        };
+        self.send(&destination, batch, suppress).await;
+    }
+
+    /// Hands a batch to an upstream actor. A full channel is waited on for at most
     /// `request_timeout`, so a stuck upstream cannot hold a client forever.
-    async fn forward(&mut self, frames: Bytes, count: u32) {
+    async fn send(&mut self, destination: &mpsc::Sender<Request>, batch: Batch, suppress: bool) {
         let (reply, rx) = oneshot::channel();
+        let Batch {
+            frames,
+            count,
+            timeout,
+            release,
+        } = batch;
         let request = Request {
             frames,
             count,
             queued_at: Instant::now(),
+            timeout,
             reply,
         };
-        let sent = match self.upstream.try_send(request) {
+        let sent = match destination.try_send(request) {
             Ok(()) => true,
             Err(TrySendError::Full(request)) => matches!(
-                tokio::time::timeout(self.config.request_timeout, self.upstream.send(request))
-                    .await,
+                tokio::time::timeout(self.config.request_timeout, destination.send(request)).await,
                 Ok(Ok(()))
             ),
             Err(TrySendError::Closed(_)) => false,
         };
         self.pending.push_back(if sent {
-            Pending::Upstream { rx, count }
+            Pending::Upstream {
+                rx,
+                count,
+                suppress,
+                release,
+            }
         } else {
             Pending::Local {
-                bytes: UpstreamError::Unavailable.replies(count),
+                bytes: if suppress {
+                    Bytes::new()
+                } else {
+                    UpstreamError::Unavailable.replies(count)
+                },
                 count,
             }
         });
@@ -389,20 +613,11 @@ impl State {
 }
 
 /// Waits for the oldest slot, which the caller guarantees is an upstream one.
-async fn front_reply(
-    pending: &mut VecDeque<Pending>,
-) -> (Result<Reply, oneshot::error::RecvError>, u32) {
+async fn front_reply(pending: &mut VecDeque<Pending>) -> Result<Reply, oneshot::error::RecvError> {
     match pending.front_mut() {
-        Some(Pending::Upstream { rx, count }) => {
-            let count = *count;
-            (rx.await, count)
-        }
+        Some(Pending::Upstream { rx, .. }) => rx.await,
         _ => std::future::pending().await,
     }
-}
-
-fn reply_bytes(reply: Reply, count: u32) -> Bytes {
-    reply.unwrap_or_else(|error| error.replies(count))
 }
 
 /// Writes as much of `out` as the socket takes in one vectored write, and drops what was written.

@@ -1,9 +1,12 @@
 //! The command table: the one place that decides what redmux does with each command.
 //!
-//! Everything that does not touch connection state is forwarded on the shared upstream
-//! connection. Commands that would change the shared connection's state (and so leak one client's
-//! state to every other client) are never forwarded: until connection state is implemented they
-//! are refused with an error naming the command.
+//! Everything that does not touch connection state is forwarded on the client's shared upstream
+//! connection. Commands that would change a shared connection's state (and so leak one client's
+//! state to every other client) are never forwarded there: connection commands are answered from
+//! the client's own state, transactions and blocking commands get a pinned connection, and what
+//! is not implemented yet is refused with an error naming the command.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -16,8 +19,11 @@ pub enum Kind {
     Stateless,
     /// `QUIT`: answered locally, then the client is closed.
     Quit,
-    /// Changes per-connection state: SELECT, HELLO, AUTH, CLIENT, RESET, READONLY...
+    /// Changes per-connection state, answered from the client's own: SELECT, HELLO, AUTH,
+    /// CLIENT, RESET.
     ConnectionState,
+    /// Cluster-mode connection flags: READONLY, READWRITE, ASKING.
+    ClusterFlag,
     /// MULTI/EXEC/DISCARD/WATCH/UNWATCH: need a connection of their own.
     Transaction,
     /// Blocks the connection until it is served (BLPOP, WAIT...).
@@ -46,8 +52,8 @@ pub fn kind(name: &[u8]) -> Kind {
     lower.make_ascii_lowercase();
     match &*lower {
         b"quit" => Kind::Quit,
-        b"select" | b"hello" | b"auth" | b"client" | b"reset" | b"readonly" | b"readwrite"
-        | b"asking" => Kind::ConnectionState,
+        b"select" | b"hello" | b"auth" | b"client" | b"reset" => Kind::ConnectionState,
+        b"readonly" | b"readwrite" | b"asking" => Kind::ClusterFlag,
         b"multi" | b"exec" | b"discard" | b"watch" | b"unwatch" => Kind::Transaction,
         b"blpop" | b"brpop" | b"brpoplpush" | b"blmove" | b"blmpop" | b"bzpopmin" | b"bzpopmax"
         | b"bzmpop" | b"wait" | b"waitaof" => Kind::Blocking,
@@ -66,7 +72,7 @@ pub fn kind(name: &[u8]) -> Kind {
 /// What the client session does with one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Send it upstream on the shared connection.
+    /// Send it upstream on the client's current connection.
     Forward,
     /// Answer it locally with these bytes.
     Reply(Bytes),
@@ -74,6 +80,25 @@ pub enum Action {
     ReplyAndClose(Bytes),
     /// Close the connection without a word.
     Drop,
+    /// SELECT, HELLO, AUTH, CLIENT, RESET: answered from the client's connection state.
+    Connection,
+    /// A transaction command that changes which connection the client uses.
+    Transaction(Transaction),
+    /// A blocking command: a pinned connection for as long as it blocks, at most this long
+    /// (`None`: forever, as a timeout of 0 means in Redis).
+    Block(Option<Duration>),
+}
+
+/// Transaction commands, with the arity that makes Redis change the connection's state (with
+/// another arity Redis answers an error and nothing changes, so they are plainly forwarded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transaction {
+    Multi,
+    /// EXEC ends a transaction whatever its arguments (a bad arity aborts it).
+    Exec,
+    Discard,
+    Watch,
+    Unwatch,
 }
 
 /// Which upstream the commands go to: it decides what redmux must answer for it.
@@ -91,7 +116,13 @@ pub fn action(request: &[u8], profile: Profile) -> Action {
     let Some(name) = args.next() else {
         return Action::Forward;
     };
-    match kind(name) {
+    let kind = kind(name);
+    // mini-redis knows no transactions or blocking commands: it answers them "unknown command"
+    // without changing any state, so they can go to the shared connection as they are.
+    if profile == Profile::Embedded && matches!(kind, Kind::Transaction | Kind::Blocking) {
+        return Action::Forward;
+    }
+    match kind {
         Kind::Stateless => match profile {
             Profile::Redis => Action::Forward,
             Profile::Embedded => {
@@ -100,54 +131,93 @@ pub fn action(request: &[u8], profile: Profile) -> Action {
         },
         Kind::Quit => Action::ReplyAndClose(Bytes::from_static(b"+OK\r\n")),
         Kind::Http => Action::Drop,
-        Kind::StreamRead if !blocks_stream_read(name, args.clone()) => Action::Forward,
-        Kind::StreamRead => Action::Reply(not_supported(name, Some("BLOCK"))),
+        Kind::ConnectionState => Action::Connection,
+        Kind::Transaction => {
+            transaction(name, args.remaining()).map_or(Action::Forward, Action::Transaction)
+        }
+        Kind::Blocking => Action::Block(block_timeout(name, args)),
+        Kind::StreamRead if profile == Profile::Embedded => Action::Forward,
+        Kind::StreamRead => match stream_block(name, args) {
+            Some(timeout) => Action::Block(timeout),
+            None => Action::Forward,
+        },
         Kind::Script => match args.next() {
             Some(sub) if sub.eq_ignore_ascii_case(b"debug") => {
                 Action::Reply(not_supported(name, Some("DEBUG")))
             }
             _ => Action::Forward,
         },
-        Kind::ConnectionState if name.eq_ignore_ascii_case(b"client") => {
-            let sub = args
-                .next()
-                .map(|sub| String::from_utf8_lossy(sub).to_ascii_uppercase());
-            Action::Reply(not_supported(name, sub.as_deref()))
+        Kind::ClusterFlag | Kind::Subscribe | Kind::Takeover => {
+            Action::Reply(not_supported(name, None))
         }
-        Kind::ConnectionState
-        | Kind::Transaction
-        | Kind::Blocking
-        | Kind::Subscribe
-        | Kind::Takeover => Action::Reply(not_supported(name, None)),
     }
 }
 
-/// Whether XREAD / XREADGROUP will block: reads the options the way Redis's `xreadCommand` does
-/// (GROUP takes two operands, so a group or consumer named "streams" or "block" is no option).
-fn blocks_stream_read<'a>(name: &[u8], mut args: impl Iterator<Item = &'a [u8]>) -> bool {
+fn transaction(name: &[u8], argc: usize) -> Option<Transaction> {
+    let lower = name.to_ascii_lowercase();
+    match (lower.as_slice(), argc) {
+        (b"multi", 0) => Some(Transaction::Multi),
+        (b"exec", _) => Some(Transaction::Exec),
+        (b"discard", 0) => Some(Transaction::Discard),
+        (b"watch", 1..) => Some(Transaction::Watch),
+        (b"unwatch", 0) => Some(Transaction::Unwatch),
+        _ => None,
+    }
+}
+
+/// How long a blocking command may block, read from its timeout argument (`REDIS-NOTES.md` §6).
+/// `None`: forever (a timeout of 0). A timeout Redis will reject counts as zero: the error comes
+/// back at once.
+fn block_timeout(name: &[u8], args: Args<'_>) -> Option<Duration> {
+    let lower = name.to_ascii_lowercase();
+    let args: Vec<&[u8]> = args.collect();
+    let (arg, millis) = match lower.as_slice() {
+        b"blpop" | b"brpop" | b"bzpopmin" | b"bzpopmax" => (args.last(), false),
+        b"brpoplpush" => (args.get(2), false),
+        b"blmove" => (args.get(4), false),
+        b"blmpop" | b"bzmpop" => (args.first(), false),
+        b"wait" => (args.get(1), true),
+        b"waitaof" => (args.get(2), true),
+        _ => (None, false),
+    };
+    parse_timeout(arg.copied(), millis)
+}
+
+fn parse_timeout(arg: Option<&[u8]>, millis: bool) -> Option<Duration> {
+    let seconds = arg
+        .and_then(|a| std::str::from_utf8(a).ok())
+        .and_then(|a| a.trim().parse::<f64>().ok())
+        .map(|n| if millis { n / 1000.0 } else { n });
+    match seconds {
+        Some(0.0) => None,
+        Some(s) => Some(Duration::try_from_secs_f64(s).unwrap_or(Duration::ZERO)),
+        None => Some(Duration::ZERO),
+    }
+}
+
+/// Whether XREAD / XREADGROUP will block, and how long: reads the options the way Redis's
+/// `xreadCommand` does (GROUP takes two operands, so a group or consumer named "streams" or
+/// "block" is no option). `None`: it does not block.
+fn stream_block<'a>(
+    name: &[u8],
+    mut args: impl Iterator<Item = &'a [u8]>,
+) -> Option<Option<Duration>> {
     let group = name.eq_ignore_ascii_case(b"xreadgroup");
-    let mut blocks = false;
+    let mut block = None;
     while let Some(option) = args.next() {
-        let takes = if option.eq_ignore_ascii_case(b"block") {
-            blocks = true;
-            1
+        if option.eq_ignore_ascii_case(b"block") {
+            block = Some(parse_timeout(Some(args.next()?), true));
         } else if option.eq_ignore_ascii_case(b"count") {
-            1
+            args.next()?;
         } else if group && option.eq_ignore_ascii_case(b"group") {
-            2
-        } else if group && option.eq_ignore_ascii_case(b"noack") {
-            0
-        } else {
+            args.next()?;
+            args.next()?;
+        } else if !(group && option.eq_ignore_ascii_case(b"noack")) {
             // STREAMS ends the options; anything else is a syntax error Redis reports at once.
             break;
-        };
-        for _ in 0..takes {
-            if args.next().is_none() {
-                return false;
-            }
         }
     }
-    blocks
+    block
 }
 
 /// Longest piece of client input echoed in an error, as Redis truncates command names.
@@ -199,8 +269,15 @@ mod tests {
             &["PING"],
             &["PUBLISH", "c", "m"],
             &["EVAL", "return 1", "0"],
+            &["SCRIPT", "LOAD", "return 1"],
             &["FLUSHDB"],
             &["XREAD", "STREAMS", "block", "0"],
+            &["XREAD", "COUNT", "block", "STREAMS", "s", "0"],
+            &["XREADGROUP", "GROUP", "block", "block", "STREAMS", "s", ">"],
+            &["XREAD", "BLOCK"],
+            &["MULTI", "extra"],
+            &["WATCH"],
+            &["DISCARD", "x"],
             &["averyveryverylongcommandname"],
         ] {
             assert_eq!(act(cmd), Action::Forward, "{cmd:?}");
@@ -208,21 +285,32 @@ mod tests {
     }
 
     #[test]
-    fn stateful_commands_are_refused_by_name() {
+    fn connection_transaction_and_blocking_commands() {
+        for cmd in ["SELECT", "hello", "AUTH", "CLIENT", "RESET"] {
+            assert_eq!(act(&[cmd, "x"]), Action::Connection);
+        }
+        assert_eq!(act(&["MULTI"]), Action::Transaction(Transaction::Multi));
+        assert_eq!(act(&["exec", "x"]), Action::Transaction(Transaction::Exec));
         assert_eq!(
-            refused(&["select", "1"]),
-            "-ERR redmux: SELECT is not supported yet\r\n"
+            act(&["WATCH", "a", "b"]),
+            Action::Transaction(Transaction::Watch)
+        );
+        assert_eq!(act(&["UNWATCH"]), Action::Transaction(Transaction::Unwatch));
+        let secs = |s: f64| Action::Block(Some(Duration::from_secs_f64(s)));
+        assert_eq!(act(&["BLPOP", "a", "b", "1.5"]), secs(1.5));
+        assert_eq!(act(&["BLPOP", "a", "0"]), Action::Block(None));
+        assert_eq!(act(&["BRPOPLPUSH", "a", "b", "2"]), secs(2.0));
+        assert_eq!(act(&["BLMOVE", "a", "b", "LEFT", "RIGHT", "3"]), secs(3.0));
+        assert_eq!(act(&["BZMPOP", "4", "1", "z", "MIN"]), secs(4.0));
+        assert_eq!(act(&["WAIT", "1", "500"]), secs(0.5));
+        assert_eq!(act(&["BLPOP", "a", "nope"]), secs(0.0));
+        assert_eq!(act(&["BLPOP", "a", "-1"]), secs(0.0));
+        assert_eq!(
+            act(&["XREAD", "COUNT", "1", "BLOCK", "250", "STREAMS", "s", "$"]),
+            secs(0.25)
         );
         assert_eq!(
-            refused(&["Client", "setname", "x"]),
-            "-ERR redmux: CLIENT SETNAME is not supported yet\r\n"
-        );
-        assert_eq!(
-            refused(&["XREAD", "COUNT", "1", "BLOCK", "0", "STREAMS", "s", "$"]),
-            "-ERR redmux: XREAD BLOCK is not supported yet\r\n"
-        );
-        assert_eq!(
-            refused(&[
+            act(&[
                 "XREADGROUP",
                 "GROUP",
                 "streams",
@@ -233,36 +321,23 @@ mod tests {
                 "s",
                 ">"
             ]),
-            "-ERR redmux: XREADGROUP BLOCK is not supported yet\r\n"
+            Action::Block(None)
         );
+    }
+
+    #[test]
+    fn unsupported_commands_are_refused_by_name() {
         assert_eq!(
             refused(&["script", "debug", "yes"]),
             "-ERR redmux: SCRIPT DEBUG is not supported yet\r\n"
         );
-        let long = "x".repeat(1000);
+        let long = format!("subscribe{}", "x".repeat(1000));
         assert_eq!(
-            refused(&["CLIENT", &long]).len(),
-            "-ERR redmux: CLIENT  is not supported yet\r\n".len() + 128
+            act(&[&long]),
+            Action::Forward,
+            "an unknown command, for Redis to answer"
         );
         for cmd in [
-            "HELLO",
-            "AUTH",
-            "RESET",
-            "MULTI",
-            "EXEC",
-            "DISCARD",
-            "WATCH",
-            "UNWATCH",
-            "BLPOP",
-            "BRPOP",
-            "BLMOVE",
-            "BLMPOP",
-            "BRPOPLPUSH",
-            "BZPOPMIN",
-            "BZPOPMAX",
-            "BZMPOP",
-            "WAIT",
-            "WAITAOF",
             "SUBSCRIBE",
             "PSUBSCRIBE",
             "SSUBSCRIBE",
@@ -282,6 +357,14 @@ mod tests {
                 format!("-ERR redmux: {cmd} is not supported yet\r\n")
             );
         }
+    }
+
+    #[test]
+    fn embedded_forwards_what_mini_redis_ignores() {
+        let request = encode_command([&b"MULTI"[..]]);
+        assert_eq!(action(&request, Profile::Embedded), Action::Forward);
+        let request = encode_command([&b"BLPOP"[..], b"l", b"0"]);
+        assert_eq!(action(&request, Profile::Embedded), Action::Forward);
     }
 
     #[test]

@@ -95,6 +95,12 @@ pub struct UpstreamConfig {
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub db: Option<u32>,
+    /// Databases the upstream has (Redis's `databases`): SELECT beyond is refused as Redis does.
+    pub databases: u32,
+    /// Pinned connections (transactions, blocking commands) at once.
+    pub max_pinned: usize,
+    /// Shared connection targets (distinct db and protocol pairs) at once.
+    pub max_shared: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -107,6 +113,9 @@ impl Default for UpstreamConfig {
             username: None,
             password: None,
             db: None,
+            databases: 16,
+            max_pinned: 64,
+            max_shared: 32,
         }
     }
 }
@@ -292,6 +301,9 @@ impl Config {
             ("server.max_clients", server.max_clients),
             ("server.max_pipeline", server.max_pipeline),
             ("upstream.connections", upstream.connections),
+            ("upstream.max_pinned", upstream.max_pinned),
+            ("upstream.max_shared", upstream.max_shared),
+            ("upstream.databases", upstream.databases as usize),
         ] {
             if value == 0 {
                 return fail(key, "must be at least 1");
@@ -310,6 +322,9 @@ impl Config {
             if value.is_zero() {
                 return fail(key, "must be more than 0");
             }
+        }
+        if upstream.endpoint().db >= upstream.databases {
+            return fail("upstream.db", "must be below upstream.databases");
         }
         if upstream.address.address == Address::Embedded {
             let endpoint = upstream.endpoint();

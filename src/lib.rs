@@ -11,6 +11,7 @@
 pub mod client;
 pub mod command;
 pub mod config;
+pub mod connection;
 pub mod embedded;
 pub mod resp;
 pub mod server;

@@ -26,6 +26,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::{
     client::{Duplex, Session, SessionConfig},
     config::Config,
+    connection::{ClientState, Peer},
     resp::Limits,
     upstream::Upstreams,
 };
@@ -165,10 +166,27 @@ impl Server {
 
 /// A source of client connections: TCP or unix.
 trait Listener: Send + 'static {
-    type Stream: Duplex + AsyncWrite + Unpin;
+    type Stream: Duplex + AsyncWrite + Unpin + LocalAddr;
     /// A new client and its address (none for a unix socket).
     fn accept(&self)
         -> impl Future<Output = io::Result<(Self::Stream, Option<SocketAddr>)>> + Send;
+}
+
+/// The address a client connected to, for CLIENT INFO's `laddr`.
+trait LocalAddr {
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+impl LocalAddr for TcpStream {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        TcpStream::local_addr(self)
+    }
+}
+
+impl LocalAddr for UnixStream {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl Listener for TcpListener {
@@ -215,12 +233,23 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
             continue;
         }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let local = stream.local_addr().ok();
+        let client =
+            match ClientState::new(id, Peer { addr: peer, local }, shared.upstreams.clone()) {
+                Ok(client) => client,
+                Err(error) => {
+                    error!(%error, "cannot serve a new client");
+                    shared.clients.fetch_sub(1, Ordering::AcqRel);
+                    continue;
+                }
+            };
         // Debug level: an enabled span per connection costs more than the connection itself.
         let span = tracing::debug_span!("client", id, ?peer);
         let session = Session::new(
             stream,
             shared.session.clone(),
-            shared.upstreams.assign(),
+            client,
+            shared.upstreams.clone(),
             shared.shutdown.clone(),
         );
         let shared_for_task = shared.clone();

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{
     connect::{connect, Reader, Writer},
-    Endpoint, Reply, Request, Timeouts, UpstreamError,
+    Endpoint, Reply, Request, Setup, Timeouts, UpstreamError,
 };
 use crate::resp::{ReplyError, ReplyScanner};
 
@@ -37,20 +37,33 @@ const READ_CHUNK: usize = 64 * 1024;
 const BACKOFF_FIRST: Duration = Duration::from_millis(10);
 const BACKOFF_CAP: Duration = Duration::from_secs(1);
 
-/// Starts an actor. `ping`: check each new connection with a PING (not for the embedded store,
-/// which does not know PING).
-pub(super) fn spawn(
-    id: usize,
-    endpoint: Endpoint,
-    timeouts: Timeouts,
-    ping: bool,
-    rx: mpsc::Receiver<Request>,
-) {
-    let span = tracing::info_span!("upstream", id, addr = %endpoint.address);
+/// What an actor's connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// Shared by many clients: reconnects after a loss, drains before exiting.
+    Shared,
+    /// Pinned to one client's transaction or blocking command. Its connection carries that
+    /// client's state (MULTI, WATCH), so after a loss it never reconnects: a command meant for
+    /// a transaction must not run outside it. When its lease is dropped (the client is gone),
+    /// it closes the connection at once, discarding whatever the client left unfinished.
+    Pinned,
+}
+
+/// Everything an actor needs to know to open its connection.
+#[derive(Debug, Clone)]
+pub(super) struct Config {
+    pub endpoint: Endpoint,
+    pub setup: Setup,
+    pub timeouts: Timeouts,
+    pub role: Role,
+}
+
+/// Starts an actor on `rx`.
+pub(super) fn spawn(id: usize, config: Config, rx: mpsc::Receiver<Request>) {
+    let span =
+        tracing::info_span!("upstream", id, addr = %config.endpoint.address, db = config.setup.db);
     let actor = Actor {
-        endpoint,
-        timeouts,
-        ping,
+        config,
         rx,
         closed: false,
         waiting: VecDeque::new(),
@@ -64,8 +77,9 @@ struct InFlight {
     /// Replies still to come for this batch.
     remaining: u32,
     reply: oneshot::Sender<Reply>,
-    /// Past this instant the connection is presumed stuck.
-    deadline: Instant,
+    /// Past this instant the connection is presumed stuck; `None`: a blocking command that may
+    /// wait forever.
+    deadline: Option<Instant>,
 }
 
 /// Why `serve` returned.
@@ -78,9 +92,7 @@ enum Ended {
 }
 
 struct Actor {
-    endpoint: Endpoint,
-    timeouts: Timeouts,
-    ping: bool,
+    config: Config,
     rx: mpsc::Receiver<Request>,
     /// The channel is closed: no client will send again.
     closed: bool,
@@ -94,9 +106,10 @@ impl Actor {
         // Consecutive attempts that did not give a healthy connection; drives the backoff.
         let mut failures: u32 = 0;
         loop {
-            let (endpoint, timeout, ping) =
-                (self.endpoint.clone(), self.timeouts.connect, self.ping);
-            let attempt = async move { connect(&endpoint, timeout, ping).await };
+            let config = self.config.clone();
+            let attempt = async move {
+                connect(&config.endpoint, config.setup, config.timeouts.connect).await
+            };
             let result = match self.while_disconnected(attempt).await {
                 Some(result) => result,
                 None => return,
@@ -104,8 +117,13 @@ impl Actor {
             match result {
                 Ok((reader, writer)) => {
                     info!("upstream connected");
-                    match self.serve(reader, writer).await {
+                    let ended = self.serve(reader, writer).await;
+                    match ended {
                         Ended::Done => return,
+                        Ended::Lost { why, .. } if self.config.role == Role::Pinned => {
+                            debug!(%why, "pinned upstream connection lost");
+                            return self.refuse_all().await;
+                        }
                         Ended::Lost {
                             why,
                             answered: true,
@@ -135,6 +153,19 @@ impl Actor {
         }
     }
 
+    /// A pinned actor whose connection is gone: every later request fails until the lease is
+    /// given up.
+    async fn refuse_all(mut self) {
+        // Closing the channel marks the connection dead for the pool.
+        self.rx.close();
+        for request in self.waiting.drain(..) {
+            let _ = request.reply.send(Err(UpstreamError::ConnectionLost));
+        }
+        while let Some(request) = self.rx.recv().await {
+            let _ = request.reply.send(Err(UpstreamError::ConnectionLost));
+        }
+    }
+
     /// Runs `fut` while holding incoming requests for the next connection and failing those
     /// that waited too long. `None` when every client is gone and nothing waits.
     async fn while_disconnected<F: std::future::Future>(&mut self, fut: F) -> Option<F::Output> {
@@ -144,10 +175,8 @@ impl Actor {
             if self.closed && self.waiting.is_empty() {
                 return None;
             }
-            let expiry = self
-                .waiting
-                .front()
-                .map(|r| r.queued_at + self.timeouts.connect);
+            let connect_timeout = self.config.timeouts.connect;
+            let expiry = self.waiting.front().map(|r| r.queued_at + connect_timeout);
             tokio::select! {
                 output = &mut fut => return Some(output),
                 n = self.rx.recv_many(&mut batch, BATCH), if !self.closed => {
@@ -157,7 +186,7 @@ impl Actor {
                 _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
                     let now = Instant::now();
                     while let Some(request) = self.waiting.front() {
-                        if request.queued_at + self.timeouts.connect > now {
+                        if request.queued_at + connect_timeout > now {
                             break;
                         }
                         if let Some(request) = self.waiting.pop_front() {
@@ -171,7 +200,7 @@ impl Actor {
 
     /// Pipelines requests over one live connection until it fails or every client is gone.
     async fn serve(&mut self, mut reader: Reader, mut writer: Writer) -> Ended {
-        let mut pipe = Pipeline::new(self.timeouts.request);
+        let mut pipe = Pipeline::new();
         let now = Instant::now();
         for request in self.waiting.drain(..) {
             pipe.push(request, now);
@@ -180,12 +209,13 @@ impl Actor {
         // Timeouts are checked on a coarse tick rather than a timer per request: precise enough
         // for a multi-second timeout, and free on the hot path.
         let mut tick = interval(
-            (self.timeouts.request / 10)
+            (self.config.timeouts.request / 10)
                 .clamp(Duration::from_millis(5), Duration::from_millis(250)),
         );
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            if self.closed && pipe.is_idle() {
+            if self.closed && (pipe.is_idle() || self.config.role == Role::Pinned) {
+                pipe.fail(UpstreamError::ConnectionLost, "client gone");
                 return Ended::Done;
             }
             if pipe.rbuf.capacity() - pipe.rbuf.len() < READ_CHUNK / 4 {
@@ -224,7 +254,8 @@ impl Actor {
                     }
                 }
                 _ = tick.tick(), if !pipe.inflight.is_empty() => {
-                    if pipe.inflight.front().is_some_and(|f| f.deadline <= Instant::now()) {
+                    let now = Instant::now();
+                    if pipe.inflight.front().and_then(|f| f.deadline).is_some_and(|d| d <= now) {
                         return pipe.fail(UpstreamError::Timeout, "a request timed out");
                     }
                 }
@@ -239,19 +270,17 @@ struct Pipeline {
     rbuf: BytesMut,
     scanner: ReplyScanner,
     inflight: VecDeque<InFlight>,
-    request_timeout: Duration,
     /// Some batch has been answered on this connection.
     answered: bool,
 }
 
 impl Pipeline {
-    fn new(request_timeout: Duration) -> Self {
+    fn new() -> Self {
         Pipeline {
             wbuf: BytesMut::with_capacity(READ_CHUNK),
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             scanner: ReplyScanner::new(),
             inflight: VecDeque::new(),
-            request_timeout,
             answered: false,
         }
     }
@@ -269,7 +298,7 @@ impl Pipeline {
         self.inflight.push_back(InFlight {
             remaining: request.count,
             reply: request.reply,
-            deadline: now + self.request_timeout,
+            deadline: request.timeout.map(|timeout| now + timeout),
         });
     }
 
@@ -354,6 +383,7 @@ mod tests {
             frames: bytes::Bytes::from_static(frames),
             count,
             queued_at: Instant::now(),
+            timeout: Some(Duration::from_secs(1)),
             reply,
         };
         (request, rx)
@@ -361,7 +391,7 @@ mod tests {
 
     #[tokio::test]
     async fn replies_go_to_their_batch_in_order() {
-        let mut pipe = Pipeline::new(Duration::from_secs(1));
+        let mut pipe = Pipeline::new();
         let (a, mut rx_a) = request(b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n", 2);
         let (b, mut rx_b) = request(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", 1);
         pipe.push(a, Instant::now());
@@ -389,7 +419,7 @@ mod tests {
 
     #[tokio::test]
     async fn failure_reaches_every_batch_and_gone_clients_are_skipped() {
-        let mut pipe = Pipeline::new(Duration::from_secs(1));
+        let mut pipe = Pipeline::new();
         let (a, rx_a) = request(b"*1\r\n$4\r\nPING\r\n", 1);
         let (b, mut rx_b) = request(b"*1\r\n$4\r\nPING\r\n", 1);
         drop(rx_a);

@@ -2,7 +2,7 @@
 
 use std::{io, time::Duration};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpStream, UnixStream},
@@ -33,17 +33,28 @@ pub enum ConnectError {
     Malformed,
 }
 
-/// Connects to `endpoint` and logs in, all within `timeout`. With `ping`, a PING must be
-/// answered `+PONG` before the connection counts as up: a server that accepts and then refuses
-/// (max clients reached, a password required) is caught here, not by a client's request.
+/// What to do on a new connection before it carries client requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setup {
+    /// `SELECT` this database (when not 0).
+    pub db: u32,
+    /// Switch to RESP3 with `HELLO 3`.
+    pub resp3: bool,
+    /// Check the connection with a PING: a server that accepts and then refuses (max clients
+    /// reached, a password required) is caught here, not by a client's request. Not for the
+    /// embedded store, which does not know PING.
+    pub ping: bool,
+}
+
+/// Connects to `endpoint` and prepares the connection as `setup` says, all within `timeout`.
 pub async fn connect(
     endpoint: &Endpoint,
+    setup: Setup,
     timeout: Duration,
-    ping: bool,
 ) -> Result<(Reader, Writer), ConnectError> {
     tokio::time::timeout(timeout, async {
         let (mut reader, mut writer) = dial(&endpoint.address).await?;
-        handshake(endpoint, ping, &mut reader, &mut writer).await?;
+        handshake(&login(endpoint, setup), &mut reader, &mut writer).await?;
         Ok((reader, writer))
     })
     .await
@@ -69,44 +80,95 @@ async fn dial(address: &Address) -> io::Result<(Reader, Writer)> {
     }
 }
 
-/// Sends AUTH, SELECT and PING as configured and checks each reply.
+/// A command sent while setting a connection up, and the reply it must get.
+pub struct Step {
+    pub name: &'static str,
+    pub request: Bytes,
+    pub expect: Expect,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Expect {
+    /// Exactly these bytes.
+    Exact(&'static [u8]),
+    /// Any RESP3 map (the reply to HELLO 3).
+    Map,
+}
+
+impl Expect {
+    pub fn accepts(self, reply: &[u8]) -> bool {
+        match self {
+            Expect::Exact(bytes) => reply == bytes,
+            Expect::Map => reply.first() == Some(&b'%'),
+        }
+    }
+}
+
+/// The AUTH that logs a connection in, if credentials are configured.
+pub fn auth(endpoint: &Endpoint) -> Option<Step> {
+    let password = endpoint.password.as_ref()?;
+    let mut args: Vec<&[u8]> = vec![b"AUTH"];
+    if let Some(user) = &endpoint.username {
+        args.push(user.as_bytes());
+    }
+    args.push(password.expose().as_bytes());
+    Some(Step {
+        name: "AUTH",
+        request: encode_command(args),
+        expect: Expect::Exact(b"+OK\r\n"),
+    })
+}
+
+/// The steps that bring a connection from "logged in as nobody, db 0, RESP2" to `setup`.
+pub fn select(setup: Setup) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if setup.db != 0 {
+        let db = setup.db.to_string();
+        steps.push(Step {
+            name: "SELECT",
+            request: encode_command([&b"SELECT"[..], db.as_bytes()]),
+            expect: Expect::Exact(b"+OK\r\n"),
+        });
+    }
+    if setup.resp3 {
+        steps.push(Step {
+            name: "HELLO",
+            request: encode_command([&b"HELLO"[..], b"3"]),
+            expect: Expect::Map,
+        });
+    }
+    steps
+}
+
+fn login(endpoint: &Endpoint, setup: Setup) -> Vec<Step> {
+    let mut steps: Vec<Step> = auth(endpoint).into_iter().collect();
+    steps.extend(select(setup));
+    if setup.ping {
+        steps.push(Step {
+            name: "PING",
+            request: encode_command([&b"PING"[..]]),
+            expect: Expect::Exact(b"+PONG\r\n"),
+        });
+    }
+    steps
+}
+
+/// Sends every step pipelined and checks each reply.
 async fn handshake(
-    endpoint: &Endpoint,
-    ping: bool,
+    steps: &[Step],
     reader: &mut Reader,
     writer: &mut Writer,
 ) -> Result<(), ConnectError> {
-    // (name for errors, request, the only acceptable reply)
-    let mut commands: Vec<(&'static str, bytes::Bytes, &'static [u8])> = Vec::new();
-    if let Some(password) = &endpoint.password {
-        let mut args: Vec<&[u8]> = vec![b"AUTH"];
-        if let Some(user) = &endpoint.username {
-            args.push(user.as_bytes());
-        }
-        args.push(password.expose().as_bytes());
-        commands.push(("AUTH", encode_command(args), b"+OK\r\n"));
-    }
-    if endpoint.db != 0 {
-        let db = endpoint.db.to_string();
-        commands.push((
-            "SELECT",
-            encode_command([&b"SELECT"[..], db.as_bytes()]),
-            b"+OK\r\n",
-        ));
-    }
-    if ping {
-        commands.push(("PING", encode_command([&b"PING"[..]]), b"+PONG\r\n"));
-    }
-    if commands.is_empty() {
+    if steps.is_empty() {
         return Ok(());
     }
-    for (_, bytes, _) in &commands {
-        writer.write_all(bytes).await?;
+    for step in steps {
+        writer.write_all(&step.request).await?;
     }
     writer.flush().await?;
     let mut buf = BytesMut::with_capacity(256);
     let mut scanner = ReplyScanner::new();
-    for (command, _, expected) in commands {
+    for step in steps {
         let end = loop {
             if let Some(end) = scanner
                 .next_reply(&buf)
@@ -120,9 +182,12 @@ async fn handshake(
         };
         let reply = buf.split_to(end);
         scanner.consumed(end);
-        if reply[..] != *expected {
+        if !step.expect.accepts(&reply) {
             let reply = String::from_utf8_lossy(&reply).trim_end().to_owned();
-            return Err(ConnectError::Rejected { command, reply });
+            return Err(ConnectError::Rejected {
+                command: step.name,
+                reply,
+            });
         }
     }
     Ok(())

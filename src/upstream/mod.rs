@@ -7,10 +7,12 @@
 mod actor;
 mod address;
 mod connect;
+mod pool;
 
 use std::{
+    collections::HashMap,
     io,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -22,11 +24,12 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 pub use address::{Address, Endpoint};
-pub use connect::ConnectError;
+pub use connect::{ConnectError, Setup};
+pub use pool::Lease;
 
 use crate::{command::Profile, config::UpstreamConfig, embedded};
 
-/// Messages an actor's channel holds at most. Each may carry a whole pipeline of one client.
+/// Messages a shared actor's channel holds at most. Each may carry a whole pipeline of one client.
 const CHANNEL_CAPACITY: usize = 1024;
 
 /// One or more requests of one client, to be written upstream back to back.
@@ -39,6 +42,9 @@ pub struct Request {
     /// When the client handed the requests over. While the upstream is down they wait for a
     /// connection for at most `connect_timeout` from this moment.
     pub queued_at: Instant,
+    /// How long the replies may take once written; `None` for a blocking command that may wait
+    /// forever, as Redis lets it.
+    pub timeout: Option<Duration>,
     /// Completed with all `count` replies back to back, or with the error that ended them.
     pub reply: oneshot::Sender<Reply>,
 }
@@ -59,6 +65,12 @@ pub enum UpstreamError {
     /// A request waited `request_timeout` for its reply; the connection was reset.
     #[error("redmux: upstream request timed out")]
     Timeout,
+    /// Every pinned connection (`max_pinned`) stayed busy for `connect_timeout`.
+    #[error("redmux: no pinned upstream connection free (max_pinned reached)")]
+    NoPinned,
+    /// A new (db, protocol) would need more shared connections than `max_shared`.
+    #[error("redmux: too many shared upstream connections (max_shared reached)")]
+    NoShared,
 }
 
 impl UpstreamError {
@@ -80,18 +92,37 @@ pub struct Timeouts {
     pub request: Duration,
 }
 
-/// The set of upstream actors; clients are spread over them round-robin, and each client keeps
-/// its actor for life so its replies stay in order.
-#[derive(Debug)]
+/// The connection state Redis must see for a client's commands: which shared connection a
+/// client uses is chosen by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub db: u32,
+    pub resp3: bool,
+}
+
+/// Every upstream connection: shared actors per [`Target`], created on first use, and the pool
+/// of pinned connections. Cheap to clone.
+#[derive(Debug, Clone)]
 pub struct Upstreams {
-    senders: Vec<mpsc::Sender<Request>>,
-    next: AtomicUsize,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoint: Endpoint,
+    timeouts: Timeouts,
     profile: Profile,
+    /// Actors per shared target (`connections` of them).
+    connections: usize,
+    max_shared: usize,
+    databases: u32,
+    shared: Mutex<HashMap<Target, Vec<mpsc::Sender<Request>>>>,
+    pool: pool::Pool,
 }
 
 impl Upstreams {
-    /// Starts the embedded store if configured, then `connections` actors. Actors stop once
-    /// every sender is gone and their in-flight requests are answered; the embedded store stops
+    /// Starts the embedded store if configured. Actors start on first use; they stop once
+    /// every sender is gone and their in-flight requests are answered. The embedded store stops
     /// with `shutdown`.
     pub async fn start(config: &UpstreamConfig, shutdown: CancellationToken) -> io::Result<Self> {
         let mut endpoint = config.endpoint();
@@ -109,34 +140,109 @@ impl Upstreams {
             connect: config.connect_timeout,
             request: config.request_timeout,
         };
-        let senders = (0..config.connections)
-            .map(|id| {
-                let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-                actor::spawn(
-                    id,
-                    endpoint.clone(),
-                    timeouts,
-                    profile == Profile::Redis,
-                    rx,
-                );
-                tx
-            })
-            .collect();
-        Ok(Upstreams {
-            senders,
-            next: AtomicUsize::new(0),
-            profile,
-        })
+        let upstreams = Upstreams {
+            inner: Arc::new(Inner {
+                pool: pool::Pool::new(config.max_pinned),
+                endpoint,
+                timeouts,
+                profile,
+                connections: config.connections,
+                max_shared: config.max_shared,
+                databases: config.databases,
+                shared: Mutex::new(HashMap::new()),
+            }),
+        };
+        // Connect the default target now, so an unreachable upstream shows in the log at start.
+        upstreams
+            .shared(upstreams.default_target(), 0)
+            .map_err(io::Error::other)?;
+        Ok(upstreams)
     }
 
-    /// The actor for a new client.
-    pub fn assign(&self) -> mpsc::Sender<Request> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
-        self.senders[i].clone()
+    /// What a new client starts with: the configured db, RESP2.
+    pub fn default_target(&self) -> Target {
+        Target {
+            db: self.inner.endpoint.db,
+            resp3: false,
+        }
     }
 
     /// What kind of server is behind the actors.
     pub fn profile(&self) -> Profile {
-        self.profile
+        self.inner.profile
     }
+
+    /// Databases the upstream has: SELECT beyond is refused.
+    pub fn databases(&self) -> u32 {
+        self.inner.databases
+    }
+
+    /// The shared actor for `target` that client `client` uses; started if it is the first.
+    pub fn shared(
+        &self,
+        target: Target,
+        client: u64,
+    ) -> Result<mpsc::Sender<Request>, UpstreamError> {
+        let inner = &self.inner;
+        let mut shared = inner.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if !shared.contains_key(&target) && shared.len() >= inner.max_shared {
+            return Err(UpstreamError::NoShared);
+        }
+        let first_id = shared.len() * inner.connections;
+        let senders = shared.entry(target).or_insert_with(|| {
+            (0..inner.connections)
+                .map(|i| {
+                    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+                    actor::spawn(
+                        first_id + i,
+                        self.actor_config(target, actor::Role::Shared),
+                        rx,
+                    );
+                    tx
+                })
+                .collect()
+        });
+        let i = usize::try_from(client).unwrap_or_default() % senders.len();
+        Ok(senders[i].clone())
+    }
+
+    /// A connection of its own for one client, prepared for `target`. Waits up to
+    /// `connect_timeout` for one to be free.
+    pub async fn pinned(&self, target: Target) -> Result<Lease, UpstreamError> {
+        pool::acquire(self, target).await
+    }
+
+    fn actor_config(&self, target: Target, role: actor::Role) -> actor::Config {
+        actor::Config {
+            endpoint: self.inner.endpoint.clone(),
+            setup: Setup {
+                db: target.db,
+                resp3: target.resp3,
+                ping: self.inner.profile == Profile::Redis,
+            },
+            timeouts: self.inner.timeouts,
+            role,
+        }
+    }
+}
+
+/// Sends one request on `sender` and waits for its reply, within `timeout`.
+pub(crate) async fn call(
+    sender: &mpsc::Sender<Request>,
+    request: Bytes,
+    timeout: Duration,
+) -> Reply {
+    let (reply, rx) = oneshot::channel();
+    let request = Request {
+        frames: request,
+        count: 1,
+        queued_at: Instant::now(),
+        timeout: Some(timeout),
+        reply,
+    };
+    let sent = tokio::time::timeout(timeout, sender.send(request)).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return Err(UpstreamError::Unavailable);
+    }
+    rx.await.unwrap_or(Err(UpstreamError::ConnectionLost))
 }

@@ -1,0 +1,397 @@
+//! A client's connection state, and the commands that only change it, answered by redmux with
+//! the bytes Redis 7 would send (`REDIS-NOTES.md` §2, §3).
+//!
+//! Redis keeps this state per connection; on a shared connection it would leak from one client
+//! to every other. So it lives here, per client, and what Redis must see of it (database and
+//! protocol) picks the shared upstream connection the client's commands go to.
+
+use std::{fmt::Write, net::SocketAddr, time::Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::{
+    command::{error_reply, Profile},
+    resp::{parse_int, Args},
+    upstream::{Request, Target, UpstreamError, Upstreams},
+};
+
+/// What Redis version redmux reports in HELLO: the reference it follows.
+const REDIS_VERSION: &str = "7.0.15";
+
+/// `CLIENT REPLY` mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyMode {
+    On,
+    Off,
+    /// Suppress the next command's reply only.
+    Skip,
+}
+
+/// Where the connection came from, for CLIENT INFO.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+}
+
+/// One client's connection state.
+#[derive(Debug)]
+pub struct ClientState {
+    pub id: u64,
+    pub db: u32,
+    pub resp3: bool,
+    pub name: Option<Bytes>,
+    pub reply_mode: ReplyMode,
+    no_evict: bool,
+    peer: Peer,
+    since: Instant,
+    /// The shared upstream actor for the current (db, protocol).
+    pub shared: mpsc::Sender<Request>,
+    upstreams: Upstreams,
+}
+
+/// What the session must do after a locally answered command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    /// RESET: drop any transaction or pinned connection as well.
+    Reset,
+}
+
+impl ClientState {
+    pub fn new(id: u64, peer: Peer, upstreams: Upstreams) -> Result<Self, UpstreamError> {
+        let target = upstreams.default_target();
+        Ok(ClientState {
+            id,
+            db: target.db,
+            resp3: target.resp3,
+            name: None,
+            reply_mode: ReplyMode::On,
+            no_evict: false,
+            peer,
+            since: Instant::now(),
+            shared: upstreams.shared(target, id)?,
+            upstreams,
+        })
+    }
+
+    pub fn target(&self) -> Target {
+        Target {
+            db: self.db,
+            resp3: self.resp3,
+        }
+    }
+
+    /// Moves the client to the shared connection for `target`; nothing changes on error.
+    fn switch(&mut self, target: Target) -> Result<(), UpstreamError> {
+        if target != self.target() {
+            self.shared = self.upstreams.shared(target, self.id)?;
+            self.db = target.db;
+            self.resp3 = target.resp3;
+        }
+        Ok(())
+    }
+
+    /// Answers SELECT, HELLO, AUTH, CLIENT or RESET (`name` is one of them).
+    pub fn handle(&mut self, name: &[u8], mut args: Args<'_>) -> (Bytes, Effect) {
+        let lower = name.to_ascii_lowercase();
+        let reply = match lower.as_slice() {
+            b"select" => self.select(args),
+            b"hello" => self.hello(args),
+            b"auth" => auth(args),
+            b"reset" => {
+                if args.remaining() != 0 {
+                    return (arity("reset"), Effect::None);
+                }
+                return (self.reset(), Effect::Reset);
+            }
+            b"client" => match args.next() {
+                None => arity("client"),
+                Some(sub) => self.client(sub, args),
+            },
+            _ => error_reply("redmux: not a connection command"),
+        };
+        (reply, Effect::None)
+    }
+
+    fn select(&mut self, mut args: Args<'_>) -> Bytes {
+        let (Some(index), None) = (args.next(), args.next()) else {
+            return arity("select");
+        };
+        let index = match parse_int(index) {
+            None => return error_reply("value is not an integer or out of range"),
+            Some(n) if i32::try_from(n).is_err() => {
+                return error_reply(
+                    "value is out of range, value must between -2147483648 and 2147483647",
+                )
+            }
+            Some(n) => n,
+        };
+        let databases = self.upstreams.databases();
+        let Some(db) = u32::try_from(index).ok().filter(|db| *db < databases) else {
+            return error_reply("DB index is out of range");
+        };
+        if db != 0 && self.upstreams.profile() == Profile::Embedded {
+            return error_reply("redmux: the embedded upstream has only db 0");
+        }
+        match self.switch(Target {
+            db,
+            ..self.target()
+        }) {
+            Ok(()) => ok(),
+            Err(error) => error_reply(&error.to_string()),
+        }
+    }
+
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`, options processed left to right.
+    fn hello(&mut self, mut args: Args<'_>) -> Bytes {
+        let mut resp3 = self.resp3;
+        if let Some(version) = args.next() {
+            match parse_int(version) {
+                Some(2) => resp3 = false,
+                Some(3) => resp3 = true,
+                Some(_) => return raw_error("NOPROTO unsupported protocol version"),
+                None => return error_reply("Protocol version is not an integer or out of range"),
+            }
+        }
+        while let Some(option) = args.next() {
+            let upper = option.to_ascii_uppercase();
+            match upper.as_slice() {
+                b"AUTH" if args.remaining() >= 2 => {
+                    let (user, pass) = (args.next(), args.next());
+                    if let Some(error) = check_credentials(user, pass) {
+                        return error;
+                    }
+                }
+                b"SETNAME" if args.remaining() >= 1 => {
+                    let Some(name) = args.next() else { break };
+                    if let Err(error) = self.set_name(name) {
+                        return error;
+                    }
+                }
+                _ => {
+                    let option = String::from_utf8_lossy(&option[..option.len().min(128)]);
+                    return error_reply(&format!("Syntax error in HELLO option '{option}'"));
+                }
+            }
+        }
+        if resp3 && self.upstreams.profile() == Profile::Embedded {
+            return raw_error("NOPROTO the embedded upstream speaks only RESP2");
+        }
+        if let Err(error) = self.switch(Target {
+            resp3,
+            ..self.target()
+        }) {
+            return error_reply(&error.to_string());
+        }
+        self.hello_reply()
+    }
+
+    fn hello_reply(&self) -> Bytes {
+        let mut out = String::new();
+        let (header, proto) = if self.resp3 { ("%7", 3) } else { ("*14", 2) };
+        let _ = write!(out, "{header}\r\n");
+        for (key, value) in [("server", "redis"), ("version", REDIS_VERSION)] {
+            let _ = write!(out, "{}{}", bulk(key), bulk(value));
+        }
+        let _ = write!(
+            out,
+            "{}:{proto}\r\n{}:{}\r\n",
+            bulk("proto"),
+            bulk("id"),
+            self.id
+        );
+        for (key, value) in [("mode", "standalone"), ("role", "master")] {
+            let _ = write!(out, "{}{}", bulk(key), bulk(value));
+        }
+        let _ = write!(out, "{}*0\r\n", bulk("modules"));
+        Bytes::from(out)
+    }
+
+    fn set_name(&mut self, name: &[u8]) -> Result<(), Bytes> {
+        if !name.iter().all(|b| (b'!'..=b'~').contains(b)) {
+            return Err(error_reply(
+                "Client names cannot contain spaces, newlines or special characters.",
+            ));
+        }
+        self.name = (!name.is_empty()).then(|| Bytes::copy_from_slice(name));
+        Ok(())
+    }
+
+    fn client(&mut self, sub: &[u8], mut args: Args<'_>) -> Bytes {
+        let lower = sub.to_ascii_lowercase();
+        let argc = args.remaining();
+        match (lower.as_slice(), argc) {
+            (b"id", 0) => Bytes::from(format!(":{}\r\n", self.id)),
+            (b"getname", 0) => match &self.name {
+                Some(name) => bulk_bytes(name),
+                None => self.null(),
+            },
+            (b"setname", 1) => match args.next().map(|name| self.set_name(name)) {
+                Some(Err(error)) => error,
+                _ => ok(),
+            },
+            (b"info", 0) => {
+                let line = self.info_line();
+                if self.resp3 {
+                    Bytes::from(format!("={}\r\ntxt:{line}\r\n", line.len() + 4))
+                } else {
+                    Bytes::from(format!("${}\r\n{line}\r\n", line.len()))
+                }
+            }
+            (b"reply", 1) => {
+                let mode = args.next().map(<[u8]>::to_ascii_uppercase);
+                match mode.as_deref() {
+                    Some(b"ON") => {
+                        self.reply_mode = ReplyMode::On;
+                        ok()
+                    }
+                    Some(b"OFF") => {
+                        self.reply_mode = ReplyMode::Off;
+                        Bytes::new()
+                    }
+                    Some(b"SKIP") => {
+                        if self.reply_mode != ReplyMode::Off {
+                            self.reply_mode = ReplyMode::Skip;
+                        }
+                        Bytes::new()
+                    }
+                    _ => error_reply("syntax error"),
+                }
+            }
+            (b"no-evict", 1) | (b"no-touch", 1) => {
+                let value = args.next().map(<[u8]>::to_ascii_uppercase);
+                match value.as_deref() {
+                    Some(b"ON") | Some(b"OFF") => {
+                        if lower == b"no-evict" {
+                            self.no_evict = value.as_deref() == Some(b"ON");
+                        }
+                        ok()
+                    }
+                    _ => error_reply("syntax error"),
+                }
+            }
+            // Library name and version (Redis 7.2): accepted and kept out of the way.
+            (b"setinfo", 2) => {
+                let attr = args.next().map(<[u8]>::to_ascii_uppercase);
+                match attr.as_deref() {
+                    Some(b"LIB-NAME") | Some(b"LIB-VER") => ok(),
+                    _ => {
+                        let attr = String::from_utf8_lossy(args.clone().next().unwrap_or_default());
+                        error_reply(&format!("Unrecognized option '{attr}'"))
+                    }
+                }
+            }
+            (
+                b"list" | b"kill" | b"pause" | b"unpause" | b"tracking" | b"caching" | b"unblock"
+                | b"getredir" | b"trackinginfo",
+                _,
+            ) => error_reply(&format!(
+                "redmux: CLIENT {} is not supported yet",
+                String::from_utf8_lossy(&lower).to_ascii_uppercase()
+            )),
+            (
+                b"id" | b"getname" | b"setname" | b"info" | b"reply" | b"no-evict" | b"no-touch"
+                | b"setinfo",
+                _,
+            ) => arity(&format!("client|{}", String::from_utf8_lossy(&lower))),
+            _ => {
+                let sub = String::from_utf8_lossy(&sub[..sub.len().min(128)]);
+                error_reply(&format!("unknown subcommand '{sub}'. Try CLIENT HELP."))
+            }
+        }
+    }
+
+    /// The CLIENT INFO line, fields in Redis 7.0's order.
+    fn info_line(&self) -> String {
+        let name = self
+            .name
+            .as_deref()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
+        let addr = self.peer.addr.map(|a| a.to_string()).unwrap_or_default();
+        let laddr = self.peer.local.map(|a| a.to_string()).unwrap_or_default();
+        let mut flags = String::new();
+        if self.peer.addr.is_none() {
+            flags.push('U');
+        }
+        if self.no_evict {
+            flags.push('e');
+        }
+        if flags.is_empty() {
+            flags.push('N');
+        }
+        let age = self.since.elapsed().as_secs();
+        format!(
+            "id={} addr={addr} laddr={laddr} fd=-1 name={name} age={age} idle=0 flags={flags} db={} \
+             sub=0 psub=0 ssub=0 multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 \
+             obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|info user=default redir=-1 resp={}\n",
+            self.id,
+            self.db,
+            if self.resp3 { 3 } else { 2 }
+        )
+    }
+
+    /// RESET: back to the configured db, RESP2, no name, replies on.
+    fn reset(&mut self) -> Bytes {
+        let default = self.upstreams.default_target();
+        if self.switch(default).is_err() {
+            // The default target always has its actors; this cannot fail in practice.
+            return error_reply("redmux: cannot reset the connection");
+        }
+        self.name = None;
+        self.reply_mode = ReplyMode::On;
+        Bytes::from_static(b"+RESET\r\n")
+    }
+
+    /// The null reply in this client's protocol.
+    pub fn null(&self) -> Bytes {
+        Bytes::from_static(if self.resp3 { b"_\r\n" } else { b"$-1\r\n" })
+    }
+}
+
+/// AUTH, as Redis answers it with no password configured (the default user is `nopass`).
+fn auth(mut args: Args<'_>) -> Bytes {
+    match args.remaining() {
+        0 => arity("auth"),
+        1 => error_reply(
+            "AUTH <password> called without any password configured for the default user. \
+             Are you sure your configuration is correct?",
+        ),
+        2 => check_credentials(args.next(), args.next()).unwrap_or_else(ok),
+        _ => error_reply("syntax error"),
+    }
+}
+
+/// With no users configured only `default` exists, and it takes any password.
+fn check_credentials(user: Option<&[u8]>, _password: Option<&[u8]>) -> Option<Bytes> {
+    (user != Some(b"default"))
+        .then(|| raw_error("WRONGPASS invalid username-password pair or user is disabled."))
+}
+
+fn ok() -> Bytes {
+    Bytes::from_static(b"+OK\r\n")
+}
+
+fn arity(fullname: &str) -> Bytes {
+    error_reply(&format!(
+        "wrong number of arguments for '{fullname}' command"
+    ))
+}
+
+/// An error with its own code (NOPROTO, WRONGPASS...), not `ERR`.
+fn raw_error(text: &str) -> Bytes {
+    Bytes::from(format!("-{text}\r\n"))
+}
+
+fn bulk(text: &str) -> String {
+    format!("${}\r\n{text}\r\n", text.len())
+}
+
+fn bulk_bytes(payload: &[u8]) -> Bytes {
+    let mut out = format!("${}\r\n", payload.len()).into_bytes();
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\n");
+    Bytes::from(out)
+}

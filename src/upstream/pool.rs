@@ -1,0 +1,136 @@
+//! Pinned connections: an upstream connection of one client's own, for a transaction or a
+//! blocking command, taken from a bounded pool and cleaned (RESET, AUTH) before reuse.
+//!
+//! `max_pinned` slots; a slot is free, idle (a clean connection waiting) or leased. The
+//! semaphore counts the slots not leased, so leased plus idle connections never exceed the
+//! limit, and a client waiting for a slot wakes whenever one is released or abandoned.
+
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc, Mutex,
+};
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use super::{
+    actor::{self, Role},
+    call,
+    connect::{self, Expect, Setup, Step},
+    Request, Target, UpstreamError, Upstreams,
+};
+use crate::resp::encode_command;
+
+/// Requests a pinned connection's channel holds: one client's pipeline at most.
+const CHANNEL_CAPACITY: usize = 64;
+/// Actor ids for pinned connections start here, to tell them from shared ones in logs.
+const FIRST_PINNED_ID: usize = 10_000;
+
+#[derive(Debug)]
+pub(super) struct Pool {
+    /// Clean connections (db 0, RESP2, logged in), most recently used last.
+    idle: Mutex<Vec<mpsc::Sender<Request>>>,
+    /// Slots not leased.
+    slots: Arc<Semaphore>,
+    next_id: AtomicUsize,
+}
+
+impl Pool {
+    pub(super) fn new(max_pinned: usize) -> Self {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(max_pinned)),
+            next_id: AtomicUsize::new(FIRST_PINNED_ID),
+        }
+    }
+
+    fn take_idle(&self) -> Option<mpsc::Sender<Request>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // A connection that died while idle has closed its channel.
+        while let Some(sender) = idle.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+}
+
+/// One client's own upstream connection. Dropping a lease (the client left, or RESET) closes
+/// the connection at once, which discards an unfinished transaction; [`Lease::release`] cleans
+/// it and gives it back.
+#[derive(Debug)]
+pub struct Lease {
+    sender: mpsc::Sender<Request>,
+    _slot: OwnedSemaphorePermit,
+    upstreams: Upstreams,
+}
+
+impl Lease {
+    /// Where the client's requests go while it holds the lease.
+    pub fn sender(&self) -> &mpsc::Sender<Request> {
+        &self.sender
+    }
+
+    /// The client is done with it: in the background, RESET it, log in again (RESET logs out)
+    /// and put it back in the pool. A connection that does not come back clean is closed.
+    pub fn release(self) {
+        tokio::spawn(async move {
+            let inner = &self.upstreams.inner;
+            let reset = Step {
+                name: "RESET",
+                request: encode_command([&b"RESET"[..]]),
+                expect: Expect::Exact(b"+RESET\r\n"),
+            };
+            let steps = std::iter::once(reset).chain(connect::auth(&inner.endpoint));
+            for step in steps {
+                match call(&self.sender, step.request, inner.timeouts.request).await {
+                    Ok(reply) if step.expect.accepts(&reply) => {}
+                    _ => return,
+                }
+            }
+            let mut idle = inner.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.push(self.sender);
+            // The slot is given back as the lease drops here, after the connection is idle.
+        });
+    }
+}
+
+/// Leases a connection prepared for `target`: an idle one if there is, else a new one, waiting
+/// up to `connect_timeout` for a free slot.
+pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lease, UpstreamError> {
+    let inner = &upstreams.inner;
+    let slot = tokio::time::timeout(
+        inner.timeouts.connect,
+        inner.pool.slots.clone().acquire_owned(),
+    )
+    .await
+    .map_err(|_| UpstreamError::NoPinned)?
+    .map_err(|_| UpstreamError::NoPinned)?;
+    let Some(sender) = inner.pool.take_idle() else {
+        let (sender, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let id = inner.pool.next_id.fetch_add(1, Ordering::Relaxed);
+        actor::spawn(id, upstreams.actor_config(target, Role::Pinned), rx);
+        return Ok(Lease {
+            sender,
+            _slot: slot,
+            upstreams: upstreams.clone(),
+        });
+    };
+    let setup = Setup {
+        db: target.db,
+        resp3: target.resp3,
+        ping: false,
+    };
+    for step in connect::select(setup) {
+        match call(&sender, step.request, inner.timeouts.request).await {
+            Ok(reply) if step.expect.accepts(&reply) => {}
+            // Dropping the sender closes that connection; the slot goes back with `slot`.
+            _ => return Err(UpstreamError::ConnectionLost),
+        }
+    }
+    Ok(Lease {
+        sender,
+        _slot: slot,
+        upstreams: upstreams.clone(),
+    })
+}

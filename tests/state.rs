@@ -1,0 +1,458 @@
+//! Connection state: every client keeps its own db, protocol, name and transaction on shared
+//! upstream connections, and nothing one client does changes what another sees.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use support::{RedisServer, Redmux};
+
+fn client_list(redis: &RedisServer) -> String {
+    redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.direct())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_is_per_client() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut a = redmux.raw().await;
+    let mut b = redmux.raw().await;
+    let mut c = redmux.raw().await;
+    assert_eq!(a.call(&["SELECT", "1"]).await, "+OK\r\n");
+    assert_eq!(b.call(&["SELECT", "2"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["SET", "k", "in-1"]).await, "+OK\r\n");
+    assert_eq!(b.call(&["SET", "k", "in-2"]).await, "+OK\r\n");
+    assert_eq!(c.call(&["SET", "k", "in-0"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["GET", "k"]).await, "$4\r\nin-1\r\n");
+    for (db, value) in [(0, "in-0"), (1, "in-1"), (2, "in-2")] {
+        let mut direct = redis::Client::open(format!("redis://127.0.0.1:{}/{db}", redis.port))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let got: String = redis::Commands::get(&mut direct, "k").unwrap();
+        assert_eq!(got, value, "db {db}");
+    }
+    // Redis's errors for bad indexes, and the client stays where it was.
+    assert_eq!(
+        a.call(&["SELECT", "16"]).await,
+        "-ERR DB index is out of range\r\n"
+    );
+    assert_eq!(
+        a.call(&["SELECT", "-1"]).await,
+        "-ERR DB index is out of range\r\n"
+    );
+    assert_eq!(
+        a.call(&["SELECT", "abc"]).await,
+        "-ERR value is not an integer or out of range\r\n"
+    );
+    assert_eq!(
+        a.call(&["SELECT", "99999999999"]).await,
+        "-ERR value is out of range, value must between -2147483648 and 2147483647\r\n"
+    );
+    assert_eq!(
+        a.call(&["SELECT"]).await,
+        "-ERR wrong number of arguments for 'select' command\r\n"
+    );
+    assert_eq!(a.call(&["GET", "k"]).await, "$4\r\nin-1\r\n");
+    // The redis crate's db in the URL is a SELECT at connect.
+    let mut con = redis::Client::open(format!("redis://{}/2", redmux.addr))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let got: String = con.get("k").await.unwrap();
+    assert_eq!(got, "in-2");
+    // Three databases in use: three shared connections, however many clients.
+    assert_eq!(
+        client_list(&redis).lines().count(),
+        4,
+        "{}",
+        client_list(&redis)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_switches_only_that_client_to_resp3() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut v2 = redmux.raw().await;
+    let mut v3 = redmux.raw().await;
+    assert_eq!(v2.call(&["HSET", "h", "f", "v"]).await, ":1\r\n");
+    let id = v2.call(&["CLIENT", "ID"]).await;
+    let id = id.trim_start_matches(':').trim_end();
+    assert_eq!(
+        v2.call(&["HELLO"]).await,
+        format!(
+            "*14\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$6\r\n7.0.15\r\n$5\r\nproto\r\n:2\r\n\
+             $2\r\nid\r\n:{id}\r\n$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n\
+             $7\r\nmodules\r\n*0\r\n"
+        )
+    );
+    let hello3 = v3.call(&["HELLO", "3"]).await;
+    assert!(hello3.starts_with("%7\r\n$6\r\nserver\r\n"), "{hello3}");
+    assert!(hello3.contains("$5\r\nproto\r\n:3\r\n"), "{hello3}");
+    assert_eq!(
+        v3.call(&["HGETALL", "h"]).await,
+        "%1\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    );
+    assert_eq!(
+        v2.call(&["HGETALL", "h"]).await,
+        "*2\r\n$1\r\nf\r\n$1\r\nv\r\n"
+    );
+    assert_eq!(v3.call(&["GET", "missing"]).await, "_\r\n");
+    assert_eq!(v2.call(&["GET", "missing"]).await, "$-1\r\n");
+    assert_eq!(
+        v2.call(&["HELLO", "4"]).await,
+        "-NOPROTO unsupported protocol version\r\n"
+    );
+    assert_eq!(
+        v2.call(&["HELLO", "abc"]).await,
+        "-ERR Protocol version is not an integer or out of range\r\n"
+    );
+    assert_eq!(
+        v2.call(&["HELLO", "3", "SETNAME"]).await,
+        "-ERR Syntax error in HELLO option 'SETNAME'\r\n"
+    );
+    assert_eq!(
+        v2.call(&["HELLO", "3", "AUTH", "bob", "pw"]).await,
+        "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+    );
+    let named = v2
+        .call(&["HELLO", "2", "AUTH", "default", "any", "SETNAME", "v2"])
+        .await;
+    assert!(named.starts_with("*14\r\n"), "{named}");
+    assert_eq!(v2.call(&["CLIENT", "GETNAME"]).await, "$2\r\nv2\r\n");
+    // Back to RESP2.
+    assert!(v3.call(&["HELLO", "2"]).await.starts_with("*14\r\n"));
+    assert_eq!(v3.call(&["GET", "missing"]).await, "$-1\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_and_reset_are_per_client() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut a = redmux.raw().await;
+    let mut b = redmux.raw().await;
+    assert_eq!(a.call(&["CLIENT", "SETNAME", "alice"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["CLIENT", "GETNAME"]).await, "$5\r\nalice\r\n");
+    assert_eq!(b.call(&["CLIENT", "GETNAME"]).await, "$-1\r\n");
+    assert_eq!(
+        b.call(&["CLIENT", "SETNAME", "has space"]).await,
+        "-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
+    );
+    assert_ne!(
+        a.call(&["CLIENT", "ID"]).await,
+        b.call(&["CLIENT", "ID"]).await
+    );
+    let info = a.call(&["CLIENT", "INFO"]).await;
+    assert!(
+        info.contains(" name=alice ") && info.contains(" db=0 ") && info.ends_with("resp=2\n\r\n"),
+        "{info}"
+    );
+    assert_eq!(a.call(&["CLIENT", "NO-EVICT", "ON"]).await, "+OK\r\n");
+    assert_eq!(
+        a.call(&["CLIENT", "SETINFO", "LIB-NAME", "redmux-test"])
+            .await,
+        "+OK\r\n"
+    );
+    assert_eq!(
+        a.call(&["CLIENT", "BOGUS"]).await,
+        "-ERR unknown subcommand 'BOGUS'. Try CLIENT HELP.\r\n"
+    );
+    assert_eq!(
+        a.call(&["AUTH", "pw"]).await,
+        "-ERR AUTH <password> called without any password configured for the default user. \
+         Are you sure your configuration is correct?\r\n"
+    );
+    // CLIENT REPLY OFF: nothing comes back until ON.
+    a.send("CLIENT REPLY OFF\r\nSET quiet 1\r\nGET quiet\r\nCLIENT REPLY ON\r\nGET quiet\r\n")
+        .await;
+    assert_eq!(a.reply_str().await, "+OK\r\n");
+    assert_eq!(a.reply_str().await, "$1\r\n1\r\n");
+    a.send("CLIENT REPLY SKIP\r\nINCR skipped\r\nINCR skipped\r\n")
+        .await;
+    assert_eq!(a.reply_str().await, ":2\r\n");
+    // RESET: db, name and protocol back to their defaults.
+    assert_eq!(a.call(&["SELECT", "3"]).await, "+OK\r\n");
+    assert!(a.call(&["HELLO", "3"]).await.starts_with('%'));
+    assert_eq!(a.call(&["RESET"]).await, "+RESET\r\n");
+    assert_eq!(a.call(&["CLIENT", "GETNAME"]).await, "$-1\r\n");
+    assert_eq!(a.call(&["GET", "missing"]).await, "$-1\r\n");
+    assert_eq!(a.call(&["SET", "after-reset", "x"]).await, "+OK\r\n");
+    let in_db0: String = redis::Commands::get(&mut redis.direct(), "after-reset").unwrap();
+    assert_eq!(in_db0, "x");
+    // None of it reached Redis.
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.direct())
+        .unwrap();
+    for command in ["client", "auth", "reset"] {
+        assert!(!stats.contains(&format!("cmdstat_{command}:")), "{stats}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_are_private() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut a = redmux.raw().await;
+    let mut b = redmux.raw().await;
+    assert_eq!(a.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["INCR", "x"]).await, "+QUEUED\r\n");
+    // Another client's writes run at once, not inside A's transaction.
+    assert_eq!(b.call(&["SET", "x", "100"]).await, "+OK\r\n");
+    assert_eq!(b.call(&["GET", "x"]).await, "$3\r\n100\r\n");
+    assert_eq!(
+        a.call(&["MULTI"]).await,
+        "-ERR MULTI calls can not be nested\r\n"
+    );
+    assert_eq!(a.call(&["EXEC"]).await, "*1\r\n:101\r\n");
+    // DISCARD drops the queue.
+    assert_eq!(a.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["SET", "x", "discarded"]).await, "+QUEUED\r\n");
+    assert_eq!(a.call(&["DISCARD"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["GET", "x"]).await, "$3\r\n101\r\n");
+    assert_eq!(a.call(&["EXEC"]).await, "-ERR EXEC without MULTI\r\n");
+    assert_eq!(a.call(&["DISCARD"]).await, "-ERR DISCARD without MULTI\r\n");
+    // The transaction runs in the client's database.
+    assert_eq!(a.call(&["SELECT", "4"]).await, "+OK\r\n");
+    a.send("MULTI\r\nSET in4 yes\r\nEXEC\r\nSET after-exec shared\r\n")
+        .await;
+    assert_eq!(a.reply_str().await, "+OK\r\n");
+    assert_eq!(a.reply_str().await, "+QUEUED\r\n");
+    assert_eq!(a.reply_str().await, "*1\r\n+OK\r\n");
+    assert_eq!(a.reply_str().await, "+OK\r\n");
+    let mut db4 = redis::Client::open(format!("redis://127.0.0.1:{}/4", redis.port))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let got: Vec<String> = redis::cmd("MGET")
+        .arg("in4")
+        .arg("after-exec")
+        .query(&mut db4)
+        .unwrap();
+    assert_eq!(got, ["yes", "shared"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_transactions_through_the_redis_crate() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut tasks = Vec::new();
+    for id in 0..20 {
+        let url = redmux.url();
+        tasks.push(tokio::spawn(async move {
+            let mut con = redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            for round in 0..10 {
+                let key = format!("t:{id}");
+                let (n, value): (i64, String) = redis::pipe()
+                    .atomic()
+                    .incr(&key, 1)
+                    .set(format!("{key}:v"), format!("{id}/{round}"))
+                    .ignore()
+                    .get(format!("{key}:v"))
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+                assert_eq!((n, value), (round + 1, format!("{id}/{round}")));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_is_aborted_by_another_clients_write() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut a = redmux.raw().await;
+    let mut b = redmux.raw().await;
+    assert_eq!(a.call(&["WATCH", "w"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["GET", "w"]).await, "$-1\r\n");
+    assert_eq!(b.call(&["SET", "w", "theirs"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["SET", "w", "mine"]).await, "+QUEUED\r\n");
+    assert_eq!(a.call(&["EXEC"]).await, "*-1\r\n");
+    assert_eq!(b.call(&["GET", "w"]).await, "$6\r\ntheirs\r\n");
+    // Without interference the same sequence commits; UNWATCH releases the connection.
+    assert_eq!(a.call(&["WATCH", "w"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["UNWATCH"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["UNWATCH"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["WATCH", "w"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["SET", "w", "mine"]).await, "+QUEUED\r\n");
+    assert_eq!(a.call(&["EXEC"]).await, "*1\r\n+OK\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_gone_mid_transaction_applies_nothing() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut a = redmux.raw().await;
+    assert_eq!(a.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["SET", "gone", "1"]).await, "+QUEUED\r\n");
+    let before = client_list(&redis).lines().count();
+    drop(a);
+    // Its pinned connection is closed, not returned to the pool.
+    let deadline = Instant::now() + support::READY_TIMEOUT;
+    while client_list(&redis).lines().count() >= before {
+        assert!(Instant::now() < deadline, "pinned connection never closed");
+        tokio::task::yield_now().await;
+    }
+    let gone: Option<String> = redis::Commands::get(&mut redis.direct(), "gone").unwrap();
+    assert_eq!(gone, None);
+    // RESET inside a transaction discards it too.
+    let mut b = redmux.raw().await;
+    assert_eq!(b.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(b.call(&["SET", "reset", "1"]).await, "+QUEUED\r\n");
+    assert_eq!(b.call(&["RESET"]).await, "+RESET\r\n");
+    assert_eq!(b.call(&["GET", "reset"]).await, "$-1\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_pool_exhausted_gives_a_clear_error() {
+    let redis = RedisServer::start();
+    let mut config = support::config(&redis.addr());
+    config.upstream.max_pinned = 1;
+    config.upstream.connect_timeout = Duration::from_millis(300);
+    let redmux = Redmux::start_with(config).await;
+    let mut a = redmux.raw().await;
+    let mut b = redmux.raw().await;
+    assert_eq!(a.call(&["MULTI"]).await, "+OK\r\n");
+    let started = Instant::now();
+    assert_eq!(
+        b.call(&["MULTI"]).await,
+        "-ERR redmux: no pinned upstream connection free (max_pinned reached)\r\n"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(b.call(&["SET", "b", "still works"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["EXEC"]).await, "*0\r\n");
+    // Released (cleaned and pooled): B gets it now, and it is in B's db, not A's.
+    assert_eq!(b.call(&["SELECT", "5"]).await, "+OK\r\n");
+    assert_eq!(b.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(b.call(&["SET", "in5", "1"]).await, "+QUEUED\r\n");
+    assert_eq!(b.call(&["EXEC"]).await, "*1\r\n+OK\r\n");
+    let mut db5 = redis::Client::open(format!("redis://127.0.0.1:{}/5", redis.port))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let in5: String = redis::Commands::get(&mut db5, "in5").unwrap();
+    assert_eq!(in5, "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_commands_get_a_connection_of_their_own() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut blocked = redmux.raw().await;
+    blocked.send("BLPOP jobs 0\r\n").await;
+    // While it blocks, 100 other clients run at full speed.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for id in 0..100 {
+        let addr = redmux.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut raw = support::Raw::connect(addr).await;
+            let mut worst = Duration::ZERO;
+            for i in 0..20 {
+                let t = Instant::now();
+                assert_eq!(
+                    raw.call(&["SET", &format!("k{id}"), &i.to_string()]).await,
+                    "+OK\r\n"
+                );
+                worst = worst.max(t.elapsed());
+            }
+            worst
+        }));
+    }
+    let mut worst = Duration::ZERO;
+    for task in tasks {
+        worst = worst.max(task.await.unwrap());
+    }
+    assert!(
+        worst < Duration::from_millis(500),
+        "a request waited {worst:?} behind BLPOP"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Another client's LPUSH wakes it.
+    let mut pusher = redmux.raw().await;
+    assert_eq!(pusher.call(&["LPUSH", "jobs", "job-1"]).await, ":1\r\n");
+    assert_eq!(
+        blocked.reply_str().await,
+        "*2\r\n$4\r\njobs\r\n$5\r\njob-1\r\n"
+    );
+    // A timeout is Redis's null array after the timeout, not a redmux error.
+    let t = Instant::now();
+    assert_eq!(blocked.call(&["BRPOP", "empty", "0.3"]).await, "*-1\r\n");
+    assert!(t.elapsed() >= Duration::from_millis(250));
+    // XREAD BLOCK woken by XADD.
+    blocked.send("XREAD BLOCK 0 STREAMS s $\r\n").await;
+    // Wait until Redis has it blocked (it shows as a blocked client).
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query(&mut redis.direct())
+            .unwrap();
+        if info.contains("blocked_clients:1") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(pusher
+        .call(&["XADD", "s", "*", "f", "v"])
+        .await
+        .starts_with('$'));
+    assert!(blocked
+        .reply_str()
+        .await
+        .starts_with("*1\r\n*2\r\n$1\r\ns\r\n"));
+    // Connections stay bounded: one shared plus the pooled pinned one (plus the direct one).
+    assert!(
+        client_list(&redis).lines().count() <= 3,
+        "{}",
+        client_list(&redis)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_client_leaving_closes_its_connection() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut blocked = redmux.raw().await;
+    blocked.send("BLPOP never 0\r\n").await;
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query(&mut redis.direct())
+            .unwrap();
+        if info.contains("blocked_clients:1") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    drop(blocked);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query(&mut redis.direct())
+            .unwrap();
+        if info.contains("blocked_clients:0") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    // A later LPUSH is not eaten by the departed client's BLPOP.
+    let mut pusher = redmux.raw().await;
+    assert_eq!(pusher.call(&["LPUSH", "never", "x"]).await, ":1\r\n");
+    assert_eq!(pusher.call(&["LLEN", "never"]).await, ":1\r\n");
+}
