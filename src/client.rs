@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 use crate::{
     command::{self, error_reply, Action, Profile, Transaction},
     connection::{ClientState, Effect, ReplyMode},
+    pubsub,
     resp::{Args, Frame, Limits, RequestDecoder},
     upstream::{Lease, Reply, Request, UpstreamError, Upstreams},
 };
@@ -82,6 +83,43 @@ enum Tx {
     Multi(Lease),
 }
 
+/// The client's subscriptions, for its confirmations and counts, and the inbox its messages
+/// arrive in.
+#[derive(Debug, Default)]
+struct Subscriptions {
+    channels: Vec<Bytes>,
+    patterns: Vec<Bytes>,
+    shard: Vec<Bytes>,
+    /// Present while subscribed to anything. Closed by the hub when it cuts the client off.
+    inbox: Option<mpsc::UnboundedReceiver<Bytes>>,
+    /// Bytes in the inbox, shared with the hub, which cuts the client off past its limit.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Subscriptions {
+    fn list(&mut self, kind: pubsub::Kind) -> &mut Vec<Bytes> {
+        match kind {
+            pubsub::Kind::Channel => &mut self.channels,
+            pubsub::Kind::Pattern => &mut self.patterns,
+            pubsub::Kind::Shard => &mut self.shard,
+        }
+    }
+
+    /// The count Redis puts in a confirmation: channels and patterns together, shard
+    /// channels apart.
+    fn count(&self, kind: pubsub::Kind) -> usize {
+        match kind {
+            pubsub::Kind::Shard => self.shard.len(),
+            _ => self.channels.len() + self.patterns.len(),
+        }
+    }
+
+    /// Subscribed to anything: RESP2 clients are then restricted to pub/sub commands.
+    fn active(&self) -> bool {
+        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard.is_empty())
+    }
+}
+
 /// A batch of requests about to be handed to an upstream connection.
 struct Batch {
     frames: Bytes,
@@ -129,6 +167,7 @@ struct State {
     upstreams: Upstreams,
     client: ClientState,
     tx: Tx,
+    subs: Subscriptions,
     shutdown: CancellationToken,
     decoder: RequestDecoder,
     /// Bytes read and not yet parsed (or parsed and not yet split off to be forwarded).
@@ -166,6 +205,7 @@ impl<S: Duplex> Session<S> {
             upstreams,
             client,
             tx: Tx::None,
+            subs: Subscriptions::default(),
             shutdown,
             rbuf: BytesMut::new(),
             unparsed: false,
@@ -232,7 +272,7 @@ impl<S: Duplex> Session<S> {
                         }
                         Err(error) => {
                             debug!(%error, "client write failed");
-                            return;
+                            break;
                         }
                     }
                 }
@@ -251,26 +291,39 @@ impl<S: Duplex> Session<S> {
                         this.last_activity = Instant::now();
                         if this.rbuf.len() as u64 > this.config.client_query_limit {
                             debug!("query buffer limit exceeded; closing");
-                            return;
+                            break;
                         }
                     }
                     Err(error) => {
                         debug!(%error, "client read failed");
-                        return;
+                        break;
                     }
                 },
-                // A client owed replies is not idle: the timer runs only when nothing is owed.
-                () = &mut idle, if idle_timeout.is_some() && this.outstanding == 0 && this.out.is_empty() => {
+                // Published messages, queued behind the replies already owed.
+                message = recv_inbox(&mut this.subs.inbox), if this.subs.inbox.is_some() && this.out_len < OUTPUT_HIGH_WATER => match message {
+                    Some(bytes) => {
+                        this.subs.queued.fetch_sub(bytes.len(), std::sync::atomic::Ordering::AcqRel);
+                        this.pending.push_back(Pending::Local { bytes, count: 0 });
+                    }
+                    None => {
+                        debug!("subscriber cut off: it does not read its messages fast enough");
+                        break;
+                    }
+                },
+                // A client owed replies is not idle, nor is a subscriber (as in Redis): the
+                // timer runs only when neither.
+                () = &mut idle, if idle_timeout.is_some() && this.outstanding == 0 && this.out.is_empty() && !this.subs.active() => {
                     let deadline = this.last_activity + idle_timeout.unwrap_or_default();
                     if deadline <= Instant::now() {
                         debug!("idle timeout; closing");
-                        return;
+                        break;
                     }
                     idle.as_mut().reset(deadline);
                 }
                 () = &mut shutdown, if !this.draining => this.draining = true,
             }
         }
+        this.leave_pubsub().await;
     }
 }
 
@@ -362,7 +415,9 @@ impl State {
                 continue;
             };
             let action = command::action(request, self.config.profile);
-            if action == Action::Forward && self.client.reply_mode == ReplyMode::On {
+            let plain = self.client.reply_mode == ReplyMode::On
+                && (self.client.resp3 || !self.subs.active());
+            if action == Action::Forward && plain {
                 if let Frame::Command {
                     len,
                     rewritten: None,
@@ -401,6 +456,12 @@ impl State {
     /// Carries out one request that is not part of a plain forwarded run. `false` once the
     /// client must not be read any further.
     async fn execute(&mut self, action: Action, request: Bytes) -> bool {
+        if self.subs.active() && !self.client.resp3 {
+            if let Some(reply) = subscribed_context(&action, &request) {
+                self.reply_locally(reply);
+                return true;
+            }
+        }
         match action {
             Action::Forward => {
                 let timeout = Some(self.config.request_timeout);
@@ -426,6 +487,7 @@ impl State {
                 if effect == Effect::Reset {
                     // Dropping a lease closes its connection: an open transaction is discarded.
                     self.tx = Tx::None;
+                    self.leave_pubsub().await;
                 }
                 let suppress = skip || self.client.reply_mode == ReplyMode::Off;
                 if skip && self.client.reply_mode == ReplyMode::Skip && !reply.is_empty() {
@@ -436,6 +498,17 @@ impl State {
                 self.pending.push_back(Pending::Local { bytes, count: 1 });
             }
             Action::Transaction(command) => self.transaction(command, request).await,
+            Action::PubSub { kind, subscribe } => {
+                let names: Vec<Bytes> = Args::new(&request)
+                    .skip(1)
+                    .map(|name| request.slice_ref(name))
+                    .collect();
+                if subscribe {
+                    self.subscribe(kind, names).await;
+                } else {
+                    self.unsubscribe(kind, names).await;
+                }
+            }
             Action::Block(block) => {
                 let timeout = block.map(|t| t + self.config.request_timeout);
                 if matches!(self.tx, Tx::None) {
@@ -493,6 +566,137 @@ impl State {
                 self.forward_one(request, timeout, None).await;
             }
         }
+    }
+
+    /// (P|S)SUBSCRIBE: a confirmation per name with this client's count, sent once the
+    /// subscriptions are active upstream. Push output: CLIENT REPLY OFF does not silence it.
+    async fn subscribe(&mut self, kind: pubsub::Kind, names: Vec<Bytes>) {
+        let verb = match kind {
+            pubsub::Kind::Channel => "subscribe",
+            pubsub::Kind::Pattern => "psubscribe",
+            pubsub::Kind::Shard => "ssubscribe",
+        };
+        let mut confirmation = Vec::new();
+        let mut new = Vec::new();
+        for name in names {
+            let list = self.subs.list(kind);
+            if !list.contains(&name) {
+                list.push(name.clone());
+                new.push(name.clone());
+            }
+            let count = self.subs.count(kind);
+            confirmation.extend_from_slice(&self.push_frame(verb, Some(&name), count));
+        }
+        let confirmation = Bytes::from(confirmation);
+        self.outstanding += 1;
+        if new.is_empty() {
+            self.pending.push_back(Pending::Local {
+                bytes: confirmation,
+                count: 1,
+            });
+            return;
+        }
+        let inbox = match self.subs.inbox {
+            Some(_) => None,
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.subs.inbox = Some(rx);
+                self.subs.queued = Arc::default();
+                Some(pubsub::Inbox {
+                    tx,
+                    queued: self.subs.queued.clone(),
+                })
+            }
+        };
+        let rx = self
+            .upstreams
+            .pubsub()
+            .subscribe(
+                self.client.id,
+                self.client.resp3,
+                kind,
+                new,
+                inbox,
+                confirmation,
+            )
+            .await;
+        self.pending.push_back(Pending::Upstream {
+            rx,
+            count: 1,
+            suppress: false,
+            release: None,
+        });
+    }
+
+    /// (P|S)UNSUBSCRIBE: a frame per name (every subscription of the kind when none is given,
+    /// or one with a null name when there is none), answered at once.
+    async fn unsubscribe(&mut self, kind: pubsub::Kind, names: Vec<Bytes>) {
+        let verb = match kind {
+            pubsub::Kind::Channel => "unsubscribe",
+            pubsub::Kind::Pattern => "punsubscribe",
+            pubsub::Kind::Shard => "sunsubscribe",
+        };
+        let names = if names.is_empty() {
+            self.subs.list(kind).clone()
+        } else {
+            names
+        };
+        let mut reply = Vec::new();
+        let mut removed = Vec::new();
+        for name in &names {
+            let list = self.subs.list(kind);
+            if let Some(at) = list.iter().position(|n| n == name) {
+                removed.push(list.remove(at));
+            }
+            let count = self.subs.count(kind);
+            reply.extend_from_slice(&self.push_frame(verb, Some(name), count));
+        }
+        if names.is_empty() {
+            let count = self.subs.count(kind);
+            reply.extend_from_slice(&self.push_frame(verb, None, count));
+        }
+        if !removed.is_empty() {
+            self.upstreams
+                .pubsub()
+                .unsubscribe(self.client.id, kind, removed)
+                .await;
+        }
+        if !self.subs.active() {
+            self.subs.inbox = None;
+        }
+        self.outstanding += 1;
+        self.pending.push_back(Pending::Local {
+            bytes: Bytes::from(reply),
+            count: 1,
+        });
+    }
+
+    /// Drops every subscription (RESET, or the client leaving).
+    async fn leave_pubsub(&mut self) {
+        if self.subs.inbox.is_some() {
+            self.subs = Subscriptions::default();
+            self.upstreams.pubsub().leave(self.client.id).await;
+        }
+    }
+
+    /// A 3-element subscription frame: RESP2 array or RESP3 push.
+    fn push_frame(&self, verb: &str, name: Option<&[u8]>, count: usize) -> Vec<u8> {
+        let mut out = format!(
+            "{}3\r\n${}\r\n{verb}\r\n",
+            if self.client.resp3 { '>' } else { '*' },
+            verb.len()
+        )
+        .into_bytes();
+        match name {
+            Some(name) => {
+                out.extend_from_slice(format!("${}\r\n", name.len()).as_bytes());
+                out.extend_from_slice(name);
+                out.extend_from_slice(b"\r\n");
+            }
+            None => out.extend_from_slice(&self.client.null()),
+        }
+        out.extend_from_slice(format!(":{count}\r\n").as_bytes());
+        out
     }
 
     /// Answers one request locally, honouring CLIENT REPLY OFF and SKIP.
@@ -609,6 +813,63 @@ impl State {
                 count,
             }
         });
+    }
+}
+
+/// What a RESP2 client in subscribed state gets for a command Redis does not allow there;
+/// `None` if it is allowed. PING is answered in the subscribed form.
+fn subscribed_context(action: &Action, request: &[u8]) -> Option<Bytes> {
+    let mut args = Args::new(request);
+    let name = args.next().unwrap_or_default().to_ascii_lowercase();
+    match (action, name.as_slice()) {
+        (Action::PubSub { .. }, _) | (_, b"quit" | b"reset") => None,
+        (_, b"ping") => Some(match (args.next(), args.next()) {
+            (None, _) => Bytes::from_static(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"),
+            (Some(arg), None) => {
+                let mut out = format!("*2\r\n$4\r\npong\r\n${}\r\n", arg.len()).into_bytes();
+                out.extend_from_slice(arg);
+                out.extend_from_slice(b"\r\n");
+                Bytes::from(out)
+            }
+            _ => error_reply("wrong number of arguments for 'ping' command"),
+        }),
+        _ => {
+            let mut fullname = String::from_utf8_lossy(&name[..name.len().min(128)]).into_owned();
+            if matches!(
+                name.as_slice(),
+                b"client"
+                    | b"config"
+                    | b"script"
+                    | b"function"
+                    | b"object"
+                    | b"memory"
+                    | b"command"
+                    | b"pubsub"
+                    | b"acl"
+                    | b"cluster"
+                    | b"xinfo"
+                    | b"latency"
+                    | b"slowlog"
+                    | b"module"
+                    | b"xgroup"
+            ) {
+                if let Some(sub) = args.next() {
+                    fullname.push('|');
+                    fullname.push_str(&String::from_utf8_lossy(&sub.to_ascii_lowercase()));
+                }
+            }
+            Some(error_reply(&format!(
+                "Can't execute '{fullname}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / \
+                 QUIT / RESET are allowed in this context"
+            )))
+        }
+    }
+}
+
+async fn recv_inbox(inbox: &mut Option<mpsc::UnboundedReceiver<Bytes>>) -> Option<Bytes> {
+    match inbox {
+        Some(inbox) => inbox.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::{embedded, resp::Args};
+use crate::{embedded, pubsub, resp::Args};
 
 /// What a command is, as far as sharing a connection is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +87,8 @@ pub enum Action {
     /// A blocking command: a pinned connection for as long as it blocks, at most this long
     /// (`None`: forever, as a timeout of 0 means in Redis).
     Block(Option<Duration>),
+    /// (P|S)SUBSCRIBE and (P|S)UNSUBSCRIBE, served by the shared subscriber connection.
+    PubSub { kind: pubsub::Kind, subscribe: bool },
 }
 
 /// Transaction commands, with the arity that makes Redis change the connection's state (with
@@ -147,9 +149,32 @@ pub fn action(request: &[u8], profile: Profile) -> Action {
             }
             _ => Action::Forward,
         },
-        Kind::ClusterFlag | Kind::Subscribe | Kind::Takeover => {
-            Action::Reply(not_supported(name, None))
+        Kind::Subscribe => {
+            let lower = name.to_ascii_lowercase();
+            let (kind, subscribe) = match lower.as_slice() {
+                b"subscribe" => (pubsub::Kind::Channel, true),
+                b"unsubscribe" => (pubsub::Kind::Channel, false),
+                b"psubscribe" => (pubsub::Kind::Pattern, true),
+                b"punsubscribe" => (pubsub::Kind::Pattern, false),
+                b"ssubscribe" => (pubsub::Kind::Shard, true),
+                _ => (pubsub::Kind::Shard, false),
+            };
+            if profile == Profile::Embedded && kind != pubsub::Kind::Channel {
+                // mini-redis has channels only.
+                return Action::Reply(error_reply(&format!(
+                    "redmux: the embedded upstream does not support {}",
+                    String::from_utf8_lossy(&lower).to_ascii_uppercase()
+                )));
+            }
+            if subscribe && args.remaining() == 0 {
+                return Action::Reply(error_reply(&format!(
+                    "wrong number of arguments for '{}' command",
+                    String::from_utf8_lossy(&lower)
+                )));
+            }
+            Action::PubSub { kind, subscribe }
         }
+        Kind::ClusterFlag | Kind::Takeover => Action::Reply(not_supported(name, None)),
     }
 }
 
@@ -289,6 +314,24 @@ mod tests {
         for cmd in ["SELECT", "hello", "AUTH", "CLIENT", "RESET"] {
             assert_eq!(act(&[cmd, "x"]), Action::Connection);
         }
+        assert_eq!(
+            act(&["PSUBSCRIBE", "a*"]),
+            Action::PubSub {
+                kind: pubsub::Kind::Pattern,
+                subscribe: true
+            }
+        );
+        assert_eq!(
+            act(&["unsubscribe"]),
+            Action::PubSub {
+                kind: pubsub::Kind::Channel,
+                subscribe: false
+            }
+        );
+        assert_eq!(
+            refused(&["SUBSCRIBE"]),
+            "-ERR wrong number of arguments for 'subscribe' command\r\n"
+        );
         assert_eq!(act(&["MULTI"]), Action::Transaction(Transaction::Multi));
         assert_eq!(act(&["exec", "x"]), Action::Transaction(Transaction::Exec));
         assert_eq!(
@@ -331,17 +374,13 @@ mod tests {
             refused(&["script", "debug", "yes"]),
             "-ERR redmux: SCRIPT DEBUG is not supported yet\r\n"
         );
-        let long = format!("subscribe{}", "x".repeat(1000));
+        let long = format!("monitor{}", "x".repeat(1000));
         assert_eq!(
             act(&[&long]),
             Action::Forward,
             "an unknown command, for Redis to answer"
         );
         for cmd in [
-            "SUBSCRIBE",
-            "PSUBSCRIBE",
-            "SSUBSCRIBE",
-            "UNSUBSCRIBE",
             "MONITOR",
             "READONLY",
             "READWRITE",

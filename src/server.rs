@@ -85,7 +85,8 @@ impl Server {
             None => None,
         };
         let upstream_shutdown = CancellationToken::new();
-        let upstreams = Upstreams::start(&config.upstream, upstream_shutdown.clone())
+        let pubsub_limit = usize::try_from(config.server.client_output_limit).unwrap_or(usize::MAX);
+        let upstreams = Upstreams::start(&config.upstream, pubsub_limit, upstream_shutdown.clone())
             .await
             .map_err(ServerError::Upstream)?;
         Ok(Server {

@@ -37,11 +37,22 @@ pub struct ReplyScanner {
     pos: usize,
     /// Aggregates opened and not finished, outermost first.
     open: Vec<Open>,
+    /// Accept top-level push frames as replies (a client reading what redmux sends it); an
+    /// upstream request/reply connection must never receive one.
+    allow_push: bool,
 }
 
 impl ReplyScanner {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A scanner that takes top-level push frames (`>`) as frames of their own.
+    pub fn with_push() -> Self {
+        ReplyScanner {
+            allow_push: true,
+            ..Self::default()
+        }
     }
 
     /// The caller removed `n` bytes from the front of the buffer (only ever whole replies).
@@ -93,7 +104,7 @@ impl ReplyScanner {
                     }
                 },
                 b'*' | b'~' | b'>' | b'%' | b'|' => {
-                    if kind == b'>' && self.open.is_empty() {
+                    if kind == b'>' && self.open.is_empty() && !self.allow_push {
                         return Err(ReplyError::UnexpectedPush);
                     }
                     self.pos = after_line;

@@ -24,10 +24,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 pub use address::{Address, Endpoint};
-pub use connect::{ConnectError, Setup};
+pub use connect::{connect, ConnectError, Reader, Setup, Writer};
 pub use pool::Lease;
 
-use crate::{command::Profile, config::UpstreamConfig, embedded};
+use crate::{command::Profile, config::UpstreamConfig, embedded, pubsub::PubSub};
 
 /// Messages a shared actor's channel holds at most. Each may carry a whole pipeline of one client.
 const CHANNEL_CAPACITY: usize = 1024;
@@ -118,13 +118,18 @@ struct Inner {
     databases: u32,
     shared: Mutex<HashMap<Target, Vec<mpsc::Sender<Request>>>>,
     pool: pool::Pool,
+    pubsub: PubSub,
 }
 
 impl Upstreams {
     /// Starts the embedded store if configured. Actors start on first use; they stop once
     /// every sender is gone and their in-flight requests are answered. The embedded store stops
     /// with `shutdown`.
-    pub async fn start(config: &UpstreamConfig, shutdown: CancellationToken) -> io::Result<Self> {
+    pub async fn start(
+        config: &UpstreamConfig,
+        pubsub_limit: usize,
+        shutdown: CancellationToken,
+    ) -> io::Result<Self> {
         let mut endpoint = config.endpoint();
         let profile = if endpoint.address == Address::Embedded {
             let addr = embedded::start(shutdown).await?;
@@ -140,8 +145,15 @@ impl Upstreams {
             connect: config.connect_timeout,
             request: config.request_timeout,
         };
+        let pubsub = PubSub::start(
+            endpoint.clone(),
+            timeouts,
+            profile == Profile::Redis,
+            pubsub_limit,
+        );
         let upstreams = Upstreams {
             inner: Arc::new(Inner {
+                pubsub,
                 pool: pool::Pool::new(config.max_pinned),
                 endpoint,
                 timeouts,
@@ -170,6 +182,11 @@ impl Upstreams {
     /// What kind of server is behind the actors.
     pub fn profile(&self) -> Profile {
         self.inner.profile
+    }
+
+    /// The shared subscriber connection's hub.
+    pub fn pubsub(&self) -> &PubSub {
+        &self.inner.pubsub
     }
 
     /// Databases the upstream has: SELECT beyond is refused.

@@ -10,7 +10,7 @@ use std::sync::{
     Arc, Mutex,
 };
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{
     actor::{self, Role},
@@ -31,6 +31,11 @@ pub(super) struct Pool {
     idle: Mutex<Vec<mpsc::Sender<Request>>>,
     /// Slots not leased.
     slots: Arc<Semaphore>,
+    /// Released connections being cleaned right now: worth waiting for rather than opening a
+    /// new connection.
+    cleaning: AtomicUsize,
+    /// Signalled when a cleaning ends (the connection is idle, or closed).
+    cleaned: Notify,
     next_id: AtomicUsize,
 }
 
@@ -39,6 +44,8 @@ impl Pool {
         Pool {
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(max_pinned)),
+            cleaning: AtomicUsize::new(0),
+            cleaned: Notify::new(),
             next_id: AtomicUsize::new(FIRST_PINNED_ID),
         }
     }
@@ -74,7 +81,20 @@ impl Lease {
     /// The client is done with it: in the background, RESET it, log in again (RESET logs out)
     /// and put it back in the pool. A connection that does not come back clean is closed.
     pub fn release(self) {
+        let pool = &self.upstreams.inner.pool;
+        pool.cleaning.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
+            self.clean().await;
+            let pool = &self.upstreams.inner.pool;
+            pool.cleaning.fetch_sub(1, Ordering::AcqRel);
+            pool.cleaned.notify_waiters();
+            // The slot is given back as the lease drops here, after the connection is idle.
+        });
+    }
+
+    /// RESET and AUTH; on success the connection joins the idle pool.
+    async fn clean(&self) {
+        {
             let inner = &self.upstreams.inner;
             let reset = Step {
                 name: "RESET",
@@ -89,9 +109,8 @@ impl Lease {
                 }
             }
             let mut idle = inner.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-            idle.push(self.sender);
-            // The slot is given back as the lease drops here, after the connection is idle.
-        });
+            idle.push(self.sender.clone());
+        }
     }
 }
 
@@ -106,7 +125,25 @@ pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lea
     .await
     .map_err(|_| UpstreamError::NoPinned)?
     .map_err(|_| UpstreamError::NoPinned)?;
-    let Some(sender) = inner.pool.take_idle() else {
+    let idle = loop {
+        // Register before looking, so a cleaning that ends in between is not missed.
+        let cleaned = inner.pool.cleaned.notified();
+        tokio::pin!(cleaned);
+        cleaned.as_mut().enable();
+        if let Some(sender) = inner.pool.take_idle() {
+            break Some(sender);
+        }
+        if inner.pool.cleaning.load(Ordering::Acquire) == 0 {
+            break None;
+        }
+        if tokio::time::timeout(inner.timeouts.connect, cleaned)
+            .await
+            .is_err()
+        {
+            break None;
+        }
+    };
+    let Some(sender) = idle else {
         let (sender, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let id = inner.pool.next_id.fetch_add(1, Ordering::Relaxed);
         actor::spawn(id, upstreams.actor_config(target, Role::Pinned), rx);

@@ -237,7 +237,7 @@ impl Raw {
             reader,
             writer,
             buf: BytesMut::new(),
-            scanner: ReplyScanner::new(),
+            scanner: ReplyScanner::with_push(),
         }
     }
 

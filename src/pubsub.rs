@@ -1,0 +1,533 @@
+//! Pub/sub: one shared subscriber connection for every client, and the fan-out of its messages.
+//!
+//! Each channel, pattern or shard channel is subscribed upstream once, however many clients
+//! want it, and unsubscribed when the last of them leaves. Clients get their own confirmations
+//! and counts from their session, exactly as Redis would send them; the hub only confirms that
+//! the upstream subscription is active, so a client never sees its confirmation before messages
+//! can reach it. Messages go to each subscriber's inbox, which is bounded in bytes: a subscriber
+//! with more than `client_output_limit` bytes of messages waiting is cut off (as Redis's pubsub
+//! output-buffer limit does), never buffered without bound.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::{mpsc, oneshot},
+    time::{interval, sleep, Instant, MissedTickBehavior},
+};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::{
+    resp::{encode_command, Args, ReplyScanner},
+    upstream::{self, Endpoint, Reply, Setup, Timeouts, UpstreamError},
+};
+
+/// Hub requests waiting at once.
+const HUB_CAPACITY: usize = 4096;
+/// How often subscribers that left without a word are looked for.
+const SWEEP: Duration = Duration::from_millis(500);
+
+/// Channels, patterns and shard channels are separate name spaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Channel,
+    Pattern,
+    Shard,
+}
+
+impl Kind {
+    fn subscribe(self) -> &'static [u8] {
+        match self {
+            Kind::Channel => b"SUBSCRIBE",
+            Kind::Pattern => b"PSUBSCRIBE",
+            Kind::Shard => b"SSUBSCRIBE",
+        }
+    }
+
+    fn unsubscribe(self) -> &'static [u8] {
+        match self {
+            Kind::Channel => b"UNSUBSCRIBE",
+            Kind::Pattern => b"PUNSUBSCRIBE",
+            Kind::Shard => b"SUNSUBSCRIBE",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum HubRequest {
+    /// Subscribe `client` to `names`; `reply` gets `confirmation` once all are active upstream.
+    Subscribe {
+        client: u64,
+        resp3: bool,
+        kind: Kind,
+        names: Vec<Bytes>,
+        /// The client's inbox, with its first subscription only: the hub then holds the only
+        /// sender, so dropping it tells the session it was cut off.
+        inbox: Option<Inbox>,
+        confirmation: Bytes,
+        reply: oneshot::Sender<Reply>,
+    },
+    Unsubscribe {
+        client: u64,
+        kind: Kind,
+        names: Vec<Bytes>,
+    },
+    /// The client left, or RESET: drop all its subscriptions.
+    Leave { client: u64 },
+}
+
+/// The sending side of a subscriber's inbox, with the bytes queued in it.
+#[derive(Debug)]
+pub struct Inbox {
+    pub tx: mpsc::UnboundedSender<Bytes>,
+    /// Bytes sent and not yet taken by the session; the session subtracts what it takes.
+    pub queued: Arc<AtomicUsize>,
+}
+
+/// A handle to the hub; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PubSub {
+    tx: mpsc::Sender<HubRequest>,
+}
+
+impl PubSub {
+    /// Starts the hub; it connects upstream on first use and stops when every handle is gone.
+    pub fn start(endpoint: Endpoint, timeouts: Timeouts, ping: bool, limit: usize) -> PubSub {
+        let (tx, rx) = mpsc::channel(HUB_CAPACITY);
+        let hub = Hub {
+            endpoint,
+            timeouts,
+            ping,
+            limit,
+            rx,
+            subscribers: HashMap::new(),
+            clients: HashMap::new(),
+            active: HashSet::new(),
+            waiters: Vec::new(),
+        };
+        tokio::spawn(hub.run().instrument(tracing::info_span!("pubsub")));
+        PubSub { tx }
+    }
+
+    /// Subscribes; the returned receiver completes with `confirmation` when the subscriptions
+    /// are active, or with an error.
+    pub async fn subscribe(
+        &self,
+        client: u64,
+        resp3: bool,
+        kind: Kind,
+        names: Vec<Bytes>,
+        inbox: Option<Inbox>,
+        confirmation: Bytes,
+    ) -> oneshot::Receiver<Reply> {
+        let (reply, rx) = oneshot::channel();
+        let request = HubRequest::Subscribe {
+            client,
+            resp3,
+            kind,
+            names,
+            inbox,
+            confirmation,
+            reply,
+        };
+        // A hub that is gone drops the sender: the receiver then reports the loss.
+        let _ = self.tx.send(request).await;
+        rx
+    }
+
+    pub async fn unsubscribe(&self, client: u64, kind: Kind, names: Vec<Bytes>) {
+        let _ = self
+            .tx
+            .send(HubRequest::Unsubscribe {
+                client,
+                kind,
+                names,
+            })
+            .await;
+    }
+
+    pub async fn leave(&self, client: u64) {
+        let _ = self.tx.send(HubRequest::Leave { client }).await;
+    }
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    inbox: Inbox,
+    resp3: bool,
+    subscriptions: HashSet<(Kind, Bytes)>,
+}
+
+/// A client waiting for its subscriptions to be active upstream.
+#[derive(Debug)]
+struct Waiter {
+    missing: HashSet<(Kind, Bytes)>,
+    reply: oneshot::Sender<Reply>,
+    confirmation: Bytes,
+    deadline: Instant,
+}
+
+struct Hub {
+    endpoint: Endpoint,
+    timeouts: Timeouts,
+    ping: bool,
+    /// Most message bytes waiting for one subscriber.
+    limit: usize,
+    rx: mpsc::Receiver<HubRequest>,
+    /// Who wants each subscription.
+    subscribers: HashMap<(Kind, Bytes), HashSet<u64>>,
+    clients: HashMap<u64, Subscriber>,
+    /// Subscriptions the upstream has confirmed on the current connection.
+    active: HashSet<(Kind, Bytes)>,
+    waiters: Vec<Waiter>,
+}
+
+/// The upstream connection, while there is one.
+type Conn = (upstream::Reader, upstream::Writer);
+
+impl Hub {
+    async fn run(mut self) {
+        let mut conn: Option<Conn> = None;
+        let mut rbuf = BytesMut::with_capacity(16 * 1024);
+        let mut scanner = ReplyScanner::new();
+        let mut sweep = interval(SWEEP);
+        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut failures = 0u32;
+        loop {
+            if conn.is_none() && !self.subscribers.is_empty() {
+                let setup = Setup {
+                    db: 0,
+                    resp3: false,
+                    ping: self.ping,
+                };
+                match upstream::connect(&self.endpoint, setup, self.timeouts.connect).await {
+                    Ok((reader, mut writer)) => {
+                        info!("pub/sub connection up");
+                        failures = 0;
+                        self.active.clear();
+                        rbuf.clear();
+                        scanner.reset();
+                        let all: Vec<(Kind, Bytes)> = self.subscribers.keys().cloned().collect();
+                        if write_subscriptions(&mut writer, &all, true).await.is_ok() {
+                            conn = Some((reader, writer));
+                        }
+                    }
+                    Err(error) => {
+                        if failures == 0 {
+                            warn!(%error, "cannot open the pub/sub connection; retrying");
+                        }
+                        failures = failures.saturating_add(1);
+                        self.expire_waiters();
+                        sleep(Duration::from_millis(100).min(self.timeouts.connect)).await;
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                read = read_some(conn.as_mut(), &mut rbuf) => match read {
+                    Ok(n) if n > 0 => {
+                        if let Err(error) = self.dispatch(&mut rbuf, &mut scanner) {
+                            warn!(%error, "malformed pub/sub traffic; reconnecting");
+                            conn = None;
+                        }
+                    }
+                    _ => {
+                        warn!("pub/sub connection lost; reconnecting");
+                        conn = None;
+                    }
+                },
+                request = self.rx.recv() => {
+                    let Some(request) = request else { return };
+                    let writer = conn.as_mut().map(|(_, writer)| writer);
+                    if self.handle(request, writer).await.is_err() {
+                        conn = None;
+                    }
+                }
+                _ = sweep.tick() => {
+                    self.expire_waiters();
+                    let gone: Vec<u64> = self
+                        .clients
+                        .iter()
+                        .filter(|(_, s)| s.inbox.tx.is_closed())
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for client in gone {
+                        let writer = conn.as_mut().map(|(_, writer)| writer);
+                        if self.remove_client(client, writer).await.is_err() {
+                            conn = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        request: HubRequest,
+        writer: Option<&mut upstream::Writer>,
+    ) -> std::io::Result<()> {
+        match request {
+            HubRequest::Subscribe {
+                client,
+                resp3,
+                kind,
+                names,
+                inbox,
+                confirmation,
+                reply,
+            } => {
+                let entry = match (self.clients.get_mut(&client), inbox) {
+                    (Some(entry), _) => entry,
+                    (None, Some(inbox)) => self.clients.entry(client).or_insert(Subscriber {
+                        inbox,
+                        resp3,
+                        subscriptions: HashSet::new(),
+                    }),
+                    // Cut off meanwhile: the session learns it from its closed inbox.
+                    (None, None) => {
+                        let _ = reply.send(Err(UpstreamError::ConnectionLost));
+                        return Ok(());
+                    }
+                };
+                entry.resp3 = resp3;
+                let mut new = Vec::new();
+                for name in names {
+                    let key = (kind, name);
+                    entry.subscriptions.insert(key.clone());
+                    let wanted = self.subscribers.entry(key.clone()).or_default();
+                    if wanted.is_empty() {
+                        new.push(key.clone());
+                    }
+                    wanted.insert(client);
+                }
+                let missing: HashSet<(Kind, Bytes)> = entry
+                    .subscriptions
+                    .iter()
+                    .filter(|key| key.0 == kind && !self.active.contains(*key))
+                    .cloned()
+                    .collect();
+                if missing.is_empty() {
+                    let _ = reply.send(Ok(confirmation));
+                } else {
+                    self.waiters.push(Waiter {
+                        missing,
+                        reply,
+                        confirmation,
+                        deadline: Instant::now() + self.timeouts.connect,
+                    });
+                }
+                if let Some(writer) = writer {
+                    write_subscriptions(writer, &new, true).await?;
+                }
+            }
+            HubRequest::Unsubscribe {
+                client,
+                kind,
+                names,
+            } => {
+                let mut gone = Vec::new();
+                if let Some(entry) = self.clients.get_mut(&client) {
+                    for name in names {
+                        let key = (kind, name);
+                        if entry.subscriptions.remove(&key) {
+                            gone.push(key);
+                        }
+                    }
+                    if entry.subscriptions.is_empty() {
+                        self.clients.remove(&client);
+                    }
+                }
+                self.drop_subscriptions(client, gone, writer).await?;
+            }
+            HubRequest::Leave { client } => self.remove_client(client, writer).await?,
+        }
+        Ok(())
+    }
+
+    async fn remove_client(
+        &mut self,
+        client: u64,
+        writer: Option<&mut upstream::Writer>,
+    ) -> std::io::Result<()> {
+        let Some(entry) = self.clients.remove(&client) else {
+            return Ok(());
+        };
+        self.drop_subscriptions(client, entry.subscriptions.into_iter().collect(), writer)
+            .await
+    }
+
+    /// Removes `client` from each subscription; the ones nobody wants any more are
+    /// unsubscribed upstream.
+    async fn drop_subscriptions(
+        &mut self,
+        client: u64,
+        keys: Vec<(Kind, Bytes)>,
+        writer: Option<&mut upstream::Writer>,
+    ) -> std::io::Result<()> {
+        let mut unwanted = Vec::new();
+        for key in keys {
+            if let Some(wanted) = self.subscribers.get_mut(&key) {
+                wanted.remove(&client);
+                if wanted.is_empty() {
+                    self.subscribers.remove(&key);
+                    self.active.remove(&key);
+                    unwanted.push(key);
+                }
+            }
+        }
+        match writer {
+            Some(writer) => write_subscriptions(writer, &unwanted, false).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Handles every complete frame the subscriber connection sent.
+    fn dispatch(
+        &mut self,
+        rbuf: &mut BytesMut,
+        scanner: &mut ReplyScanner,
+    ) -> Result<(), crate::resp::ReplyError> {
+        while let Some(end) = scanner.next_reply(rbuf)? {
+            let frame = rbuf.split_to(end).freeze();
+            scanner.consumed(end);
+            let mut args = Args::new(&frame);
+            let (Some(what), Some(name)) = (args.next(), args.next()) else {
+                continue;
+            };
+            let key = match what {
+                b"message" => (Kind::Channel, name),
+                b"pmessage" => (Kind::Pattern, name),
+                b"smessage" => (Kind::Shard, name),
+                b"subscribe" | b"psubscribe" | b"ssubscribe" => {
+                    let kind = match what {
+                        b"subscribe" => Kind::Channel,
+                        b"psubscribe" => Kind::Pattern,
+                        _ => Kind::Shard,
+                    };
+                    self.confirmed((kind, Bytes::copy_from_slice(name)));
+                    continue;
+                }
+                _ => continue,
+            };
+            let key = (key.0, Bytes::copy_from_slice(key.1));
+            self.deliver(&key, &frame);
+        }
+        Ok(())
+    }
+
+    fn confirmed(&mut self, key: (Kind, Bytes)) {
+        if !self.subscribers.contains_key(&key) {
+            return; // unsubscribed meanwhile
+        }
+        let mut i = 0;
+        while i < self.waiters.len() {
+            self.waiters[i].missing.remove(&key);
+            if self.waiters[i].missing.is_empty() {
+                let waiter = self.waiters.swap_remove(i);
+                let _ = waiter.reply.send(Ok(waiter.confirmation));
+            } else {
+                i += 1;
+            }
+        }
+        self.active.insert(key);
+    }
+
+    fn deliver(&mut self, key: &(Kind, Bytes), frame: &Bytes) {
+        let Some(wanted) = self.subscribers.get(key) else {
+            return;
+        };
+        // RESP3 subscribers get the same frame as a push (`>` instead of `*`).
+        let mut push: Option<Bytes> = None;
+        let mut cut_off = Vec::new();
+        for client in wanted {
+            let Some(subscriber) = self.clients.get(client) else {
+                continue;
+            };
+            let bytes = if subscriber.resp3 {
+                push.get_or_insert_with(|| {
+                    let mut copy = BytesMut::from(&frame[..]);
+                    copy[0] = b'>';
+                    copy.freeze()
+                })
+                .clone()
+            } else {
+                frame.clone()
+            };
+            let queued = subscriber
+                .inbox
+                .queued
+                .fetch_add(bytes.len(), Ordering::AcqRel);
+            if queued + bytes.len() > self.limit || subscriber.inbox.tx.send(bytes).is_err() {
+                cut_off.push(*client);
+            }
+        }
+        for client in cut_off {
+            debug!(
+                client,
+                "subscriber too slow (output limit reached); cutting it off"
+            );
+            // Dropping its inbox sender tells the session; its subscriptions are removed by
+            // the next sweep, which also unsubscribes upstream what nobody wants any more.
+            if let Some(subscriber) = self.clients.get_mut(&client) {
+                subscriber.inbox.tx = mpsc::unbounded_channel().0;
+            }
+        }
+    }
+
+    fn expire_waiters(&mut self) {
+        let now = Instant::now();
+        let (expired, waiting): (Vec<Waiter>, Vec<Waiter>) =
+            self.waiters.drain(..).partition(|w| w.deadline <= now);
+        self.waiters = waiting;
+        for waiter in expired {
+            let _ = waiter.reply.send(Err(UpstreamError::Unavailable));
+        }
+    }
+}
+
+/// Reads from the subscriber connection; never ready while there is none.
+async fn read_some(conn: Option<&mut Conn>, rbuf: &mut BytesMut) -> std::io::Result<usize> {
+    match conn {
+        Some((reader, _)) => reader.read_buf(rbuf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends (UN)SUBSCRIBE for each key, grouped by kind.
+async fn write_subscriptions(
+    writer: &mut upstream::Writer,
+    keys: &[(Kind, Bytes)],
+    subscribe: bool,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    for kind in [Kind::Channel, Kind::Pattern, Kind::Shard] {
+        let names: Vec<&[u8]> = keys
+            .iter()
+            .filter(|k| k.0 == kind)
+            .map(|k| &k.1[..])
+            .collect();
+        if names.is_empty() {
+            continue;
+        }
+        let command = if subscribe {
+            kind.subscribe()
+        } else {
+            kind.unsubscribe()
+        };
+        out.extend_from_slice(&encode_command(std::iter::once(command).chain(names)));
+    }
+    if !out.is_empty() {
+        writer.write_all(&out).await?;
+        writer.flush().await?;
+    }
+    Ok(())
+}

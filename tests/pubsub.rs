@@ -1,0 +1,251 @@
+//! Pub/sub through one shared subscriber connection.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{RedisServer, Redmux};
+
+fn numsub(redis: &RedisServer, channel: &str) -> i64 {
+    let reply: (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query(&mut redis.direct())
+        .unwrap();
+    reply.1
+}
+
+fn wait_numsub(redis: &RedisServer, channel: &str, want: i64) {
+    let deadline = Instant::now() + support::READY_TIMEOUT;
+    while numsub(redis, channel) != want {
+        assert!(
+            Instant::now() < deadline,
+            "NUMSUB {channel} never reached {want}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn message(channel: &str, payload: &str) -> String {
+    format!(
+        "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n{payload}\r\n",
+        channel.len(),
+        payload.len()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_upstream_subscription_fans_out_in_order() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut subscribers = Vec::new();
+    for _ in 0..3 {
+        let mut raw = redmux.raw().await;
+        assert_eq!(
+            raw.call(&["SUBSCRIBE", "news"]).await,
+            "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+        );
+        subscribers.push(raw);
+    }
+    assert_eq!(numsub(&redis, "news"), 1, "subscribed upstream once");
+    let mut publisher = redmux.raw().await;
+    for i in 0..50 {
+        assert_eq!(
+            publisher.call(&["PUBLISH", "news", &format!("m{i}")]).await,
+            ":1\r\n"
+        );
+    }
+    for sub in &mut subscribers {
+        for i in 0..50 {
+            assert_eq!(sub.reply_str().await, message("news", &format!("m{i}")));
+        }
+    }
+    // Counts are per client; a second channel; unsubscribing one name.
+    let a = &mut subscribers[0];
+    a.send("SUBSCRIBE other news\r\n").await;
+    assert_eq!(
+        a.reply_str().await,
+        "*3\r\n$9\r\nsubscribe\r\n$5\r\nother\r\n:2\r\n"
+    );
+    assert_eq!(
+        a.reply_str().await,
+        "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:2\r\n"
+    );
+    assert_eq!(
+        a.call(&["UNSUBSCRIBE", "other"]).await,
+        "*3\r\n$11\r\nunsubscribe\r\n$5\r\nother\r\n:1\r\n"
+    );
+    // RESP2 subscribed state: only pub/sub commands, PING in its subscribed form.
+    assert_eq!(
+        a.call(&["GET", "k"]).await,
+        "-ERR Can't execute 'get': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n"
+    );
+    assert_eq!(a.call(&["PING"]).await, "*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+    // Everyone leaves: the upstream subscription goes too.
+    for sub in &mut subscribers {
+        assert_eq!(
+            sub.call(&["UNSUBSCRIBE"]).await,
+            "*3\r\n$11\r\nunsubscribe\r\n$4\r\nnews\r\n:0\r\n"
+        );
+        assert_eq!(
+            sub.call(&["UNSUBSCRIBE"]).await,
+            "*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n"
+        );
+        assert_eq!(
+            sub.call(&["GET", "k"]).await,
+            "$-1\r\n",
+            "out of subscribed state"
+        );
+    }
+    wait_numsub(&redis, "news", 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patterns_resp3_and_disconnects() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut p = redmux.raw().await;
+    assert_eq!(
+        p.call(&["PSUBSCRIBE", "ev.*"]).await,
+        "*3\r\n$10\r\npsubscribe\r\n$4\r\nev.*\r\n:1\r\n"
+    );
+    let mut v3 = redmux.raw().await;
+    assert!(v3.call(&["HELLO", "3"]).await.starts_with('%'));
+    assert_eq!(
+        v3.call(&["SUBSCRIBE", "ev.a"]).await,
+        ">3\r\n$9\r\nsubscribe\r\n$4\r\nev.a\r\n:1\r\n"
+    );
+    // RESP3 clients may mix commands while subscribed.
+    assert_eq!(v3.call(&["GET", "k"]).await, "_\r\n");
+    let mut publisher = redmux.raw().await;
+    assert_eq!(publisher.call(&["PUBLISH", "ev.a", "x"]).await, ":2\r\n");
+    assert_eq!(
+        p.reply_str().await,
+        "*4\r\n$8\r\npmessage\r\n$4\r\nev.*\r\n$4\r\nev.a\r\n$1\r\nx\r\n"
+    );
+    assert_eq!(
+        v3.reply_str().await,
+        ">3\r\n$7\r\nmessage\r\n$4\r\nev.a\r\n$1\r\nx\r\n"
+    );
+    // A subscriber that disconnects is unsubscribed upstream.
+    drop(v3);
+    wait_numsub(&redis, "ev.a", 0);
+    let numpat: i64 = redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query(&mut redis.direct())
+        .unwrap();
+    assert_eq!(numpat, 1);
+    assert_eq!(p.call(&["RESET"]).await, "+RESET\r\n");
+    let deadline = Instant::now() + support::READY_TIMEOUT;
+    loop {
+        let numpat: i64 = redis::cmd("PUBSUB")
+            .arg("NUMPAT")
+            .query(&mut redis.direct())
+            .unwrap();
+        if numpat == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pattern never unsubscribed upstream"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(p.call(&["GET", "k"]).await, "$-1\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_crate_pubsub_api() {
+    use futures_util::StreamExt;
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let client = redis::Client::open(redmux.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("crate").await.unwrap();
+    let mut con = redmux.client().await;
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg("crate")
+        .arg("hello")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(receivers, 1);
+    let msg = pubsub.on_message().next().await.unwrap();
+    assert_eq!(msg.get_channel_name(), "crate");
+    assert_eq!(msg.get_payload::<String>().unwrap(), "hello");
+}
+
+/// A subscriber that stops reading is cut off; the others keep receiving everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_is_cut_off() {
+    let redis = RedisServer::start();
+    let mut config = support::config(&redis.addr());
+    config.server.client_output_limit = 4 * 1024 * 1024;
+    let redmux = Redmux::start_with(config).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(redmux.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"SUBSCRIBE flood\r\n")
+        .await
+        .unwrap();
+    let mut fast = redmux.raw().await;
+    assert_eq!(
+        fast.call(&["SUBSCRIBE", "flood"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$5\r\nflood\r\n:1\r\n"
+    );
+    wait_numsub(&redis, "flood", 1);
+    let payload = "p".repeat(4000);
+    let total = 6000;
+    // Published in rounds the fast subscriber keeps up with; the slow one never reads.
+    let mut publisher = redmux.raw().await;
+    let mut round = Vec::new();
+    for _ in 0..100 {
+        round.extend_from_slice(&redmux::resp::encode_command([
+            &b"PUBLISH"[..],
+            b"flood",
+            payload.as_bytes(),
+        ]));
+    }
+    for _ in 0..total / 100 {
+        publisher.pipeline(&round, 100).await;
+        for _ in 0..100 {
+            assert_eq!(fast.reply_str().await, message("flood", &payload));
+        }
+    }
+    // The slow one was closed after far fewer messages.
+    let mut received = 0usize;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::time::timeout(
+            support::READY_TIMEOUT,
+            tokio::io::AsyncReadExt::read(&mut slow, &mut chunk),
+        )
+        .await
+        .expect("the slow subscriber is disconnected");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received += n,
+        }
+    }
+    assert!(
+        received < total * payload.len() / 2,
+        "slow subscriber got {received} bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_pubsub() {
+    let redmux = Redmux::start("embedded").await;
+    let mut sub = redmux.raw().await;
+    assert_eq!(
+        sub.call(&["SUBSCRIBE", "hi"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$2\r\nhi\r\n:1\r\n"
+    );
+    let mut publisher = redmux.raw().await;
+    assert_eq!(publisher.call(&["PUBLISH", "hi", "there"]).await, ":1\r\n");
+    assert_eq!(sub.reply_str().await, message("hi", "there"));
+    assert_eq!(
+        publisher.call(&["PSUBSCRIBE", "h*"]).await,
+        "-ERR redmux: the embedded upstream does not support PSUBSCRIBE\r\n"
+    );
+}
