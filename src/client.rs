@@ -12,7 +12,15 @@
 //! the duration of a blocking command. A run of requests is always cut where the destination
 //! changes, so each batch goes to exactly one connection.
 
-use std::{collections::VecDeque, io::IoSlice, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    io::IoSlice,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
@@ -30,7 +38,7 @@ use tracing::{debug, warn};
 use crate::{
     command::{self, error_reply, Action, Profile, Transaction},
     connection::{ClientState, Effect, ReplyMode},
-    pubsub,
+    monitor, pubsub,
     resp::{Args, Frame, Limits, RequestDecoder},
     upstream::{Lease, Reply, Request, UpstreamError, Upstreams},
 };
@@ -54,6 +62,7 @@ pub struct SessionConfig {
     pub idle_timeout: Option<Duration>,
     pub request_timeout: Duration,
     pub profile: Profile,
+    pub allow_monitor: bool,
 }
 
 /// A reply slot, in request order.
@@ -91,9 +100,40 @@ struct Subscriptions {
     patterns: Vec<Bytes>,
     shard: Vec<Bytes>,
     /// Present while subscribed to anything. Closed by the hub when it cuts the client off.
-    inbox: Option<mpsc::UnboundedReceiver<Bytes>>,
-    /// Bytes in the inbox, shared with the hub, which cuts the client off past its limit.
-    queued: Arc<std::sync::atomic::AtomicUsize>,
+    inbox: Option<Feed>,
+}
+
+/// Frames pushed to the client from elsewhere (pub/sub messages, the MONITOR feed), bounded in
+/// bytes by the sender, which gives up on the client past its limit.
+#[derive(Debug)]
+struct Feed {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    /// Bytes sent and not yet taken, shared with the sender.
+    queued: Arc<AtomicUsize>,
+}
+
+impl Feed {
+    fn new() -> (Feed, pubsub::Inbox) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let inbox = pubsub::Inbox {
+            tx,
+            queued: queued.clone(),
+        };
+        (Feed { rx, queued }, inbox)
+    }
+}
+
+/// The next frame of a feed; `None` when the sender gave up. Never ready without a feed.
+async fn next_frame(feed: &mut Option<Feed>) -> Option<Bytes> {
+    match feed {
+        Some(feed) => {
+            let frame = feed.rx.recv().await?;
+            feed.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+            Some(frame)
+        }
+        None => std::future::pending().await,
+    }
 }
 
 impl Subscriptions {
@@ -168,6 +208,8 @@ struct State {
     client: ClientState,
     tx: Tx,
     subs: Subscriptions,
+    /// The MONITOR feed, while monitoring.
+    monitor: Option<Feed>,
     shutdown: CancellationToken,
     decoder: RequestDecoder,
     /// Bytes read and not yet parsed (or parsed and not yet split off to be forwarded).
@@ -206,6 +248,7 @@ impl<S: Duplex> Session<S> {
             client,
             tx: Tx::None,
             subs: Subscriptions::default(),
+            monitor: None,
             shutdown,
             rbuf: BytesMut::new(),
             unparsed: false,
@@ -299,14 +342,18 @@ impl<S: Duplex> Session<S> {
                         break;
                     }
                 },
-                // Published messages, queued behind the replies already owed.
-                message = recv_inbox(&mut this.subs.inbox), if this.subs.inbox.is_some() && this.out_len < OUTPUT_HIGH_WATER => match message {
-                    Some(bytes) => {
-                        this.subs.queued.fetch_sub(bytes.len(), std::sync::atomic::Ordering::AcqRel);
-                        this.pending.push_back(Pending::Local { bytes, count: 0 });
-                    }
+                // Published messages and the MONITOR feed, queued behind the replies already owed.
+                frame = next_frame(&mut this.subs.inbox), if this.subs.inbox.is_some() && this.out_len < OUTPUT_HIGH_WATER => match frame {
+                    Some(bytes) => this.pending.push_back(Pending::Local { bytes, count: 0 }),
                     None => {
                         debug!("subscriber cut off: it does not read its messages fast enough");
+                        break;
+                    }
+                },
+                frame = next_frame(&mut this.monitor), if this.monitor.is_some() && this.out_len < OUTPUT_HIGH_WATER => match frame {
+                    Some(bytes) => this.pending.push_back(Pending::Local { bytes, count: 0 }),
+                    None => {
+                        debug!("MONITOR feed ended (client too slow, or upstream lost); closing");
                         break;
                     }
                 },
@@ -487,6 +534,7 @@ impl State {
                 if effect == Effect::Reset {
                     // Dropping a lease closes its connection: an open transaction is discarded.
                     self.tx = Tx::None;
+                    self.monitor = None;
                     self.leave_pubsub().await;
                 }
                 let suppress = skip || self.client.reply_mode == ReplyMode::Off;
@@ -498,6 +546,30 @@ impl State {
                 self.pending.push_back(Pending::Local { bytes, count: 1 });
             }
             Action::Transaction(command) => self.transaction(command, request).await,
+            Action::Monitor if !matches!(self.tx, Tx::None) => {
+                // Queued in a transaction: Redis refuses it at EXEC.
+                let timeout = Some(self.config.request_timeout);
+                self.forward_one(request, timeout, None).await;
+            }
+            Action::Monitor if !self.config.allow_monitor => self.reply_locally(error_reply(
+                "redmux: MONITOR is disabled (upstream.allow_monitor = false)",
+            )),
+            Action::Monitor if self.monitor.is_some() => {
+                self.reply_locally(Bytes::from_static(b"+OK\r\n"))
+            }
+            Action::Monitor => {
+                let (feed, inbox) = Feed::new();
+                let limit = usize::try_from(self.config.client_output_limit).unwrap_or(usize::MAX);
+                let rx = monitor::start(&self.upstreams, inbox, limit).await;
+                self.monitor = Some(feed);
+                self.outstanding += 1;
+                self.pending.push_back(Pending::Upstream {
+                    rx,
+                    count: 1,
+                    suppress: false,
+                    release: None,
+                });
+            }
             Action::PubSub { kind, subscribe } => {
                 let names: Vec<Bytes> = Args::new(&request)
                     .skip(1)
@@ -599,13 +671,9 @@ impl State {
         let inbox = match self.subs.inbox {
             Some(_) => None,
             None => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                self.subs.inbox = Some(rx);
-                self.subs.queued = Arc::default();
-                Some(pubsub::Inbox {
-                    tx,
-                    queued: self.subs.queued.clone(),
-                })
+                let (feed, inbox) = Feed::new();
+                self.subs.inbox = Some(feed);
+                Some(inbox)
             }
         };
         let rx = self
@@ -863,13 +931,6 @@ fn subscribed_context(action: &Action, request: &[u8]) -> Option<Bytes> {
                  QUIT / RESET are allowed in this context"
             )))
         }
-    }
-}
-
-async fn recv_inbox(inbox: &mut Option<mpsc::UnboundedReceiver<Bytes>>) -> Option<Bytes> {
-    match inbox {
-        Some(inbox) => inbox.recv().await,
-        None => std::future::pending().await,
     }
 }
 

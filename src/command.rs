@@ -34,8 +34,10 @@ pub enum Kind {
     Script,
     /// Puts the connection in subscribed state.
     Subscribe,
-    /// Turns the connection into something else: MONITOR, SYNC, REPLICAOF, SHUTDOWN, and
-    /// REPLCONF, whose ACK is answered with nothing at all.
+    /// MONITOR: a feed of every command, on a connection of the client's own.
+    Monitor,
+    /// Turns the connection into something else: SYNC, REPLICAOF, SHUTDOWN, and REPLCONF,
+    /// whose ACK is answered with nothing at all.
     Takeover,
     /// `POST` / `Host:`: an HTTP request sent to the Redis port; Redis drops the connection
     /// silently to defeat cross-protocol attacks, and so does redmux.
@@ -61,7 +63,8 @@ pub fn kind(name: &[u8]) -> Kind {
         b"script" => Kind::Script,
         b"subscribe" | b"psubscribe" | b"ssubscribe" | b"unsubscribe" | b"punsubscribe"
         | b"sunsubscribe" => Kind::Subscribe,
-        b"monitor" | b"sync" | b"psync" | b"replicaof" | b"slaveof" | b"shutdown" | b"replconf" => {
+        b"monitor" => Kind::Monitor,
+        b"sync" | b"psync" | b"replicaof" | b"slaveof" | b"shutdown" | b"replconf" => {
             Kind::Takeover
         }
         b"post" | b"host:" => Kind::Http,
@@ -89,6 +92,8 @@ pub enum Action {
     Block(Option<Duration>),
     /// (P|S)SUBSCRIBE and (P|S)UNSUBSCRIBE, served by the shared subscriber connection.
     PubSub { kind: pubsub::Kind, subscribe: bool },
+    /// MONITOR.
+    Monitor,
 }
 
 /// Transaction commands, with the arity that makes Redis change the connection's state (with
@@ -174,6 +179,10 @@ pub fn action(request: &[u8], profile: Profile) -> Action {
             }
             Action::PubSub { kind, subscribe }
         }
+        Kind::Monitor if profile == Profile::Embedded => Action::Reply(error_reply(
+            "redmux: the embedded upstream does not support MONITOR",
+        )),
+        Kind::Monitor => Action::Monitor,
         Kind::ClusterFlag | Kind::Takeover => Action::Reply(not_supported(name, None)),
     }
 }
@@ -374,14 +383,13 @@ mod tests {
             refused(&["script", "debug", "yes"]),
             "-ERR redmux: SCRIPT DEBUG is not supported yet\r\n"
         );
-        let long = format!("monitor{}", "x".repeat(1000));
+        let long = format!("replconf{}", "x".repeat(1000));
         assert_eq!(
             act(&[&long]),
             Action::Forward,
             "an unknown command, for Redis to answer"
         );
         for cmd in [
-            "MONITOR",
             "READONLY",
             "READWRITE",
             "SYNC",

@@ -101,6 +101,8 @@ pub struct UpstreamConfig {
     pub max_pinned: usize,
     /// Shared connection targets (distinct db and protocol pairs) at once.
     pub max_shared: usize,
+    /// Let clients use MONITOR (each gets a connection of its own, from the pinned slots).
+    pub allow_monitor: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -116,6 +118,7 @@ impl Default for UpstreamConfig {
             databases: 16,
             max_pinned: 64,
             max_shared: 32,
+            allow_monitor: true,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod command;
 pub mod config;
 pub mod connection;
 pub mod embedded;
+pub mod monitor;
 pub mod pubsub;
 pub mod resp;
 pub mod server;

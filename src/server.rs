@@ -121,6 +121,7 @@ impl Server {
                 idle_timeout: Some(server.client_idle_timeout).filter(|t| !t.is_zero()),
                 request_timeout: self.config.upstream.request_timeout,
                 profile: self.upstreams.profile(),
+                allow_monitor: self.config.upstream.allow_monitor,
             }),
             upstreams: self.upstreams,
             max_clients: server.max_clients,

@@ -456,3 +456,42 @@ async fn blocked_client_leaving_closes_its_connection() {
     assert_eq!(pusher.call(&["LPUSH", "never", "x"]).await, ":1\r\n");
     assert_eq!(pusher.call(&["LLEN", "never"]).await, ":1\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_gets_a_connection_of_its_own() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut watcher = redmux.raw().await;
+    assert_eq!(watcher.call(&["MONITOR"]).await, "+OK\r\n");
+    assert!(
+        client_list(&redis).contains("flags=O"),
+        "{}",
+        client_list(&redis)
+    );
+    let mut writer = redmux.raw().await;
+    assert_eq!(writer.call(&["SET", "watched", "value"]).await, "+OK\r\n");
+    loop {
+        let line = watcher.reply_str().await;
+        assert!(line.starts_with('+'), "{line}");
+        if line.contains("\"SET\" \"watched\" \"value\"") {
+            break;
+        }
+    }
+    // RESET stops monitoring: its connection goes away.
+    assert_eq!(watcher.call(&["RESET"]).await, "+RESET\r\n");
+    let deadline = Instant::now() + support::READY_TIMEOUT;
+    while client_list(&redis).contains("flags=O") {
+        assert!(Instant::now() < deadline, "MONITOR connection never closed");
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(watcher.call(&["GET", "watched"]).await, "$5\r\nvalue\r\n");
+
+    let mut config = support::config(&redis.addr());
+    config.upstream.allow_monitor = false;
+    let refusing = Redmux::start_with(config).await;
+    let mut raw = refusing.raw().await;
+    assert_eq!(
+        raw.call(&["MONITOR"]).await,
+        "-ERR redmux: MONITOR is disabled (upstream.allow_monitor = false)\r\n"
+    );
+}

@@ -229,6 +229,23 @@ impl Upstreams {
         pool::acquire(self, target).await
     }
 
+    /// A connection for MONITOR: it takes one of the `max_pinned` slots for as long as it
+    /// lives, and is never reused (a monitoring connection stays one).
+    pub async fn monitor_connection(
+        &self,
+    ) -> Result<(Reader, Writer, tokio::sync::OwnedSemaphorePermit), UpstreamError> {
+        let slot = pool::slot(self).await?;
+        let setup = Setup {
+            db: 0,
+            resp3: false,
+            ping: self.inner.profile == Profile::Redis,
+        };
+        let (reader, writer) = connect(&self.inner.endpoint, setup, self.inner.timeouts.connect)
+            .await
+            .map_err(|_| UpstreamError::Unavailable)?;
+        Ok((reader, writer, slot))
+    }
+
     fn actor_config(&self, target: Target, role: actor::Role) -> actor::Config {
         actor::Config {
             endpoint: self.inner.endpoint.clone(),

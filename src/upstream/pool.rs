@@ -114,17 +114,23 @@ impl Lease {
     }
 }
 
-/// Leases a connection prepared for `target`: an idle one if there is, else a new one, waiting
-/// up to `connect_timeout` for a free slot.
-pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lease, UpstreamError> {
+/// One of the `max_pinned` slots, waiting up to `connect_timeout` for one.
+pub(super) async fn slot(upstreams: &Upstreams) -> Result<OwnedSemaphorePermit, UpstreamError> {
     let inner = &upstreams.inner;
-    let slot = tokio::time::timeout(
+    tokio::time::timeout(
         inner.timeouts.connect,
         inner.pool.slots.clone().acquire_owned(),
     )
     .await
     .map_err(|_| UpstreamError::NoPinned)?
-    .map_err(|_| UpstreamError::NoPinned)?;
+    .map_err(|_| UpstreamError::NoPinned)
+}
+
+/// Leases a connection prepared for `target`: an idle one if there is, else a new one, waiting
+/// up to `connect_timeout` for a free slot.
+pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lease, UpstreamError> {
+    let inner = &upstreams.inner;
+    let slot = slot(upstreams).await?;
     let idle = loop {
         // Register before looking, so a cleaning that ends in between is not missed.
         let cleaned = inner.pool.cleaned.notified();

@@ -1,0 +1,74 @@
+//! MONITOR: a connection of the client's own that streams every command Redis runs.
+//!
+//! The feed goes to the client's inbox, bounded in bytes like a subscriber's, after the `+OK`
+//! that answers MONITOR itself. The connection closes as soon as the client stops monitoring
+//! (RESET) or leaves.
+
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::oneshot,
+};
+use tracing::debug;
+
+use crate::{
+    pubsub::Inbox,
+    resp::{encode_command, ReplyScanner},
+    upstream::{Reply, UpstreamError, Upstreams},
+};
+
+/// Starts monitoring: the receiver gets the reply to MONITOR, the inbox everything after it.
+/// `limit` bounds the bytes waiting in the inbox; past it the feed stops.
+pub async fn start(upstreams: &Upstreams, inbox: Inbox, limit: usize) -> oneshot::Receiver<Reply> {
+    let (reply, rx) = oneshot::channel();
+    let (mut reader, mut writer, slot) = match upstreams.monitor_connection().await {
+        Ok(connection) => connection,
+        Err(error) => {
+            let _ = reply.send(Err(error));
+            return rx;
+        }
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        if writer
+            .write_all(&encode_command([&b"MONITOR"[..]]))
+            .await
+            .is_err()
+        {
+            let _ = reply.send(Err(UpstreamError::ConnectionLost));
+            return;
+        }
+        let mut reply = Some(reply);
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut scanner = ReplyScanner::new();
+        loop {
+            tokio::select! {
+                read = reader.read_buf(&mut buf) => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+                () = inbox.tx.closed() => break,
+            }
+            while let Ok(Some(end)) = scanner.next_reply(&buf) {
+                let frame = buf.split_to(end).freeze();
+                scanner.consumed(end);
+                if let Some(reply) = reply.take() {
+                    let _ = reply.send(Ok(frame));
+                    continue;
+                }
+                let queued = inbox.queued.fetch_add(frame.len(), Ordering::AcqRel);
+                if queued + frame.len() > limit || inbox.tx.send(frame).is_err() {
+                    debug!("monitoring client too slow or gone; closing its MONITOR connection");
+                    return;
+                }
+            }
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(Err(UpstreamError::ConnectionLost));
+        }
+    });
+    rx
+}
