@@ -234,7 +234,6 @@ async fn unsupported_commands_are_refused_and_never_forwarded() {
     let mut a = redmux.raw().await;
     // (request, the name the error gives)
     let refused: &[(&[&str], &str)] = &[
-        (&["MONITOR"], "MONITOR"),
         (&["READONLY"], "READONLY"),
         (&["SHUTDOWN"], "SHUTDOWN"),
         (&["REPLICAOF", "NO", "ONE"], "REPLICAOF"),
