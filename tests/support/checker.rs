@@ -152,6 +152,8 @@ pub struct ClientReport {
     pub incr_ok_total: u64,
     /// INCRBYs that failed in a way that may have run (connection lost, timed out, hang).
     pub incr_uncertain: u64,
+    /// Runs beyond what was sent, seen in replies (each is a request that ran twice).
+    pub incr_excess: u64,
 }
 
 /// The outcome of a whole run.
@@ -531,6 +533,7 @@ impl Client {
                 incr_ok_instance: 0,
                 incr_ok_total: 0,
                 incr_uncertain: 0,
+                incr_excess: 0,
             },
         }
     }
@@ -784,8 +787,11 @@ impl Client {
         self.last_incr = Some((k, sent_epoch));
         self.report.incr_ok_instance += 1;
         self.report.incr_ok_total += 1;
-        let explained = self.report.incr_ok_instance + self.report.incr_uncertain;
+        let explained =
+            self.report.incr_ok_instance + self.report.incr_uncertain + self.report.incr_excess;
         if k > explained {
+            // Counted once: later replies are judged against the counter as it now is.
+            self.report.incr_excess += k - explained;
             return Outcome::Twice(format!(
                 "counter at {k} steps, but only {} INCRBYs acknowledged and {} may have run: a \
                  request ran twice",
