@@ -184,12 +184,15 @@ async fn soak() {
         .map(|s| s.parse().expect("REDMUX_SOAK_SECS is a number of seconds"))
         .unwrap_or(60);
     let deadline = Instant::now() + Duration::from_secs(secs);
+    // A cycle (quiet time, fault, recovery) takes up to about 5 s: none starts that cannot end
+    // by the deadline.
+    let cycle_length = Duration::from_secs(5);
     let mut redis = RedisServer::start();
     let mut redmux = start_redmux(&redis);
     let checker = start_checker(&redmux, 8).await;
     let mut warm_rss = None;
     let mut cycle = 0;
-    while Instant::now() < deadline {
+    while Instant::now() + cycle_length < deadline {
         // Traffic without a fault for a while: a pause that models quiet time between faults.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let name = ["client kill", "slow redis", "sigstop", "sigkill"][cycle % 4];
