@@ -393,6 +393,17 @@ impl Config {
     }
 }
 
+/// True when the config file at `path` can be read by every user (mode & 0o004) and `file`,
+/// the configuration read from that file alone, holds a password: `upstream.password`, or one
+/// inside `upstream.address`. Such a file leaks the password to every account on the machine.
+pub fn world_readable_secret(path: &Path, file: &Config) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let holds_password =
+        file.upstream.password.is_some() || file.upstream.address.password.is_some();
+    holds_password
+        && std::fs::metadata(path).is_ok_and(|meta| meta.permissions().mode() & 0o004 != 0)
+}
+
 /// The line (1-based) of `section.key` in TOML text, found by reading the section headers.
 fn line_of(text: &str, dotted: &str) -> Option<usize> {
     let (section, key) = dotted.split_once('.')?;
@@ -688,6 +699,25 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("18446744073709551615s").is_err());
         assert!(parse_duration("366d").is_err());
+    }
+
+    #[test]
+    fn world_readable_secret_needs_both_a_password_and_mode_o_r() {
+        use std::os::unix::fs::PermissionsExt;
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let check = |text: &str, mode: u32| {
+            std::fs::write(file.path(), text).unwrap();
+            std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            world_readable_secret(file.path(), &Config::parse(text).unwrap())
+        };
+        let key = "[upstream]\naddress = \"127.0.0.1:7000\"\npassword = \"pw\"\n";
+        let url = "[upstream]\naddress = \"redis://:pw@127.0.0.1:7000\"\n";
+        let none = "[upstream]\naddress = \"127.0.0.1:7000\"\n";
+        assert!(check(key, 0o644));
+        assert!(check(url, 0o604));
+        assert!(!check(key, 0o640));
+        assert!(!check(url, 0o600));
+        assert!(!check(none, 0o644));
     }
 
     #[test]

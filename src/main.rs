@@ -1,12 +1,15 @@
 //! The `redmux` binary: parse flags, load the config, set up logging, run the server until a
 //! signal. Everything else lives in the library.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context;
 use clap::Parser;
 use redmux::{
-    config::{LogConfig, LogFormat, Overrides},
+    config::{world_readable_secret, LogConfig, LogFormat, Overrides},
     Config, Server,
 };
 use tokio::signal::unix::{signal, SignalKind};
@@ -48,7 +51,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let exposed = cli.config.as_deref().filter(|path| exposes_password(path));
     if cli.check {
+        if let Some(path) = exposed {
+            eprintln!("warning: {}", exposed_message(path));
+        }
         let source = cli
             .config
             .map_or("defaults".into(), |p| p.display().to_string());
@@ -57,6 +64,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config.log);
+    if let Some(path) = exposed {
+        tracing::warn!("{}", exposed_message(path));
+    }
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -64,6 +74,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether the config file at `path` is world-readable and holds a password itself (a password
+/// given with `--upstream` is not in the file).
+fn exposes_password(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| Config::parse(&text).ok())
+        .is_some_and(|file| world_readable_secret(path, &file))
+}
+
+fn exposed_message(path: &Path) -> String {
+    format!(
+        "config file {} is world-readable and holds a password",
+        path.display()
+    )
 }
 
 fn run(config: Config) -> anyhow::Result<()> {

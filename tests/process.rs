@@ -222,3 +222,121 @@ async fn json_logs_are_one_object_per_line() {
         "the embedded warning is logged"
     );
 }
+
+/// The default, and the shipped config file, listen on loopback only.
+#[test]
+fn listens_on_loopback_by_default() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/redmux.toml");
+    for args in [&["--check"][..], &["--check", "--config", shipped]] {
+        let (code, out, _) = run(args);
+        assert_eq!(code, 0);
+        let listen: Vec<&str> = out.lines().filter(|l| l.starts_with("listen:")).collect();
+        assert_eq!(listen, ["listen: 127.0.0.1:6380"], "{args:?}: {out}");
+    }
+}
+
+/// With every log level on (`RUST_LOG=trace`), through a connect, an upstream crash and
+/// reconnect, and a rejected password, no password is ever written to the logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_reach_the_logs() {
+    const PASSWORD: &str = "pw-Zq8vX3hunter2";
+    const WRONG: &str = "wrong-Kd93jLm4";
+    let mut redis = RedisServer::start_with(&["--requirepass", PASSWORD]);
+    for format in ["text", "json"] {
+        let log = format!("[log]\nformat = \"{format}\"\n");
+        let trace = [("RUST_LOG", "trace")];
+        let in_url = support::binary::RedmuxProcess::start_env(
+            "",
+            &format!(
+                "[upstream]\naddress = \"redis://:{PASSWORD}@127.0.0.1:{}/2\"\n\
+                 connect_timeout = \"300ms\"\n{log}",
+                redis.port
+            ),
+            &trace,
+        );
+        let mut raw = in_url.raw().await;
+        assert_eq!(raw.call(&["SET", "k", "v"]).await, "+OK\r\n");
+        tokio::task::block_in_place(|| redis.restart());
+        let deadline = Instant::now() + support::READY_TIMEOUT;
+        while raw.call(&["PING"]).await != "+PONG\r\n" {
+            assert!(Instant::now() < deadline, "no reconnect");
+        }
+        let wrong = support::binary::RedmuxProcess::start_env(
+            "",
+            &format!(
+                "[upstream]\naddress = \"{}\"\npassword = \"{WRONG}\"\n\
+                 connect_timeout = \"300ms\"\n{log}",
+                redis.addr()
+            ),
+            &trace,
+        );
+        let mut raw = wrong.raw().await;
+        assert_eq!(
+            raw.call(&["PING"]).await,
+            "-ERR redmux: upstream unavailable\r\n"
+        );
+        for (name, process) in [("password in the url", in_url), ("wrong password", wrong)] {
+            let logs = process.stderr();
+            assert_eq!(process.stop(), 0);
+            // redmux has no trace events; debug ones show the filter is wide open.
+            assert!(
+                logs.contains("DEBUG"),
+                "{format} {name}: verbose logs:\n{logs}"
+            );
+            assert!(logs.contains("upstream"), "{format} {name}:\n{logs}");
+            println!("{format} {name}: {} log lines", logs.lines().count());
+            for secret in [PASSWORD, WRONG] {
+                assert!(!logs.contains(secret), "{format} {name}: logged:\n{logs}");
+            }
+        }
+    }
+}
+
+/// A config file that holds a password and that every user can read is warned about, at
+/// start and by `--check`; a private one is not.
+#[test]
+fn world_readable_config_with_a_password_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let file = support::write_file(
+        dir.path(),
+        "redmux.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\naddress = \"127.0.0.1:{}\"\n\
+             password = \"hunter2\"\n",
+            support::free_port()
+        ),
+    );
+    let path = file.to_str().unwrap();
+    let warning = format!("config file {path} is world-readable and holds a password");
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        let (code, _, err) = run(&["--check", "--config", path]);
+        assert_eq!(code, 0);
+        assert_eq!(
+            err.contains(&warning),
+            warned,
+            "--check, mode {mode:o}: {err}"
+        );
+        let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let child = Command::new(support::redmux_bin())
+            .args(["--config", path])
+            .env_remove("RUST_LOG")
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut redmux = Process(child);
+        support::wait_listening(port);
+        redmux.signal("TERM");
+        assert_eq!(redmux.exit_code(Duration::from_secs(5)), 0);
+        let logs = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+        assert!(logs.contains("listening"), "{logs}");
+        assert_eq!(
+            logs.contains(&warning),
+            warned,
+            "start, mode {mode:o}: {logs}"
+        );
+        assert!(!logs.contains("hunter2"), "{logs}");
+    }
+}

@@ -163,3 +163,79 @@ async fn fragmented_and_hostile_input() {
     let mut bystander = redmux.raw().await;
     assert_eq!(bystander.call(&["PING"]).await, "+PONG\r\n");
 }
+
+/// Writes `prefix`, then `filler` bytes in 512-byte writes (a line that never ends), for at
+/// most 8 MiB or until the server closes; returns what the server said before closing.
+async fn grow_line(addr: SocketAddr, prefix: &'static [u8], filler: u8) -> Vec<String> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let writing = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let chunk = vec![filler; 512];
+        let mut sent = writer.write_all(prefix).await.map(|()| prefix.len());
+        while let Ok(n) = sent {
+            if n >= 8 * 1024 * 1024 {
+                break;
+            }
+            sent = writer.write_all(&chunk).await.map(|()| n + chunk.len());
+        }
+    });
+    let mut received = Vec::new();
+    tokio::time::timeout(
+        support::READY_TIMEOUT,
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut received),
+    )
+    .await
+    .expect("the server closes the connection")
+    .ok();
+    writing.await.unwrap();
+    String::from_utf8_lossy(&received)
+        .split_inclusive("\r\n")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A line with no end, growing past 64 KiB in many small writes, gets the same error as from
+/// Redis and a close; with 20 such clients at once redmux's memory grows by a few MB at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_lines_in_small_writes() {
+    let redis = RedisServer::start();
+    let redmux = support::binary::RedmuxProcess::start(
+        "",
+        &format!("[upstream]\naddress = \"{}\"\n", redis.addr()),
+    );
+    let redis_addr: SocketAddr = redis.addr().parse().unwrap();
+    let cases: [(&str, &'static [u8], u8); 3] = [
+        ("too big inline request", b"GET ", b'a'),
+        ("too big mbulk count string", b"*", b'1'),
+        ("too big bulk count string", b"*1\r\n$", b'1'),
+    ];
+    let mut bystander = Raw::connect(redmux.addr).await;
+    assert_eq!(bystander.call(&["PING"]).await, "+PONG\r\n");
+    let before = redmux.rss_kib();
+    for (error, prefix, filler) in cases {
+        let expected = grow_line(redis_addr, prefix, filler).await;
+        assert_eq!(
+            expected,
+            vec![format!("-ERR Protocol error: {error}\r\n")],
+            "Redis"
+        );
+        let clients: Vec<_> = (0..20)
+            .map(|_| tokio::spawn(grow_line(redmux.addr, prefix, filler)))
+            .collect();
+        for client in clients {
+            assert_eq!(client.await.unwrap(), expected, "{error}");
+        }
+        assert_eq!(
+            bystander.call(&["ECHO", error]).await.len(),
+            error.len() + 7
+        );
+    }
+    let peak = redmux.peak_rss_kib();
+    println!(
+        "endless lines: redmux rss {before} KiB before, peak {peak} KiB (+{} KiB)",
+        peak - before
+    );
+    assert!(peak - before < 4 * 1024, "{before} KiB -> {peak} KiB");
+}

@@ -2,6 +2,9 @@
 //! 0, and a raw RESP socket for protocol edges. Never port 6379, never a mock.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod binary;
+pub mod checker;
+
 use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
@@ -126,12 +129,17 @@ impl RedisServer {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        send_signal(self.pid(), signal);
     }
+}
+
+/// Sends `signal` (a name such as `STOP`) to process `pid`.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 impl Drop for RedisServer {
@@ -243,6 +251,11 @@ impl Raw {
 
     pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
         self.writer.write_all(bytes.as_ref()).await.expect("send");
+    }
+
+    /// Sends, reporting a failure (the server closed the connection) instead of panicking.
+    pub async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
+        self.writer.write_all(bytes.as_ref()).await
     }
 
     /// Writes `bytes` while reading `count` replies, as a pipelining client must (a client that

@@ -1,0 +1,285 @@
+//! Abusive or unlucky clients, against the redmux binary where its memory is measured: clients
+//! that never read, thousands of clients at once, and clients arriving while Redis is stalled.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use support::{binary::RedmuxProcess, RedisServer, READY_TIMEOUT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const VALUE_LEN: usize = 100 * 1000;
+const REQUESTS: usize = 1000;
+const OUTPUT_LIMIT: u64 = 4 * 1024 * 1024;
+const ABUSERS: usize = 4;
+
+fn upstream(redis: &RedisServer) -> String {
+    format!("[upstream]\naddress = \"{}\"\n", redis.addr())
+}
+
+/// A client that pipelines `REQUESTS` GETs of a 100 kB value as canonical RESP (as redis-py's
+/// pipeline or `redis-benchmark -P` do) and never reads the replies.
+async fn never_reading(addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // A small window: the kernel does not soak up the replies on the client's behalf.
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let requests = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n".repeat(REQUESTS);
+    stream.write_all(&requests).await.unwrap();
+    stream
+}
+
+/// Runs `ABUSERS` never-reading clients at once against redmux with `client_output_limit` =
+/// 4 MiB and the given `max_pipeline`; waits until redmux has closed every one of them; returns
+/// how much redmux's peak RSS grew over its RSS before, in KiB.
+async fn abusers_peak_growth(max_pipeline: usize) -> u64 {
+    let redis = RedisServer::start();
+    let value = "v".repeat(VALUE_LEN);
+    let _: () = redis::Commands::set(&mut redis.direct(), "big", &value).unwrap();
+    let redmux = RedmuxProcess::start(
+        &format!("client_output_limit = {OUTPUT_LIMIT}\nmax_pipeline = {max_pipeline}"),
+        &upstream(&redis),
+    );
+    let mut bystander = redmux.raw().await;
+    assert_eq!(bystander.call(&["PING"]).await, "+PONG\r\n");
+    let before = redmux.rss_kib();
+    let mut abusers = Vec::new();
+    for _ in 0..ABUSERS {
+        abusers.push(never_reading(redmux.addr).await);
+    }
+    // Closed by redmux: each one is logged. The abusers still have not read a byte.
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while redmux
+        .stderr()
+        .matches("client output limit reached")
+        .count()
+        < ABUSERS
+    {
+        assert!(
+            Instant::now() < deadline,
+            "abusers not closed; redmux rss {} KiB; log:\n{}",
+            redmux.rss_kib(),
+            redmux.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let peak = redmux.peak_rss_kib();
+    // Each abuser finds its connection closed, having been sent a fraction of the replies.
+    let full = REQUESTS * (VALUE_LEN + "$100000\r\n\r\n".len());
+    for mut stream in abusers {
+        let mut received = 0;
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let read = tokio::time::timeout(READY_TIMEOUT, stream.read(&mut chunk))
+                .await
+                .expect("redmux closed the connection");
+            match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+        assert!(received < full / 4, "received {received} of {full} bytes");
+    }
+    // Everyone else carries on.
+    assert_eq!(bystander.call(&["PING"]).await, "+PONG\r\n");
+    let growth = peak.saturating_sub(before);
+    println!(
+        "{ABUSERS} never-reading clients, max_pipeline {max_pipeline}: rss before {before} KiB, \
+         peak {peak} KiB (+{growth} KiB), after {} KiB",
+        redmux.rss_kib()
+    );
+    growth
+}
+
+/// With `max_pipeline` small, what a never-reading client can make redmux hold is bounded by
+/// `client_output_limit` plus `max_pipeline` replies in flight: the client is closed there.
+/// Resident memory may be up to twice that, since a reply shares its allocation with the actor's
+/// read buffer; plus 8 MiB for the allocator. Measured peaks: +26 to +38 MB (bound: +53 MB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_reading_clients_are_closed_and_memory_stays_bounded() {
+    let max_pipeline = 16;
+    let growth = abusers_peak_growth(max_pipeline).await;
+    let per_client = 2 * (OUTPUT_LIMIT + (max_pipeline * VALUE_LEN) as u64) / 1024;
+    let bound = ABUSERS as u64 * per_client + 8 * 1024;
+    assert!(growth <= bound, "rss grew {growth} KiB, bound {bound} KiB");
+}
+
+/// What the README promises: with the default `max_pipeline` (1024), redmux's memory for a
+/// never-reading client stays near `client_output_limit`.
+///
+/// KNOWN BUG, fails today: a client's pipelined requests are forwarded as one batch, and the
+/// upstream actor hands back a batch's replies only once all of them have arrived, so the whole
+/// batch (here 1000 x 100 kB = 100 MB per client) is buffered before the session can see its
+/// output limit. Measured: 4 clients take redmux from 9.5 MB to 141 MB peak, with a 4 MiB limit,
+/// and the memory stays resident afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: a pipelined batch's replies are buffered whole, past client_output_limit"]
+async fn never_reading_clients_default_pipeline_known_bug() {
+    let growth = abusers_peak_growth(1024).await;
+    // The same allowance as above, without the in-flight replies that the limit should cover.
+    let bound = ABUSERS as u64 * (2 * OUTPUT_LIMIT / 1024) + 8 * 1024;
+    assert!(growth <= bound, "rss grew {growth} KiB, bound {bound} KiB");
+}
+
+/// 5,000 clients connected at once are all served, each getting its own values back. At
+/// `max_clients` the next one gets Redis's error and is closed, and a slot frees up when a
+/// client leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_clients_then_max_clients() {
+    const CLIENTS: usize = 5000;
+    // Each client is a descriptor here and one in redmux (which raises its own limit).
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap();
+    assert!(limit >= 2 * CLIENTS as u64 + 100, "open-file limit {limit}");
+    let redis = RedisServer::start();
+    let redmux = RedmuxProcess::start(&format!("max_clients = {CLIENTS}"), &upstream(&redis));
+    let before = redmux.rss_kib();
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        clients.push(redmux.raw().await);
+    }
+    // Every client sends before any reads: all 5,000 sessions are live at once.
+    for (i, client) in clients.iter_mut().enumerate() {
+        let key = format!("c:{i}");
+        let mut request =
+            redmux::resp::encode_command([&b"SET"[..], key.as_bytes(), key.as_bytes()]).to_vec();
+        request.extend_from_slice(&redmux::resp::encode_command([&b"GET"[..], key.as_bytes()]));
+        client.send(&request).await;
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        let key = format!("c:{i}");
+        assert_eq!(client.reply_str().await, "+OK\r\n", "client {i}");
+        assert_eq!(
+            client.reply_str().await,
+            format!("${}\r\n{key}\r\n", key.len()),
+            "client {i}"
+        );
+    }
+    let connected = redmux.rss_kib();
+    println!(
+        "{CLIENTS} clients: redmux rss {before} KiB before, {connected} KiB with all connected \
+         ({:.1} KiB per client)",
+        connected.saturating_sub(before) as f64 / CLIENTS as f64
+    );
+    let mut refused = redmux.raw().await;
+    assert_eq!(
+        refused.reply_str().await,
+        "-ERR max number of clients reached\r\n"
+    );
+    refused.expect_closed().await;
+    // A client leaving frees its slot.
+    drop(clients.pop());
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let mut next = redmux.raw().await;
+        next.send("PING\r\n").await;
+        if next.reply_str().await == "+PONG\r\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed");
+    }
+    // Every one of them is still served.
+    for client in clients.iter_mut().step_by(97) {
+        assert_eq!(client.call(&["PING"]).await, "+PONG\r\n");
+    }
+}
+
+/// Redis stalled (SIGSTOP) with redmux's upstream pipeline clogged: redmux still accepts new
+/// clients and answers what it answers itself (QUIT, empty input, a refused command) at once.
+/// Once Redis resumes, every stuck request gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_upstream_never_blocks_accepting_or_local_replies() {
+    let redis = RedisServer::start();
+    let redmux = RedmuxProcess::start(
+        "",
+        &format!(
+            "{}connect_timeout = \"1s\"\nrequest_timeout = \"30s\"\n",
+            upstream(&redis)
+        ),
+    );
+    let mut probe = redmux.raw().await;
+    assert_eq!(probe.call(&["PING"]).await, "+PONG\r\n");
+    redis.signal("STOP");
+    // Clog everything: 100 clients x 100 SETs of 4 kB fill the socket to Redis, the actor's
+    // write buffer and its channel.
+    let value = "x".repeat(4000);
+    let mut stuck = Vec::new();
+    for i in 0..100 {
+        let mut raw = redmux.raw().await;
+        let mut batch = Vec::new();
+        for j in 0..100 {
+            batch.extend_from_slice(&redmux::resp::encode_command([
+                &b"SET"[..],
+                format!("stuck:{i}:{j}").as_bytes(),
+                value.as_bytes(),
+            ]));
+        }
+        stuck.push(tokio::spawn(async move {
+            raw.send(&batch).await;
+            let mut answers = Vec::new();
+            for _ in 0..100 {
+                answers.push(raw.reply_str().await);
+            }
+            answers
+        }));
+    }
+    // Wait until Redis's socket no longer takes writes: redmux's side is backed up.
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while !upstream_send_queue_full(redis.port) {
+        assert!(Instant::now() < deadline, "upstream never backed up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut slowest = Duration::ZERO;
+    for round in 0..20 {
+        let started = Instant::now();
+        let mut quit = redmux.raw().await;
+        assert_eq!(quit.call(&["QUIT"]).await, "+OK\r\n");
+        quit.expect_closed().await;
+        let mut quiet = redmux.raw().await;
+        quiet.send("\r\n*0\r\n\r\nQUIT\r\n").await;
+        assert_eq!(
+            quiet.reply_str().await,
+            "+OK\r\n",
+            "nothing before QUIT's reply"
+        );
+        quiet.expect_closed().await;
+        let mut refused = redmux.raw().await;
+        let reply = refused.call(&["SELECT", "1"]).await;
+        assert!(reply.starts_with("-ERR redmux: SELECT"), "{reply}");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "round {round}: local replies took {took:?} with Redis stalled"
+        );
+        slowest = slowest.max(took);
+    }
+    println!("stalled upstream: 3 new clients served locally in at most {slowest:?}");
+    redis.signal("CONT");
+    for task in stuck {
+        let answers = tokio::time::timeout(READY_TIMEOUT, task)
+            .await
+            .expect("stuck clients answered after SIGCONT")
+            .unwrap();
+        assert!(answers.iter().all(|a| a == "+OK\r\n"), "{answers:?}");
+    }
+}
+
+/// True if the kernel's send queue towards `port` holds a lot: found in /proc/net/tcp, the
+/// `tx_queue` of the connection from redmux to Redis.
+fn upstream_send_queue_full(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let remote_port = fields
+            .get(2)
+            .and_then(|remote| remote.split(':').nth(1))
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+        let tx_queue = fields
+            .get(4)
+            .and_then(|queues| queues.split(':').next())
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+        remote_port == Some(port) && tx_queue.is_some_and(|q| q > 64 * 1024)
+    })
+}

@@ -1,0 +1,150 @@
+//! The redmux binary as a child process, for what only a real process shows: its memory (RSS
+//! from `/proc`), its logs on stderr, and its behaviour under its own single-thread runtime.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::{free_port, redmux_bin, send_signal, Raw, READY_TIMEOUT};
+
+/// A redmux process listening on a free loopback port, killed on drop. Its stderr goes to a
+/// file in its own temp dir, so a test can read the logs at any time.
+pub struct RedmuxProcess {
+    pub addr: SocketAddr,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl RedmuxProcess {
+    /// Starts redmux with a config file made of `listen` plus `server` (more `[server]` keys,
+    /// one per line) and `rest` (further sections: `[upstream]`, `[log]`), and waits until it
+    /// accepts connections. `RUST_LOG` is cleared.
+    pub fn start(server: &str, rest: &str) -> RedmuxProcess {
+        Self::start_env(server, rest, &[])
+    }
+
+    /// As [`RedmuxProcess::start`], with environment variables set for the process.
+    pub fn start_env(server: &str, rest: &str, env: &[(&str, &str)]) -> RedmuxProcess {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let port = free_port();
+            let config = dir.path().join("redmux.toml");
+            std::fs::write(
+                &config,
+                format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{server}\n{rest}\n"),
+            )
+            .expect("write config");
+            let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
+            let child = Command::new(redmux_bin())
+                .arg("--config")
+                .arg(&config)
+                .env_remove("RUST_LOG")
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("start redmux");
+            let mut process = RedmuxProcess {
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                child,
+                dir,
+            };
+            if process.wait_listening() {
+                return process;
+            }
+            // It exited: most likely the port was taken meanwhile. Try another.
+        }
+        panic!("redmux would not start on any free port");
+    }
+
+    /// True once the port accepts connections; false if the process exited first.
+    fn wait_listening(&mut self) -> bool {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                return false;
+            }
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "redmux did not listen on {} in time; stderr:\n{}",
+            self.addr,
+            self.stderr()
+        );
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS")
+    }
+
+    /// The most resident memory the process has had so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM")
+    }
+
+    /// Everything redmux has logged so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("redmux.toml")
+    }
+
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.pid(), signal);
+    }
+
+    pub async fn raw(&self) -> Raw {
+        Raw::connect(self.addr).await
+    }
+
+    /// SIGTERM, then the exit code (within 10 s).
+    pub fn stop(mut self) -> i32 {
+        self.signal("TERM");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redmux did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RedmuxProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`...), in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
