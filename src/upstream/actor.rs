@@ -231,6 +231,10 @@ impl Actor {
                         if let Err(error) = pipe.dispatch() {
                             return pipe.fail(UpstreamError::ConnectionLost, &error.to_string());
                         }
+                        // A buffer grown for a large batch of replies is given back once empty.
+                        if pipe.rbuf.is_empty() && pipe.rbuf.capacity() > 4 * READ_CHUNK {
+                            pipe.rbuf = BytesMut::with_capacity(READ_CHUNK);
+                        }
                     }
                     Err(error) => return pipe.fail(UpstreamError::ConnectionLost, &error.to_string()),
                 },
