@@ -142,8 +142,10 @@ fn init_logging(log: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(format!("{},mini_redis=warn", log.level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a terminal, not for a log file or journald.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match log.format {
         LogFormat::Text => builder.init(),
