@@ -24,7 +24,7 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncWrite, AsyncWriteExt},
     net::{TcpStream, UnixStream},
     sync::{
         mpsc::{self, error::TrySendError},
@@ -54,8 +54,6 @@ const MAX_IOVECS: usize = 64;
 /// 1,000 GETs of a large value and never reading is cut off after a few batches, not after all.
 /// 64 keeps a `redis-benchmark -P 32` write in one batch.
 const MAX_BATCH: u32 = 64;
-/// A read buffer grown past this by a large request is given back once empty.
-const SHRINK_ABOVE: usize = 4 * READ_CHUNK;
 /// Stop reading a client while this many reply bytes wait for it to read them.
 const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
 
@@ -178,7 +176,7 @@ struct Batch {
 /// A client socket that can be read and written at once through borrowed halves: no `Arc`, no
 /// lock, and no `shutdown(2)` on drop (a plain close is all Redis does either).
 pub trait Duplex: Send + 'static {
-    type Read<'a>: AsyncRead + Unpin + Send
+    type Read<'a>: ReadSide
     where
         Self: 'a;
     type Write<'a>: AsyncWrite + Unpin + Send
@@ -186,6 +184,28 @@ pub trait Duplex: Send + 'static {
         Self: 'a;
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
 }
+
+/// Reading in two steps, wait for data then read it, so that an idle client holds no read
+/// buffer: one is taken only when there is something to put in it.
+pub trait ReadSide: Send {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    fn try_read_buf(&self, buf: &mut BytesMut) -> std::io::Result<usize>;
+}
+
+macro_rules! read_side {
+    ($half:ty) => {
+        impl ReadSide for $half {
+            fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+                <$half>::readable(self)
+            }
+            fn try_read_buf(&self, buf: &mut BytesMut) -> std::io::Result<usize> {
+                <$half>::try_read_buf(self, buf)
+            }
+        }
+    };
+}
+read_side!(tokio::net::tcp::ReadHalf<'_>);
+read_side!(tokio::net::unix::ReadHalf<'_>);
 
 impl Duplex for TcpStream {
     type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
@@ -276,7 +296,7 @@ impl<S: Duplex> Session<S> {
             mut io,
             state: mut this,
         } = self;
-        let (mut reader, mut writer) = io.halves();
+        let (reader, mut writer) = io.halves();
         let idle_timeout = this.config.idle_timeout;
         // Registered once: a fresh `cancelled()` future per loop turn would lock the token's
         // waiter list twice per request.
@@ -299,11 +319,9 @@ impl<S: Duplex> Session<S> {
             let can_read = !this.draining
                 && this.outstanding < this.config.max_pipeline
                 && this.out_len < OUTPUT_HIGH_WATER;
-            if can_read && this.rbuf.capacity() - this.rbuf.len() < READ_CHUNK / 4 {
-                // Grow towards a large announced bulk step by step: a header alone must not
-                // reserve 512 MB.
-                this.rbuf
-                    .reserve(this.decoder.missing().clamp(READ_CHUNK, MAX_READ_RESERVE));
+            // Nothing buffered, nothing owed: the client holds no read buffer while it idles.
+            if this.rbuf.is_empty() && this.outstanding == 0 && this.out.is_empty() {
+                this.rbuf = BytesMut::new();
             }
             let waiting_upstream = matches!(this.pending.front(), Some(Pending::Upstream { .. }));
             tokio::select! {
@@ -326,29 +344,42 @@ impl<S: Duplex> Session<S> {
                         }
                     }
                 }
-                read = reader.read_buf(&mut this.rbuf), if can_read => match read {
-                    // The client has closed its side: the replies it is owed are still written,
-                    // except a blocking command's, which may never come: like Redis, drop it
-                    // (its pinned connection closes with it).
-                    Ok(0) => {
-                        this.draining = true;
-                        this.abort = this.pending.iter().any(|p| {
-                            matches!(p, Pending::Upstream { release: Some(_), .. })
-                        });
-                    }
-                    Ok(_) => {
-                        this.unparsed = true;
-                        this.last_activity = Instant::now();
-                        if this.rbuf.len() as u64 > this.config.client_query_limit {
-                            debug!("query buffer limit exceeded; closing");
-                            break;
-                        }
-                    }
-                    Err(error) => {
+                ready = reader.readable(), if can_read => {
+                    if let Err(error) = ready {
                         debug!(%error, "client read failed");
                         break;
                     }
-                },
+                    if this.rbuf.capacity() - this.rbuf.len() < READ_CHUNK / 4 {
+                        // Grow towards a large announced bulk step by step: a header alone
+                        // must not reserve 512 MB.
+                        this.rbuf
+                            .reserve(this.decoder.missing().clamp(READ_CHUNK, MAX_READ_RESERVE));
+                    }
+                    match reader.try_read_buf(&mut this.rbuf) {
+                        // The client has closed its side: the replies it is owed are still
+                        // written, except a blocking command's, which may never come: like
+                        // Redis, drop it (its pinned connection closes with it).
+                        Ok(0) => {
+                            this.draining = true;
+                            this.abort = this.pending.iter().any(|p| {
+                                matches!(p, Pending::Upstream { release: Some(_), .. })
+                            });
+                        }
+                        Ok(_) => {
+                            this.unparsed = true;
+                            this.last_activity = Instant::now();
+                            if this.rbuf.len() as u64 > this.config.client_query_limit {
+                                debug!("query buffer limit exceeded; closing");
+                                break;
+                            }
+                        }
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(error) => {
+                            debug!(%error, "client read failed");
+                            break;
+                        }
+                    }
+                }
                 // Published messages and the MONITOR feed, queued behind the replies already owed.
                 frame = next_frame(&mut this.subs.inbox), if this.subs.inbox.is_some() && this.out_len < OUTPUT_HIGH_WATER => match frame {
                     Some(bytes) => this.pending.push_back(Pending::Local { bytes, count: 0 }),
@@ -507,9 +538,6 @@ impl State {
         self.flush_run(&mut run_len, &mut run_count).await;
         if self.draining || self.abort {
             self.unparsed = false;
-        }
-        if self.rbuf.is_empty() && self.rbuf.capacity() > SHRINK_ABOVE {
-            self.rbuf = BytesMut::new();
         }
     }
 

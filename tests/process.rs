@@ -289,7 +289,10 @@ async fn passwords_never_reach_the_logs() {
                 assert!(!logs.contains(secret), "{format} {name}: logged:\n{logs}");
             }
             // Written to a pipe, not a terminal: no colour codes.
-            assert!(!logs.contains('\x1b'), "{format} {name}: ANSI codes in:\n{logs}");
+            assert!(
+                !logs.contains('\x1b'),
+                "{format} {name}: ANSI codes in:\n{logs}"
+            );
         }
     }
 }
