@@ -39,7 +39,7 @@ use crate::{
     command::{self, error_reply, Action, Profile, Transaction},
     connection::{ClientState, Effect, ReplyMode},
     monitor, pubsub,
-    resp::{Args, Frame, Limits, RequestDecoder},
+    resp::{encode_command, Args, Frame, Limits, RequestDecoder},
     upstream::{Lease, Reply, Request, UpstreamError, Upstreams},
 };
 
@@ -93,8 +93,12 @@ enum Tx {
     None,
     /// After WATCH, before MULTI.
     Watching(Lease),
-    /// After MULTI (with or without WATCH before it).
-    Multi(Lease),
+    /// After MULTI (with or without WATCH before it). `dirty`: a command was refused while
+    /// queuing, so EXEC must abort, as in Redis.
+    Multi {
+        lease: Lease,
+        dirty: bool,
+    },
 }
 
 /// The client's subscriptions, for its confirmations and counts, and the inbox its messages
@@ -544,6 +548,20 @@ impl State {
     /// Carries out one request that is not part of a plain forwarded run. `false` once the
     /// client must not be read any further.
     async fn execute(&mut self, action: Action, request: Bytes) -> bool {
+        if let Tx::Multi { dirty, .. } = &mut self.tx {
+            // Redis would queue these and change the connection's state at EXEC; redmux keeps
+            // that state itself, so it refuses them here and the transaction aborts.
+            let name = Args::new(&request).next().unwrap_or_default();
+            let stateful = matches!(action, Action::Connection | Action::PubSub { .. });
+            if stateful && !name.eq_ignore_ascii_case(b"reset") {
+                *dirty = true;
+                let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+                self.reply_locally(error_reply(&format!(
+                    "redmux: {name} inside MULTI is not supported"
+                )));
+                return true;
+            }
+        }
         if self.subs.active() && !self.client.resp3 {
             if let Some(reply) = subscribed_context(&action, &request) {
                 self.reply_locally(reply);
@@ -623,7 +641,11 @@ impl State {
                 }
             }
             Action::Block(block) => {
-                let timeout = block.map(|t| t + self.config.request_timeout);
+                // Queued in a transaction it does not block: the normal timeout applies.
+                let timeout = match self.tx {
+                    Tx::Multi { .. } => Some(self.config.request_timeout),
+                    _ => block.map(|t| t + self.config.request_timeout),
+                };
                 if matches!(self.tx, Tx::None) {
                     match self.upstreams.pinned(self.client.target()).await {
                         Ok(lease) => self.forward_one(request, timeout, Some(lease)).await,
@@ -648,7 +670,10 @@ impl State {
                 match self.upstreams.pinned(self.client.target()).await {
                     Ok(lease) => {
                         self.tx = if command == Transaction::Multi {
-                            Tx::Multi(lease)
+                            Tx::Multi {
+                                lease,
+                                dirty: false,
+                            }
                         } else {
                             Tx::Watching(lease)
                         };
@@ -658,11 +683,30 @@ impl State {
                 }
             }
             (Transaction::Multi, Tx::Watching(lease)) => {
-                self.tx = Tx::Multi(lease);
+                self.tx = Tx::Multi {
+                    lease,
+                    dirty: false,
+                };
                 self.forward_one(request, timeout, None).await;
             }
+            // A command redmux refused while queuing aborts the transaction: DISCARD it
+            // upstream (that reply is dropped) and answer as Redis does.
+            (Transaction::Exec, Tx::Multi { lease, dirty: true }) => {
+                let destination = lease.sender().clone();
+                let discard = Batch {
+                    frames: encode_command([&b"DISCARD"[..]]),
+                    count: 1,
+                    timeout,
+                    release: Some(lease),
+                };
+                self.outstanding += 1;
+                self.send(&destination, discard, true).await;
+                self.reply_locally(Bytes::from_static(
+                    b"-EXECABORT Transaction discarded because of previous errors.\r\n",
+                ));
+            }
             // Closing: the last request on the pinned connection; it is given back after.
-            (Transaction::Exec | Transaction::Discard, Tx::Multi(lease))
+            (Transaction::Exec | Transaction::Discard, Tx::Multi { lease, .. })
             | (Transaction::Unwatch, Tx::Watching(lease)) => {
                 self.forward_one(request, timeout, Some(lease)).await;
             }
@@ -835,7 +879,7 @@ impl State {
     /// shared one for the client's db and protocol.
     fn destination(&self) -> mpsc::Sender<Request> {
         match &self.tx {
-            Tx::Watching(lease) | Tx::Multi(lease) => lease.sender().clone(),
+            Tx::Watching(lease) | Tx::Multi { lease, .. } => lease.sender().clone(),
             Tx::None => self.client.shared.clone(),
         }
     }
