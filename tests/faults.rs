@@ -233,3 +233,57 @@ async fn upstream_refusing_connections_is_not_a_reply() {
     drop(occupant);
     wait_recovered(&redmux, Duration::from_secs(3)).await;
 }
+
+/// Connection state under faults: a transaction whose connection dies fails as a whole and
+/// nothing in it runs outside it; subscriptions come back by themselves after a Redis restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_and_subscriptions_across_a_crash() {
+    let mut redis = RedisServer::start();
+    let redmux = Redmux::start_with(config(&redis.addr())).await;
+    let mut tx = redmux.raw().await;
+    let mut sub = redmux.raw().await;
+    assert_eq!(
+        sub.call(&["SUBSCRIBE", "alerts"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$6\r\nalerts\r\n:1\r\n"
+    );
+    assert_eq!(tx.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(tx.call(&["SET", "in-tx", "1"]).await, "+QUEUED\r\n");
+    redis.kill();
+    redis.restart();
+    // The pinned connection is gone with the transaction: every later command of it fails
+    // instead of running outside it, until the client ends the transaction.
+    let reply = tx.call(&["SET", "in-tx", "2"]).await;
+    assert!(reply.starts_with("-ERR redmux: upstream"), "{reply}");
+    let reply = tx.call(&["EXEC"]).await;
+    assert!(reply.starts_with("-ERR redmux: upstream"), "{reply}");
+    let in_tx: Option<String> = redis::Commands::get(&mut redis.direct(), "in-tx").unwrap();
+    assert_eq!(in_tx, None, "nothing of the transaction ran");
+    // After EXEC the client is out of the transaction and served normally again.
+    wait_recovered(&redmux, Duration::from_secs(2)).await;
+    assert_eq!(tx.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(tx.call(&["SET", "in-tx", "3"]).await, "+QUEUED\r\n");
+    assert_eq!(tx.call(&["EXEC"]).await, "*1\r\n+OK\r\n");
+    // The subscriber connection resubscribed by itself.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("alerts")
+            .query(&mut redis.direct())
+            .unwrap();
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never resubscribed");
+        tokio::task::yield_now().await;
+    }
+    let mut publisher = redmux.raw().await;
+    assert_eq!(
+        publisher.call(&["PUBLISH", "alerts", "back"]).await,
+        ":1\r\n"
+    );
+    assert_eq!(
+        sub.reply_str().await,
+        "*3\r\n$7\r\nmessage\r\n$6\r\nalerts\r\n$4\r\nback\r\n"
+    );
+}
