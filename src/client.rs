@@ -40,7 +40,7 @@ use crate::{
     connection::{ClientState, Effect, ReplyMode},
     monitor, pubsub,
     resp::{encode_command, Args, Frame, Limits, RequestDecoder},
-    upstream::{Lease, Reply, Request, UpstreamError, Upstreams},
+    upstream::{Budget, Lease, Reply, Request, UpstreamError, Upstreams},
 };
 
 /// Read size for client sockets.
@@ -84,6 +84,9 @@ enum Pending {
         /// A pinned connection to give back once these replies are in (EXEC, DISCARD, UNWATCH,
         /// a blocking command). Dropped unreleased if the client leaves first, which closes it.
         release: Option<Lease>,
+        /// The replies come from an upstream actor, which charged them to the output budget
+        /// (the pub/sub hub's and MONITOR's confirmations are not charged).
+        charged: bool,
     },
 }
 
@@ -262,6 +265,8 @@ struct State {
     abort: bool,
     /// Last time the client sent a request or took a reply: idleness is measured from here.
     last_activity: Instant,
+    /// Reply bytes owed to the client, shared with the actors answering it.
+    budget: Arc<Budget>,
 }
 
 impl<S: Duplex> Session<S> {
@@ -272,6 +277,7 @@ impl<S: Duplex> Session<S> {
         upstreams: Upstreams,
         shutdown: CancellationToken,
     ) -> Self {
+        let limit = usize::try_from(config.client_output_limit).unwrap_or(usize::MAX);
         let state = State {
             decoder: RequestDecoder::new(config.limits),
             config,
@@ -290,6 +296,7 @@ impl<S: Duplex> Session<S> {
             draining: false,
             abort: false,
             last_activity: Instant::now(),
+            budget: Arc::new(Budget::new(limit)),
         };
         Session { io, state }
     }
@@ -331,15 +338,16 @@ impl<S: Duplex> Session<S> {
             tokio::select! {
                 biased;
                 reply = front_reply(&mut this.pending), if waiting_upstream => {
-                    if let Some(Pending::Upstream { count, suppress, release, .. }) = this.pending.pop_front() {
+                    if let Some(Pending::Upstream { count, suppress, release, charged, .. }) = this.pending.pop_front() {
                         let reply = reply.unwrap_or(Err(UpstreamError::ConnectionLost));
-                        this.deliver(reply, count, suppress, release);
+                        this.deliver(reply, count, suppress, release, charged);
                     }
                 }
                 written = write_some(&mut writer, &mut this.out), if !this.out.is_empty() => {
                     match written {
                         Ok(n) => {
                             this.out_len -= n;
+                            this.budget.refund(n);
                             this.last_activity = Instant::now();
                         }
                         Err(error) => {
@@ -437,35 +445,69 @@ impl State {
                 count,
                 suppress,
                 release,
+                charged,
                 ..
             }) = self.pending.pop_front()
             {
-                self.deliver(reply, count, suppress, release);
+                self.deliver(reply, count, suppress, release, charged);
             }
         }
     }
 
     /// Queues the replies of an upstream batch for the client, and gives back the pinned
     /// connection it was holding, if any.
-    fn deliver(&mut self, reply: Reply, count: u32, suppress: bool, release: Option<Lease>) {
+    fn deliver(
+        &mut self,
+        reply: Reply,
+        count: u32,
+        suppress: bool,
+        release: Option<Lease>,
+        charged: bool,
+    ) {
         if let Some(lease) = release {
             lease.release();
         }
-        let bytes = if suppress {
-            Bytes::new()
-        } else {
-            reply.unwrap_or_else(|error| error.replies(count))
-        };
-        self.queue_out(bytes, count);
+        match reply {
+            Ok(bytes) if suppress => {
+                if charged {
+                    self.budget.refund(bytes.len());
+                }
+                self.enqueue(Bytes::new(), count);
+            }
+            Ok(bytes) if charged => self.enqueue(bytes, count),
+            Ok(bytes) => self.queue_out(bytes, count),
+            Err(UpstreamError::OutputLimit) => {
+                self.outstanding -= count as usize;
+                self.over_limit();
+            }
+            Err(_) if suppress => self.enqueue(Bytes::new(), count),
+            Err(error) => self.queue_out(error.replies(count), count),
+        }
     }
 
+    /// Queues bytes redmux produced itself: they count against the output budget too.
     fn queue_out(&mut self, bytes: Bytes, count: u32) {
+        if !self.budget.charge(bytes.len()) {
+            self.budget.refund(bytes.len());
+            self.outstanding -= count as usize;
+            return self.over_limit();
+        }
+        self.enqueue(bytes, count);
+    }
+
+    /// Queues bytes already charged to the budget.
+    fn enqueue(&mut self, bytes: Bytes, count: u32) {
         self.outstanding -= count as usize;
         if !bytes.is_empty() {
             self.out_len += bytes.len();
             self.out.push_back(bytes);
         }
-        if self.out_len as u64 > self.config.client_output_limit && !self.abort {
+    }
+
+    /// The client does not read what it is sent: close it, as Redis does past its
+    /// client-output-buffer-limit.
+    fn over_limit(&mut self) {
+        if !self.abort {
             warn!(
                 limit = self.config.client_output_limit,
                 "client output limit reached (it does not read its replies); closing"
@@ -627,6 +669,7 @@ impl State {
                     count: 1,
                     suppress: false,
                     release: None,
+                    charged: false,
                 });
             }
             Action::PubSub { kind, subscribe } => {
@@ -778,6 +821,7 @@ impl State {
             count: 1,
             suppress: false,
             release: None,
+            charged: false,
         });
     }
 
@@ -940,6 +984,7 @@ impl State {
             queued_at: Instant::now(),
             timeout,
             reply,
+            budget: Some(self.budget.clone()),
         };
         let sent = match destination.try_send(request) {
             Ok(()) => true,
@@ -955,6 +1000,7 @@ impl State {
                 count,
                 suppress,
                 release,
+                charged: true,
             }
         } else {
             Pending::Local {

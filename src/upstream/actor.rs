@@ -10,6 +10,7 @@
 use std::{
     collections::VecDeque,
     hash::{BuildHasher, RandomState},
+    sync::Arc,
     time::Duration,
 };
 
@@ -23,7 +24,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{
     connect::{connect, Reader, Writer},
-    Endpoint, Reply, Request, Setup, Timeouts, UpstreamError,
+    Budget, Endpoint, Reply, Request, Setup, Timeouts, UpstreamError,
 };
 use crate::resp::{ReplyError, ReplyScanner};
 
@@ -77,6 +78,7 @@ struct InFlight {
     /// Replies still to come for this batch.
     remaining: u32,
     reply: oneshot::Sender<Reply>,
+    budget: Option<Arc<Budget>>,
     /// Past this instant the connection is presumed stuck; `None`: a blocking command that may
     /// wait forever.
     deadline: Option<Instant>,
@@ -302,6 +304,7 @@ impl Pipeline {
         self.inflight.push_back(InFlight {
             remaining: request.count,
             reply: request.reply,
+            budget: request.budget,
             deadline: request.timeout.map(|timeout| now + timeout),
         });
     }
@@ -325,8 +328,15 @@ impl Pipeline {
                 self.scanner.consumed(end);
                 self.answered = true;
                 if let Some(done) = self.inflight.pop_front() {
+                    // Replies a client has no room for are dropped here, not held for it.
+                    let within = done.budget.as_ref().is_none_or(|b| b.charge(replies.len()));
+                    let reply = if within {
+                        Ok(replies)
+                    } else {
+                        Err(UpstreamError::OutputLimit)
+                    };
                     // A client that has gone no longer wants its replies: they are dropped.
-                    let _ = done.reply.send(Ok(replies));
+                    let _ = done.reply.send(reply);
                 }
             }
         }
@@ -389,6 +399,7 @@ mod tests {
             queued_at: Instant::now(),
             timeout: Some(Duration::from_secs(1)),
             reply,
+            budget: None,
         };
         (request, rx)
     }

@@ -47,6 +47,37 @@ pub struct Request {
     pub timeout: Option<Duration>,
     /// Completed with all `count` replies back to back, or with the error that ended them.
     pub reply: oneshot::Sender<Reply>,
+    /// The client's output budget, charged with the replies as they are handed over.
+    pub budget: Option<Arc<Budget>>,
+}
+
+/// Reply bytes owed to one client and not yet written to it, shared by its session and the
+/// actors answering it: a client that does not read is stopped where its replies arrive, so
+/// they cannot pile up anywhere past `client_output_limit`, however fast Redis answers.
+#[derive(Debug)]
+pub struct Budget {
+    owed: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Self {
+        Budget {
+            owed: std::sync::atomic::AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Counts `n` more bytes owed; `false` if that goes past the limit.
+    pub fn charge(&self, n: usize) -> bool {
+        let before = self.owed.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+        before.saturating_add(n) <= self.limit
+    }
+
+    /// `n` bytes were written to the client (or dropped).
+    pub fn refund(&self, n: usize) {
+        self.owed.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The replies to one [`Request`].
@@ -71,6 +102,10 @@ pub enum UpstreamError {
     /// A new (db, protocol) would need more shared connections than `max_shared`.
     #[error("redmux: too many shared upstream connections (max_shared reached)")]
     NoShared,
+    /// The client's unread replies passed `client_output_limit`; these were dropped and the
+    /// client is closed.
+    #[error("redmux: client output limit reached")]
+    OutputLimit,
 }
 
 impl UpstreamError {
@@ -273,6 +308,7 @@ pub(crate) async fn call(
         queued_at: Instant::now(),
         timeout: Some(timeout),
         reply,
+        budget: None,
     };
     let sent = tokio::time::timeout(timeout, sender.send(request)).await;
     if !matches!(sent, Ok(Ok(()))) {
