@@ -664,13 +664,7 @@ impl State {
                 let rx = monitor::start(&self.upstreams, inbox, limit).await;
                 self.monitor = Some(feed);
                 self.outstanding += 1;
-                self.pending.push_back(Pending::Upstream {
-                    rx,
-                    count: 1,
-                    suppress: false,
-                    release: None,
-                    charged: false,
-                });
+                self.await_confirmation(rx);
             }
             Action::PubSub { kind, subscribe } => {
                 let names: Vec<Bytes> = Args::new(&request)
@@ -816,6 +810,12 @@ impl State {
                 confirmation,
             )
             .await;
+        self.await_confirmation(rx);
+    }
+
+    /// A reply slot for a confirmation from the pub/sub hub or a MONITOR connection: push
+    /// output, so CLIENT REPLY OFF does not silence it, and not charged by any actor.
+    fn await_confirmation(&mut self, rx: oneshot::Receiver<Reply>) {
         self.pending.push_back(Pending::Upstream {
             rx,
             count: 1,

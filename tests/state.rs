@@ -8,6 +8,26 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use support::{RedisServer, Redmux};
 
+/// Waits until Redis reports `n` blocked clients.
+async fn wait_blocked_clients(redis: &RedisServer, n: usize) {
+    let want = format!("blocked_clients:{n}\r");
+    let deadline = Instant::now() + support::READY_TIMEOUT;
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query(&mut redis.direct())
+            .unwrap();
+        if info.contains(&want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never {n} blocked clients:\n{info}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
 fn client_list(redis: &RedisServer) -> String {
     redis::cmd("CLIENT")
         .arg("LIST")
@@ -398,16 +418,7 @@ async fn blocking_commands_get_a_connection_of_their_own() {
     // XREAD BLOCK woken by XADD.
     blocked.send("XREAD BLOCK 0 STREAMS s $\r\n").await;
     // Wait until Redis has it blocked (it shows as a blocked client).
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query(&mut redis.direct())
-            .unwrap();
-        if info.contains("blocked_clients:1") {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    wait_blocked_clients(&redis, 1).await;
     assert!(pusher
         .call(&["XADD", "s", "*", "f", "v"])
         .await
@@ -430,27 +441,9 @@ async fn blocked_client_leaving_closes_its_connection() {
     let redmux = Redmux::start(&redis.addr()).await;
     let mut blocked = redmux.raw().await;
     blocked.send("BLPOP never 0\r\n").await;
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query(&mut redis.direct())
-            .unwrap();
-        if info.contains("blocked_clients:1") {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    wait_blocked_clients(&redis, 1).await;
     drop(blocked);
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query(&mut redis.direct())
-            .unwrap();
-        if info.contains("blocked_clients:0") {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    wait_blocked_clients(&redis, 0).await;
     // A later LPUSH is not eaten by the departed client's BLPOP.
     let mut pusher = redmux.raw().await;
     assert_eq!(pusher.call(&["LPUSH", "never", "x"]).await, ":1\r\n");
