@@ -75,6 +75,9 @@ pub struct SessionConfig {
 enum Pending {
     /// Replies redmux produced itself, to `count` requests.
     Local { bytes: Bytes, count: u32 },
+    /// No reply: gives a pinned connection back once every earlier slot is answered (RESET
+    /// in a transaction, after the requests already sent on that connection).
+    Release(Lease),
     /// The replies to `count` requests forwarded as one batch.
     Upstream {
         rx: oneshot::Receiver<Reply>,
@@ -369,13 +372,15 @@ impl<S: Duplex> Session<S> {
                     }
                     match reader.try_read_buf(&mut this.rbuf) {
                         // The client has closed its side: the replies it is owed are still
-                        // written, except a blocking command's, which may never come: like
-                        // Redis, drop it (its pinned connection closes with it).
+                        // written, except on a pinned connection (a blocking command's may never
+                        // come): like Redis, drop the client, and its pinned connection closes
+                        // with it, discarding any transaction.
                         Ok(0) => {
                             this.draining = true;
-                            this.abort = this.pending.iter().any(|p| {
-                                matches!(p, Pending::Upstream { release: Some(_), .. })
-                            });
+                            this.abort = !matches!(this.tx, Tx::None)
+                                || this.pending.iter().any(|p| {
+                                    matches!(p, Pending::Upstream { release: Some(_), .. })
+                                });
                         }
                         Ok(_) => {
                             this.unparsed = true;
@@ -433,6 +438,12 @@ impl State {
                     let (bytes, count) = (std::mem::take(bytes), *count);
                     self.pending.pop_front();
                     self.queue_out(bytes, count);
+                    continue;
+                }
+                Pending::Release(_) => {
+                    if let Some(Pending::Release(lease)) = self.pending.pop_front() {
+                        lease.release();
+                    }
                     continue;
                 }
                 Pending::Upstream { rx, .. } => match rx.try_recv() {
@@ -633,8 +644,14 @@ impl State {
                 let skip = self.client.reply_mode == ReplyMode::Skip;
                 let (reply, effect) = self.client.handle(name, args);
                 if effect == Effect::Reset {
-                    // Dropping a lease closes its connection: an open transaction is discarded.
-                    self.tx = Tx::None;
+                    // The pinned connection goes back (cleaned by its own RESET, which
+                    // discards the transaction) once the requests already sent on it are in.
+                    match std::mem::replace(&mut self.tx, Tx::None) {
+                        Tx::Watching(lease) | Tx::Multi { lease, .. } => {
+                            self.pending.push_back(Pending::Release(lease));
+                        }
+                        Tx::None => {}
+                    }
                     self.monitor = None;
                     self.leave_pubsub().await;
                 }
@@ -647,7 +664,7 @@ impl State {
                 self.pending.push_back(Pending::Local { bytes, count: 1 });
             }
             Action::Transaction(command) => self.transaction(command, request).await,
-            Action::Monitor if !matches!(self.tx, Tx::None) => {
+            Action::Monitor if matches!(self.tx, Tx::Multi { .. }) => {
                 // Queued in a transaction: Redis refuses it at EXEC.
                 let timeout = Some(self.config.request_timeout);
                 self.forward_one(request, timeout, None).await;

@@ -488,3 +488,45 @@ async fn monitor_gets_a_connection_of_its_own() {
         "-ERR redmux: MONITOR is disabled (upstream.allow_monitor = false)\r\n"
     );
 }
+
+/// Edges where a pinned connection is given up: RESET pipelined after queued commands answers
+/// them all as Redis does; a client blocked while watching that leaves frees its connection;
+/// MONITOR while watching is a real MONITOR, not a command on the watching connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giving_up_a_pinned_connection() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut a = redmux.raw().await;
+    a.send("MULTI\r\nSET c 1\r\nRESET\r\nGET c\r\n").await;
+    assert_eq!(a.reply_str().await, "+OK\r\n");
+    assert_eq!(a.reply_str().await, "+QUEUED\r\n");
+    assert_eq!(a.reply_str().await, "+RESET\r\n");
+    assert_eq!(
+        a.reply_str().await,
+        "$-1\r\n",
+        "the transaction was discarded"
+    );
+    a.send("WATCH k\r\nGET k\r\nRESET\r\n").await;
+    assert_eq!(a.reply_str().await, "+OK\r\n");
+    assert_eq!(a.reply_str().await, "$-1\r\n");
+    assert_eq!(a.reply_str().await, "+RESET\r\n");
+
+    let mut watcher = redmux.raw().await;
+    assert_eq!(watcher.call(&["WATCH", "k"]).await, "+OK\r\n");
+    assert_eq!(watcher.call(&["MONITOR"]).await, "+OK\r\n");
+    assert_eq!(watcher.call(&["UNWATCH"]).await, "+OK\r\n");
+    assert_eq!(a.call(&["SET", "seen", "1"]).await, "+OK\r\n");
+    loop {
+        let line = watcher.reply_str().await;
+        if line.contains("\"SET\" \"seen\"") {
+            break;
+        }
+    }
+
+    let mut blocked = redmux.raw().await;
+    assert_eq!(blocked.call(&["WATCH", "k"]).await, "+OK\r\n");
+    blocked.send("BLPOP q 0\r\n").await;
+    wait_blocked_clients(&redis, 1).await;
+    drop(blocked);
+    wait_blocked_clients(&redis, 0).await;
+}
