@@ -399,7 +399,12 @@ impl<S: Duplex> Session<S> {
                 }
                 // Published messages and the MONITOR feed, queued behind the replies already owed.
                 frame = next_frame(&mut this.subs.inbox), if this.subs.inbox.is_some() && this.out_len < OUTPUT_HIGH_WATER => match frame {
-                    Some(bytes) => this.pending.push_back(Pending::Local { bytes, count: 0 }),
+                    Some(bytes) => {
+                        // Messages come as the RESP2 subscriber connection sent them; in RESP3
+                        // they are pushes, decided by the protocol the client speaks now.
+                        let bytes = if this.client.resp3 { as_push(bytes) } else { bytes };
+                        this.pending.push_back(Pending::Local { bytes, count: 0 });
+                    }
                     None => {
                         debug!("subscriber cut off: it does not read its messages fast enough");
                         break;
@@ -818,14 +823,7 @@ impl State {
         let rx = self
             .upstreams
             .pubsub()
-            .subscribe(
-                self.client.id,
-                self.client.resp3,
-                kind,
-                new,
-                inbox,
-                confirmation,
-            )
+            .subscribe(self.client.id, kind, new, inbox, confirmation)
             .await;
         self.await_confirmation(rx);
     }
@@ -1080,6 +1078,16 @@ fn subscribed_context(action: &Action, request: &[u8]) -> Option<Bytes> {
             )))
         }
     }
+}
+
+/// A RESP2 array frame as a RESP3 push: the same bytes but the first.
+fn as_push(frame: Bytes) -> Bytes {
+    if frame.first() != Some(&b'*') {
+        return frame;
+    }
+    let mut push = BytesMut::from(&frame[..]);
+    push[0] = b'>';
+    push.freeze()
 }
 
 /// Waits for the oldest slot, which the caller guarantees is an upstream one.

@@ -52,7 +52,13 @@ pub async fn start(upstreams: &Upstreams, inbox: Inbox, limit: usize) -> oneshot
                 }
                 () = inbox.tx.closed() => break,
             }
-            while let Ok(Some(end)) = scanner.next_reply(&buf) {
+            loop {
+                let end = match scanner.next_reply(&buf) {
+                    Ok(Some(end)) => end,
+                    Ok(None) => break,
+                    // Not RESP: the feed cannot go on.
+                    Err(_) => return,
+                };
                 let frame = buf.split_to(end).freeze();
                 scanner.consumed(end);
                 if let Some(reply) = reply.take() {

@@ -66,7 +66,6 @@ enum HubRequest {
     /// Subscribe `client` to `names`; `reply` gets `confirmation` once all are active upstream.
     Subscribe {
         client: u64,
-        resp3: bool,
         kind: Kind,
         names: Vec<Bytes>,
         /// The client's inbox, with its first subscription only: the hub then holds the only
@@ -111,6 +110,7 @@ impl PubSub {
             subscribers: HashMap::new(),
             clients: HashMap::new(),
             active: HashSet::new(),
+            in_flight: HashMap::new(),
             waiters: Vec::new(),
         };
         tokio::spawn(hub.run().instrument(tracing::info_span!("pubsub")));
@@ -122,7 +122,6 @@ impl PubSub {
     pub async fn subscribe(
         &self,
         client: u64,
-        resp3: bool,
         kind: Kind,
         names: Vec<Bytes>,
         inbox: Option<Inbox>,
@@ -131,7 +130,6 @@ impl PubSub {
         let (reply, rx) = oneshot::channel();
         let request = HubRequest::Subscribe {
             client,
-            resp3,
             kind,
             names,
             inbox,
@@ -162,7 +160,6 @@ impl PubSub {
 #[derive(Debug)]
 struct Subscriber {
     inbox: Inbox,
-    resp3: bool,
     subscriptions: HashSet<(Kind, Bytes)>,
 }
 
@@ -187,6 +184,9 @@ struct Hub {
     clients: HashMap<u64, Subscriber>,
     /// Subscriptions the upstream has confirmed on the current connection.
     active: HashSet<(Kind, Bytes)>,
+    /// SUBSCRIBEs sent and not yet confirmed, per key. Only the confirmation of the last one
+    /// counts: an earlier one may be followed by an UNSUBSCRIBE that Redis has still to run.
+    in_flight: HashMap<(Kind, Bytes), u32>,
     waiters: Vec<Waiter>,
 }
 
@@ -213,9 +213,11 @@ impl Hub {
                         info!("pub/sub connection up");
                         failures = 0;
                         self.active.clear();
+                        self.in_flight.clear();
                         rbuf.clear();
                         scanner.reset();
                         let all: Vec<(Kind, Bytes)> = self.subscribers.keys().cloned().collect();
+                        self.sent(&all);
                         if write_subscriptions(&mut writer, &all, true).await.is_ok() {
                             conn = Some((reader, writer));
                         }
@@ -278,7 +280,6 @@ impl Hub {
         match request {
             HubRequest::Subscribe {
                 client,
-                resp3,
                 kind,
                 names,
                 inbox,
@@ -289,7 +290,6 @@ impl Hub {
                     (Some(entry), _) => entry,
                     (None, Some(inbox)) => self.clients.entry(client).or_insert(Subscriber {
                         inbox,
-                        resp3,
                         subscriptions: HashSet::new(),
                     }),
                     // Cut off meanwhile: the session learns it from its closed inbox.
@@ -298,7 +298,6 @@ impl Hub {
                         return Ok(());
                     }
                 };
-                entry.resp3 = resp3;
                 let mut new = Vec::new();
                 for name in names {
                     let key = (kind, name);
@@ -326,6 +325,7 @@ impl Hub {
                     });
                 }
                 if let Some(writer) = writer {
+                    self.sent(&new);
                     write_subscriptions(writer, &new, true).await?;
                 }
             }
@@ -380,6 +380,9 @@ impl Hub {
                 if wanted.is_empty() {
                     self.subscribers.remove(&key);
                     self.active.remove(&key);
+                    // A client that subscribed and unsubscribed before the upstream answered
+                    // gets its confirmation all the same, as from Redis.
+                    self.satisfy(&key);
                     unwanted.push(key);
                 }
             }
@@ -424,13 +427,32 @@ impl Hub {
         Ok(())
     }
 
+    fn sent(&mut self, keys: &[(Kind, Bytes)]) {
+        for key in keys {
+            *self.in_flight.entry(key.clone()).or_default() += 1;
+        }
+    }
+
     fn confirmed(&mut self, key: (Kind, Bytes)) {
+        if let Some(count) = self.in_flight.get_mut(&key) {
+            *count = count.saturating_sub(1);
+            if *count > 0 {
+                return; // a later SUBSCRIBE of the same key is still to be confirmed
+            }
+            self.in_flight.remove(&key);
+        }
         if !self.subscribers.contains_key(&key) {
             return; // unsubscribed meanwhile
         }
+        self.satisfy(&key);
+        self.active.insert(key);
+    }
+
+    /// `key` no longer keeps any waiter waiting; answers the waiters it was the last for.
+    fn satisfy(&mut self, key: &(Kind, Bytes)) {
         let mut i = 0;
         while i < self.waiters.len() {
-            self.waiters[i].missing.remove(&key);
+            self.waiters[i].missing.remove(key);
             if self.waiters[i].missing.is_empty() {
                 let waiter = self.waiters.swap_remove(i);
                 let _ = waiter.reply.send(Ok(waiter.confirmation));
@@ -438,30 +460,19 @@ impl Hub {
                 i += 1;
             }
         }
-        self.active.insert(key);
     }
 
     fn deliver(&mut self, key: &(Kind, Bytes), frame: &Bytes) {
         let Some(wanted) = self.subscribers.get(key) else {
             return;
         };
-        // RESP3 subscribers get the same frame as a push (`>` instead of `*`).
-        let mut push: Option<Bytes> = None;
+        // Frames go out as the RESP2 upstream sent them; a RESP3 session makes them pushes.
         let mut cut_off = Vec::new();
         for client in wanted {
             let Some(subscriber) = self.clients.get(client) else {
                 continue;
             };
-            let bytes = if subscriber.resp3 {
-                push.get_or_insert_with(|| {
-                    let mut copy = BytesMut::from(&frame[..]);
-                    copy[0] = b'>';
-                    copy.freeze()
-                })
-                .clone()
-            } else {
-                frame.clone()
-            };
+            let bytes = frame.clone();
             let queued = subscriber
                 .inbox
                 .queued

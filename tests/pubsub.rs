@@ -249,3 +249,47 @@ async fn embedded_pubsub() {
         "-ERR redmux: the embedded upstream does not support PSUBSCRIBE\r\n"
     );
 }
+
+/// Subscribing and unsubscribing before the upstream has answered: the same replies as Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_subscribe_and_unsubscribe_match_redis() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let cases: [(&str, usize); 3] = [
+        ("SUBSCRIBE x\r\nUNSUBSCRIBE x\r\nPING\r\n", 3),
+        ("SUBSCRIBE a b a\r\nPSUBSCRIBE p*\r\nSSUBSCRIBE s\r\nSUBSCRIBE c\r\nSUNSUBSCRIBE\r\nPUNSUBSCRIBE\r\nUNSUBSCRIBE a b c\r\nPING\r\n", 12),
+        ("SUBSCRIBE a\r\nRESET\r\nPING\r\n", 3),
+    ];
+    for (input, count) in cases {
+        let mut direct = support::Raw::connect(redis.addr().parse().unwrap()).await;
+        let expected = direct.pipeline(input.as_bytes(), count).await;
+        let mut through = redmux.raw().await;
+        let started = Instant::now();
+        let got = through.pipeline(input.as_bytes(), count).await;
+        assert_eq!(got, expected, "{input:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{input:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    wait_numsub(&redis, "x", 0);
+    wait_numsub(&redis, "a", 0);
+}
+
+/// A client that subscribed in RESP3 and went back to RESP2 gets RESP2 messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_follow_the_clients_current_protocol() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut sub = redmux.raw().await;
+    assert!(sub.call(&["HELLO", "3"]).await.starts_with('%'));
+    assert_eq!(
+        sub.call(&["SUBSCRIBE", "hx"]).await,
+        ">3\r\n$9\r\nsubscribe\r\n$2\r\nhx\r\n:1\r\n"
+    );
+    assert!(sub.call(&["HELLO", "2"]).await.starts_with("*14"));
+    let mut publisher = redmux.raw().await;
+    assert_eq!(publisher.call(&["PUBLISH", "hx", "m1"]).await, ":1\r\n");
+    assert_eq!(sub.reply_str().await, message("hx", "m1"));
+}
