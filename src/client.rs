@@ -24,7 +24,7 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
+    io::AsyncWrite,
     net::{TcpStream, UnixStream},
     sync::{
         mpsc::{self, error::TrySendError},
@@ -430,7 +430,7 @@ impl<S: Duplex> Session<S> {
                 () = &mut shutdown, if !this.draining => this.draining = true,
             }
         }
-        this.leave_pubsub().await;
+        Box::pin(this.leave_pubsub()).await;
     }
 }
 
@@ -593,7 +593,9 @@ impl State {
                 }
                 _ => self.rbuf.split_to(consumed).freeze(),
             };
-            if !self.execute(action, request).await {
+            // Boxed: only commands off the plain forwarding path get here, and inline its state
+            // would sit in every idle client's task.
+            if !Box::pin(self.execute(action, request)).await {
                 break;
             }
         }
@@ -1004,7 +1006,12 @@ impl State {
         let sent = match destination.try_send(request) {
             Ok(()) => true,
             Err(TrySendError::Full(request)) => matches!(
-                tokio::time::timeout(self.config.request_timeout, destination.send(request)).await,
+                // Boxed: a full channel is rare, and this future is large.
+                Box::pin(tokio::time::timeout(
+                    self.config.request_timeout,
+                    destination.send(request)
+                ))
+                .await,
                 Ok(Ok(()))
             ),
             Err(TrySendError::Closed(_)) => false,
@@ -1099,29 +1106,36 @@ async fn front_reply(pending: &mut VecDeque<Pending>) -> Result<Reply, oneshot::
 }
 
 /// Writes as much of `out` as the socket takes in one vectored write, and drops what was written.
-async fn write_some<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    out: &mut VecDeque<Bytes>,
-) -> std::io::Result<usize> {
-    let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-    let mut n = 0;
-    for (slot, chunk) in slices.iter_mut().zip(out.iter()) {
-        *slot = IoSlice::new(chunk);
-        n += 1;
-    }
-    let written = writer.write_vectored(&slices[..n]).await?;
-    if written == 0 {
-        return Err(std::io::ErrorKind::WriteZero.into());
-    }
-    let mut left = written;
-    while left > 0 {
-        let Some(front) = out.front_mut() else { break };
-        if front.len() > left {
-            front.advance(left);
-            break;
+fn write_some<'a, W: AsyncWrite + Unpin>(
+    writer: &'a mut W,
+    out: &'a mut VecDeque<Bytes>,
+) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
+    // The slices live on the stack for one poll only, so the future stays two pointers big:
+    // it sits in every client's task.
+    std::future::poll_fn(move |cx| {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let mut n = 0;
+        for (slot, chunk) in slices.iter_mut().zip(out.iter()) {
+            *slot = IoSlice::new(chunk);
+            n += 1;
         }
-        left -= front.len();
-        out.pop_front();
-    }
-    Ok(written)
+        let written = match std::pin::Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..n]) {
+            std::task::Poll::Ready(Ok(0)) => {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+            }
+            std::task::Poll::Ready(Ok(written)) => written,
+            other => return other,
+        };
+        let mut left = written;
+        while left > 0 {
+            let Some(front) = out.front_mut() else { break };
+            if front.len() > left {
+                front.advance(left);
+                break;
+            }
+            left -= front.len();
+            out.pop_front();
+        }
+        std::task::Poll::Ready(Ok(written))
+    })
 }
