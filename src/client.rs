@@ -281,8 +281,10 @@ impl<S: Duplex> Session<S> {
         shutdown: CancellationToken,
     ) -> Self {
         let limit = usize::try_from(config.client_output_limit).unwrap_or(usize::MAX);
+        let mut decoder = RequestDecoder::new(config.limits);
+        decoder.set_unauthenticated(!client.authenticated);
         let state = State {
-            decoder: RequestDecoder::new(config.limits),
+            decoder,
             config,
             upstreams,
             client,
@@ -563,6 +565,7 @@ impl State {
             };
             let action = command::action(request, self.config.profile);
             let plain = self.client.reply_mode == ReplyMode::On
+                && self.client.authenticated
                 && (self.client.resp3 || !self.subs.active());
             if action == Action::Forward && plain {
                 if let Frame::Command {
@@ -608,6 +611,10 @@ impl State {
     /// Carries out one request that is not part of a plain forwarded run. `false` once the
     /// client must not be read any further.
     async fn execute(&mut self, action: Action, request: Bytes) -> bool {
+        if !self.client.authenticated && !allowed_before_auth(&action, &request) {
+            self.reply_locally(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
+            return true;
+        }
         if let Tx::Multi { dirty, .. } = &mut self.tx {
             // Redis would queue these and change the connection's state at EXEC; redmux keeps
             // that state itself, so it refuses them here and the transaction aborts.
@@ -650,6 +657,7 @@ impl State {
                 // it) silences it; `CLIENT REPLY ON` is answered.
                 let skip = self.client.reply_mode == ReplyMode::Skip;
                 let (reply, effect) = self.client.handle(name, args);
+                self.decoder.set_unauthenticated(!self.client.authenticated);
                 if effect == Effect::Reset {
                     // The pinned connection goes back (cleaned by its own RESET, which
                     // discards the transaction) once the requests already sent on it are in.
@@ -1034,6 +1042,20 @@ impl State {
                 count,
             }
         });
+    }
+}
+
+/// Before authenticating, a client may only AUTH, HELLO (with AUTH), RESET or QUIT.
+fn allowed_before_auth(action: &Action, request: &[u8]) -> bool {
+    match action {
+        Action::ReplyAndClose(_) | Action::Drop => true,
+        Action::Connection => {
+            let name = Args::new(request).next().unwrap_or_default();
+            [&b"auth"[..], b"hello", b"reset"]
+                .iter()
+                .any(|allowed| name.eq_ignore_ascii_case(allowed))
+        }
+        _ => false,
     }
 }
 

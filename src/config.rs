@@ -21,7 +21,88 @@ use crate::upstream::{Address, Endpoint};
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    pub auth: AuthConfig,
     pub log: LogConfig,
+}
+
+/// `[auth]`: what clients must present, as Redis's `requirepass` and ACL users. Each password
+/// may be given in the file, or read from an environment variable or a file instead.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The `default` user's password; when set, clients must AUTH first.
+    pub password: Option<Secret>,
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// `[[auth.users]]`: named users, for `AUTH user password`.
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: Option<Secret>,
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    /// Reads the passwords given by environment variable or file into `password`. The error
+    /// names the key.
+    pub fn resolve(&mut self) -> Result<(), (&'static str, String)> {
+        self.password = secret(
+            self.password.take(),
+            self.password_env.as_deref(),
+            self.password_file.as_deref(),
+        )
+        .map_err(|message| ("auth.password", message))?;
+        for user in &mut self.users {
+            if user.name.is_empty() || user.name.contains(char::is_whitespace) {
+                return Err((
+                    "auth.users.name",
+                    format!("{:?} is not a user name", user.name),
+                ));
+            }
+            user.password = secret(
+                user.password.take(),
+                user.password_env.as_deref(),
+                user.password_file.as_deref(),
+            )
+            .map_err(|message| {
+                (
+                    "auth.users.password",
+                    format!("user {}: {message}", user.name),
+                )
+            })?;
+            if user.password.is_none() {
+                return Err((
+                    "auth.users.password",
+                    format!("user {} has no password", user.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One password from exactly one of: the value, an environment variable, a file (its content
+/// without the trailing newline).
+fn secret(
+    value: Option<Secret>,
+    env: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<Secret>, String> {
+    match (value, env, file) {
+        (value, None, None) => Ok(value),
+        (None, Some(name), None) => std::env::var(name)
+            .map(|v| Some(Secret::new(v)))
+            .map_err(|_| format!("environment variable {name} is not set")),
+        (None, None, Some(path)) => std::fs::read_to_string(path)
+            .map(|v| Some(Secret::new(v.trim_end_matches(['\r', '\n']))))
+            .map_err(|e| format!("cannot read {}: {e}", path.display())),
+        _ => Err("give one of password, password_env, password_file".into()),
+    }
 }
 
 /// `[server]`: the client-facing side.
@@ -243,6 +324,14 @@ impl Config {
                 .as_ref()
                 .map(|(name, text)| (name.as_str(), text.as_str())),
         )?;
+        config
+            .auth
+            .resolve()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                location: String::new(),
+                key,
+                message,
+            })?;
         Ok(config)
     }
 
@@ -398,8 +487,18 @@ impl Config {
 /// inside `upstream.address`. Such a file leaks the password to every account on the machine.
 pub fn world_readable_secret(path: &Path, file: &Config) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    let holds_password =
-        file.upstream.password.is_some() || file.upstream.address.password.is_some();
+    // Passwords read from the environment or another file are not in this one.
+    let auth = &file.auth;
+    let in_text = |password: &Option<Secret>, env: &Option<String>, path: &Option<PathBuf>| {
+        password.is_some() && env.is_none() && path.is_none()
+    };
+    let holds_password = file.upstream.password.is_some()
+        || file.upstream.address.password.is_some()
+        || in_text(&auth.password, &auth.password_env, &auth.password_file)
+        || auth
+            .users
+            .iter()
+            .any(|u| in_text(&u.password, &u.password_env, &u.password_file));
     holds_password
         && std::fs::metadata(path).is_ok_and(|meta| meta.permissions().mode() & 0o004 != 0)
 }

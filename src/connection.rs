@@ -5,12 +5,13 @@
 //! to every other. So it lives here, per client, and what Redis must see of it (database and
 //! protocol) picks the shared upstream connection the client's commands go to.
 
-use std::{fmt::Write, net::SocketAddr, time::Instant};
+use std::{fmt::Write, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::{
+    auth::{AuthError, Users},
     command::{error_reply, Profile},
     resp::{parse_int, Args},
     upstream::{Request, Target, UpstreamError, Upstreams},
@@ -49,6 +50,10 @@ pub struct ClientState {
     /// The shared upstream actor for the current (db, protocol).
     pub shared: mpsc::Sender<Request>,
     upstreams: Upstreams,
+    users: Arc<Users>,
+    /// The client may run commands: it has authenticated, or no password is required.
+    pub authenticated: bool,
+    user: String,
 }
 
 /// What the session must do after a locally answered command.
@@ -60,9 +65,17 @@ pub enum Effect {
 }
 
 impl ClientState {
-    pub fn new(id: u64, peer: Peer, upstreams: Upstreams) -> Result<Self, UpstreamError> {
+    pub fn new(
+        id: u64,
+        peer: Peer,
+        upstreams: Upstreams,
+        users: Arc<Users>,
+    ) -> Result<Self, UpstreamError> {
         let target = upstreams.default_target();
         Ok(ClientState {
+            authenticated: !users.required(),
+            user: "default".into(),
+            users,
             id,
             db: target.db,
             resp3: target.resp3,
@@ -99,7 +112,7 @@ impl ClientState {
         let reply = match lower.as_slice() {
             b"select" => self.select(args),
             b"hello" => self.hello(args),
-            b"auth" => auth(args),
+            b"auth" => self.auth(args),
             b"reset" => {
                 if args.remaining() != 0 {
                     return (arity("reset"), Effect::None);
@@ -155,14 +168,13 @@ impl ClientState {
                 None => return error_reply("Protocol version is not an integer or out of range"),
             }
         }
+        // Options left to right, as Redis: SETNAME takes effect at once, AUTH after the loop.
+        let mut credentials = None;
         while let Some(option) = args.next() {
             let upper = option.to_ascii_uppercase();
             match upper.as_slice() {
                 b"AUTH" if args.remaining() >= 2 => {
-                    let (user, pass) = (args.next(), args.next());
-                    if let Some(error) = check_credentials(user, pass) {
-                        return error;
-                    }
+                    credentials = args.next().zip(args.next());
                 }
                 b"SETNAME" if args.remaining() >= 1 => {
                     let Some(name) = args.next() else { break };
@@ -175,6 +187,18 @@ impl ClientState {
                     return error_reply(&format!("Syntax error in HELLO option '{option}'"));
                 }
             }
+        }
+        if let Some((user, password)) = credentials {
+            if let Err(error) = self.login(Some(user), password) {
+                return error;
+            }
+        }
+        if !self.authenticated {
+            return raw_error(
+                "NOAUTH HELLO must be called with the client already authenticated, otherwise \
+                 the HELLO AUTH <user> <pass> option can be used to authenticate the client and \
+                 select the RESP protocol version at the same time",
+            );
         }
         if resp3 && self.upstreams.profile() == Profile::Embedded {
             return raw_error("NOPROTO the embedded upstream speaks only RESP2");
@@ -326,14 +350,45 @@ impl ClientState {
         format!(
             "id={} addr={addr} laddr={laddr} fd=-1 name={name} age={age} idle=0 flags={flags} db={} \
              sub=0 psub=0 ssub=0 multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 \
-             obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|info user=default redir=-1 resp={}\n",
+             obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|info user={} redir=-1 resp={}\n",
             self.id,
             self.db,
+            self.user,
             if self.resp3 { 3 } else { 2 }
         )
     }
 
-    /// RESET: back to the configured db, RESP2, no name, replies on.
+    /// `AUTH password` or `AUTH user password`, as Redis 7 answers them.
+    fn auth(&mut self, mut args: Args<'_>) -> Bytes {
+        let result = match (args.remaining(), args.next(), args.next()) {
+            (0, _, _) => return arity("auth"),
+            (1, Some(password), _) => self.login(None, password),
+            (2, Some(user), Some(password)) => self.login(Some(user), password),
+            _ => return error_reply("syntax error"),
+        };
+        result.err().unwrap_or_else(ok)
+    }
+
+    /// Checks credentials; on success the client is that user. A failure changes nothing.
+    fn login(&mut self, user: Option<&[u8]>, password: &[u8]) -> Result<(), Bytes> {
+        match self.users.check(user, password) {
+            Ok(name) => {
+                self.authenticated = true;
+                self.user = name;
+                Ok(())
+            }
+            Err(AuthError::NoDefaultPassword) => Err(error_reply(
+                "AUTH <password> called without any password configured for the default \
+                 user. Are you sure your configuration is correct?",
+            )),
+            Err(AuthError::WrongPass) => Err(raw_error(
+                "WRONGPASS invalid username-password pair or user is disabled.",
+            )),
+        }
+    }
+
+    /// RESET: back to the configured db, RESP2, no name, replies on, and the default user
+    /// (unauthenticated when it needs a password).
     fn reset(&mut self) -> Bytes {
         let default = self.upstreams.default_target();
         if self.switch(default).is_err() {
@@ -342,6 +397,8 @@ impl ClientState {
         }
         self.name = None;
         self.reply_mode = ReplyMode::On;
+        self.authenticated = !self.users.required();
+        self.user = "default".into();
         Bytes::from_static(b"+RESET\r\n")
     }
 
@@ -349,25 +406,6 @@ impl ClientState {
     pub fn null(&self) -> Bytes {
         Bytes::from_static(if self.resp3 { b"_\r\n" } else { b"$-1\r\n" })
     }
-}
-
-/// AUTH, as Redis answers it with no password configured (the default user is `nopass`).
-fn auth(mut args: Args<'_>) -> Bytes {
-    match args.remaining() {
-        0 => arity("auth"),
-        1 => error_reply(
-            "AUTH <password> called without any password configured for the default user. \
-             Are you sure your configuration is correct?",
-        ),
-        2 => check_credentials(args.next(), args.next()).unwrap_or_else(ok),
-        _ => error_reply("syntax error"),
-    }
-}
-
-/// With no users configured only `default` exists, and it takes any password.
-fn check_credentials(user: Option<&[u8]>, _password: Option<&[u8]>) -> Option<Bytes> {
-    (user != Some(b"default"))
-        .then(|| raw_error("WRONGPASS invalid username-password pair or user is disabled."))
 }
 
 fn ok() -> Bytes {

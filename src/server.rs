@@ -24,6 +24,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::{
+    auth::Users,
     client::{Duplex, Session, SessionConfig},
     config::Config,
     connection::{ClientState, Peer},
@@ -57,6 +58,7 @@ pub struct Server {
 struct Shared {
     session: Arc<SessionConfig>,
     upstreams: Upstreams,
+    users: Arc<Users>,
     max_clients: usize,
     clients: AtomicUsize,
     next_id: AtomicU64,
@@ -124,6 +126,7 @@ impl Server {
                 allow_monitor: self.config.upstream.allow_monitor,
             }),
             upstreams: self.upstreams,
+            users: Arc::new(Users::new(&self.config.auth)),
             max_clients: server.max_clients,
             clients: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
@@ -236,15 +239,19 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
         }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let local = stream.local_addr().ok();
-        let client =
-            match ClientState::new(id, Peer { addr: peer, local }, shared.upstreams.clone()) {
-                Ok(client) => client,
-                Err(error) => {
-                    error!(%error, "cannot serve a new client");
-                    shared.clients.fetch_sub(1, Ordering::AcqRel);
-                    continue;
-                }
-            };
+        let client = match ClientState::new(
+            id,
+            Peer { addr: peer, local },
+            shared.upstreams.clone(),
+            shared.users.clone(),
+        ) {
+            Ok(client) => client,
+            Err(error) => {
+                error!(%error, "cannot serve a new client");
+                shared.clients.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
+        };
         // Debug level: an enabled span per connection costs more than the connection itself.
         let span = tracing::debug_span!("client", id, ?peer);
         let session = Session::new(

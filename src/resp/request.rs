@@ -40,7 +40,15 @@ pub enum ProtocolError {
     TooBigBulkCount,
     #[error("Protocol error: unbalanced quotes in request")]
     UnbalancedQuotes,
+    #[error("Protocol error: unauthenticated multibulk length")]
+    UnauthenticatedMultibulkLength,
+    #[error("Protocol error: unauthenticated bulk length")]
+    UnauthenticatedBulkLength,
 }
+
+/// Limits Redis applies before a client has authenticated (when a password is required).
+const UNAUTHENTICATED_MULTIBULK: u64 = 10;
+const UNAUTHENTICATED_BULK: u64 = 16384;
 
 impl ProtocolError {
     /// The error reply, byte for byte as Redis sends it: the offending byte is echoed raw (a
@@ -135,6 +143,8 @@ pub struct RequestDecoder {
     /// Bytes still missing from the current request, when known (a bulk payload being read):
     /// lets the reader size its next read.
     missing: usize,
+    /// The client has not authenticated yet (and must): Redis's tighter limits apply.
+    unauthenticated: bool,
 }
 
 impl RequestDecoder {
@@ -143,7 +153,14 @@ impl RequestDecoder {
             limits,
             partial: None,
             missing: 0,
+            unauthenticated: false,
         }
+    }
+
+    /// Applies Redis's limits for clients that still have to authenticate (`true`), or lifts
+    /// them.
+    pub fn set_unauthenticated(&mut self, unauthenticated: bool) {
+        self.unauthenticated = unauthenticated;
     }
 
     /// Bytes known to be still missing from the request being received (0 if unknown).
@@ -175,6 +192,12 @@ impl RequestDecoder {
                     Some(n) if n <= REDIS_MAX_MULTIBULK => n,
                     _ => return Err(ProtocolError::InvalidMultibulkLength),
                 };
+                if count > 0
+                    && self.unauthenticated
+                    && count.unsigned_abs() > UNAUTHENTICATED_MULTIBULK
+                {
+                    return Err(ProtocolError::UnauthenticatedMultibulkLength);
+                }
                 if count <= 0 {
                     return Ok(Some(Frame::Ignored { len: next }));
                 }
@@ -231,6 +254,9 @@ impl RequestDecoder {
             Some(n) if n >= 0 && n.unsigned_abs() <= self.limits.max_bulk_len => n.unsigned_abs(),
             _ => return Err(ProtocolError::InvalidBulkLength),
         };
+        if self.unauthenticated && len > UNAUTHENTICATED_BULK {
+            return Err(ProtocolError::UnauthenticatedBulkLength);
+        }
         let len = usize::try_from(len).map_err(|_| ProtocolError::InvalidBulkLength)?;
         let end = payload_at + len + 2;
         if rest.len() < end {
