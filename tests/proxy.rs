@@ -58,11 +58,7 @@ async fn concurrent_clients_get_only_their_own_replies() {
     for id in 0..128 {
         let url = redmux.url();
         tasks.push(tokio::spawn(async move {
-            let mut con = redis::Client::open(url)
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
+            let mut con = support::connect(&url).await;
             for seq in 0..50 {
                 let key = format!("client:{id}:{seq}");
                 let value = format!("value:{id}:{seq}:{}", "v".repeat(seq * 7));

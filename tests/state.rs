@@ -49,10 +49,7 @@ async fn select_is_per_client() {
     assert_eq!(c.call(&["SET", "k", "in-0"]).await, "+OK\r\n");
     assert_eq!(a.call(&["GET", "k"]).await, "$4\r\nin-1\r\n");
     for (db, value) in [(0, "in-0"), (1, "in-1"), (2, "in-2")] {
-        let mut direct = redis::Client::open(format!("redis://127.0.0.1:{}/{db}", redis.port))
-            .unwrap()
-            .get_connection()
-            .unwrap();
+        let mut direct = redis.direct_db(db);
         let got: String = redis::Commands::get(&mut direct, "k").unwrap();
         assert_eq!(got, value, "db {db}");
     }
@@ -79,11 +76,7 @@ async fn select_is_per_client() {
     );
     assert_eq!(a.call(&["GET", "k"]).await, "$4\r\nin-1\r\n");
     // The redis crate's db in the URL is a SELECT at connect.
-    let mut con = redis::Client::open(format!("redis://{}/2", redmux.addr))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut con = support::connect(&format!("redis://{}/2", redmux.addr)).await;
     let got: String = con.get("k").await.unwrap();
     assert_eq!(got, "in-2");
     // Three databases in use: three shared connections, however many clients.
@@ -246,10 +239,7 @@ async fn transactions_are_private() {
     assert_eq!(a.reply_str().await, "+QUEUED\r\n");
     assert_eq!(a.reply_str().await, "*1\r\n+OK\r\n");
     assert_eq!(a.reply_str().await, "+OK\r\n");
-    let mut db4 = redis::Client::open(format!("redis://127.0.0.1:{}/4", redis.port))
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut db4 = redis.direct_db(4);
     let got: Vec<String> = redis::cmd("MGET")
         .arg("in4")
         .arg("after-exec")
@@ -266,11 +256,7 @@ async fn pipelined_transactions_through_the_redis_crate() {
     for id in 0..20 {
         let url = redmux.url();
         tasks.push(tokio::spawn(async move {
-            let mut con = redis::Client::open(url)
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
+            let mut con = support::connect(&url).await;
             for round in 0..10 {
                 let key = format!("t:{id}");
                 let (n, value): (i64, String) = redis::pipe()
@@ -362,10 +348,7 @@ async fn pinned_pool_exhausted_gives_a_clear_error() {
     assert_eq!(b.call(&["MULTI"]).await, "+OK\r\n");
     assert_eq!(b.call(&["SET", "in5", "1"]).await, "+QUEUED\r\n");
     assert_eq!(b.call(&["EXEC"]).await, "*1\r\n+OK\r\n");
-    let mut db5 = redis::Client::open(format!("redis://127.0.0.1:{}/5", redis.port))
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut db5 = redis.direct_db(5);
     let in5: String = redis::Commands::get(&mut db5, "in5").unwrap();
     assert_eq!(in5, "1");
 }

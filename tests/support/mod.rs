@@ -105,7 +105,12 @@ impl RedisServer {
 
     /// A direct connection, bypassing redmux, to check what Redis really holds.
     pub fn direct(&self) -> redis::Connection {
-        redis::Client::open(self.url())
+        self.direct_db(0)
+    }
+
+    /// A direct connection to database `db`.
+    pub fn direct_db(&self, db: u32) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{}/{db}", self.port))
             .and_then(|c| c.get_connection())
             .expect("direct connection to redis-server")
     }
@@ -195,11 +200,7 @@ impl Redmux {
 
     /// A `redis` crate multiplexed connection through redmux.
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .expect("client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect through redmux")
+        connect(&self.url()).await
     }
 
     pub async fn raw(&self) -> Raw {
@@ -219,6 +220,15 @@ impl Drop for Redmux {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// A `redis` crate multiplexed connection to `url`.
+pub async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
 }
 
 /// Default config pointed at `upstream`.
