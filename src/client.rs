@@ -797,11 +797,7 @@ impl State {
     /// (P|S)SUBSCRIBE: a confirmation per name with this client's count, sent once the
     /// subscriptions are active upstream. Push output: CLIENT REPLY OFF does not silence it.
     async fn subscribe(&mut self, kind: pubsub::Kind, names: Vec<Bytes>) {
-        let verb = match kind {
-            pubsub::Kind::Channel => "subscribe",
-            pubsub::Kind::Pattern => "psubscribe",
-            pubsub::Kind::Shard => "ssubscribe",
-        };
+        let verb = kind.command(true);
         let mut confirmation = Vec::new();
         let mut new = Vec::new();
         for name in names {
@@ -853,11 +849,7 @@ impl State {
     /// (P|S)UNSUBSCRIBE: a frame per name (every subscription of the kind when none is given,
     /// or one with a null name when there is none), answered at once.
     async fn unsubscribe(&mut self, kind: pubsub::Kind, names: Vec<Bytes>) {
-        let verb = match kind {
-            pubsub::Kind::Channel => "unsubscribe",
-            pubsub::Kind::Pattern => "punsubscribe",
-            pubsub::Kind::Shard => "sunsubscribe",
-        };
+        let verb = kind.command(false);
         let names = if names.is_empty() {
             self.subs.list(kind).clone()
         } else {

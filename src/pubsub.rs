@@ -44,19 +44,16 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn subscribe(self) -> &'static [u8] {
-        match self {
-            Kind::Channel => b"SUBSCRIBE",
-            Kind::Pattern => b"PSUBSCRIBE",
-            Kind::Shard => b"SSUBSCRIBE",
-        }
-    }
-
-    fn unsubscribe(self) -> &'static [u8] {
-        match self {
-            Kind::Channel => b"UNSUBSCRIBE",
-            Kind::Pattern => b"PUNSUBSCRIBE",
-            Kind::Shard => b"SUNSUBSCRIBE",
+    /// The command that (un)subscribes this kind, which is also the first word of its
+    /// confirmation frames.
+    pub fn command(self, subscribe: bool) -> &'static str {
+        match (self, subscribe) {
+            (Kind::Channel, true) => "subscribe",
+            (Kind::Pattern, true) => "psubscribe",
+            (Kind::Shard, true) => "ssubscribe",
+            (Kind::Channel, false) => "unsubscribe",
+            (Kind::Pattern, false) => "punsubscribe",
+            (Kind::Shard, false) => "sunsubscribe",
         }
     }
 }
@@ -529,11 +526,7 @@ async fn write_subscriptions(
         if names.is_empty() {
             continue;
         }
-        let command = if subscribe {
-            kind.subscribe()
-        } else {
-            kind.unsubscribe()
-        };
+        let command = kind.command(subscribe).as_bytes();
         out.extend_from_slice(&encode_command(std::iter::once(command).chain(names)));
     }
     if !out.is_empty() {
