@@ -174,7 +174,10 @@ pub struct UpstreamConfig {
     #[serde(deserialize_with = "duration")]
     pub request_timeout: Duration,
     pub username: Option<String>,
+    /// Sent as AUTH; may come from `password_env` or `password_file` instead, as in `[auth]`.
     pub password: Option<Secret>,
+    pub password_env: Option<String>,
+    pub password_file: Option<PathBuf>,
     pub db: Option<u32>,
     /// Databases the upstream has (Redis's `databases`): SELECT beyond is refused as Redis does.
     pub databases: u32,
@@ -195,6 +198,8 @@ impl Default for UpstreamConfig {
             request_timeout: Duration::from_secs(5),
             username: None,
             password: None,
+            password_env: None,
+            password_file: None,
             db: None,
             databases: 16,
             max_pinned: 64,
@@ -319,6 +324,17 @@ impl Config {
             }
         };
         config.apply(overrides)?;
+        let upstream = &mut config.upstream;
+        upstream.password = secret(
+            upstream.password.take(),
+            upstream.password_env.as_deref(),
+            upstream.password_file.as_deref(),
+        )
+        .map_err(|message| ConfigError::Invalid {
+            location: String::new(),
+            key: "upstream.password",
+            message,
+        })?;
         config.validate(
             source
                 .as_ref()
@@ -492,8 +508,12 @@ pub fn world_readable_secret(path: &Path, file: &Config) -> bool {
     let in_text = |password: &Option<Secret>, env: &Option<String>, path: &Option<PathBuf>| {
         password.is_some() && env.is_none() && path.is_none()
     };
-    let holds_password = file.upstream.password.is_some()
-        || file.upstream.address.password.is_some()
+    let upstream = &file.upstream;
+    let holds_password = in_text(
+        &upstream.password,
+        &upstream.password_env,
+        &upstream.password_file,
+    ) || upstream.address.password.is_some()
         || in_text(&auth.password, &auth.password_env, &auth.password_file)
         || auth
             .users
@@ -754,6 +774,26 @@ mod tests {
         let err = load_text("[upstream]\npassword = \"x\"\n", &Overrides::default()).unwrap_err();
         assert!(
             err.ends_with(":2: upstream.password: the embedded upstream has no password"),
+            "{err}"
+        );
+        let err = load_text(
+            "[upstream]\naddress = \"127.0.0.1:1\"\npassword = \"x\"\npassword_env = \"Y\"\n",
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.ends_with("upstream.password: give one of password, password_env, password_file"),
+            "{err}"
+        );
+        let err = load_text(
+            "[upstream]\naddress = \"127.0.0.1:1\"\npassword_env = \"REDMUX_UNSET_VARIABLE\"\n",
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.ends_with(
+                "upstream.password: environment variable REDMUX_UNSET_VARIABLE is not set"
+            ),
             "{err}"
         );
     }

@@ -345,3 +345,29 @@ fn world_readable_config_with_a_password_is_warned_about() {
         assert!(!logs.contains("hunter2"), "{logs}");
     }
 }
+
+/// The upstream password may come from the environment or from a file, as `[auth]`'s do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_password_from_the_environment_or_a_file() {
+    const PASSWORD: &str = "up-Hq2rT8pass";
+    let redis = RedisServer::start_with(&["--requirepass", PASSWORD]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("upstream-password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).expect("write password file");
+    let upstream = format!("[upstream]\naddress = \"{}\"\n", redis.addr());
+    let from_env = support::binary::RedmuxProcess::start_env(
+        "",
+        &format!("{upstream}password_env = \"REDMUX_TEST_UPSTREAM_PW\"\n"),
+        &[("REDMUX_TEST_UPSTREAM_PW", PASSWORD)],
+    );
+    let from_file = support::binary::RedmuxProcess::start(
+        "",
+        &format!("{upstream}password_file = \"{}\"\n", file.display()),
+    );
+    for process in [from_env, from_file] {
+        let mut raw = process.raw().await;
+        assert_eq!(raw.call(&["SET", "k", "v"]).await, "+OK\r\n");
+        assert_eq!(raw.call(&["GET", "k"]).await, "$1\r\nv\r\n");
+        assert_eq!(process.stop(), 0);
+    }
+}
