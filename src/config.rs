@@ -38,7 +38,7 @@ pub struct AuthConfig {
     pub users: Vec<UserConfig>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -292,7 +292,10 @@ pub enum ConfigError {
     #[error("{path}: {source}")]
     Parse {
         path: String,
-        source: toml::de::Error,
+        /// Boxed: with its place beside it, it would make every `Result` here large.
+        source: Box<toml::de::Error>,
+        /// Line and column (1-based) of the error, when toml gives its place.
+        at: Option<(usize, usize)>,
     },
     #[error("{flag}: {message}")]
     Flag { flag: &'static str, message: String },
@@ -303,6 +306,34 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+}
+
+impl ConfigError {
+    /// The error on one line, for a log. `Display` quotes the file's line for a TOML error,
+    /// which may hold a password; this gives its place and the message instead.
+    pub fn for_log(&self) -> String {
+        let ConfigError::Parse { path, source, at } = self else {
+            return self.to_string();
+        };
+        // Without its input, a toml error is its message and the keys it is in.
+        let mut bare = (**source).clone();
+        bare.set_input(None);
+        let message = bare.to_string().trim_end().replace('\n', "; ");
+        match at {
+            Some((line, column)) => format!("{path}:{line}:{column}: {message}"),
+            None => format!("{path}: {message}"),
+        }
+    }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 impl Config {
@@ -318,7 +349,8 @@ impl Config {
                 })?;
                 let config = Config::parse(&text).map_err(|source| ConfigError::Parse {
                     path: name.clone(),
-                    source,
+                    at: source.span().map(|span| line_and_column(&text, span.start)),
+                    source: Box::new(source),
                 })?;
                 (config, Some((name, text)))
             }
@@ -447,6 +479,31 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The keys whose values differ in `new`, by name only: some values are passwords. Passwords
+    /// are compared as read (from the file, the environment or a password file). Every key
+    /// belongs here, or a reload that changes only it is taken for no change at all.
+    pub fn changed_keys(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        // A key's name is its field's: serde reads the file by those names.
+        macro_rules! compare {
+            ($section:ident: $($key:ident),+) => {
+                $(
+                    if self.$section.$key != new.$section.$key {
+                        keys.push(concat!(stringify!($section), ".", stringify!($key)));
+                    }
+                )+
+            };
+        }
+        compare!(server: listen, unix_socket, unix_socket_mode, max_clients, max_pipeline,
+            max_bulk_len, max_multibulk_len, client_query_limit, client_output_limit,
+            client_idle_timeout, shutdown_grace);
+        compare!(upstream: address, connections, connect_timeout, request_timeout, username,
+            password, db, databases, max_pinned, max_shared, allow_monitor);
+        compare!(auth: password, users);
+        compare!(log: level, format);
+        keys
     }
 
     /// A human summary for `--check`, passwords redacted.
@@ -614,7 +671,24 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 }
 
 fn address<'de, D: Deserializer<'de>>(d: D) -> Result<Endpoint, D::Error> {
-    String::deserialize(d)?.parse().map_err(de::Error::custom)
+    let text = String::deserialize(d)?;
+    text.parse()
+        .map_err(|message: String| de::Error::custom(without_password(&text, message)))
+}
+
+/// An address error quotes the address: one with a password (`redis://user:pass@...`) must
+/// not show it.
+fn without_password(address: &str, message: String) -> String {
+    let password = address
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password)
+        .filter(|password| !password.is_empty());
+    match password {
+        Some(password) => message.replace(password, "<redacted>"),
+        None => message,
+    }
 }
 
 fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -795,6 +869,66 @@ mod tests {
                 "upstream.password: environment variable REDMUX_UNSET_VARIABLE is not set"
             ),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn errors_for_the_log_never_quote_the_file() {
+        let overrides = Overrides::default();
+        let unterminated = "[upstream]\naddress = \"127.0.0.1:7000\"\npassword = \"hunter2\n";
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), unterminated).unwrap();
+        let error = Config::load(Some(file.path()), &overrides).unwrap_err();
+        assert!(
+            error.to_string().contains("hunter2"),
+            "--check shows the line"
+        );
+        let logged = error.for_log();
+        assert!(
+            !logged.contains("hunter2") && !logged.contains('\n'),
+            "{logged}"
+        );
+        let name = file.path().display().to_string();
+        assert!(logged.starts_with(&format!("{name}:3:")), "{logged}");
+        std::fs::write(file.path(), "[server]\nbogus = 1\n").unwrap();
+        let logged = Config::load(Some(file.path()), &overrides)
+            .unwrap_err()
+            .for_log();
+        assert!(
+            logged.starts_with(&format!("{name}:2:1: unknown field `bogus`")),
+            "{logged}"
+        );
+        std::fs::write(
+            file.path(),
+            "[upstream]\naddress = \"redis://u:hunter2@h:port\"\n",
+        )
+        .unwrap();
+        let logged = Config::load(Some(file.path()), &overrides)
+            .unwrap_err()
+            .for_log();
+        assert!(
+            logged.contains("redis://u:<redacted>@h:port") && !logged.contains("hunter2"),
+            "{logged}"
+        );
+    }
+
+    #[test]
+    fn changed_keys_names_what_differs() {
+        let old = Config::default();
+        assert!(old.changed_keys(&old.clone()).is_empty());
+        let mut new = old.clone();
+        new.server.max_clients = 1;
+        new.upstream.address = "127.0.0.1:7000".parse().unwrap();
+        new.auth.password = Some(Secret::new("pw"));
+        new.log.format = LogFormat::Json;
+        assert_eq!(
+            old.changed_keys(&new),
+            [
+                "server.max_clients",
+                "upstream.address",
+                "auth.password",
+                "log.format"
+            ]
         );
     }
 
