@@ -41,6 +41,11 @@ impl Users {
         self.default.is_some()
     }
 
+    /// Whether `name` is a named user.
+    pub fn exists(&self, name: &str) -> bool {
+        self.named.contains_key(name)
+    }
+
     /// Checks `AUTH [user] password`; the user name on success.
     pub fn check(&self, user: Option<&[u8]>, password: &[u8]) -> Result<String, AuthError> {
         let expected = match user {

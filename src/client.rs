@@ -12,15 +12,7 @@
 //! the duration of a blocking command. A run of requests is always cut where the destination
 //! changes, so each batch goes to exactly one connection.
 
-use std::{
-    collections::VecDeque,
-    io::IoSlice,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{collections::VecDeque, io::IoSlice, sync::Arc, time::Duration};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::{
@@ -28,7 +20,7 @@ use tokio::{
     net::{TcpStream, UnixStream},
     sync::{
         mpsc::{self, error::TrySendError},
-        oneshot,
+        oneshot, watch,
     },
     time::Instant,
 };
@@ -36,8 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
-    command::{self, error_reply, Action, Profile, Transaction},
+    command::{self, error_reply, Action, Transaction},
     connection::{ClientState, Effect, ReplyMode},
+    live::Live,
     monitor, pubsub,
     resp::{encode_command, Args, Frame, Limits, RequestDecoder},
     upstream::{Budget, Lease, Reply, Request, UpstreamError, Upstreams},
@@ -57,7 +50,7 @@ const MAX_BATCH: u32 = 64;
 /// Stop reading a client while this many reply bytes wait for it to read them.
 const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
 
-/// Settings every session shares.
+/// Settings every session shares; a reload replaces them for every session.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub limits: Limits,
@@ -66,8 +59,13 @@ pub struct SessionConfig {
     pub client_output_limit: u64,
     pub idle_timeout: Option<Duration>,
     pub request_timeout: Duration,
-    pub profile: Profile,
     pub allow_monitor: bool,
+}
+
+impl SessionConfig {
+    fn output_limit(&self) -> usize {
+        usize::try_from(self.client_output_limit).unwrap_or(usize::MAX)
+    }
 }
 
 /// A reply slot, in request order.
@@ -123,14 +121,14 @@ struct Subscriptions {
 #[derive(Debug)]
 struct Feed {
     rx: mpsc::UnboundedReceiver<Bytes>,
-    /// Bytes sent and not yet taken, shared with the sender.
-    queued: Arc<AtomicUsize>,
+    /// Bytes sent and not yet taken, shared with the sender, which gives up past its limit.
+    queued: Arc<Budget>,
 }
 
 impl Feed {
-    fn new() -> (Feed, pubsub::Inbox) {
+    fn new(limit: usize) -> (Feed, pubsub::Inbox) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(Budget::new(limit));
         let inbox = pubsub::Inbox {
             tx,
             queued: queued.clone(),
@@ -144,7 +142,7 @@ async fn next_frame(feed: &mut Option<Feed>) -> Option<Bytes> {
     match feed {
         Some(feed) => {
             let frame = feed.rx.recv().await?;
-            feed.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+            feed.queued.refund(frame.len());
             Some(frame)
         }
         None => std::future::pending().await,
@@ -253,6 +251,11 @@ pub struct Session<S> {
 /// Everything a session tracks besides its socket.
 struct State {
     config: Arc<SessionConfig>,
+    /// Where the settings come from after a reload.
+    updates: watch::Receiver<Arc<Live>>,
+    /// Cancelled when `config` is superseded, or at shutdown.
+    superseded: CancellationToken,
+    /// The upstream connections the client started with: a reload does not move it.
     upstreams: Upstreams,
     client: ClientState,
     tx: Tx,
@@ -285,20 +288,25 @@ struct State {
 }
 
 impl<S: Duplex> Session<S> {
+    /// A session with the settings `live`, which `client` was made with too, following later
+    /// ones from `updates`.
     pub fn new(
         io: S,
-        config: Arc<SessionConfig>,
+        live: &Live,
+        updates: watch::Receiver<Arc<Live>>,
         client: ClientState,
-        upstreams: Upstreams,
         shutdown: CancellationToken,
     ) -> Self {
-        let limit = usize::try_from(config.client_output_limit).unwrap_or(usize::MAX);
+        let config = live.session.clone();
+        let limit = config.output_limit();
         let mut decoder = RequestDecoder::new(config.limits);
         decoder.set_unauthenticated(!client.authenticated);
         let state = State {
             decoder,
             config,
-            upstreams,
+            updates,
+            superseded: live.superseded.clone(),
+            upstreams: live.upstreams.clone(),
             client,
             tx: Tx::None,
             subs: Subscriptions::default(),
@@ -325,12 +333,12 @@ impl<S: Duplex> Session<S> {
             state: mut this,
         } = self;
         let (mut reader, mut writer) = io.halves();
-        let idle_timeout = this.config.idle_timeout;
         // Registered once: a fresh `cancelled()` future per loop turn would lock the token's
-        // waiter list twice per request.
-        let shutdown = this.shutdown.clone().cancelled_owned();
-        tokio::pin!(shutdown);
-        let idle = tokio::time::sleep(idle_timeout.unwrap_or(Duration::MAX / 4));
+        // waiter list twice per request. It fires at shutdown and when a reload supersedes
+        // the settings: one wake-up for both, so following reloads costs nothing per request.
+        let superseded = this.superseded.clone().cancelled_owned();
+        tokio::pin!(superseded);
+        let idle = tokio::time::sleep(this.config.idle_timeout.unwrap_or(Duration::MAX / 4));
         tokio::pin!(idle);
         loop {
             this.collect_ready();
@@ -433,15 +441,25 @@ impl<S: Duplex> Session<S> {
                 },
                 // A client owed replies is not idle, nor is a subscriber (as in Redis): the
                 // timer runs only when neither.
-                () = &mut idle, if idle_timeout.is_some() && this.outstanding == 0 && this.out.is_empty() && !this.subs.active() => {
-                    let deadline = this.last_activity + idle_timeout.unwrap_or_default();
+                () = &mut idle, if this.config.idle_timeout.is_some() && this.outstanding == 0 && this.out.is_empty() && !this.subs.active() => {
+                    let deadline = this.last_activity + this.config.idle_timeout.unwrap_or_default();
                     if deadline <= Instant::now() {
                         debug!("idle timeout; closing");
                         break;
                     }
                     idle.as_mut().reset(deadline);
                 }
-                () = &mut shutdown, if !this.draining => this.draining = true,
+                () = &mut superseded, if !this.draining => {
+                    if this.shutdown.is_cancelled() {
+                        this.draining = true;
+                    } else {
+                        this.take_settings();
+                        superseded.set(this.superseded.clone().cancelled_owned());
+                        if let Some(timeout) = this.config.idle_timeout {
+                            idle.as_mut().reset(this.last_activity + timeout);
+                        }
+                    }
+                }
             }
         }
         Box::pin(this.leave_pubsub()).await;
@@ -449,6 +467,27 @@ impl<S: Duplex> Session<S> {
 }
 
 impl State {
+    /// Takes the settings a reload published: limits, `[auth]` and `allow_monitor` apply from
+    /// now on, as Redis's CONFIG SET does to connected clients. The upstream connections stay
+    /// those the client started with. A client logged in as a user that no longer exists is
+    /// closed, as Redis's ACL DELUSER does.
+    fn take_settings(&mut self) {
+        let live = self.updates.borrow_and_update().clone();
+        self.superseded = live.superseded.clone();
+        self.config = live.session.clone();
+        self.decoder.set_limits(self.config.limits);
+        let limit = self.config.output_limit();
+        self.budget.set_limit(limit);
+        for feed in [&self.subs.inbox, &self.monitor].into_iter().flatten() {
+            feed.queued.set_limit(limit);
+        }
+        if !self.client.set_users(live.users.clone()) {
+            debug!("its user was removed by a reload; closing");
+            self.abort = true;
+        }
+        self.decoder.set_unauthenticated(!self.client.authenticated);
+    }
+
     /// Moves replies that are ready, in order, from `pending` to `out`.
     fn collect_ready(&mut self) {
         while let Some(front) = self.pending.front_mut() {
@@ -575,7 +614,7 @@ impl State {
                 self.rbuf.advance(frame.consumed());
                 continue;
             };
-            let action = command::action(request, self.config.profile);
+            let action = command::action(request, self.upstreams.profile());
             let plain = self.client.reply_mode == ReplyMode::On
                 && self.client.authenticated
                 && (self.client.resp3 || !self.subs.active());
@@ -703,9 +742,8 @@ impl State {
                 self.reply_locally(Bytes::from_static(b"+OK\r\n"))
             }
             Action::Monitor => {
-                let (feed, inbox) = Feed::new();
-                let limit = usize::try_from(self.config.client_output_limit).unwrap_or(usize::MAX);
-                let rx = monitor::start(&self.upstreams, inbox, limit).await;
+                let (feed, inbox) = Feed::new(self.config.output_limit());
+                let rx = monitor::start(&self.upstreams, inbox).await;
                 self.monitor = Some(feed);
                 self.outstanding += 1;
                 self.await_confirmation(rx);
@@ -833,7 +871,7 @@ impl State {
         let inbox = match self.subs.inbox {
             Some(_) => None,
             None => {
-                let (feed, inbox) = Feed::new();
+                let (feed, inbox) = Feed::new(self.config.output_limit());
                 self.subs.inbox = Some(feed);
                 Some(inbox)
             }

@@ -89,6 +89,17 @@ impl ClientState {
         })
     }
 
+    /// `[auth]` as reloaded: later AUTH and RESET follow it. A client already let in stays so,
+    /// as Redis keeps clients authenticated when `requirepass` changes, and one that still had
+    /// to authenticate need not once no password is required. `false` if the client is logged
+    /// in as a named user that no longer exists: it must be closed.
+    pub fn set_users(&mut self, users: Arc<Users>) -> bool {
+        let exists = self.user == "default" || users.exists(&self.user);
+        self.authenticated |= !users.required();
+        self.users = users;
+        exists
+    }
+
     pub fn target(&self) -> Target {
         Target {
             db: self.db,

@@ -11,16 +11,26 @@ use std::{io, net::SocketAddr};
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{command::error_reply, resp::Args};
 
-/// Starts mini-redis on an ephemeral loopback port; it stops when `shutdown` is cancelled.
-pub async fn start(shutdown: CancellationToken) -> io::Result<SocketAddr> {
+/// A running embedded store. It holds the data, so a reload that keeps the embedded upstream
+/// keeps the store; it stops when the last upstream set using it is gone, or with `shutdown`.
+#[derive(Debug)]
+pub struct Store {
+    pub addr: SocketAddr,
+    _stop: DropGuard,
+}
+
+/// Starts mini-redis on an ephemeral loopback port.
+pub async fn start(shutdown: &CancellationToken) -> io::Result<Store> {
     let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
     let addr = listener.local_addr()?;
+    let stop = shutdown.child_token();
+    let stopped = stop.clone().cancelled_owned();
     tokio::spawn(async move {
-        if let Err(error) = mini_redis::server::run(listener, shutdown.cancelled_owned()).await {
+        if let Err(error) = mini_redis::server::run(listener, stopped).await {
             tracing::error!(%error, "embedded mini-redis server stopped");
         }
     });
@@ -30,7 +40,10 @@ pub async fn start(shutdown: CancellationToken) -> io::Result<SocketAddr> {
          only GET, SET, PUBLISH and PING, and nothing is persisted. Point upstream.address at a \
          real redis-server for real use"
     );
-    Ok(addr)
+    Ok(Store {
+        addr,
+        _stop: stop.drop_guard(),
+    })
 }
 
 /// Answers locally what the embedded store cannot take; `None` means forward it.

@@ -4,6 +4,7 @@
 //! Data flow, one module each: [`server`] accepts clients → [`client`] sessions parse requests
 //! ([`resp`]) and decide what to do with each ([`command`]) → [`upstream`] actors pipeline them
 //! onto Redis (or the [`embedded`] store) → replies flow back through a `oneshot` per batch.
+//! The settings in effect are [`live`]: a reload replaces them while clients stay connected.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -14,6 +15,7 @@ pub mod command;
 pub mod config;
 pub mod connection;
 pub mod embedded;
+pub mod live;
 pub mod monitor;
 pub mod pubsub;
 pub mod resp;

@@ -1,5 +1,5 @@
 //! The `redmux` binary: parse flags, load the config, set up logging, run the server until a
-//! signal. Everything else lives in the library.
+//! signal; SIGHUP reloads the config. Everything else lives in the library.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,11 +10,14 @@ use anyhow::Context;
 use clap::Parser;
 use redmux::{
     config::{world_readable_secret, LogConfig, LogFormat, Overrides},
+    live::Reloader,
     Config, Server,
 };
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{
+    layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Registry,
+};
 
 /// A local Redis proxy: many client connections, one pipelined upstream connection.
 #[derive(Debug, Parser)]
@@ -47,6 +50,13 @@ fn main() -> ExitCode {
     let config = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(error) => {
+            // --check shows the offending line; a service's log (journald...) must not, as
+            // it may hold a password.
+            let error = if cli.check {
+                error.to_string()
+            } else {
+                error.for_log()
+            };
             eprintln!("redmux: invalid configuration: {error}");
             return ExitCode::FAILURE;
         }
@@ -63,11 +73,16 @@ fn main() -> ExitCode {
         print!("{}", config.summary());
         return ExitCode::SUCCESS;
     }
-    init_logging(&config.log);
+    let logging = init_logging(&config.log);
     if let Some(path) = exposed {
         tracing::warn!("{}", exposed_message(path));
     }
-    match run(config) {
+    let source = Source {
+        path: cli.config,
+        overrides,
+        logging,
+    };
+    match run(config, source) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -92,7 +107,15 @@ fn exposed_message(path: &Path) -> String {
     )
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+/// Where the configuration comes from, for SIGHUP to read it again the same way.
+struct Source {
+    path: Option<PathBuf>,
+    /// Re-applied over the file on reload, so a reload does not undo a command-line flag.
+    overrides: Overrides,
+    logging: Logging,
+}
+
+fn run(config: Config, source: Source) -> anyhow::Result<()> {
     // Every client is a file descriptor: 10,000 clients need more than the usual soft limit.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::debug!(limit, "open-file limit raised"),
@@ -107,48 +130,146 @@ fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Installed before the listeners are bound: a SIGHUP sent as soon as the port answers
+        // must reload, not kill the process (the default action).
+        let signals = Signals::install().context("cannot install signal handlers")?;
         let server = Server::bind(config).await?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(on_signals(shutdown.clone()));
+        tokio::spawn(on_signals(
+            signals,
+            shutdown.clone(),
+            server.reloader(),
+            source,
+        ));
         server.run(shutdown).await;
         Ok(())
     })
 }
 
-/// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
-async fn on_signals(shutdown: CancellationToken) {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    shutdown.cancel();
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::warn!("second signal: exiting without waiting");
-    std::process::exit(1);
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
 }
 
-fn init_logging(log: &LogConfig) {
-    // mini-redis logs every connection at info; keep it quiet unless asked for by RUST_LOG.
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(format!("{},mini_redis=warn", log.level)))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once. SIGHUP reloads
+/// the configuration file.
+async fn on_signals(
+    mut signals: Signals,
+    shutdown: CancellationToken,
+    reloader: Reloader,
+    source: Source,
+) {
+    loop {
+        tokio::select! {
+            _ = signals.term.recv() => {}
+            _ = signals.int.recv() => {}
+            _ = signals.hup.recv() => {
+                if !shutdown.is_cancelled() {
+                    reload(&source, &reloader).await;
+                }
+                continue;
+            }
+        }
+        if shutdown.is_cancelled() {
+            tracing::warn!("second signal: exiting without waiting");
+            std::process::exit(1);
+        }
+        shutdown.cancel();
+    }
+}
+
+/// Reads the configuration again, as at start, and applies it. An invalid file changes
+/// nothing: the error is logged and redmux goes on with the configuration it has.
+async fn reload(source: &Source, reloader: &Reloader) {
+    let Some(path) = source.path.clone() else {
+        tracing::warn!("SIGHUP: no configuration file (--config) to reload");
+        return;
+    };
+    tracing::info!(file = %path.display(), "SIGHUP: reloading the configuration");
+    let overrides = source.overrides.clone();
+    // Off the runtime's only thread: the file, and any password file, may be slow to read.
+    let loaded = tokio::task::spawn_blocking(move || {
+        let exposed = exposes_password(&path);
+        Config::load(Some(&path), &overrides).map(|config| (config, exposed.then_some(path)))
+    })
+    .await;
+    let (config, exposed) = match loaded {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(error)) => {
+            let error = error.for_log();
+            tracing::error!("reload failed, keeping the current configuration: {error}");
+            return;
+        }
+        Err(error) => {
+            tracing::error!(%error, "reload failed, keeping the current configuration");
+            return;
+        }
+    };
+    if let Some(path) = exposed {
+        tracing::warn!("{}", exposed_message(&path));
+    }
+    let level = config.log.level.clone();
+    match reloader.reload(config).await {
+        Ok(changed) if changed.contains(&"log.level") => source.logging.set_level(&level),
+        Ok(_) => {}
+        Err(error) => {
+            tracing::error!(%error, "reload failed, keeping the current configuration");
+        }
+    }
+}
+
+/// What can change in logging while redmux runs: the filter.
+struct Logging {
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// `RUST_LOG` was set at start: it wins over `log.level`, on reload too.
+    from_env: bool,
+}
+
+impl Logging {
+    fn set_level(&self, level: &str) {
+        if self.from_env {
+            tracing::warn!("log.level changed, but RUST_LOG is set and still decides the filter");
+        } else if let Err(error) = self.filter.reload(level_filter(level)) {
+            tracing::error!(%error, "cannot change the log level");
+        }
+    }
+}
+
+fn init_logging(log: &LogConfig) -> Logging {
+    let env = EnvFilter::try_from_default_env().ok();
+    let from_env = env.is_some();
+    let (filter, handle) = reload::Layer::new(env.unwrap_or_else(|| level_filter(&log.level)));
     // Colours only for a terminal, not for a log file or journald.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let format = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    // The format is fixed for the process: a span created under one formatter cannot be
+    // printed by the other (the JSON one panics on it), so log.format needs a restart.
+    let registry = tracing_subscriber::registry().with(filter);
     match log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => registry.with(format).init(),
+        LogFormat::Json => registry.with(format.json().flatten_event(true)).init(),
     }
+    Logging {
+        filter: handle,
+        from_env,
+    }
+}
+
+/// The filter for `log.level`. mini-redis logs every connection at info; it stays quiet
+/// unless asked for by RUST_LOG.
+fn level_filter(level: &str) -> EnvFilter {
+    EnvFilter::try_new(format!("{level},mini_redis=warn"))
+        .unwrap_or_else(|_| EnvFilter::new("info"))
 }

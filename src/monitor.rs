@@ -4,8 +4,6 @@
 //! that answers MONITOR itself. The connection closes as soon as the client stops monitoring
 //! (RESET) or leaves.
 
-use std::sync::atomic::Ordering;
-
 use bytes::BytesMut;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -20,8 +18,8 @@ use crate::{
 };
 
 /// Starts monitoring: the receiver gets the reply to MONITOR, the inbox everything after it.
-/// `limit` bounds the bytes waiting in the inbox; past it the feed stops.
-pub async fn start(upstreams: &Upstreams, inbox: Inbox, limit: usize) -> oneshot::Receiver<Reply> {
+/// Past the inbox's limit on waiting bytes the feed stops.
+pub async fn start(upstreams: &Upstreams, inbox: Inbox) -> oneshot::Receiver<Reply> {
     let (reply, rx) = oneshot::channel();
     let (mut reader, mut writer, slot) = match upstreams.monitor_connection().await {
         Ok(connection) => connection,
@@ -65,8 +63,7 @@ pub async fn start(upstreams: &Upstreams, inbox: Inbox, limit: usize) -> oneshot
                     let _ = reply.send(Ok(frame));
                     continue;
                 }
-                let queued = inbox.queued.fetch_add(frame.len(), Ordering::AcqRel);
-                if queued + frame.len() > limit || inbox.tx.send(frame).is_err() {
+                if !inbox.queued.charge(frame.len()) || inbox.tx.send(frame).is_err() {
                     debug!("monitoring client too slow or gone; closing its MONITOR connection");
                     return;
                 }

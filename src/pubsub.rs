@@ -10,10 +10,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -27,7 +24,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::{
     resp::{encode_command, Args, ReplyScanner},
-    upstream::{self, Endpoint, Reply, Setup, Timeouts, UpstreamError},
+    upstream::{self, Budget, Endpoint, Reply, Setup, Timeouts, UpstreamError},
 };
 
 /// Hub requests waiting at once.
@@ -84,8 +81,9 @@ enum HubRequest {
 #[derive(Debug)]
 pub struct Inbox {
     pub tx: mpsc::UnboundedSender<Bytes>,
-    /// Bytes sent and not yet taken by the session; the session subtracts what it takes.
-    pub queued: Arc<AtomicUsize>,
+    /// Bytes sent and not yet taken by the session, which refunds what it takes, and the most
+    /// that may wait (the client's `client_output_limit`, which a reload may change).
+    pub queued: Arc<Budget>,
 }
 
 /// A handle to the hub; cheap to clone.
@@ -96,13 +94,12 @@ pub struct PubSub {
 
 impl PubSub {
     /// Starts the hub; it connects upstream on first use and stops when every handle is gone.
-    pub fn start(endpoint: Endpoint, timeouts: Timeouts, ping: bool, limit: usize) -> PubSub {
+    pub fn start(endpoint: Endpoint, timeouts: Timeouts, ping: bool) -> PubSub {
         let (tx, rx) = mpsc::channel(HUB_CAPACITY);
         let hub = Hub {
             endpoint,
             timeouts,
             ping,
-            limit,
             rx,
             subscribers: HashMap::new(),
             clients: HashMap::new(),
@@ -173,8 +170,6 @@ struct Hub {
     endpoint: Endpoint,
     timeouts: Timeouts,
     ping: bool,
-    /// Most message bytes waiting for one subscriber.
-    limit: usize,
     rx: mpsc::Receiver<HubRequest>,
     /// Who wants each subscription.
     subscribers: HashMap<(Kind, Bytes), HashSet<u64>>,
@@ -470,11 +465,9 @@ impl Hub {
                 continue;
             };
             let bytes = frame.clone();
-            let queued = subscriber
-                .inbox
-                .queued
-                .fetch_add(bytes.len(), Ordering::AcqRel);
-            if queued + bytes.len() > self.limit || subscriber.inbox.tx.send(bytes).is_err() {
+            if !subscriber.inbox.queued.charge(bytes.len())
+                || subscriber.inbox.tx.send(bytes).is_err()
+            {
                 cut_off.push(*client);
             }
         }

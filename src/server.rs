@@ -3,6 +3,9 @@
 //! Shutdown: the token stops the accept loops and tells every session to stop reading; sessions
 //! finish the replies they owe; after `shutdown_grace` whatever is left is abandoned. Upstream
 //! actors end by themselves once the last session (and so the last channel sender) is gone.
+//!
+//! Each accepted client takes the settings in effect from the [`Reloader`]'s channel (see
+//! [`crate::live`]), so a reload applies from the next accept on.
 
 use std::{
     future::Future,
@@ -24,11 +27,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::{
-    auth::Users,
-    client::{Duplex, Session, SessionConfig},
+    client::{Duplex, Session},
     config::Config,
     connection::{ClientState, Peer},
-    resp::Limits,
+    live::{Live, Reloader},
     upstream::Upstreams,
 };
 
@@ -46,20 +48,20 @@ pub enum ServerError {
 
 /// A bound, not yet running, server.
 pub struct Server {
-    config: Config,
     tcp: Vec<TcpListener>,
     unix: Option<(UnixListener, PathBuf)>,
-    upstreams: Upstreams,
+    reloader: Reloader,
+    /// Cancelled when the caller's shutdown token is: stops the accept loops and the sessions,
+    /// which it reaches through the settings they hold (see [`Live::superseded`]).
+    stop: CancellationToken,
     /// Stops the embedded upstream, once clients are done with it.
     upstream_shutdown: CancellationToken,
 }
 
 /// State the accept loops share.
 struct Shared {
-    session: Arc<SessionConfig>,
-    upstreams: Upstreams,
-    users: Arc<Users>,
-    max_clients: usize,
+    /// The settings in effect; each new client takes them, and its session follows reloads.
+    live: tokio::sync::watch::Receiver<Arc<Live>>,
     clients: AtomicUsize,
     next_id: AtomicU64,
     tracker: TaskTracker,
@@ -87,17 +89,23 @@ impl Server {
             None => None,
         };
         let upstream_shutdown = CancellationToken::new();
-        let pubsub_limit = usize::try_from(config.server.client_output_limit).unwrap_or(usize::MAX);
-        let upstreams = Upstreams::start(&config.upstream, pubsub_limit, upstream_shutdown.clone())
+        let upstreams = Upstreams::start(&config.upstream, &upstream_shutdown)
             .await
             .map_err(ServerError::Upstream)?;
+        let stop = CancellationToken::new();
         Ok(Server {
-            config,
             tcp,
             unix,
-            upstreams,
+            reloader: Reloader::new(config, upstreams, stop.clone(), upstream_shutdown.clone()),
+            stop,
             upstream_shutdown,
         })
+    }
+
+    /// Replaces the settings while the server runs (SIGHUP), and lets others follow them: a
+    /// metrics endpoint, say, subscribes to it for the configuration in effect.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// The TCP addresses actually bound (useful with port 0).
@@ -110,28 +118,12 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains for at most `shutdown_grace`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let server = &self.config.server;
         let shared = Arc::new(Shared {
-            session: Arc::new(SessionConfig {
-                limits: Limits {
-                    max_bulk_len: server.max_bulk_len,
-                    max_multibulk_len: server.max_multibulk_len,
-                },
-                max_pipeline: server.max_pipeline,
-                client_query_limit: server.client_query_limit,
-                client_output_limit: server.client_output_limit,
-                idle_timeout: Some(server.client_idle_timeout).filter(|t| !t.is_zero()),
-                request_timeout: self.config.upstream.request_timeout,
-                profile: self.upstreams.profile(),
-                allow_monitor: self.config.upstream.allow_monitor,
-            }),
-            upstreams: self.upstreams,
-            users: Arc::new(Users::new(&self.config.auth)),
-            max_clients: server.max_clients,
+            live: self.reloader.subscribe(),
             clients: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             tracker: TaskTracker::new(),
-            shutdown: shutdown.clone(),
+            shutdown: self.stop.clone(),
         });
         let mut loops = Vec::new();
         for listener in self.tcp {
@@ -146,12 +138,13 @@ impl Server {
             path
         });
         shutdown.cancelled().await;
+        self.stop.cancel();
         info!("shutting down: no new clients; finishing in-flight requests");
         for accept in loops {
             let _ = accept.await;
         }
         shared.tracker.close();
-        let grace = self.config.server.shutdown_grace;
+        let grace = shared.live.borrow().config.server.shutdown_grace;
         if tokio::time::timeout(grace, shared.tracker.wait())
             .await
             .is_err()
@@ -229,7 +222,9 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
                 continue;
             }
         };
-        if shared.clients.fetch_add(1, Ordering::AcqRel) >= shared.max_clients {
+        // The settings in effect: one read lock per accept, none per request.
+        let live = shared.live.borrow().clone();
+        if shared.clients.fetch_add(1, Ordering::AcqRel) >= live.config.server.max_clients {
             shared.clients.fetch_sub(1, Ordering::AcqRel);
             debug!(?peer, "max_clients reached; refusing");
             shared.tracker.spawn(async move {
@@ -242,8 +237,8 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
         let client = match ClientState::new(
             id,
             Peer { addr: peer, local },
-            shared.upstreams.clone(),
-            shared.users.clone(),
+            live.upstreams.clone(),
+            live.users.clone(),
         ) {
             Ok(client) => client,
             Err(error) => {
@@ -256,9 +251,9 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
         let span = tracing::debug_span!("client", id, ?peer);
         let session = Session::new(
             stream,
-            shared.session.clone(),
+            &live,
+            shared.live.clone(),
             client,
-            shared.upstreams.clone(),
             shared.shutdown.clone(),
         );
         let shared_for_task = shared.clone();

@@ -157,6 +157,11 @@ impl RequestDecoder {
         }
     }
 
+    /// New limits (reloaded), for the headers decoded from now on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// Applies Redis's limits for clients that still have to authenticate (`true`), or lifts
     /// them.
     pub fn set_unauthenticated(&mut self, unauthenticated: bool) {

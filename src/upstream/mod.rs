@@ -53,25 +53,33 @@ pub struct Request {
 
 /// Reply bytes owed to one client and not yet written to it, shared by its session and the
 /// actors answering it: a client that does not read is stopped where its replies arrive, so
-/// they cannot pile up anywhere past `client_output_limit`, however fast Redis answers.
+/// they cannot pile up anywhere past `client_output_limit`, however fast Redis answers. A
+/// subscriber's or monitor's feed counts its waiting frames with one too.
 #[derive(Debug)]
 pub struct Budget {
     owed: std::sync::atomic::AtomicUsize,
-    limit: usize,
+    /// Atomic so that a reload can change it for a client already connected.
+    limit: std::sync::atomic::AtomicUsize,
 }
 
 impl Budget {
     pub fn new(limit: usize) -> Self {
         Budget {
             owed: std::sync::atomic::AtomicUsize::new(0),
-            limit,
+            limit: std::sync::atomic::AtomicUsize::new(limit),
         }
     }
 
     /// Counts `n` more bytes owed; `false` if that goes past the limit.
     pub fn charge(&self, n: usize) -> bool {
         let before = self.owed.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
-        before.saturating_add(n) <= self.limit
+        before.saturating_add(n) <= self.limit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A new limit (`client_output_limit` reloaded), for the bytes charged from now on.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `n` bytes were written to the client (or dropped).
@@ -144,7 +152,10 @@ pub struct Upstreams {
 
 #[derive(Debug)]
 struct Inner {
+    /// Where the actors connect: for the embedded upstream, its store's address.
     endpoint: Endpoint,
+    /// The embedded store, kept running while this set of connections may use it.
+    store: Option<Arc<embedded::Store>>,
     timeouts: Timeouts,
     profile: Profile,
     /// Actors per shared target (`connections` of them).
@@ -158,39 +169,53 @@ struct Inner {
 
 impl Upstreams {
     /// Starts the embedded store if configured. Actors start on first use; they stop once
-    /// every sender is gone and their in-flight requests are answered. The embedded store stops
-    /// with `shutdown`.
-    pub async fn start(
+    /// every sender is gone and their in-flight requests are answered, which is how a set of
+    /// connections replaced by a reload drains. The embedded store stops with `shutdown`.
+    pub async fn start(config: &UpstreamConfig, shutdown: &CancellationToken) -> io::Result<Self> {
+        Self::build(config, None, shutdown).await
+    }
+
+    /// A new set of connections for `config` (reloaded), for the clients that come next; this
+    /// one stays with the clients using it. If both are embedded they share the store, which
+    /// holds the data.
+    pub async fn rebuild(
+        &self,
         config: &UpstreamConfig,
-        pubsub_limit: usize,
-        shutdown: CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> io::Result<Self> {
+        Self::build(config, self.inner.store.clone(), shutdown).await
+    }
+
+    async fn build(
+        config: &UpstreamConfig,
+        store: Option<Arc<embedded::Store>>,
+        shutdown: &CancellationToken,
     ) -> io::Result<Self> {
         let mut endpoint = config.endpoint();
-        let profile = if endpoint.address == Address::Embedded {
-            let addr = embedded::start(shutdown).await?;
-            endpoint.address = Address::Tcp {
-                host: addr.ip().to_string(),
-                port: addr.port(),
+        let (profile, store) = if endpoint.address == Address::Embedded {
+            let store = match store {
+                Some(store) => store,
+                None => Arc::new(embedded::start(shutdown).await?),
             };
-            Profile::Embedded
+            endpoint.address = Address::Tcp {
+                host: store.addr.ip().to_string(),
+                port: store.addr.port(),
+            };
+            (Profile::Embedded, Some(store))
         } else {
-            Profile::Redis
+            (Profile::Redis, None)
         };
         let timeouts = Timeouts {
             connect: config.connect_timeout,
             request: config.request_timeout,
         };
-        let pubsub = PubSub::start(
-            endpoint.clone(),
-            timeouts,
-            profile == Profile::Redis,
-            pubsub_limit,
-        );
+        let pubsub = PubSub::start(endpoint.clone(), timeouts, profile == Profile::Redis);
         let upstreams = Upstreams {
             inner: Arc::new(Inner {
                 pubsub,
                 pool: pool::Pool::new(config.max_pinned),
                 endpoint,
+                store,
                 timeouts,
                 profile,
                 connections: config.connections,

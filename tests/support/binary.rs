@@ -28,19 +28,25 @@ impl RedmuxProcess {
 
     /// As [`RedmuxProcess::start`], with environment variables set for the process.
     pub fn start_env(server: &str, rest: &str, env: &[(&str, &str)]) -> RedmuxProcess {
+        Self::launch(server, rest, env, &[])
+    }
+
+    /// As [`RedmuxProcess::start`], with more command-line arguments after `--config FILE`.
+    pub fn start_args(server: &str, rest: &str, args: &[&str]) -> RedmuxProcess {
+        Self::launch(server, rest, &[], args)
+    }
+
+    fn launch(server: &str, rest: &str, env: &[(&str, &str)], args: &[&str]) -> RedmuxProcess {
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("temp dir");
             let port = free_port();
             let config = dir.path().join("redmux.toml");
-            std::fs::write(
-                &config,
-                format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{server}\n{rest}\n"),
-            )
-            .expect("write config");
+            std::fs::write(&config, config_text(port, server, rest)).expect("write config");
             let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
             let child = Command::new(redmux_bin())
                 .arg("--config")
                 .arg(&config)
+                .args(args)
                 .env_remove("RUST_LOG")
                 .envs(env.iter().copied())
                 .stdin(Stdio::null())
@@ -111,6 +117,34 @@ impl RedmuxProcess {
         send_signal(self.pid(), signal);
     }
 
+    /// Rewrites the config file as [`RedmuxProcess::start`] wrote it (same `listen`), with
+    /// `server` and `rest`, and sends SIGHUP. The reload is not done yet when this returns.
+    pub fn reload(&self, server: &str, rest: &str) {
+        self.reload_text(&config_text(self.addr.port(), server, rest));
+    }
+
+    /// Replaces the config file with `text` and sends SIGHUP.
+    pub fn reload_text(&self, text: &str) {
+        std::fs::write(self.config_path(), text).expect("rewrite config");
+        self.signal("HUP");
+    }
+
+    /// Waits until the logs hold `needle` at least `count` times, and returns them.
+    pub fn wait_for_log(&self, needle: &str, count: usize) -> String {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let logs = self.stderr();
+            if logs.matches(needle).count() >= count {
+                return logs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} (x{count}) in the logs:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub async fn raw(&self) -> Raw {
         Raw::connect(self.addr).await
     }
@@ -147,4 +181,9 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// The config file [`RedmuxProcess`] writes: `listen` on `port`, more `[server]` keys, the rest.
+fn config_text(port: u16, server: &str, rest: &str) -> String {
+    format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{server}\n{rest}\n")
 }

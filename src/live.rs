@@ -1,0 +1,172 @@
+//! Live settings: what clients get from the configuration, published on a `watch` channel so
+//! that a reload (SIGHUP) can replace them while clients stay connected.
+//!
+//! A client takes the latest settings when it is accepted. A client already connected takes
+//! the new limits, `[auth]` and `allow_monitor` too, as Redis's `CONFIG SET` applies to every
+//! client: the settings it holds are superseded, which wakes it, so an idle client is not
+//! missed and nothing is checked per request. It keeps the upstream connections it started
+//! with, though: a changed `[upstream]` gets a new set of connections for the clients that come
+//! next, and the old set closes once its last client has left (its actors end when their last
+//! sender is dropped). Listeners and the log format cannot change without a restart.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    auth::Users, client::SessionConfig, config::Config, resp::Limits, server::ServerError,
+    upstream::Upstreams,
+};
+
+/// Keys a reload cannot apply: the listeners are bound once, and the log format is fixed when
+/// logging starts (a span created under one format cannot be printed by the other). They keep
+/// their current values until a restart.
+const RESTART_KEYS: [&str; 4] = [
+    "server.listen",
+    "server.unix_socket",
+    "server.unix_socket_mode",
+    "log.format",
+];
+
+/// `[upstream]` keys that shape the connections themselves: a change needs a new set of them.
+/// `request_timeout` and `allow_monitor` are applied by the sessions instead.
+const CONNECTION_KEYS: [&str; 9] = [
+    "upstream.address",
+    "upstream.connections",
+    "upstream.connect_timeout",
+    "upstream.username",
+    "upstream.password",
+    "upstream.db",
+    "upstream.databases",
+    "upstream.max_pinned",
+    "upstream.max_shared",
+];
+
+/// The settings in effect.
+#[derive(Debug)]
+pub struct Live {
+    /// The configuration in effect, command-line overrides applied. Anything else that follows
+    /// reloads (a metrics endpoint, say) subscribes with [`Reloader::subscribe`] and reads its
+    /// section here.
+    pub config: Arc<Config>,
+    /// What sessions apply.
+    pub session: Arc<SessionConfig>,
+    /// Who may log in.
+    pub users: Arc<Users>,
+    /// Where new clients' commands go.
+    pub upstreams: Upstreams,
+    /// Cancelled when these settings are replaced, and at shutdown (it is a child of the
+    /// server's stop token): it wakes every session holding them.
+    pub superseded: CancellationToken,
+}
+
+impl Live {
+    fn new(config: Config, upstreams: Upstreams, stop: &CancellationToken) -> Live {
+        let server = &config.server;
+        let session = SessionConfig {
+            limits: Limits {
+                max_bulk_len: server.max_bulk_len,
+                max_multibulk_len: server.max_multibulk_len,
+            },
+            max_pipeline: server.max_pipeline,
+            client_query_limit: server.client_query_limit,
+            client_output_limit: server.client_output_limit,
+            idle_timeout: Some(server.client_idle_timeout).filter(|t| !t.is_zero()),
+            request_timeout: config.upstream.request_timeout,
+            allow_monitor: config.upstream.allow_monitor,
+        };
+        Live {
+            session: Arc::new(session),
+            users: Arc::new(Users::new(&config.auth)),
+            config: Arc::new(config),
+            upstreams,
+            superseded: stop.child_token(),
+        }
+    }
+}
+
+/// Publishes new settings. Cheap to clone; reloads are meant to run one at a time (the signal
+/// handler runs them in turn).
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    tx: Arc<watch::Sender<Arc<Live>>>,
+    /// The server's stop token: the parent of every `superseded`.
+    stop: CancellationToken,
+    /// Stops embedded stores at the very end.
+    upstream_shutdown: CancellationToken,
+}
+
+impl Reloader {
+    /// The first settings, from the configuration the server starts with.
+    pub(crate) fn new(
+        config: Config,
+        upstreams: Upstreams,
+        stop: CancellationToken,
+        upstream_shutdown: CancellationToken,
+    ) -> Reloader {
+        let live = Live::new(config, upstreams, &stop);
+        let (tx, _) = watch::channel(Arc::new(live));
+        Reloader {
+            tx: Arc::new(tx),
+            stop,
+            upstream_shutdown,
+        }
+    }
+
+    /// The settings in effect, and every later change: `changed().await` wakes on each reload.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Live>> {
+        self.tx.subscribe()
+    }
+
+    /// Applies `config` (loaded and validated, overrides applied): starts new upstream
+    /// connections if `[upstream]` changed, publishes the new settings and wakes the sessions.
+    /// Logs what changed, by key name only. Returns the keys that took effect. If it fails (an
+    /// embedded store cannot start), nothing changes.
+    pub async fn reload(&self, mut config: Config) -> Result<Vec<&'static str>, ServerError> {
+        let current = self.tx.borrow().clone();
+        let old = &current.config;
+        let (restart, applied): (Vec<&'static str>, Vec<&'static str>) = old
+            .changed_keys(&config)
+            .into_iter()
+            .partition(|key| RESTART_KEYS.contains(key));
+        if !restart.is_empty() {
+            warn!(
+                keys = %restart.join(", "),
+                "configuration changes that need a restart to take effect; keeping the current values"
+            );
+            config.server.listen.clone_from(&old.server.listen);
+            config
+                .server
+                .unix_socket
+                .clone_from(&old.server.unix_socket);
+            config.server.unix_socket_mode = old.server.unix_socket_mode;
+            config.log.format = old.log.format;
+        }
+        if applied.is_empty() {
+            info!("configuration reloaded: nothing else changed");
+            return Ok(Vec::new());
+        }
+        let upstreams = if applied.iter().any(|key| CONNECTION_KEYS.contains(key)) {
+            let upstreams = current
+                .upstreams
+                .rebuild(&config.upstream, &self.upstream_shutdown)
+                .await
+                .map_err(ServerError::Upstream)?;
+            info!(
+                upstream = %config.upstream.endpoint().address,
+                "new upstream connections for new clients; connected clients keep theirs until \
+                 they leave"
+            );
+            upstreams
+        } else {
+            current.upstreams.clone()
+        };
+        info!(changed = %applied.join(", "), "configuration reloaded");
+        self.tx
+            .send_replace(Arc::new(Live::new(config, upstreams, &self.stop)));
+        current.superseded.cancel();
+        Ok(applied)
+    }
+}
