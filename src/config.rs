@@ -309,6 +309,18 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// The error for `--check`: with the file's line quoted, as toml shows it, unless that
+    /// line may hold a password: a password key, or an address with credentials.
+    pub fn for_terminal(&self) -> String {
+        let shown = self.to_string();
+        let secret = shown.contains("password") || shown.contains('@');
+        if matches!(self, ConfigError::Parse { .. }) && secret {
+            self.for_log()
+        } else {
+            shown
+        }
+    }
+
     /// The error on one line, for a log. `Display` quotes the file's line for a TOML error,
     /// which may hold a password; this gives its place and the message instead.
     pub fn for_log(&self) -> String {
@@ -881,8 +893,10 @@ mod tests {
         let error = Config::load(Some(file.path()), &overrides).unwrap_err();
         assert!(
             error.to_string().contains("hunter2"),
-            "--check shows the line"
+            "toml quotes the line"
         );
+        let checked = error.for_terminal();
+        assert!(!checked.contains("hunter2"), "--check: {checked}");
         let logged = error.for_log();
         assert!(
             !logged.contains("hunter2") && !logged.contains('\n'),
@@ -891,9 +905,12 @@ mod tests {
         let name = file.path().display().to_string();
         assert!(logged.starts_with(&format!("{name}:3:")), "{logged}");
         std::fs::write(file.path(), "[server]\nbogus = 1\n").unwrap();
-        let logged = Config::load(Some(file.path()), &overrides)
-            .unwrap_err()
-            .for_log();
+        let error = Config::load(Some(file.path()), &overrides).unwrap_err();
+        assert!(
+            error.for_terminal().contains("bogus = 1"),
+            "--check quotes a line without a password"
+        );
+        let logged = error.for_log();
         assert!(
             logged.starts_with(&format!("{name}:2:1: unknown field `bogus`")),
             "{logged}"
@@ -903,9 +920,10 @@ mod tests {
             "[upstream]\naddress = \"redis://u:hunter2@h:port\"\n",
         )
         .unwrap();
-        let logged = Config::load(Some(file.path()), &overrides)
-            .unwrap_err()
-            .for_log();
+        let error = Config::load(Some(file.path()), &overrides).unwrap_err();
+        let checked = error.for_terminal();
+        assert!(!checked.contains("hunter2"), "--check: {checked}");
+        let logged = error.for_log();
         assert!(
             logged.contains("redis://u:<redacted>@h:port") && !logged.contains("hunter2"),
             "{logged}"

@@ -50,10 +50,10 @@ fn main() -> ExitCode {
     let config = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(error) => {
-            // --check shows the offending line; a service's log (journald...) must not, as
-            // it may hold a password.
+            // --check shows the offending line, unless it may hold a password (its output
+            // also reaches logs: the systemd unit runs it); a service's log never does.
             let error = if cli.check {
-                error.to_string()
+                error.for_terminal()
             } else {
                 error.for_log()
             };
