@@ -13,7 +13,10 @@ use std::{
 
 use serde::{de, Deserialize, Deserializer};
 
-use crate::upstream::{Address, Endpoint};
+use crate::{
+    tls,
+    upstream::{Address, Endpoint},
+};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -140,6 +143,23 @@ pub struct ServerConfig {
     /// How long SIGTERM waits for in-flight requests before exiting anyway.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// `[server.tls]`: TLS listeners, besides the plain ones.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`: clients that connect to these addresses speak TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// TLS addresses: a string or a list of strings, as `server.listen`.
+    #[serde(deserialize_with = "listen_addresses")]
+    pub listen: Vec<SocketAddr>,
+    /// The server's certificate chain (PEM), leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// The private key of `cert_file` (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// CA certificates (PEM): when set, clients must present a certificate signed by one.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -156,6 +176,7 @@ impl Default for ServerConfig {
             client_output_limit: 64 * 1024 * 1024,
             client_idle_timeout: Duration::ZERO,
             shutdown_grace: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -187,6 +208,27 @@ pub struct UpstreamConfig {
     pub max_shared: usize,
     /// Let clients use MONITOR (each gets a connection of its own, from the pinned slots).
     pub allow_monitor: bool,
+    /// `[upstream.tls]`: how to talk TLS to a `rediss://` upstream.
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// `[upstream.tls]`. Without it a `rediss://` upstream is checked against the system's CA
+/// certificates, as `redis-cli --tls` without `--cacert` does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// CA certificates (PEM) the upstream's certificate must chain to, instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM), for a Redis with `tls-auth-clients yes`.
+    pub cert_file: Option<PathBuf>,
+    /// The private key of `cert_file` (PEM).
+    pub key_file: Option<PathBuf>,
+    /// The name the upstream's certificate must carry (a DNS name or an IP address); the
+    /// address's host by default.
+    pub server_name: Option<String>,
+    /// Accept any certificate from the upstream. Only for testing: anyone on the path can then
+    /// read and change the traffic.
+    pub insecure_skip_verify: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -205,11 +247,22 @@ impl Default for UpstreamConfig {
             max_pinned: 64,
             max_shared: 32,
             allow_monitor: true,
+            tls: None,
         }
     }
 }
 
 impl UpstreamConfig {
+    /// The TLS setup for a `rediss://` address (`[upstream.tls]`, or the system's CAs), read
+    /// from its files.
+    pub fn tls_connector(&self) -> Result<tls::Connector, tls::TlsError> {
+        let host = match &self.address.address {
+            Address::Tcp { host, .. } => host.as_str(),
+            _ => "",
+        };
+        tls::Connector::new(self.tls.as_ref(), host)
+    }
+
     /// Where to connect and how to log in: the `username`, `password` and `db` keys win over
     /// the same parts of a `redis://` address.
     pub fn endpoint(&self) -> Endpoint {
@@ -490,6 +543,29 @@ impl Config {
                 return fail("upstream.db", "the embedded upstream has only db 0");
             }
         }
+        // Last: these read the certificate and key files.
+        if let Some(server_tls) = &server.tls {
+            if server_tls.listen.is_empty() {
+                return fail("server.tls.listen", "no address to listen on");
+            }
+            if let Err(error) = tls::acceptor(server_tls) {
+                return fail(error.key, &error.problem.to_string());
+            }
+        }
+        match (&upstream.address.address, &upstream.tls) {
+            (Address::Tcp { tls: true, .. }, _) => {
+                if let Err(error) = upstream.tls_connector() {
+                    return fail(error.key, &error.problem.to_string());
+                }
+            }
+            (_, Some(_)) => {
+                return fail(
+                    "upstream.tls",
+                    "set, but upstream.address is not a rediss:// address",
+                )
+            }
+            (_, None) => {}
+        }
         Ok(())
     }
 
@@ -510,9 +586,9 @@ impl Config {
         }
         compare!(server: listen, unix_socket, unix_socket_mode, max_clients, max_pipeline,
             max_bulk_len, max_multibulk_len, client_query_limit, client_output_limit,
-            client_idle_timeout, shutdown_grace);
+            client_idle_timeout, shutdown_grace, tls);
         compare!(upstream: address, connections, connect_timeout, request_timeout, username,
-            password, db, databases, max_pinned, max_shared, allow_monitor);
+            password, db, databases, max_pinned, max_shared, allow_monitor, tls);
         compare!(auth: password, users);
         compare!(log: level, format);
         keys
@@ -530,6 +606,18 @@ impl Config {
                 self.server.unix_socket_mode
             );
         }
+        if let Some(server_tls) = &self.server.tls {
+            let listen: Vec<String> = server_tls.listen.iter().map(ToString::to_string).collect();
+            out += &format!(
+                "tls listen: {} (client certificates {})\n",
+                listen.join(", "),
+                if server_tls.ca_file.is_some() {
+                    "required"
+                } else {
+                    "not asked for"
+                }
+            );
+        }
         out += &format!(
             "upstream: {} (connections {}, db {}, user {}, password {})\n",
             endpoint.address,
@@ -542,6 +630,24 @@ impl Config {
                 "-"
             },
         );
+        if let Address::Tcp {
+            tls: true, host, ..
+        } = &endpoint.address
+        {
+            let tls = self.upstream.tls.clone().unwrap_or_default();
+            out += &format!(
+                "upstream tls: server name {}, {}, client certificate {}\n",
+                tls.server_name.as_deref().unwrap_or(host),
+                match (&tls.ca_file, tls.insecure_skip_verify) {
+                    (_, true) => "certificate NOT verified (insecure_skip_verify)".to_owned(),
+                    (Some(ca), false) => format!("CA {}", ca.display()),
+                    (None, false) => "system CA certificates".to_owned(),
+                },
+                tls.cert_file
+                    .as_ref()
+                    .map_or("-".to_owned(), |cert| cert.display().to_string()),
+            );
+        }
         out += &format!(
             "limits: max_clients {}, max_pipeline {}, max_bulk_len {}, max_multibulk_len {}, \
              client_query_limit {}, client_output_limit {}\n",
@@ -592,14 +698,19 @@ pub fn world_readable_secret(path: &Path, file: &Config) -> bool {
         && std::fs::metadata(path).is_ok_and(|meta| meta.permissions().mode() & 0o004 != 0)
 }
 
-/// The line (1-based) of `section.key` in TOML text, found by reading the section headers.
+/// The line (1-based) of `section.key` in TOML text (the section may have dots itself, as in
+/// `server.tls.cert_file`), or of the `[section]` header `dotted` names, found by reading the
+/// section headers.
 fn line_of(text: &str, dotted: &str) -> Option<usize> {
-    let (section, key) = dotted.split_once('.')?;
+    let (section, key) = dotted.rsplit_once('.')?;
     let mut current = "";
     for (number, line) in text.lines().enumerate() {
         let line = line.trim();
         if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             current = header.trim();
+            if current == dotted {
+                return Some(number + 1);
+            }
         } else if current == section
             && line
                 .split_once('=')

@@ -5,6 +5,7 @@
 //! ([`resp`]) and decide what to do with each ([`command`]) → [`upstream`] actors pipeline them
 //! onto Redis (or the [`embedded`] store) → replies flow back through a `oneshot` per batch.
 //! The settings in effect are [`live`]: a reload replaces them while clients stay connected.
+//! [`tls`] wraps either side in TLS when configured.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -20,6 +21,7 @@ pub mod monitor;
 pub mod pubsub;
 pub mod resp;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

@@ -20,20 +20,22 @@ use crate::{
     upstream::Upstreams,
 };
 
-/// Keys a reload cannot apply: the listeners are bound once, and the log format is fixed when
-/// logging starts (a span created under one format cannot be printed by the other). They keep
-/// their current values until a restart.
-const RESTART_KEYS: [&str; 4] = [
+/// Keys a reload cannot apply: the listeners (TLS ones with their certificate) are bound once,
+/// and the log format is fixed when logging starts (a span created under one format cannot be
+/// printed by the other). They keep their current values until a restart.
+const RESTART_KEYS: [&str; 5] = [
     "server.listen",
     "server.unix_socket",
     "server.unix_socket_mode",
+    "server.tls",
     "log.format",
 ];
 
 /// `[upstream]` keys that shape the connections themselves: a change needs a new set of them.
 /// `request_timeout` and `allow_monitor` are applied by the sessions instead.
-const CONNECTION_KEYS: [&str; 9] = [
+const CONNECTION_KEYS: [&str; 10] = [
     "upstream.address",
+    "upstream.tls",
     "upstream.connections",
     "upstream.connect_timeout",
     "upstream.username",
@@ -142,6 +144,7 @@ impl Reloader {
                 .unix_socket
                 .clone_from(&old.server.unix_socket);
             config.server.unix_socket_mode = old.server.unix_socket_mode;
+            config.server.tls.clone_from(&old.server.tls);
             config.log.format = old.log.format;
         }
         if applied.is_empty() {

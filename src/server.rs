@@ -1,4 +1,8 @@
-//! The server: listeners, the accept loops, and the order of a graceful shutdown.
+//! The server: listeners (TCP, unix, TLS), the accept loops, and the order of a graceful
+//! shutdown.
+//!
+//! An accept loop only accepts and counts: anything that takes time, the TLS handshake
+//! included, happens in the client's own task, so a slow client never holds up the next.
 //!
 //! Shutdown: the token stops the accept loops and tells every session to stop reading; sessions
 //! finish the replies they owe; after `shutdown_grace` whatever is left is abandoned. Upstream
@@ -20,9 +24,10 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
 };
+use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -31,6 +36,7 @@ use crate::{
     config::Config,
     connection::{ClientState, Peer},
     live::{Live, Reloader},
+    tls::{self, TlsClient, TlsError},
     upstream::Upstreams,
 };
 
@@ -44,12 +50,16 @@ pub enum ServerError {
     Bind { addr: String, source: io::Error },
     #[error("cannot start the upstream: {0}")]
     Upstream(io::Error),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
 }
 
 /// A bound, not yet running, server.
 pub struct Server {
     tcp: Vec<TcpListener>,
     unix: Option<(UnixListener, PathBuf)>,
+    /// `[server.tls]`: its listeners and the acceptor they share.
+    tls: Option<(Vec<TcpListener>, TlsAcceptor)>,
     reloader: Reloader,
     /// Cancelled when the caller's shutdown token is: stops the accept loops and the sessions,
     /// which it reaches through the settings they hold (see [`Live::superseded`]).
@@ -71,16 +81,11 @@ struct Shared {
 impl Server {
     /// Binds every listener and starts the upstream actors (and the embedded store).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        let mut tcp = Vec::new();
-        for addr in &config.server.listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            tcp.push(listener);
-        }
+        let tcp = bind_tcp(&config.server.listen).await?;
+        let tls = match &config.server.tls {
+            Some(settings) => Some((bind_tcp(&settings.listen).await?, tls::acceptor(settings)?)),
+            None => None,
+        };
         let unix = match &config.server.unix_socket {
             Some(path) => Some((
                 bind_unix(path, config.server.unix_socket_mode)?,
@@ -96,6 +101,7 @@ impl Server {
         Ok(Server {
             tcp,
             unix,
+            tls,
             reloader: Reloader::new(config, upstreams, stop.clone(), upstream_shutdown.clone()),
             stop,
             upstream_shutdown,
@@ -116,6 +122,15 @@ impl Server {
             .collect()
     }
 
+    /// The TLS addresses actually bound.
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        self.tls
+            .iter()
+            .flat_map(|(listeners, _)| listeners)
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
     /// Serves until `shutdown` is cancelled, then drains for at most `shutdown_grace`.
     pub async fn run(self, shutdown: CancellationToken) {
         let shared = Arc::new(Shared {
@@ -131,6 +146,19 @@ impl Server {
                 info!(%addr, "listening");
             }
             loops.push(tokio::spawn(accept_loop(listener, shared.clone())));
+        }
+        if let Some((listeners, acceptor)) = self.tls {
+            for tcp in listeners {
+                if let Ok(addr) = tcp.local_addr() {
+                    info!(%addr, "listening (TLS)");
+                }
+                let listener = TlsListener {
+                    tcp,
+                    acceptor: acceptor.clone(),
+                    shutdown: self.stop.clone(),
+                };
+                loops.push(tokio::spawn(accept_loop(listener, shared.clone())));
+            }
         }
         let unix_path = self.unix.map(|(listener, path)| {
             info!(path = %path.display(), "listening on unix socket");
@@ -162,12 +190,35 @@ impl Server {
     }
 }
 
-/// A source of client connections: TCP or unix.
+async fn bind_tcp(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, ServerError> {
+    let mut listeners = Vec::new();
+    for addr in addrs {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// A source of client connections: TCP, unix or TLS.
 trait Listener: Send + 'static {
-    type Stream: Duplex + AsyncWrite + Unpin + LocalAddr;
+    /// A connection as accepted.
+    type Stream: LocalAddr + Send + 'static;
+    /// What the client's session runs on.
+    type Client: Duplex;
     /// A new client and its address (none for a unix socket).
     fn accept(&self)
         -> impl Future<Output = io::Result<(Self::Stream, Option<SocketAddr>)>> + Send;
+    /// Makes an accepted connection ready for a session: nothing to do, or the TLS handshake.
+    /// Run in the client's own task.
+    fn establish(
+        &self,
+        stream: Self::Stream,
+    ) -> impl Future<Output = io::Result<Self::Client>> + Send + 'static;
 }
 
 /// The address a client connected to, for CLIENT INFO's `laddr`.
@@ -189,20 +240,60 @@ impl LocalAddr for UnixStream {
 
 impl Listener for TcpListener {
     type Stream = TcpStream;
+    type Client = TcpStream;
 
     async fn accept(&self) -> io::Result<(TcpStream, Option<SocketAddr>)> {
         let (stream, peer) = TcpListener::accept(self).await?;
         stream.set_nodelay(true)?;
         Ok((stream, Some(peer)))
     }
+
+    fn establish(
+        &self,
+        stream: TcpStream,
+    ) -> impl Future<Output = io::Result<TcpStream>> + Send + 'static {
+        std::future::ready(Ok(stream))
+    }
 }
 
 impl Listener for UnixListener {
     type Stream = UnixStream;
+    type Client = UnixStream;
 
     async fn accept(&self) -> io::Result<(UnixStream, Option<SocketAddr>)> {
         let (stream, _) = UnixListener::accept(self).await?;
         Ok((stream, None))
+    }
+
+    fn establish(
+        &self,
+        stream: UnixStream,
+    ) -> impl Future<Output = io::Result<UnixStream>> + Send + 'static {
+        std::future::ready(Ok(stream))
+    }
+}
+
+/// `[server.tls] listen`: TCP, then a TLS handshake in the client's task.
+struct TlsListener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    /// Ends handshakes under way when the server shuts down.
+    shutdown: CancellationToken,
+}
+
+impl Listener for TlsListener {
+    type Stream = TcpStream;
+    type Client = TlsClient;
+
+    fn accept(&self) -> impl Future<Output = io::Result<(TcpStream, Option<SocketAddr>)>> + Send {
+        Listener::accept(&self.tcp)
+    }
+
+    fn establish(
+        &self,
+        stream: TcpStream,
+    ) -> impl Future<Output = io::Result<TlsClient>> + Send + 'static {
+        tls::accept(self.acceptor.clone(), stream, self.shutdown.clone())
     }
 }
 
@@ -214,7 +305,7 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => return,
         };
-        let (mut stream, peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 error!(%error, "accept failed");
@@ -222,18 +313,22 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
                 continue;
             }
         };
+        let local = stream.local_addr().ok();
+        let establish = listener.establish(stream);
         // The settings in effect: one read lock per accept, none per request.
         let live = shared.live.borrow().clone();
         if shared.clients.fetch_add(1, Ordering::AcqRel) >= live.config.server.max_clients {
             shared.clients.fetch_sub(1, Ordering::AcqRel);
             debug!(?peer, "max_clients reached; refusing");
+            // Told in the client's protocol: over TLS after the handshake, as Redis does.
             shared.tracker.spawn(async move {
-                let _ = stream.write_all(MAX_CLIENTS_REPLY).await;
+                if let Ok(mut client) = establish.await {
+                    let _ = client.halves().1.write_all(MAX_CLIENTS_REPLY).await;
+                }
             });
             continue;
         }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let local = stream.local_addr().ok();
         let client = match ClientState::new(
             id,
             Peer { addr: peer, local },
@@ -249,18 +344,20 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
         };
         // Debug level: an enabled span per connection costs more than the connection itself.
         let span = tracing::debug_span!("client", id, ?peer);
-        let session = Session::new(
-            stream,
-            &live,
-            shared.live.clone(),
-            client,
-            shared.shutdown.clone(),
-        );
         let shared_for_task = shared.clone();
         shared.tracker.spawn(
             async move {
                 debug!("connected");
-                session.run().await;
+                match establish.await {
+                    Ok(io) => {
+                        let shared = &shared_for_task;
+                        let watch = shared.live.clone();
+                        Session::new(io, &live, watch, client, shared.shutdown.clone())
+                            .run()
+                            .await
+                    }
+                    Err(error) => debug!(%error, "TLS handshake failed"),
+                }
                 shared_for_task.clients.fetch_sub(1, Ordering::AcqRel);
                 debug!("disconnected");
             }

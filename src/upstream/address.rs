@@ -2,7 +2,7 @@
 
 use std::{fmt, path::PathBuf, str::FromStr};
 
-use crate::config::Secret;
+use crate::{config::Secret, tls};
 
 /// Where the upstream Redis listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,6 +10,8 @@ pub enum Address {
     Tcp {
         host: String,
         port: u16,
+        /// `rediss://`: TLS on top.
+        tls: bool,
     },
     Unix(PathBuf),
     /// A mini-redis server started in-process.
@@ -19,8 +21,16 @@ pub enum Address {
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Address::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
-            Address::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Address::Tcp { host, port, tls } => {
+                if *tls {
+                    f.write_str("rediss://")?;
+                }
+                if host.contains(':') {
+                    write!(f, "[{host}]:{port}")
+                } else {
+                    write!(f, "{host}:{port}")
+                }
+            }
             Address::Unix(path) => write!(f, "unix://{}", path.display()),
             Address::Embedded => f.write_str("embedded"),
         }
@@ -34,6 +44,9 @@ pub struct Endpoint {
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub db: u32,
+    /// How to talk TLS to a `rediss://` address: made from `[upstream.tls]` when the upstreams
+    /// start (a parsed address has none yet).
+    pub tls: Option<tls::Connector>,
 }
 
 impl From<Address> for Endpoint {
@@ -43,6 +56,7 @@ impl From<Address> for Endpoint {
             username: None,
             password: None,
             db: 0,
+            tls: None,
         }
     }
 }
@@ -50,7 +64,8 @@ impl From<Address> for Endpoint {
 impl FromStr for Endpoint {
     type Err = String;
 
-    /// Accepts `redis://[user:pass@]host[:port][/db]`, `host:port`, `unix:///path`, `embedded`.
+    /// Accepts `redis://[user:pass@]host[:port][/db]` (or `rediss://` for TLS), `host:port`,
+    /// `unix:///path`, `embedded`.
     fn from_str(text: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("{text:?} is not an upstream address: {why}");
         if text == "embedded" {
@@ -62,15 +77,26 @@ impl FromStr for Endpoint {
             }
             return Ok(Address::Unix(PathBuf::from(path)).into());
         }
-        if text.starts_with("rediss://") {
-            return Err(bad("TLS to the upstream (rediss://) is not supported yet"));
-        }
-        let Some(rest) = text.strip_prefix("redis://") else {
-            if text.contains("://") {
-                return Err(bad("expected redis://, unix://, host:port or embedded"));
+        let (rest, tls) = match (
+            text.strip_prefix("redis://"),
+            text.strip_prefix("rediss://"),
+        ) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            (None, None) => {
+                if text.contains("://") {
+                    return Err(bad(
+                        "expected redis://, rediss://, unix://, host:port or embedded",
+                    ));
+                }
+                let (host, port) = host_port(text, None).map_err(|why| bad(&why))?;
+                return Ok(Address::Tcp {
+                    host,
+                    port,
+                    tls: false,
+                }
+                .into());
             }
-            let (host, port) = host_port(text, None).map_err(|why| bad(&why))?;
-            return Ok(Address::Tcp { host, port }.into());
         };
         let (authority, db) = match rest.split_once('/') {
             None => (rest, 0),
@@ -99,10 +125,11 @@ impl FromStr for Endpoint {
             }
         };
         Ok(Endpoint {
-            address: Address::Tcp { host, port },
+            address: Address::Tcp { host, port, tls },
             username,
             password,
             db,
+            tls: None,
         })
     }
 }
@@ -163,7 +190,8 @@ mod tests {
             parse("127.0.0.1:7000").address,
             Address::Tcp {
                 host: "127.0.0.1".into(),
-                port: 7000
+                port: 7000,
+                tls: false,
             }
         );
         assert_eq!(parse("[::1]:7000").address.to_string(), "[::1]:7000");
@@ -185,6 +213,18 @@ mod tests {
             ),
             (None, Some(Secret::new("pw")), "h:6379".into())
         );
+        let tls = parse("rediss://:pw@[::1]:6390/1");
+        assert_eq!(
+            tls.address,
+            Address::Tcp {
+                host: "::1".into(),
+                port: 6390,
+                tls: true,
+            }
+        );
+        assert_eq!(tls.address.to_string(), "rediss://[::1]:6390");
+        assert_eq!((tls.password, tls.db), (Some(Secret::new("pw")), 1));
+        assert_eq!(parse("rediss://h").address.to_string(), "rediss://h:6379");
     }
 
     #[test]
@@ -196,14 +236,11 @@ mod tests {
             "http://x:1",
             "redis://h:1/x",
             "unix://relative",
-            "rediss://h:1",
+            "rediss://h:1/x",
+            "rediss://",
             "redis://h:1/%",
         ] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad:?}");
         }
-        assert!("rediss://h:1"
-            .parse::<Endpoint>()
-            .unwrap_err()
-            .contains("not supported yet"));
     }
 }

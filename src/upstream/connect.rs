@@ -9,7 +9,10 @@ use tokio::{
 };
 
 use super::{Address, Endpoint};
-use crate::resp::{encode_command, ReplyScanner};
+use crate::{
+    resp::{encode_command, ReplyScanner},
+    tls,
+};
 
 /// The read half of an upstream connection, whatever its transport.
 pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -20,6 +23,8 @@ pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 pub enum ConnectError {
     #[error("{0}")]
     Io(#[from] io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
     #[error("no connection within {0:?}")]
     Timeout(Duration),
     #[error("upstream closed the connection during the handshake")]
@@ -53,7 +58,7 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<(Reader, Writer), ConnectError> {
     tokio::time::timeout(timeout, async {
-        let (mut reader, mut writer) = dial(&endpoint.address).await?;
+        let (mut reader, mut writer) = dial(endpoint).await?;
         handshake(&login(endpoint, setup), &mut reader, &mut writer).await?;
         Ok((reader, writer))
     })
@@ -61,13 +66,30 @@ pub async fn connect(
     .map_err(|_| ConnectError::Timeout(timeout))?
 }
 
-async fn dial(address: &Address) -> io::Result<(Reader, Writer)> {
-    match address {
-        Address::Tcp { host, port } => {
+/// Opens the connection: TCP (then TLS for `rediss://`) or a unix socket. Every upstream
+/// connection (shared, pinned, pub/sub, MONITOR) is opened here.
+async fn dial(endpoint: &Endpoint) -> Result<(Reader, Writer), ConnectError> {
+    match &endpoint.address {
+        Address::Tcp { host, port, tls } => {
             let stream = TcpStream::connect((host.as_str(), *port)).await?;
             stream.set_nodelay(true)?;
-            let (r, w) = stream.into_split();
-            Ok((Box::new(r), Box::new(w)))
+            match (tls, &endpoint.tls) {
+                (false, _) => {
+                    let (r, w) = stream.into_split();
+                    Ok((Box::new(r), Box::new(w)))
+                }
+                (true, Some(connector)) => {
+                    let stream = connector
+                        .handshake(stream)
+                        .await
+                        .map_err(ConnectError::Tls)?;
+                    let (r, w) = tokio::io::split(stream);
+                    Ok((Box::new(r), Box::new(tls::Flushed::new(w))))
+                }
+                (true, None) => Err(ConnectError::Tls(io::Error::other(
+                    "no TLS settings for a rediss:// address",
+                ))),
+            }
         }
         Address::Unix(path) => {
             let (r, w) = UnixStream::connect(path).await?.into_split();
@@ -76,7 +98,8 @@ async fn dial(address: &Address) -> io::Result<(Reader, Writer)> {
         Address::Embedded => Err(io::Error::new(
             io::ErrorKind::NotFound,
             "the embedded upstream must be started before connecting",
-        )),
+        )
+        .into()),
     }
 }
 

@@ -22,6 +22,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 pub use address::{Address, Endpoint};
 pub use connect::{connect, ConnectError, Reader, Setup, Writer};
@@ -200,11 +201,22 @@ impl Upstreams {
             endpoint.address = Address::Tcp {
                 host: store.addr.ip().to_string(),
                 port: store.addr.port(),
+                tls: false,
             };
             (Profile::Embedded, Some(store))
         } else {
             (Profile::Redis, None)
         };
+        if let Address::Tcp { tls: true, .. } = endpoint.address {
+            let connector = config.tls_connector().map_err(io::Error::other)?;
+            if connector.insecure() {
+                warn!(
+                    "upstream.tls.insecure_skip_verify = true: the upstream's certificate is not \
+                     checked, so anyone on the path can read and change the traffic"
+                );
+            }
+            endpoint.tls = Some(connector);
+        }
         let timeouts = Timeouts {
             connect: config.connect_timeout,
             request: config.request_timeout,
