@@ -151,10 +151,10 @@ fn check_rejects_a_bad_file_naming_key_and_line() {
     let (code, _, err) = run(&["--check", "--config", "/nonexistent/redmux.toml"]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot read"), "{err}");
-    let (code, _, err) = run(&["--check", "--upstream", "rediss://h:1"]);
+    let (code, _, err) = run(&["--check", "--upstream", "http://h:1"]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("--upstream") && err.contains("not supported yet"),
+        err.contains("--upstream") && err.contains("expected redis://, rediss://"),
         "{err}"
     );
 }

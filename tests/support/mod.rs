@@ -4,6 +4,7 @@
 
 pub mod binary;
 pub mod checker;
+pub mod tls;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -15,11 +16,8 @@ use std::{
 use bytes::BytesMut;
 use redmux::{config::Config, resp::ReplyScanner, Server};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-        TcpStream,
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +36,8 @@ pub struct RedisServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    /// `port` speaks TLS only (`--port 0 --tls-port port`).
+    tls: bool,
 }
 
 impl RedisServer {
@@ -48,12 +48,36 @@ impl RedisServer {
 
     /// Starts redis-server with extra `--option value` arguments.
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_on(extra, false)
+    }
+
+    /// Starts redis-server speaking only TLS, with the test certificates (`--tls-ca-cert-file`
+    /// is their CA); `auth_clients`: it requires a client certificate signed by that CA.
+    pub fn start_tls(certs: &tls::Certs, auth_clients: bool) -> RedisServer {
+        let file = |path: &Path| path.display().to_string();
+        Self::start_on(
+            &[
+                "--tls-cert-file",
+                &file(&certs.server_cert),
+                "--tls-key-file",
+                &file(&certs.server_key),
+                "--tls-ca-cert-file",
+                &file(&certs.ca),
+                "--tls-auth-clients",
+                if auth_clients { "yes" } else { "no" },
+            ],
+            true,
+        )
+    }
+
+    fn start_on(extra: &[&str], tls: bool) -> RedisServer {
         for _ in 0..5 {
             let mut server = RedisServer {
                 port: free_port(),
                 child: None,
                 dir: tempfile::tempdir().expect("temp dir"),
                 extra: extra.iter().map(|s| s.to_string()).collect(),
+                tls,
             };
             if server.spawn() {
                 return server;
@@ -64,8 +88,13 @@ impl RedisServer {
 
     /// The port is fixed: start (again) on it, waiting for readiness.
     fn spawn(&mut self) -> bool {
+        let port = self.port.to_string();
+        let ports = match self.tls {
+            true => vec!["--port", "0", "--tls-port", &port],
+            false => vec!["--port", &port],
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+            .args(ports)
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--enable-debug-command", "local"])
@@ -83,7 +112,12 @@ impl RedisServer {
                     return false; // e.g. the port was taken meanwhile
                 }
             }
-            if answers_ping(self.port, Duration::from_secs(1)) {
+            // A TLS port is ready once it listens: redis-server listens when it is ready.
+            let ready = match self.tls {
+                true => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+                false => answers_ping(self.port, Duration::from_secs(1)),
+            };
+            if ready {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -170,6 +204,8 @@ pub fn answers_ping(port: u16, wait: Duration) -> bool {
 /// A redmux server running in this process, stopped on drop.
 pub struct Redmux {
     pub addr: SocketAddr,
+    /// The first `[server.tls]` address, if any.
+    pub tls_addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -185,10 +221,12 @@ impl Redmux {
         config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
         let server = Server::bind(config).await.expect("redmux binds");
         let addr = server.local_addrs()[0];
+        let tls_addr = server.tls_addrs().first().copied();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
         Redmux {
             addr,
+            tls_addr,
             shutdown,
             task: Some(task),
         }
@@ -238,10 +276,13 @@ pub fn config(upstream: &str) -> Config {
     config
 }
 
-/// A raw client socket for protocol edges.
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A raw client socket for protocol edges, plain or TLS.
 pub struct Raw {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    reader: Reader,
+    writer: Writer,
     buf: BytesMut,
     scanner: ReplyScanner,
 }
@@ -251,6 +292,16 @@ impl Raw {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
         let (reader, writer) = stream.into_split();
+        Raw::new(Box::new(reader), Box::new(writer))
+    }
+
+    /// Over any stream, a TLS one for example.
+    pub fn over<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Raw {
+        let (reader, writer) = tokio::io::split(stream);
+        Raw::new(Box::new(reader), Box::new(writer))
+    }
+
+    fn new(reader: Reader, writer: Writer) -> Raw {
         Raw {
             reader,
             writer,
@@ -260,12 +311,14 @@ impl Raw {
     }
 
     pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
-        self.writer.write_all(bytes.as_ref()).await.expect("send");
+        self.try_send(bytes).await.expect("send");
     }
 
     /// Sends, reporting a failure (the server closed the connection) instead of panicking.
+    /// Flushed: a TLS stream may hold back what it was given.
     pub async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
-        self.writer.write_all(bytes.as_ref()).await
+        self.writer.write_all(bytes.as_ref()).await?;
+        self.writer.flush().await
     }
 
     /// Writes `bytes` while reading `count` replies, as a pipelining client must (a client that
@@ -273,6 +326,7 @@ impl Raw {
     pub async fn pipeline(&mut self, bytes: &[u8], count: usize) -> Vec<Vec<u8>> {
         let write = async {
             self.writer.write_all(bytes).await.expect("send");
+            self.writer.flush().await.expect("flush");
         };
         let read = async {
             let mut replies = Vec::with_capacity(count);
@@ -310,7 +364,7 @@ impl Raw {
     }
 
     async fn next_reply(
-        reader: &mut OwnedReadHalf,
+        reader: &mut Reader,
         buf: &mut BytesMut,
         scanner: &mut ReplyScanner,
     ) -> Option<Vec<u8>> {
