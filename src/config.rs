@@ -1050,11 +1050,15 @@ mod tests {
         new.upstream.address = "127.0.0.1:7000".parse().unwrap();
         new.auth.password = Some(Secret::new("pw"));
         new.log.format = LogFormat::Json;
+        new.server.tls = Some(ServerTlsConfig::default());
+        new.upstream.tls = Some(UpstreamTlsConfig::default());
         assert_eq!(
             old.changed_keys(&new),
             [
                 "server.max_clients",
+                "server.tls",
                 "upstream.address",
+                "upstream.tls",
                 "auth.password",
                 "log.format"
             ]

@@ -123,6 +123,20 @@ async fn rust_client_pipelines_and_moves_large_values_over_tls() {
         .expect("closed in time")
         .expect("a clean end of the TLS stream");
     assert_eq!(got, b"+OK\r\n");
+    // A client that closes its side without close_notify still gets the replies it is owed,
+    // as a plain client that closes does.
+    let mut stream = tls::connect(redmux.tls_addr.unwrap(), &certs.client(false))
+        .await
+        .expect("TLS handshake");
+    stream.write_all(b"INCR n\r\nGET n\r\n").await.unwrap();
+    stream.flush().await.unwrap();
+    stream.get_mut().0.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(READY_TIMEOUT, stream.read_to_end(&mut got))
+        .await
+        .expect("closed in time")
+        .expect("a clean end of the TLS stream");
+    assert_eq!(got, b":2001\r\n$4\r\n2001\r\n");
 }
 
 #[tokio::test]
@@ -363,6 +377,46 @@ async fn rediss_without_upstream_tls_trusts_the_system_cas() {
     let mut raw = process.raw().await;
     assert_eq!(raw.call(&["SET", "k", "v"]).await, "+OK\r\n");
     assert_eq!(raw.call(&["GET", "k"]).await, "$1\r\nv\r\n");
+}
+
+/// A reload (SIGHUP) gives new clients upstream connections with the new `[upstream.tls]`;
+/// `[server.tls]` waits for a restart, as the other listeners do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_upstream_tls_and_server_tls_needs_a_restart() {
+    let certs = Certs::new();
+    let redis = RedisServer::start_tls(&certs, false);
+    let upstream = |name: &str| {
+        format!(
+            "[upstream]\naddress = \"rediss://127.0.0.1:{}\"\nconnect_timeout = \"500ms\"\n\
+             [upstream.tls]\nca_file = \"{}\"\nserver_name = \"{name}\"\n",
+            redis.port,
+            certs.ca.display()
+        )
+    };
+    let redmux = redmux_process(&upstream("wrong.example"), &[]);
+    let mut before = redmux.raw().await;
+    assert_eq!(
+        before.call(&["PING"]).await,
+        "-ERR redmux: upstream unavailable\r\n"
+    );
+    let server_tls = format!(
+        "[server.tls]\nlisten = \"127.0.0.1:{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        support::free_port(),
+        certs.server_cert.display(),
+        certs.server_key.display()
+    );
+    redmux.reload(&server_tls, &upstream("localhost"));
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while redmux.raw().await.call(&["PING"]).await != "+PONG\r\n" {
+        assert!(
+            Instant::now() < deadline,
+            "the new [upstream.tls] never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let logs = redmux.wait_for_log("need a restart", 1);
+    assert!(logs.contains("server.tls"), "{logs}");
+    assert!(logs.contains("upstream.tls"), "{logs}");
 }
 
 // === configuration ===
