@@ -13,6 +13,9 @@ COPY src ./src
 RUN cargo build --release --locked --bin redmux
 
 FROM debian:bookworm-slim
+# The system's CA certificates, for a rediss:// upstream without [upstream.tls] ca_file.
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin redmux
 COPY --from=build /src/target/release/redmux /usr/local/bin/redmux
 COPY config/redmux.toml /etc/redmux/redmux.toml
