@@ -22,6 +22,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
+use tokio_rustls::client::TlsStream;
 
 /// redmux in front of `redis`, with `[server.tls]` made of `certs`.
 async fn redmux_tls(redis: &RedisServer, certs: &Certs, require_client_cert: bool) -> Redmux {
@@ -38,6 +39,17 @@ async fn tls_raw(redmux: &Redmux, certs: &Certs) -> Raw {
             .await
             .expect("TLS handshake"),
     )
+}
+
+/// A rustls client stream on redmux's TLS port that has sent `request`.
+async fn tls_send(redmux: &Redmux, certs: &Certs, request: &[u8]) -> TlsStream<TcpStream> {
+    let addr = redmux.tls_addr.expect("a TLS listener");
+    let mut stream = tls::connect(addr, &certs.client(false))
+        .await
+        .expect("TLS handshake");
+    stream.write_all(request).await.unwrap();
+    stream.flush().await.unwrap();
+    stream
 }
 
 /// redis-cli with `args`, its trimmed output.
@@ -84,11 +96,7 @@ async fn rust_client_pipelines_and_moves_large_values_over_tls() {
     assert_eq!(reply, format!("${}\r\n{big}\r\n", big.len()));
     // Read slowly, so the socket stays full and redmux's last write of the reply cannot send
     // all of its records at once: they must still arrive.
-    let mut slow = tls::connect(redmux.tls_addr.unwrap(), &certs.client(false))
-        .await
-        .expect("TLS handshake");
-    slow.write_all(b"GET big\r\n").await.unwrap();
-    slow.flush().await.unwrap();
+    let mut slow = tls_send(&redmux, &certs, b"GET big\r\n").await;
     let expected = format!("${}\r\n{big}\r\n", big.len()).len();
     let mut got = 0;
     let mut chunk = vec![0; 16 * 1024];
@@ -112,11 +120,7 @@ async fn rust_client_pipelines_and_moves_large_values_over_tls() {
     }
     assert_eq!(replies.len(), 2000);
     // QUIT: the reply, then a clean TLS end (close_notify), not a truncated stream.
-    let mut stream = tls::connect(redmux.tls_addr.unwrap(), &certs.client(false))
-        .await
-        .expect("TLS handshake");
-    stream.write_all(b"QUIT\r\n").await.unwrap();
-    stream.flush().await.unwrap();
+    let mut stream = tls_send(&redmux, &certs, b"QUIT\r\n").await;
     let mut got = Vec::new();
     tokio::time::timeout(READY_TIMEOUT, stream.read_to_end(&mut got))
         .await
@@ -125,11 +129,7 @@ async fn rust_client_pipelines_and_moves_large_values_over_tls() {
     assert_eq!(got, b"+OK\r\n");
     // A client that closes its side without close_notify still gets the replies it is owed,
     // as a plain client that closes does.
-    let mut stream = tls::connect(redmux.tls_addr.unwrap(), &certs.client(false))
-        .await
-        .expect("TLS handshake");
-    stream.write_all(b"INCR n\r\nGET n\r\n").await.unwrap();
-    stream.flush().await.unwrap();
+    let mut stream = tls_send(&redmux, &certs, b"INCR n\r\nGET n\r\n").await;
     stream.get_mut().0.shutdown().await.unwrap();
     let mut got = Vec::new();
     tokio::time::timeout(READY_TIMEOUT, stream.read_to_end(&mut got))
@@ -326,16 +326,25 @@ fn redmux_process(rest: &str, env: &[(&str, &str)]) -> RedmuxProcess {
     RedmuxProcess::start_env("", rest, env)
 }
 
+/// `[upstream]` for `redis` (TLS) with `[upstream.tls]` trusting the test CA, plus `tls_keys`.
+fn rediss_sections(redis: &RedisServer, certs: &Certs, tls_keys: &str) -> String {
+    format!(
+        "[upstream]\naddress = \"rediss://127.0.0.1:{}\"\nconnect_timeout = \"500ms\"\n\
+         [upstream.tls]\nca_file = \"{}\"\n{tls_keys}\n",
+        redis.port,
+        certs.ca.display()
+    )
+}
+
 #[tokio::test]
 async fn wrong_server_name_is_logged_and_insecure_skip_verify_accepts_it() {
     let certs = Certs::new();
     let redis = RedisServer::start_tls(&certs, false);
     let upstream = |extra: &str| {
-        format!(
-            "[upstream]\naddress = \"rediss://127.0.0.1:{}\"\nconnect_timeout = \"500ms\"\n\
-             [upstream.tls]\nca_file = \"{}\"\nserver_name = \"wrong.example\"\n{extra}\n",
-            redis.port,
-            certs.ca.display()
+        rediss_sections(
+            &redis,
+            &certs,
+            &format!("server_name = \"wrong.example\"\n{extra}"),
         )
     };
     let wrong = redmux_process(&upstream(""), &[]);
@@ -385,14 +394,8 @@ async fn rediss_without_upstream_tls_trusts_the_system_cas() {
 async fn a_reload_applies_upstream_tls_and_server_tls_needs_a_restart() {
     let certs = Certs::new();
     let redis = RedisServer::start_tls(&certs, false);
-    let upstream = |name: &str| {
-        format!(
-            "[upstream]\naddress = \"rediss://127.0.0.1:{}\"\nconnect_timeout = \"500ms\"\n\
-             [upstream.tls]\nca_file = \"{}\"\nserver_name = \"{name}\"\n",
-            redis.port,
-            certs.ca.display()
-        )
-    };
+    let upstream =
+        |name: &str| rediss_sections(&redis, &certs, &format!("server_name = \"{name}\""));
     let redmux = redmux_process(&upstream("wrong.example"), &[]);
     let mut before = redmux.raw().await;
     assert_eq!(
@@ -468,90 +471,88 @@ fn every_tls_key_loads() {
 #[test]
 fn bad_tls_settings_are_refused_naming_key_and_line() {
     let certs = Certs::new();
-    let (cert, key, ca) = (
-        certs.server_cert.display().to_string(),
-        certs.server_key.display().to_string(),
-        certs.ca.display().to_string(),
-    );
+    let [cert, key, ca, client_key] = [
+        &certs.server_cert,
+        &certs.server_key,
+        &certs.ca,
+        &certs.client_key,
+    ]
+    .map(|path| path.display().to_string());
     let server = |body: &str| {
         load(&format!(
             "[server]\nmax_clients = 5\n[server.tls]\n{body}\n"
         ))
     };
+    let upstream = |body: &str| {
+        load(&format!(
+            "[upstream]\naddress = \"rediss://127.0.0.1:1\"\n[upstream.tls]\n{body}\n"
+        ))
+    };
     let listen = "listen = \"127.0.0.1:6390\"\n";
     let cases = [
         (
-            server(&format!("{listen}cert_file = \"/nonexistent/cert.pem\"\nkey_file = \"{key}\"")),
-            ":5: server.tls.cert_file: cannot read /nonexistent/cert.pem",
+            server(&format!(
+                "{listen}cert_file = \"/nonexistent/cert.pem\"\nkey_file = \"{key}\""
+            )),
+            ":5: server.tls.cert_file: cannot read /nonexistent/cert.pem".to_owned(),
         ),
         (
             server(&format!("{listen}cert_file = \"{cert}\"")),
-            "server.tls.key_file: not set: server.tls.cert_file needs its private key",
-        ),
-        (
-            server(&format!("{listen}cert_file = \"{cert}\"\nkey_file = \"{cert}\"")),
-            ":6: server.tls.key_file: ",
-        ),
-        (
-            server(&format!("{listen}cert_file = \"{key}\"\nkey_file = \"{key}\"")),
-            ":5: server.tls.cert_file: ",
+            "server.tls.key_file: not set: server.tls.cert_file needs its private key".to_owned(),
         ),
         (
             server(&format!(
-                "{listen}cert_file = \"{cert}\"\nkey_file = \"{}\"",
-                certs.client_key.display()
+                "{listen}cert_file = \"{cert}\"\nkey_file = \"{cert}\""
             )),
-            ":6: server.tls.key_file: ",
+            format!(":6: server.tls.key_file: {cert} holds no private key"),
+        ),
+        (
+            server(&format!(
+                "{listen}cert_file = \"{key}\"\nkey_file = \"{key}\""
+            )),
+            format!(":5: server.tls.cert_file: {key} holds no certificate"),
+        ),
+        (
+            server(&format!(
+                "{listen}cert_file = \"{cert}\"\nkey_file = \"{client_key}\""
+            )),
+            format!(
+                ":6: server.tls.key_file: {client_key} does not match the certificate in {cert}"
+            ),
         ),
         (
             server(&format!("cert_file = \"{cert}\"\nkey_file = \"{key}\"")),
-            "server.tls.listen: no address to listen on",
+            "server.tls.listen: no address to listen on".to_owned(),
         ),
         (
-            server(&format!("{listen}cert_file = \"{cert}\"\nkey_file = \"{key}\"\nciphers = \"x\"")),
-            "unknown field `ciphers`",
+            server(&format!(
+                "{listen}cert_file = \"{cert}\"\nkey_file = \"{key}\"\nciphers = \"x\""
+            )),
+            "unknown field `ciphers`".to_owned(),
         ),
         (
-            load(&format!("[upstream]\naddress = \"127.0.0.1:1\"\n[upstream.tls]\nca_file = \"{ca}\"\n")),
-            ":3: upstream.tls: set, but upstream.address is not a rediss:// address",
+            load(&format!(
+                "[upstream]\naddress = \"127.0.0.1:1\"\n[upstream.tls]\nca_file = \"{ca}\"\n"
+            )),
+            ":3: upstream.tls: set, but upstream.address is not a rediss:// address".to_owned(),
         ),
         (
-            load("[upstream]\naddress = \"rediss://127.0.0.1:1\"\n[upstream.tls]\nca_file = \"/nonexistent/ca.pem\"\n"),
-            ":4: upstream.tls.ca_file: cannot read /nonexistent/ca.pem",
+            upstream("ca_file = \"/nonexistent/ca.pem\""),
+            ":4: upstream.tls.ca_file: cannot read /nonexistent/ca.pem".to_owned(),
         ),
         (
-            load(&format!("[upstream]\naddress = \"rediss://127.0.0.1:1\"\n[upstream.tls]\nca_file = \"{ca}\"\nserver_name = \"not a name\"\n")),
-            ":5: upstream.tls.server_name: \"not a name\" is not a TLS server name",
+            upstream(&format!("ca_file = \"{ca}\"\nserver_name = \"not a name\"")),
+            ":5: upstream.tls.server_name: \"not a name\" is not a TLS server name".to_owned(),
         ),
         (
-            load(&format!("[upstream]\naddress = \"rediss://127.0.0.1:1\"\n[upstream.tls]\nca_file = \"{ca}\"\nkey_file = \"{key}\"\n")),
-            ":5: upstream.tls.key_file: set without the certificate it belongs to",
+            upstream(&format!("ca_file = \"{ca}\"\nkey_file = \"{key}\"")),
+            ":5: upstream.tls.key_file: set without the certificate it belongs to".to_owned(),
         ),
     ];
     for (result, expected) in cases {
-        let err = result.expect_err(expected);
-        assert!(err.contains(expected), "expected {expected:?} in: {err}");
+        let err = result.expect_err(&expected);
+        assert!(err.contains(&expected), "expected {expected:?} in: {err}");
     }
-    // What each file problem says.
-    let mismatch = server(&format!(
-        "{listen}cert_file = \"{cert}\"\nkey_file = \"{}\"",
-        certs.client_key.display()
-    ))
-    .unwrap_err();
-    assert!(
-        mismatch.contains("does not match the certificate in"),
-        "{mismatch}"
-    );
-    let no_key = server(&format!(
-        "{listen}cert_file = \"{cert}\"\nkey_file = \"{cert}\""
-    ))
-    .unwrap_err();
-    assert!(no_key.contains("holds no private key"), "{no_key}");
-    let no_cert = server(&format!(
-        "{listen}cert_file = \"{key}\"\nkey_file = \"{key}\""
-    ))
-    .unwrap_err();
-    assert!(no_cert.contains("holds no certificate"), "{no_cert}");
 }
 
 #[test]
