@@ -181,8 +181,10 @@ struct Batch {
     release: Option<Lease>,
 }
 
-/// A client socket that can be read and written at once through borrowed halves: no `Arc`, no
-/// lock, and no `shutdown(2)` on drop (a plain close is all Redis does either).
+/// A client socket that can be read and written at once through borrowed halves: for TCP and
+/// unix sockets no `Arc`, no lock, and no `shutdown(2)` on drop (a plain close is all Redis does
+/// either). A TLS connection ([`crate::tls::TlsClient`]) shares one TLS state between its halves
+/// through a lock, and sends close_notify as it closes.
 pub trait Duplex: Send + 'static {
     type Read<'a>: ReadSide
     where

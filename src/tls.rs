@@ -377,7 +377,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Half<'_, S> {
     }
 }
 
-/// Says close_notify as the connection closes, as Redis does, without waiting: a client that
+/// Sends close_notify as the connection closes, as Redis does, without waiting: a client that
 /// reads to the end then sees a clean end rather than a truncated TLS stream.
 impl Drop for TlsClient {
     fn drop(&mut self) {
