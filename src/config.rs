@@ -466,10 +466,13 @@ impl Config {
                 })?;
         }
         if let Some(upstream) = &overrides.upstream {
-            self.upstream.address = upstream.parse().map_err(|message| ConfigError::Flag {
-                flag: "--upstream",
-                message,
-            })?;
+            self.upstream.address =
+                upstream
+                    .parse()
+                    .map_err(|message: String| ConfigError::Flag {
+                        flag: "--upstream",
+                        message: without_password(upstream, message),
+                    })?;
         }
         if let Some(level) = &overrides.log_level {
             check_log_level(level).map_err(|message| ConfigError::Flag {
@@ -809,7 +812,17 @@ fn without_password(address: &str, message: String) -> String {
         .map(|(_, password)| password)
         .filter(|password| !password.is_empty());
     match password {
-        Some(password) => message.replace(password, "<redacted>"),
+        // The message quotes the address with `{:?}`, which escapes `"` and `\`.
+        Some(password) => {
+            let quoted = format!("{password:?}");
+            let escaped = quoted
+                .strip_prefix('"')
+                .and_then(|q| q.strip_suffix('"'))
+                .unwrap_or(&quoted);
+            message
+                .replace(escaped, "<redacted>")
+                .replace(password, "<redacted>")
+        }
         None => message,
     }
 }
@@ -1063,6 +1076,30 @@ mod tests {
                 "log.format"
             ]
         );
+    }
+
+    /// The address is quoted escaped (`{:?}`), so a password with `"` or `\` in it must be
+    /// hidden in that form too; from the file and from `--upstream` alike.
+    #[test]
+    fn an_address_error_hides_a_password_that_quoting_escapes() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        for password in [r#"pa"ss"#, r"pa\ss"] {
+            let address = format!("redis://u:{password}@h:port");
+            std::fs::write(file.path(), format!("[upstream]\naddress = '{address}'\n")).unwrap();
+            let error = Config::load(Some(file.path()), &Overrides::default()).unwrap_err();
+            let flag = Config::load(
+                None,
+                &Overrides {
+                    upstream: Some(address.clone()),
+                    ..Overrides::default()
+                },
+            )
+            .unwrap_err();
+            for shown in [error.for_log(), error.for_terminal(), flag.for_log()] {
+                assert!(!shown.contains("pa"), "{password}: {shown}");
+                assert!(shown.contains("<redacted>"), "{shown}");
+            }
+        }
     }
 
     #[test]
