@@ -43,6 +43,10 @@ use crate::{
 /// Pause after a failed accept (typically EMFILE), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
+/// TLS clients past `max_clients` being told so at once. Each needs a handshake first, which
+/// may take up to [`tls::HANDSHAKE_TIMEOUT`], and they do not count as clients: past this
+/// many, the next is closed without a word, as Redis closes every TLS client past maxclients.
+pub const MAX_TLS_REFUSALS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -73,6 +77,9 @@ struct Shared {
     /// The settings in effect; each new client takes them, and its session follows reloads.
     live: tokio::sync::watch::Receiver<Arc<Live>>,
     clients: AtomicUsize,
+    /// TLS clients past `max_clients` in their handshake, to be told so: at most
+    /// [`MAX_TLS_REFUSALS`].
+    tls_refusals: AtomicUsize,
     next_id: AtomicU64,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -136,6 +143,7 @@ impl Server {
         let shared = Arc::new(Shared {
             live: self.reloader.subscribe(),
             clients: AtomicUsize::new(0),
+            tls_refusals: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             tracker: TaskTracker::new(),
             shutdown: self.stop.clone(),
@@ -210,6 +218,8 @@ trait Listener: Send + 'static {
     type Stream: LocalAddr + Send + 'static;
     /// What the client's session runs on.
     type Client: Duplex;
+    /// `establish` is a handshake, which may take long.
+    const HANDSHAKE: bool = false;
     /// A new client and its address (none for a unix socket).
     fn accept(&self)
         -> impl Future<Output = io::Result<(Self::Stream, Option<SocketAddr>)>> + Send;
@@ -284,6 +294,7 @@ struct TlsListener {
 impl Listener for TlsListener {
     type Stream = TcpStream;
     type Client = TlsClient;
+    const HANDSHAKE: bool = true;
 
     fn accept(&self) -> impl Future<Output = io::Result<(TcpStream, Option<SocketAddr>)>> + Send {
         Listener::accept(&self.tcp)
@@ -320,10 +331,20 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
         if shared.clients.fetch_add(1, Ordering::AcqRel) >= live.config.server.max_clients {
             shared.clients.fetch_sub(1, Ordering::AcqRel);
             debug!(?peer, "max_clients reached; refusing");
-            // Told in the client's protocol: over TLS after the handshake, as Redis does.
+            if L::HANDSHAKE
+                && shared.tls_refusals.fetch_add(1, Ordering::AcqRel) >= MAX_TLS_REFUSALS
+            {
+                shared.tls_refusals.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
+            // Told in the client's protocol: over TLS after the handshake.
+            let shared_for_task = shared.clone();
             shared.tracker.spawn(async move {
                 if let Ok(mut client) = establish.await {
                     let _ = client.halves().1.write_all(MAX_CLIENTS_REPLY).await;
+                }
+                if L::HANDSHAKE {
+                    shared_for_task.tls_refusals.fetch_sub(1, Ordering::AcqRel);
                 }
             });
             continue;

@@ -235,6 +235,42 @@ async fn silent_handshakes_neither_block_accepts_nor_last() {
     assert_eq!(next.call(&["PING"]).await, "+PONG\r\n");
 }
 
+/// Clients past max_clients are not counted, so those that never finish their handshake must
+/// not pile up for the handshake timeout each: past a few being told, the rest are closed at
+/// once, and redmux's sockets stay bounded.
+#[tokio::test]
+async fn silent_clients_past_max_clients_do_not_pile_up() {
+    const SILENT: usize = 300;
+    let redis = RedisServer::start();
+    let certs = Certs::new();
+    let mut config = support::config(&redis.addr());
+    config.server.tls = Some(certs.server_tls(false));
+    config.server.max_clients = 1;
+    let redmux = Redmux::start_with(config).await;
+    let mut served = tls_raw(&redmux, &certs).await;
+    assert_eq!(served.call(&["PING"]).await, "+PONG\r\n");
+    let addr = redmux.tls_addr.unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // Well within the handshake timeout.
+    let closed = futures_util::future::join_all(silent.iter_mut().map(|stream| async move {
+        let mut byte = [0; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(3), stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }))
+    .await;
+    let closed = closed.iter().filter(|closed| **closed).count();
+    assert!(
+        closed >= SILENT - redmux::server::MAX_TLS_REFUSALS,
+        "only {closed} of {SILENT} silent clients past max_clients were closed at once"
+    );
+    assert_eq!(served.call(&["PING"]).await, "+PONG\r\n");
+}
+
 // === rediss:// upstreams ===
 
 /// redmux (plain for its clients) in front of a TLS-only redis-server.
