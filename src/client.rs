@@ -28,9 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
-    command::{self, error_reply, Action, Transaction},
+    command::{self, error_reply, Action, CommandId, Transaction},
     connection::{ClientState, Effect, ReplyMode},
     live::Live,
+    metrics::Metrics,
     monitor, pubsub,
     resp::{encode_command, Args, Frame, Limits, RequestDecoder},
     upstream::{Budget, Lease, Reply, Request, UpstreamError, Upstreams},
@@ -60,6 +61,9 @@ pub struct SessionConfig {
     pub idle_timeout: Option<Duration>,
     pub request_timeout: Duration,
     pub allow_monitor: bool,
+    /// Where requests, replies and bytes are counted; `None` when the metrics endpoint is off,
+    /// which then costs one branch per request.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl SessionConfig {
@@ -88,6 +92,8 @@ enum Pending {
         /// The replies come from an upstream actor, which charged them to the output budget
         /// (the pub/sub hub's and MONITOR's confirmations are not charged).
         charged: bool,
+        /// When the requests were handed over, to measure their latency.
+        sent: Instant,
     },
 }
 
@@ -274,6 +280,11 @@ struct State {
     pending: VecDeque<Pending>,
     /// Requests whose replies have not reached `out` yet.
     outstanding: usize,
+    /// The command of each outstanding request, oldest first, to count replies per command:
+    /// kept only with metrics on.
+    owed: VecDeque<CommandId>,
+    /// The command of the request being handled.
+    current: CommandId,
     /// Reply bytes ready to write, oldest first.
     out: VecDeque<Bytes>,
     out_len: usize,
@@ -318,6 +329,8 @@ impl<S: Duplex> Session<S> {
             unparsed: false,
             pending: VecDeque::new(),
             outstanding: 0,
+            owed: VecDeque::new(),
+            current: CommandId::OTHER,
             out: VecDeque::new(),
             out_len: 0,
             draining: false,
@@ -360,14 +373,18 @@ impl<S: Duplex> Session<S> {
             // Nothing buffered, nothing owed: the client holds no read buffer while it idles.
             if this.rbuf.is_empty() && this.outstanding == 0 && this.out.is_empty() {
                 this.rbuf = BytesMut::new();
+                // Nor a large list of owed commands left by a deep pipeline.
+                if this.owed.capacity() > MAX_BATCH as usize {
+                    this.owed = VecDeque::new();
+                }
             }
             let waiting_upstream = matches!(this.pending.front(), Some(Pending::Upstream { .. }));
             tokio::select! {
                 biased;
                 reply = front_reply(&mut this.pending), if waiting_upstream => {
-                    if let Some(Pending::Upstream { count, suppress, release, charged, .. }) = this.pending.pop_front() {
+                    if let Some(Pending::Upstream { count, suppress, release, charged, sent, .. }) = this.pending.pop_front() {
                         let reply = reply.unwrap_or(Err(UpstreamError::ConnectionLost));
-                        this.deliver(reply, count, suppress, release, charged);
+                        this.deliver(reply, count, suppress, release, charged, sent);
                     }
                 }
                 written = write_some(&mut writer, &mut this.out), if !this.out.is_empty() => {
@@ -376,6 +393,9 @@ impl<S: Duplex> Session<S> {
                             this.out_len -= n;
                             this.budget.refund(n);
                             this.last_activity = Instant::now();
+                            if let Some(metrics) = &this.config.metrics {
+                                metrics.written(n);
+                            }
                         }
                         Err(error) => {
                             debug!(%error, "client write failed");
@@ -406,7 +426,10 @@ impl<S: Duplex> Session<S> {
                                     matches!(p, Pending::Upstream { release: Some(_), .. })
                                 });
                         }
-                        Ok(_) => {
+                        Ok(n) => {
+                            if let Some(metrics) = &this.config.metrics {
+                                metrics.read(n);
+                            }
                             this.unparsed = true;
                             this.last_activity = Instant::now();
                             if this.rbuf.len() as u64 > this.config.client_query_limit {
@@ -497,7 +520,14 @@ impl State {
                 Pending::Local { bytes, count } => {
                     let (bytes, count) = (std::mem::take(bytes), *count);
                     self.pending.pop_front();
-                    self.queue_out(bytes, count);
+                    // A local slot holds one reply, or errors only.
+                    let errors = if bytes.first() == Some(&b'-') {
+                        u64::MAX
+                    } else {
+                        0
+                    };
+                    self.settle(count, errors, None);
+                    self.queue_out(bytes);
                     continue;
                 }
                 Pending::Release(_) => {
@@ -517,10 +547,11 @@ impl State {
                 suppress,
                 release,
                 charged,
+                sent,
                 ..
             }) = self.pending.pop_front()
             {
-                self.deliver(reply, count, suppress, release, charged);
+                self.deliver(reply, count, suppress, release, charged, sent);
             }
         }
     }
@@ -534,41 +565,71 @@ impl State {
         suppress: bool,
         release: Option<Lease>,
         charged: bool,
+        sent: Instant,
     ) {
         if let Some(lease) = release {
             lease.release();
         }
+        // Replies the client does not get (CLIENT REPLY OFF, a DISCARD of redmux's own) are
+        // not counted as its errors, nor timed.
+        let errors = match &reply {
+            _ if suppress => 0,
+            Ok(replies) => replies.errors,
+            Err(UpstreamError::OutputLimit) => 0,
+            Err(_) => u64::MAX,
+        };
+        self.settle(count, errors, (!suppress).then_some(sent));
         match reply {
-            Ok(bytes) if suppress => {
+            Ok(replies) if suppress => {
                 if charged {
-                    self.budget.refund(bytes.len());
+                    self.budget.refund(replies.bytes.len());
                 }
-                self.enqueue(Bytes::new(), count);
             }
-            Ok(bytes) if charged => self.enqueue(bytes, count),
-            Ok(bytes) => self.queue_out(bytes, count),
-            Err(UpstreamError::OutputLimit) => {
-                self.outstanding -= count as usize;
-                self.over_limit();
-            }
-            Err(_) if suppress => self.enqueue(Bytes::new(), count),
-            Err(error) => self.queue_out(error.replies(count), count),
+            Ok(replies) if charged => self.enqueue(replies.bytes),
+            Ok(replies) => self.queue_out(replies.bytes),
+            Err(UpstreamError::OutputLimit) => self.over_limit(),
+            Err(_) if suppress => {}
+            Err(error) => self.queue_out(error.replies(count)),
+        }
+    }
+
+    /// The replies to the `count` oldest outstanding requests are in. With metrics on, each is
+    /// counted for its command: bit `i` of `errors` marks reply `i` as an error, and `sent` is
+    /// when the requests went upstream (one clock read for the batch).
+    fn settle(&mut self, count: u32, errors: u64, sent: Option<Instant>) {
+        self.outstanding -= count as usize;
+        let Some(metrics) = &self.config.metrics else {
+            return;
+        };
+        let latency = sent.map(|sent| sent.elapsed());
+        for i in 0..count {
+            let Some(command) = self.owed.pop_front() else {
+                break;
+            };
+            let error = errors.checked_shr(i).is_some_and(|bits| bits & 1 == 1);
+            metrics.reply(command, error, latency);
+        }
+    }
+
+    /// A request was taken on: its reply is owed.
+    fn owe(&mut self) {
+        self.outstanding += 1;
+        if self.config.metrics.is_some() {
+            self.owed.push_back(self.current);
         }
     }
 
     /// Queues bytes redmux produced itself: they count against the output budget too.
-    fn queue_out(&mut self, bytes: Bytes, count: u32) {
+    fn queue_out(&mut self, bytes: Bytes) {
         if !self.budget.charge(bytes.len()) {
             self.budget.refund(bytes.len());
-            self.outstanding -= count as usize;
             return self.over_limit();
         }
-        self.enqueue(bytes, count);
+        self.enqueue(bytes);
     }
 
     /// Queues bytes already charged to the budget.
-    fn enqueue(&mut self, bytes: Bytes, count: u32) {
-        self.outstanding -= count as usize;
+    fn enqueue(&mut self, bytes: Bytes) {
         if !bytes.is_empty() {
             self.out_len += bytes.len();
             self.out.push_back(bytes);
@@ -605,6 +666,11 @@ impl State {
                 Err(error) => {
                     self.flush_run(&mut run_len, &mut run_count).await;
                     debug!(%error, "protocol error; closing");
+                    // Counted as a request of no known command, answered with an error.
+                    self.current = CommandId::OTHER;
+                    if let Some(metrics) = &self.config.metrics {
+                        metrics.command(CommandId::OTHER);
+                    }
                     self.reply_locally(error.reply());
                     self.draining = true;
                     break;
@@ -616,7 +682,11 @@ impl State {
                 self.rbuf.advance(frame.consumed());
                 continue;
             };
-            let action = command::action(request, self.upstreams.profile());
+            let (command, action) = command::action(request, self.upstreams.profile());
+            self.current = command;
+            if let Some(metrics) = &self.config.metrics {
+                metrics.command(command);
+            }
             let plain = self.client.reply_mode == ReplyMode::On
                 && self.client.authenticated
                 && (self.client.resp3 || !self.subs.active());
@@ -629,7 +699,7 @@ impl State {
                     // The common case: extend the run, no copy.
                     run_len += len;
                     run_count += 1;
-                    self.outstanding += 1;
+                    self.owe();
                     if run_count >= MAX_BATCH {
                         self.flush_run(&mut run_len, &mut run_count).await;
                     }
@@ -727,7 +797,7 @@ impl State {
                 if skip && self.client.reply_mode == ReplyMode::Skip && !reply.is_empty() {
                     self.client.reply_mode = ReplyMode::On;
                 }
-                self.outstanding += 1;
+                self.owe();
                 let bytes = if suppress { Bytes::new() } else { reply };
                 self.pending.push_back(Pending::Local { bytes, count: 1 });
             }
@@ -747,7 +817,7 @@ impl State {
                 let (feed, inbox) = Feed::new(self.config.output_limit());
                 let rx = monitor::start(&self.upstreams, inbox).await;
                 self.monitor = Some(feed);
-                self.outstanding += 1;
+                self.owe();
                 self.await_confirmation(rx);
             }
             Action::PubSub { kind, subscribe } => {
@@ -820,7 +890,7 @@ impl State {
                     timeout,
                     release: Some(lease),
                 };
-                self.outstanding += 1;
+                self.owe();
                 self.send(&destination, discard, true).await;
                 self.reply_locally(Bytes::from_static(
                     b"-EXECABORT Transaction discarded because of previous errors.\r\n",
@@ -862,7 +932,7 @@ impl State {
             confirmation.extend_from_slice(&self.push_frame(verb, Some(&name), count));
         }
         let confirmation = Bytes::from(confirmation);
-        self.outstanding += 1;
+        self.owe();
         if new.is_empty() {
             self.pending.push_back(Pending::Local {
                 bytes: confirmation,
@@ -895,6 +965,7 @@ impl State {
             suppress: false,
             release: None,
             charged: false,
+            sent: Instant::now(),
         });
     }
 
@@ -930,7 +1001,7 @@ impl State {
         if !self.subs.active() {
             self.subs.inbox = None;
         }
-        self.outstanding += 1;
+        self.owe();
         self.pending.push_back(Pending::Local {
             bytes: Bytes::from(reply),
             count: 1,
@@ -972,7 +1043,7 @@ impl State {
         } else {
             bytes
         };
-        self.outstanding += 1;
+        self.owe();
         self.pending.push_back(Pending::Local { bytes, count: 1 });
     }
 
@@ -1022,7 +1093,7 @@ impl State {
         timeout: Option<Duration>,
         release: Option<Lease>,
     ) {
-        self.outstanding += 1;
+        self.owe();
         let suppress = self.take_suppress();
         let destination = match &release {
             Some(lease) => lease.sender().clone(),
@@ -1047,10 +1118,11 @@ impl State {
             timeout,
             release,
         } = batch;
+        let handed_at = Instant::now();
         let request = Request {
             frames,
             count,
-            queued_at: Instant::now(),
+            queued_at: handed_at,
             timeout,
             reply,
             budget: Some(self.budget.clone()),
@@ -1075,6 +1147,7 @@ impl State {
                 suppress,
                 release,
                 charged: true,
+                sent: handed_at,
             }
         } else {
             Pending::Local {

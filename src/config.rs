@@ -26,6 +26,16 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the admin HTTP endpoint (`/metrics`, `/health`, `/status`). Off unless
+/// `listen` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(deserialize_with = "optional_address")]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[auth]`: what clients must present, as Redis's `requirepass` and ACL users. Each password
@@ -594,6 +604,7 @@ impl Config {
             password, db, databases, max_pinned, max_shared, allow_monitor, tls);
         compare!(auth: password, users);
         compare!(log: level, format);
+        compare!(metrics: listen);
         keys
     }
 
@@ -672,6 +683,10 @@ impl Config {
             "log: level {}, format {:?}\n",
             self.log.level, self.log.format
         );
+        out += &match self.metrics.listen {
+            Some(addr) => format!("metrics: listen {addr}\n"),
+            None => "metrics: off\n".to_owned(),
+        };
         out
     }
 }
@@ -861,6 +876,12 @@ fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
+fn optional_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    parse_listen(&String::deserialize(d)?)
+        .map(Some)
+        .map_err(de::Error::custom)
+}
+
 /// A string or a list of strings.
 fn listen_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
     #[derive(Deserialize)]
@@ -902,6 +923,10 @@ mod tests {
         assert_eq!(config.upstream.address.address, Address::Embedded);
         assert_eq!(config.upstream.request_timeout, Duration::from_secs(5));
         assert_eq!(config.log.format, LogFormat::Text);
+        assert_eq!(
+            config.metrics.listen, None,
+            "no metrics endpoint by default"
+        );
     }
 
     #[test]
@@ -928,6 +953,8 @@ mod tests {
             [log]
             level = "debug"
             format = "json"
+            [metrics]
+            listen = "127.0.0.1:9480"
             "#,
             &Overrides::default(),
         )
@@ -942,6 +969,16 @@ mod tests {
         assert_eq!(endpoint.password, Some(Secret::new("p@ss")));
         assert_eq!(endpoint.db, 3);
         assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(
+            config.metrics.listen,
+            Some("127.0.0.1:9480".parse().unwrap())
+        );
+        assert!(config.summary().contains("metrics: listen 127.0.0.1:9480"));
+        let err = load_text("[metrics]\nlisten = \"9480\"\n", &Overrides::default()).unwrap_err();
+        assert!(
+            err.contains("line 2") && err.contains("\"9480\" is not an address"),
+            "{err}"
+        );
     }
 
     #[test]

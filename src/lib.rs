@@ -5,11 +5,13 @@
 //! ([`resp`]) and decide what to do with each ([`command`]) → [`upstream`] actors pipeline them
 //! onto Redis (or the [`embedded`] store) → replies flow back through a `oneshot` per batch.
 //! The settings in effect are [`live`]: a reload replaces them while clients stay connected.
-//! [`tls`] wraps either side in TLS when configured.
+//! [`tls`] wraps either side in TLS when configured. Beside that path: [`metrics`] counts what
+//! happens, and [`admin`] serves it over HTTP.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod command;
@@ -17,7 +19,9 @@ pub mod config;
 pub mod connection;
 pub mod embedded;
 pub mod live;
+pub mod metrics;
 pub mod monitor;
+pub mod probe;
 pub mod pubsub;
 pub mod resp;
 pub mod server;

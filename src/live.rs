@@ -16,19 +16,20 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    auth::Users, client::SessionConfig, config::Config, resp::Limits, server::ServerError,
-    upstream::Upstreams,
+    auth::Users, client::SessionConfig, config::Config, metrics::Metrics, resp::Limits,
+    server::ServerError, upstream::Upstreams,
 };
 
 /// Keys a reload cannot apply: the listeners (TLS ones with their certificate) are bound once,
 /// and the log format is fixed when logging starts (a span created under one format cannot be
 /// printed by the other). They keep their current values until a restart.
-const RESTART_KEYS: [&str; 5] = [
+const RESTART_KEYS: [&str; 6] = [
     "server.listen",
     "server.unix_socket",
     "server.unix_socket_mode",
     "server.tls",
     "log.format",
+    "metrics.listen",
 ];
 
 /// `[upstream]` keys that shape the connections themselves: a change needs a new set of them.
@@ -65,7 +66,12 @@ pub struct Live {
 }
 
 impl Live {
-    fn new(config: Config, upstreams: Upstreams, stop: &CancellationToken) -> Live {
+    fn new(
+        config: Config,
+        upstreams: Upstreams,
+        metrics: &Arc<Metrics>,
+        stop: &CancellationToken,
+    ) -> Live {
         let server = &config.server;
         let session = SessionConfig {
             limits: Limits {
@@ -78,6 +84,7 @@ impl Live {
             idle_timeout: Some(server.client_idle_timeout).filter(|t| !t.is_zero()),
             request_timeout: config.upstream.request_timeout,
             allow_monitor: config.upstream.allow_monitor,
+            metrics: metrics.per_request(),
         };
         Live {
             session: Arc::new(session),
@@ -94,6 +101,8 @@ impl Live {
 #[derive(Debug, Clone)]
 pub struct Reloader {
     tx: Arc<watch::Sender<Arc<Live>>>,
+    /// Counts across reloads: every set of settings records into it.
+    metrics: Arc<Metrics>,
     /// The server's stop token: the parent of every `superseded`.
     stop: CancellationToken,
     /// Stops embedded stores at the very end.
@@ -105,13 +114,15 @@ impl Reloader {
     pub(crate) fn new(
         config: Config,
         upstreams: Upstreams,
+        metrics: Arc<Metrics>,
         stop: CancellationToken,
         upstream_shutdown: CancellationToken,
     ) -> Reloader {
-        let live = Live::new(config, upstreams, &stop);
+        let live = Live::new(config, upstreams, &metrics, &stop);
         let (tx, _) = watch::channel(Arc::new(live));
         Reloader {
             tx: Arc::new(tx),
+            metrics,
             stop,
             upstream_shutdown,
         }
@@ -146,6 +157,7 @@ impl Reloader {
             config.server.unix_socket_mode = old.server.unix_socket_mode;
             config.server.tls.clone_from(&old.server.tls);
             config.log.format = old.log.format;
+            config.metrics.listen = old.metrics.listen;
         }
         if applied.is_empty() {
             info!("configuration reloaded: nothing else changed");
@@ -167,8 +179,8 @@ impl Reloader {
             current.upstreams.clone()
         };
         info!(changed = %applied.join(", "), "configuration reloaded");
-        self.tx
-            .send_replace(Arc::new(Live::new(config, upstreams, &self.stop)));
+        let live = Live::new(config, upstreams, &self.metrics, &self.stop);
+        self.tx.send_replace(Arc::new(live));
         current.superseded.cancel();
         Ok(applied)
     }

@@ -38,6 +38,14 @@ struct Cli {
     /// Validate the configuration, print a summary and exit: 0 if valid, 1 if not.
     #[arg(long)]
     check: bool,
+    /// Send PING to the redmux running with this configuration: exit 0 on PONG, 1 otherwise
+    /// (a container health check).
+    #[arg(long, conflicts_with_all = ["check", "status"])]
+    ping: bool,
+    /// Print the /status JSON of the redmux running with this configuration (needs
+    /// [metrics] listen): exit 1 if it cannot be reached.
+    #[arg(long, conflicts_with = "check")]
+    status: bool,
 }
 
 fn main() -> ExitCode {
@@ -61,6 +69,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if cli.ping {
+        return match redmux::probe::ping(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("redmux: ping failed: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if cli.status {
+        return match redmux::probe::status(&config) {
+            Ok(json) => {
+                print!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("redmux: status: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let exposed = cli.config.as_deref().filter(|path| exposes_password(path));
     if cli.check {
         if let Some(path) = exposed {

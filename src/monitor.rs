@@ -60,7 +60,7 @@ pub async fn start(upstreams: &Upstreams, inbox: Inbox) -> oneshot::Receiver<Rep
                 let frame = buf.split_to(end).freeze();
                 scanner.consumed(end);
                 if let Some(reply) = reply.take() {
-                    let _ = reply.send(Ok(frame));
+                    let _ = reply.send(Ok(frame.into()));
                     continue;
                 }
                 if !inbox.queued.charge(frame.len()) || inbox.tx.send(frame).is_err() {

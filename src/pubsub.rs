@@ -17,7 +17,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
     time::{interval, sleep, Instant, MissedTickBehavior},
 };
 use tracing::{debug, info, warn, Instrument};
@@ -86,17 +86,42 @@ pub struct Inbox {
     pub queued: Arc<Budget>,
 }
 
+/// What the hub holds, for `/status` and `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    /// Subscribed upstream, each once however many clients want it.
+    pub channels: u64,
+    pub patterns: u64,
+    pub shard_channels: u64,
+    /// Clients subscribed to anything.
+    pub clients: u64,
+}
+
+impl Counts {
+    fn of(&mut self, kind: Kind) -> &mut u64 {
+        match kind {
+            Kind::Channel => &mut self.channels,
+            Kind::Pattern => &mut self.patterns,
+            Kind::Shard => &mut self.shard_channels,
+        }
+    }
+}
+
 /// A handle to the hub; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct PubSub {
     tx: mpsc::Sender<HubRequest>,
+    counts: watch::Receiver<Counts>,
 }
 
 impl PubSub {
     /// Starts the hub; it connects upstream on first use and stops when every handle is gone.
     pub fn start(endpoint: Endpoint, timeouts: Timeouts, ping: bool) -> PubSub {
         let (tx, rx) = mpsc::channel(HUB_CAPACITY);
+        let (counts_tx, counts) = watch::channel(Counts::default());
         let hub = Hub {
+            counts: Counts::default(),
+            counts_tx,
             endpoint,
             timeouts,
             ping,
@@ -108,7 +133,12 @@ impl PubSub {
             waiters: Vec::new(),
         };
         tokio::spawn(hub.run().instrument(tracing::info_span!("pubsub")));
-        PubSub { tx }
+        PubSub { tx, counts }
+    }
+
+    /// What the hub holds now.
+    pub fn counts(&self) -> Counts {
+        *self.counts.borrow()
     }
 
     /// Subscribes; the returned receiver completes with `confirmation` when the subscriptions
@@ -180,6 +210,9 @@ struct Hub {
     /// counts: an earlier one may be followed by an UNSUBSCRIBE that Redis has still to run.
     in_flight: HashMap<(Kind, Bytes), u32>,
     waiters: Vec<Waiter>,
+    /// `subscribers` and `clients` counted, kept up to date as they change.
+    counts: Counts,
+    counts_tx: watch::Sender<Counts>,
 }
 
 /// The upstream connection, while there is one.
@@ -244,6 +277,7 @@ impl Hub {
                     if self.handle(request, writer).await.is_err() {
                         conn = None;
                     }
+                    self.publish_counts();
                 }
                 _ = sweep.tick() => {
                     self.expire_waiters();
@@ -259,6 +293,7 @@ impl Hub {
                             conn = None;
                         }
                     }
+                    self.publish_counts();
                 }
             }
         }
@@ -296,6 +331,7 @@ impl Hub {
                     entry.subscriptions.insert(key.clone());
                     let wanted = self.subscribers.entry(key.clone()).or_default();
                     if wanted.is_empty() {
+                        *self.counts.of(kind) += 1;
                         new.push(key.clone());
                     }
                     wanted.insert(client);
@@ -307,7 +343,7 @@ impl Hub {
                     .cloned()
                     .collect();
                 if missing.is_empty() {
-                    let _ = reply.send(Ok(confirmation));
+                    let _ = reply.send(Ok(confirmation.into()));
                 } else {
                     self.waiters.push(Waiter {
                         missing,
@@ -371,6 +407,8 @@ impl Hub {
                 wanted.remove(&client);
                 if wanted.is_empty() {
                     self.subscribers.remove(&key);
+                    let count = self.counts.of(key.0);
+                    *count = count.saturating_sub(1);
                     self.active.remove(&key);
                     // A client that subscribed and unsubscribed before the upstream answered
                     // gets its confirmation all the same, as from Redis.
@@ -419,6 +457,17 @@ impl Hub {
         Ok(())
     }
 
+    /// Publishes the counts, if they changed.
+    fn publish_counts(&mut self) {
+        self.counts.clients = self.clients.len() as u64;
+        let counts = self.counts;
+        self.counts_tx.send_if_modified(|published| {
+            let changed = *published != counts;
+            *published = counts;
+            changed
+        });
+    }
+
     fn sent(&mut self, keys: &[(Kind, Bytes)]) {
         for key in keys {
             *self.in_flight.entry(key.clone()).or_default() += 1;
@@ -447,7 +496,7 @@ impl Hub {
             self.waiters[i].missing.remove(key);
             if self.waiters[i].missing.is_empty() {
                 let waiter = self.waiters.swap_remove(i);
-                let _ = waiter.reply.send(Ok(waiter.confirmation));
+                let _ = waiter.reply.send(Ok(waiter.confirmation.into()));
             } else {
                 i += 1;
             }

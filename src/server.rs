@@ -32,10 +32,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::{
+    admin::{self, Admin},
     client::{Duplex, Session},
     config::Config,
     connection::{ClientState, Peer},
     live::{Live, Reloader},
+    metrics::{Metrics, Rejection},
     tls::{self, TlsClient, TlsError},
     upstream::Upstreams,
 };
@@ -64,6 +66,9 @@ pub struct Server {
     unix: Option<(UnixListener, PathBuf)>,
     /// `[server.tls]`: its listeners and the acceptor they share.
     tls: Option<(Vec<TcpListener>, TlsAcceptor)>,
+    /// The admin endpoint (`[metrics] listen`), if configured.
+    admin: Option<TcpListener>,
+    metrics: Arc<Metrics>,
     reloader: Reloader,
     /// Cancelled when the caller's shutdown token is: stops the accept loops and the sessions,
     /// which it reaches through the settings they hold (see [`Live::superseded`]).
@@ -76,7 +81,8 @@ pub struct Server {
 struct Shared {
     /// The settings in effect; each new client takes them, and its session follows reloads.
     live: tokio::sync::watch::Receiver<Arc<Live>>,
-    clients: AtomicUsize,
+    /// Counts clients (and admits them by that count).
+    metrics: Arc<Metrics>,
     /// TLS clients past `max_clients` in their handshake, to be told so: at most
     /// [`MAX_TLS_REFUSALS`].
     tls_refusals: AtomicUsize,
@@ -100,19 +106,38 @@ impl Server {
             )),
             None => None,
         };
+        let admin = match config.metrics.listen {
+            Some(addr) => bind_tcp(&[addr]).await?.pop(),
+            None => None,
+        };
+        let metrics = Arc::new(Metrics::new(admin.is_some()));
         let upstream_shutdown = CancellationToken::new();
-        let upstreams = Upstreams::start(&config.upstream, &upstream_shutdown)
+        let upstreams = Upstreams::start(&config.upstream, metrics.clone(), &upstream_shutdown)
             .await
             .map_err(ServerError::Upstream)?;
         let stop = CancellationToken::new();
+        let reloader = Reloader::new(
+            config,
+            upstreams,
+            metrics.clone(),
+            stop.clone(),
+            upstream_shutdown.clone(),
+        );
         Ok(Server {
             tcp,
             unix,
             tls,
-            reloader: Reloader::new(config, upstreams, stop.clone(), upstream_shutdown.clone()),
+            admin,
+            metrics,
+            reloader,
             stop,
             upstream_shutdown,
         })
+    }
+
+    /// The admin endpoint's address, if it is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Replaces the settings while the server runs (SIGHUP), and lets others follow them: a
@@ -140,9 +165,11 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains for at most `shutdown_grace`.
     pub async fn run(self, shutdown: CancellationToken) {
+        let listen = self.local_addrs();
+        let metrics_addr = self.metrics_addr();
         let shared = Arc::new(Shared {
             live: self.reloader.subscribe(),
-            clients: AtomicUsize::new(0),
+            metrics: self.metrics.clone(),
             tls_refusals: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             tracker: TaskTracker::new(),
@@ -173,6 +200,15 @@ impl Server {
             loops.push(tokio::spawn(accept_loop(listener, shared.clone())));
             path
         });
+        if let (Some(listener), Some(addr)) = (self.admin, metrics_addr) {
+            info!(%addr, "metrics endpoint listening");
+            let admin = Admin::new(&listen, addr, self.metrics, self.reloader.subscribe());
+            loops.push(tokio::spawn(admin::serve(
+                listener,
+                admin,
+                self.stop.clone(),
+            )));
+        }
         shutdown.cancelled().await;
         self.stop.cancel();
         info!("shutting down: no new clients; finishing in-flight requests");
@@ -328,8 +364,10 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
         let establish = listener.establish(stream);
         // The settings in effect: one read lock per accept, none per request.
         let live = shared.live.borrow().clone();
-        if shared.clients.fetch_add(1, Ordering::AcqRel) >= live.config.server.max_clients {
-            shared.clients.fetch_sub(1, Ordering::AcqRel);
+        let clients = &shared.metrics.clients;
+        if clients.fetch_add(1, Ordering::AcqRel) >= live.config.server.max_clients {
+            clients.fetch_sub(1, Ordering::AcqRel);
+            shared.metrics.rejected(Rejection::MaxClients);
             debug!(?peer, "max_clients reached; refusing");
             if L::HANDSHAKE
                 && shared.tls_refusals.fetch_add(1, Ordering::AcqRel) >= MAX_TLS_REFUSALS
@@ -359,7 +397,7 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
             Ok(client) => client,
             Err(error) => {
                 error!(%error, "cannot serve a new client");
-                shared.clients.fetch_sub(1, Ordering::AcqRel);
+                clients.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
         };
@@ -369,17 +407,21 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
         shared.tracker.spawn(
             async move {
                 debug!("connected");
+                let shared = &shared_for_task;
                 match establish.await {
                     Ok(io) => {
-                        let shared = &shared_for_task;
+                        shared.metrics.accepted();
                         let watch = shared.live.clone();
                         Session::new(io, &live, watch, client, shared.shutdown.clone())
                             .run()
                             .await
                     }
-                    Err(error) => debug!(%error, "TLS handshake failed"),
+                    Err(error) => {
+                        shared.metrics.rejected(Rejection::TlsHandshake);
+                        debug!(%error, "TLS handshake failed");
+                    }
                 }
-                shared_for_task.clients.fetch_sub(1, Ordering::AcqRel);
+                shared.metrics.clients.fetch_sub(1, Ordering::AcqRel);
                 debug!("disconnected");
             }
             .instrument(span),

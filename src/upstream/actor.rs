@@ -10,23 +10,30 @@
 use std::{
     collections::VecDeque,
     hash::{BuildHasher, RandomState},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
     time::Duration,
 };
 
 use bytes::BytesMut;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
     time::{interval, sleep, sleep_until, Instant, MissedTickBehavior},
 };
 use tracing::{debug, info, warn, Instrument};
 
 use super::{
     connect::{connect, Reader, Writer},
-    Budget, Endpoint, Reply, Request, Setup, Timeouts, UpstreamError,
+    ActorSnapshot, Budget, Endpoint, Replies, Reply, Request, Setup, Target, Timeouts,
+    UpstreamError,
 };
-use crate::resp::{ReplyError, ReplyScanner};
+use crate::{
+    metrics::Metrics,
+    resp::{ReplyError, ReplyScanner},
+};
 
 /// Messages taken off the channel at once: one batch, one write.
 const BATCH: usize = 256;
@@ -50,17 +57,63 @@ pub(super) enum Role {
     Pinned,
 }
 
-/// Everything an actor needs to know to open its connection.
+/// Everything an actor needs to know to open its connection, and where it reports.
 #[derive(Debug, Clone)]
 pub(super) struct Config {
     pub endpoint: Endpoint,
     pub setup: Setup,
     pub timeouts: Timeouts,
     pub role: Role,
+    pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
+    /// Connected shared connections of the default target, for `/health`: present for those
+    /// connections only.
+    pub health: Option<watch::Sender<usize>>,
+}
+
+/// What an actor shows of itself to `/status` and `/metrics`: written by the actor alone (plain
+/// stores, once per turn of its loop), read at any time.
+#[derive(Debug)]
+pub(crate) struct Stats {
+    id: usize,
+    role: Role,
+    target: Target,
+    connected: AtomicBool,
+    in_flight: AtomicU64,
+    queued: AtomicU64,
+}
+
+impl Stats {
+    pub(super) fn new(id: usize, role: Role, target: Target) -> Stats {
+        Stats {
+            id,
+            role,
+            target,
+            connected: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn snapshot(&self) -> ActorSnapshot {
+        ActorSnapshot {
+            id: self.id,
+            role: match self.role {
+                Role::Shared => "shared",
+                Role::Pinned => "pinned",
+            },
+            db: self.target.db,
+            resp: if self.target.resp3 { 3 } else { 2 },
+            connected: self.connected.load(Relaxed),
+            in_flight: self.in_flight.load(Relaxed),
+            queued: self.queued.load(Relaxed),
+        }
+    }
 }
 
 /// Starts an actor on `rx`.
-pub(super) fn spawn(id: usize, config: Config, rx: mpsc::Receiver<Request>) {
+pub(super) fn spawn(config: Config, rx: mpsc::Receiver<Request>) {
+    let id = config.stats.id;
     let span =
         tracing::info_span!("upstream", id, addr = %config.endpoint.address, db = config.setup.db);
     let actor = Actor {
@@ -75,8 +128,12 @@ pub(super) fn spawn(id: usize, config: Config, rx: mpsc::Receiver<Request>) {
 /// A batch written upstream whose replies are not all back yet.
 #[derive(Debug)]
 struct InFlight {
+    /// Replies in this batch.
+    count: u32,
     /// Replies still to come for this batch.
     remaining: u32,
+    /// Which of the replies in so far are errors (see [`Replies::errors`]).
+    errors: u64,
     reply: oneshot::Sender<Reply>,
     budget: Option<Arc<Budget>>,
     /// Past this instant the connection is presumed stuck; `None`: a blocking command that may
@@ -119,7 +176,9 @@ impl Actor {
             match result {
                 Ok((reader, writer)) => {
                     info!("upstream connected");
+                    self.set_connected(true);
                     let ended = self.serve(reader, writer).await;
+                    self.set_connected(false);
                     match ended {
                         Ended::Done => return,
                         Ended::Lost { why, .. } if self.config.role == Role::Pinned => {
@@ -143,9 +202,13 @@ impl Actor {
                 }
                 // One warning per outage, not one per retry.
                 Err(error) if failures == 0 => {
+                    self.config.metrics.upstream_connect_failed();
                     warn!(%error, "cannot connect to upstream; retrying with backoff");
                 }
-                Err(error) => debug!(%error, failures, "upstream connect failed"),
+                Err(error) => {
+                    self.config.metrics.upstream_connect_failed();
+                    debug!(%error, failures, "upstream connect failed");
+                }
             }
             let delay = backoff(failures);
             failures = failures.saturating_add(1);
@@ -153,6 +216,33 @@ impl Actor {
                 return;
             }
         }
+    }
+
+    /// Publishes a connection coming up or going away.
+    fn set_connected(&self, up: bool) {
+        let config = &self.config;
+        config.stats.connected.store(up, Relaxed);
+        if up {
+            config.metrics.upstream_connected();
+        } else {
+            config.metrics.upstream_lost();
+            config.stats.in_flight.store(0, Relaxed);
+        }
+        if let Some(health) = &config.health {
+            health.send_modify(|connected| {
+                *connected = if up {
+                    connected.saturating_add(1)
+                } else {
+                    connected.saturating_sub(1)
+                }
+            });
+        }
+    }
+
+    /// Publishes how many requests wait for a connection.
+    fn publish_queued(&self) {
+        let queued = self.waiting.iter().map(|r| u64::from(r.count)).sum();
+        self.config.stats.queued.store(queued, Relaxed);
     }
 
     /// A pinned actor whose connection is gone: every later request fails until the lease is
@@ -163,6 +253,7 @@ impl Actor {
         for request in self.waiting.drain(..) {
             let _ = request.reply.send(Err(UpstreamError::ConnectionLost));
         }
+        self.publish_queued();
         while let Some(request) = self.rx.recv().await {
             let _ = request.reply.send(Err(UpstreamError::ConnectionLost));
         }
@@ -184,6 +275,7 @@ impl Actor {
                 n = self.rx.recv_many(&mut batch, BATCH), if !self.closed => {
                     self.closed = n == 0;
                     self.waiting.extend(batch.drain(..));
+                    self.publish_queued();
                 }
                 _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
                     let now = Instant::now();
@@ -195,6 +287,7 @@ impl Actor {
                             let _ = request.reply.send(Err(UpstreamError::Unavailable));
                         }
                     }
+                    self.publish_queued();
                 }
             }
         }
@@ -207,6 +300,7 @@ impl Actor {
         for request in self.waiting.drain(..) {
             pipe.push(request, now);
         }
+        self.publish_queued();
         let mut batch = Vec::with_capacity(BATCH);
         // Timeouts are checked on a coarse tick rather than a timer per request: precise enough
         // for a multi-second timeout, and free on the hot path.
@@ -216,6 +310,7 @@ impl Actor {
         );
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            self.config.stats.in_flight.store(pipe.owed, Relaxed);
             if self.closed && (pipe.is_idle() || self.config.role == Role::Pinned) {
                 pipe.fail(UpstreamError::ConnectionLost, "client gone");
                 return Ended::Done;
@@ -276,6 +371,10 @@ struct Pipeline {
     rbuf: BytesMut,
     scanner: ReplyScanner,
     inflight: VecDeque<InFlight>,
+    /// Replies owed, over every batch in `inflight`.
+    owed: u64,
+    /// Where the next reply starts in `rbuf`: its first byte says whether it is an error.
+    next_reply: usize,
     /// Some batch has been answered on this connection.
     answered: bool,
 }
@@ -287,6 +386,8 @@ impl Pipeline {
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             scanner: ReplyScanner::new(),
             inflight: VecDeque::new(),
+            owed: 0,
+            next_reply: 0,
             answered: false,
         }
     }
@@ -301,8 +402,11 @@ impl Pipeline {
             return;
         }
         self.wbuf.extend_from_slice(&request.frames);
+        self.owed += u64::from(request.count);
         self.inflight.push_back(InFlight {
+            count: request.count,
             remaining: request.count,
+            errors: 0,
             reply: request.reply,
             budget: request.budget,
             deadline: request.timeout.map(|timeout| now + timeout),
@@ -322,16 +426,26 @@ impl Pipeline {
             let Some(end) = self.scanner.next_reply(&self.rbuf)? else {
                 return Ok(());
             };
+            if matches!(self.rbuf.get(self.next_reply), Some(b'-' | b'!')) {
+                let index = front.count - front.remaining;
+                front.errors |= 1u64.checked_shl(index).unwrap_or(0);
+            }
+            self.next_reply = end;
+            self.owed -= 1;
             front.remaining -= 1;
             if front.remaining == 0 {
                 let replies = self.rbuf.split_to(end).freeze();
                 self.scanner.consumed(end);
+                self.next_reply = 0;
                 self.answered = true;
                 if let Some(done) = self.inflight.pop_front() {
                     // Replies a client has no room for are dropped here, not held for it.
                     let within = done.budget.as_ref().is_none_or(|b| b.charge(replies.len()));
                     let reply = if within {
-                        Ok(replies)
+                        Ok(Replies {
+                            bytes: replies,
+                            errors: done.errors,
+                        })
                     } else {
                         Err(UpstreamError::OutputLimit)
                     };
@@ -347,6 +461,7 @@ impl Pipeline {
         for request in self.inflight.drain(..) {
             let _ = request.reply.send(Err(error));
         }
+        self.owed = 0;
         Ended::Lost {
             why: why.to_owned(),
             answered: self.answered,
@@ -421,15 +536,35 @@ mod tests {
         pipe.rbuf.extend_from_slice(b"NG\r\n$1\r\nv");
         pipe.dispatch().unwrap();
         assert_eq!(
-            &rx_a.try_recv().unwrap().unwrap()[..],
+            &rx_a.try_recv().unwrap().unwrap().bytes[..],
             b"+PONG\r\n+PONG\r\n"
         );
         pipe.rbuf.extend_from_slice(b"\r\n");
         pipe.dispatch().unwrap();
-        assert_eq!(&rx_b.try_recv().unwrap().unwrap()[..], b"$1\r\nv\r\n");
+        assert_eq!(&rx_b.try_recv().unwrap().unwrap().bytes[..], b"$1\r\nv\r\n");
         assert!(pipe.inflight.is_empty());
         pipe.rbuf.extend_from_slice(b"+EXTRA\r\n");
         assert!(matches!(pipe.dispatch(), Err(DispatchError::Unsolicited)));
+    }
+
+    #[tokio::test]
+    async fn error_replies_are_marked_by_position_in_their_batch() {
+        let mut pipe = Pipeline::new();
+        let (a, mut rx_a) = request(b"*1\r\n$4\r\nPING\r\n", 4);
+        let (b, mut rx_b) = request(b"*1\r\n$4\r\nPING\r\n", 2);
+        pipe.push(a, Instant::now());
+        pipe.push(b, Instant::now());
+        assert_eq!(pipe.owed, 6);
+        pipe.rbuf
+            .extend_from_slice(b"+OK\r\n-ERR x\r\n$2\r\n-E\r\n!3\r\nbad\r\n-ERR");
+        pipe.dispatch().unwrap();
+        let a = rx_a.try_recv().unwrap().unwrap();
+        assert_eq!(a.errors, 0b1010, "a bulk string holding '-' is no error");
+        assert_eq!(pipe.owed, 2);
+        pipe.rbuf.extend_from_slice(b" y\r\n:1\r\n");
+        pipe.dispatch().unwrap();
+        assert_eq!(rx_b.try_recv().unwrap().unwrap().errors, 0b01);
+        assert_eq!(pipe.owed, 0);
     }
 
     #[tokio::test]

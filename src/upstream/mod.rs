@@ -18,7 +18,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,13 @@ pub use address::{Address, Endpoint};
 pub use connect::{connect, ConnectError, Reader, Setup, Writer};
 pub use pool::Lease;
 
-use crate::{command::Profile, config::UpstreamConfig, embedded, pubsub::PubSub};
+use crate::{
+    command::Profile,
+    config::UpstreamConfig,
+    embedded,
+    metrics::Metrics,
+    pubsub::{self, PubSub},
+};
 
 /// Messages a shared actor's channel holds at most. Each may carry a whole pipeline of one client.
 const CHANNEL_CAPACITY: usize = 1024;
@@ -90,7 +96,25 @@ impl Budget {
 }
 
 /// The replies to one [`Request`].
-pub type Reply = Result<Bytes, UpstreamError>;
+pub type Reply = Result<Replies, UpstreamError>;
+
+/// The replies to a batch of requests, back to back, and which of them are errors: the actor
+/// sees where each reply starts as it cuts them out, so the session need not scan them again to
+/// count errors per command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replies {
+    pub bytes: Bytes,
+    /// Bit `i` is set when reply `i` is an error (`-`, or RESP3's `!`). Replies past the 64th
+    /// are not marked; a session's batches hold at most 64.
+    pub errors: u64,
+}
+
+impl From<Bytes> for Replies {
+    /// Replies with no error among them (a confirmation redmux builds itself).
+    fn from(bytes: Bytes) -> Self {
+        Replies { bytes, errors: 0 }
+    }
+}
 
 /// Why requests got no reply from Redis. None of them is retried: a request that was written
 /// may have run, and running it twice is worse than failing it.
@@ -166,14 +190,59 @@ struct Inner {
     shared: Mutex<HashMap<Target, Vec<mpsc::Sender<Request>>>>,
     pool: pool::Pool,
     pubsub: PubSub,
+    metrics: Arc<Metrics>,
+    /// How many shared connections of the default target are connected, published by their
+    /// actors: `/health` is up when all `connections` of them are.
+    health: watch::Sender<usize>,
+    /// Every actor's own figures, for `/status` and `/metrics`; an entry whose actor has ended
+    /// (the only reference left is this one) is dropped on the next registration or read.
+    actors: Mutex<Vec<Arc<actor::Stats>>>,
+}
+
+/// The upstream side as it is right now, for `/status` and `/metrics`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Snapshot {
+    /// What `/health` reports: the default target's shared connections are all up (or the
+    /// upstream is the embedded store, which is in-process).
+    pub healthy: bool,
+    #[serde(rename = "upstreams")]
+    pub actors: Vec<ActorSnapshot>,
+    pub pinned: PinnedSnapshot,
+    pub pubsub: pubsub::Counts,
+}
+
+/// One upstream connection (actor).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ActorSnapshot {
+    pub id: usize,
+    /// `shared` or `pinned`.
+    pub role: &'static str,
+    pub db: u32,
+    /// 2 or 3.
+    pub resp: u8,
+    pub connected: bool,
+    /// Requests written and not answered yet.
+    pub in_flight: u64,
+    /// Requests waiting for the connection to come up.
+    pub queued: u64,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct PinnedSnapshot {
+    pub in_use: usize,
+    pub max: usize,
 }
 
 impl Upstreams {
     /// Starts the embedded store if configured. Actors start on first use; they stop once
     /// every sender is gone and their in-flight requests are answered, which is how a set of
     /// connections replaced by a reload drains. The embedded store stops with `shutdown`.
-    pub async fn start(config: &UpstreamConfig, shutdown: &CancellationToken) -> io::Result<Self> {
-        Self::build(config, None, shutdown).await
+    pub async fn start(
+        config: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+        shutdown: &CancellationToken,
+    ) -> io::Result<Self> {
+        Self::build(config, None, metrics, shutdown).await
     }
 
     /// A new set of connections for `config` (reloaded), for the clients that come next; this
@@ -184,12 +253,19 @@ impl Upstreams {
         config: &UpstreamConfig,
         shutdown: &CancellationToken,
     ) -> io::Result<Self> {
-        Self::build(config, self.inner.store.clone(), shutdown).await
+        Self::build(
+            config,
+            self.inner.store.clone(),
+            self.inner.metrics.clone(),
+            shutdown,
+        )
+        .await
     }
 
     async fn build(
         config: &UpstreamConfig,
         store: Option<Arc<embedded::Store>>,
+        metrics: Arc<Metrics>,
         shutdown: &CancellationToken,
     ) -> io::Result<Self> {
         let mut endpoint = config.endpoint();
@@ -234,6 +310,9 @@ impl Upstreams {
                 max_shared: config.max_shared,
                 databases: config.databases,
                 shared: Mutex::new(HashMap::new()),
+                metrics,
+                health: watch::Sender::new(0),
+                actors: Mutex::new(Vec::new()),
             }),
         };
         // Connect the default target now, so an unreachable upstream shows in the log at start.
@@ -282,11 +361,7 @@ impl Upstreams {
             (0..inner.connections)
                 .map(|i| {
                     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-                    actor::spawn(
-                        first_id + i,
-                        self.actor_config(target, actor::Role::Shared),
-                        rx,
-                    );
+                    self.spawn_actor(first_id + i, target, actor::Role::Shared, rx);
                     tx
                 })
                 .collect()
@@ -318,17 +393,62 @@ impl Upstreams {
         Ok((reader, writer, slot))
     }
 
-    fn actor_config(&self, target: Target, role: actor::Role) -> actor::Config {
-        actor::Config {
-            endpoint: self.inner.endpoint.clone(),
+    /// Starts an actor for `target` on `rx`, and registers its figures.
+    fn spawn_actor(
+        &self,
+        id: usize,
+        target: Target,
+        role: actor::Role,
+        rx: mpsc::Receiver<Request>,
+    ) {
+        let inner = &self.inner;
+        let stats = Arc::new(actor::Stats::new(id, role, target));
+        {
+            let mut actors = inner.actors.lock().unwrap_or_else(|e| e.into_inner());
+            actors.retain(|stats| Arc::strong_count(stats) > 1);
+            actors.push(stats.clone());
+        }
+        let health = (role == actor::Role::Shared && target == self.default_target())
+            .then(|| inner.health.clone());
+        let config = actor::Config {
+            endpoint: inner.endpoint.clone(),
             setup: Setup {
                 db: target.db,
                 resp3: target.resp3,
-                ping: self.inner.profile == Profile::Redis,
+                ping: inner.profile == Profile::Redis,
             },
-            timeouts: self.inner.timeouts,
+            timeouts: inner.timeouts,
             role,
+            stats,
+            metrics: inner.metrics.clone(),
+            health,
+        };
+        actor::spawn(config, rx);
+    }
+
+    /// The upstream side as it is right now.
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = &self.inner;
+        let actors = {
+            let mut actors = inner.actors.lock().unwrap_or_else(|e| e.into_inner());
+            actors.retain(|stats| Arc::strong_count(stats) > 1);
+            actors.iter().map(|stats| stats.snapshot()).collect()
+        };
+        Snapshot {
+            healthy: self.healthy(),
+            actors,
+            pinned: PinnedSnapshot {
+                in_use: inner.pool.in_use(),
+                max: inner.pool.max(),
+            },
+            pubsub: inner.pubsub.counts(),
         }
+    }
+
+    /// The default target's shared connections are all up, or the upstream is embedded.
+    pub fn healthy(&self) -> bool {
+        self.inner.profile == Profile::Embedded
+            || *self.inner.health.borrow() >= self.inner.connections
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::{
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    actor::{self, Role},
+    actor::Role,
     call,
     connect::{self, Expect, Setup, Step},
     Request, Target, UpstreamError, Upstreams,
@@ -31,6 +31,8 @@ pub(super) struct Pool {
     idle: Mutex<Vec<mpsc::Sender<Request>>>,
     /// Slots not leased.
     slots: Arc<Semaphore>,
+    /// `max_pinned`: the slots there are.
+    max: usize,
     /// Released connections being cleaned right now: worth waiting for rather than opening a
     /// new connection.
     cleaning: AtomicUsize,
@@ -44,10 +46,20 @@ impl Pool {
         Pool {
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(max_pinned)),
+            max: max_pinned,
             cleaning: AtomicUsize::new(0),
             cleaned: Notify::new(),
             next_id: AtomicUsize::new(FIRST_PINNED_ID),
         }
+    }
+
+    /// Slots leased now.
+    pub(super) fn in_use(&self) -> usize {
+        self.max.saturating_sub(self.slots.available_permits())
+    }
+
+    pub(super) fn max(&self) -> usize {
+        self.max
     }
 
     fn take_idle(&self) -> Option<mpsc::Sender<Request>> {
@@ -104,7 +116,7 @@ impl Lease {
             let steps = std::iter::once(reset).chain(connect::auth(&inner.endpoint));
             for step in steps {
                 match call(&self.sender, step.request, inner.timeouts.request).await {
-                    Ok(reply) if step.expect.accepts(&reply) => {}
+                    Ok(reply) if step.expect.accepts(&reply.bytes) => {}
                     _ => return,
                 }
             }
@@ -152,7 +164,7 @@ pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lea
     let Some(sender) = idle else {
         let (sender, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let id = inner.pool.next_id.fetch_add(1, Ordering::Relaxed);
-        actor::spawn(id, upstreams.actor_config(target, Role::Pinned), rx);
+        upstreams.spawn_actor(id, target, Role::Pinned, rx);
         return Ok(Lease {
             sender,
             _slot: slot,
@@ -166,7 +178,7 @@ pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lea
     };
     for step in connect::select(setup) {
         match call(&sender, step.request, inner.timeouts.request).await {
-            Ok(reply) if step.expect.accepts(&reply) => {}
+            Ok(reply) if step.expect.accepts(&reply.bytes) => {}
             // Dropping the sender closes that connection; the slot goes back with `slot`.
             _ => return Err(UpstreamError::ConnectionLost),
         }
