@@ -206,6 +206,8 @@ pub struct Redmux {
     pub addr: SocketAddr,
     /// The first `[server.tls]` address, if any.
     pub tls_addr: Option<SocketAddr>,
+    /// The metrics endpoint, when `[metrics] listen` is set.
+    pub metrics: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -222,11 +224,13 @@ impl Redmux {
         let server = Server::bind(config).await.expect("redmux binds");
         let addr = server.local_addrs()[0];
         let tls_addr = server.tls_addrs().first().copied();
+        let metrics = server.metrics_addr();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
         Redmux {
             addr,
             tls_addr,
+            metrics,
             shutdown,
             task: Some(task),
         }
