@@ -5,6 +5,9 @@
 #     -v "$PWD/my-redmux.toml:/etc/redmux/redmux.toml:ro" redmux        # your own config
 # The config is read from /etc/redmux/redmux.toml. Inside the container redmux listens on
 # 0.0.0.0:6380 (the --listen flag below) so the published port reaches it.
+# HEALTHCHECK runs `redmux --ping` with the same flags as CMD: it sends PING to the listening
+# redmux and exits 0 on +PONG. With a real Redis upstream the PING goes through to Redis, so the
+# container is unhealthy while Redis is unreachable.
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
@@ -22,5 +25,7 @@ COPY config/redmux.toml /etc/redmux/redmux.toml
 USER redmux
 EXPOSE 6380
 STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=10s --start-period=5s --retries=3 \
+  CMD ["/usr/local/bin/redmux", "--ping", "--config", "/etc/redmux/redmux.toml", "--listen", "0.0.0.0:6380"]
 ENTRYPOINT ["/usr/local/bin/redmux"]
 CMD ["--config", "/etc/redmux/redmux.toml", "--listen", "0.0.0.0:6380"]
