@@ -44,8 +44,9 @@ pub enum Kind {
     Http,
 }
 
-/// A command's place in [`TABLE`], or [`CommandId::OTHER`] for a name that is not there: what
-/// metrics label it by. A small number, so per-command counters are an array index away.
+/// A command's place in the command table, or [`CommandId::OTHER`] for a name that is not
+/// there: what metrics label it by. A small number, so per-command counters are an array index
+/// away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommandId(u8);
 
