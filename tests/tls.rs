@@ -623,3 +623,42 @@ fn check_reads_the_tls_files() {
         "{stderr}"
     );
 }
+
+/// `config/production.example.toml` passes `--check` once the files it names exist: every key in
+/// it is real, and its TLS, password and socket settings go together.
+#[test]
+fn the_production_example_checks_with_its_files_in_place() {
+    let certs = Certs::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret = |name: &str| support::write_file(dir.path(), name, "pw\n");
+    let mut text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/production.example.toml"
+    ))
+    .expect("production example");
+    for (shipped, here) in [
+        ("/etc/redmux/tls/server.crt", certs.server_cert.clone()),
+        ("/etc/redmux/tls/server.key", certs.server_key.clone()),
+        ("/etc/redmux/tls/redis-ca.crt", certs.ca.clone()),
+        ("/etc/redmux/redis-password", secret("redis-password")),
+        ("/etc/redmux/app-password", secret("app-password")),
+        ("/run/redmux/redmux.sock", dir.path().join("redmux.sock")),
+    ] {
+        assert!(
+            text.contains(shipped),
+            "{shipped} is no longer in the example"
+        );
+        text = text.replace(shipped, &here.display().to_string());
+    }
+    let config = support::write_file(dir.path(), "redmux.toml", &text);
+    let out = std::process::Command::new(support::redmux_bin())
+        .args(["--check", "--config"])
+        .arg(&config)
+        .env("REDMUX_DEFAULT_PASSWORD", "pw")
+        .output()
+        .expect("run redmux --check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+}
