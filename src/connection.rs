@@ -5,7 +5,12 @@
 //! to every other. So it lives here, per client, and what Redis must see of it (database and
 //! protocol) picks the shared upstream connection the client's commands go to.
 
-use std::{fmt::Write, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    fmt::Write,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -36,24 +41,84 @@ pub struct Peer {
     pub local: Option<SocketAddr>,
 }
 
-/// One client's connection state.
+/// A client's addresses as its state keeps them: 16 bytes where a [`Peer`] takes 64, as every
+/// idle client carries them. Both ends of a TCP connection are of one family, and IPv4 fits
+/// inline; IPv6 is boxed.
+#[derive(Debug)]
+enum Addresses {
+    Unix,
+    V4 {
+        addr: SocketAddrV4,
+        local: SocketAddrV4,
+    },
+    Other(Box<Peer>),
+}
+
+impl Addresses {
+    fn new(peer: Peer) -> Self {
+        match peer {
+            Peer {
+                addr: None,
+                local: None,
+            } => Addresses::Unix,
+            Peer {
+                addr: Some(SocketAddr::V4(addr)),
+                local: Some(SocketAddr::V4(local)),
+            } => Addresses::V4 { addr, local },
+            other => Addresses::Other(Box::new(other)),
+        }
+    }
+
+    fn peer(&self) -> Peer {
+        match self {
+            Addresses::Unix => Peer {
+                addr: None,
+                local: None,
+            },
+            Addresses::V4 { addr, local } => Peer {
+                addr: Some(SocketAddr::V4(*addr)),
+                local: Some(SocketAddr::V4(*local)),
+            },
+            Addresses::Other(peer) => **peer,
+        }
+    }
+}
+
+/// What a client may say about itself, boxed: most clients set neither.
+#[derive(Debug, Default)]
+struct Names {
+    /// CLIENT SETNAME.
+    name: Option<Box<[u8]>>,
+    /// The user it logged in as, if not `default`.
+    user: Option<Box<str>>,
+}
+
+/// Seconds on a clock that starts with the first client. CLIENT INFO's `age` needs no finer
+/// grain, and it takes 4 bytes per client where an `Instant` takes 16.
+fn clock() -> u32 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    u32::try_from(START.get_or_init(Instant::now).elapsed().as_secs()).unwrap_or(u32::MAX)
+}
+
+/// One client's connection state. Every idle client holds one, so it is kept small (72 bytes):
+/// what is rarely set is boxed, and the addresses are packed.
 #[derive(Debug)]
 pub struct ClientState {
     pub id: u64,
     pub db: u32,
     pub resp3: bool,
-    pub name: Option<Bytes>,
     pub reply_mode: ReplyMode,
     no_evict: bool,
-    peer: Peer,
-    since: Instant,
+    addresses: Addresses,
+    /// When the client connected, on [`clock`].
+    since: u32,
     /// The shared upstream actor for the current (db, protocol).
     pub shared: mpsc::Sender<Request>,
     upstreams: Upstreams,
     users: Arc<Users>,
     /// The client may run commands: it has authenticated, or no password is required.
     pub authenticated: bool,
-    user: String,
+    names: Option<Box<Names>>,
 }
 
 /// What the session must do after a locally answered command.
@@ -74,16 +139,15 @@ impl ClientState {
         let target = upstreams.default_target();
         Ok(ClientState {
             authenticated: !users.required(),
-            user: "default".into(),
+            names: None,
             users,
             id,
             db: target.db,
             resp3: target.resp3,
-            name: None,
             reply_mode: ReplyMode::On,
             no_evict: false,
-            peer,
-            since: Instant::now(),
+            addresses: Addresses::new(peer),
+            since: clock(),
             shared: upstreams.shared(target, id)?,
             upstreams,
         })
@@ -94,10 +158,34 @@ impl ClientState {
     /// to authenticate need not once no password is required. `false` if the client is logged
     /// in as a named user that no longer exists: it must be closed.
     pub fn set_users(&mut self, users: Arc<Users>) -> bool {
-        let exists = self.user == "default" || users.exists(&self.user);
+        let exists = self.user().is_none_or(|user| users.exists(user));
         self.authenticated |= !users.required();
         self.users = users;
         exists
+    }
+
+    /// The upstream connections, for the session's pinned, pub/sub and MONITOR connections.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
+    /// The client's name (CLIENT SETNAME).
+    pub fn name(&self) -> Option<&[u8]> {
+        self.names.as_ref()?.name.as_deref()
+    }
+
+    /// The user the client is logged in as, if not `default`.
+    fn user(&self) -> Option<&str> {
+        self.names.as_ref()?.user.as_deref()
+    }
+
+    /// Sets the name or the user, keeping the box only while one of them is set.
+    fn set_names(&mut self, set: impl FnOnce(&mut Names)) {
+        let mut names = self.names.take().unwrap_or_default();
+        set(&mut names);
+        if names.name.is_some() || names.user.is_some() {
+            self.names = Some(names);
+        }
     }
 
     pub fn target(&self) -> Target {
@@ -250,7 +338,7 @@ impl ClientState {
                 "Client names cannot contain spaces, newlines or special characters.",
             ));
         }
-        self.name = (!name.is_empty()).then(|| Bytes::copy_from_slice(name));
+        self.set_names(|names| names.name = (!name.is_empty()).then(|| Box::from(name)));
         Ok(())
     }
 
@@ -259,7 +347,7 @@ impl ClientState {
         let argc = args.remaining();
         match (lower.as_slice(), argc) {
             (b"id", 0) => Bytes::from(format!(":{}\r\n", self.id)),
-            (b"getname", 0) => match &self.name {
+            (b"getname", 0) => match self.name() {
                 Some(name) => bulk_bytes(name),
                 None => self.null(),
             },
@@ -340,15 +428,12 @@ impl ClientState {
 
     /// The CLIENT INFO line, fields in Redis 7.0's order.
     fn info_line(&self) -> String {
-        let name = self
-            .name
-            .as_deref()
-            .map(String::from_utf8_lossy)
-            .unwrap_or_default();
-        let addr = self.peer.addr.map(|a| a.to_string()).unwrap_or_default();
-        let laddr = self.peer.local.map(|a| a.to_string()).unwrap_or_default();
+        let name = self.name().map(String::from_utf8_lossy).unwrap_or_default();
+        let peer = self.addresses.peer();
+        let addr = peer.addr.map(|a| a.to_string()).unwrap_or_default();
+        let laddr = peer.local.map(|a| a.to_string()).unwrap_or_default();
         let mut flags = String::new();
-        if self.peer.addr.is_none() {
+        if peer.addr.is_none() {
             flags.push('U');
         }
         if self.no_evict {
@@ -357,14 +442,14 @@ impl ClientState {
         if flags.is_empty() {
             flags.push('N');
         }
-        let age = self.since.elapsed().as_secs();
+        let age = clock().saturating_sub(self.since);
         format!(
             "id={} addr={addr} laddr={laddr} fd=-1 name={name} age={age} idle=0 flags={flags} db={} \
              sub=0 psub=0 ssub=0 multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 \
              obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|info user={} redir=-1 resp={}\n",
             self.id,
             self.db,
-            self.user,
+            self.user().unwrap_or("default"),
             if self.resp3 { 3 } else { 2 }
         )
     }
@@ -385,7 +470,8 @@ impl ClientState {
         match self.users.check(user, password) {
             Ok(name) => {
                 self.authenticated = true;
-                self.user = name;
+                let user = (name != "default").then(|| name.into_boxed_str());
+                self.set_names(|names| names.user = user);
                 Ok(())
             }
             Err(AuthError::NoDefaultPassword) => Err(error_reply(
@@ -406,10 +492,9 @@ impl ClientState {
             // The default target always has its actors; this cannot fail in practice.
             return error_reply("redmux: cannot reset the connection");
         }
-        self.name = None;
+        self.names = None;
         self.reply_mode = ReplyMode::On;
         self.authenticated = !self.users.required();
-        self.user = "default".into();
         Bytes::from_static(b"+RESET\r\n")
     }
 

@@ -265,6 +265,11 @@ trait Listener: Send + 'static {
         &self,
         stream: Self::Stream,
     ) -> impl Future<Output = io::Result<Self::Client>> + Send + 'static;
+    /// The connection, ready for a session at once if no handshake is needed (so that the
+    /// client's task can be its session alone); else given back for [`Listener::establish`].
+    fn established(stream: Self::Stream) -> Result<Self::Client, Self::Stream> {
+        Err(stream)
+    }
 }
 
 /// The address a client connected to, for CLIENT INFO's `laddr`.
@@ -300,6 +305,10 @@ impl Listener for TcpListener {
     ) -> impl Future<Output = io::Result<TcpStream>> + Send + 'static {
         std::future::ready(Ok(stream))
     }
+
+    fn established(stream: TcpStream) -> Result<TcpStream, TcpStream> {
+        Ok(stream)
+    }
 }
 
 impl Listener for UnixListener {
@@ -316,6 +325,10 @@ impl Listener for UnixListener {
         stream: UnixStream,
     ) -> impl Future<Output = io::Result<UnixStream>> + Send + 'static {
         std::future::ready(Ok(stream))
+    }
+
+    fn established(stream: UnixStream) -> Result<UnixStream, UnixStream> {
+        Ok(stream)
     }
 }
 
@@ -361,7 +374,6 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
             }
         };
         let local = stream.local_addr().ok();
-        let establish = listener.establish(stream);
         // The settings in effect: one read lock per accept, none per request.
         let live = shared.live.borrow().clone();
         let clients = &shared.metrics.clients;
@@ -376,6 +388,7 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
                 continue;
             }
             // Told in the client's protocol: over TLS after the handshake.
+            let establish = listener.establish(stream);
             let shared_for_task = shared.clone();
             shared.tracker.spawn(async move {
                 if let Ok(mut client) = establish.await {
@@ -403,29 +416,60 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
         };
         // Debug level: an enabled span per connection costs more than the connection itself.
         let span = tracing::debug_span!("client", id, ?peer);
+        debug!(parent: &span, "connected");
         let shared_for_task = shared.clone();
-        shared.tracker.spawn(
-            async move {
-                debug!("connected");
-                let shared = &shared_for_task;
-                match establish.await {
-                    Ok(io) => {
-                        shared.metrics.accepted();
-                        let watch = shared.live.clone();
-                        Session::new(io, &live, watch, client, shared.shutdown.clone())
-                            .run()
-                            .await
-                    }
-                    Err(error) => {
-                        shared.metrics.rejected(Rejection::TlsHandshake);
-                        debug!(%error, "TLS handshake failed");
-                    }
-                }
-                shared.metrics.clients.fetch_sub(1, Ordering::AcqRel);
-                debug!("disconnected");
+        let on_close = move || {
+            shared_for_task
+                .metrics
+                .clients
+                .fetch_sub(1, Ordering::AcqRel);
+            debug!("disconnected");
+        };
+        let updates = shared.live.clone();
+        match L::established(stream) {
+            // No handshake: the task is the session alone. An async block around it would
+            // hold a second copy of the session, and every idle client pays for its task.
+            Ok(io) => {
+                shared.metrics.accepted();
+                spawn_client(
+                    &shared.tracker,
+                    Session::new(io, &live, updates, client).run(on_close),
+                    span,
+                );
             }
-            .instrument(span),
-        );
+            Err(stream) => {
+                let establish = listener.establish(stream);
+                let metrics = shared.metrics.clone();
+                let task = async move {
+                    match establish.await {
+                        Ok(io) => {
+                            metrics.accepted();
+                            Session::new(io, &live, updates, client).run(on_close).await;
+                        }
+                        Err(error) => {
+                            metrics.rejected(Rejection::TlsHandshake);
+                            debug!(%error, "TLS handshake failed");
+                            on_close();
+                        }
+                    }
+                };
+                spawn_client(&shared.tracker, task, span);
+            }
+        }
+    }
+}
+
+/// Spawns a client's task, in its span only when that is enabled: a disabled span still takes
+/// 40 bytes in every client's task.
+fn spawn_client(
+    tracker: &TaskTracker,
+    task: impl Future<Output = ()> + Send + 'static,
+    span: tracing::Span,
+) {
+    if span.is_disabled() {
+        tracker.spawn(task);
+    } else {
+        tracker.spawn(task.instrument(span));
     }
 }
 

@@ -314,21 +314,28 @@ impl Duplex for TlsClient {
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
         (Half(&self.stream), Flushed::new(Half(&self.stream)))
     }
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let stream = self.stream.get_mut().unwrap_or_else(|e| e.into_inner());
+        poll_decrypted(stream, cx)
+    }
 }
 
 /// Readiness-first reads, as for plain sockets: `readable` waits until rustls holds decrypted
 /// bytes (or the end), and the read takes them.
 impl ReadSide for Half<'_, server::TlsStream<TcpStream>> {
     fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        std::future::poll_fn(move |cx| {
-            let mut stream = self.lock();
-            match ready!(Pin::new(&mut *stream).poll_fill_buf(cx)) {
-                Err(error) if error.kind() != io::ErrorKind::UnexpectedEof => {
-                    Poll::Ready(Err(error))
-                }
-                _ => Poll::Ready(Ok(())),
-            }
-        })
+        std::future::poll_fn(move |cx| poll_decrypted(&mut self.lock(), cx))
+    }
+}
+
+/// Ready once rustls holds decrypted bytes, or the connection has ended.
+fn poll_decrypted(
+    stream: &mut server::TlsStream<TcpStream>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    match ready!(Pin::new(stream).poll_fill_buf(cx)) {
+        Err(error) if error.kind() != io::ErrorKind::UnexpectedEof => Poll::Ready(Err(error)),
+        _ => Poll::Ready(Ok(())),
     }
 }
 

@@ -181,6 +181,45 @@ async fn five_thousand_clients_then_max_clients() {
     }
 }
 
+/// What an idle client costs, as `shared/bench/compare.py` measures it: 1,000 clients each send
+/// a PING and read the reply, then sit idle. Their sessions are parked (no read buffer, no reply
+/// queues, a task of a few hundred bytes), so redmux's RSS grows by well under 1 KiB per client
+/// (about 0.9 KiB measured; 3.5 KiB before sessions parked).
+#[tokio::test]
+async fn idle_clients_cost_under_a_kib_and_a_half_each() {
+    const CLIENTS: usize = 1000;
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap();
+    assert!(limit >= 2 * CLIENTS as u64 + 100, "open-file limit {limit}");
+    let redis = RedisServer::start();
+    let redmux = RedmuxProcess::start("", &upstream(&redis));
+    // One client first, so that what the first request allocates once (the upstream
+    // connection's buffers) is not counted.
+    let mut first = redmux.raw().await;
+    assert_eq!(first.call(&["PING"]).await, "+PONG\r\n");
+    let before = redmux.rss_kib();
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        let mut client = redmux.raw().await;
+        client.send("*1\r\n$4\r\nPING\r\n").await;
+        clients.push(client);
+    }
+    for client in &mut clients {
+        assert_eq!(client.reply_str().await, "+PONG\r\n");
+    }
+    // A session parks in the same turn as it writes its reply, so every one has by now.
+    let idle = redmux.rss_kib();
+    let per_client = idle.saturating_sub(before) as f64 / CLIENTS as f64;
+    println!("{CLIENTS} idle clients: redmux rss {before} KiB -> {idle} KiB ({per_client:.2} KiB per client)");
+    assert!(
+        per_client <= 1.5,
+        "{per_client:.2} KiB per idle client ({before} KiB -> {idle} KiB)"
+    );
+    // Parked sessions wake up: every client is still served.
+    for client in clients.iter_mut().step_by(97) {
+        assert_eq!(client.call(&["PING"]).await, "+PONG\r\n");
+    }
+}
+
 /// Redis stalled (SIGSTOP) with redmux's upstream pipeline clogged: redmux still accepts new
 /// clients and answers what it answers itself (QUIT, empty input, SELECT, CLIENT ID) at once.
 /// Once Redis resumes, every stuck request gets its answer.
