@@ -19,7 +19,6 @@ use std::{
     cell::RefCell,
     collections::VecDeque,
     future::Future,
-    io::IoSlice,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -44,17 +43,20 @@ use crate::{
     connection::{ClientState, Effect, ReplyMode},
     live::Live,
     metrics::Metrics,
-    monitor, pubsub,
+    monitor,
+    outgoing::write_some,
+    pubsub,
     resp::{encode_command, Args, Frame, Limits, RequestDecoder},
     upstream::{Budget, Lease, Reply, Request, UpstreamError},
 };
 
 /// Read size for client sockets.
 const READ_CHUNK: usize = 16 * 1024;
+/// Size of the buffer a session with nothing buffered reads into (see [`read_arrived`]): large
+/// enough that a request with a 16 KiB value arrives in one read, not two and a copy.
+const SCRATCH_SIZE: usize = 64 * 1024;
 /// Most buffer growth reserved at once for a large request.
 const MAX_READ_RESERVE: usize = 1024 * 1024;
-/// Slices handed to one vectored write.
-const MAX_IOVECS: usize = 64;
 /// Most requests in one batch. The actor hands a batch's replies back only when all are in, so
 /// this bounds what it holds for one client beyond `client_output_limit`: a client pipelining
 /// 1,000 GETs of a large value and never reading is cut off after a few batches, not after all.
@@ -233,8 +235,8 @@ pub trait ReadSide: AsyncRead + Unpin + Send {
 /// (strace: one per request, a third of the session's syscalls).
 ///
 /// A session with nothing buffered reads into a buffer its thread's sessions share and keeps a
-/// copy of what arrived: a small request costs a small allocation, and a burst of new clients
-/// does not leave `READ_CHUNK`-sized holes in the heap. A read that fills most of the shared
+/// copy of what arrived: a request costs an allocation of its own size, and a burst of new
+/// clients does not leave `SCRATCH_SIZE` holes in the heap. A read that fills most of the shared
 /// buffer takes it over instead of copying.
 fn read_arrived(
     reader: &mut impl ReadSide,
@@ -252,9 +254,9 @@ fn read_arrived(
     if rbuf.is_empty() {
         return SCRATCH.with_borrow_mut(|scratch| {
             scratch.clear();
-            scratch.reserve(READ_CHUNK);
+            scratch.reserve(SCRATCH_SIZE);
             let (n, drained) = read(reader, scratch, cx)?;
-            if n >= READ_CHUNK / 2 {
+            if n >= SCRATCH_SIZE / 2 {
                 // The thread allocates a new one next time.
                 *rbuf = std::mem::take(scratch);
             } else {
@@ -1602,41 +1604,6 @@ fn front_reply(
     std::future::poll_fn(move |cx| match pending.front_mut() {
         Some(Pending::Upstream { rx, .. }) => Pin::new(rx).poll(cx),
         _ => Poll::Pending,
-    })
-}
-
-/// Writes as much of `out` as the socket takes in one vectored write, and drops what was written.
-fn write_some<'a, W: AsyncWrite + Unpin>(
-    writer: &'a mut W,
-    out: &'a mut VecDeque<Bytes>,
-) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
-    // The slices live on the stack for one poll only, so the future stays two pointers big:
-    // it sits in every client's task.
-    std::future::poll_fn(move |cx| {
-        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-        let mut n = 0;
-        for (slot, chunk) in slices.iter_mut().zip(out.iter()) {
-            *slot = IoSlice::new(chunk);
-            n += 1;
-        }
-        let written = match std::pin::Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..n]) {
-            std::task::Poll::Ready(Ok(0)) => {
-                return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
-            }
-            std::task::Poll::Ready(Ok(written)) => written,
-            other => return other,
-        };
-        let mut left = written;
-        while left > 0 {
-            let Some(front) = out.front_mut() else { break };
-            if front.len() > left {
-                front.advance(left);
-                break;
-            }
-            left -= front.len();
-            out.pop_front();
-        }
-        std::task::Poll::Ready(Ok(written))
     })
 }
 

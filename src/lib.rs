@@ -21,6 +21,7 @@ pub mod embedded;
 pub mod live;
 pub mod metrics;
 pub mod monitor;
+pub mod outgoing;
 pub mod probe;
 pub mod pubsub;
 pub mod resp;
