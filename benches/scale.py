@@ -1,11 +1,19 @@
 #!/usr/bin/env python3
-"""Scaling and CPU-per-request: direct Redis, twemproxy and redmux, many-clients workload at
-several client counts. Prints ops/s, p50/p99 and the CPU time each process used per request."""
+"""Scaling and CPU-per-request: direct Redis, twemproxy and redmux at several client counts.
+Prints ops/s, p50/p99 and the CPU time each process used per request: redis-benchmark, the
+proxy and Redis. On a machine whose cores are all busy, throughput follows the sum of the three.
+
+  benches/scale.py BIN [COUNTS [ROUNDS [BENCH_ARGS]]]
+  benches/scale.py target/release/redmux 16,256,2048,8192 3                 # many-clients
+  benches/scale.py target/release/redmux 16 3 "-P 32 -t set,get -r 100000 -d 64"   # pipelined
+"""
 import os, subprocess, sys, time, socket, tempfile, csv, io, resource
 
 BIN = sys.argv[1]
 COUNTS = [int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "16,256,2048,8192").split(",")]
 ROUNDS = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+BENCH = (sys.argv[4] if len(sys.argv) > 4 else "-P 1 -t set,get -r 100000 -d 64").split()
+TESTS = len(BENCH[BENCH.index("-t") + 1].split(","))
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -48,29 +56,33 @@ try:
             for name in order:
                 port, pid = targets[name]
                 t0 = {k: ticks(v) for k, v in (("redis", redis.pid), ("proxy", pid)) if v}
-                out = subprocess.run(["redis-benchmark", "-p", str(port), "-c", str(c), "-P", "1", "-t", "set,get",
-                                      "-r", "100000", "-d", "64", "-n", str(n), "--csv"],
+                b0 = os.times()
+                out = subprocess.run(["redis-benchmark", "-p", str(port), "-c", str(c), "-n", str(n), "--csv"] + BENCH,
                                      capture_output=True, text=True).stdout
+                b1 = os.times()
                 t1 = {k: ticks(v) for k, v in (("redis", redis.pid), ("proxy", pid)) if v}
                 rows = list(csv.DictReader(io.StringIO(out)))
                 rps = sum(float(x["rps"]) for x in rows)
                 p50 = max(float(x["p50_latency_ms"]) for x in rows)
                 p99 = max(float(x["p99_latency_ms"]) for x in rows)
-                reqs = 2 * n
+                reqs = TESTS * n
                 cpu = {k: (t1[k] - t0[k]) / hz / reqs * 1e6 for k in t0}
-                results.setdefault((c, name), []).append((rps, p50, p99, cpu.get("proxy", 0), cpu["redis"]))
-                print(f"round {r+1} c={c} {name}: {rps:.0f} ops/s p50 {p50} p99 {p99} "
-                      f"proxy {cpu.get('proxy', 0):.1f} us/req redis {cpu['redis']:.1f} us/req", flush=True)
+                bench = ((b1.children_user - b0.children_user) + (b1.children_system - b0.children_system)) / reqs * 1e6
+                total = bench + cpu.get("proxy", 0) + cpu["redis"]
+                results.setdefault((c, name), []).append((rps, p50, p99, bench, cpu.get("proxy", 0), cpu["redis"], total))
+                print(f"round {r+1} c={c} {name}: {rps:.0f} ops/s p50 {p50} p99 {p99} bench {bench:.1f} "
+                      f"proxy {cpu.get('proxy', 0):.1f} redis {cpu['redis']:.1f} total {total:.1f} us/req", flush=True)
     med = lambda xs: sorted(xs)[len(xs) // 2]
-    print("\n| clients | target | ops/s | vs direct | p50 ms | p99 ms | proxy CPU us/req | redis CPU us/req |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\nredis-benchmark {' '.join(BENCH)}; CPU in us per request")
+    print("\n| clients | target | ops/s | vs direct | p50 ms | p99 ms | bench CPU | proxy CPU | redis CPU | total CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in COUNTS:
         d = [x[0] for x in results[(c, "direct")]]
         for name in targets:
             xs = results[(c, name)]
             ratios = [x[0] / y for x, y in zip(xs, d)]
             print(f"| {c} | {name} | {med([x[0] for x in xs]):.0f} | {med(ratios):.2f} | {med([x[1] for x in xs])} | "
-                  f"{med([x[2] for x in xs])} | {med([x[3] for x in xs]):.1f} | {med([x[4] for x in xs]):.1f} |")
+                  f"{med([x[2] for x in xs])} | " + " | ".join(f"{med([x[i] for x in xs]):.1f}" for i in (3, 4, 5, 6)) + " |")
 finally:
     for p in procs:
         p.terminate()

@@ -1,9 +1,7 @@
 //! Reading the arguments of a request the decoder has already validated, and encoding commands.
 
+use super::{find2, parse_int};
 use bytes::{BufMut, Bytes, BytesMut};
-use memchr::memchr;
-
-use super::parse_int;
 
 /// Iterates over the arguments of a complete multibulk request that [`super::RequestDecoder`]
 /// accepted. Lengths are trusted, so this only walks headers; it works on the sloppy forms Redis
@@ -37,7 +35,7 @@ impl<'a> Args<'a> {
         if first != kind {
             return None;
         }
-        let cr = memchr(b'\r', body)?;
+        let cr = find2(b'\r', b'\r', body)?;
         let value = parse_int(&body[..cr])?;
         self.rest = body.get(cr + 2..)?;
         usize::try_from(value).ok()

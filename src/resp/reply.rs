@@ -1,9 +1,7 @@
 //! Reply framing for every RESP2 and RESP3 type, so the upstream actor can count replies and
 //! cut them out of its read buffer without decoding them.
 
-use memchr::memchr;
-
-use super::parse_int;
+use super::{find2, parse_int};
 
 /// The upstream sent something that is not RESP. Replies can no longer be matched to requests,
 /// so the connection must be torn down.
@@ -75,7 +73,7 @@ impl ReplyScanner {
                 return Ok(None);
             };
             let rest = &buf[self.pos + 1..];
-            let Some(cr) = memchr(b'\r', rest) else {
+            let Some(cr) = find2(b'\r', b'\r', rest) else {
                 return Ok(None);
             };
             match rest.get(cr + 1) {

@@ -1,9 +1,7 @@
 //! Request framing, with Redis 7's rules and error texts (see `REDIS-NOTES.md` §1).
 
+use super::{args::Args, encode_command, find2, inline, parse_int};
 use bytes::Bytes;
-use memchr::memchr2;
-
-use super::{args::Args, encode_command, inline, parse_int};
 
 /// Longest inline request, and longest `*N` / `$N` header line, Redis buffers before giving up
 /// (`PROTO_INLINE_MAX_SIZE`).
@@ -291,7 +289,7 @@ fn header(
     too_big: ProtocolError,
 ) -> Result<Option<Header<'_>>, ProtocolError> {
     // Redis scans with strchr, which stops at a NUL: a NUL before the CR stalls the line.
-    let cr = match memchr2(b'\r', 0, buf) {
+    let cr = match find2(b'\r', 0, buf) {
         Some(i) if buf[i] == b'\r' => i,
         _ => {
             return if buf.len() > INLINE_MAX {
@@ -313,7 +311,7 @@ fn header(
 
 fn decode_inline(buf: &[u8]) -> Result<Option<Frame>, ProtocolError> {
     // strchr semantics again: a NUL hides the newline behind it.
-    let newline = match memchr2(b'\n', 0, buf) {
+    let newline = match find2(b'\n', 0, buf) {
         Some(i) if buf[i] == b'\n' => i,
         _ => {
             return if buf.len() > INLINE_MAX {
