@@ -3,7 +3,7 @@
 Prints ops/s, p50/p99 and the CPU time each process used per request: redis-benchmark, the
 proxy and Redis. On a machine whose cores are all busy, throughput follows the sum of the three.
 
-  benches/scale.py BIN [COUNTS [ROUNDS [BENCH_ARGS]]]
+  [REQUESTS=N] benches/scale.py BIN [COUNTS [ROUNDS [BENCH_ARGS]]]   (N per test; default max(100000, 40 per client))
   benches/scale.py target/release/redmux 16,256,2048,8192 3                 # many-clients
   benches/scale.py target/release/redmux 16 3 "-P 32 -t set,get -r 100000 -d 64"   # pipelined
 """
@@ -51,7 +51,7 @@ try:
     results = {}
     for r in range(ROUNDS):
         for c in COUNTS:
-            n = max(100000, c * 40)
+            n = int(os.environ.get("REQUESTS", 0)) or max(100000, c * 40)
             order = list(targets)[r % 3:] + list(targets)[:r % 3]
             for name in order:
                 port, pid = targets[name]
