@@ -270,6 +270,11 @@ trait Listener: Send + 'static {
     fn established(stream: Self::Stream) -> Result<Self::Client, Self::Stream> {
         Err(stream)
     }
+    /// The one address every client of this listener connects to; `None` for a wildcard
+    /// address, where each client's own must be asked for (a `getsockname` per accept).
+    fn bound(&self) -> Option<SocketAddr> {
+        None
+    }
 }
 
 /// The address a client connected to, for CLIENT INFO's `laddr`.
@@ -308,6 +313,12 @@ impl Listener for TcpListener {
 
     fn established(stream: TcpStream) -> Result<TcpStream, TcpStream> {
         Ok(stream)
+    }
+
+    fn bound(&self) -> Option<SocketAddr> {
+        self.local_addr()
+            .ok()
+            .filter(|addr| !addr.ip().is_unspecified())
     }
 }
 
@@ -355,11 +366,16 @@ impl Listener for TlsListener {
     ) -> impl Future<Output = io::Result<TlsClient>> + Send + 'static {
         tls::accept(self.acceptor.clone(), stream, self.shutdown.clone())
     }
+
+    fn bound(&self) -> Option<SocketAddr> {
+        Listener::bound(&self.tcp)
+    }
 }
 
 async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
     let shutdown = shared.shutdown.clone().cancelled_owned();
     tokio::pin!(shutdown);
+    let bound = listener.bound();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -373,7 +389,7 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let local = stream.local_addr().ok();
+        let local = bound.or_else(|| stream.local_addr().ok());
         // The settings in effect: one read lock per accept, none per request.
         let live = shared.live.borrow().clone();
         let clients = &shared.metrics.clients;

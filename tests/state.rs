@@ -163,7 +163,10 @@ async fn client_commands_and_reset_are_per_client() {
     );
     let info = a.call(&["CLIENT", "INFO"]).await;
     assert!(
-        info.contains(" name=alice ") && info.contains(" db=0 ") && info.ends_with("resp=2\n\r\n"),
+        info.contains(" name=alice ")
+            && info.contains(" db=0 ")
+            && info.contains(&format!(" laddr={} ", redmux.addr))
+            && info.ends_with("resp=2\n\r\n"),
         "{info}"
     );
     assert_eq!(a.call(&["CLIENT", "NO-EVICT", "ON"]).await, "+OK\r\n");
