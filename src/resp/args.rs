@@ -1,7 +1,8 @@
 //! Reading the arguments of a request the decoder has already validated, and encoding commands.
 
-use super::{find2, parse_int};
 use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{find2, parse_int};
 
 /// Iterates over the arguments of a complete multibulk request that [`super::RequestDecoder`]
 /// accepted. Lengths are trusted, so this only walks headers; it works on the sloppy forms Redis

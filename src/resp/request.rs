@@ -1,7 +1,8 @@
 //! Request framing, with Redis 7's rules and error texts (see `REDIS-NOTES.md` §1).
 
-use super::{args::Args, encode_command, find2, inline, parse_int};
 use bytes::Bytes;
+
+use super::{args::Args, encode_command, find2, inline, parse_int};
 
 /// Longest inline request, and longest `*N` / `$N` header line, Redis buffers before giving up
 /// (`PROTO_INLINE_MAX_SIZE`).

@@ -44,6 +44,8 @@ const WRITE_HIGH_WATER: usize = 1024 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// A request at least this large is queued for writing as it came, by reference; smaller ones
 /// are copied together, so that a batch of small requests is one slice of the vectored write.
+/// A queued slice keeps its client's read buffer alive until it is written, as a request
+/// waiting in the channel does; `WRITE_HIGH_WATER` bounds how many are queued.
 const BY_REFERENCE: usize = 4 * 1024;
 /// Exponential reconnect backoff: first delay and cap.
 const BACKOFF_FIRST: Duration = Duration::from_millis(10);
