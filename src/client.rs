@@ -1065,7 +1065,7 @@ impl State {
                     self.rbuf.advance(consumed);
                     bytes
                 }
-                _ => self.rbuf.split_to(consumed).freeze(),
+                _ => self.take_front(consumed),
             };
             // Boxed: only commands off the plain forwarding path get here, and inline its state
             // would sit in every idle client's task.
@@ -1421,7 +1421,7 @@ impl State {
     /// Sends the run of requests at the front of `rbuf` as one batch.
     async fn flush_run(&mut self, run_len: &mut usize, run_count: &mut u32) {
         if *run_count > 0 {
-            let frames = self.rbuf.split_to(*run_len).freeze();
+            let frames = self.take_front(*run_len);
             let batch = Batch {
                 frames,
                 count: *run_count,
@@ -1433,6 +1433,17 @@ impl State {
         }
         *run_len = 0;
         *run_count = 0;
+    }
+
+    /// The first `len` bytes of the read buffer. When they are all of it, the buffer is handed
+    /// over whole: splitting it would allocate a shared header, once per request for a client
+    /// that sends one request at a time.
+    fn take_front(&mut self, len: usize) -> Bytes {
+        if len == self.rbuf.len() {
+            std::mem::take(&mut self.rbuf).freeze()
+        } else {
+            self.rbuf.split_to(len).freeze()
+        }
     }
 
     /// Forwards one request: on `release`'s connection if given (which is then given back
