@@ -53,7 +53,7 @@ use crate::{
 /// Read size for client sockets.
 const READ_CHUNK: usize = 16 * 1024;
 /// Size of the buffer a session with nothing buffered reads into (see [`read_arrived`]): large
-/// enough that a request with a 16 KiB value arrives in one read, not two and a copy.
+/// enough that a request with a 16 KiB value arrives in one read, not two.
 const SCRATCH_SIZE: usize = 64 * 1024;
 /// Most buffer growth reserved at once for a large request.
 const MAX_READ_RESERVE: usize = 1024 * 1024;

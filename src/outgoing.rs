@@ -1,7 +1,7 @@
 //! Bytes on their way out to a socket, written with vectored writes. Both directions queue
 //! `Bytes` rather than copying into one buffer: a client's replies are slices of what upstream
 //! sent, and a large request goes upstream as the slice of the client's read buffer it arrived
-//! in, so its bytes are copied only by the kernel.
+//! in, not copied again on its way out.
 
 use std::{
     collections::VecDeque,
