@@ -353,9 +353,9 @@ impl Actor {
                         pipe.push(request, now);
                     }
                     // Other clients that are ready to send run first, so that one write carries
-                    // all their requests, as Redis writes replies only before it sleeps. Without
-                    // this a batch held about 10 of 256 busy clients' requests, and Redis woke
-                    // for each.
+                    // all their requests, as Redis writes replies only before it sleeps. With 16
+                    // clients sending one request at a time, Redis's CPU per request fell by a
+                    // third.
                     if !yielded {
                         yielded = true;
                         tokio::task::yield_now().await;
