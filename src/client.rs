@@ -1030,7 +1030,11 @@ impl State {
                 self.rbuf.advance(frame.consumed());
                 continue;
             };
-            let (command, action) = command::action(request, self.client.upstreams().profile());
+            let profile = self.client.upstreams().profile();
+            let (command, action) = match self.decoder.name().and_then(|at| request.get(at)) {
+                Some(name) => command::action_named(request, name, profile),
+                None => command::action(request, profile),
+            };
             self.current = command;
             if let Some(metrics) = &self.config.metrics {
                 metrics.command(command);

@@ -445,6 +445,17 @@ pub fn action(request: &[u8], profile: Profile) -> (CommandId, Action) {
     (id, decide(name, kind, args, profile))
 }
 
+/// [`action`] for a request whose name the decoder has already found: the common case, a
+/// stateless command for Redis, is decided from the name alone, without walking the
+/// request's headers again.
+pub fn action_named(request: &[u8], name: &[u8], profile: Profile) -> (CommandId, Action) {
+    let (id, kind) = lookup(name);
+    if kind == Kind::Stateless && profile == Profile::Redis {
+        return (id, Action::Forward);
+    }
+    action(request, profile)
+}
+
 fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Action {
     // mini-redis knows no transactions or blocking commands: it answers them "unknown command"
     // without changing any state, so they can go to the shared connection as they are.
@@ -614,6 +625,29 @@ mod tests {
         match act(args) {
             Action::Reply(bytes) => String::from_utf8(bytes.to_vec()).unwrap(),
             other => panic!("{args:?} was not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn action_named_decides_as_action_does() {
+        let mut requests: Vec<Vec<&str>> = TABLE.iter().map(|(name, _)| vec![*name]).collect();
+        requests.extend([
+            vec!["get", "k"],
+            vec!["BLPOP", "l", "0"],
+            vec!["XREAD", "BLOCK", "0", "STREAMS", "s", "$"],
+            vec!["SUBSCRIBE", "c"],
+            vec!["nosuchcommand", "x"],
+        ]);
+        for args in requests {
+            let request = encode_command(args.iter().map(|a| a.as_bytes()));
+            let name = args[0].as_bytes();
+            for profile in [Profile::Redis, Profile::Embedded] {
+                assert_eq!(
+                    action_named(&request, name, profile),
+                    action(&request, profile),
+                    "{args:?} {profile:?}"
+                );
+            }
         }
     }
 

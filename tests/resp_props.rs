@@ -27,7 +27,12 @@ fn decode_chunked(input: &[u8], cuts: &[usize]) -> Option<Vec<Vec<Vec<u8>>>> {
         fed = point;
         while let Some(frame) = decoder.decode(&buf).ok()? {
             if let Some(bytes) = frame.command_bytes(&buf) {
-                commands.push(Args::new(bytes).map(<[u8]>::to_vec).collect());
+                let args: Vec<Vec<u8>> = Args::new(bytes).map(<[u8]>::to_vec).collect();
+                // The name found while framing is the first argument.
+                if let Some(at) = decoder.name() {
+                    assert_eq!(buf.get(at).map(<[u8]>::to_vec).as_ref(), args.first());
+                }
+                commands.push(args);
             }
             buf.advance(frame.consumed());
         }
@@ -119,8 +124,10 @@ proptest! {
     #[test]
     fn canonical_requests_are_forwarded_as_received(args in command()) {
         let input = encode_command(args.iter().map(Vec::as_slice));
-        let frame = decoder().decode(&input).unwrap().unwrap();
+        let mut decoder = decoder();
+        let frame = decoder.decode(&input).unwrap().unwrap();
         prop_assert_eq!(frame, Frame::Command { len: input.len(), rewritten: None });
+        prop_assert_eq!(decoder.name().map(|at| input[at].to_vec()), Some(args[0].clone()));
     }
 
     #[test]

@@ -131,6 +131,8 @@ struct Partial {
     cursor: usize,
     /// Whether every separator so far was a proper CRLF.
     canonical: bool,
+    /// Where the first argument, the command's name, lies in the request, once seen.
+    name: Option<(usize, usize)>,
 }
 
 /// Splits a client's byte stream into requests. Holds only the resume point of an incomplete
@@ -144,6 +146,8 @@ pub struct RequestDecoder {
     missing: usize,
     /// The client has not authenticated yet (and must): Redis's tighter limits apply.
     unauthenticated: bool,
+    /// The name of the command last decoded, if it came canonical (see [`Self::name`]).
+    name: Option<(usize, usize)>,
 }
 
 impl RequestDecoder {
@@ -153,6 +157,7 @@ impl RequestDecoder {
             partial: None,
             missing: 0,
             unauthenticated: false,
+            name: None,
         }
     }
 
@@ -172,10 +177,18 @@ impl RequestDecoder {
         self.missing
     }
 
+    /// Where the command name of the request last decoded lies in it, when that request is
+    /// forwarded as received (`rewritten: None`): found while framing, so that deciding what
+    /// to do with the request need not parse its headers again.
+    pub fn name(&self) -> Option<std::ops::Range<usize>> {
+        self.name.map(|(start, len)| start..start + len)
+    }
+
     /// Finds the request at the start of `buf`. `Ok(None)` means "read more". After
     /// `Ok(Some(frame))` the caller must consume `frame.len()` bytes before the next call.
     pub fn decode(&mut self, buf: &[u8]) -> Result<Option<Frame>, ProtocolError> {
         self.missing = 0;
+        self.name = None;
         match buf.first() {
             None => Ok(None),
             Some(b'*') => self.decode_multibulk(buf),
@@ -212,12 +225,14 @@ impl RequestDecoder {
                     remaining: count.unsigned_abs(),
                     cursor: next,
                     canonical: crlf,
+                    name: None,
                 }
             }
         };
         while state.remaining > 0 {
             match self.bulk(buf, state.cursor)? {
-                Some((end, proper)) => {
+                Some((payload, end, proper)) => {
+                    state.name.get_or_insert((payload, end - 2 - payload));
                     state.cursor = end;
                     state.canonical &= proper;
                     state.remaining -= 1;
@@ -230,6 +245,7 @@ impl RequestDecoder {
         }
         let len = state.cursor;
         let rewritten = if state.canonical {
+            self.name = state.name;
             None
         } else {
             Some(encode_command(Args::new(&buf[..len])))
@@ -237,8 +253,13 @@ impl RequestDecoder {
         Ok(Some(Frame::Command { len, rewritten }))
     }
 
-    /// Checks the bulk argument at `at`: `Some((end, canonical))` once all of it is buffered.
-    fn bulk(&mut self, buf: &[u8], at: usize) -> Result<Option<(usize, bool)>, ProtocolError> {
+    /// Checks the bulk argument at `at`: `Some((payload, end, canonical))` once all of it is
+    /// buffered, with the offsets of its payload and of the byte after it.
+    fn bulk(
+        &mut self,
+        buf: &[u8],
+        at: usize,
+    ) -> Result<Option<(usize, usize, bool)>, ProtocolError> {
         let Some(rest) = buf.get(at..).filter(|rest| !rest.is_empty()) else {
             return Ok(None);
         };
@@ -270,7 +291,7 @@ impl RequestDecoder {
         // Redis skips the two bytes after the payload unchecked; forwarding them as received
         // would pass the sloppiness on, so such a request is re-encoded instead.
         let canonical = crlf && &rest[end - 2..end] == b"\r\n";
-        Ok(Some((at + end, canonical)))
+        Ok(Some((at + payload_at, at + end, canonical)))
     }
 }
 
@@ -371,6 +392,24 @@ mod tests {
                 rewritten: None
             }
         );
+    }
+
+    #[test]
+    fn the_name_of_a_canonical_request_is_found_while_framing() {
+        let mut decoder = decoder();
+        let input = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        decoder.decode(input).unwrap().unwrap();
+        assert_eq!(decoder.name().map(|at| &input[at]), Some(&b"GET"[..]));
+        // Arriving in pieces, the name is kept across reads.
+        assert_eq!(decoder.decode(&input[..14]).unwrap(), None);
+        assert_eq!(decoder.name(), None);
+        decoder.decode(input).unwrap().unwrap();
+        assert_eq!(decoder.name().map(|at| &input[at]), Some(&b"GET"[..]));
+        // Rewritten requests (sloppy or inline) have theirs found again from the rewrite.
+        for other in [&b"*1\r\n$4\r\nPINGxx"[..], b"PING\r\n", b"*0\r\n"] {
+            decoder.decode(other).unwrap().unwrap();
+            assert_eq!(decoder.name(), None, "{:?}", String::from_utf8_lossy(other));
+        }
     }
 
     #[test]
