@@ -405,7 +405,7 @@ mod tests {
         assert_eq!(decoder.name(), None);
         decoder.decode(input).unwrap().unwrap();
         assert_eq!(decoder.name().map(|at| &input[at]), Some(&b"GET"[..]));
-        // Rewritten requests (sloppy or inline) have theirs found again from the rewrite.
+        // None for a rewritten request (sloppy or inline), nor for input that is ignored.
         for other in [&b"*1\r\n$4\r\nPINGxx"[..], b"PING\r\n", b"*0\r\n"] {
             decoder.decode(other).unwrap().unwrap();
             assert_eq!(decoder.name(), None, "{:?}", String::from_utf8_lossy(other));
