@@ -31,7 +31,13 @@ pub fn write_some<'a, W: AsyncWrite + Unpin>(
             *slot = IoSlice::new(chunk);
             n += 1;
         }
-        let written = match Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..n]) {
+        // One slice goes through `send`: `writev` costs the kernel more per call (iovec import,
+        // fsnotify), and one slice is the common case, a reply or a batch of small requests.
+        let polled = match n {
+            1 => Pin::new(&mut *writer).poll_write(cx, &slices[0]),
+            _ => Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..n]),
+        };
+        let written = match polled {
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Poll::Ready(Ok(written)) => written,
             other => return other,
