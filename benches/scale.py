@@ -3,7 +3,10 @@
 Prints ops/s, p50/p99 and the CPU time each process used per request: redis-benchmark, the
 proxy and Redis. On a machine whose cores are all busy, throughput follows the sum of the three.
 
-  [REQUESTS=N] benches/scale.py BIN [COUNTS [ROUNDS [BENCH_ARGS]]]   (N per test; default max(100000, 40 per client))
+  [REQUESTS=N] [SETSID=1] benches/scale.py BIN [COUNTS [ROUNDS [BENCH_ARGS]]]
+      N: requests per test; default max(100000, 40 per client).
+      SETSID=1: start Redis and the proxies in sessions of their own, as compare.py does. With the
+      kernel's autogroup scheduling each session then competes as a group of its own.
   benches/scale.py target/release/redmux 16,256,2048,8192 3                 # many-clients
   benches/scale.py target/release/redmux 16 3 "-P 32 -t set,get -r 100000 -d 64"   # pipelined
 """
@@ -36,7 +39,8 @@ tmp = tempfile.mkdtemp()
 rp, tp, mp = free_port(), free_port(), free_port()
 procs = []
 def start(cmd, port):
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=os.environ.get("SETSID") == "1")
     procs.append(p); wait(port); return p
 try:
     redis = start(["redis-server", "--port", str(rp), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
