@@ -55,3 +55,113 @@ pub fn write_some<'a, W: AsyncWrite + Unpin>(
         Poll::Ready(Ok(written))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that takes at most `limit` bytes a call and records how it was written to.
+    #[derive(Default)]
+    struct Socket {
+        limit: usize,
+        taken: Vec<u8>,
+        plain: usize,
+        vectored: usize,
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.plain += 1;
+            let n = buf.len().min(self.limit);
+            self.taken.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            self.vectored += 1;
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(self.limit - n);
+                self.taken.extend_from_slice(&buf[..take]);
+                n += take;
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn queue(chunks: &[&'static [u8]]) -> VecDeque<Bytes> {
+        chunks.iter().map(|c| Bytes::from_static(c)).collect()
+    }
+
+    #[tokio::test]
+    async fn partial_writes_leave_exactly_the_unwritten_bytes_queued() {
+        let chunks: [&'static [u8]; 4] = [b"+OK\r\n", b"$5\r\nhello\r\n", b":1\r\n", b"*0\r\n"];
+        let all: Vec<u8> = chunks.concat();
+        for limit in 1..=all.len() {
+            let mut socket = Socket {
+                limit,
+                ..Socket::default()
+            };
+            let mut out = queue(&chunks);
+            while !out.is_empty() {
+                let before: usize = out.iter().map(Bytes::len).sum();
+                let written = write_some(&mut socket, &mut out).await.unwrap();
+                let after: usize = out.iter().map(Bytes::len).sum();
+                assert_eq!(before - after, written, "limit {limit}");
+            }
+            assert_eq!(socket.taken, all, "limit {limit}");
+        }
+    }
+
+    #[tokio::test]
+    async fn one_slice_is_written_plainly_and_several_vectored() {
+        let mut socket = Socket {
+            limit: 1024,
+            ..Socket::default()
+        };
+        write_some(&mut socket, &mut queue(&[b"+OK\r\n"]))
+            .await
+            .unwrap();
+        assert_eq!((socket.plain, socket.vectored), (1, 0));
+        write_some(&mut socket, &mut queue(&[b"+OK\r\n", b":1\r\n"]))
+            .await
+            .unwrap();
+        assert_eq!((socket.plain, socket.vectored), (1, 1));
+        assert_eq!(socket.taken, b"+OK\r\n+OK\r\n:1\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_takes_nothing_is_an_error() {
+        let mut socket = Socket::default();
+        let error = write_some(&mut socket, &mut queue(&[b"+OK\r\n"]))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::WriteZero);
+    }
+}
