@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{binary::RedmuxProcess, RedisServer, Redmux, READY_TIMEOUT};
+use support::{binary::RedmuxProcess, Deadline, RedisServer, Redmux, READY_TIMEOUT};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -78,7 +78,7 @@ async fn get(addr: SocketAddr, path: &str) -> Response {
 
 /// Polls `path` until it answers `status`, for at most `within`.
 async fn wait_status(addr: SocketAddr, path: &str, status: u16, within: Duration) -> Response {
-    let deadline = Instant::now() + within;
+    let deadline = Deadline::within(within);
     loop {
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
         let response = try_http(addr, request.as_bytes()).await;
@@ -86,11 +86,9 @@ async fn wait_status(addr: SocketAddr, path: &str, status: u16, within: Duration
             Some(response) if response.status == status => return response,
             _ => {}
         }
-        assert!(
-            Instant::now() < deadline,
-            "{path} still not {status} after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        deadline
+            .next_try(format!("{path} still not {status}"))
+            .await;
     }
 }
 
@@ -272,13 +270,9 @@ async fn scrape(addr: SocketAddr) -> Scrape {
 
 /// Polls the scrape until `check` holds, for at most `within`.
 async fn wait_scrape(addr: SocketAddr, within: Duration, check: impl Fn(&Scrape) -> bool) {
-    let deadline = Instant::now() + within;
-    loop {
-        if check(&scrape(addr).await) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "metrics never got there");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let deadline = Deadline::within(within);
+    while !check(&scrape(addr).await) {
+        deadline.next_try("metrics never got there").await;
     }
 }
 

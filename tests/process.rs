@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Raw, RedisServer};
+use support::{Deadline, Raw, RedisServer};
 
 struct Process(Child);
 
@@ -33,16 +33,12 @@ impl Process {
 
     /// Waits for the exit code, for at most `within`.
     fn exit_code(&mut self, within: Duration) -> i32 {
-        let deadline = Instant::now() + within;
+        let deadline = Deadline::within(within);
         loop {
             if let Some(status) = self.0.try_wait().expect("wait") {
                 return status.code().expect("exited normally");
             }
-            assert!(
-                Instant::now() < deadline,
-                "redmux did not exit within {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+            deadline.next_try_blocking("redmux did not exit");
         }
     }
 }
@@ -82,10 +78,9 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     redmux.signal("TERM");
     // No new clients once shutdown has begun (Redis is still asleep, so the request is still
     // in flight while this is checked).
-    let deadline = Instant::now() + support::READY_TIMEOUT;
+    let deadline = Deadline::new();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
-        std::thread::sleep(Duration::from_millis(5));
+        deadline.next_try_blocking("still accepting after SIGTERM");
     }
     assert_eq!(
         client.reply_str().await,
@@ -257,9 +252,9 @@ async fn passwords_never_reach_the_logs() {
         let mut raw = in_url.raw().await;
         assert_eq!(raw.call(&["SET", "k", "v"]).await, "+OK\r\n");
         tokio::task::block_in_place(|| redis.restart());
-        let deadline = Instant::now() + support::READY_TIMEOUT;
+        let deadline = Deadline::new();
         while raw.call(&["PING"]).await != "+PONG\r\n" {
-            assert!(Instant::now() < deadline, "no reconnect");
+            deadline.next_try("no reconnect").await;
         }
         let wrong = support::binary::RedmuxProcess::start_env(
             "",

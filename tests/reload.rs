@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use redis::Commands;
-use support::{binary::RedmuxProcess, Raw, RedisServer, READY_TIMEOUT};
+use support::{binary::RedmuxProcess, Deadline, Raw, RedisServer};
 
 const P1: &str = "first-Xq7pw3";
 const P2: &str = "second-Lm4zr8";
@@ -22,23 +22,6 @@ fn upstream(redis: &RedisServer) -> String {
 
 fn auth(password: &str) -> String {
     format!("[auth]\npassword = \"{password}\"\n")
-}
-
-/// Fails the test once `READY_TIMEOUT` has passed.
-struct Deadline(Instant);
-
-impl Deadline {
-    fn new() -> Deadline {
-        Deadline(Instant::now() + READY_TIMEOUT)
-    }
-
-    async fn next_try(&self, what: &str) {
-        assert!(
-            Instant::now() < self.0,
-            "{what}: not within {READY_TIMEOUT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Waits until a new client can log in with `password`: the reload is in effect.

@@ -6,12 +6,12 @@ mod support;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
-use support::{RedisServer, Redmux};
+use support::{Deadline, RedisServer, Redmux};
 
 /// Waits until Redis reports `n` blocked clients.
 async fn wait_blocked_clients(redis: &RedisServer, n: usize) {
     let want = format!("blocked_clients:{n}\r");
-    let deadline = Instant::now() + support::READY_TIMEOUT;
+    let deadline = Deadline::new();
     loop {
         let info: String = redis::cmd("INFO")
             .arg("clients")
@@ -20,11 +20,9 @@ async fn wait_blocked_clients(redis: &RedisServer, n: usize) {
         if info.contains(&want) {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "never {n} blocked clients:\n{info}"
-        );
-        tokio::task::yield_now().await;
+        deadline
+            .next_try(format!("never {n} blocked clients:\n{info}"))
+            .await;
     }
 }
 
@@ -313,10 +311,9 @@ async fn client_gone_mid_transaction_applies_nothing() {
     let before = client_list(&redis).lines().count();
     drop(a);
     // Its pinned connection is closed, not returned to the pool.
-    let deadline = Instant::now() + support::READY_TIMEOUT;
+    let deadline = Deadline::new();
     while client_list(&redis).lines().count() >= before {
-        assert!(Instant::now() < deadline, "pinned connection never closed");
-        tokio::task::yield_now().await;
+        deadline.next_try("pinned connection never closed").await;
     }
     let gone: Option<String> = redis::Commands::get(&mut redis.direct(), "gone").unwrap();
     assert_eq!(gone, None);
@@ -465,10 +462,9 @@ async fn monitor_gets_a_connection_of_its_own() {
     }
     // RESET stops monitoring: its connection goes away.
     assert_eq!(watcher.call(&["RESET"]).await, "+RESET\r\n");
-    let deadline = Instant::now() + support::READY_TIMEOUT;
+    let deadline = Deadline::new();
     while client_list(&redis).contains("flags=O") {
-        assert!(Instant::now() < deadline, "MONITOR connection never closed");
-        tokio::task::yield_now().await;
+        deadline.next_try("MONITOR connection never closed").await;
     }
     assert_eq!(watcher.call(&["GET", "watched"]).await, "$5\r\nvalue\r\n");
 

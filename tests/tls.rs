@@ -16,7 +16,7 @@ use redmux::{
 use support::{
     binary::RedmuxProcess,
     tls::{self, Certs},
-    Raw, RedisServer, Redmux, READY_TIMEOUT,
+    Deadline, Raw, RedisServer, Redmux, READY_TIMEOUT,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -445,13 +445,11 @@ async fn a_reload_applies_upstream_tls_and_server_tls_needs_a_restart() {
         certs.server_key.display()
     );
     redmux.reload(&server_tls, &upstream("localhost"));
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let deadline = Deadline::new();
     while redmux.raw().await.call(&["PING"]).await != "+PONG\r\n" {
-        assert!(
-            Instant::now() < deadline,
-            "the new [upstream.tls] never applied"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        deadline
+            .next_try("the new [upstream.tls] never applied")
+            .await;
     }
     let logs = redmux.wait_for_log("need a restart", 1);
     assert!(logs.contains("server.tls"), "{logs}");

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{free_port, redmux_bin, send_signal, Raw, READY_TIMEOUT};
+use super::{free_port, redmux_bin, send_signal, Deadline, Raw, READY_TIMEOUT};
 
 /// A redmux process listening on a free loopback port, killed on drop. Its stderr goes to a
 /// file in its own temp dir, so a test can read the logs at any time.
@@ -131,17 +131,13 @@ impl RedmuxProcess {
 
     /// Waits until the logs hold `needle` at least `count` times, and returns them.
     pub fn wait_for_log(&self, needle: &str, count: usize) -> String {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Deadline::new();
         loop {
             let logs = self.stderr();
             if logs.matches(needle).count() >= count {
                 return logs;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} (x{count}) in the logs:\n{logs}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+            deadline.next_try_blocking(format!("no {needle:?} (x{count}) in the logs:\n{logs}"));
         }
     }
 
@@ -152,16 +148,12 @@ impl RedmuxProcess {
     /// SIGTERM, then the exit code (within 10 s).
     pub fn stop(mut self) -> i32 {
         self.signal("TERM");
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Deadline::new();
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status.code().unwrap_or(-1);
             }
-            assert!(
-                Instant::now() < deadline,
-                "redmux did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+            deadline.next_try_blocking("redmux did not exit after SIGTERM");
         }
     }
 }

@@ -24,6 +24,52 @@ use tokio_util::sync::CancellationToken;
 /// How long anything in a test may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The pause between two looks at another process's state.
+const POLL: Duration = Duration::from_millis(5);
+
+/// A bound on waiting for another process (Redis, a redmux binary, the kernel) to reach a state
+/// it sends no event for: a loop looks, and calls `next_try` before looking again, which fails
+/// the test once the time is up.
+pub struct Deadline {
+    at: Instant,
+    within: Duration,
+}
+
+impl Deadline {
+    /// Up to `READY_TIMEOUT` from now.
+    pub fn new() -> Deadline {
+        Deadline::within(READY_TIMEOUT)
+    }
+
+    pub fn within(within: Duration) -> Deadline {
+        Deadline {
+            at: Instant::now() + within,
+            within,
+        }
+    }
+
+    /// Fails the test with `what` if the time is up; otherwise pauses before the next look.
+    pub fn next_try(&self, what: impl std::fmt::Display) -> tokio::time::Sleep {
+        self.check(what);
+        tokio::time::sleep(POLL)
+    }
+
+    /// `next_try` for code that does not run on tokio.
+    pub fn next_try_blocking(&self, what: impl std::fmt::Display) {
+        self.check(what);
+        std::thread::sleep(POLL);
+    }
+
+    /// Fails the test with `what` if the time is up.
+    pub fn check(&self, what: impl std::fmt::Display) {
+        assert!(
+            Instant::now() < self.at,
+            "{what}: not within {:?}",
+            self.within
+        );
+    }
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
@@ -416,16 +462,12 @@ pub fn redmux_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_redmux"))
 }
 
-/// Waits until `port` accepts connections (or panics after the ready timeout).
+/// Waits until `port` accepts connections (or fails the test after the ready timeout).
 pub fn wait_listening(port: u16) {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let deadline = Deadline::new();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        deadline.next_try_blocking(format!("nothing listening on port {port}"));
     }
-    panic!("nothing listening on port {port}");
 }
 
 pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
