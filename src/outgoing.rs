@@ -1,4 +1,4 @@
-//! Bytes on their way out to a socket, written with vectored writes. Both directions queue
+//! Bytes on their way out to a socket, written with one write a call. Both directions queue
 //! `Bytes` rather than copying into one buffer: a client's replies are slices of what upstream
 //! sent, and a large request goes upstream as the slice of the client's read buffer it arrived
 //! in, not copied again on its way out.
@@ -17,7 +17,8 @@ use tokio::io::AsyncWrite;
 /// Slices handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 
-/// Writes as much of `out` as the socket takes in one vectored write, and drops what was written.
+/// Writes as much of `out` as the socket takes in one write (vectored for more than one slice),
+/// and drops what was written.
 pub fn write_some<'a, W: AsyncWrite + Unpin>(
     writer: &'a mut W,
     out: &'a mut VecDeque<Bytes>,
