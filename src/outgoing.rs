@@ -26,17 +26,18 @@ pub fn write_some<'a, W: AsyncWrite + Unpin>(
     // The slices live on the stack for one poll only, so the future stays two pointers big:
     // it sits in every client's task.
     std::future::poll_fn(move |cx| {
-        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-        let mut n = 0;
-        for (slot, chunk) in slices.iter_mut().zip(out.iter()) {
-            *slot = IoSlice::new(chunk);
-            n += 1;
-        }
         // One slice goes through `send`: `writev` costs the kernel more per call (iovec import,
         // fsnotify), and one slice is the common case, a reply or a batch of small requests.
-        let polled = match n {
-            1 => Pin::new(&mut *writer).poll_write(cx, &slices[0]),
-            _ => Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..n]),
+        let polled = if out.len() == 1 {
+            Pin::new(&mut *writer).poll_write(cx, &out[0])
+        } else {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (slot, chunk) in slices.iter_mut().zip(out.iter()) {
+                *slot = IoSlice::new(chunk);
+                n += 1;
+            }
+            Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..n])
         };
         let written = match polled {
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
