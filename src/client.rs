@@ -47,7 +47,7 @@ use crate::{
     outgoing::write_some,
     pubsub,
     resp::{encode_command, Args, Frame, Limits, RequestDecoder},
-    upstream::{Budget, Lease, Reply, Request, UpstreamError},
+    upstream::{Budget, Lease, Reply, Request, Target, UpstreamError},
 };
 
 /// Read size for client sockets.
@@ -108,7 +108,28 @@ enum Pending {
         charged: bool,
         /// When the requests were handed over, to measure their latency.
         sent: Instant,
+        /// A blocking command, whose reply may never come: a client that closes its side
+        /// while owed one is dropped at once, as Redis drops a blocked client that leaves.
+        blocking: bool,
     },
+}
+
+/// Where a client's requests travel. Redis runs what arrives on one connection in order, but
+/// nothing orders two connections: so a client's requests take a new path only once every
+/// request sent on the previous one is answered (see [`State::stalled`]). While the path stays
+/// the same, which is the hot path, this costs one comparison per batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The shared connection of this (db, protocol).
+    Shared(Target),
+    /// A pinned connection, by lease.
+    Pinned(u64),
+    /// A pinned connection not leased yet: a path of its own, whatever came before.
+    NewPinned,
+    /// The pub/sub hub's subscriber connection.
+    PubSub,
+    /// The client's MONITOR connection.
+    Monitor,
 }
 
 /// The client's transaction state, and the pinned connection that carries it.
@@ -201,6 +222,8 @@ struct Batch {
     count: u32,
     timeout: Option<Duration>,
     release: Option<Lease>,
+    /// A blocking command (see `Pending::Upstream::blocking`).
+    blocking: bool,
 }
 
 /// A client socket that can be read and written at once through borrowed halves: for TCP and
@@ -444,6 +467,16 @@ struct State {
     drained: bool,
     /// Reply slots not yet moved to `out`, oldest first.
     pending: VecDeque<Pending>,
+    /// How many of `pending` wait for an upstream (`Pending::Upstream`).
+    unresolved: usize,
+    /// Where the last requests were sent (see [`Path`]).
+    last_path: Option<Path>,
+    /// The next request takes another path than the requests still unanswered: it waits in
+    /// `rbuf`, unparsed, until they are all answered.
+    barrier: bool,
+    /// The client closed its side: nothing more is read, but what it sent before is still
+    /// carried out and answered.
+    eof: bool,
     /// Requests whose replies have not reached `out` yet.
     outstanding: usize,
     /// The command of each outstanding request, oldest first, to count replies per command:
@@ -638,17 +671,23 @@ fn serve<'a, S: Duplex>(
             if this.abort {
                 break;
             }
-            if this.unparsed && !this.draining && this.outstanding < this.config.max_pipeline {
+            if this.unparsed
+                && !this.draining
+                && !this.stalled()
+                && this.outstanding < this.config.max_pipeline
+            {
                 this.process_input().await;
                 continue;
             }
-            if this.draining && this.pending.is_empty() && this.out.is_empty() {
+            let done = this.draining || (this.eof && !this.unparsed);
+            if done && this.pending.is_empty() && this.out.is_empty() {
                 break;
             }
             if this.parkable() {
                 return Some(this.park());
             }
             let can_read = !this.draining
+                && !this.eof
                 && this.outstanding < this.config.max_pipeline
                 && this.out_len < OUTPUT_HIGH_WATER;
             // Nothing buffered, nothing owed: the client holds no read buffer while it idles.
@@ -664,6 +703,7 @@ fn serve<'a, S: Duplex>(
                 biased;
                 reply = front_reply(&mut this.pending), if waiting_upstream => {
                     if let Some(Pending::Upstream { count, suppress, release, charged, sent, .. }) = this.pending.pop_front() {
+                        this.unresolved -= 1;
                         let reply = reply.unwrap_or(Err(UpstreamError::ConnectionLost));
                         this.deliver(reply, count, suppress, release, charged, sent);
                     }
@@ -695,16 +735,16 @@ fn serve<'a, S: Duplex>(
                     })
                     .await;
                     match read {
-                        // The client has closed its side: the replies it is owed are still
-                        // written, except on a pinned connection (a blocking command's may never
-                        // come): like Redis, drop the client, and its pinned connection closes
-                        // with it, discarding any transaction.
+                        // The client has closed its side: what it sent is still carried out and
+                        // answered, as Redis does, except while a blocking command is owed (its
+                        // reply may never come): like Redis, drop the client then, and its
+                        // pinned connection closes with it, discarding any transaction.
                         Ok((0, _)) => {
-                            this.draining = true;
-                            this.abort = !matches!(this.tx, Tx::None)
-                                || this.pending.iter().any(|p| {
-                                    matches!(p, Pending::Upstream { release: Some(_), .. })
-                                });
+                            this.eof = true;
+                            this.abort = this
+                                .pending
+                                .iter()
+                                .any(|p| matches!(p, Pending::Upstream { blocking: true, .. }));
                         }
                         Ok((n, drained)) => {
                             if let Some(metrics) = &this.config.metrics {
@@ -793,6 +833,10 @@ impl State {
             unparsed: false,
             drained: false,
             pending,
+            unresolved: 0,
+            last_path: None,
+            barrier: false,
+            eof: false,
             outstanding: 0,
             owed,
             current: CommandId::OTHER,
@@ -809,6 +853,7 @@ impl State {
     fn parkable(&self) -> bool {
         self.drained
             && !self.draining
+            && !self.eof
             && self.rbuf.is_empty()
             && self.outstanding == 0
             && self.pending.is_empty()
@@ -899,6 +944,7 @@ impl State {
                 ..
             }) = self.pending.pop_front()
             {
+                self.unresolved -= 1;
                 self.deliver(reply, count, suppress, release, charged, sent);
             }
         }
@@ -997,7 +1043,9 @@ impl State {
     }
 
     /// Parses buffered requests while the pipeline limit allows, forwarding runs of them.
+    /// Stops at a request that must wait for a barrier (see [`Path`]).
     async fn process_input(&mut self) {
+        self.barrier = false;
         // `rbuf[..run_len]` holds `run_count` canonical requests for the current connection.
         let mut run_len = 0;
         let mut run_count = 0;
@@ -1035,13 +1083,36 @@ impl State {
                 Some(name) => command::action_named(request, name, profile),
                 None => command::action(request, profile),
             };
+            let plain = self.client.reply_mode == ReplyMode::On
+                && self.client.authenticated
+                && (self.client.resp3 || !self.subs.active());
+            let extends_run = run_count > 0
+                && plain
+                && action == Action::Forward
+                && matches!(
+                    frame,
+                    Frame::Command {
+                        rewritten: None,
+                        ..
+                    }
+                );
+            // The barrier: nothing to check while a run grows, or while nothing is owed.
+            if !extends_run && (self.unresolved > 0 || run_count > 0) {
+                if let Some(path) = self.path_of(&action) {
+                    if run_count > 0 && path != self.current_path() {
+                        self.flush_run(&mut run_len, &mut run_count).await;
+                    }
+                    if self.unresolved > 0 && Some(path) != self.last_path {
+                        // It stays in `rbuf`, to be parsed again once the barrier lifts.
+                        self.barrier = true;
+                        break;
+                    }
+                }
+            }
             self.current = command;
             if let Some(metrics) = &self.config.metrics {
                 metrics.command(command);
             }
-            let plain = self.client.reply_mode == ReplyMode::On
-                && self.client.authenticated
-                && (self.client.resp3 || !self.subs.active());
             if action == Action::Forward && plain {
                 if let Frame::Command {
                     len,
@@ -1086,8 +1157,23 @@ impl State {
     /// Carries out one request that is not part of a plain forwarded run. `false` once the
     /// client must not be read any further.
     async fn execute(&mut self, action: Action, request: Bytes) -> bool {
+        if let Action::Reject(error) = action {
+            if let Tx::Multi { dirty, .. } = &mut self.tx {
+                *dirty = true;
+            }
+            self.reply_locally(error);
+            return true;
+        }
         if !self.client.authenticated && !allowed_before_auth(&action, &request) {
-            self.reply_locally(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
+            // Redis refuses EXEC like any command, but in EXEC's own words.
+            let name = Args::new(&request).next().unwrap_or_default();
+            self.reply_locally(if name.eq_ignore_ascii_case(b"exec") {
+                Bytes::from_static(
+                    b"-EXECABORT Transaction discarded because of: NOAUTH Authentication required.\r\n",
+                )
+            } else {
+                Bytes::from_static(b"-NOAUTH Authentication required.\r\n")
+            });
             return true;
         }
         if let Tx::Multi { dirty, .. } = &mut self.tx {
@@ -1115,7 +1201,7 @@ impl State {
                 let timeout = Some(self.config.request_timeout);
                 self.forward_one(request, timeout, None).await;
             }
-            Action::Reply(bytes) => self.reply_locally(bytes),
+            Action::Reply(bytes) | Action::Reject(bytes) => self.reply_locally(bytes),
             Action::ReplyAndClose(bytes) => {
                 self.reply_locally(bytes);
                 self.draining = true;
@@ -1170,7 +1256,7 @@ impl State {
                 let rx = monitor::start(self.client.upstreams(), inbox).await;
                 self.monitor = Some(feed);
                 self.owe();
-                self.await_confirmation(rx);
+                self.await_confirmation(rx, Path::Monitor);
             }
             Action::PubSub { kind, subscribe } => {
                 let names: Vec<Bytes> = Args::new(&request)
@@ -1185,20 +1271,36 @@ impl State {
             }
             Action::Block(block) => {
                 // Queued in a transaction it does not block: the normal timeout applies.
-                let timeout = match self.tx {
-                    Tx::Multi { .. } => Some(self.config.request_timeout),
-                    _ => block.map(|t| t + self.config.request_timeout),
+                let (timeout, blocking) = match self.tx {
+                    Tx::Multi { .. } => (Some(self.config.request_timeout), false),
+                    _ => (block.map(|t| t + self.config.request_timeout), true),
                 };
-                if matches!(self.tx, Tx::None) {
+                if self.eof && blocking {
+                    // Nobody would read the reply, and it may never come.
+                    self.abort = true;
+                    return false;
+                }
+                let lease = if matches!(self.tx, Tx::None) {
                     match self.client.upstreams().pinned(self.client.target()).await {
-                        Ok(lease) => self.forward_one(request, timeout, Some(lease)).await,
-                        Err(error) => self.reply_locally(error.replies(1)),
+                        Ok(lease) => Some(lease),
+                        Err(error) => {
+                            self.reply_locally(error.replies(1));
+                            return true;
+                        }
                     }
                 } else {
                     // In a transaction it is queued (and never blocks); while watching it
                     // blocks on the client's own connection, which it holds already.
-                    self.forward_one(request, timeout, None).await;
-                }
+                    None
+                };
+                let batch = Batch {
+                    frames: request,
+                    count: 1,
+                    timeout,
+                    release: lease,
+                    blocking,
+                };
+                self.forward(batch).await;
             }
         }
         true
@@ -1235,15 +1337,15 @@ impl State {
             // A command redmux refused while queuing aborts the transaction: DISCARD it
             // upstream (that reply is dropped) and answer as Redis does.
             (Transaction::Exec, Tx::Multi { lease, dirty: true }) => {
-                let destination = lease.sender().clone();
                 let discard = Batch {
                     frames: encode_command([&b"DISCARD"[..]]),
                     count: 1,
                     timeout,
                     release: Some(lease),
+                    blocking: false,
                 };
                 self.owe();
-                self.send(&destination, discard, true).await;
+                self.send(discard, true).await;
                 self.reply_locally(Bytes::from_static(
                     b"-EXECABORT Transaction discarded because of previous errors.\r\n",
                 ));
@@ -1253,7 +1355,13 @@ impl State {
             | (Transaction::Unwatch, Tx::Watching(lease)) => {
                 self.forward_one(request, timeout, Some(lease)).await;
             }
-            // Without a transaction there is nothing to close: Redis's own answers.
+            // Without a transaction there is nothing to close: Redis's own answers. Its arity
+            // check comes first, and refuses EXEC in EXEC's words.
+            (Transaction::Exec, Tx::None) if Args::new(&request).remaining() > 1 => {
+                self.reply_locally(Bytes::from_static(
+                    b"-EXECABORT Transaction discarded because of: wrong number of arguments for 'exec' command\r\n",
+                ))
+            }
             (Transaction::Exec, Tx::None) => self.reply_locally(error_reply("EXEC without MULTI")),
             (Transaction::Discard, Tx::None) => {
                 self.reply_locally(error_reply("DISCARD without MULTI"))
@@ -1306,12 +1414,14 @@ impl State {
             .pubsub()
             .subscribe(self.client.id, kind, new, inbox, confirmation)
             .await;
-        self.await_confirmation(rx);
+        self.await_confirmation(rx, Path::PubSub);
     }
 
     /// A reply slot for a confirmation from the pub/sub hub or a MONITOR connection: push
     /// output, so CLIENT REPLY OFF does not silence it, and not charged by any actor.
-    fn await_confirmation(&mut self, rx: oneshot::Receiver<Reply>) {
+    fn await_confirmation(&mut self, rx: oneshot::Receiver<Reply>, path: Path) {
+        self.last_path = Some(path);
+        self.unresolved += 1;
         self.pending.push_back(Pending::Upstream {
             rx,
             count: 1,
@@ -1319,6 +1429,7 @@ impl State {
             release: None,
             charged: false,
             sent: Instant::now(),
+            blocking: false,
         });
     }
 
@@ -1413,13 +1524,48 @@ impl State {
         }
     }
 
+    /// The pinned connection the client holds for its transaction, if any.
+    fn held(&self) -> Option<&Lease> {
+        match &self.tx {
+            Tx::Watching(lease) | Tx::Multi { lease, .. } => Some(lease),
+            Tx::None => None,
+        }
+    }
+
     /// Where forwarded requests go now: the pinned connection during a transaction, else the
     /// shared one for the client's db and protocol.
-    fn destination(&self) -> mpsc::Sender<Request> {
-        match &self.tx {
-            Tx::Watching(lease) | Tx::Multi { lease, .. } => lease.sender().clone(),
-            Tx::None => self.client.shared.clone(),
+    fn current_path(&self) -> Path {
+        match self.held() {
+            Some(lease) => Path::Pinned(lease.id()),
+            None => Path::Shared(self.client.target()),
         }
+    }
+
+    /// The path a request will take, if it goes upstream.
+    fn path_of(&self, action: &Action) -> Option<Path> {
+        let held = self.held().map(|lease| Path::Pinned(lease.id()));
+        match action {
+            Action::Forward => Some(self.current_path()),
+            // Without a transaction, the others are answered locally.
+            Action::Transaction(Transaction::Multi | Transaction::Watch) | Action::Block(_) => {
+                Some(held.unwrap_or(Path::NewPinned))
+            }
+            Action::Transaction(_) => held,
+            Action::PubSub { .. } => Some(Path::PubSub),
+            // Queued in a transaction, else on a connection of its own.
+            Action::Monitor if matches!(self.tx, Tx::Multi { .. }) => held,
+            Action::Monitor => Some(Path::Monitor),
+            Action::Connection
+            | Action::Reply(_)
+            | Action::Reject(_)
+            | Action::ReplyAndClose(_)
+            | Action::Drop => None,
+        }
+    }
+
+    /// Whether the next request waits for a barrier (see [`Path`]).
+    fn stalled(&self) -> bool {
+        self.barrier && self.unresolved > 0
     }
 
     /// Sends the run of requests at the front of `rbuf` as one batch.
@@ -1431,9 +1577,9 @@ impl State {
                 count: *run_count,
                 timeout: Some(self.config.request_timeout),
                 release: None,
+                blocking: false,
             };
-            let destination = self.destination();
-            self.send(&destination, batch, false).await;
+            self.send(batch, false).await;
         }
         *run_len = 0;
         *run_count = 0;
@@ -1458,40 +1604,49 @@ impl State {
         timeout: Option<Duration>,
         release: Option<Lease>,
     ) {
-        self.owe();
-        let suppress = self.take_suppress();
-        let destination = match &release {
-            Some(lease) => lease.sender().clone(),
-            None => self.destination(),
-        };
         let batch = Batch {
             frames,
             count: 1,
             timeout,
             release,
+            blocking: false,
         };
-        self.send(&destination, batch, suppress).await;
+        self.forward(batch).await;
     }
 
-    /// Hands a batch to an upstream actor. A full channel is waited on for at most
+    /// Forwards a batch of one request, honouring CLIENT REPLY OFF and SKIP.
+    async fn forward(&mut self, batch: Batch) {
+        self.owe();
+        let suppress = self.take_suppress();
+        self.send(batch, suppress).await;
+    }
+
+    /// Hands a batch to an upstream actor: the connection of its `release` lease if it has
+    /// one, else the current destination. A full channel is waited on for at most
     /// `request_timeout`, so a stuck upstream cannot hold a client forever.
     ///
     /// Not an `async fn`, which would keep the batch in its future twice, in every busy
     /// session: the common case hands the batch over at once, and the future keeps only what
     /// the rare wait for a full channel needs.
-    fn send<'a>(
-        &'a mut self,
-        destination: &'a mpsc::Sender<Request>,
-        batch: Batch,
-        suppress: bool,
-    ) -> impl Future<Output = ()> + Send + 'a {
+    fn send(&mut self, batch: Batch, suppress: bool) -> impl Future<Output = ()> + Send + '_ {
         let (reply, rx) = oneshot::channel();
         let Batch {
             frames,
             count,
             timeout,
             release,
+            blocking,
         } = batch;
+        let (destination, path) = match (&release, self.held()) {
+            (Some(lease), _) | (None, Some(lease)) => {
+                (lease.sender().clone(), Path::Pinned(lease.id()))
+            }
+            (None, None) => (
+                self.client.shared.clone(),
+                Path::Shared(self.client.target()),
+            ),
+        };
+        self.last_path = Some(path);
         let handed_at = Instant::now();
         let request = Request {
             frames,
@@ -1504,10 +1659,12 @@ impl State {
         let handed = match destination.try_send(request) {
             Ok(()) => Ok(true),
             // Boxed: a full channel is rare, and this future is large.
-            Err(TrySendError::Full(request)) => Err(Box::pin(tokio::time::timeout(
-                self.config.request_timeout,
-                destination.send(request),
-            ))),
+            Err(TrySendError::Full(request)) => {
+                let timeout = self.config.request_timeout;
+                Err(Box::pin(async move {
+                    tokio::time::timeout(timeout, destination.send(request)).await
+                }))
+            }
             Err(TrySendError::Closed(_)) => Ok(false),
         };
         async move {
@@ -1515,6 +1672,9 @@ impl State {
                 Ok(sent) => sent,
                 Err(waiting) => matches!(waiting.await, Ok(Ok(()))),
             };
+            if sent {
+                self.unresolved += 1;
+            }
             self.pending.push_back(if sent {
                 Pending::Upstream {
                     rx,
@@ -1523,6 +1683,7 @@ impl State {
                     release,
                     charged: true,
                     sent: handed_at,
+                    blocking,
                 }
             } else {
                 Pending::Local {

@@ -30,8 +30,19 @@ pub enum Kind {
     Blocking,
     /// XREAD and XREADGROUP: blocking only with a `BLOCK` option.
     StreamRead,
-    /// SCRIPT: stateless, except `SCRIPT DEBUG`, which turns the connection into a debugger.
-    Script,
+    /// A container command forwarded as it is (CONFIG, SCRIPT, ACL...): its subcommand is
+    /// checked first. Redis finds a subcommand in a hash table but compares names as C strings
+    /// (`strcasecmp`), so one with a NUL byte may run a different subcommand than the one
+    /// named: such a subcommand is refused here. `SCRIPT DEBUG`, which turns the connection
+    /// into a debugger, is refused; `ACL WHOAMI` is answered from the client's own state.
+    Container,
+    /// DEBUG: forwarded, except `DEBUG PROTOCOL`, whose replies (RESP3 attributes and pushes)
+    /// would break the framing of a shared connection.
+    Debug,
+    /// A name with a NUL byte. Redis hashes the whole name but compares it as a C string, so
+    /// `multi\0257` runs MULTI for about one suffix in 256: such a name is never forwarded, and
+    /// gets the unknown-command error Redis gives when the lookup misses.
+    NulName,
     /// Puts the connection in subscribed state.
     Subscribe,
     /// MONITOR: a feed of every command, on a connection of the client's own.
@@ -77,7 +88,7 @@ impl CommandId {
 const TABLE: [(&str, Kind); 241] = {
     use Kind::*;
     [
-        ("acl", Stateless),
+        ("acl", Container),
         ("append", Stateless),
         ("asking", ClusterFlag),
         ("auth", ConnectionState),
@@ -97,12 +108,12 @@ const TABLE: [(&str, Kind); 241] = {
         ("bzpopmax", Blocking),
         ("bzpopmin", Blocking),
         ("client", ConnectionState),
-        ("cluster", Stateless),
-        ("command", Stateless),
-        ("config", Stateless),
+        ("cluster", Container),
+        ("command", Container),
+        ("config", Container),
         ("copy", Stateless),
         ("dbsize", Stateless),
-        ("debug", Stateless),
+        ("debug", Debug),
         ("decr", Stateless),
         ("decrby", Stateless),
         ("del", Stateless),
@@ -123,7 +134,7 @@ const TABLE: [(&str, Kind); 241] = {
         ("fcall_ro", Stateless),
         ("flushall", Stateless),
         ("flushdb", Stateless),
-        ("function", Stateless),
+        ("function", Container),
         ("geoadd", Stateless),
         ("geodist", Stateless),
         ("geohash", Stateless),
@@ -163,7 +174,7 @@ const TABLE: [(&str, Kind); 241] = {
         ("info", Stateless),
         ("keys", Stateless),
         ("lastsave", Stateless),
-        ("latency", Stateless),
+        ("latency", Container),
         ("lcs", Stateless),
         ("lindex", Stateless),
         ("linsert", Stateless),
@@ -179,16 +190,16 @@ const TABLE: [(&str, Kind); 241] = {
         ("lrem", Stateless),
         ("lset", Stateless),
         ("ltrim", Stateless),
-        ("memory", Stateless),
+        ("memory", Container),
         ("mget", Stateless),
         ("migrate", Stateless),
-        ("module", Stateless),
+        ("module", Container),
         ("monitor", Monitor),
         ("move", Stateless),
         ("mset", Stateless),
         ("msetnx", Stateless),
         ("multi", Transaction),
-        ("object", Stateless),
+        ("object", Container),
         ("persist", Stateless),
         ("pexpire", Stateless),
         ("pexpireat", Stateless),
@@ -204,7 +215,7 @@ const TABLE: [(&str, Kind); 241] = {
         ("psync", Takeover),
         ("pttl", Stateless),
         ("publish", Stateless),
-        ("pubsub", Stateless),
+        ("pubsub", Container),
         ("punsubscribe", Subscribe),
         ("quit", Quit),
         ("randomkey", Stateless),
@@ -226,7 +237,7 @@ const TABLE: [(&str, Kind); 241] = {
         ("save", Stateless),
         ("scan", Stateless),
         ("scard", Stateless),
-        ("script", Script),
+        ("script", Container),
         ("sdiff", Stateless),
         ("sdiffstore", Stateless),
         ("select", ConnectionState),
@@ -241,7 +252,7 @@ const TABLE: [(&str, Kind); 241] = {
         ("sinterstore", Stateless),
         ("sismember", Stateless),
         ("slaveof", Takeover),
-        ("slowlog", Stateless),
+        ("slowlog", Container),
         ("smembers", Stateless),
         ("smismember", Stateless),
         ("smove", Stateless),
@@ -276,8 +287,8 @@ const TABLE: [(&str, Kind); 241] = {
         ("xautoclaim", Stateless),
         ("xclaim", Stateless),
         ("xdel", Stateless),
-        ("xgroup", Stateless),
-        ("xinfo", Stateless),
+        ("xgroup", Container),
+        ("xinfo", Container),
         ("xlen", Stateless),
         ("xpending", Stateless),
         ("xrange", Stateless),
@@ -385,8 +396,15 @@ pub fn lookup(name: &[u8]) -> (CommandId, Kind) {
             slot = (slot + 1) % SLOTS;
         }
     }
-    let http = name.eq_ignore_ascii_case(b"post") || name.eq_ignore_ascii_case(b"host:");
-    let kind = if http { Kind::Http } else { Kind::Stateless };
+    // Not in the table: only now is the name scanned, so known commands pay nothing for it.
+    // Redis tests for these two with `strcasecmp` too, so `post\0x` is dropped as well.
+    let kind = if keyword_is(name, b"post") || keyword_is(name, b"host:") {
+        Kind::Http
+    } else if name.contains(&0) {
+        Kind::NulName
+    } else {
+        Kind::Stateless
+    };
     (CommandId::OTHER, kind)
 }
 
@@ -397,6 +415,10 @@ pub enum Action {
     Forward,
     /// Answer it locally with these bytes.
     Reply(Bytes),
+    /// Refuse it with this error, which Redis gives before it looks at authentication,
+    /// transactions or subscribed state (an unknown command or subcommand): so does redmux.
+    /// Inside MULTI it aborts the transaction, as in Redis.
+    Reject(Bytes),
     /// Answer with these bytes, then close the connection (QUIT).
     ReplyAndClose(Bytes),
     /// Close the connection without a word.
@@ -482,9 +504,11 @@ fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Acti
             Some(timeout) => Action::Block(timeout),
             None => Action::Forward,
         },
-        Kind::Script => match args.next() {
-            Some(sub) if sub.eq_ignore_ascii_case(b"debug") => {
-                Action::Reply(not_supported(name, Some("DEBUG")))
+        Kind::NulName => Action::Reject(unknown_command(name, args)),
+        Kind::Container => container(name, args),
+        Kind::Debug => match args.next() {
+            Some(sub) if keyword_is(sub, b"protocol") => {
+                Action::Reply(not_supported(name, Some("PROTOCOL")))
             }
             _ => Action::Forward,
         },
@@ -519,6 +543,84 @@ fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Acti
         Kind::Monitor => Action::Monitor,
         Kind::ClusterFlag | Kind::Takeover => Action::Reply(not_supported(name, None)),
     }
+}
+
+/// A container command: refused if its subcommand has a NUL byte, else forwarded, but for the
+/// subcommands redmux answers or refuses itself.
+fn container(name: &[u8], mut args: Args<'_>) -> Action {
+    let Some(sub) = args.next() else {
+        return Action::Forward;
+    };
+    if sub.contains(&0) {
+        return Action::Reject(unknown_subcommand(name, sub));
+    }
+    let lower = name.to_ascii_lowercase();
+    match lower.as_slice() {
+        b"script" if sub.eq_ignore_ascii_case(b"debug") => {
+            Action::Reply(not_supported(name, Some("DEBUG")))
+        }
+        b"acl" if sub.eq_ignore_ascii_case(b"whoami") => Action::Connection,
+        _ => Action::Forward,
+    }
+}
+
+/// What Redis sees when it compares an argument with a keyword (`strcasecmp`): the bytes before
+/// the first NUL.
+pub fn c_string(arg: &[u8]) -> &[u8] {
+    memchr::memchr(0, arg).map_or(arg, |nul| &arg[..nul])
+}
+
+/// Whether Redis takes `arg` for `keyword` (lower case) where it compares them with
+/// `strcasecmp`, which stops at a NUL: `block\0x` is BLOCK to Redis, so it must be to redmux.
+pub fn keyword_is(arg: &[u8], keyword: &[u8]) -> bool {
+    c_string(arg).eq_ignore_ascii_case(keyword)
+}
+
+/// Redis's reply to a command it does not know (`processCommand` in Redis's `src/server.c`):
+/// the name cut at 128 bytes, then the arguments quoted while their text is under 128 bytes,
+/// each cut to fit. Redis prints them with `%s`, so each stops at its first NUL.
+pub fn unknown_command(name: &[u8], args: Args<'_>) -> Bytes {
+    let name = c_string(name);
+    let mut text = b"unknown command '".to_vec();
+    text.extend_from_slice(&name[..name.len().min(ECHO_MAX)]);
+    text.extend_from_slice(b"', with args beginning with: ");
+    let mut echoed = 0;
+    for arg in args {
+        if echoed >= ECHO_MAX {
+            break;
+        }
+        let arg = c_string(arg);
+        let arg = &arg[..arg.len().min(ECHO_MAX - echoed)];
+        text.push(b'\'');
+        text.extend_from_slice(arg);
+        text.extend_from_slice(b"' ");
+        echoed += arg.len() + 3;
+    }
+    error_bytes(&text)
+}
+
+/// Redis's reply to a container command with a subcommand it does not know.
+pub fn unknown_subcommand(name: &[u8], sub: &[u8]) -> Bytes {
+    let sub = c_string(sub);
+    let mut text = b"unknown subcommand '".to_vec();
+    text.extend_from_slice(&sub[..sub.len().min(ECHO_MAX)]);
+    text.extend_from_slice(b"'. Try ");
+    text.extend_from_slice(&c_string(name).to_ascii_uppercase());
+    text.extend_from_slice(b" HELP.");
+    error_bytes(&text)
+}
+
+/// `-ERR text`, with CR and LF in the text made spaces and other bytes kept as they are, as
+/// Redis echoes client input in errors.
+fn error_bytes(text: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(text.len() + 7);
+    out.extend_from_slice(b"-ERR ");
+    out.extend(
+        text.iter()
+            .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+    );
+    out.extend_from_slice(b"\r\n");
+    Bytes::from(out)
 }
 
 fn transaction(name: &[u8], argc: usize) -> Option<Transaction> {
@@ -573,14 +675,15 @@ fn stream_block<'a>(
     let group = name.eq_ignore_ascii_case(b"xreadgroup");
     let mut block = None;
     while let Some(option) = args.next() {
-        if option.eq_ignore_ascii_case(b"block") {
+        // Compared as Redis compares them, up to a NUL: `block\0` blocks.
+        if keyword_is(option, b"block") {
             block = Some(parse_timeout(Some(args.next()?), true));
-        } else if option.eq_ignore_ascii_case(b"count") {
+        } else if keyword_is(option, b"count") {
             args.next()?;
-        } else if group && option.eq_ignore_ascii_case(b"group") {
+        } else if group && keyword_is(option, b"group") {
             args.next()?;
             args.next()?;
-        } else if !(group && option.eq_ignore_ascii_case(b"noack")) {
+        } else if !(group && keyword_is(option, b"noack")) {
             // STREAMS ends the options; anything else is a syntax error Redis reports at once.
             break;
         }
@@ -808,7 +911,7 @@ mod tests {
             b"ge",
             b"",
             b"georadiusbymember_rox",
-            b"\xff\x00",
+            b"\xff\xfe",
         ] {
             assert_eq!(
                 lookup(unknown),
@@ -834,6 +937,99 @@ mod tests {
         );
         assert_eq!(CommandId::OTHER.name(), "other");
         assert_eq!(CommandId::OTHER.index(), CommandId::COUNT - 1);
+    }
+
+    #[test]
+    fn a_name_with_a_nul_is_refused_as_redis_refuses_an_unknown_command() {
+        for name in [
+            "multi\x00257",
+            "select\x00",
+            "client\x001",
+            "\x00",
+            "averyveryverylongname\x00x",
+        ] {
+            assert_eq!(lookup(name.as_bytes()).1, Kind::NulName, "{name:?}");
+        }
+        assert_eq!(
+            act(&["multi\x00257"]),
+            Action::Reject(Bytes::from_static(
+                b"-ERR unknown command 'multi', with args beginning with: \r\n"
+            ))
+        );
+        // Arguments are echoed as C strings too, and CR/LF become spaces.
+        assert_eq!(
+            act(&["get\x00x", "k\x00ey", "a\r\nb"]),
+            Action::Reject(Bytes::from_static(
+                b"-ERR unknown command 'get', with args beginning with: 'k' 'a  b' \r\n"
+            ))
+        );
+        // As Redis, at most about 128 bytes of arguments.
+        let long = "x".repeat(200);
+        let Action::Reject(reply) = act(&["a\x00", &long, "next"]) else {
+            panic!("not refused")
+        };
+        let expected = format!(
+            "-ERR unknown command 'a', with args beginning with: '{}' \r\n",
+            "x".repeat(128)
+        );
+        assert_eq!(reply, Bytes::from(expected));
+        // Redis drops these whatever follows a NUL.
+        assert_eq!(act(&["post\x00x"]), Action::Drop);
+        assert_eq!(act(&["HOST:\x00"]), Action::Drop);
+    }
+
+    #[test]
+    fn subcommands_and_options_are_read_as_redis_reads_them() {
+        assert_eq!(
+            act(&["script", "debug\x00x", "yes"]),
+            Action::Reject(Bytes::from_static(
+                b"-ERR unknown subcommand 'debug'. Try SCRIPT HELP.\r\n"
+            ))
+        );
+        assert_eq!(
+            act(&["config", "set\x00", "x", "y"]),
+            Action::Reject(Bytes::from_static(
+                b"-ERR unknown subcommand 'set'. Try CONFIG HELP.\r\n"
+            ))
+        );
+        assert_eq!(act(&["CONFIG", "GET", "maxmemory"]), Action::Forward);
+        assert_eq!(act(&["script", "load", "return 1"]), Action::Forward);
+        assert_eq!(act(&["acl", "WHOAMI"]), Action::Connection);
+        assert_eq!(
+            act(&["acl", "whoami\x00"]),
+            Action::Reject(Bytes::from_static(
+                b"-ERR unknown subcommand 'whoami'. Try ACL HELP.\r\n"
+            ))
+        );
+        assert_eq!(act(&["acl", "users"]), Action::Forward);
+        assert_eq!(
+            refused(&["DEBUG", "protocol\x00x", "push"]),
+            "-ERR redmux: DEBUG PROTOCOL is not supported yet\r\n"
+        );
+        assert_eq!(
+            refused(&["debug", "PROTOCOL", "attrib"]),
+            "-ERR redmux: DEBUG PROTOCOL is not supported yet\r\n"
+        );
+        assert_eq!(act(&["DEBUG", "sleep", "0"]), Action::Forward);
+        // Redis takes `block\0` for BLOCK: so must redmux, or it would block a shared connection.
+        assert_eq!(
+            act(&["XREAD", "block\x00junk", "0", "STREAMS", "s", "$"]),
+            Action::Block(None)
+        );
+        assert_eq!(
+            act(&[
+                "XREADGROUP",
+                "group\x00",
+                "g",
+                "c",
+                "BLOCK\x00",
+                "10",
+                "STREAMS",
+                "s",
+                ">"
+            ]),
+            Action::Block(Some(Duration::from_millis(10)))
+        );
     }
 
     #[test]

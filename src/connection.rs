@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     auth::{AuthError, Users},
-    command::{error_reply, Profile},
+    command::{c_string, error_reply, keyword_is, Profile},
     resp::{parse_int, Args},
     upstream::{Request, Target, UpstreamError, Upstreams},
 };
@@ -222,6 +222,15 @@ impl ClientState {
                 None => arity("client"),
                 Some(sub) => self.client(sub, args),
             },
+            // `ACL WHOAMI`, the only ACL subcommand answered here: the shared connection's
+            // user is redmux's, not the client's.
+            b"acl" => {
+                args.next();
+                if args.remaining() != 0 {
+                    return (arity("acl|whoami"), Effect::None);
+                }
+                bulk_bytes(self.user().unwrap_or("default").as_bytes())
+            }
             _ => error_reply("redmux: not a connection command"),
         };
         (reply, Effect::None)
@@ -267,29 +276,26 @@ impl ClientState {
                 None => return error_reply("Protocol version is not an integer or out of range"),
             }
         }
-        // Options left to right, as Redis: SETNAME takes effect at once, AUTH after the loop.
-        let mut credentials = None;
+        // Options left to right, as Redis 7.0's `helloCommand` takes them: each takes effect at
+        // once, and a failing one ends the command, so a SETNAME after a failed AUTH is not
+        // applied, and one before it is.
         while let Some(option) = args.next() {
-            let upper = option.to_ascii_uppercase();
-            match upper.as_slice() {
-                b"AUTH" if args.remaining() >= 2 => {
-                    credentials = args.next().zip(args.next());
-                }
-                b"SETNAME" if args.remaining() >= 1 => {
-                    let Some(name) = args.next() else { break };
-                    if let Err(error) = self.set_name(name) {
+            // Compared as Redis compares them (`strcasecmp`, up to a NUL).
+            if keyword_is(option, b"auth") && args.remaining() >= 2 {
+                if let Some((user, password)) = args.next().zip(args.next()) {
+                    if let Err(error) = self.login(Some(user), password) {
                         return error;
                     }
                 }
-                _ => {
-                    let option = String::from_utf8_lossy(&option[..option.len().min(128)]);
-                    return error_reply(&format!("Syntax error in HELLO option '{option}'"));
+            } else if keyword_is(option, b"setname") && args.remaining() >= 1 {
+                let Some(name) = args.next() else { break };
+                if let Err(error) = self.set_name(name) {
+                    return error;
                 }
-            }
-        }
-        if let Some((user, password)) = credentials {
-            if let Err(error) = self.login(Some(user), password) {
-                return error;
+            } else {
+                let option = c_string(option);
+                let option = String::from_utf8_lossy(&option[..option.len().min(128)]);
+                return error_reply(&format!("Syntax error in HELLO option '{option}'"));
             }
         }
         if !self.authenticated {

@@ -79,12 +79,36 @@ impl Pool {
 /// it and gives it back.
 #[derive(Debug)]
 pub struct Lease {
+    /// Unique to this lease, however often its connection is leased: a client's requests move
+    /// to a new lease only once those on its previous path are answered.
+    id: u64,
     sender: mpsc::Sender<Request>,
     _slot: OwnedSemaphorePermit,
     upstreams: Upstreams,
 }
 
+/// The next lease's id.
+static NEXT_LEASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl Lease {
+    fn new(
+        sender: mpsc::Sender<Request>,
+        slot: OwnedSemaphorePermit,
+        upstreams: &Upstreams,
+    ) -> Lease {
+        Lease {
+            id: NEXT_LEASE.fetch_add(1, Ordering::Relaxed),
+            sender,
+            _slot: slot,
+            upstreams: upstreams.clone(),
+        }
+    }
+
+    /// This lease, told apart from every other.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Where the client's requests go while it holds the lease.
     pub fn sender(&self) -> &mpsc::Sender<Request> {
         &self.sender
@@ -165,11 +189,7 @@ pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lea
         let (sender, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let id = inner.pool.next_id.fetch_add(1, Ordering::Relaxed);
         upstreams.spawn_actor(id, target, Role::Pinned, rx);
-        return Ok(Lease {
-            sender,
-            _slot: slot,
-            upstreams: upstreams.clone(),
-        });
+        return Ok(Lease::new(sender, slot, upstreams));
     };
     let setup = Setup {
         db: target.db,
@@ -183,9 +203,5 @@ pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lea
             _ => return Err(UpstreamError::ConnectionLost),
         }
     }
-    Ok(Lease {
-        sender,
-        _slot: slot,
-        upstreams: upstreams.clone(),
-    })
+    Ok(Lease::new(sender, slot, upstreams))
 }
