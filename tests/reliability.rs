@@ -49,6 +49,8 @@ async fn start_checker(redmux: &RedmuxProcess, leavers: usize) -> Checker {
             clients: CLIENTS,
             reply_timeout: REPLY_TIMEOUT,
             leavers,
+            mixed: true,
+            attackers: 2,
         },
     );
     checker.wait_all_succeeding(support::READY_TIMEOUT).await;
@@ -136,7 +138,8 @@ async fn upstream_connection_closed_by_redis() {
             .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"][..])
             .query(&mut direct)
             .unwrap();
-        assert_eq!(killed, 1, "round {round}: redmux's one upstream connection");
+        // redmux's shared connection, and the pinned ones of the mixed clients.
+        assert!(killed >= 1, "round {round}: redmux's upstream connections");
         let took = assert_recovered("client kill", &checker, Instant::now()).await;
         slowest = slowest.max(took);
     }

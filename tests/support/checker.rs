@@ -9,8 +9,20 @@
 //! INCRBY n:{id} {step(id)}              the counter moves by a step unique to the client
 //! ```
 //!
-//! Odd clients pipeline the three in one write, even ones send one at a time. Every reply is
-//! classified as one of:
+//! Odd clients pipeline the three in one write, even ones send one at a time. With
+//! `Options::mixed`, every fourth client instead pipelines a round that takes three paths
+//! through redmux in one write, and checks that they run in the order sent:
+//!
+//! ```text
+//! SET k:{id} ...; MULTI; INCRBY n:{id} step; EXEC; GET k:{id}      shared, pinned, shared
+//! RPUSH b:{id} ...; BLPOP b:{id} 0.2                                shared, pinned (blocking)
+//! ```
+//!
+//! With `Options::attackers`, unchecked clients send command names with a NUL byte
+//! (`multi\0N`, `select\0N 7`, `client\0N REPLY OFF`...), which Redis might run as the command
+//! before the NUL: each must get the unknown-command error, and no checked client may notice.
+//!
+//! Every reply is classified as one of:
 //!
 //! - **ok**: the reply this request should get;
 //! - **error**: `-ERR redmux: upstream ...`, what redmux answers during a fault;
@@ -58,6 +70,11 @@ pub struct Options {
     /// Extra unchecked clients that pipeline INCRs and disconnect without reading the replies:
     /// requests in flight whose client is gone.
     pub leavers: usize,
+    /// Every fourth checked client sends mixed-path rounds (a transaction and a blocking
+    /// command between plain commands, in one write).
+    pub mixed: bool,
+    /// Clients sending command names with a NUL byte, each checked for the unknown-command error.
+    pub attackers: usize,
 }
 
 /// Counts so far, over every checked client.
@@ -140,6 +157,7 @@ pub struct Checker {
     shared: Arc<Shared>,
     clients: Vec<JoinHandle<ClientReport>>,
     leavers: Vec<JoinHandle<(usize, u64)>>,
+    attackers: Vec<JoinHandle<()>>,
 }
 
 /// What one client did, for the final check against Redis.
@@ -185,17 +203,26 @@ impl Checker {
         });
         let clients = (0..options.clients)
             .map(|id| {
-                let client = Client::new(id, addr, options.reply_timeout, shared.clone());
+                let mode = match id % 4 {
+                    3 if options.mixed => Mode::Mixed,
+                    1 | 3 => Mode::Pipelined,
+                    _ => Mode::OneAtATime,
+                };
+                let client = Client::new(id, addr, options.reply_timeout, mode, shared.clone());
                 tokio::spawn(client.run())
             })
             .collect();
         let leavers = (0..options.leavers)
             .map(|id| tokio::spawn(leaver(id, addr, shared.clone())))
             .collect();
+        let attackers = (0..options.attackers)
+            .map(|id| tokio::spawn(attacker(id, addr, options.reply_timeout, shared.clone())))
+            .collect();
         Checker {
             shared,
             clients,
             leavers,
+            attackers,
         }
     }
 
@@ -272,6 +299,9 @@ impl Checker {
         let mut leavers = Vec::new();
         for leaver in self.leavers {
             leavers.push(leaver.await.expect("leaver task"));
+        }
+        for attacker in self.attackers {
+            attacker.await.expect("attacker task");
         }
         Report {
             counts: self.shared.counts(),
@@ -369,6 +399,10 @@ fn counter_key(id: usize) -> String {
     format!("n:{id}")
 }
 
+fn list_key(id: usize) -> String {
+    format!("b:{id}")
+}
+
 /// The INCRBY step of client `id`. A multiple of one client's step is practically never a
 /// multiple of another's, so an integer reply shows whose counter it came from.
 fn step(id: usize) -> u64 {
@@ -436,6 +470,23 @@ enum Kind {
     Set,
     Get,
     Incr,
+    /// MULTI, in a mixed round.
+    Multi,
+    /// The INCRBY between MULTI and EXEC: `+QUEUED`, or run at once if MULTI failed.
+    QueuedIncr,
+    Exec,
+    /// RPUSH b:{id}, then the BLPOP that must find what it pushed.
+    Push,
+    Blpop,
+}
+
+/// How a checked client sends its rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    OneAtATime,
+    Pipelined,
+    /// Pipelined rounds through a transaction and a blocking command.
+    Mixed,
 }
 
 /// How a request turned out.
@@ -500,7 +551,7 @@ struct Client {
     reply_timeout: Duration,
     shared: Arc<Shared>,
     conn: Option<Conn>,
-    pipelined: bool,
+    mode: Mode,
     seq: u64,
     /// (seq, data epoch when sent) of the last SET acknowledged `+OK`.
     last_ok_set: Option<(u64, u64)>,
@@ -510,23 +561,40 @@ struct Client {
     round_set_may_have_run: bool,
     /// (k, data epoch when sent) of the last INCRBY acknowledged: the counter was at k steps.
     last_incr: Option<(u64, u64)>,
+    /// Mixed rounds: MULTI was answered `+OK`, and this round's INCRBY `+QUEUED`.
+    multi_open: bool,
+    incr_queued: bool,
+    /// This round's INCRBY has been accounted for (acknowledged, or counted as uncertain).
+    incr_settled: bool,
+    /// This round's RPUSH was acknowledged: the BLPOP after it must find an element.
+    pushed: bool,
     report: ClientReport,
 }
 
 impl Client {
-    fn new(id: usize, addr: SocketAddr, reply_timeout: Duration, shared: Arc<Shared>) -> Client {
+    fn new(
+        id: usize,
+        addr: SocketAddr,
+        reply_timeout: Duration,
+        mode: Mode,
+        shared: Arc<Shared>,
+    ) -> Client {
         Client {
             id,
             addr,
             reply_timeout,
             shared,
             conn: None,
-            pipelined: id % 2 == 1,
+            mode,
             seq: 0,
             last_ok_set: None,
             uncertain_sets: BTreeSet::new(),
             round_set_may_have_run: false,
             last_incr: None,
+            multi_open: false,
+            incr_queued: false,
+            incr_settled: false,
+            pushed: false,
             report: ClientReport {
                 id,
                 incr_sent: 0,
@@ -563,26 +631,40 @@ impl Client {
         let seq = self.seq;
         let value = value(self.id, seq);
         let step = step(self.id).to_string();
-        let requests = [
-            (
-                Kind::Set,
-                encode_command([&b"SET"[..], value_key(self.id).as_bytes(), value.as_bytes()]),
-            ),
-            (
-                Kind::Get,
-                encode_command([&b"GET"[..], value_key(self.id).as_bytes()]),
-            ),
-            (
-                Kind::Incr,
-                encode_command([
-                    &b"INCRBY"[..],
-                    counter_key(self.id).as_bytes(),
-                    step.as_bytes(),
-                ]),
-            ),
-        ];
+        let set = encode_command([&b"SET"[..], value_key(self.id).as_bytes(), value.as_bytes()]);
+        let get = encode_command([&b"GET"[..], value_key(self.id).as_bytes()]);
+        let incr = encode_command([
+            &b"INCRBY"[..],
+            counter_key(self.id).as_bytes(),
+            step.as_bytes(),
+        ]);
+        let requests: Vec<(Kind, bytes::Bytes)> = match self.mode {
+            Mode::Mixed => {
+                let list = list_key(self.id);
+                vec![
+                    (Kind::Set, set),
+                    (Kind::Multi, encode_command([&b"MULTI"[..]])),
+                    (Kind::QueuedIncr, incr),
+                    (Kind::Exec, encode_command([&b"EXEC"[..]])),
+                    (Kind::Get, get),
+                    (
+                        Kind::Push,
+                        encode_command([&b"RPUSH"[..], list.as_bytes(), value.as_bytes()]),
+                    ),
+                    (
+                        Kind::Blpop,
+                        encode_command([&b"BLPOP"[..], list.as_bytes(), b"0.2"]),
+                    ),
+                ]
+            }
+            _ => vec![(Kind::Set, set), (Kind::Get, get), (Kind::Incr, incr)],
+        };
         self.round_set_may_have_run = false;
-        if self.pipelined {
+        self.multi_open = false;
+        self.incr_queued = false;
+        self.incr_settled = false;
+        self.pushed = false;
+        if self.mode != Mode::OneAtATime {
             let batch: Vec<u8> = requests.iter().flat_map(|(_, r)| r.to_vec()).collect();
             let epoch = self.shared.data_epoch.load(Ordering::SeqCst);
             let sent_at = Instant::now();
@@ -628,7 +710,7 @@ impl Client {
 
     fn sent(&mut self, kind: Kind) {
         self.shared.sent.fetch_add(1, Ordering::Relaxed);
-        if let Kind::Incr = kind {
+        if let Kind::Incr | Kind::QueuedIncr = kind {
             self.report.incr_sent += 1;
         }
     }
@@ -654,6 +736,11 @@ impl Client {
             Kind::Set => self.judge_set(&reply, epoch),
             Kind::Get => self.judge_get(&reply),
             Kind::Incr => self.judge_incr(&reply, epoch),
+            Kind::Multi => self.judge_multi(&reply),
+            Kind::QueuedIncr => self.judge_queued_incr(&reply, epoch),
+            Kind::Exec => self.judge_exec(&reply, epoch),
+            Kind::Push => self.judge_push(&reply),
+            Kind::Blpop => self.judge_blpop(&reply),
         };
         let shared = &self.shared;
         match outcome {
@@ -688,7 +775,11 @@ impl Client {
                 self.round_set_may_have_run = true;
             }
             Kind::Incr => self.report.incr_uncertain += 1,
-            Kind::Get => {}
+            Kind::QueuedIncr | Kind::Exec if !self.incr_settled => {
+                self.incr_settled = true;
+                self.report.incr_uncertain += 1;
+            }
+            _ => {}
         }
         let shared = &self.shared;
         shared.problem(
@@ -755,6 +846,83 @@ impl Client {
         }
     }
 
+    fn judge_multi(&mut self, reply: &[u8]) -> Outcome {
+        if reply == b"+OK\r\n" {
+            self.multi_open = true;
+            return Outcome::Ok;
+        }
+        match redmux_error(reply) {
+            Some(may_have_run) => Outcome::Error(may_have_run),
+            None => Outcome::Misroute(format!("MULTI answered {}", show(reply))),
+        }
+    }
+
+    /// The INCRBY inside the transaction: queued if MULTI opened it, run at once if MULTI
+    /// failed before a connection was pinned.
+    fn judge_queued_incr(&mut self, reply: &[u8], epoch: u64) -> Outcome {
+        if reply == b"+QUEUED\r\n" && self.multi_open {
+            self.incr_queued = true;
+            return Outcome::Ok;
+        }
+        self.incr_settled = true;
+        self.judge_incr(reply, epoch)
+    }
+
+    fn judge_exec(&mut self, reply: &[u8], epoch: u64) -> Outcome {
+        if !self.incr_queued {
+            // Nothing queued: MULTI failed (then EXEC has no transaction), or the INCRBY did.
+            return match reply {
+                b"-ERR EXEC without MULTI\r\n" | b"*0\r\n" => Outcome::Ok,
+                _ => match redmux_error(reply) {
+                    Some(_) => Outcome::Error(false),
+                    None => Outcome::Misroute(format!("EXEC answered {}", show(reply))),
+                },
+            };
+        }
+        self.incr_settled = true;
+        match reply.strip_prefix(b"*1\r\n") {
+            Some(inner) => self.judge_incr(inner, epoch),
+            None => self.judge_incr(reply, epoch),
+        }
+    }
+
+    fn judge_push(&mut self, reply: &[u8]) -> Outcome {
+        if integer(reply).is_some_and(|n| n >= 1) {
+            self.pushed = true;
+            return Outcome::Ok;
+        }
+        match redmux_error(reply) {
+            Some(may_have_run) => Outcome::Error(may_have_run),
+            None => Outcome::Misroute(format!("RPUSH answered {}", show(reply))),
+        }
+    }
+
+    /// The BLPOP after this round's RPUSH: it finds an element of this client's (this round's
+    /// or one left by an earlier round whose BLPOP failed), and none only if the RPUSH was not
+    /// acknowledged.
+    fn judge_blpop(&mut self, reply: &[u8]) -> Outcome {
+        if let Some(may_have_run) = redmux_error(reply) {
+            return Outcome::Error(may_have_run);
+        }
+        if reply == b"*-1\r\n" {
+            return if self.pushed {
+                Outcome::Misroute("BLPOP found nothing after RPUSH was acknowledged".into())
+            } else {
+                Outcome::Ok
+            };
+        }
+        let list = list_key(self.id);
+        let Some(rest) =
+            reply.strip_prefix(format!("*2\r\n${}\r\n{list}\r\n", list.len()).as_bytes())
+        else {
+            return Outcome::Misroute(format!("BLPOP answered {}", show(reply)));
+        };
+        match bulk(rest).flatten().and_then(parse_value) {
+            Some((id, seq)) if id == self.id && seq <= self.seq => Outcome::Ok,
+            _ => Outcome::Misroute(format!("BLPOP answered {}", show(reply))),
+        }
+    }
+
     /// `sent_epoch`: the data epoch when this request was sent.
     fn judge_incr(&mut self, reply: &[u8], sent_epoch: u64) -> Outcome {
         if let Some(may_have_run) = redmux_error(reply) {
@@ -818,4 +986,58 @@ async fn leaver(id: usize, addr: SocketAddr, shared: Arc<Shared>) -> (usize, u64
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (id, sent)
+}
+
+/// A client that sends command names holding a NUL byte, which Redis might take for the
+/// command before the NUL (MULTI, SELECT, CLIENT REPLY OFF, HELLO 3, MONITOR, EXEC): each must
+/// be refused with the unknown-command error, whatever the upstream is going through.
+async fn attacker(id: usize, addr: SocketAddr, reply_timeout: Duration, shared: Arc<Shared>) {
+    let attacks: [(&str, &[&str]); 6] = [
+        ("multi", &[]),
+        ("select", &["7"]),
+        ("client", &["REPLY", "OFF"]),
+        ("hello", &["3"]),
+        ("monitor", &[]),
+        ("exec", &[]),
+    ];
+    let mut n = 0u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let Ok(mut conn) = Conn::connect(addr).await else {
+            // Pacing reconnects, as a real client does; it synchronises nothing.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        while !shared.stop.load(Ordering::Relaxed) {
+            n += 1;
+            let (name, args) = attacks[(n % 6) as usize];
+            let named = format!("{name}\0{id}x{n}");
+            let request = encode_command(
+                std::iter::once(named.as_bytes()).chain(args.iter().map(|a| a.as_bytes())),
+            );
+            let echoed: String = args.iter().map(|a| format!("'{a}' ")).collect();
+            let expected =
+                format!("-ERR unknown command '{name}', with args beginning with: {echoed}\r\n");
+            if conn.stream.write_all(&request).await.is_err() {
+                break;
+            }
+            // Counted with the checked requests: each has exactly one outcome.
+            shared.sent.fetch_add(1, Ordering::Relaxed);
+            match conn.read(Instant::now() + reply_timeout).await {
+                Read::Reply(reply) if reply == expected.as_bytes() => {
+                    shared.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                Read::Reply(reply) => {
+                    shared.problem(
+                        &shared.misroute,
+                        format!("attacker {id}: {named:?} answered {}", show(&reply)),
+                    );
+                    break;
+                }
+                Read::Closed | Read::TimedOut => {
+                    shared.problem(&shared.hang, format!("attacker {id}: {named:?}: no reply"));
+                    break;
+                }
+            }
+        }
+    }
 }
