@@ -111,6 +111,9 @@ enum Pending {
         /// A blocking command, whose reply may never come: a client that closes its side
         /// while owed one is dropped at once, as Redis drops a blocked client that leaves.
         blocking: bool,
+        /// An EXEC whose transaction selects this database: the client is in it once the
+        /// transaction has run.
+        exec_db: Option<u32>,
     },
 }
 
@@ -143,6 +146,9 @@ enum Tx {
     Multi {
         lease: Lease,
         dirty: bool,
+        /// The database the last SELECT queued in the transaction selects: Redis runs it at
+        /// EXEC, and the client is in that database from then on.
+        db: Option<u32>,
     },
 }
 
@@ -217,6 +223,7 @@ impl Subscriptions {
 }
 
 /// A batch of requests about to be handed to an upstream connection.
+#[derive(Default)]
 struct Batch {
     frames: Bytes,
     count: u32,
@@ -224,6 +231,8 @@ struct Batch {
     release: Option<Lease>,
     /// A blocking command (see `Pending::Upstream::blocking`).
     blocking: bool,
+    /// See `Pending::Upstream::exec_db`.
+    exec_db: Option<u32>,
 }
 
 /// A client socket that can be read and written at once through borrowed halves: for TCP and
@@ -474,6 +483,9 @@ struct State {
     /// The next request takes another path than the requests still unanswered: it waits in
     /// `rbuf`, unparsed, until they are all answered.
     barrier: bool,
+    /// The next request, whatever it is, waits until every request sent is answered: an EXEC
+    /// that changes the client's database is in flight.
+    sync: bool,
     /// The client closed its side: nothing more is read, but what it sent before is still
     /// carried out and answered.
     eof: bool,
@@ -702,9 +714,10 @@ fn serve<'a, S: Duplex>(
             tokio::select! {
                 biased;
                 reply = front_reply(&mut this.pending), if waiting_upstream => {
-                    if let Some(Pending::Upstream { count, suppress, release, charged, sent, .. }) = this.pending.pop_front() {
+                    if let Some(Pending::Upstream { count, suppress, release, charged, sent, exec_db, .. }) = this.pending.pop_front() {
                         this.unresolved -= 1;
                         let reply = reply.unwrap_or(Err(UpstreamError::ConnectionLost));
+                        this.exec_ran(&reply, exec_db);
                         this.deliver(reply, count, suppress, release, charged, sent);
                     }
                 }
@@ -836,6 +849,7 @@ impl State {
             unresolved: 0,
             last_path: None,
             barrier: false,
+            sync: false,
             eof: false,
             outstanding: 0,
             owed,
@@ -941,11 +955,30 @@ impl State {
                 release,
                 charged,
                 sent,
+                exec_db,
                 ..
             }) = self.pending.pop_front()
             {
                 self.unresolved -= 1;
+                self.exec_ran(&reply, exec_db);
                 self.deliver(reply, count, suppress, release, charged, sent);
+            }
+        }
+    }
+
+    /// An EXEC that selects `db` is answered: if its transaction ran (an array, not a null or
+    /// an error), the client is in `db` now, as Redis's SELECT left it.
+    fn exec_ran(&mut self, reply: &Reply, db: Option<u32>) {
+        let (Some(db), Ok(replies)) = (db, reply) else {
+            return;
+        };
+        let ran = replies.bytes.first() == Some(&b'*') && !replies.bytes.starts_with(b"*-1");
+        if ran {
+            if let Err(error) = self.client.set_db(db) {
+                // The db the transaction left the client in has no shared connection: the
+                // client cannot go on where Redis would have it.
+                warn!(%error, "cannot follow a SELECT run in a transaction; closing");
+                self.abort = true;
             }
         }
     }
@@ -1046,6 +1079,9 @@ impl State {
     /// Stops at a request that must wait for a barrier (see [`Path`]).
     async fn process_input(&mut self) {
         self.barrier = false;
+        if self.unresolved == 0 {
+            self.sync = false;
+        }
         // `rbuf[..run_len]` holds `run_count` canonical requests for the current connection.
         let mut run_len = 0;
         let mut run_count = 0;
@@ -1096,6 +1132,11 @@ impl State {
                         ..
                     }
                 );
+            if self.sync && self.unresolved > 0 {
+                self.flush_run(&mut run_len, &mut run_count).await;
+                self.barrier = true;
+                break;
+            }
             // The barrier: nothing to check while a run grows, or while nothing is owed.
             if !extends_run && (self.unresolved > 0 || run_count > 0) {
                 if let Some(path) = self.path_of(&action) {
@@ -1176,10 +1217,21 @@ impl State {
             });
             return true;
         }
-        if let Tx::Multi { dirty, .. } = &mut self.tx {
+        if let Tx::Multi { dirty, db, .. } = &mut self.tx {
+            let mut args = Args::new(&request);
+            let name = args.next().unwrap_or_default();
+            if action == Action::Connection && name.eq_ignore_ascii_case(b"select") {
+                // Queued by Redis, which runs it at EXEC: the commands queued after it run in
+                // that database, and the client stays there after EXEC.
+                if let Ok(selected) = self.client.database(args) {
+                    *db = Some(selected);
+                }
+                let timeout = Some(self.config.request_timeout);
+                self.forward_one(request, timeout, None).await;
+                return true;
+            }
             // Redis would queue these and change the connection's state at EXEC; redmux keeps
             // that state itself, so it refuses them here and the transaction aborts.
-            let name = Args::new(&request).next().unwrap_or_default();
             let stateful = matches!(action, Action::Connection | Action::PubSub { .. });
             if stateful && !name.eq_ignore_ascii_case(b"reset") {
                 *dirty = true;
@@ -1217,8 +1269,40 @@ impl State {
                 // A SKIP set before this command silences it; OFF (even if this command set
                 // it) silences it; `CLIENT REPLY ON` is answered.
                 let skip = self.client.reply_mode == ReplyMode::Skip;
+                let before = self.client.target();
                 let (reply, effect) = self.client.handle(name, args);
                 self.decoder.set_unauthenticated(!self.client.authenticated);
+                if let Tx::Watching(_) = &self.tx {
+                    // The watching connection follows the client's db and protocol, so the
+                    // commands it carries run where Redis would run them (the watched keys
+                    // keep the db they were watched in).
+                    let after = self.client.target();
+                    let mut follow = Vec::new();
+                    if after.db != before.db {
+                        follow.push(encode_command([
+                            &b"SELECT"[..],
+                            after.db.to_string().as_bytes(),
+                        ]));
+                    }
+                    if after.resp3 != before.resp3 {
+                        let proto: &[u8] = if after.resp3 { b"3" } else { b"2" };
+                        follow.push(encode_command([&b"HELLO"[..], proto]));
+                    }
+                    if !follow.is_empty() {
+                        let count = follow.len() as u32;
+                        let batch = Batch {
+                            frames: Bytes::from(follow.concat()),
+                            count,
+                            timeout: Some(self.config.request_timeout),
+                            ..Batch::default()
+                        };
+                        for _ in 0..count {
+                            self.owe();
+                        }
+                        // Their replies are Redis's, not the client's: dropped.
+                        self.send(batch, true).await;
+                    }
+                }
                 if effect == Effect::Reset {
                     // The pinned connection goes back (cleaned by its own RESET, which
                     // discards the transaction) once the requests already sent on it are in.
@@ -1299,6 +1383,7 @@ impl State {
                     timeout,
                     release: lease,
                     blocking,
+                    ..Batch::default()
                 };
                 self.forward(batch).await;
             }
@@ -1318,6 +1403,7 @@ impl State {
                             Tx::Multi {
                                 lease,
                                 dirty: false,
+                                db: None,
                             }
                         } else {
                             Tx::Watching(lease)
@@ -1331,18 +1417,19 @@ impl State {
                 self.tx = Tx::Multi {
                     lease,
                     dirty: false,
+                    db: None,
                 };
                 self.forward_one(request, timeout, None).await;
             }
             // A command redmux refused while queuing aborts the transaction: DISCARD it
             // upstream (that reply is dropped) and answer as Redis does.
-            (Transaction::Exec, Tx::Multi { lease, dirty: true }) => {
+            (Transaction::Exec, Tx::Multi { lease, dirty: true, .. }) => {
                 let discard = Batch {
                     frames: encode_command([&b"DISCARD"[..]]),
                     count: 1,
                     timeout,
                     release: Some(lease),
-                    blocking: false,
+                    ..Batch::default()
                 };
                 self.owe();
                 self.send(discard, true).await;
@@ -1350,8 +1437,22 @@ impl State {
                     b"-EXECABORT Transaction discarded because of previous errors.\r\n",
                 ));
             }
-            // Closing: the last request on the pinned connection; it is given back after.
-            (Transaction::Exec | Transaction::Discard, Tx::Multi { lease, .. })
+            // Closing: the last request on the pinned connection; it is given back after. An
+            // EXEC whose transaction SELECTs moves the client once it has run, and nothing
+            // after it runs before that is known.
+            (Transaction::Exec, Tx::Multi { lease, db, .. }) => {
+                self.sync = db.is_some();
+                let batch = Batch {
+                    frames: request,
+                    count: 1,
+                    timeout,
+                    release: Some(lease),
+                    exec_db: db,
+                    ..Batch::default()
+                };
+                self.forward(batch).await;
+            }
+            (Transaction::Discard, Tx::Multi { lease, .. })
             | (Transaction::Unwatch, Tx::Watching(lease)) => {
                 self.forward_one(request, timeout, Some(lease)).await;
             }
@@ -1430,6 +1531,7 @@ impl State {
             charged: false,
             sent: Instant::now(),
             blocking: false,
+            exec_db: None,
         });
     }
 
@@ -1576,8 +1678,7 @@ impl State {
                 frames,
                 count: *run_count,
                 timeout: Some(self.config.request_timeout),
-                release: None,
-                blocking: false,
+                ..Batch::default()
             };
             self.send(batch, false).await;
         }
@@ -1609,7 +1710,7 @@ impl State {
             count: 1,
             timeout,
             release,
-            blocking: false,
+            ..Batch::default()
         };
         self.forward(batch).await;
     }
@@ -1636,6 +1737,7 @@ impl State {
             timeout,
             release,
             blocking,
+            exec_db,
         } = batch;
         let (destination, path) = match (&release, self.held()) {
             (Some(lease), _) | (None, Some(lease)) => {
@@ -1684,6 +1786,7 @@ impl State {
                     charged: true,
                     sent: handed_at,
                     blocking,
+                    exec_db,
                 }
             } else {
                 Pending::Local {

@@ -236,33 +236,46 @@ impl ClientState {
         (reply, Effect::None)
     }
 
-    fn select(&mut self, mut args: Args<'_>) -> Bytes {
+    fn select(&mut self, args: Args<'_>) -> Bytes {
+        match self.database(args) {
+            Ok(db) => match self.set_db(db) {
+                Ok(()) => ok(),
+                Err(error) => error_reply(&error.to_string()),
+            },
+            Err(error) => error,
+        }
+    }
+
+    /// Moves the client to database `db` (a SELECT that ran in a transaction).
+    pub fn set_db(&mut self, db: u32) -> Result<(), UpstreamError> {
+        self.switch(Target {
+            db,
+            ..self.target()
+        })
+    }
+
+    /// The database a SELECT with these arguments selects, or the error Redis gives for them.
+    pub fn database(&self, mut args: Args<'_>) -> Result<u32, Bytes> {
         let (Some(index), None) = (args.next(), args.next()) else {
-            return arity("select");
+            return Err(arity("select"));
         };
         let index = match parse_int(index) {
-            None => return error_reply("value is not an integer or out of range"),
+            None => return Err(error_reply("value is not an integer or out of range")),
             Some(n) if i32::try_from(n).is_err() => {
-                return error_reply(
+                return Err(error_reply(
                     "value is out of range, value must between -2147483648 and 2147483647",
-                )
+                ))
             }
             Some(n) => n,
         };
         let databases = self.upstreams.databases();
         let Some(db) = u32::try_from(index).ok().filter(|db| *db < databases) else {
-            return error_reply("DB index is out of range");
+            return Err(error_reply("DB index is out of range"));
         };
         if db != 0 && self.upstreams.profile() == Profile::Embedded {
-            return error_reply("redmux: the embedded upstream has only db 0");
+            return Err(error_reply("redmux: the embedded upstream has only db 0"));
         }
-        match self.switch(Target {
-            db,
-            ..self.target()
-        }) {
-            Ok(()) => ok(),
-            Err(error) => error_reply(&error.to_string()),
-        }
+        Ok(db)
     }
 
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`, options processed left to right.

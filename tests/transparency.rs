@@ -1,0 +1,198 @@
+//! redmux is transparent: the same steps give the same bytes through redmux as from Redis
+//! directly, where a client's state and a pinned connection's state could drift apart.
+
+mod support;
+
+use support::{Raw, RedisServer, Redmux};
+
+/// Sends `bytes` (holding `count` requests) in one write and reads `count` replies.
+async fn pipeline(raw: &mut Raw, bytes: &[u8], count: usize) -> Vec<String> {
+    raw.pipeline(bytes, count)
+        .await
+        .into_iter()
+        .map(|reply| String::from_utf8_lossy(&reply).into_owned())
+        .collect()
+}
+
+/// Runs `steps` (one command a line, inline form) one at a time, directly against Redis and
+/// then through redmux, each after FLUSHALL, then reads `check` (more steps) from each: the
+/// replies must be the same bytes.
+async fn same_as_redis(redis: &RedisServer, redmux: &Redmux, steps: &[&str], pipelined: bool) {
+    let direct_addr = redis.addr().parse().expect("redis address");
+    let mut results = Vec::new();
+    for addr in [direct_addr, redmux.addr] {
+        let mut raw = Raw::connect(addr).await;
+        assert_eq!(raw.call(&["FLUSHALL"]).await, "+OK\r\n");
+        let replies = if pipelined {
+            let bytes: String = steps.iter().map(|s| format!("{s}\r\n")).collect();
+            pipeline(&mut raw, bytes.as_bytes(), steps.len()).await
+        } else {
+            let mut replies = Vec::new();
+            for step in steps {
+                replies.extend(pipeline(&mut raw, format!("{step}\r\n").as_bytes(), 1).await);
+            }
+            replies
+        };
+        results.push(replies);
+    }
+    let labelled = |replies: &[String]| -> Vec<String> {
+        steps
+            .iter()
+            .zip(replies)
+            .map(|(step, reply)| format!("{step} -> {:?}", without_client_id(reply)))
+            .collect()
+    };
+    assert_eq!(
+        labelled(&results[1]),
+        labelled(&results[0]),
+        "through redmux (left) and directly (right), pipelined: {pipelined}"
+    );
+}
+
+/// A HELLO reply with its client id masked: ids differ between two servers by design.
+fn without_client_id(reply: &str) -> String {
+    match reply.split_once("$2\r\nid\r\n:") {
+        Some((head, tail)) => {
+            let rest = tail.split_once("\r\n").map_or("", |(_, rest)| rest);
+            format!("{head}$2\r\nid\r\n:ID\r\n{rest}")
+        }
+        None => reply.to_owned(),
+    }
+}
+
+/// Issue steps: a WATCH stays in the db it was issued in, and a command always runs in the
+/// client's current db, even while the client holds a watching connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_while_watching_or_in_a_transaction_runs_where_redis_runs_it() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let cases: [&[&str]; 8] = [
+        // RESET while watching or in a transaction: back to db 0, nothing watched.
+        &[
+            "SELECT 3", "WATCH k", "RESET", "SET k v", "GET k", "SELECT 3", "GET k",
+        ],
+        &[
+            "SELECT 3", "MULTI", "SET k v", "RESET", "EXEC", "GET k", "SELECT 3", "GET k",
+        ],
+        // While blocked, what follows waits, then runs where the client is by then.
+        &[
+            "BLPOP l 0.05",
+            "SELECT 2",
+            "SET k v",
+            "SELECT 0",
+            "GET k",
+            "SELECT 2",
+            "GET k",
+        ],
+        &[
+            "SELECT 5", "SET x 30", "WATCH x", "SELECT 1", "SET x 10", "SELECT 5", "MULTI", "PING",
+            "EXEC", "GET x", "SELECT 1", "GET x",
+        ],
+        // SELECT queued inside MULTI runs at EXEC: the commands after it run in that db, and
+        // the client stays there.
+        &[
+            "SET k zero",
+            "MULTI",
+            "SELECT 3",
+            "SET k three",
+            "EXEC",
+            "GET k",
+            "SELECT 0",
+            "GET k",
+        ],
+        // A transaction whose WATCH fails does not move the client.
+        &[
+            "SET w 1",
+            "WATCH w",
+            "SET w 2",
+            "MULTI",
+            "SELECT 4",
+            "EXEC",
+            "SET where here",
+            "SELECT 4",
+            "GET where",
+        ],
+        // HELLO while watching: the replies of what follows are in the new protocol.
+        &[
+            "WATCH h",
+            "HELLO 3",
+            "HGETALL nothing",
+            "MULTI",
+            "HSET h f v",
+            "EXEC",
+            "HGETALL h",
+        ],
+        // Watches in two dbs, then a write to one of them from elsewhere in the same client.
+        &[
+            "SELECT 2",
+            "WATCH a",
+            "SELECT 6",
+            "WATCH a",
+            "SELECT 2",
+            "SET a touched",
+            "SELECT 6",
+            "MULTI",
+            "PING",
+            "EXEC",
+        ],
+    ];
+    for steps in cases {
+        for pipelined in [false, true] {
+            same_as_redis(&redis, &redmux, steps, pipelined).await;
+        }
+    }
+    // The issue's case, spelled out.
+    let mut raw = redmux.raw().await;
+    for step in [
+        &["SELECT", "5"][..],
+        &["SET", "x", "30"],
+        &["WATCH", "x"],
+        &["SELECT", "1"],
+        &["SET", "x", "10"],
+        &["SELECT", "5"],
+        &["MULTI"],
+        &["PING"],
+    ] {
+        raw.call(step).await;
+    }
+    assert_eq!(raw.call(&["EXEC"]).await, "*1\r\n+PONG\r\n");
+    let x = |db: u32| -> Option<String> {
+        redis::cmd("GET")
+            .arg("x")
+            .query(&mut redis.direct_db(db))
+            .unwrap()
+    };
+    assert_eq!(x(5).as_deref(), Some("30"));
+    assert_eq!(x(1).as_deref(), Some("10"));
+}
+
+/// CLIENT REPLY OFF while watching silences the commands on the watching connection too, and
+/// ON brings the replies back, as directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_while_watching() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let steps = "WATCH k\r\nCLIENT REPLY OFF\r\nSET k 1\r\nSELECT 1\r\nCLIENT REPLY ON\r\nGET k\r\nSELECT 0\r\nGET k\r\nMULTI\r\nEXEC\r\n";
+    let mut expected = None;
+    for addr in [redis.addr().parse().unwrap(), redmux.addr] {
+        let mut raw = Raw::connect(addr).await;
+        assert_eq!(raw.call(&["FLUSHALL"]).await, "+OK\r\n");
+        let replies = pipeline(&mut raw, steps.as_bytes(), 7).await;
+        match &expected {
+            None => expected = Some(replies),
+            Some(expected) => assert_eq!(&replies, expected),
+        }
+    }
+    assert_eq!(
+        expected.unwrap(),
+        [
+            "+OK\r\n",
+            "+OK\r\n",
+            "$-1\r\n",
+            "+OK\r\n",
+            "$1\r\n1\r\n",
+            "+OK\r\n",
+            "*-1\r\n"
+        ]
+    );
+}
