@@ -133,6 +133,8 @@ enum Path {
     PubSub,
     /// The client's MONITOR connection.
     Monitor,
+    /// A connection opened for one command that must reach Redis while a script is busy.
+    Control,
 }
 
 /// The client's transaction state, and the pinned connection that carries it.
@@ -1324,6 +1326,17 @@ impl State {
                 self.pending.push_back(Pending::Local { bytes, count: 1 });
             }
             Action::Transaction(command) => self.transaction(command, request).await,
+            Action::Control if matches!(self.tx, Tx::Multi { .. }) => {
+                // Queued, as Redis queues it.
+                let timeout = Some(self.config.request_timeout);
+                self.forward_one(request, timeout, None).await;
+            }
+            Action::Control => {
+                self.owe();
+                let suppress = self.take_suppress();
+                let rx = self.client.upstreams().control(request, self.client.resp3);
+                self.await_upstream(rx, Path::Control, suppress);
+            }
             Action::Monitor if matches!(self.tx, Tx::Multi { .. }) => {
                 // Queued in a transaction: Redis refuses it at EXEC.
                 let timeout = Some(self.config.request_timeout);
@@ -1519,14 +1532,20 @@ impl State {
     }
 
     /// A reply slot for a confirmation from the pub/sub hub or a MONITOR connection: push
-    /// output, so CLIENT REPLY OFF does not silence it, and not charged by any actor.
+    /// output, so CLIENT REPLY OFF does not silence it.
     fn await_confirmation(&mut self, rx: oneshot::Receiver<Reply>, path: Path) {
+        self.await_upstream(rx, path, false);
+    }
+
+    /// A reply slot for one reply that comes from elsewhere than an upstream actor: not
+    /// charged to the output budget by anyone (it is one small reply).
+    fn await_upstream(&mut self, rx: oneshot::Receiver<Reply>, path: Path, suppress: bool) {
         self.last_path = Some(path);
         self.unresolved += 1;
         self.pending.push_back(Pending::Upstream {
             rx,
             count: 1,
-            suppress: false,
+            suppress,
             release: None,
             charged: false,
             sent: Instant::now(),
@@ -1655,8 +1674,9 @@ impl State {
             Action::Transaction(_) => held,
             Action::PubSub { .. } => Some(Path::PubSub),
             // Queued in a transaction, else on a connection of its own.
-            Action::Monitor if matches!(self.tx, Tx::Multi { .. }) => held,
+            Action::Monitor | Action::Control if matches!(self.tx, Tx::Multi { .. }) => held,
             Action::Monitor => Some(Path::Monitor),
+            Action::Control => Some(Path::Control),
             Action::Connection
             | Action::Reply(_)
             | Action::Reject(_)

@@ -434,6 +434,10 @@ pub enum Action {
     PubSub { kind: pubsub::Kind, subscribe: bool },
     /// MONITOR.
     Monitor,
+    /// SCRIPT KILL, FUNCTION KILL, FUNCTION STATS: Redis runs them while a script is busy
+    /// (they are flagged `allow_busy`), so they go on a connection opened for them alone,
+    /// never behind the busy script on a shared one.
+    Control,
 }
 
 /// Transaction commands, with the arity that makes Redis change the connection's state (with
@@ -505,7 +509,7 @@ fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Acti
             None => Action::Forward,
         },
         Kind::NulName => Action::Reject(unknown_command(name, args)),
-        Kind::Container => container(name, args),
+        Kind::Container => container(name, args, profile),
         Kind::Debug => match args.next() {
             Some(sub) if keyword_is(sub, b"protocol") => {
                 Action::Reply(not_supported(name, Some("PROTOCOL")))
@@ -547,7 +551,7 @@ fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Acti
 
 /// A container command: refused if its subcommand has a NUL byte, else forwarded, but for the
 /// subcommands redmux answers or refuses itself.
-fn container(name: &[u8], mut args: Args<'_>) -> Action {
+fn container(name: &[u8], mut args: Args<'_>, profile: Profile) -> Action {
     let Some(sub) = args.next() else {
         return Action::Forward;
     };
@@ -560,7 +564,20 @@ fn container(name: &[u8], mut args: Args<'_>) -> Action {
             Action::Reply(not_supported(name, Some("DEBUG")))
         }
         b"acl" if sub.eq_ignore_ascii_case(b"whoami") => Action::Connection,
+        b"script" | b"function" if profile == Profile::Redis && allow_busy(&lower, sub) => {
+            Action::Control
+        }
         _ => Action::Forward,
+    }
+}
+
+/// The subcommands Redis 7 flags `allow_busy` that redmux forwards: they must reach Redis
+/// while a script runs. (AUTH, HELLO, QUIT, RESET and the transaction commands, flagged too,
+/// are answered by redmux or take a pinned connection; SHUTDOWN and REPLCONF are refused.)
+fn allow_busy(container: &[u8], sub: &[u8]) -> bool {
+    match container {
+        b"script" => sub.eq_ignore_ascii_case(b"kill"),
+        _ => sub.eq_ignore_ascii_case(b"kill") || sub.eq_ignore_ascii_case(b"stats"),
     }
 }
 

@@ -176,6 +176,53 @@ async fn slow_redis_below_the_request_timeout() {
     );
 }
 
+/// A runaway script (`EVAL "while true do end" 0`) wedges the shared connection it runs on;
+/// the connection times out, and reconnecting meets `-BUSY`. SCRIPT KILL through redmux
+/// reaches Redis at once on a connection of its own, and every client succeeds again within
+/// 1 s of the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_script_killed_through_redmux() {
+    let _serial = SERIAL.lock().await;
+    // Redis answers -BUSY, and accepts SCRIPT KILL, once a script has run this long.
+    let redis = RedisServer::start_with(&["--busy-reply-threshold", "100"]);
+    let mut redmux = start_redmux(&redis);
+    let checker = start_checker(&redmux, 0).await;
+    let mut runaway = redmux.raw().await;
+    runaway.send("EVAL \"while true do end\" 0\r\n").await;
+    // Long enough for the shared connection to time out and the reconnect to meet -BUSY.
+    tokio::time::sleep(REQUEST_TIMEOUT * 2).await;
+    let mut killer = redmux.raw().await;
+    let asked = Instant::now();
+    assert_eq!(killer.call(&["SCRIPT", "KILL"]).await, "+OK\r\n");
+    let killed = Instant::now();
+    println!(
+        "runaway script: SCRIPT KILL answered in {:?}",
+        killed - asked
+    );
+    assert!(
+        killed - asked < REQUEST_TIMEOUT,
+        "SCRIPT KILL waited behind the script"
+    );
+    assert_eq!(
+        runaway.reply_str().await,
+        "-ERR redmux: upstream request timed out\r\n",
+        "the script ran past request_timeout"
+    );
+    let took = match checker
+        .all_succeeding_since(killed, Duration::from_secs(1))
+        .await
+    {
+        Some(took) => took,
+        None => panic!(
+            "runaway script: not every client succeeded within 1 s of the kill: {}",
+            checker.counts()
+        ),
+    };
+    println!("runaway script: every client succeeding {took:?} after the kill");
+    let report = finish("runaway script", checker, &redis, &mut redmux).await;
+    assert!(report.counts.error > 0, "the script was felt");
+}
+
 /// Mixed traffic with a fault every few seconds against the redmux binary, for 60 s or
 /// `REDMUX_SOAK_SECS`: the counts stay consistent and redmux's memory stays flat.
 /// Run with `cargo test --test reliability -- --ignored soak --nocapture`.

@@ -196,3 +196,93 @@ async fn client_reply_while_watching() {
         ]
     );
 }
+
+/// Waits until Redis answers a direct PING with `-BUSY`: a script has run past
+/// `busy-reply-threshold`.
+async fn wait_busy(redis: &RedisServer) {
+    let deadline = support::Deadline::new();
+    let mut direct = Raw::connect(redis.addr().parse().unwrap()).await;
+    loop {
+        if direct.call(&["PING"]).await.starts_with("-BUSY") {
+            return;
+        }
+        deadline.next_try("Redis busy with the script").await;
+    }
+}
+
+/// One runaway script or function, killed through `killer`: what the script's client got,
+/// what FUNCTION STATS said while it ran, and the kill's reply.
+async fn run_and_kill(
+    redis: &RedisServer,
+    addr: std::net::SocketAddr,
+    run: &[&str],
+    kill: &[&str],
+) -> (String, String, String) {
+    let mut runner = Raw::connect(addr).await;
+    runner
+        .send(redmux::resp::encode_command(
+            run.iter().map(|a| a.as_bytes()),
+        ))
+        .await;
+    wait_busy(redis).await;
+    let mut other = Raw::connect(addr).await;
+    let stats = other.call(&["FUNCTION", "STATS"]).await;
+    let killed = other.call(kill).await;
+    (runner.reply_str().await, stats, killed)
+}
+
+/// SCRIPT KILL, FUNCTION KILL and FUNCTION STATS reach a busy Redis at once through redmux,
+/// and each client gets what it would get directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_scripts_and_functions_are_killed_as_directly() {
+    let redis = RedisServer::start_with(&["--busy-reply-threshold", "100"]);
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut direct = redis.direct();
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(
+            "#!lua name=spinlib\nredis.register_function('spin', function() while true do end end)",
+        )
+        .query(&mut direct)
+        .unwrap();
+    let direct_addr = redis.addr().parse().unwrap();
+    for (run, kill) in [
+        (
+            &["EVAL", "while true do end", "0"][..],
+            &["SCRIPT", "KILL"][..],
+        ),
+        (&["FCALL", "spin", "0"][..], &["FUNCTION", "KILL"][..]),
+    ] {
+        let expected = run_and_kill(&redis, direct_addr, run, kill).await;
+        let got = run_and_kill(&redis, redmux.addr, run, kill).await;
+        assert_eq!(got.0, expected.0, "{run:?}: the script's own reply");
+        assert_eq!(got.2, "+OK\r\n", "{kill:?}");
+        assert_eq!(got.2, expected.2);
+        let without_duration = |stats: &str| -> String {
+            match stats.split_once("duration_ms\r\n:") {
+                Some((head, tail)) => {
+                    format!(
+                        "{head}duration_ms\r\n:N{}",
+                        &tail[tail.find('\r').unwrap_or(0)..]
+                    )
+                }
+                None => stats.to_owned(),
+            }
+        };
+        assert_eq!(
+            without_duration(&got.1),
+            without_duration(&expected.1),
+            "FUNCTION STATS while busy"
+        );
+        if run[0] == "FCALL" {
+            assert!(
+                got.1.starts_with("*4\r\n$14\r\nrunning_script\r\n*6\r\n"),
+                "FUNCTION STATS while a function runs: {:?}",
+                got.1
+            );
+        }
+        // Redis is free again, and so is redmux's shared connection.
+        let mut raw = redmux.raw().await;
+        assert_eq!(raw.call(&["PING"]).await, "+PONG\r\n");
+    }
+}

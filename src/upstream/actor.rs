@@ -26,7 +26,7 @@ use tokio::{
 use tracing::{debug, info, warn, Instrument};
 
 use super::{
-    connect::{connect, Reader, Writer},
+    connect::{connect, ConnectError, Reader, Writer},
     ActorSnapshot, Budget, Endpoint, Replies, Reply, Request, Setup, Target, Timeouts,
     UpstreamError,
 };
@@ -50,6 +50,10 @@ const BY_REFERENCE: usize = 4 * 1024;
 /// Exponential reconnect backoff: first delay and cap.
 const BACKOFF_FIRST: Duration = Duration::from_millis(10);
 const BACKOFF_CAP: Duration = Duration::from_secs(1);
+/// Delay before trying again after a handshake answered `-BUSY`: Redis is up and serves again
+/// the moment its script ends or is killed, so waiting for the backoff's cap would only delay
+/// the recovery.
+const BUSY_RETRY: Duration = Duration::from_millis(25);
 
 /// What an actor's connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,6 +209,16 @@ impl Actor {
                             debug!(%why, failures, "upstream connection lost before any reply");
                         }
                     }
+                }
+                Err(error @ ConnectError::Busy { .. }) => {
+                    if failures == 0 {
+                        warn!(%error, "upstream busy; retrying until the script ends");
+                    }
+                    failures = 1;
+                    if self.while_disconnected(sleep(BUSY_RETRY)).await.is_none() {
+                        return;
+                    }
+                    continue;
                 }
                 // One warning per outage, not one per retry.
                 Err(error) if failures == 0 => {

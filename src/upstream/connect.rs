@@ -36,6 +36,10 @@ pub enum ConnectError {
     },
     #[error("upstream sent a malformed reply during the handshake")]
     Malformed,
+    /// Redis is running a script or function past `busy-reply-threshold`, and refuses all but
+    /// a few commands until it ends or is killed: worth retrying soon.
+    #[error("upstream is busy running a script (answered {command} with -BUSY)")]
+    Busy { command: &'static str },
 }
 
 /// What to do on a new connection before it carries client requests.
@@ -192,20 +196,11 @@ async fn handshake(
     let mut buf = BytesMut::with_capacity(256);
     let mut scanner = ReplyScanner::new();
     for step in steps {
-        let end = loop {
-            if let Some(end) = scanner
-                .next_reply(&buf)
-                .map_err(|_| ConnectError::Malformed)?
-            {
-                break end;
-            }
-            if reader.read_buf(&mut buf).await? == 0 {
-                return Err(ConnectError::Closed);
-            }
-        };
-        let reply = buf.split_to(end);
-        scanner.consumed(end);
+        let reply = read_reply(reader, &mut buf, &mut scanner).await?;
         if !step.expect.accepts(&reply) {
+            if reply.starts_with(b"-BUSY") {
+                return Err(ConnectError::Busy { command: step.name });
+            }
             let reply = String::from_utf8_lossy(&reply).trim_end().to_owned();
             return Err(ConnectError::Rejected {
                 command: step.name,
@@ -214,4 +209,24 @@ async fn handshake(
         }
     }
     Ok(())
+}
+
+/// Reads the next whole reply from `reader`, buffering in `buf`.
+pub(super) async fn read_reply(
+    reader: &mut Reader,
+    buf: &mut BytesMut,
+    scanner: &mut ReplyScanner,
+) -> Result<Bytes, ConnectError> {
+    loop {
+        if let Some(end) = scanner
+            .next_reply(buf)
+            .map_err(|_| ConnectError::Malformed)?
+        {
+            scanner.consumed(end);
+            return Ok(buf.split_to(end).freeze());
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(ConnectError::Closed);
+        }
+    }
 }

@@ -18,6 +18,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
+    io::AsyncWriteExt,
     sync::{mpsc, oneshot, watch},
     time::Instant,
 };
@@ -34,6 +35,7 @@ use crate::{
     embedded,
     metrics::Metrics,
     pubsub::{self, PubSub},
+    resp::ReplyScanner,
 };
 
 /// Messages a shared actor's channel holds at most. Each may carry a whole pipeline of one client.
@@ -391,6 +393,44 @@ impl Upstreams {
             .await
             .map_err(|_| UpstreamError::Unavailable)?;
         Ok((reader, writer, slot))
+    }
+
+    /// Sends one request on a connection opened for it alone, and closes that connection after
+    /// the reply. For SCRIPT KILL, FUNCTION KILL and FUNCTION STATS, which Redis runs while a
+    /// script is busy: they must not wait behind that script on a shared connection. The
+    /// connection is set up with only what Redis accepts then (AUTH, and HELLO for RESP3), and
+    /// holds one of the `max_pinned` slots while it lives.
+    pub fn control(&self, request: Bytes, resp3: bool) -> oneshot::Receiver<Reply> {
+        let (reply, rx) = oneshot::channel();
+        let upstreams = self.clone();
+        tokio::spawn(async move {
+            let _ = reply.send(upstreams.control_call(request, resp3).await);
+        });
+        rx
+    }
+
+    async fn control_call(&self, request: Bytes, resp3: bool) -> Reply {
+        let inner = &self.inner;
+        let _slot = pool::slot(self).await?;
+        let setup = Setup {
+            db: 0,
+            resp3,
+            ping: false,
+        };
+        let (mut reader, mut writer) = connect(&inner.endpoint, setup, inner.timeouts.connect)
+            .await
+            .map_err(|_| UpstreamError::Unavailable)?;
+        let exchange = async {
+            writer.write_all(&request).await?;
+            writer.flush().await?;
+            let mut buf = BytesMut::new();
+            connect::read_reply(&mut reader, &mut buf, &mut ReplyScanner::new()).await
+        };
+        match tokio::time::timeout(inner.timeouts.request, exchange).await {
+            Ok(Ok(reply)) => Ok(reply.into()),
+            Ok(Err(_)) => Err(UpstreamError::ConnectionLost),
+            Err(_) => Err(UpstreamError::Timeout),
+        }
     }
 
     /// Starts an actor for `target` on `rx`, and registers its figures.

@@ -449,9 +449,14 @@ fn integer(reply: &[u8]) -> Option<u64> {
         .ok()
 }
 
-/// A redmux error: `Some(true)` if the request may have run, `Some(false)` if it surely did not.
+/// An error reply: `Some(true)` if the request may have run, `Some(false)` if it surely did
+/// not. Besides redmux's own, Redis's `-BUSY` (a script is running: the command was refused)
+/// and `-EXECABORT` (the transaction was discarded) say the request did not run.
 fn redmux_error(reply: &[u8]) -> Option<bool> {
-    if reply == b"-ERR redmux: upstream unavailable\r\n" {
+    if reply == b"-ERR redmux: upstream unavailable\r\n"
+        || reply.starts_with(b"-BUSY ")
+        || reply.starts_with(b"-EXECABORT ")
+    {
         Some(false)
     } else if reply.starts_with(b"-ERR redmux: upstream ") {
         Some(true)
