@@ -36,6 +36,11 @@ impl Users {
         }
     }
 
+    /// No `[auth]` at all: redmux passes AUTH through, for Redis to check.
+    pub fn pass_through(&self) -> bool {
+        self.default.is_none() && self.named.is_empty()
+    }
+
     /// Whether a new client must authenticate before anything else.
     pub fn required(&self) -> bool {
         self.default.is_some()

@@ -47,7 +47,7 @@ use crate::{
     outgoing::write_some,
     pubsub,
     resp::{encode_command, Args, Frame, Limits, RequestDecoder},
-    upstream::{Budget, Lease, Reply, Request, Target, UpstreamError},
+    upstream::{Budget, Lease, Replies, Reply, Request, UpstreamError},
 };
 
 /// Read size for client sockets.
@@ -111,10 +111,21 @@ enum Pending {
         /// A blocking command, whose reply may never come: a client that closes its side
         /// while owed one is dropped at once, as Redis drops a blocked client that leaves.
         blocking: bool,
-        /// An EXEC whose transaction selects this database: the client is in it once the
-        /// transaction has run.
-        exec_db: Option<u32>,
+        /// What to do with the reply besides passing it on. Boxed: it is rare.
+        then: Option<Box<Then>>,
     },
+}
+
+/// What to do once an upstream reply is in, besides passing it on.
+#[derive(Debug)]
+enum Then {
+    /// An EXEC whose transaction selects this database: the client is in it once the
+    /// transaction has run.
+    Select(u32),
+    /// Redis's reply to the AUTH that a connection command (AUTH, HELLO) asked it to check
+    /// ([`Effect::Check`]): the command is handled again with it, and its reply replaces
+    /// Redis's.
+    Replay(Bytes),
 }
 
 /// Where a client's requests travel. Redis runs what arrives on one connection in order, but
@@ -123,10 +134,14 @@ enum Pending {
 /// the same, which is the hot path, this costs one comparison per batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
-    /// The shared connection of this (db, protocol).
-    Shared(Target),
-    /// A pinned connection, by lease.
-    Pinned(u64),
+    /// The client's shared connection, by the number of moves the client has made (see
+    /// `ClientState::moves`).
+    Shared(u32),
+    /// The connection AUTH is checked on.
+    Auth,
+    /// A pinned connection, by lease (the low bits of its id are enough to tell it from the
+    /// previous path).
+    Pinned(u32),
     /// A pinned connection not leased yet: a path of its own, whatever came before.
     NewPinned,
     /// The pub/sub hub's subscriber connection.
@@ -163,6 +178,9 @@ struct Subscriptions {
     shard: Vec<Bytes>,
     /// Present while subscribed to anything. Closed by the hub when it cuts the client off.
     inbox: Option<Feed>,
+    /// The hub of the client's subscriptions, from the first: that of the user the client
+    /// was logged in as then, whose channel permissions Redis applies.
+    hub: Option<pubsub::PubSub>,
 }
 
 /// Frames pushed to the client from elsewhere (pub/sub messages, the MONITOR feed), bounded in
@@ -233,8 +251,10 @@ struct Batch {
     release: Option<Lease>,
     /// A blocking command (see `Pending::Upstream::blocking`).
     blocking: bool,
-    /// See `Pending::Upstream::exec_db`.
-    exec_db: Option<u32>,
+    /// See `Pending::Upstream::then`.
+    then: Option<Box<Then>>,
+    /// The connection AUTH is checked on, where it goes instead of the client's current one.
+    via: Option<mpsc::Sender<Request>>,
 }
 
 /// A client socket that can be read and written at once through borrowed halves: for TCP and
@@ -716,10 +736,10 @@ fn serve<'a, S: Duplex>(
             tokio::select! {
                 biased;
                 reply = front_reply(&mut this.pending), if waiting_upstream => {
-                    if let Some(Pending::Upstream { count, suppress, release, charged, sent, exec_db, .. }) = this.pending.pop_front() {
+                    if let Some(Pending::Upstream { count, suppress, release, charged, sent, then, .. }) = this.pending.pop_front() {
                         this.unresolved -= 1;
                         let reply = reply.unwrap_or(Err(UpstreamError::ConnectionLost));
-                        this.exec_ran(&reply, exec_db);
+                        let (reply, charged) = this.then(then, reply, charged);
                         this.deliver(reply, count, suppress, release, charged, sent);
                     }
                 }
@@ -957,31 +977,64 @@ impl State {
                 release,
                 charged,
                 sent,
-                exec_db,
+                then,
                 ..
             }) = self.pending.pop_front()
             {
                 self.unresolved -= 1;
-                self.exec_ran(&reply, exec_db);
+                let (reply, charged) = self.then(then, reply, charged);
                 self.deliver(reply, count, suppress, release, charged, sent);
             }
         }
     }
 
-    /// An EXEC that selects `db` is answered: if its transaction ran (an array, not a null or
-    /// an error), the client is in `db` now, as Redis's SELECT left it.
-    fn exec_ran(&mut self, reply: &Reply, db: Option<u32>) {
-        let (Some(db), Ok(replies)) = (db, reply) else {
-            return;
-        };
-        let ran = replies.bytes.first() == Some(&b'*') && !replies.bytes.starts_with(b"*-1");
-        if ran {
-            if let Err(error) = self.client.set_db(db) {
-                // The db the transaction left the client in has no shared connection: the
-                // client cannot go on where Redis would have it.
-                warn!(%error, "cannot follow a SELECT run in a transaction; closing");
-                self.abort = true;
+    /// Does what a reply was awaited for (see [`Then`]); returns the reply to pass on, and
+    /// whether it is charged to the output budget.
+    fn then(&mut self, then: Option<Box<Then>>, reply: Reply, charged: bool) -> (Reply, bool) {
+        match (then.map(|then| *then), reply) {
+            // An EXEC that selects `db` ran (an array, not a null or an error): the client is
+            // in `db` now, as Redis's SELECT left it.
+            (Some(Then::Select(db)), Ok(replies)) => {
+                let ran =
+                    replies.bytes.first() == Some(&b'*') && !replies.bytes.starts_with(b"*-1");
+                if ran {
+                    if let Err(error) = self.client.set_db(db) {
+                        // The db the transaction left the client in has no shared connection:
+                        // the client cannot go on where Redis would have it.
+                        warn!(%error, "cannot follow a SELECT run in a transaction; closing");
+                        self.abort = true;
+                    }
+                }
+                (Ok(replies), charged)
             }
+            (Some(Then::Replay(request)), Ok(replies)) => {
+                if charged {
+                    self.budget.refund(replies.bytes.len());
+                }
+                let mut args = Args::new(&request);
+                let name = args.next().unwrap_or_default();
+                let (bytes, effect) = self.client.handle(name, args, Some(&replies.bytes));
+                self.decoder.set_unauthenticated(!self.client.authenticated);
+                let bytes = match effect {
+                    Effect::AuthFailed => {
+                        self.auth_failed();
+                        bytes
+                    }
+                    // Only one check is asked for a command.
+                    Effect::Check(_) => error_reply("redmux: AUTH could not be checked"),
+                    Effect::None | Effect::Reset => bytes,
+                };
+                let errors = u64::from(bytes.first() == Some(&b'-'));
+                (Ok(Replies { bytes, errors }), false)
+            }
+            (_, reply) => (reply, charged),
+        }
+    }
+
+    /// A failed AUTH, for the metrics.
+    fn auth_failed(&self) {
+        if let Some(metrics) = &self.config.metrics {
+            metrics.auth_failed();
         }
     }
 
@@ -1265,6 +1318,17 @@ impl State {
                 self.abort = true;
                 return false;
             }
+            Action::Connection
+                if self.client.pass_through()
+                    && Args::new(&request)
+                        .next()
+                        .is_some_and(|name| name.eq_ignore_ascii_case(b"acl")) =>
+            {
+                // ACL WHOAMI: the client's connection is logged in as its user, so Redis
+                // answers it, and checks it against that user's permissions.
+                let timeout = Some(self.config.request_timeout);
+                self.forward_one(request, timeout, None).await;
+            }
             Action::Connection => {
                 let mut args = Args::new(&request);
                 let name = args.next().unwrap_or_default();
@@ -1272,8 +1336,16 @@ impl State {
                 // it) silences it; `CLIENT REPLY ON` is answered.
                 let skip = self.client.reply_mode == ReplyMode::Skip;
                 let before = self.client.target();
-                let (reply, effect) = self.client.handle(name, args);
+                let (reply, effect) = self.client.handle(name, args, None);
                 self.decoder.set_unauthenticated(!self.client.authenticated);
+                match effect {
+                    Effect::Check(auth) => {
+                        self.check_auth(auth, request).await;
+                        return true;
+                    }
+                    Effect::AuthFailed => self.auth_failed(),
+                    Effect::None | Effect::Reset => {}
+                }
                 if let Tx::Watching(_) = &self.tx {
                     // The watching connection follows the client's db and protocol, so the
                     // commands it carries run where Redis would run them (the watched keys
@@ -1334,7 +1406,10 @@ impl State {
             Action::Control => {
                 self.owe();
                 let suppress = self.take_suppress();
-                let rx = self.client.upstreams().control(request, self.client.resp3);
+                let rx = self
+                    .client
+                    .upstreams()
+                    .control(request, self.client.target());
                 self.await_upstream(rx, Path::Control, suppress);
             }
             Action::Monitor if matches!(self.tx, Tx::Multi { .. }) => {
@@ -1350,7 +1425,8 @@ impl State {
             }
             Action::Monitor => {
                 let (feed, inbox) = Feed::new(self.config.output_limit());
-                let rx = monitor::start(self.client.upstreams(), inbox).await;
+                let identity = self.client.identity();
+                let rx = monitor::start(self.client.upstreams(), identity, inbox).await;
                 self.monitor = Some(feed);
                 self.owe();
                 self.await_confirmation(rx, Path::Monitor);
@@ -1402,6 +1478,38 @@ impl State {
             }
         }
         true
+    }
+
+    /// AUTH, or HELLO with AUTH, when Redis checks the credentials: `auth` goes on the
+    /// connection AUTH is checked on (on the client's own watching connection while it
+    /// watches, which Redis then logs in too), and the command is handled again once Redis has
+    /// answered. Nothing after it runs before that: it may change who the client is.
+    async fn check_auth(&mut self, auth: Bytes, request: Bytes) {
+        let name = Args::new(&request).next().unwrap_or_default();
+        let refusal = if self.subs.hub.is_some() {
+            Some("redmux: AUTH while subscribed is not supported")
+        } else if matches!(self.tx, Tx::Watching(_)) && name.eq_ignore_ascii_case(b"hello") {
+            Some("redmux: HELLO with AUTH while watching is not supported")
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            return self.reply_locally(error_reply(refusal));
+        }
+        let via = match self.tx {
+            Tx::None => Some(self.client.upstreams().auth_checker()),
+            _ => None,
+        };
+        let batch = Batch {
+            frames: auth,
+            count: 1,
+            timeout: Some(self.config.request_timeout),
+            then: Some(Box::new(Then::Replay(request))),
+            via,
+            ..Batch::default()
+        };
+        self.sync = true;
+        self.forward(batch).await;
     }
 
     /// MULTI, EXEC, DISCARD, WATCH, UNWATCH (with the arity that changes state).
@@ -1460,7 +1568,7 @@ impl State {
                     count: 1,
                     timeout,
                     release: Some(lease),
-                    exec_db: db,
+                    then: db.map(|db| Box::new(Then::Select(db))),
                     ..Batch::default()
                 };
                 self.forward(batch).await;
@@ -1522,10 +1630,15 @@ impl State {
                 Some(inbox)
             }
         };
-        let rx = self
-            .client
-            .upstreams()
-            .pubsub()
+        let hub = match &self.subs.hub {
+            Some(hub) => hub.clone(),
+            None => {
+                let hub = self.client.upstreams().pubsub(self.client.identity());
+                self.subs.hub = Some(hub.clone());
+                hub
+            }
+        };
+        let rx = hub
             .subscribe(self.client.id, kind, new, inbox, confirmation)
             .await;
         self.await_confirmation(rx, Path::PubSub);
@@ -1550,7 +1663,7 @@ impl State {
             charged: false,
             sent: Instant::now(),
             blocking: false,
-            exec_db: None,
+            then: None,
         });
     }
 
@@ -1577,15 +1690,12 @@ impl State {
             let count = self.subs.count(kind);
             reply.extend_from_slice(&self.push_frame(verb, None, count));
         }
-        if !removed.is_empty() {
-            self.client
-                .upstreams()
-                .pubsub()
-                .unsubscribe(self.client.id, kind, removed)
-                .await;
+        if let (false, Some(hub)) = (removed.is_empty(), &self.subs.hub) {
+            hub.unsubscribe(self.client.id, kind, removed).await;
         }
         if !self.subs.active() {
             self.subs.inbox = None;
+            self.subs.hub = None;
         }
         self.owe();
         self.pending.push_back(Pending::Local {
@@ -1596,9 +1706,8 @@ impl State {
 
     /// Drops every subscription (RESET, or the client leaving).
     async fn leave_pubsub(&mut self) {
-        if self.subs.inbox.is_some() {
-            self.subs = Subscriptions::default();
-            self.client.upstreams().pubsub().leave(self.client.id).await;
+        if let Some(hub) = std::mem::take(&mut self.subs).hub {
+            hub.leave(self.client.id).await;
         }
     }
 
@@ -1658,7 +1767,7 @@ impl State {
     fn current_path(&self) -> Path {
         match self.held() {
             Some(lease) => Path::Pinned(lease.id()),
-            None => Path::Shared(self.client.target()),
+            None => Path::Shared(self.client.moves),
         }
     }
 
@@ -1757,16 +1866,15 @@ impl State {
             timeout,
             release,
             blocking,
-            exec_db,
+            then,
+            via,
         } = batch;
-        let (destination, path) = match (&release, self.held()) {
-            (Some(lease), _) | (None, Some(lease)) => {
+        let (destination, path) = match (via, &release, self.held()) {
+            (Some(via), _, _) => (via, Path::Auth),
+            (None, Some(lease), _) | (None, None, Some(lease)) => {
                 (lease.sender().clone(), Path::Pinned(lease.id()))
             }
-            (None, None) => (
-                self.client.shared.clone(),
-                Path::Shared(self.client.target()),
-            ),
+            (None, None, None) => (self.client.shared.clone(), Path::Shared(self.client.moves)),
         };
         self.last_path = Some(path);
         let handed_at = Instant::now();
@@ -1806,7 +1914,7 @@ impl State {
                     charged: true,
                     sent: handed_at,
                     blocking,
-                    exec_db,
+                    then,
                 }
             } else {
                 Pending::Local {

@@ -317,7 +317,7 @@ pub enum LogFormat {
 }
 
 /// A password: kept out of `Debug` output and logs.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
 

@@ -18,8 +18,10 @@ use tokio::sync::mpsc;
 use crate::{
     auth::{AuthError, Users},
     command::{c_string, error_reply, keyword_is, Profile},
+    config::Secret,
+    resp::encode_command,
     resp::{parse_int, Args},
-    upstream::{Request, Target, UpstreamError, Upstreams},
+    upstream::{Credentials, Identity, Request, Target, UpstreamError, Upstreams},
 };
 
 /// What Redis version redmux reports in HELLO: the reference it follows.
@@ -89,8 +91,18 @@ impl Addresses {
 struct Names {
     /// CLIENT SETNAME.
     name: Option<Box<[u8]>>,
-    /// The user it logged in as, if not `default`.
-    user: Option<Box<str>>,
+    /// Who it logged in as, if anyone.
+    login: Option<Login>,
+}
+
+/// Who a client logged in as.
+#[derive(Debug)]
+enum Login {
+    /// A named user of `[auth]`, checked by redmux.
+    Local(Box<str>),
+    /// A Redis user, checked by Redis (no `[auth]`): its commands run as that user. `None`
+    /// when that is redmux's own login, whose connections it then shares.
+    Upstream(Box<str>, Option<Identity>),
 }
 
 /// Seconds on a clock that starts with the first client. CLIENT INFO's `age` needs no finer
@@ -118,6 +130,9 @@ pub struct ClientState {
     users: Arc<Users>,
     /// The client may run commands: it has authenticated, or no password is required.
     pub authenticated: bool,
+    /// Counts the client's moves from one shared connection to another: requests sent after
+    /// a move take another path (see the session's barrier).
+    pub moves: u32,
     names: Option<Box<Names>>,
 }
 
@@ -127,7 +142,16 @@ pub enum Effect {
     None,
     /// RESET: drop any transaction or pinned connection as well.
     Reset,
+    /// AUTH failed (counted in the metrics).
+    AuthFailed,
+    /// No `[auth]`: Redis checks the credentials. Send this AUTH request on a connection that
+    /// carries nothing else (or on the client's own watching connection), then call
+    /// [`ClientState::handle`] again with the command and Redis's reply.
+    Check(Bytes),
 }
+
+/// Redis's answer to the AUTH that [`Effect::Check`] asked for, if it has come.
+pub type Checked<'a> = Option<&'a [u8]>;
 
 impl ClientState {
     pub fn new(
@@ -148,7 +172,8 @@ impl ClientState {
             no_evict: false,
             addresses: Addresses::new(peer),
             since: clock(),
-            shared: upstreams.shared(target, id)?,
+            shared: upstreams.shared(&target, id)?,
+            moves: 0,
             upstreams,
         })
     }
@@ -158,7 +183,10 @@ impl ClientState {
     /// to authenticate need not once no password is required. `false` if the client is logged
     /// in as a named user that no longer exists: it must be closed.
     pub fn set_users(&mut self, users: Arc<Users>) -> bool {
-        let exists = self.user().is_none_or(|user| users.exists(user));
+        let exists = match self.names.as_ref().and_then(|names| names.login.as_ref()) {
+            Some(Login::Local(user)) => users.exists(user),
+            _ => true,
+        };
         self.authenticated |= !users.required();
         self.users = users;
         exists
@@ -174,16 +202,28 @@ impl ClientState {
         self.names.as_ref()?.name.as_deref()
     }
 
-    /// The user the client is logged in as, if not `default`.
-    fn user(&self) -> Option<&str> {
-        self.names.as_ref()?.user.as_deref()
+    /// The user the client's commands run as, as ACL WHOAMI and CLIENT INFO name it.
+    pub fn user(&self) -> &str {
+        match self.names.as_ref().and_then(|names| names.login.as_ref()) {
+            Some(Login::Local(user) | Login::Upstream(user, _)) => user,
+            None if self.users.pass_through() => self.upstreams.own_user(),
+            None => "default",
+        }
     }
 
-    /// Sets the name or the user, keeping the box only while one of them is set.
+    /// The client's own Redis login, when its commands run as a user other than redmux's.
+    pub fn identity(&self) -> Option<&Identity> {
+        match self.names.as_ref()?.login.as_ref()? {
+            Login::Upstream(_, identity) => identity.as_ref(),
+            Login::Local(_) => None,
+        }
+    }
+
+    /// Sets the name or the login, keeping the box only while one of them is set.
     fn set_names(&mut self, set: impl FnOnce(&mut Names)) {
         let mut names = self.names.take().unwrap_or_default();
         set(&mut names);
-        if names.name.is_some() || names.user.is_some() {
+        if names.name.is_some() || names.login.is_some() {
             self.names = Some(names);
         }
     }
@@ -192,26 +232,34 @@ impl ClientState {
         Target {
             db: self.db,
             resp3: self.resp3,
+            identity: self.identity().cloned(),
         }
     }
 
     /// Moves the client to the shared connection for `target`; nothing changes on error.
     fn switch(&mut self, target: Target) -> Result<(), UpstreamError> {
         if target != self.target() {
-            self.shared = self.upstreams.shared(target, self.id)?;
+            self.shared = self.upstreams.shared(&target, self.id)?;
             self.db = target.db;
             self.resp3 = target.resp3;
+            self.moves = self.moves.wrapping_add(1);
         }
         Ok(())
     }
 
-    /// Answers SELECT, HELLO, AUTH, CLIENT or RESET (`name` is one of them).
-    pub fn handle(&mut self, name: &[u8], mut args: Args<'_>) -> (Bytes, Effect) {
+    /// Answers SELECT, HELLO, AUTH, CLIENT, RESET or ACL WHOAMI (`name` is one of them).
+    /// `checked`: Redis's reply to the AUTH an earlier call asked for ([`Effect::Check`]).
+    pub fn handle(
+        &mut self,
+        name: &[u8],
+        mut args: Args<'_>,
+        checked: Checked<'_>,
+    ) -> (Bytes, Effect) {
         let lower = name.to_ascii_lowercase();
         let reply = match lower.as_slice() {
             b"select" => self.select(args),
-            b"hello" => self.hello(args),
-            b"auth" => self.auth(args),
+            b"hello" => return self.hello(args, checked),
+            b"auth" => return self.auth(args, checked),
             b"reset" => {
                 if args.remaining() != 0 {
                     return (arity("reset"), Effect::None);
@@ -229,7 +277,7 @@ impl ClientState {
                 if args.remaining() != 0 {
                     return (arity("acl|whoami"), Effect::None);
                 }
-                bulk_bytes(self.user().unwrap_or("default").as_bytes())
+                bulk_bytes(self.user().as_bytes())
             }
             _ => error_reply("redmux: not a connection command"),
         };
@@ -252,6 +300,11 @@ impl ClientState {
             db,
             ..self.target()
         })
+    }
+
+    /// Whether Redis checks AUTH (no `[auth]`).
+    pub fn pass_through(&self) -> bool {
+        self.users.pass_through()
     }
 
     /// The database a SELECT with these arguments selects, or the error Redis gives for them.
@@ -279,55 +332,74 @@ impl ClientState {
     }
 
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`, options processed left to right.
-    fn hello(&mut self, mut args: Args<'_>) -> Bytes {
+    fn hello(&mut self, mut args: Args<'_>, checked: Checked<'_>) -> (Bytes, Effect) {
         let mut resp3 = self.resp3;
         if let Some(version) = args.next() {
             match parse_int(version) {
                 Some(2) => resp3 = false,
                 Some(3) => resp3 = true,
-                Some(_) => return raw_error("NOPROTO unsupported protocol version"),
-                None => return error_reply("Protocol version is not an integer or out of range"),
+                Some(_) => {
+                    return (
+                        raw_error("NOPROTO unsupported protocol version"),
+                        Effect::None,
+                    )
+                }
+                None => {
+                    let error = error_reply("Protocol version is not an integer or out of range");
+                    return (error, Effect::None);
+                }
             }
         }
         // Options left to right, as Redis 7.0's `helloCommand` takes them: each takes effect at
         // once, and a failing one ends the command, so a SETNAME after a failed AUTH is not
-        // applied, and one before it is.
+        // applied, and one before it is. When Redis checks AUTH, the command stops at the AUTH
+        // and is handled again, from the start, with Redis's reply: a SETNAME before it is
+        // then set again, to the same name.
+        let mut checks = 0;
         while let Some(option) = args.next() {
             // Compared as Redis compares them (`strcasecmp`, up to a NUL).
             if keyword_is(option, b"auth") && args.remaining() >= 2 {
                 if let Some((user, password)) = args.next().zip(args.next()) {
-                    if let Err(error) = self.login(Some(user), password) {
-                        return error;
+                    checks += 1;
+                    if checks > 1 && self.users.pass_through() {
+                        let error = "redmux: HELLO with more than one AUTH option is not supported";
+                        return (error_reply(error), Effect::None);
+                    }
+                    if let Err(failed) = self.login(Some(user), password, checked) {
+                        return failed;
                     }
                 }
             } else if keyword_is(option, b"setname") && args.remaining() >= 1 {
                 let Some(name) = args.next() else { break };
                 if let Err(error) = self.set_name(name) {
-                    return error;
+                    return (error, Effect::None);
                 }
             } else {
                 let option = c_string(option);
                 let option = String::from_utf8_lossy(&option[..option.len().min(128)]);
-                return error_reply(&format!("Syntax error in HELLO option '{option}'"));
+                let error = error_reply(&format!("Syntax error in HELLO option '{option}'"));
+                return (error, Effect::None);
             }
         }
         if !self.authenticated {
-            return raw_error(
+            let error = raw_error(
                 "NOAUTH HELLO must be called with the client already authenticated, otherwise \
                  the HELLO AUTH <user> <pass> option can be used to authenticate the client and \
                  select the RESP protocol version at the same time",
             );
+            return (error, Effect::None);
         }
         if resp3 && self.upstreams.profile() == Profile::Embedded {
-            return raw_error("NOPROTO the embedded upstream speaks only RESP2");
+            let error = raw_error("NOPROTO the embedded upstream speaks only RESP2");
+            return (error, Effect::None);
         }
         if let Err(error) = self.switch(Target {
             resp3,
             ..self.target()
         }) {
-            return error_reply(&error.to_string());
+            return (error_reply(&error.to_string()), Effect::None);
         }
-        self.hello_reply()
+        (self.hello_reply(), Effect::None)
     }
 
     fn hello_reply(&self) -> Bytes {
@@ -468,29 +540,81 @@ impl ClientState {
              obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|info user={} redir=-1 resp={}\n",
             self.id,
             self.db,
-            self.user().unwrap_or("default"),
+            self.user(),
             if self.resp3 { 3 } else { 2 }
         )
     }
 
     /// `AUTH password` or `AUTH user password`, as Redis 7 answers them.
-    fn auth(&mut self, mut args: Args<'_>) -> Bytes {
-        let result = match (args.remaining(), args.next(), args.next()) {
-            (0, _, _) => return arity("auth"),
-            (1, Some(password), _) => self.login(None, password),
-            (2, Some(user), Some(password)) => self.login(Some(user), password),
-            _ => return error_reply("syntax error"),
+    fn auth(&mut self, mut args: Args<'_>, checked: Checked<'_>) -> (Bytes, Effect) {
+        let (user, password) = match (args.remaining(), args.next(), args.next()) {
+            (0, _, _) => return (arity("auth"), Effect::None),
+            (1, Some(password), _) => (None, password),
+            (2, Some(user), Some(password)) => (Some(user), password),
+            _ => return (error_reply("syntax error"), Effect::None),
         };
-        result.err().unwrap_or_else(ok)
+        match self.login(user, password, checked) {
+            Ok(()) => (ok(), Effect::None),
+            Err(failed) => failed,
+        }
     }
 
-    /// Checks credentials; on success the client is that user. A failure changes nothing.
-    fn login(&mut self, user: Option<&[u8]>, password: &[u8]) -> Result<(), Bytes> {
+    /// Logs the client in as `user` (`default` if `None`). With `[auth]`, redmux checks the
+    /// password; without, Redis does: the first call asks for that check ([`Effect::Check`]),
+    /// and the call made with Redis's reply logs the client in, so that its commands run as
+    /// that user from then on. A failure changes nothing.
+    fn login(
+        &mut self,
+        user: Option<&[u8]>,
+        password: &[u8],
+        checked: Checked<'_>,
+    ) -> Result<(), (Bytes, Effect)> {
+        if !self.users.pass_through() {
+            return self
+                .login_locally(user, password)
+                .map_err(|error| (error, Effect::AuthFailed));
+        }
+        let (Ok(name), Ok(secret)) = (
+            std::str::from_utf8(user.unwrap_or(b"default")),
+            std::str::from_utf8(password),
+        ) else {
+            let error = "redmux: a user name or password that is not UTF-8 is not supported";
+            return Err((error_reply(error), Effect::None));
+        };
+        let reply = match checked {
+            None => {
+                // The one-argument form stays so: Redis's answer to it differs.
+                let request = match user {
+                    Some(user) => encode_command([&b"AUTH"[..], user, password]),
+                    None => encode_command([&b"AUTH"[..], password]),
+                };
+                return Err((Bytes::new(), Effect::Check(request)));
+            }
+            Some(reply) => reply,
+        };
+        if reply != b"+OK\r\n" {
+            return Err((Bytes::copy_from_slice(reply), Effect::AuthFailed));
+        }
+        let identity = self.upstreams.identity(Credentials {
+            user: name.into(),
+            password: Secret::new(secret),
+        });
+        self.switch(Target {
+            identity: identity.clone(),
+            ..self.target()
+        })
+        .map_err(|error| (error_reply(&error.to_string()), Effect::None))?;
+        self.set_names(|names| names.login = Some(Login::Upstream(name.into(), identity)));
+        Ok(())
+    }
+
+    /// Checks credentials against `[auth]`; on success the client is that user.
+    fn login_locally(&mut self, user: Option<&[u8]>, password: &[u8]) -> Result<(), Bytes> {
         match self.users.check(user, password) {
             Ok(name) => {
                 self.authenticated = true;
-                let user = (name != "default").then(|| name.into_boxed_str());
-                self.set_names(|names| names.user = user);
+                let login = (name != "default").then(|| Login::Local(name.into_boxed_str()));
+                self.set_names(|names| names.login = login);
                 Ok(())
             }
             Err(AuthError::NoDefaultPassword) => Err(error_reply(

@@ -83,6 +83,8 @@ pub struct Metrics {
     upstream_connects: AtomicU64,
     upstream_connect_failures: AtomicU64,
     upstream_disconnects: AtomicU64,
+    /// AUTH (or HELLO AUTH) refused, by redmux or by Redis.
+    auth_failures: AtomicU64,
     /// Indexed by [`CommandId::index`].
     commands: Box<[CommandStats]>,
 }
@@ -117,6 +119,7 @@ impl Metrics {
             upstream_connects: AtomicU64::new(0),
             upstream_connect_failures: AtomicU64::new(0),
             upstream_disconnects: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
             commands: (0..CommandId::COUNT)
                 .map(|_| CommandStats::default())
                 .collect(),
@@ -144,6 +147,11 @@ impl Metrics {
             Rejection::TlsHandshake => &self.rejected_tls_handshake,
         }
         .fetch_add(1, Relaxed);
+    }
+
+    /// A client's AUTH was refused.
+    pub fn auth_failed(&self) {
+        self.auth_failures.fetch_add(1, Relaxed);
     }
 
     pub fn upstream_connected(&self) {
@@ -296,6 +304,13 @@ impl Collector for Exposition {
             "redmux_client_sent_bytes",
             "Bytes written to clients.",
             m.bytes_out.load(Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "redmux_auth_failures",
+            "AUTH and HELLO AUTH refused (wrong password, unknown or disabled user), whether \
+             redmux or Redis checked them.",
+            m.auth_failures.load(Relaxed),
         )?;
         self.encode_commands(&mut encoder)?;
         gauge(

@@ -14,14 +14,18 @@ use tracing::debug;
 use crate::{
     pubsub::Inbox,
     resp::{encode_command, ReplyScanner},
-    upstream::{Reply, UpstreamError, Upstreams},
+    upstream::{Identity, Reply, UpstreamError, Upstreams},
 };
 
 /// Starts monitoring: the receiver gets the reply to MONITOR, the inbox everything after it.
 /// Past the inbox's limit on waiting bytes the feed stops.
-pub async fn start(upstreams: &Upstreams, inbox: Inbox) -> oneshot::Receiver<Reply> {
+pub async fn start(
+    upstreams: &Upstreams,
+    identity: Option<&Identity>,
+    inbox: Inbox,
+) -> oneshot::Receiver<Reply> {
     let (reply, rx) = oneshot::channel();
-    let (mut reader, mut writer, slot) = match upstreams.monitor_connection().await {
+    let (mut reader, mut writer, slot) = match upstreams.monitor_connection(identity).await {
         Ok(connection) => connection,
         Err(error) => {
             let _ = reply.send(Err(error));

@@ -136,6 +136,14 @@ impl PubSub {
         PubSub { tx, counts }
     }
 
+    /// A handle that does not keep the hub alive.
+    pub fn downgrade(&self) -> WeakPubSub {
+        WeakPubSub {
+            tx: self.tx.downgrade(),
+            counts: self.counts.clone(),
+        }
+    }
+
     /// What the hub holds now.
     pub fn counts(&self) -> Counts {
         *self.counts.borrow()
@@ -178,6 +186,26 @@ impl PubSub {
 
     pub async fn leave(&self, client: u64) {
         let _ = self.tx.send(HubRequest::Leave { client }).await;
+    }
+}
+
+/// A hub that may have stopped: it stops once no [`PubSub`] handle is left.
+#[derive(Debug, Clone)]
+pub struct WeakPubSub {
+    tx: mpsc::WeakSender<HubRequest>,
+    counts: watch::Receiver<Counts>,
+}
+
+impl WeakPubSub {
+    pub fn upgrade(&self) -> Option<PubSub> {
+        Some(PubSub {
+            tx: self.tx.upgrade()?,
+            counts: self.counts.clone(),
+        })
+    }
+
+    pub fn alive(&self) -> bool {
+        self.tx.strong_count() > 0
     }
 }
 

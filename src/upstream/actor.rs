@@ -87,18 +87,20 @@ pub(super) struct Config {
 pub(crate) struct Stats {
     id: usize,
     role: Role,
-    target: Target,
+    db: u32,
+    resp3: bool,
     connected: AtomicBool,
     in_flight: AtomicU64,
     queued: AtomicU64,
 }
 
 impl Stats {
-    pub(super) fn new(id: usize, role: Role, target: Target) -> Stats {
+    pub(super) fn new(id: usize, role: Role, target: &Target) -> Stats {
         Stats {
             id,
             role,
-            target,
+            db: target.db,
+            resp3: target.resp3,
             connected: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
             queued: AtomicU64::new(0),
@@ -112,8 +114,8 @@ impl Stats {
                 Role::Shared => "shared",
                 Role::Pinned => "pinned",
             },
-            db: self.target.db,
-            resp: if self.target.resp3 { 3 } else { 2 },
+            db: self.db,
+            resp: if self.resp3 { 3 } else { 2 },
             connected: self.connected.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             queued: self.queued.load(Relaxed),

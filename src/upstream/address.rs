@@ -37,6 +37,26 @@ impl fmt::Display for Address {
     }
 }
 
+/// Who a connection logs in as: a client's own user, when redmux passes AUTH through to
+/// Redis. Compared by value, so clients that logged in alike share connections.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Credentials {
+    pub user: Box<str>,
+    pub password: Secret,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shared credentials: a client holds its identity, and the connections opened for it hold
+/// it too, no longer than that.
+pub type Identity = std::sync::Arc<Credentials>;
+
 /// An address plus what to send when a connection is made: AUTH, then SELECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {

@@ -25,7 +25,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-pub use address::{Address, Endpoint};
+pub use address::{Address, Credentials, Endpoint, Identity};
 pub use connect::{connect, ConnectError, Reader, Setup, Writer};
 pub use pool::Lease;
 
@@ -164,10 +164,43 @@ pub struct Timeouts {
 
 /// The connection state Redis must see for a client's commands: which shared connection a
 /// client uses is chosen by it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
     pub db: u32,
     pub resp3: bool,
+    /// The user the commands run as: `None` for redmux's own (`upstream.username` and
+    /// `password`), else a client's own login, passed through to Redis.
+    pub identity: Option<Identity>,
+}
+
+/// The shared connections of one [`Target`].
+#[derive(Debug)]
+enum Group {
+    /// redmux's own identity: `connections` actors, kept for as long as the upstream set lives.
+    Kept(Vec<mpsc::Sender<Request>>),
+    /// A client's own login: one actor, alive while a client uses it. When the last one
+    /// leaves, the actor ends and the credentials go with it.
+    Held(Option<mpsc::WeakSender<Request>>),
+}
+
+impl Group {
+    /// The sender client `client` uses, if the group is alive.
+    fn sender(&self, client: u64) -> Option<mpsc::Sender<Request>> {
+        match self {
+            Group::Kept(senders) => {
+                let i = usize::try_from(client).unwrap_or_default() % senders.len().max(1);
+                senders.get(i).cloned()
+            }
+            Group::Held(weak) => weak.as_ref()?.upgrade(),
+        }
+    }
+
+    fn alive(&self) -> bool {
+        match self {
+            Group::Kept(_) => true,
+            Group::Held(weak) => weak.as_ref().is_some_and(|weak| weak.strong_count() > 0),
+        }
+    }
 }
 
 /// Every upstream connection: shared actors per [`Target`], created on first use, and the pool
@@ -189,9 +222,16 @@ struct Inner {
     connections: usize,
     max_shared: usize,
     databases: u32,
-    shared: Mutex<HashMap<Target, Vec<mpsc::Sender<Request>>>>,
+    shared: Mutex<HashMap<Target, Group>>,
+    /// Ids for shared actors, for logs and `/status`.
+    next_shared_id: std::sync::atomic::AtomicUsize,
     pool: pool::Pool,
     pubsub: PubSub,
+    /// Subscriber hubs of clients' own logins, alive while one of their subscribers is.
+    user_hubs: Mutex<HashMap<Identity, pubsub::WeakPubSub>>,
+    /// The connection AUTH is checked on, when redmux passes AUTH through to Redis: opened at
+    /// the first AUTH, and never carrying anything else.
+    checker: std::sync::OnceLock<mpsc::Sender<Request>>,
     metrics: Arc<Metrics>,
     /// How many shared connections of the default target are connected, published by their
     /// actors: `/health` is up when all `connections` of them are.
@@ -312,6 +352,9 @@ impl Upstreams {
                 max_shared: config.max_shared,
                 databases: config.databases,
                 shared: Mutex::new(HashMap::new()),
+                next_shared_id: std::sync::atomic::AtomicUsize::new(0),
+                user_hubs: Mutex::new(HashMap::new()),
+                checker: std::sync::OnceLock::new(),
                 metrics,
                 health: watch::Sender::new(0),
                 actors: Mutex::new(Vec::new()),
@@ -319,7 +362,7 @@ impl Upstreams {
         };
         // Connect the default target now, so an unreachable upstream shows in the log at start.
         upstreams
-            .shared(upstreams.default_target(), 0)
+            .shared(&upstreams.default_target(), 0)
             .map_err(io::Error::other)?;
         Ok(upstreams)
     }
@@ -329,6 +372,39 @@ impl Upstreams {
         Target {
             db: self.inner.endpoint.db,
             resp3: false,
+            identity: None,
+        }
+    }
+
+    /// Who redmux's own connections log in as: `upstream.username` (or `default`), and
+    /// `upstream.password` if there is one.
+    pub fn own_user(&self) -> &str {
+        self.inner.endpoint.username.as_deref().unwrap_or("default")
+    }
+
+    /// The identity to use for a client that logged in to Redis as `credentials`: `None` if
+    /// that is redmux's own (the same user, with its password, or any password where redmux
+    /// itself needs none), so that such clients share redmux's connections.
+    pub fn identity(&self, credentials: Credentials) -> Option<Identity> {
+        let own = &self.inner.endpoint;
+        let same_user = *credentials.user == *self.own_user();
+        let same_password = own
+            .password
+            .as_ref()
+            .is_none_or(|password| *password == credentials.password);
+        (!(same_user && same_password)).then(|| Identity::new(credentials))
+    }
+
+    /// `endpoint` logging in as `identity` (redmux's own when `None`).
+    fn endpoint_for(&self, identity: Option<&Identity>) -> std::borrow::Cow<'_, Endpoint> {
+        match identity {
+            None => std::borrow::Cow::Borrowed(&self.inner.endpoint),
+            Some(login) => {
+                let mut endpoint = self.inner.endpoint.clone();
+                endpoint.username = Some(login.user.to_string());
+                endpoint.password = Some(login.password.clone());
+                std::borrow::Cow::Owned(endpoint)
+            }
         }
     }
 
@@ -337,9 +413,51 @@ impl Upstreams {
         self.inner.profile
     }
 
-    /// The shared subscriber connection's hub.
-    pub fn pubsub(&self) -> &PubSub {
-        &self.inner.pubsub
+    /// The subscriber connection's hub for clients logged in as `identity`.
+    pub fn pubsub(&self, identity: Option<&Identity>) -> PubSub {
+        let Some(identity) = identity else {
+            return self.inner.pubsub.clone();
+        };
+        let mut hubs = self
+            .inner
+            .user_hubs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(hub) = hubs.get(identity).and_then(pubsub::WeakPubSub::upgrade) {
+            return hub;
+        }
+        hubs.retain(|_, hub| hub.alive());
+        let hub = PubSub::start(
+            self.endpoint_for(Some(identity)).into_owned(),
+            self.inner.timeouts,
+            self.inner.profile == Profile::Redis,
+        );
+        hubs.insert(identity.clone(), hub.downgrade());
+        hub
+    }
+
+    /// Where AUTH is checked when redmux passes it through: a connection of redmux's own that
+    /// carries nothing else, so logging it in as anyone changes nothing for anyone.
+    pub fn auth_checker(&self) -> mpsc::Sender<Request> {
+        self.inner
+            .checker
+            .get_or_init(|| {
+                let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+                let id = self.next_shared_id();
+                let target = Target {
+                    db: 0,
+                    ..self.default_target()
+                };
+                self.spawn_actor(id, target, actor::Role::Shared, rx);
+                tx
+            })
+            .clone()
+    }
+
+    fn next_shared_id(&self) -> usize {
+        self.inner
+            .next_shared_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Databases the upstream has: SELECT beyond is refused.
@@ -348,28 +466,54 @@ impl Upstreams {
     }
 
     /// The shared actor for `target` that client `client` uses; started if it is the first.
+    /// At most `max_shared` targets have shared connections at once; those of clients' own
+    /// logins count while a client uses them.
     pub fn shared(
         &self,
-        target: Target,
+        target: &Target,
         client: u64,
     ) -> Result<mpsc::Sender<Request>, UpstreamError> {
         let inner = &self.inner;
         let mut shared = inner.shared.lock().unwrap_or_else(|e| e.into_inner());
-        if !shared.contains_key(&target) && shared.len() >= inner.max_shared {
+        if let Some(sender) = shared.get(target).and_then(|group| group.sender(client)) {
+            return Ok(sender);
+        }
+        shared.retain(|_, group| group.alive());
+        if shared.len() >= inner.max_shared {
             return Err(UpstreamError::NoShared);
         }
-        let first_id = shared.len() * inner.connections;
-        let senders = shared.entry(target).or_insert_with(|| {
-            (0..inner.connections)
-                .map(|i| {
-                    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-                    self.spawn_actor(first_id + i, target, actor::Role::Shared, rx);
-                    tx
-                })
-                .collect()
-        });
-        let i = usize::try_from(client).unwrap_or_default() % senders.len();
-        Ok(senders[i].clone())
+        let connections = match target.identity {
+            None => inner.connections,
+            Some(_) => 1,
+        };
+        let senders: Vec<mpsc::Sender<Request>> = (0..connections)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+                self.spawn_actor(
+                    self.next_shared_id(),
+                    target.clone(),
+                    actor::Role::Shared,
+                    rx,
+                );
+                tx
+            })
+            .collect();
+        let (group, sender) = match target.identity {
+            None => {
+                let group = Group::Kept(senders);
+                let sender = group.sender(client);
+                (group, sender)
+            }
+            Some(_) => {
+                let sender = senders.into_iter().next();
+                (
+                    Group::Held(sender.as_ref().map(mpsc::Sender::downgrade)),
+                    sender,
+                )
+            }
+        };
+        shared.insert(target.clone(), group);
+        sender.ok_or(UpstreamError::NoShared)
     }
 
     /// A connection of its own for one client, prepared for `target`. Waits up to
@@ -378,10 +522,11 @@ impl Upstreams {
         pool::acquire(self, target).await
     }
 
-    /// A connection for MONITOR: it takes one of the `max_pinned` slots for as long as it
-    /// lives, and is never reused (a monitoring connection stays one).
+    /// A connection for MONITOR, logged in as `identity`: it takes one of the `max_pinned`
+    /// slots for as long as it lives, and is never reused (a monitoring connection stays one).
     pub async fn monitor_connection(
         &self,
+        identity: Option<&Identity>,
     ) -> Result<(Reader, Writer, tokio::sync::OwnedSemaphorePermit), UpstreamError> {
         let slot = pool::slot(self).await?;
         let setup = Setup {
@@ -389,7 +534,8 @@ impl Upstreams {
             resp3: false,
             ping: self.inner.profile == Profile::Redis,
         };
-        let (reader, writer) = connect(&self.inner.endpoint, setup, self.inner.timeouts.connect)
+        let endpoint = self.endpoint_for(identity);
+        let (reader, writer) = connect(&endpoint, setup, self.inner.timeouts.connect)
             .await
             .map_err(|_| UpstreamError::Unavailable)?;
         Ok((reader, writer, slot))
@@ -400,24 +546,25 @@ impl Upstreams {
     /// script is busy: they must not wait behind that script on a shared connection. The
     /// connection is set up with only what Redis accepts then (AUTH, and HELLO for RESP3), and
     /// holds one of the `max_pinned` slots while it lives.
-    pub fn control(&self, request: Bytes, resp3: bool) -> oneshot::Receiver<Reply> {
+    pub fn control(&self, request: Bytes, target: Target) -> oneshot::Receiver<Reply> {
         let (reply, rx) = oneshot::channel();
         let upstreams = self.clone();
         tokio::spawn(async move {
-            let _ = reply.send(upstreams.control_call(request, resp3).await);
+            let _ = reply.send(upstreams.control_call(request, target).await);
         });
         rx
     }
 
-    async fn control_call(&self, request: Bytes, resp3: bool) -> Reply {
+    async fn control_call(&self, request: Bytes, target: Target) -> Reply {
         let inner = &self.inner;
         let _slot = pool::slot(self).await?;
         let setup = Setup {
             db: 0,
-            resp3,
+            resp3: target.resp3,
             ping: false,
         };
-        let (mut reader, mut writer) = connect(&inner.endpoint, setup, inner.timeouts.connect)
+        let endpoint = self.endpoint_for(target.identity.as_ref());
+        let (mut reader, mut writer) = connect(&endpoint, setup, inner.timeouts.connect)
             .await
             .map_err(|_| UpstreamError::Unavailable)?;
         let exchange = async {
@@ -442,7 +589,7 @@ impl Upstreams {
         rx: mpsc::Receiver<Request>,
     ) {
         let inner = &self.inner;
-        let stats = Arc::new(actor::Stats::new(id, role, target));
+        let stats = Arc::new(actor::Stats::new(id, role, &target));
         {
             let mut actors = inner.actors.lock().unwrap_or_else(|e| e.into_inner());
             actors.retain(|stats| Arc::strong_count(stats) > 1);
@@ -451,7 +598,7 @@ impl Upstreams {
         let health = (role == actor::Role::Shared && target == self.default_target())
             .then(|| inner.health.clone());
         let config = actor::Config {
-            endpoint: inner.endpoint.clone(),
+            endpoint: self.endpoint_for(target.identity.as_ref()).into_owned(),
             setup: Setup {
                 db: target.db,
                 resp3: target.resp3,

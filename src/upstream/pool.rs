@@ -79,16 +79,18 @@ impl Pool {
 /// it and gives it back.
 #[derive(Debug)]
 pub struct Lease {
-    /// Unique to this lease, however often its connection is leased: a client's requests move
-    /// to a new lease only once those on its previous path are answered.
-    id: u64,
+    /// Tells this lease from the ones before it, however often its connection is leased: a
+    /// client's requests move to a new lease only once those on its previous path are
+    /// answered. (It wraps after 2^32 leases; it is only ever compared with a client's
+    /// previous path.)
+    id: u32,
     sender: mpsc::Sender<Request>,
     _slot: OwnedSemaphorePermit,
     upstreams: Upstreams,
 }
 
 /// The next lease's id.
-static NEXT_LEASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+static NEXT_LEASE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 impl Lease {
     fn new(
@@ -105,7 +107,7 @@ impl Lease {
     }
 
     /// This lease, told apart from every other.
-    pub fn id(&self) -> u64 {
+    pub fn id(&self) -> u32 {
         self.id
     }
 
@@ -196,7 +198,12 @@ pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lea
         resp3: target.resp3,
         ping: false,
     };
-    for step in connect::select(setup) {
+    // An idle connection is logged in as redmux: a client's own login takes it over.
+    let login = target
+        .identity
+        .as_ref()
+        .and_then(|identity| connect::auth(&upstreams.endpoint_for(Some(identity))));
+    for step in login.into_iter().chain(connect::select(setup)) {
         match call(&sender, step.request, inner.timeouts.request).await {
             Ok(reply) if step.expect.accepts(&reply.bytes) => {}
             // Dropping the sender closes that connection; the slot goes back with `slot`.
