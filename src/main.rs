@@ -58,13 +58,8 @@ fn main() -> ExitCode {
     let config = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(error) => {
-            // --check shows the offending line, unless it may hold a password (its output
-            // also reaches logs: the systemd unit runs it); a service's log never does.
-            let error = if cli.check {
-                error.for_terminal()
-            } else {
-                error.for_log()
-            };
+            // The place and the message, never the file's line: it may hold a password, and
+            // --check's output reaches logs too (the systemd unit runs it).
             eprintln!("redmux: invalid configuration: {error}");
             return ExitCode::FAILURE;
         }
@@ -236,7 +231,6 @@ async fn reload(source: &Source, reloader: &Reloader) {
     let (config, exposed) = match loaded {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(error)) => {
-            let error = error.for_log();
             tracing::error!("reload failed, keeping the current configuration: {error}");
             return;
         }

@@ -140,8 +140,7 @@ fn check_rejects_a_bad_file_naming_key_and_line() {
     );
     let (code, _, err) = run(&["--check", "--config", file.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("bad.toml"), "{err}");
-    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("bad.toml:3:16: "), "{err}");
     assert!(err.contains("max_bulk_len"), "{err}");
     let (code, _, err) = run(&["--check", "--config", "/nonexistent/redmux.toml"]);
     assert_eq!(code, 1);
@@ -338,6 +337,52 @@ fn world_readable_config_with_a_password_is_warned_about() {
             "start, mode {mode:o}: {logs}"
         );
         assert!(!logs.contains("hunter2"), "{logs}");
+    }
+}
+
+/// Runs the binary with `args` and its output captured, for at most 10 s: exit code, stdout,
+/// stderr.
+fn run_bounded(args: &[&str]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let child = Command::new(support::redmux_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("start redmux");
+    let code = Process(child).exit_code(Duration::from_secs(10));
+    let read = |path| std::fs::read_to_string(path).unwrap();
+    (code, read(&out), read(&err))
+}
+
+/// A password written where it does not belong is never printed, by `--check` or at start:
+/// the error says what is wrong and where, without the value or its line.
+#[test]
+fn misplaced_secrets_are_never_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    for case in support::misplaced_secrets() {
+        let file = support::write_file(dir.path(), "bad.toml", case.text);
+        let path = file.to_str().unwrap();
+        for args in [&["--check", "--config", path][..], &["--config", path]] {
+            let (code, out, err) = run_bounded(args);
+            let shown = format!("{out}{err}");
+            assert_eq!(code, 1, "{args:?} {:?}: {shown}", case.text);
+            assert!(
+                shown.contains(case.says),
+                "{args:?} {:?}: {shown}",
+                case.text
+            );
+            assert!(shown.contains(&format!("{path}:")), "{args:?}: {shown}");
+            for secret in case.secrets {
+                assert!(
+                    !shown.contains(secret),
+                    "{args:?} printed {secret:?}: {shown}"
+                );
+            }
+        }
     }
 }
 
