@@ -700,17 +700,46 @@ impl Config {
     }
 }
 
-/// True when the config file at `path` can be read by every user (mode & 0o004) and `file`,
-/// the configuration read from that file alone, holds a password: `upstream.password`, or one
-/// inside `upstream.address`. Such a file leaks the password to every account on the machine.
-pub fn world_readable_secret(path: &Path, file: &Config) -> bool {
+/// A file that every user on the machine can read and that holds a password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exposed {
+    /// The config file, with a password in its own text.
+    ConfigFile(PathBuf),
+    /// A `password_file`, and the key that names it.
+    PasswordFile { key: &'static str, path: PathBuf },
+}
+
+impl fmt::Display for Exposed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exposed::ConfigFile(path) => write!(
+                f,
+                "config file {} is world-readable and holds a password",
+                path.display()
+            ),
+            Exposed::PasswordFile { key, path } => write!(
+                f,
+                "password file {} ({key}) is world-readable",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// The files that leak a password to every account on the machine (mode & 0o004): the config
+/// file at `path` when its text holds a password (`upstream.password`, one inside
+/// `upstream.address`, or one of `[auth]`'s), and every `password_file` it names. `file` is the
+/// configuration read from that file alone: a password given with `--upstream` is not in it.
+pub fn world_readable_secrets(path: &Path, file: &Config) -> Vec<Exposed> {
     use std::os::unix::fs::PermissionsExt;
+    let world_readable = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|meta| meta.permissions().mode() & 0o004 != 0)
+    };
     // Passwords read from the environment or another file are not in this one.
-    let auth = &file.auth;
     let in_text = |password: &Option<Secret>, env: &Option<String>, path: &Option<PathBuf>| {
         password.is_some() && env.is_none() && path.is_none()
     };
-    let upstream = &file.upstream;
+    let (auth, upstream) = (&file.auth, &file.upstream);
     let holds_password = in_text(
         &upstream.password,
         &upstream.password_env,
@@ -721,8 +750,29 @@ pub fn world_readable_secret(path: &Path, file: &Config) -> bool {
             .users
             .iter()
             .any(|u| in_text(&u.password, &u.password_env, &u.password_file));
-    holds_password
-        && std::fs::metadata(path).is_ok_and(|meta| meta.permissions().mode() & 0o004 != 0)
+    let mut exposed = Vec::new();
+    if holds_password && world_readable(path) {
+        exposed.push(Exposed::ConfigFile(path.to_owned()));
+    }
+    let password_files = [
+        ("upstream.password_file", &upstream.password_file),
+        ("auth.password_file", &auth.password_file),
+    ]
+    .into_iter()
+    .chain(
+        auth.users
+            .iter()
+            .map(|user| ("auth.users.password_file", &user.password_file)),
+    );
+    for (key, password_file) in password_files {
+        if let Some(password_file) = password_file.as_deref().filter(|p| world_readable(p)) {
+            exposed.push(Exposed::PasswordFile {
+                key,
+                path: password_file.to_owned(),
+            });
+        }
+    }
+    exposed
 }
 
 /// The line (1-based) of `section.key` in TOML text (the section may have dots itself, as in
@@ -1446,7 +1496,12 @@ mod tests {
         let check = |text: &str, mode: u32| {
             std::fs::write(file.path(), text).unwrap();
             std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode)).unwrap();
-            world_readable_secret(file.path(), &Config::parse(text).unwrap())
+            let exposed = world_readable_secrets(file.path(), &Config::parse(text).unwrap());
+            match exposed[..] {
+                [] => false,
+                [Exposed::ConfigFile(ref path)] => path == file.path(),
+                _ => panic!("{exposed:?}"),
+            }
         };
         let key = "[upstream]\naddress = \"127.0.0.1:7000\"\npassword = \"pw\"\n";
         let url = "[upstream]\naddress = \"redis://:pw@127.0.0.1:7000\"\n";
@@ -1456,6 +1511,38 @@ mod tests {
         assert!(!check(key, 0o640));
         assert!(!check(url, 0o600));
         assert!(!check(none, 0o644));
+    }
+
+    #[test]
+    fn world_readable_password_files_are_named_with_their_keys() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("redmux.toml");
+        let (open, private) = (dir.path().join("open"), dir.path().join("private"));
+        for (path, mode) in [(&config, 0o644), (&open, 0o604), (&private, 0o640)] {
+            std::fs::write(path, "pw\n").unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let text = format!(
+            "[upstream]\naddress = \"127.0.0.1:7000\"\npassword_file = {open:?}\n\
+             [auth]\npassword_file = {private:?}\n\
+             [[auth.users]]\nname = \"a\"\npassword_file = {open:?}\n"
+        );
+        let exposed = world_readable_secrets(&config, &Config::parse(&text).unwrap());
+        let names: Vec<String> = exposed.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                format!(
+                    "password file {} (upstream.password_file) is world-readable",
+                    open.display()
+                ),
+                format!(
+                    "password file {} (auth.users.password_file) is world-readable",
+                    open.display()
+                ),
+            ]
+        );
     }
 
     #[test]
