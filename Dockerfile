@@ -11,7 +11,12 @@
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# What cargo reads to build: the manifest and lock file, and the files of every target the
+# manifest declares (cargo stops before building anything if one is missing, the bench target's
+# benches/resp.rs included). Nothing else, so a change to the docs or the tests does not
+# invalidate this stage; rarely changed first. tests/dockerfile.rs builds from exactly these.
 COPY Cargo.toml Cargo.lock ./
+COPY benches ./benches
 COPY src ./src
 RUN cargo build --release --locked --bin redmux
 

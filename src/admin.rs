@@ -3,20 +3,28 @@
 //!
 //! Three routes and one response per connection, so the HTTP side is a small hand-written
 //! HTTP/1.1 responder rather than a full HTTP stack. What it must never do is let a scraper, a
-//! port scanner or a slow client hold resources, so: the request head is capped at 8 KiB and must
-//! arrive within 5 s (431 and 408 otherwise), at most 64 connections are served at once (one
-//! more is closed at once, rather than left waiting), a request body is never read, only GET is
-//! answered (405), unknown paths get 404, and every response carries `Connection: close` and
-//! ends the connection. It runs beside the client listeners on the same runtime and never
-//! touches the request path.
+//! port scanner or a slow client hold resources, or keep `/health` from answering, so: each
+//! connection is served in its own task; the request head is capped at 8 KiB, its blank line
+//! included (431 past it), and must arrive within 5 s (408 otherwise); at most
+//! [`MAX_CONNECTIONS`] connections are open at once, and a new one past that closes the oldest
+//! (which, since every connection lasts at most a few seconds, is one that is idle or slow)
+//! rather than being refused, so idle connections can never lock a health check out; a request
+//! body is never read, only GET is answered (405), unknown paths get 404, and every response
+//! carries `Connection: close` and ends the connection. It runs beside the client listeners on
+//! the same runtime and never touches the request path.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use serde::Serialize;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::{watch, Semaphore},
+    sync::watch,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -28,12 +36,15 @@ use crate::{
     upstream::{Snapshot, Upstreams},
 };
 
-/// Longest request head (request line and headers) read.
+/// Longest request head: request line, headers and the blank line that ends them.
 const MAX_HEAD: usize = 8 * 1024;
-/// Time for the whole request head to arrive, and for the response to be taken.
+/// Time for the whole request head to arrive, and for the response to be taken. A scraper sends
+/// its head at once; only a stalled or hostile client needs longer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once.
-const MAX_CONNECTIONS: usize = 64;
+/// Connections open at once. Generous, since each lasts at most two [`IO_TIMEOUT`]s and holds a
+/// task, a socket and at most [`MAX_HEAD`] bytes; bounded, since each is a file descriptor
+/// taken from the clients'. Past it the oldest is closed (see [`Open`]).
+pub const MAX_CONNECTIONS: usize = 512;
 /// Pause after a failed accept (typically EMFILE), so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -228,42 +239,75 @@ impl Response {
 
 /// Serves the endpoint until `shutdown`.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(Open::default());
     loop {
         let accepted = tokio::select! {
-            accepted = accept(&listener, &slots) => accepted,
+            accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => return,
         };
-        let Some((stream, slot)) = accepted else {
-            continue;
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                warn!(%error, "metrics endpoint: accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
         };
-        let admin = admin.clone();
+        let (id, closed) = open.add();
+        let (admin, open) = (admin.clone(), open.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            respond(stream, &admin).await;
+            tokio::select! {
+                () = respond(stream, &admin) => {}
+                () = closed.cancelled() => debug!("metrics endpoint: too many connections; closed the oldest"),
+            }
+            open.remove(id);
         });
     }
 }
 
-/// The next connection and its slot; `None` after a failed accept, or when every slot is
-/// taken (the connection is then closed).
-async fn accept(
-    listener: &TcpListener,
-    slots: &Arc<Semaphore>,
-) -> Option<(TcpStream, tokio::sync::OwnedSemaphorePermit)> {
-    match listener.accept().await {
-        Ok((stream, peer)) => {
-            let slot = slots.clone().try_acquire_owned().ok();
-            if slot.is_none() {
-                debug!(%peer, "metrics endpoint: too many connections; closing");
+/// The connections open now, oldest first, each with the token that closes it. When a new one
+/// would make more than [`MAX_CONNECTIONS`], the oldest is closed: every connection ends within
+/// a few seconds by itself, so the oldest is one that has sat idle or sent slowly the longest,
+/// while a health check sends its request at once and is answered long before it is oldest.
+/// Refusing the new one instead would let a few hundred idle sockets keep every check out.
+#[derive(Default)]
+struct Open {
+    /// Each connection's id and the token its task closes the connection on.
+    connections: Mutex<VecDeque<(u64, CancellationToken)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Open {
+    /// Registers a new connection, closing the oldest if that makes one too many; its id, and
+    /// the token cancelled when it is to be closed.
+    fn add(&self) -> (u64, CancellationToken) {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let mut connections = self.lock();
+        while connections.len() >= MAX_CONNECTIONS {
+            if let Some((_, oldest)) = connections.pop_front() {
+                oldest.cancel();
             }
-            Some((stream, slot?))
         }
-        Err(error) => {
-            warn!(%error, "metrics endpoint: accept failed");
-            tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-            None
+        connections.push_back((id, token.clone()));
+        (id, token)
+    }
+
+    /// Forgets a connection that has ended (it may have been closed as the oldest already).
+    fn remove(&self, id: u64) {
+        let mut connections = self.lock();
+        if let Some(at) = connections.iter().position(|(open, _)| *open == id) {
+            connections.remove(at);
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, CancellationToken)>> {
+        // Nothing panics while holding it; if something did, the list is still consistent.
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -299,26 +343,26 @@ enum HeadError {
     Closed,
 }
 
-/// Reads up to the blank line that ends a request head.
+/// Reads up to the blank line that ends a request head, never more than [`MAX_HEAD`] bytes:
+/// a head that has not ended within them is too large, whatever follows.
 async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|_| HeadError::Closed)?;
+        let room = MAX_HEAD.saturating_sub(head.len());
+        if room == 0 {
+            return Err(HeadError::TooLarge);
+        }
+        let buffer = chunk.get_mut(..room.min(1024)).unwrap_or_default();
+        let n = stream.read(buffer).await.map_err(|_| HeadError::Closed)?;
         if n == 0 {
             return Err(HeadError::Closed);
         }
         let scan_from = head.len().saturating_sub(3);
-        head.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        head.extend_from_slice(buffer.get(..n).unwrap_or_default());
         if let Some(end) = head_end(head.get(scan_from..).unwrap_or_default()) {
             head.truncate(scan_from + end);
             return Ok(head);
-        }
-        if head.len() > MAX_HEAD {
-            return Err(HeadError::TooLarge);
         }
     }
 }

@@ -3,9 +3,15 @@
 //!
 //! Single values are checked while deserializing, so a bad value is reported by `toml` with the
 //! line it is on; checks across keys run afterwards and look the line up themselves.
+//!
+//! No error ever shows a password, wherever it was written: errors give the place (file, line,
+//! column) and what is wrong, never the file's line (toml's own `Display` quotes it, and it may
+//! be the second line of a multi-line password), and the keys that may hold a password check
+//! their value's shape themselves, so a password written as a number is not quoted back either.
 
 use std::{
     fmt,
+    marker::PhantomData,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -23,7 +29,9 @@ use crate::{
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    #[serde(deserialize_with = "upstream_section")]
     pub upstream: UpstreamConfig,
+    #[serde(deserialize_with = "auth_section")]
     pub auth: AuthConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
@@ -44,10 +52,12 @@ pub struct MetricsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// The `default` user's password; when set, clients must AUTH first.
+    #[serde(deserialize_with = "auth_password")]
     pub password: Option<Secret>,
     pub password_env: Option<String>,
     pub password_file: Option<PathBuf>,
     /// `[[auth.users]]`: named users, for `AUTH user password`.
+    #[serde(deserialize_with = "auth_users")]
     pub users: Vec<UserConfig>,
 }
 
@@ -55,6 +65,7 @@ pub struct AuthConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
+    #[serde(deserialize_with = "user_password")]
     pub password: Option<Secret>,
     pub password_env: Option<String>,
     pub password_file: Option<PathBuf>,
@@ -206,6 +217,7 @@ pub struct UpstreamConfig {
     pub request_timeout: Duration,
     pub username: Option<String>,
     /// Sent as AUTH; may come from `password_env` or `password_file` instead, as in `[auth]`.
+    #[serde(deserialize_with = "upstream_password")]
     pub password: Option<Secret>,
     pub password_env: Option<String>,
     pub password_file: Option<PathBuf>,
@@ -316,9 +328,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// A password: kept out of `Debug` output and logs.
-#[derive(Clone, PartialEq, Eq, Hash, Deserialize)]
-#[serde(transparent)]
+/// A password: kept out of `Debug` output and logs. Not `Deserialize`: each key that holds one
+/// reads it with [`checked`], so a value of the wrong type is never quoted in an error.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(String);
 
 impl Secret {
@@ -352,7 +364,9 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    /// A TOML error, shown as its place and message. toml's own `Display` would quote the line,
+    /// so `source` is kept without the file's text (see [`Config::parse`]).
+    #[error("{path}{}: {}", place(.at), toml_message(.source))]
     Parse {
         path: String,
         /// Boxed: with its place beside it, it would make every `Result` here large.
@@ -371,33 +385,24 @@ pub enum ConfigError {
     },
 }
 
-impl ConfigError {
-    /// The error for `--check`: with the file's line quoted, as toml shows it, unless that
-    /// line may hold a password: a password key, or an address with credentials.
-    pub fn for_terminal(&self) -> String {
-        let shown = self.to_string();
-        let secret = shown.contains("password") || shown.contains('@');
-        if matches!(self, ConfigError::Parse { .. }) && secret {
-            self.for_log()
-        } else {
-            shown
-        }
-    }
+/// `:line:column`, or nothing.
+fn place(at: &Option<(usize, usize)>) -> String {
+    at.map_or_else(String::new, |(line, column)| format!(":{line}:{column}"))
+}
 
-    /// The error on one line, for a log. `Display` quotes the file's line for a TOML error,
-    /// which may hold a password; this gives its place and the message instead.
-    pub fn for_log(&self) -> String {
-        let ConfigError::Parse { path, source, at } = self else {
-            return self.to_string();
-        };
-        // Without its input, a toml error is its message and the keys it is in.
-        let mut bare = (**source).clone();
-        bare.set_input(None);
-        let message = bare.to_string().trim_end().replace('\n', "; ");
-        match at {
-            Some((line, column)) => format!("{path}:{line}:{column}: {message}"),
-            None => format!("{path}: {message}"),
-        }
+/// A toml error on one line: its message, then the keys it is in (`; in `server.listen``),
+/// unless the message names them already.
+fn toml_message(error: &toml::de::Error) -> String {
+    // Without its input, toml shows the message, then `in `keys`` on a line of its own.
+    let shown = error.to_string();
+    let message = error.message().trim();
+    let keys = shown
+        .trim_end()
+        .rsplit_once('\n')
+        .and_then(|(_, last)| last.strip_prefix("in "));
+    match keys {
+        Some(keys) if message.contains(keys) => message.replace('\n', "; "),
+        _ => shown.trim_end().replace('\n', "; "),
     }
 }
 
@@ -458,9 +463,13 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses TOML text; single values are validated here.
+    /// Parses TOML text; single values are validated here. The error does not hold `text`:
+    /// toml's `Display` would quote the offending line, and that line may hold a password.
     pub fn parse(text: &str) -> Result<Config, toml::de::Error> {
-        toml::from_str(text)
+        toml::from_str(text).map_err(|mut error: toml::de::Error| {
+            error.set_input(None);
+            error
+        })
     }
 
     fn apply(&mut self, overrides: &Overrides) -> Result<(), ConfigError> {
@@ -691,17 +700,46 @@ impl Config {
     }
 }
 
-/// True when the config file at `path` can be read by every user (mode & 0o004) and `file`,
-/// the configuration read from that file alone, holds a password: `upstream.password`, or one
-/// inside `upstream.address`. Such a file leaks the password to every account on the machine.
-pub fn world_readable_secret(path: &Path, file: &Config) -> bool {
+/// A file that every user on the machine can read and that holds a password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exposed {
+    /// The config file, with a password in its own text.
+    ConfigFile(PathBuf),
+    /// A `password_file`, and the key that names it.
+    PasswordFile { key: &'static str, path: PathBuf },
+}
+
+impl fmt::Display for Exposed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exposed::ConfigFile(path) => write!(
+                f,
+                "config file {} is world-readable and holds a password",
+                path.display()
+            ),
+            Exposed::PasswordFile { key, path } => write!(
+                f,
+                "password file {} ({key}) is world-readable",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// The files that leak a password to every account on the machine (mode & 0o004): the config
+/// file at `path` when its text holds a password (`upstream.password`, one inside
+/// `upstream.address`, or one of `[auth]`'s), and every `password_file` it names. `file` is the
+/// configuration read from that file alone: a password given with `--upstream` is not in it.
+pub fn world_readable_secrets(path: &Path, file: &Config) -> Vec<Exposed> {
     use std::os::unix::fs::PermissionsExt;
+    let world_readable = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|meta| meta.permissions().mode() & 0o004 != 0)
+    };
     // Passwords read from the environment or another file are not in this one.
-    let auth = &file.auth;
     let in_text = |password: &Option<Secret>, env: &Option<String>, path: &Option<PathBuf>| {
         password.is_some() && env.is_none() && path.is_none()
     };
-    let upstream = &file.upstream;
+    let (auth, upstream) = (&file.auth, &file.upstream);
     let holds_password = in_text(
         &upstream.password,
         &upstream.password_env,
@@ -712,8 +750,29 @@ pub fn world_readable_secret(path: &Path, file: &Config) -> bool {
             .users
             .iter()
             .any(|u| in_text(&u.password, &u.password_env, &u.password_file));
-    holds_password
-        && std::fs::metadata(path).is_ok_and(|meta| meta.permissions().mode() & 0o004 != 0)
+    let mut exposed = Vec::new();
+    if holds_password && world_readable(path) {
+        exposed.push(Exposed::ConfigFile(path.to_owned()));
+    }
+    let password_files = [
+        ("upstream.password_file", &upstream.password_file),
+        ("auth.password_file", &auth.password_file),
+    ]
+    .into_iter()
+    .chain(
+        auth.users
+            .iter()
+            .map(|user| ("auth.users.password_file", &user.password_file)),
+    );
+    for (key, password_file) in password_files {
+        if let Some(password_file) = password_file.as_deref().filter(|p| world_readable(p)) {
+            exposed.push(Exposed::PasswordFile {
+                key,
+                path: password_file.to_owned(),
+            });
+        }
+    }
+    exposed
 }
 
 /// The line (1-based) of `section.key` in TOML text (the section may have dots itself, as in
@@ -839,6 +898,189 @@ fn without_password(address: &str, message: String) -> String {
                 .replace(password, "<redacted>")
         }
         None => message,
+    }
+}
+
+// === keys that may hold a password: their value's shape is checked without quoting it ===
+//
+// serde's type errors quote the value they got ("invalid type: integer `86753091`, expected a
+// string"), and a password written as a number, or as a string where its section or list
+// belongs, is still a password. These keys check the shape themselves and say only what it
+// must be: "`auth.password` must be a string".
+
+fn auth_password<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    checked(d, "auth.password", "a string").map(Some)
+}
+
+fn user_password<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    checked(d, "auth.users.password", "a string").map(Some)
+}
+
+fn upstream_password<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    checked(d, "upstream.password", "a string").map(Some)
+}
+
+fn auth_section<'de, D: Deserializer<'de>>(d: D) -> Result<AuthConfig, D::Error> {
+    checked(d, "auth", "a table").map(|Table(auth)| auth)
+}
+
+fn upstream_section<'de, D: Deserializer<'de>>(d: D) -> Result<UpstreamConfig, D::Error> {
+    checked(d, "upstream", "a table").map(|Table(upstream)| upstream)
+}
+
+fn auth_users<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<UserConfig>, D::Error> {
+    let users: Vec<Table<UserConfig>> = checked(d, "auth.users", "a list of tables")?;
+    Ok(users.into_iter().map(|Table(user)| user).collect())
+}
+
+/// Reads a `T` at `key`; any other shape of value is refused with "`key` must be `what`",
+/// which quotes nothing of it.
+fn checked<'de, D: Deserializer<'de>, T: Shape<'de>>(
+    d: D,
+    key: &'static str,
+    what: &'static str,
+) -> Result<T, D::Error> {
+    de::DeserializeSeed::deserialize(
+        Checked {
+            key,
+            what,
+            shape: PhantomData,
+        },
+        d,
+    )
+}
+
+/// The shapes of value a checked key takes; `None` for any other.
+trait Shape<'de>: Sized {
+    fn from_str<E: de::Error>(_text: &str) -> Option<Result<Self, E>> {
+        None
+    }
+    fn from_map<A: de::MapAccess<'de>>(_map: A) -> Option<Result<Self, A::Error>> {
+        None
+    }
+    fn from_seq<A: de::SeqAccess<'de>>(
+        _seq: A,
+        _checked: Checked<Self>,
+    ) -> Option<Result<Self, A::Error>> {
+        None
+    }
+}
+
+impl Shape<'_> for Secret {
+    fn from_str<E: de::Error>(text: &str) -> Option<Result<Self, E>> {
+        Some(Ok(Secret::new(text)))
+    }
+}
+
+/// A TOML table, read as `T`: its own errors (an unknown key, a bad value) keep their place.
+struct Table<T>(T);
+
+impl<'de, T: Deserialize<'de>> Shape<'de> for Table<T> {
+    fn from_map<A: de::MapAccess<'de>>(map: A) -> Option<Result<Self, A::Error>> {
+        Some(T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Table))
+    }
+}
+
+/// A list of tables (`[[auth.users]]`): each element is checked as the list is.
+impl<'de, T: Deserialize<'de>> Shape<'de> for Vec<Table<T>> {
+    fn from_seq<A: de::SeqAccess<'de>>(
+        mut seq: A,
+        checked: Checked<Self>,
+    ) -> Option<Result<Self, A::Error>> {
+        let mut tables = Vec::new();
+        let element = || Checked::<Table<T>> {
+            key: checked.key,
+            what: checked.what,
+            shape: PhantomData,
+        };
+        loop {
+            match seq.next_element_seed(element()) {
+                Ok(Some(table)) => tables.push(table),
+                Ok(None) => return Some(Ok(tables)),
+                Err(error) => return Some(Err(error)),
+            }
+        }
+    }
+}
+
+/// The visitor behind [`checked`]: every shape but the ones `T` takes is refused the same
+/// way, with the value left out.
+struct Checked<T> {
+    key: &'static str,
+    what: &'static str,
+    shape: PhantomData<T>,
+}
+
+impl<T> Checked<T> {
+    fn wrong<E: de::Error>(&self) -> E {
+        E::custom(format!("`{}` must be {}", self.key, self.what))
+    }
+}
+
+impl<'de, T: Shape<'de>> de::DeserializeSeed<'de> for Checked<T> {
+    type Value = T;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, T: Shape<'de>> de::Visitor<'de> for Checked<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.what)
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
+        T::from_str(text).unwrap_or_else(|| Err(self.wrong()))
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::from_map(map).unwrap_or_else(|| Err(self.wrong()))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+        let wrong = self.wrong();
+        T::from_seq(seq, self).unwrap_or(Err(wrong))
+    }
+
+    // Every other shape: serde's defaults would quote the value.
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<T, E> {
+        Err(self.wrong())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<T, E> {
+        Err(self.wrong())
+    }
+    fn visit_i128<E: de::Error>(self, _: i128) -> Result<T, E> {
+        Err(self.wrong())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<T, E> {
+        Err(self.wrong())
+    }
+    fn visit_u128<E: de::Error>(self, _: u128) -> Result<T, E> {
+        Err(self.wrong())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<T, E> {
+        Err(self.wrong())
+    }
+    fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<T, E> {
+        Err(self.wrong())
+    }
+    fn visit_none<E: de::Error>(self) -> Result<T, E> {
+        Err(self.wrong())
+    }
+    fn visit_some<D: Deserializer<'de>>(self, _: D) -> Result<T, D::Error> {
+        Err(self.wrong())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        Err(self.wrong())
+    }
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, _: D) -> Result<T, D::Error> {
+        Err(self.wrong())
+    }
+    fn visit_enum<A: de::EnumAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+        Err(self.wrong())
     }
 }
 
@@ -976,7 +1218,7 @@ mod tests {
         assert!(config.summary().contains("metrics: listen 127.0.0.1:9480"));
         let err = load_text("[metrics]\nlisten = \"9480\"\n", &Overrides::default()).unwrap_err();
         assert!(
-            err.contains("line 2") && err.contains("\"9480\" is not an address"),
+            err.contains(":2:") && err.contains("\"9480\" is not an address"),
             "{err}"
         );
     }
@@ -989,30 +1231,27 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            err.contains("line 3")
+            err.contains(":3:")
                 && err.contains("listen")
                 && err.contains("\"nope\" is not an address"),
             "{err}"
         );
         let err = load_text("[server]\nbogus = 1\n", &Overrides::default()).unwrap_err();
-        assert!(
-            err.contains("line 2") && err.contains("unknown field `bogus`"),
-            "{err}"
-        );
+        assert!(err.contains(":2:1: unknown field `bogus`"), "{err}");
         let err = load_text(
             "[upstream]\nrequest_timeout = \"5 parsecs\"\n",
             &Overrides::default(),
         )
         .unwrap_err();
         assert!(
-            err.contains("line 2") && err.contains("not a duration"),
+            err.contains(":2:") && err.contains("not a duration"),
             "{err}"
         );
         let err =
             load_text("[server]\nmax_bulk_len = \"12XB\"\n", &Overrides::default()).unwrap_err();
         assert!(err.contains("not a size"), "{err}");
         let err = load_text("[log]\nformat = \"xml\"\n", &Overrides::default()).unwrap_err();
-        assert!(err.contains("line 2") && err.contains("xml"), "{err}");
+        assert!(err.contains(":2:") && err.contains("xml"), "{err}");
         let err = load_text("\n[server]\n\nmax_pipeline = 0\n", &Overrides::default()).unwrap_err();
         assert!(
             err.ends_with(":4: server.max_pipeline: must be at least 1"),
@@ -1046,49 +1285,116 @@ mod tests {
     }
 
     #[test]
-    fn errors_for_the_log_never_quote_the_file() {
+    fn errors_never_quote_the_file() {
         let overrides = Overrides::default();
         let unterminated = "[upstream]\naddress = \"127.0.0.1:7000\"\npassword = \"hunter2\n";
         let file = tempfile::NamedTempFile::new().unwrap();
+        let name = file.path().display().to_string();
         std::fs::write(file.path(), unterminated).unwrap();
         let error = Config::load(Some(file.path()), &overrides).unwrap_err();
+        let shown = error.to_string();
         assert!(
-            error.to_string().contains("hunter2"),
-            "toml quotes the line"
+            !shown.contains("hunter2") && !shown.contains('\n'),
+            "{shown}"
         );
-        let checked = error.for_terminal();
-        assert!(!checked.contains("hunter2"), "--check: {checked}");
-        let logged = error.for_log();
-        assert!(
-            !logged.contains("hunter2") && !logged.contains('\n'),
-            "{logged}"
-        );
-        let name = file.path().display().to_string();
-        assert!(logged.starts_with(&format!("{name}:3:")), "{logged}");
+        assert!(shown.starts_with(&format!("{name}:3:")), "{shown}");
+        // Nor does the error it keeps as its cause.
+        let cause = std::error::Error::source(&error).unwrap().to_string();
+        assert!(!cause.contains("hunter2"), "{cause}");
+        // Not even a line without a password: which lines hold one is not known for sure.
         std::fs::write(file.path(), "[server]\nbogus = 1\n").unwrap();
-        let error = Config::load(Some(file.path()), &overrides).unwrap_err();
-        assert!(
-            error.for_terminal().contains("bogus = 1"),
-            "--check quotes a line without a password"
-        );
-        let logged = error.for_log();
-        assert!(
-            logged.starts_with(&format!("{name}:2:1: unknown field `bogus`")),
-            "{logged}"
+        let shown = Config::load(Some(file.path()), &overrides)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            shown,
+            format!(
+                "{name}:2:1: unknown field `bogus`, expected one of `listen`, `unix_socket`, \
+                 `unix_socket_mode`, `max_clients`, `max_pipeline`, `max_bulk_len`, \
+                 `max_multibulk_len`, `client_query_limit`, `client_output_limit`, \
+                 `client_idle_timeout`, `shutdown_grace`, `tls`; in `server`"
+            )
         );
         std::fs::write(
             file.path(),
             "[upstream]\naddress = \"redis://u:hunter2@h:port\"\n",
         )
         .unwrap();
-        let error = Config::load(Some(file.path()), &overrides).unwrap_err();
-        let checked = error.for_terminal();
-        assert!(!checked.contains("hunter2"), "--check: {checked}");
-        let logged = error.for_log();
+        let shown = Config::load(Some(file.path()), &overrides)
+            .unwrap_err()
+            .to_string();
         assert!(
-            logged.contains("redis://u:<redacted>@h:port") && !logged.contains("hunter2"),
-            "{logged}"
+            shown.contains("redis://u:<redacted>@h:port") && !shown.contains("hunter2"),
+            "{shown}"
         );
+    }
+
+    /// A password written as something else than a string, or where a section or a list of
+    /// tables belongs, is refused without being quoted; the keys' other errors keep their
+    /// place and keys.
+    #[test]
+    fn a_misplaced_password_is_never_quoted() {
+        for (text, says) in [
+            (
+                "[auth]\npassword = 86753091\n",
+                ":2:12: `auth.password` must be a string",
+            ),
+            (
+                "[auth]\npassword = 8675.3091\n",
+                ":2:12: `auth.password` must be a string",
+            ),
+            (
+                "[auth]\npassword = true\n",
+                ":2:12: `auth.password` must be a string",
+            ),
+            (
+                "[auth]\npassword = [86753091]\n",
+                ":2:12: `auth.password` must be a string",
+            ),
+            (
+                "[upstream]\naddress = \"127.0.0.1:1\"\npassword = 86753091\n",
+                ":3:12: `upstream.password` must be a string",
+            ),
+            (
+                "[[auth.users]]\nname = \"a\"\npassword = \"ok\"\n\
+                 [[auth.users]]\nname = \"b\"\npassword = 86753091\n",
+                ":6:12: `auth.users.password` must be a string",
+            ),
+            (
+                "[auth]\nusers = [\"b:86753091\"]\n",
+                ":2:10: `auth.users` must be a list of tables",
+            ),
+            (
+                "[auth]\nusers = \"b:86753091\"\n",
+                ":2:9: `auth.users` must be a list of tables",
+            ),
+            ("auth = 86753091\n", ":1:8: `auth` must be a table"),
+            (
+                "upstream = \"redis://:86753091@h:1\"\n",
+                ":1:12: `upstream` must be a table",
+            ),
+            (
+                "[auth]\npasword = \"86753091\"\n",
+                ":2:1: unknown field `pasword`, expected one of `password`, `password_env`, \
+                 `password_file`, `users`; in `auth`",
+            ),
+            (
+                "[auth]\nusers = [{ name = \"a\", password = \"86753091\", x = 1 }]\n",
+                ":2:47: unknown field `x`, expected one of `name`, `password`, \
+                 `password_env`, `password_file`; in `auth.users`",
+            ),
+        ] {
+            let shown = load_text(text, &Overrides::default()).unwrap_err();
+            assert!(shown.ends_with(says), "{text:?}: {shown}");
+            assert!(!shown.contains("86753091"), "{text:?}: {shown}");
+        }
+        let config = load_text(
+            "[auth]\npassword = \"pw\"\n[[auth.users]]\nname = \"a\"\npassword = \"apw\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.auth.password, Some(Secret::new("pw")));
+        assert_eq!(config.auth.users[0].password, Some(Secret::new("apw")));
     }
 
     #[test]
@@ -1134,7 +1440,7 @@ mod tests {
                 },
             )
             .unwrap_err();
-            for shown in [error.for_log(), error.for_terminal(), flag.for_log()] {
+            for shown in [error.to_string(), flag.to_string()] {
                 assert!(!shown.contains("ter2xq"), "{password}: {shown}");
                 assert!(shown.contains("<redacted>"), "{shown}");
             }
@@ -1190,7 +1496,12 @@ mod tests {
         let check = |text: &str, mode: u32| {
             std::fs::write(file.path(), text).unwrap();
             std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode)).unwrap();
-            world_readable_secret(file.path(), &Config::parse(text).unwrap())
+            let exposed = world_readable_secrets(file.path(), &Config::parse(text).unwrap());
+            match exposed[..] {
+                [] => false,
+                [Exposed::ConfigFile(ref path)] => path == file.path(),
+                _ => panic!("{exposed:?}"),
+            }
         };
         let key = "[upstream]\naddress = \"127.0.0.1:7000\"\npassword = \"pw\"\n";
         let url = "[upstream]\naddress = \"redis://:pw@127.0.0.1:7000\"\n";
@@ -1200,6 +1511,38 @@ mod tests {
         assert!(!check(key, 0o640));
         assert!(!check(url, 0o600));
         assert!(!check(none, 0o644));
+    }
+
+    #[test]
+    fn world_readable_password_files_are_named_with_their_keys() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("redmux.toml");
+        let (open, private) = (dir.path().join("open"), dir.path().join("private"));
+        for (path, mode) in [(&config, 0o644), (&open, 0o604), (&private, 0o640)] {
+            std::fs::write(path, "pw\n").unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let text = format!(
+            "[upstream]\naddress = \"127.0.0.1:7000\"\npassword_file = {open:?}\n\
+             [auth]\npassword_file = {private:?}\n\
+             [[auth.users]]\nname = \"a\"\npassword_file = {open:?}\n"
+        );
+        let exposed = world_readable_secrets(&config, &Config::parse(&text).unwrap());
+        let names: Vec<String> = exposed.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                format!(
+                    "password file {} (upstream.password_file) is world-readable",
+                    open.display()
+                ),
+                format!(
+                    "password file {} (auth.users.password_file) is world-readable",
+                    open.display()
+                ),
+            ]
+        );
     }
 
     #[test]

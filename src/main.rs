@@ -9,7 +9,7 @@ use std::{
 use anyhow::Context;
 use clap::Parser;
 use redmux::{
-    config::{world_readable_secret, LogConfig, LogFormat, Overrides},
+    config::{world_readable_secrets, Exposed, LogConfig, LogFormat, Overrides},
     live::Reloader,
     Config, Server,
 };
@@ -58,13 +58,8 @@ fn main() -> ExitCode {
     let config = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(error) => {
-            // --check shows the offending line, unless it may hold a password (its output
-            // also reaches logs: the systemd unit runs it); a service's log never does.
-            let error = if cli.check {
-                error.for_terminal()
-            } else {
-                error.for_log()
-            };
+            // The place and the message, never the file's line: it may hold a password, and
+            // --check's output reaches logs too (the systemd unit runs it).
             eprintln!("redmux: invalid configuration: {error}");
             return ExitCode::FAILURE;
         }
@@ -90,10 +85,14 @@ fn main() -> ExitCode {
             }
         };
     }
-    let exposed = cli.config.as_deref().filter(|path| exposes_password(path));
+    let exposed = cli
+        .config
+        .as_deref()
+        .map(exposed_secrets)
+        .unwrap_or_default();
     if cli.check {
-        if let Some(path) = exposed {
-            eprintln!("warning: {}", exposed_message(path));
+        for exposed in &exposed {
+            eprintln!("warning: {exposed}");
         }
         let source = cli
             .config
@@ -103,9 +102,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let logging = init_logging(&config.log);
-    if let Some(path) = exposed {
-        tracing::warn!("{}", exposed_message(path));
-    }
+    warn_exposed(&exposed);
     let source = Source {
         path: cli.config,
         overrides,
@@ -120,20 +117,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// Whether the config file at `path` is world-readable and holds a password itself (a password
-/// given with `--upstream` is not in the file).
-fn exposes_password(path: &Path) -> bool {
+/// The world-readable files that hold a password: the config file at `path`, if its text holds
+/// one (a password given with `--upstream` is not in the file), and the password files it names.
+fn exposed_secrets(path: &Path) -> Vec<Exposed> {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|text| Config::parse(&text).ok())
-        .is_some_and(|file| world_readable_secret(path, &file))
+        .map(|file| world_readable_secrets(path, &file))
+        .unwrap_or_default()
 }
 
-fn exposed_message(path: &Path) -> String {
-    format!(
-        "config file {} is world-readable and holds a password",
-        path.display()
-    )
+fn warn_exposed(exposed: &[Exposed]) {
+    for exposed in exposed {
+        tracing::warn!("{exposed}");
+    }
 }
 
 /// Where the configuration comes from, for SIGHUP to read it again the same way.
@@ -229,14 +226,13 @@ async fn reload(source: &Source, reloader: &Reloader) {
     let overrides = source.overrides.clone();
     // Off the runtime's only thread: the file, and any password file, may be slow to read.
     let loaded = tokio::task::spawn_blocking(move || {
-        let exposed = exposes_password(&path);
-        Config::load(Some(&path), &overrides).map(|config| (config, exposed.then_some(path)))
+        let exposed = exposed_secrets(&path);
+        Config::load(Some(&path), &overrides).map(|config| (config, exposed))
     })
     .await;
     let (config, exposed) = match loaded {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(error)) => {
-            let error = error.for_log();
             tracing::error!("reload failed, keeping the current configuration: {error}");
             return;
         }
@@ -245,9 +241,7 @@ async fn reload(source: &Source, reloader: &Reloader) {
             return;
         }
     };
-    if let Some(path) = exposed {
-        tracing::warn!("{}", exposed_message(&path));
-    }
+    warn_exposed(&exposed);
     let level = config.log.level.clone();
     match reloader.reload(config).await {
         Ok(changed) if changed.contains(&"log.level") => source.logging.set_level(&level),

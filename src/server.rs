@@ -15,7 +15,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -489,19 +489,101 @@ fn spawn_client(
     }
 }
 
-/// Binds a unix socket, replacing a stale socket file (one nobody answers on), and sets its
-/// permissions.
-fn bind_unix(path: &std::path::Path, mode: u32) -> Result<UnixListener, ServerError> {
+/// Binds a unix socket that has its permissions from the moment it appears at `path`, replacing
+/// a stale socket file (one nobody answers on). A socket that answers, or a file that is not a
+/// socket, is left alone and the bind fails.
+///
+/// bind(2) creates the file with the umask's permissions, so a chmod afterwards leaves a moment
+/// in which anyone the umask lets in can connect; changing the umask around the bind would be
+/// process-wide, racing every other thread. Instead the socket is bound in a private directory
+/// beside `path` (mode 0700: nobody else can reach what is inside, and rename stays on one file
+/// system), given its mode there, and only then put at `path`: with link(2), which fails rather
+/// than replace a file that appeared meanwhile, or with rename(2) over the stale socket, which
+/// replaces it in one step.
+fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let fail = |source| ServerError::Bind {
         addr: path.display().to_string(),
         source,
     };
-    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
-    if is_socket && std::os::unix::net::UnixStream::connect(path).is_err() {
-        std::fs::remove_file(path).map_err(fail)?;
+    let stale = match std::fs::symlink_metadata(path) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => false,
+        Err(error) => return Err(fail(error)),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(fail(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is there",
+            )))
+        }
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
+            return Err(fail(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process is listening on it",
+            )))
+        }
+        Ok(_) => true,
+    };
+    let private = PrivateDir::beside(path).map_err(fail)?;
+    let bound = private.path.join("s");
+    let listener = UnixListener::bind(&bound).map_err(fail)?;
+    std::fs::set_permissions(&bound, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+    if stale {
+        std::fs::rename(&bound, path).map_err(fail)?;
+    } else {
+        std::fs::hard_link(&bound, path).map_err(fail)?;
     }
-    let listener = UnixListener::bind(path).map_err(fail)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+    // `private` goes now, with the socket's other name.
     Ok(listener)
+}
+
+/// A directory only this process's user can enter, removed with what is in it on drop.
+struct PrivateDir {
+    path: PathBuf,
+}
+
+impl PrivateDir {
+    /// Creates one in the directory that holds `path`, under a short random name: the socket
+    /// bound inside must fit in a unix socket address (108 bytes) as `path` does.
+    fn beside(path: &Path) -> io::Result<PrivateDir> {
+        use std::{
+            hash::{BuildHasher, Hasher},
+            os::unix::fs::{DirBuilderExt, PermissionsExt},
+        };
+        let parent = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let mut attempts = 0;
+        loop {
+            // Random per process and per call (std's hasher keys), so another process's
+            // leftover, or a name taken on purpose, only costs another try.
+            let random = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            let dir = parent.join(format!(".{:08x}", random as u32));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {
+                    let private = PrivateDir { path: dir };
+                    // The umask may have taken the owner's own bits away.
+                    std::fs::set_permissions(
+                        &private.path,
+                        std::fs::Permissions::from_mode(0o700),
+                    )?;
+                    return Ok(private);
+                }
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists && attempts < 16 => {
+                    attempts += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::remove_dir_all(&self.path) {
+            warn!(%error, dir = %self.path.display(), "cannot remove a temporary directory");
+        }
+    }
 }

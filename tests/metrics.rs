@@ -612,23 +612,117 @@ async fn the_http_side_is_strict() {
         "{:?}",
         started.elapsed()
     );
-    // Idle connections hold a slot each, up to 64; past that a connection is closed at once.
-    let mut idle = Vec::new();
-    for _ in 0..40 {
-        idle.push(TcpStream::connect(metrics).await.expect("connect"));
-    }
-    assert_eq!(get(metrics, "/health").await.status, 200);
-    for _ in 0..40 {
-        idle.push(TcpStream::connect(metrics).await.expect("connect"));
-    }
-    assert!(
-        try_http(metrics, b"GET /health HTTP/1.1\r\n\r\n")
-            .await
-            .is_none(),
-        "closed without an answer"
+}
+
+/// A request head of `len` bytes for `/health`, its blank line included.
+fn head_of(len: usize) -> String {
+    let start = "GET /health HTTP/1.1\r\nX-Padding: ";
+    let end = "\r\n\r\n";
+    let head = format!("{start}{}{end}", "x".repeat(len - start.len() - end.len()));
+    assert_eq!(head.len(), len);
+    head
+}
+
+/// The 8 KiB limit on a request head is exact: 8192 bytes (the blank line that ends it
+/// included) are answered, one more byte is refused with 431.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_limit_is_exactly_8_kib() {
+    let (_redmux, metrics) = start("embedded").await;
+    assert_eq!(
+        http_raw(metrics, head_of(8192).as_bytes()).await.status,
+        200
     );
-    drop(idle);
-    wait_status(metrics, "/health", 200, READY_TIMEOUT).await;
+    for len in [8193, 9 * 1024] {
+        let refused = http_raw(metrics, head_of(len).as_bytes()).await;
+        assert_eq!(refused.status, 431, "{len} bytes: {}", refused.head);
+    }
+}
+
+/// Idle connections cannot take the endpoint offline: `/health` answers at once beside
+/// hundreds of them, and past the cap the oldest are closed to make room for new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_never_take_the_endpoint_offline() {
+    // Both ends of every connection are in this process.
+    rlimit::increase_nofile_limit(8192).expect("raise the open-file limit");
+    let (_redmux, metrics) = start("embedded").await;
+    let cap = redmux::admin::MAX_CONNECTIONS;
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(metrics).await.expect("connect"));
+    }
+    let started = Instant::now();
+    assert_eq!(get(metrics, "/health").await.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "/health beside 300 idle connections took {:?}",
+        started.elapsed()
+    );
+    // Past the cap: the oldest idle connections are shed, /health still answers.
+    while idle.len() < cap + 100 {
+        idle.push(TcpStream::connect(metrics).await.expect("connect"));
+    }
+    let started = Instant::now();
+    assert_eq!(get(metrics, "/health").await.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "/health beside {} idle connections took {:?}",
+        idle.len(),
+        started.elapsed()
+    );
+    for (i, stream) in idle.iter_mut().take(100).enumerate() {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(READY_TIMEOUT, stream.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "idle connection {i} is still open");
+        assert!(rest.is_empty(), "shed without an answer: {rest:?}");
+    }
+    // The newest are still open, waiting for their request.
+    let newest = idle.last_mut().expect("connections");
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        newest.try_read(&mut byte).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock),
+        "the newest connection was closed"
+    );
+}
+
+/// A client that sends its request head a byte at a time (slowloris) gets 408 and is closed
+/// once the 5 s head timeout is up, however steadily it sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_sent_a_byte_at_a_time_is_cut_off_after_5_s() {
+    let (_redmux, metrics) = start("embedded").await;
+    let mut stream = TcpStream::connect(metrics).await.expect("connect");
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "still open after {:?}",
+            started.elapsed()
+        );
+        if stream.write_all(b"x").await.is_err() {
+            break;
+        }
+        // A byte every 100 ms: the pace of the attack, not a wait for the server.
+        let mut chunk = [0u8; 512];
+        tokio::select! {
+            read = stream.read(&mut chunk) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            },
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(4500),
+        "closed after {elapsed:?}"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

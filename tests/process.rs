@@ -140,8 +140,7 @@ fn check_rejects_a_bad_file_naming_key_and_line() {
     );
     let (code, _, err) = run(&["--check", "--config", file.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("bad.toml"), "{err}");
-    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("bad.toml:3:16: "), "{err}");
     assert!(err.contains("max_bulk_len"), "{err}");
     let (code, _, err) = run(&["--check", "--config", "/nonexistent/redmux.toml"]);
     assert_eq!(code, 1);
@@ -338,6 +337,117 @@ fn world_readable_config_with_a_password_is_warned_about() {
             "start, mode {mode:o}: {logs}"
         );
         assert!(!logs.contains("hunter2"), "{logs}");
+    }
+}
+
+/// A `password_file` that every user can read is warned about, as a world-readable config file
+/// with a password is: by `--check`, at start and on reload. A private one is not, and the
+/// config file that names it holds no password itself.
+#[test]
+fn world_readable_password_file_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = support::write_file(dir.path(), "client-password", "pw-Rt5-secret\n");
+    let user = support::write_file(dir.path(), "app-password", "pw-Rt6-secret\n");
+    let auth = format!(
+        "[auth]\npassword_file = \"{}\"\n[[auth.users]]\nname = \"app\"\npassword_file = \"{}\"\n",
+        file.display(),
+        user.display()
+    );
+    let warning = format!(
+        "password file {} (auth.password_file) is world-readable",
+        file.display()
+    );
+    let user_warning = format!(
+        "password file {} (auth.users.password_file) is world-readable",
+        user.display()
+    );
+    let set_mode = |mode: u32| {
+        for path in [&file, &user] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+    };
+    let config = support::write_file(dir.path(), "redmux.toml", &auth);
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        set_mode(mode);
+        let (code, _, err) = run(&["--check", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            err.contains(&warning),
+            warned,
+            "--check, mode {mode:o}: {err}"
+        );
+        assert_eq!(
+            err.contains(&user_warning),
+            warned,
+            "--check, mode {mode:o}: {err}"
+        );
+        assert!(!err.contains("config file"), "{err}");
+    }
+    // At start (private), then on a reload after the file was opened to everyone.
+    let redmux = support::binary::RedmuxProcess::start("", &auth);
+    let logs = redmux.stderr();
+    assert!(!logs.contains("world-readable"), "{logs}");
+    set_mode(0o644);
+    redmux.reload("", &auth);
+    let logs = redmux.wait_for_log(&warning, 1);
+    assert!(logs.contains(&user_warning), "{logs}");
+    assert!(
+        !logs.contains("Rt5-secret") && !logs.contains("Rt6-secret"),
+        "{logs}"
+    );
+    assert_eq!(redmux.stop(), 0);
+    let redmux = support::binary::RedmuxProcess::start("", &auth);
+    let logs = redmux.wait_for_log(&warning, 1);
+    assert!(logs.contains(&user_warning), "{logs}");
+    assert!(!logs.contains("config file"), "{logs}");
+    assert_eq!(redmux.stop(), 0);
+}
+
+/// Runs the binary with `args` and its output captured, for at most 10 s: exit code, stdout,
+/// stderr.
+fn run_bounded(args: &[&str]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let child = Command::new(support::redmux_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("start redmux");
+    let code = Process(child).exit_code(Duration::from_secs(10));
+    let read = |path| std::fs::read_to_string(path).unwrap();
+    (code, read(&out), read(&err))
+}
+
+/// A password written where it does not belong is never printed, by `--check` or at start:
+/// the error says what is wrong and where, without the value or its line.
+#[test]
+fn misplaced_secrets_are_never_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    for case in support::misplaced_secrets() {
+        let file = support::write_file(dir.path(), "bad.toml", case.text);
+        let path = file.to_str().unwrap();
+        for args in [&["--check", "--config", path][..], &["--config", path]] {
+            let (code, out, err) = run_bounded(args);
+            let shown = format!("{out}{err}");
+            assert_eq!(code, 1, "{args:?} {:?}: {shown}", case.text);
+            assert!(
+                shown.contains(case.says),
+                "{args:?} {:?}: {shown}",
+                case.text
+            );
+            assert!(shown.contains(&format!("{path}:")), "{args:?}: {shown}");
+            for secret in case.secrets {
+                assert!(
+                    !shown.contains(secret),
+                    "{args:?} printed {secret:?}: {shown}"
+                );
+            }
+        }
     }
 }
 

@@ -135,6 +135,36 @@ async fn configured_limits_give_the_redis_errors() {
     assert_eq!(raw.call(&["SET", "k", &value]).await, "+OK\r\n");
 }
 
+/// redmux's default `max_multibulk_len` (1048576) is far below Redis's limit (INT_MAX,
+/// `src/networking.c`): a header above it is refused at once, where Redis waits for the
+/// arguments and runs the command. At the limit redmux answers as Redis does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_multibulk_limit_is_below_redis() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let echo = |count: usize| {
+        let mut request = format!("*{count}\r\n$4\r\nECHO\r\n").into_bytes();
+        for _ in 1..count {
+            request.extend_from_slice(b"$1\r\na\r\n");
+        }
+        request
+    };
+    let arity = "-ERR wrong number of arguments for 'echo' command\r\n";
+    let mut direct = Raw::connect(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    direct.send(echo(1_048_577)).await;
+    assert_eq!(direct.reply_str().await, arity, "Redis takes it");
+    let mut raw = redmux.raw().await;
+    raw.send("*1048577\r\n").await;
+    assert_eq!(
+        raw.reply_str().await,
+        "-ERR Protocol error: invalid multibulk length\r\n"
+    );
+    raw.expect_closed().await;
+    let mut raw = redmux.raw().await;
+    raw.send(echo(1_048_576)).await;
+    assert_eq!(raw.reply_str().await, arity);
+}
+
 /// A request written one byte per write is reassembled; deep nesting, a client that leaves mid
 /// frame, and a NUL in an inline line neither crash nor disturb anyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

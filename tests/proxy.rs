@@ -387,6 +387,102 @@ async fn unix_socket_listener() {
     assert!(!path.exists(), "socket file removed at exit");
 }
 
+/// Every event inotify has for the entries of the watched directory: name and flags, in order.
+fn directory_events(
+    inotify: &std::os::fd::OwnedFd,
+) -> Vec<(String, rustix::fs::inotify::ReadFlags)> {
+    let mut buffer = [std::mem::MaybeUninit::uninit(); 4096];
+    let mut reader = rustix::fs::inotify::Reader::new(inotify, &mut buffer);
+    let mut events = Vec::new();
+    loop {
+        match reader.next() {
+            Ok(event) => {
+                let name = event.file_name().map(|n| n.to_string_lossy().into_owned());
+                events.push((name.unwrap_or_default(), event.events()));
+            }
+            Err(rustix::io::Errno::AGAIN) => return events,
+            Err(error) => panic!("reading inotify events: {error}"),
+        }
+    }
+}
+
+/// The unix socket is at its path with its configured mode from the moment it appears there,
+/// never with the umask's (which would let others connect until a chmod). inotify on the
+/// directory shows it: the socket's name appears (created or moved in) and its attributes are
+/// never changed afterwards, as a chmod after bind(2) would. Both for a new socket and for a
+/// stale one (nobody answers on it) that is replaced. A live socket, or a file that is not a
+/// socket, is left alone and the bind fails. Nothing else is left in the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unix_socket_never_appears_with_other_permissions() {
+    use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("redmux.sock");
+    let mut config = support::config("embedded");
+    config.server.unix_socket = Some(path.clone());
+    config.server.unix_socket_mode = 0o600;
+    for stale in [false, true] {
+        if stale {
+            // Bound, then closed: the file stays, and nobody answers on it.
+            drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+            assert!(std::fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_socket());
+        }
+        let watch = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC).unwrap();
+        let changes = WatchFlags::CREATE
+            | WatchFlags::MOVED_TO
+            | WatchFlags::MOVED_FROM
+            | WatchFlags::DELETE
+            | WatchFlags::ATTRIB;
+        inotify::add_watch(&watch, dir.path(), changes).unwrap();
+        let redmux = Redmux::start_with(config.clone()).await;
+        let events: Vec<ReadFlags> = directory_events(&watch)
+            .into_iter()
+            .filter(|(name, _)| name == "redmux.sock")
+            .map(|(_, flags)| flags)
+            .collect();
+        let appeared = events
+            .iter()
+            .position(|flags| flags.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO))
+            .unwrap_or_else(|| panic!("stale {stale}: the socket never appeared: {events:?}"));
+        assert!(
+            !events[appeared..]
+                .iter()
+                .any(|flags| flags.contains(ReadFlags::ATTRIB)),
+            "stale {stale}: the socket's mode changed after it appeared: {events:?}"
+        );
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "stale {stale}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["redmux.sock"], "stale {stale}");
+        let mut raw = support::Raw::over(tokio::net::UnixStream::connect(&path).await.unwrap());
+        assert_eq!(raw.call(&["PING"]).await, "+PONG\r\n");
+        // A second redmux on the same path while the first answers: refused, socket kept.
+        let error = redmux::Server::bind(config.clone()).await.err();
+        let error = error.expect("a second bind on a live socket").to_string();
+        assert!(
+            error.starts_with(&format!("cannot listen on {}", path.display())),
+            "{error}"
+        );
+        assert_eq!(raw.call(&["PING"]).await, "+PONG\r\n");
+        redmux.stop().await;
+        assert!(!path.exists(), "socket file removed at exit");
+    }
+    // A file that is not a socket is not replaced.
+    std::fs::write(&path, "not a socket").unwrap();
+    let error = redmux::Server::bind(config.clone()).await.err();
+    assert!(error.is_some(), "bound over a regular file");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket");
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_upstream_for_a_first_try() {
     let redmux = Redmux::start("embedded").await;

@@ -164,6 +164,30 @@ async fn a_bad_file_is_rejected_and_the_old_config_stays() {
     assert_eq!(redmux.stop(), 0);
 }
 
+/// A reloaded file with a password where it does not belong is rejected, and the logged error
+/// says what is wrong and where, without the value or its line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_reload_never_logs_a_misplaced_secret() {
+    let redmux = RedmuxProcess::start("", "");
+    let cases = support::misplaced_secrets();
+    for (round, case) in cases.iter().enumerate() {
+        redmux.reload_text(case.text);
+        let logs = redmux.wait_for_log("reload failed", round + 1);
+        let line = logs
+            .lines()
+            .filter(|line| line.contains("reload failed"))
+            .nth(round)
+            .unwrap();
+        assert!(line.contains("redmux.toml:"), "{line}");
+        assert!(line.contains(case.says), "{:?}: {line}", case.text);
+        for secret in case.secrets {
+            assert!(!logs.contains(secret), "logged {secret:?}:\n{logs}");
+        }
+    }
+    assert_eq!(redmux.raw().await.call(&["PING"]).await, "+PONG\r\n");
+    assert_eq!(redmux.stop(), 0);
+}
+
 /// New clients go to the new upstream; a client connected before keeps its connection to the
 /// old one, which closes once that client has left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

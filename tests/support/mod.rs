@@ -475,3 +475,71 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text).expect("write file");
     path
 }
+
+/// A config file with a password where it does not belong: its text, the parts of the
+/// password that must never be printed, and what the error must say instead.
+pub struct MisplacedSecret {
+    pub text: &'static str,
+    pub secrets: &'static [&'static str],
+    pub says: &'static str,
+}
+
+/// Passwords written the wrong way, each of which toml's own error would quote: as a number
+/// (its message names the value), in a multi-line string with a syntax error on its second line
+/// (its message quotes that line), or as a string where a table or list of tables belongs. The
+/// numbers are longer than a temporary file name's random part, and the other fragments hold a
+/// `-`, which it never does: no path in a message can contain them by chance.
+pub fn misplaced_secrets() -> Vec<MisplacedSecret> {
+    let case = |text, secrets, says| MisplacedSecret {
+        text,
+        secrets,
+        says,
+    };
+    vec![
+        case(
+            "[auth]\npassword = 86753091\n",
+            &["86753091"],
+            "`auth.password` must be a string",
+        ),
+        case(
+            "[auth]\npassword = 8675.3091\n",
+            &["8675.", ".3091"],
+            "`auth.password` must be a string",
+        ),
+        case(
+            "[[auth.users]]\nname = \"app\"\npassword = 86753092\n",
+            &["86753092"],
+            "`auth.users.password` must be a string",
+        ),
+        case(
+            "[upstream]\naddress = \"127.0.0.1:7000\"\npassword = 86753093\n",
+            &["86753093"],
+            "`upstream.password` must be a string",
+        ),
+        case(
+            "[auth]\npassword = \"\"\"Xq1-first\nZk9-second\\q-tail\"\"\"\n",
+            &["Xq1-first", "Zk9-second", "q-tail"],
+            ":3:12: missing escaped value",
+        ),
+        case(
+            "[auth]\npassword = \"\"\"Xq1-first\nZk9-second never closed\n",
+            &["Xq1-first", "Zk9-second"],
+            ":4:1: invalid multi-line basic string",
+        ),
+        case(
+            "[auth]\nusers = [\"app:Zk9-userpw\"]\n",
+            &["Zk9-userpw"],
+            "`auth.users` must be a list of tables",
+        ),
+        case(
+            "auth = \"Zk9-requirepass\"\n",
+            &["Zk9-requirepass"],
+            "`auth` must be a table",
+        ),
+        case(
+            "upstream = \"redis://:Zk9-url@127.0.0.1:7000\"\n",
+            &["Zk9-url"],
+            "`upstream` must be a table",
+        ),
+    ]
+}
