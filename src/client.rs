@@ -132,7 +132,8 @@ struct Subscriptions {
     channels: Vec<Bytes>,
     patterns: Vec<Bytes>,
     shard: Vec<Bytes>,
-    /// Present while subscribed to anything. Closed by the hub when it cuts the client off.
+    /// Present while subscribed to anything. The hub closes it, or fires its `cut`, when it
+    /// cuts the client off.
     inbox: Option<Feed>,
 }
 
@@ -143,31 +144,65 @@ struct Feed {
     rx: mpsc::UnboundedReceiver<Bytes>,
     /// Bytes sent and not yet taken, shared with the sender, which gives up past its limit.
     queued: Arc<Budget>,
+    /// Fires when the sender gives up on the client: it is then closed at once, however much
+    /// it has still to read. `None` once the sender let go without firing it.
+    cut: Option<oneshot::Receiver<()>>,
 }
 
 impl Feed {
     fn new(limit: usize) -> (Feed, pubsub::Inbox) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (cut_tx, cut) = oneshot::channel();
         let queued = Arc::new(Budget::new(limit));
         let inbox = pubsub::Inbox {
             tx,
             queued: queued.clone(),
+            cut: cut_tx,
         };
-        (Feed { rx, queued }, inbox)
+        let feed = Feed {
+            rx,
+            queued,
+            cut: Some(cut),
+        };
+        (feed, inbox)
     }
 }
 
-/// The next frame of a feed; `None` when the sender gave up. Never ready without a feed. A
-/// poll function, like the other branches of a busy session's `select!`, keeps the boxed
-/// session small enough for the allocator's per-thread cache.
-fn next_frame(feed: &mut Option<Feed>) -> impl Future<Output = Option<Bytes>> + '_ {
-    std::future::poll_fn(move |cx| match feed {
-        Some(feed) => feed.rx.poll_recv(cx).map(|frame| {
-            let frame = frame?;
-            feed.queued.refund(frame.len());
-            Some(frame)
-        }),
-        None => Poll::Pending,
+/// What a feed has for the session.
+enum Fed {
+    Frame(Bytes),
+    /// The sender let go: everything it sent has been taken.
+    Ended,
+    /// The sender gave up on the client, which is past its output limit.
+    CutOff,
+}
+
+/// The next frame of a feed, if `room` (the client is not too far behind already), or word
+/// that the sender cut the client off, which comes whatever the room. Never ready without a
+/// feed. A poll function, like the other branches of a busy session's `select!`, keeps the
+/// boxed session small enough for the allocator's per-thread cache.
+fn next_frame(feed: &mut Option<Feed>, room: bool) -> impl Future<Output = Fed> + '_ {
+    std::future::poll_fn(move |cx| {
+        let Some(feed) = feed else {
+            return Poll::Pending;
+        };
+        if let Some(cut) = &mut feed.cut {
+            match Pin::new(cut).poll(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(Fed::CutOff),
+                Poll::Ready(Err(_)) => feed.cut = None,
+                Poll::Pending => {}
+            }
+        }
+        if !room {
+            return Poll::Pending;
+        }
+        feed.rx.poll_recv(cx).map(|frame| match frame {
+            Some(frame) => {
+                feed.queued.refund(frame.len());
+                Fed::Frame(frame)
+            }
+            None => Fed::Ended,
+        })
     })
 }
 
@@ -727,23 +762,43 @@ fn serve<'a, S: Duplex>(
                         }
                     }
                 }
-                // Published messages and the MONITOR feed, queued behind the replies already owed.
-                frame = next_frame(&mut this.subs.inbox), if this.subs.inbox.is_some() && this.out_len < OUTPUT_HIGH_WATER => match frame {
-                    Some(bytes) => {
-                        // Messages come as the RESP2 subscriber connection sent them; in RESP3
-                        // they are pushes, decided by the protocol the client speaks now.
+                // Published messages and the MONITOR feed, queued behind the replies already owed,
+                // taken while the client is not too far behind; a cut-off is heard regardless.
+                frame = next_frame(&mut this.subs.inbox, this.out_len < OUTPUT_HIGH_WATER), if this.subs.inbox.is_some() => match frame {
+                    // Messages come as the RESP2 subscriber connection sent them; in RESP3
+                    // they are pushes, decided by the protocol the client speaks now.
+                    Fed::Frame(bytes) => {
                         let bytes = if this.client.resp3 { as_push(bytes) } else { bytes };
                         this.pending.push_back(Pending::Local { bytes, count: 0 });
                     }
-                    None => {
-                        debug!("subscriber cut off: it does not read its messages fast enough");
+                    Fed::Ended => {
+                        debug!("pub/sub hub gone; closing");
+                        break;
+                    }
+                    // The hub has dropped the client's subscriptions already. Closed at once,
+                    // and everything queued for it freed.
+                    Fed::CutOff => {
+                        warn!(
+                            client = this.client.id,
+                            limit = this.config.client_output_limit,
+                            "subscriber does not read its messages (output limit reached); closing"
+                        );
+                        this.subs = Subscriptions::default();
                         break;
                     }
                 },
-                frame = next_frame(&mut this.monitor), if this.monitor.is_some() && this.out_len < OUTPUT_HIGH_WATER => match frame {
-                    Some(bytes) => this.pending.push_back(Pending::Local { bytes, count: 0 }),
-                    None => {
-                        debug!("MONITOR feed ended (client too slow, or upstream lost); closing");
+                frame = next_frame(&mut this.monitor, this.out_len < OUTPUT_HIGH_WATER), if this.monitor.is_some() => match frame {
+                    Fed::Frame(bytes) => this.pending.push_back(Pending::Local { bytes, count: 0 }),
+                    Fed::Ended => {
+                        debug!("MONITOR feed ended (upstream lost); closing");
+                        break;
+                    }
+                    Fed::CutOff => {
+                        warn!(
+                            client = this.client.id,
+                            limit = this.config.client_output_limit,
+                            "MONITOR client does not read its feed (output limit reached); closing"
+                        );
                         break;
                     }
                 },

@@ -20,7 +20,7 @@ use tokio::{
     sync::{mpsc, oneshot, watch},
     time::{interval, sleep, Instant, MissedTickBehavior},
 };
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::{
     resp::{encode_command, Args, ReplyScanner},
@@ -63,7 +63,7 @@ enum HubRequest {
         kind: Kind,
         names: Vec<Bytes>,
         /// The client's inbox, with its first subscription only: the hub then holds the only
-        /// sender, so dropping it tells the session it was cut off.
+        /// sender, until the client unsubscribes from everything, leaves or is cut off.
         inbox: Option<Inbox>,
         confirmation: Bytes,
         reply: oneshot::Sender<Reply>,
@@ -84,6 +84,11 @@ pub struct Inbox {
     /// Bytes sent and not yet taken by the session, which refunds what it takes, and the most
     /// that may wait (the client's `client_output_limit`, which a reload may change).
     pub queued: Arc<Budget>,
+    /// Fired when the sender gives up on a client past its limit. The session hears it at once,
+    /// whatever it still has to write: a client that does not read would never drain the inbox
+    /// to find it closed, and would keep what is queued there and in its session for as long as
+    /// it stays connected. Dropped unfired when the sender simply lets go.
+    pub cut: oneshot::Sender<()>,
 }
 
 /// What the hub holds, for `/status` and `/metrics`.
@@ -131,6 +136,7 @@ impl PubSub {
             active: HashSet::new(),
             in_flight: HashMap::new(),
             waiters: Vec::new(),
+            cut_off: Vec::new(),
         };
         tokio::spawn(hub.run().instrument(tracing::info_span!("pubsub")));
         PubSub { tx, counts }
@@ -210,6 +216,9 @@ struct Hub {
     /// counts: an earlier one may be followed by an UNSUBSCRIBE that Redis has still to run.
     in_flight: HashMap<(Kind, Bytes), u32>,
     waiters: Vec<Waiter>,
+    /// Clients cut off while messages were dispatched, with their subscriptions: dropped, and
+    /// unsubscribed upstream where nobody else wants them, right after the dispatch.
+    cut_off: Vec<(u64, HashSet<(Kind, Bytes)>)>,
     /// `subscribers` and `clients` counted, kept up to date as they change.
     counts: Counts,
     counts_tx: watch::Sender<Counts>,
@@ -265,6 +274,11 @@ impl Hub {
                             warn!(%error, "malformed pub/sub traffic; reconnecting");
                             conn = None;
                         }
+                        let writer = conn.as_mut().map(|(_, writer)| writer);
+                        if self.drop_cut_off(writer).await.is_err() {
+                            conn = None;
+                        }
+                        self.publish_counts();
                     }
                     _ => {
                         warn!("pub/sub connection lost; reconnecting");
@@ -391,6 +405,19 @@ impl Hub {
         };
         self.drop_subscriptions(client, entry.subscriptions.into_iter().collect(), writer)
             .await
+    }
+
+    /// Removes the clients cut off by the last dispatch from every subscription they had.
+    async fn drop_cut_off(
+        &mut self,
+        mut writer: Option<&mut upstream::Writer>,
+    ) -> std::io::Result<()> {
+        for (client, subscriptions) in std::mem::take(&mut self.cut_off) {
+            let keys = subscriptions.into_iter().collect();
+            self.drop_subscriptions(client, keys, writer.as_deref_mut())
+                .await?;
+        }
+        Ok(())
     }
 
     /// Removes `client` from each subscription; the ones nobody wants any more are
@@ -520,15 +547,13 @@ impl Hub {
                 cut_off.push(*client);
             }
         }
+        // Out of `clients` at once, so that it is cut off once; out of every subscription
+        // (and its frames, queued or not, freed) as soon as the dispatch is over.
         for client in cut_off {
-            debug!(
-                client,
-                "subscriber too slow (output limit reached); cutting it off"
-            );
-            // Dropping its inbox sender tells the session; its subscriptions are removed by
-            // the next sweep, which also unsubscribes upstream what nobody wants any more.
-            if let Some(subscriber) = self.clients.get_mut(&client) {
-                subscriber.inbox.tx = mpsc::unbounded_channel().0;
+            if let Some(subscriber) = self.clients.remove(&client) {
+                // Its session logs it, once: the hub could only log every message it drops.
+                let _ = subscriber.inbox.cut.send(());
+                self.cut_off.push((client, subscriber.subscriptions));
             }
         }
     }

@@ -316,3 +316,168 @@ fn upstream_send_queue_full(port: u16) -> bool {
         remote_port == Some(port) && tx_queue.is_some_and(|q| q > 64 * 1024)
     })
 }
+
+/// One value from redmux's `/metrics` (a gauge or counter with no labels).
+async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: redmux\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+/// Subscribers that never read, sent more than `client_output_limit` (4 MiB here: more than the
+/// megabyte a session queues to write, so that the subscriber's inbox is what fills) of messages:
+/// each is disconnected at once, without having read anything, and logged once. Its session
+/// ends, so what was queued for it is freed, and its subscription goes at once (the hub counts
+/// no subscriber, Redis sees no subscription), while other clients are served throughout.
+/// Before: the hub dropped messages for them but their sessions never ended, each holding
+/// about a megabyte of queued messages until the client read or left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_that_never_read_are_disconnected_at_once() {
+    const SUBSCRIBERS: usize = 3;
+    const LIMIT: usize = 4 * 1024 * 1024;
+    const PAYLOAD: usize = 64 * 1024;
+    let redis = RedisServer::start();
+    let port = support::free_port();
+    let redmux = RedmuxProcess::start(
+        &format!("client_output_limit = {LIMIT}"),
+        &format!(
+            "{}[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            upstream(&redis)
+        ),
+    );
+    let metrics = SocketAddr::from(([127, 0, 0, 1], port));
+    support::wait_listening(port);
+    let mut bystander = redmux.raw().await;
+    assert_eq!(bystander.call(&["PING"]).await, "+PONG\r\n");
+    let mut subscribers = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // A small window: the kernel does not soak up the messages on the client's behalf.
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(redmux.addr).await.unwrap();
+        stream.write_all(b"SUBSCRIBE flood\r\n").await.unwrap();
+        subscribers.push(stream);
+    }
+    let mut publisher = redmux.raw().await;
+    let deadline = Deadline::new();
+    while metric(metrics, "redmux_pubsub_clients").await != SUBSCRIBERS as f64 {
+        deadline.next_try("subscribers never subscribed").await;
+    }
+    let before = redmux.rss_kib();
+    // Published in rounds until redmux has closed the subscribers: the kernel's buffers, what
+    // the session queues to write, then the limit; about 10 MB.
+    let round =
+        redmux::resp::encode_command([&b"PUBLISH"[..], b"flood", &[b'p'; PAYLOAD]]).repeat(16);
+    let mut published = 0;
+    let mut slowest = Duration::ZERO;
+    while metric(metrics, "redmux_connected_clients").await > 2.0 {
+        assert!(
+            published < 64 * LIMIT,
+            "subscribers still connected after {published} bytes of messages each; log:\n{}",
+            redmux.stderr()
+        );
+        publisher.pipeline(&round, 16).await;
+        published += 16 * PAYLOAD;
+        let started = Instant::now();
+        assert_eq!(bystander.call(&["PING"]).await, "+PONG\r\n");
+        slowest = slowest.max(started.elapsed());
+    }
+    let peak = redmux.peak_rss_kib();
+    // They find their connections closed, after what was in the kernel's buffers.
+    for (i, mut stream) in subscribers.into_iter().enumerate() {
+        let mut received = 0;
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let read = tokio::time::timeout(READY_TIMEOUT, stream.read(&mut chunk))
+                .await
+                .expect("the connection ends");
+            match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+        // At least what waited in its inbox was dropped.
+        assert!(
+            received + LIMIT <= published,
+            "subscriber {i} read {received} of {published} bytes"
+        );
+    }
+    // Forgotten by the hub and upstream, at once rather than by a later sweep.
+    assert_eq!(metric(metrics, "redmux_pubsub_clients").await, 0.0);
+    let numsub: (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("flood")
+        .query(&mut redis.direct())
+        .unwrap();
+    assert_eq!(numsub.1, 0, "still subscribed upstream");
+    // Logged once each, at the default level.
+    let needle = "subscriber does not read its messages";
+    let logs = redmux.wait_for_log(needle, SUBSCRIBERS);
+    assert_eq!(logs.matches(needle).count(), SUBSCRIBERS, "{logs}");
+    assert_eq!(publisher.call(&["PING"]).await, "+PONG\r\n");
+    println!(
+        "{SUBSCRIBERS} never-reading subscribers closed after {published} bytes of messages; \
+         slowest PING meanwhile {slowest:?}; rss before {before} KiB, peak {peak} KiB, after {} \
+         KiB",
+        redmux.rss_kib()
+    );
+}
+
+/// The same for a MONITOR client that never reads its feed: past `client_output_limit` it is
+/// closed at once, and logged once. Before: its feed stopped, but its session stayed connected
+/// with the feed's queued frames until the client read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_that_never_reads_is_disconnected_at_once() {
+    const LIMIT: usize = 4 * 1024 * 1024;
+    const VALUE: usize = 64 * 1024;
+    let redis = RedisServer::start();
+    let port = support::free_port();
+    let redmux = RedmuxProcess::start(
+        &format!("client_output_limit = {LIMIT}"),
+        &format!(
+            "{}[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            upstream(&redis)
+        ),
+    );
+    let metrics = SocketAddr::from(([127, 0, 0, 1], port));
+    support::wait_listening(port);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut monitor = socket.connect(redmux.addr).await.unwrap();
+    monitor.write_all(b"MONITOR\r\n").await.unwrap();
+    let mut ok = [0u8; 5];
+    monitor.read_exact(&mut ok).await.unwrap();
+    assert_eq!(&ok, b"+OK\r\n");
+    let mut writer = redmux.raw().await;
+    let round = redmux::resp::encode_command([&b"SET"[..], b"k", &[b'v'; VALUE]]).repeat(16);
+    let mut sent = 0;
+    while metric(metrics, "redmux_connected_clients").await > 1.0 {
+        assert!(
+            sent < 64 * LIMIT,
+            "the MONITOR client still connected after {sent} bytes of feed; log:\n{}",
+            redmux.stderr()
+        );
+        writer.pipeline(&round, 16).await;
+        sent += 16 * VALUE;
+    }
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::time::timeout(READY_TIMEOUT, monitor.read(&mut chunk))
+            .await
+            .expect("the connection ends");
+        if matches!(read, Ok(0) | Err(_)) {
+            break;
+        }
+    }
+    let needle = "MONITOR client does not read its feed";
+    let logs = redmux.wait_for_log(needle, 1);
+    assert_eq!(logs.matches(needle).count(), 1, "{logs}");
+    assert_eq!(writer.call(&["PING"]).await, "+PONG\r\n");
+}
