@@ -7,6 +7,11 @@
 //! can reach it. Messages go to each subscriber's inbox, which is bounded in bytes: a subscriber
 //! with more than `client_output_limit` bytes of messages waiting is cut off (as Redis's pubsub
 //! output-buffer limit does), never buffered without bound.
+//!
+//! One client may name a million channels in one request, so nothing here costs more than
+//! constant work per name, and every loop over names, frames or subscribers gives the runtime
+//! back its thread now and then (`consume_budget`): the hub shares that thread with every
+//! client session.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -18,6 +23,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::{mpsc, oneshot, watch},
+    task::coop::consume_budget,
     time::{interval, sleep, Instant, MissedTickBehavior},
 };
 use tracing::{info, warn, Instrument};
@@ -31,6 +37,9 @@ use crate::{
 const HUB_CAPACITY: usize = 4096;
 /// How often subscribers that left without a word are looked for.
 const SWEEP: Duration = Duration::from_millis(500);
+/// Most names in one (UN)SUBSCRIBE sent upstream: a command is encoded in one go, so a long
+/// list goes as several commands, with a chance for others to run between them.
+const NAMES_PER_COMMAND: usize = 1024;
 
 /// Channels, patterns and shard channels are separate name spaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,8 +144,11 @@ impl PubSub {
             clients: HashMap::new(),
             active: HashSet::new(),
             in_flight: HashMap::new(),
-            waiters: Vec::new(),
+            waiters: HashMap::new(),
+            waiting: HashMap::new(),
+            next_waiter: 0,
             cut_off: Vec::new(),
+            progress: Instant::now(),
         };
         tokio::spawn(hub.run().instrument(tracing::info_span!("pubsub")));
         PubSub { tx, counts }
@@ -196,10 +208,14 @@ struct Subscriber {
 /// A client waiting for its subscriptions to be active upstream.
 #[derive(Debug)]
 struct Waiter {
+    /// The names of its request not active yet, each listed in `Hub::waiting`.
     missing: HashSet<(Kind, Bytes)>,
     reply: oneshot::Sender<Reply>,
     confirmation: Bytes,
-    deadline: Instant,
+    /// When it arrived. It fails `connect_timeout` later while there is no connection, and
+    /// `request_timeout` after that or the connection's last sign of life, whichever is later:
+    /// Redis may take a while to confirm a million names, and is not stuck while it does.
+    since: Instant,
 }
 
 struct Hub {
@@ -215,10 +231,16 @@ struct Hub {
     /// SUBSCRIBEs sent and not yet confirmed, per key. Only the confirmation of the last one
     /// counts: an earlier one may be followed by an UNSUBSCRIBE that Redis has still to run.
     in_flight: HashMap<(Kind, Bytes), u32>,
-    waiters: Vec<Waiter>,
+    waiters: HashMap<u64, Waiter>,
+    /// The waiters each key keeps waiting: a confirmation touches only those, not every waiter.
+    waiting: HashMap<(Kind, Bytes), Vec<u64>>,
+    next_waiter: u64,
     /// Clients cut off while messages were dispatched, with their subscriptions: dropped, and
     /// unsubscribed upstream where nobody else wants them, right after the dispatch.
     cut_off: Vec<(u64, HashSet<(Kind, Bytes)>)>,
+    /// When the connection last read something, was made, or was sent subscriptions to
+    /// confirm: Redis is stuck if it answers nothing for `request_timeout` after that.
+    progress: Instant,
     /// `subscribers` and `clients` counted, kept up to date as they change.
     counts: Counts,
     counts_tx: watch::Sender<Counts>,
@@ -251,9 +273,10 @@ impl Hub {
                         rbuf.clear();
                         scanner.reset();
                         let all: Vec<(Kind, Bytes)> = self.subscribers.keys().cloned().collect();
-                        self.sent(&all);
+                        self.sent(&all).await;
                         if write_subscriptions(&mut writer, &all, true).await.is_ok() {
                             conn = Some((reader, writer));
+                            self.progress = Instant::now();
                         }
                     }
                     Err(error) => {
@@ -261,7 +284,7 @@ impl Hub {
                             warn!(%error, "cannot open the pub/sub connection; retrying");
                         }
                         failures = failures.saturating_add(1);
-                        self.expire_waiters();
+                        self.expire_waiters(false).await;
                         sleep(Duration::from_millis(100).min(self.timeouts.connect)).await;
                         continue;
                     }
@@ -270,7 +293,8 @@ impl Hub {
             tokio::select! {
                 read = read_some(conn.as_mut(), &mut rbuf) => match read {
                     Ok(n) if n > 0 => {
-                        if let Err(error) = self.dispatch(&mut rbuf, &mut scanner) {
+                        self.progress = Instant::now();
+                        if let Err(error) = self.dispatch(&mut rbuf, &mut scanner).await {
                             warn!(%error, "malformed pub/sub traffic; reconnecting");
                             conn = None;
                         }
@@ -294,7 +318,7 @@ impl Hub {
                     self.publish_counts();
                 }
                 _ = sweep.tick() => {
-                    self.expire_waiters();
+                    self.expire_waiters(conn.is_some()).await;
                     let gone: Vec<u64> = self
                         .clients
                         .iter()
@@ -333,13 +357,17 @@ impl Hub {
                         inbox,
                         subscriptions: HashSet::new(),
                     }),
-                    // Cut off meanwhile: the session learns it from its closed inbox.
+                    // Cut off meanwhile: the session learns it from its inbox.
                     (None, None) => {
                         let _ = reply.send(Err(UpstreamError::ConnectionLost));
                         return Ok(());
                     }
                 };
                 let mut new = Vec::new();
+                // What this request waits for: its own names that are not active yet. Names of
+                // earlier requests are waited for by those requests' confirmations, which the
+                // session sends first.
+                let mut missing = HashSet::new();
                 for name in names {
                     let key = (kind, name);
                     entry.subscriptions.insert(key.clone());
@@ -349,26 +377,33 @@ impl Hub {
                         new.push(key.clone());
                     }
                     wanted.insert(client);
+                    if !self.active.contains(&key) {
+                        missing.insert(key);
+                    }
+                    consume_budget().await;
                 }
-                let missing: HashSet<(Kind, Bytes)> = entry
-                    .subscriptions
-                    .iter()
-                    .filter(|key| key.0 == kind && !self.active.contains(*key))
-                    .cloned()
-                    .collect();
                 if missing.is_empty() {
                     let _ = reply.send(Ok(confirmation.into()));
                 } else {
-                    self.waiters.push(Waiter {
+                    let id = self.next_waiter;
+                    self.next_waiter += 1;
+                    for key in &missing {
+                        self.waiting.entry(key.clone()).or_default().push(id);
+                        consume_budget().await;
+                    }
+                    let waiter = Waiter {
                         missing,
                         reply,
                         confirmation,
-                        deadline: Instant::now() + self.timeouts.connect,
-                    });
+                        since: Instant::now(),
+                    };
+                    self.waiters.insert(id, waiter);
                 }
                 if let Some(writer) = writer {
-                    self.sent(&new);
+                    self.sent(&new).await;
                     write_subscriptions(writer, &new, true).await?;
+                    // Redis has something to answer from now on.
+                    self.progress = Instant::now();
                 }
             }
             HubRequest::Unsubscribe {
@@ -383,6 +418,7 @@ impl Hub {
                         if entry.subscriptions.remove(&key) {
                             gone.push(key);
                         }
+                        consume_budget().await;
                     }
                     if entry.subscriptions.is_empty() {
                         self.clients.remove(&client);
@@ -443,6 +479,7 @@ impl Hub {
                     unwanted.push(key);
                 }
             }
+            consume_budget().await;
         }
         match writer {
             Some(writer) => write_subscriptions(writer, &unwanted, false).await,
@@ -451,7 +488,7 @@ impl Hub {
     }
 
     /// Handles every complete frame the subscriber connection sent.
-    fn dispatch(
+    async fn dispatch(
         &mut self,
         rbuf: &mut BytesMut,
         scanner: &mut ReplyScanner,
@@ -459,6 +496,7 @@ impl Hub {
         while let Some(end) = scanner.next_reply(rbuf)? {
             let frame = rbuf.split_to(end).freeze();
             scanner.consumed(end);
+            consume_budget().await;
             let mut args = Args::new(&frame);
             let (Some(what), Some(name)) = (args.next(), args.next()) else {
                 continue;
@@ -479,7 +517,7 @@ impl Hub {
                 _ => continue,
             };
             let key = (key.0, Bytes::copy_from_slice(key.1));
-            self.deliver(&key, &frame);
+            self.deliver(&key, &frame).await;
         }
         Ok(())
     }
@@ -495,9 +533,10 @@ impl Hub {
         });
     }
 
-    fn sent(&mut self, keys: &[(Kind, Bytes)]) {
+    async fn sent(&mut self, keys: &[(Kind, Bytes)]) {
         for key in keys {
             *self.in_flight.entry(key.clone()).or_default() += 1;
+            consume_budget().await;
         }
     }
 
@@ -518,25 +557,30 @@ impl Hub {
 
     /// `key` no longer keeps any waiter waiting; answers the waiters it was the last for.
     fn satisfy(&mut self, key: &(Kind, Bytes)) {
-        let mut i = 0;
-        while i < self.waiters.len() {
-            self.waiters[i].missing.remove(key);
-            if self.waiters[i].missing.is_empty() {
-                let waiter = self.waiters.swap_remove(i);
-                let _ = waiter.reply.send(Ok(waiter.confirmation.into()));
-            } else {
-                i += 1;
+        let Some(ids) = self.waiting.remove(key) else {
+            return;
+        };
+        for id in ids {
+            let Some(waiter) = self.waiters.get_mut(&id) else {
+                continue;
+            };
+            waiter.missing.remove(key);
+            if waiter.missing.is_empty() {
+                if let Some(waiter) = self.waiters.remove(&id) {
+                    let _ = waiter.reply.send(Ok(waiter.confirmation.into()));
+                }
             }
         }
     }
 
-    fn deliver(&mut self, key: &(Kind, Bytes), frame: &Bytes) {
+    async fn deliver(&mut self, key: &(Kind, Bytes), frame: &Bytes) {
         let Some(wanted) = self.subscribers.get(key) else {
             return;
         };
         // Frames go out as the RESP2 upstream sent them; a RESP3 session makes them pushes.
         let mut cut_off = Vec::new();
         for client in wanted {
+            consume_budget().await;
             let Some(subscriber) = self.clients.get(client) else {
                 continue;
             };
@@ -558,13 +602,35 @@ impl Hub {
         }
     }
 
-    fn expire_waiters(&mut self) {
+    /// Fails the waiters that have waited too long (see [`Waiter::since`]).
+    async fn expire_waiters(&mut self, connected: bool) {
         let now = Instant::now();
-        let (expired, waiting): (Vec<Waiter>, Vec<Waiter>) =
-            self.waiters.drain(..).partition(|w| w.deadline <= now);
-        self.waiters = waiting;
-        for waiter in expired {
-            let _ = waiter.reply.send(Err(UpstreamError::Unavailable));
+        let (progress, timeouts) = (self.progress, self.timeouts);
+        let expired: HashSet<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, waiter)| match connected {
+                true => waiter.since.max(progress) + timeouts.request <= now,
+                false => waiter.since + timeouts.connect <= now,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let mut keys = HashSet::new();
+        for id in &expired {
+            if let Some(waiter) = self.waiters.remove(id) {
+                let _ = waiter.reply.send(Err(UpstreamError::Unavailable));
+                keys.extend(waiter.missing);
+            }
+        }
+        // Their places in `waiting`, each list walked once.
+        for key in keys {
+            if let Some(ids) = self.waiting.get_mut(&key) {
+                ids.retain(|id| !expired.contains(id));
+                if ids.is_empty() {
+                    self.waiting.remove(&key);
+                }
+            }
+            consume_budget().await;
         }
     }
 }
@@ -577,7 +643,8 @@ async fn read_some(conn: Option<&mut Conn>, rbuf: &mut BytesMut) -> std::io::Res
     }
 }
 
-/// Sends (UN)SUBSCRIBE for each key, grouped by kind.
+/// Sends (UN)SUBSCRIBE for each key, grouped by kind, at most `NAMES_PER_COMMAND` names a
+/// command.
 async fn write_subscriptions(
     writer: &mut upstream::Writer,
     keys: &[(Kind, Bytes)],
@@ -585,16 +652,20 @@ async fn write_subscriptions(
 ) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     for kind in [Kind::Channel, Kind::Pattern, Kind::Shard] {
-        let names: Vec<&[u8]> = keys
-            .iter()
-            .filter(|k| k.0 == kind)
-            .map(|k| &k.1[..])
-            .collect();
-        if names.is_empty() {
-            continue;
-        }
         let command = kind.command(subscribe).as_bytes();
-        out.extend_from_slice(&encode_command(std::iter::once(command).chain(names)));
+        let mut names: Vec<&[u8]> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            if key.0 == kind {
+                names.push(&key.1);
+            }
+            if names.len() == NAMES_PER_COMMAND || (i + 1 == keys.len() && !names.is_empty()) {
+                out.extend_from_slice(&encode_command(
+                    std::iter::once(command).chain(names.iter().copied()),
+                ));
+                names.clear();
+                consume_budget().await;
+            }
+        }
     }
     if !out.is_empty() {
         writer.write_all(&out).await?;
