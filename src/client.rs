@@ -275,6 +275,23 @@ impl Subscriptions {
     fn active(&self) -> bool {
         self.count(pubsub::Kind::Channel) + self.count(pubsub::Kind::Shard) > 0
     }
+
+    /// Whether a message from the hub is for a subscription the client still has. One that
+    /// follows the client's unsubscription (the hub may have sent it before it heard of that)
+    /// is not: Redis sends none after its confirmation.
+    fn wants(&self, frame: &[u8]) -> bool {
+        let mut args = Args::new(frame);
+        let kind = match args.next() {
+            Some(b"message") => pubsub::Kind::Channel,
+            Some(b"pmessage") => pubsub::Kind::Pattern,
+            Some(b"smessage") => pubsub::Kind::Shard,
+            _ => return true,
+        };
+        let names = self.kinds.as_ref().map(|kinds| &kinds[kind_index(kind)]);
+        args.next()
+            .zip(names)
+            .is_some_and(|(name, names)| names.contains(name))
+    }
 }
 
 /// A batch of requests about to be handed to an upstream connection.
@@ -814,10 +831,11 @@ fn serve<'a, S: Duplex>(
                 frame = next_frame(&mut this.subs.inbox, this.out_len < OUTPUT_HIGH_WATER), if this.subs.inbox.is_some() => match frame {
                     // Messages come as the RESP2 subscriber connection sent them; in RESP3
                     // they are pushes, decided by the protocol the client speaks now.
-                    Fed::Frame(bytes) => {
+                    Fed::Frame(bytes) if this.subs.wants(&bytes) => {
                         let bytes = if this.client.resp3 { as_push(bytes) } else { bytes };
                         this.pending.push_back(Pending::Local { bytes, count: 0 });
                     }
+                    Fed::Frame(_) => {}
                     Fed::Ended => {
                         debug!("pub/sub hub gone; closing");
                         break;

@@ -290,6 +290,9 @@ impl Hub {
                     }
                 }
             }
+            // Not biased towards requests: a steady stream of them must not starve the reads,
+            // or Redis would drop the subscriber connection past its own output limit. A
+            // message that follows a client's UNSUBSCRIBE here is dropped by its session.
             tokio::select! {
                 read = read_some(conn.as_mut(), &mut rbuf) => match read {
                     Ok(n) if n > 0 => {

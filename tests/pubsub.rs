@@ -289,3 +289,60 @@ async fn messages_follow_the_clients_current_protocol() {
     assert_eq!(publisher.call(&["PUBLISH", "hx", "m1"]).await, ":1\r\n");
     assert_eq!(sub.reply_str().await, message("hx", "m1"));
 }
+
+/// After a client's UNSUBSCRIBE confirmation no message for that channel reaches it, as with
+/// Redis, even when messages sent to it earlier still wait for it in redmux: here the
+/// subscriber has not read a megabyte of messages yet, so its session holds more. (It is
+/// still subscribed to another channel, so it keeps its inbox.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_message_after_the_unsubscribe_confirmation() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut sub = support::Raw::over(socket.connect(redmux.addr).await.unwrap());
+    sub.send("SUBSCRIBE x y\r\n").await;
+    assert_eq!(
+        sub.reply_str().await,
+        "*3\r\n$9\r\nsubscribe\r\n$1\r\nx\r\n:1\r\n"
+    );
+    assert_eq!(
+        sub.reply_str().await,
+        "*3\r\n$9\r\nsubscribe\r\n$1\r\ny\r\n:2\r\n"
+    );
+    let payload = "m".repeat(1000);
+    let publish = redmux::resp::encode_command([&b"PUBLISH"[..], b"x", payload.as_bytes()]);
+    // A witness that reads everything: once it has a message, so has the subscriber's inbox.
+    let mut witness = redmux.raw().await;
+    assert_eq!(
+        witness.call(&["SUBSCRIBE", "x"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$1\r\nx\r\n:1\r\n"
+    );
+    let mut publisher = redmux.raw().await;
+    // 8 MB, well past what the kernel and the session's write queue take.
+    for _ in 0..80 {
+        publisher.pipeline(&publish.repeat(100), 100).await;
+        for _ in 0..100 {
+            assert_eq!(witness.reply_str().await, message("x", &payload));
+        }
+    }
+    sub.send("UNSUBSCRIBE x\r\nPING\r\n").await;
+    let confirmation = "*3\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n:1\r\n";
+    let mut before = 0;
+    loop {
+        let reply = sub.reply_str().await;
+        if reply == confirmation {
+            break;
+        }
+        assert_eq!(reply, message("x", &payload));
+        before += 1;
+    }
+    assert_eq!(
+        sub.reply_str().await,
+        "*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+        "nothing between the confirmation and the next reply ({before} messages before it)"
+    );
+    // The inbox keeps order: what waits in it for `x` would come before this.
+    assert_eq!(publisher.call(&["PUBLISH", "y", "end"]).await, ":1\r\n");
+    assert_eq!(sub.reply_str().await, message("y", "end"));
+}
