@@ -14,7 +14,7 @@
 //! client session.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -40,6 +40,13 @@ const SWEEP: Duration = Duration::from_millis(500);
 /// Most names in one (UN)SUBSCRIBE sent upstream: a command is encoded in one go, so a long
 /// list goes as several commands, with a chance for others to run between them.
 const NAMES_PER_COMMAND: usize = 1024;
+/// Most reply bytes the hub lets Redis owe it for (un)subscriptions. Redis drops a subscriber
+/// connection whose unread output passes its pubsub limit (`client-output-buffer-limit`,
+/// 32 MB by default), and a million names are answered with 40 MB: sent all at once they
+/// would cost every subscriber its connection, again at each reconnect.
+const WINDOW: usize = 128 * 1024;
+/// What Redis's confirmation of one name takes besides the name: `*3`, the verb, the count.
+const REPLY_OVERHEAD: usize = 40;
 
 /// Channels, patterns and shard channels are separate name spaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -149,6 +156,7 @@ impl PubSub {
             next_waiter: 0,
             cut_off: Vec::new(),
             progress: Instant::now(),
+            outbox: Outbox::default(),
         };
         tokio::spawn(hub.run().instrument(tracing::info_span!("pubsub")));
         PubSub { tx, counts }
@@ -241,6 +249,8 @@ struct Hub {
     /// When the connection last read something, was made, or was sent subscriptions to
     /// confirm: Redis is stuck if it answers nothing for `request_timeout` after that.
     progress: Instant,
+    /// (Un)subscriptions for the current connection, sent a window at a time.
+    outbox: Outbox,
     /// `subscribers` and `clients` counted, kept up to date as they change.
     counts: Counts,
     counts_tx: watch::Sender<Counts>,
@@ -265,19 +275,19 @@ impl Hub {
                     ping: self.ping,
                 };
                 match upstream::connect(&self.endpoint, setup, self.timeouts.connect).await {
-                    Ok((reader, mut writer)) => {
+                    Ok((reader, writer)) => {
                         info!("pub/sub connection up");
                         failures = 0;
                         self.active.clear();
                         self.in_flight.clear();
+                        self.outbox = Outbox::default();
                         rbuf.clear();
                         scanner.reset();
                         let all: Vec<(Kind, Bytes)> = self.subscribers.keys().cloned().collect();
                         self.sent(&all).await;
-                        if write_subscriptions(&mut writer, &all, true).await.is_ok() {
-                            conn = Some((reader, writer));
-                            self.progress = Instant::now();
-                        }
+                        self.outbox.push(all, true);
+                        conn = Some((reader, writer));
+                        self.progress = Instant::now();
                     }
                     Err(error) => {
                         if failures == 0 {
@@ -290,6 +300,7 @@ impl Hub {
                     }
                 }
             }
+            self.flush(&mut conn).await;
             // Not biased towards requests: a steady stream of them must not starve the reads,
             // or Redis would drop the subscriber connection past its own output limit. A
             // message that follows a client's UNSUBSCRIBE here is dropped by its session.
@@ -301,10 +312,7 @@ impl Hub {
                             warn!(%error, "malformed pub/sub traffic; reconnecting");
                             conn = None;
                         }
-                        let writer = conn.as_mut().map(|(_, writer)| writer);
-                        if self.drop_cut_off(writer).await.is_err() {
-                            conn = None;
-                        }
+                        self.drop_cut_off(conn.is_some()).await;
                         self.publish_counts();
                     }
                     _ => {
@@ -314,10 +322,7 @@ impl Hub {
                 },
                 request = self.rx.recv() => {
                     let Some(request) = request else { return };
-                    let writer = conn.as_mut().map(|(_, writer)| writer);
-                    if self.handle(request, writer).await.is_err() {
-                        conn = None;
-                    }
+                    self.handle(request, conn.is_some()).await;
                     self.publish_counts();
                 }
                 _ = sweep.tick() => {
@@ -329,10 +334,7 @@ impl Hub {
                         .map(|(id, _)| *id)
                         .collect();
                     for client in gone {
-                        let writer = conn.as_mut().map(|(_, writer)| writer);
-                        if self.remove_client(client, writer).await.is_err() {
-                            conn = None;
-                        }
+                        self.remove_client(client, conn.is_some()).await;
                     }
                     self.publish_counts();
                 }
@@ -340,11 +342,9 @@ impl Hub {
         }
     }
 
-    async fn handle(
-        &mut self,
-        request: HubRequest,
-        writer: Option<&mut upstream::Writer>,
-    ) -> std::io::Result<()> {
+    /// Takes a client's request; what it means upstream is queued if `connected` (else the
+    /// next connection subscribes to everything wanted then).
+    async fn handle(&mut self, request: HubRequest, connected: bool) {
         match request {
             HubRequest::Subscribe {
                 client,
@@ -363,7 +363,7 @@ impl Hub {
                     // Cut off meanwhile: the session learns it from its inbox.
                     (None, None) => {
                         let _ = reply.send(Err(UpstreamError::ConnectionLost));
-                        return Ok(());
+                        return;
                     }
                 };
                 let mut new = Vec::new();
@@ -402,11 +402,9 @@ impl Hub {
                     };
                     self.waiters.insert(id, waiter);
                 }
-                if let Some(writer) = writer {
+                if connected {
                     self.sent(&new).await;
-                    write_subscriptions(writer, &new, true).await?;
-                    // Redis has something to answer from now on.
-                    self.progress = Instant::now();
+                    self.outbox.push(new, true);
                 }
             }
             HubRequest::Unsubscribe {
@@ -427,46 +425,31 @@ impl Hub {
                         self.clients.remove(&client);
                     }
                 }
-                self.drop_subscriptions(client, gone, writer).await?;
+                self.drop_subscriptions(client, gone, connected).await;
             }
-            HubRequest::Leave { client } => self.remove_client(client, writer).await?,
+            HubRequest::Leave { client } => self.remove_client(client, connected).await,
         }
-        Ok(())
     }
 
-    async fn remove_client(
-        &mut self,
-        client: u64,
-        writer: Option<&mut upstream::Writer>,
-    ) -> std::io::Result<()> {
+    async fn remove_client(&mut self, client: u64, connected: bool) {
         let Some(entry) = self.clients.remove(&client) else {
-            return Ok(());
+            return;
         };
-        self.drop_subscriptions(client, entry.subscriptions.into_iter().collect(), writer)
-            .await
+        let keys = entry.subscriptions.into_iter().collect();
+        self.drop_subscriptions(client, keys, connected).await;
     }
 
     /// Removes the clients cut off by the last dispatch from every subscription they had.
-    async fn drop_cut_off(
-        &mut self,
-        mut writer: Option<&mut upstream::Writer>,
-    ) -> std::io::Result<()> {
+    async fn drop_cut_off(&mut self, connected: bool) {
         for (client, subscriptions) in std::mem::take(&mut self.cut_off) {
             let keys = subscriptions.into_iter().collect();
-            self.drop_subscriptions(client, keys, writer.as_deref_mut())
-                .await?;
+            self.drop_subscriptions(client, keys, connected).await;
         }
-        Ok(())
     }
 
     /// Removes `client` from each subscription; the ones nobody wants any more are
     /// unsubscribed upstream.
-    async fn drop_subscriptions(
-        &mut self,
-        client: u64,
-        keys: Vec<(Kind, Bytes)>,
-        writer: Option<&mut upstream::Writer>,
-    ) -> std::io::Result<()> {
+    async fn drop_subscriptions(&mut self, client: u64, keys: Vec<(Kind, Bytes)>, connected: bool) {
         let mut unwanted = Vec::new();
         for key in keys {
             if let Some(wanted) = self.subscribers.get_mut(&key) {
@@ -484,9 +467,31 @@ impl Hub {
             }
             consume_budget().await;
         }
-        match writer {
-            Some(writer) => write_subscriptions(writer, &unwanted, false).await,
-            None => Ok(()),
+        if connected {
+            self.outbox.push(unwanted, false);
+        }
+    }
+
+    /// Sends what the window allows of the outbox. A failed write loses the connection.
+    async fn flush(&mut self, conn: &mut Option<Conn>) {
+        let Some((_, writer)) = conn.as_mut() else {
+            return;
+        };
+        let out = self.outbox.next_commands().await;
+        if out.is_empty() {
+            return;
+        }
+        let written = async {
+            writer.write_all(&out).await?;
+            writer.flush().await
+        };
+        match written.await {
+            // Redis has something to answer from now on.
+            Ok(()) => self.progress = Instant::now(),
+            Err(error) => {
+                warn!(%error, "pub/sub connection lost; reconnecting");
+                *conn = None;
+            }
         }
     }
 
@@ -500,6 +505,11 @@ impl Hub {
             let frame = rbuf.split_to(end).freeze();
             scanner.consumed(end);
             consume_budget().await;
+            if frame.first() == Some(&b'-') {
+                // Redis refused a whole (UN)SUBSCRIBE (an ACL's -NOPERM): its waiters expire.
+                self.outbox.answered(true);
+                continue;
+            }
             let mut args = Args::new(&frame);
             let (Some(what), Some(name)) = (args.next(), args.next()) else {
                 continue;
@@ -514,7 +524,12 @@ impl Hub {
                         b"psubscribe" => Kind::Pattern,
                         _ => Kind::Shard,
                     };
+                    self.outbox.answered(false);
                     self.confirmed((kind, Bytes::copy_from_slice(name)));
+                    continue;
+                }
+                b"unsubscribe" | b"punsubscribe" | b"sunsubscribe" => {
+                    self.outbox.answered(false);
                     continue;
                 }
                 _ => continue,
@@ -646,33 +661,73 @@ async fn read_some(conn: Option<&mut Conn>, rbuf: &mut BytesMut) -> std::io::Res
     }
 }
 
-/// Sends (UN)SUBSCRIBE for each key, grouped by kind, at most `NAMES_PER_COMMAND` names a
-/// command.
-async fn write_subscriptions(
-    writer: &mut upstream::Writer,
-    keys: &[(Kind, Bytes)],
-    subscribe: bool,
-) -> std::io::Result<()> {
-    let mut out = BytesMut::new();
-    for kind in [Kind::Channel, Kind::Pattern, Kind::Shard] {
-        let command = kind.command(subscribe).as_bytes();
-        let mut names: Vec<&[u8]> = Vec::new();
-        for (i, key) in keys.iter().enumerate() {
-            if key.0 == kind {
-                names.push(&key.1);
+/// (Un)subscriptions on their way to Redis, in order, sent while Redis owes the hub less than
+/// `WINDOW` bytes of replies to those sent before.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// Not sent yet: each key, and whether to subscribe to it.
+    queue: VecDeque<((Kind, Bytes), bool)>,
+    /// Each command sent and not wholly answered, oldest first: how many of its names Redis
+    /// has still to answer, and the reply bytes it was counted for.
+    sent: VecDeque<(usize, usize)>,
+    /// The reply bytes of `sent`.
+    owed: usize,
+}
+
+impl Outbox {
+    fn push(&mut self, keys: Vec<(Kind, Bytes)>, subscribe: bool) {
+        self.queue
+            .extend(keys.into_iter().map(|key| (key, subscribe)));
+    }
+
+    /// The commands the window allows now (the first one whatever its size), encoded: names
+    /// of one kind and verb next to each other in the queue go together, up to
+    /// `NAMES_PER_COMMAND`.
+    async fn next_commands(&mut self) -> BytesMut {
+        let mut out = BytesMut::new();
+        while self.owed < WINDOW {
+            let Some(&((kind, _), subscribe)) = self.queue.front() else {
+                break;
+            };
+            let mut names = Vec::new();
+            let mut owed = 0;
+            while let Some(((next, name), verb)) = self.queue.front() {
+                if *next != kind
+                    || *verb != subscribe
+                    || names.len() == NAMES_PER_COMMAND
+                    || self.owed + owed >= WINDOW
+                {
+                    break;
+                }
+                owed += name.len() + REPLY_OVERHEAD;
+                if let Some(((_, name), _)) = self.queue.pop_front() {
+                    names.push(name);
+                }
             }
-            if names.len() == NAMES_PER_COMMAND || (i + 1 == keys.len() && !names.is_empty()) {
-                out.extend_from_slice(&encode_command(
-                    std::iter::once(command).chain(names.iter().copied()),
-                ));
-                names.clear();
-                consume_budget().await;
+            let command = kind.command(subscribe).as_bytes();
+            let args = std::iter::once(command).chain(names.iter().map(|name| &name[..]));
+            out.extend_from_slice(&encode_command(args));
+            self.sent.push_back((names.len(), owed));
+            self.owed += owed;
+            consume_budget().await;
+        }
+        out
+    }
+
+    /// Redis answered a name of the oldest command, or refused the whole command.
+    fn answered(&mut self, whole_command: bool) {
+        let Some((left, _)) = self.sent.front_mut() else {
+            return;
+        };
+        *left = if whole_command {
+            0
+        } else {
+            left.saturating_sub(1)
+        };
+        if *left == 0 {
+            if let Some((_, owed)) = self.sent.pop_front() {
+                self.owed -= owed;
             }
         }
     }
-    if !out.is_empty() {
-        writer.write_all(&out).await?;
-        writer.flush().await?;
-    }
-    Ok(())
 }

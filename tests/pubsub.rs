@@ -346,3 +346,79 @@ async fn no_message_after_the_unsubscribe_confirmation() {
     assert_eq!(publisher.call(&["PUBLISH", "y", "end"]).await, ":1\r\n");
     assert_eq!(sub.reply_str().await, message("y", "end"));
 }
+
+/// The id of redmux's subscriber connection, as Redis lists it.
+fn subscriber_connection(redis: &RedisServer) -> Option<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.direct())
+        .unwrap();
+    list.lines()
+        .find(|line| !line.contains(" sub=0 psub=0 ssub=0 "))
+        .and_then(|line| line.split(' ').next())
+        .map(str::to_owned)
+}
+
+/// Redis drops a subscriber connection whose unread output passes its pubsub limit (32 MB by
+/// default, 512 KB here). A SUBSCRIBE of 25,000 names of 250 bytes (7 MB of confirmations,
+/// more than the kernel's buffers hold) goes upstream a window at a time, each sent once the
+/// previous ones are answered, so the shared subscriber connection survives it and the other
+/// subscribers do not notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_subscribe_never_overflows_redis_output_limit() {
+    const NAMES: usize = 25_000;
+    let redis = RedisServer::start_with(&["--client-output-buffer-limit", "pubsub 512kb 512kb 0"]);
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut steady = redmux.raw().await;
+    assert_eq!(
+        steady.call(&["SUBSCRIBE", "steady"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$6\r\nsteady\r\n:1\r\n"
+    );
+    let connection = subscriber_connection(&redis).expect("a subscriber connection");
+    let names: Vec<String> = (0..NAMES)
+        .map(|i| format!("channel:{i:06}:{}", "n".repeat(235)))
+        .collect();
+    let subscribe = redmux::resp::encode_command(
+        std::iter::once(&b"SUBSCRIBE"[..]).chain(names.iter().map(|n| n.as_bytes())),
+    );
+    let mut big = redmux.raw().await;
+    let replies = big.pipeline(&subscribe, NAMES).await;
+    assert_eq!(replies.len(), NAMES);
+    for (i, (reply, name)) in replies.iter().zip(&names).enumerate() {
+        let expected = format!(
+            "*3\r\n$9\r\nsubscribe\r\n${}\r\n{name}\r\n:{}\r\n",
+            name.len(),
+            i + 1
+        );
+        assert_eq!(String::from_utf8_lossy(reply), expected);
+    }
+    assert_eq!(
+        subscriber_connection(&redis),
+        Some(connection),
+        "the subscriber connection was dropped"
+    );
+    let mut publisher = redmux.raw().await;
+    assert_eq!(publisher.call(&["PUBLISH", "steady", "on"]).await, ":1\r\n");
+    assert_eq!(steady.reply_str().await, message("steady", "on"));
+    // Unsubscribing them all goes the same way.
+    let replies = big.pipeline(b"UNSUBSCRIBE\r\n", NAMES).await;
+    assert_eq!(replies.len(), NAMES);
+    let deadline = Deadline::new();
+    loop {
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .query(&mut redis.direct())
+            .unwrap();
+        if channels == ["steady"] {
+            break;
+        }
+        deadline
+            .next_try(format!("{} channels upstream", channels.len()))
+            .await;
+    }
+    assert_eq!(
+        publisher.call(&["PUBLISH", "steady", "still"]).await,
+        ":1\r\n"
+    );
+    assert_eq!(steady.reply_str().await, message("steady", "still"));
+}
