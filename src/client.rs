@@ -1399,8 +1399,11 @@ impl State {
         let mut new = Vec::new();
         for name in names {
             if !self.subs.names(kind).contains(&name) {
+                // A copy: the name is a slice of the buffer the request was read into, which
+                // may be 64 KiB or more, and the subscription may last as long as the client.
+                let name = Bytes::copy_from_slice(&name);
                 self.subs.names(kind).insert(name.clone());
-                new.push(name.clone());
+                new.push(name);
             }
             let count = self.subs.count(kind);
             self.push_frame(&mut confirmation, verb, Some(&name), count);

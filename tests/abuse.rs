@@ -630,3 +630,36 @@ async fn a_huge_subscribe_does_not_stall_other_clients() {
             .await;
     }
 }
+
+/// A subscription keeps its name, not the client's read buffer around it: 1,000 SUBSCRIBEs,
+/// each sent with 60 KB of the empty lines Redis ignores in the same write, leave redmux's
+/// memory about as it was. Before: each name was a slice of the 64 KiB buffer its request was
+/// read into: these 1,000 one-name subscriptions grew redmux's RSS by 62 MiB (+0.8 MiB now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_do_not_pin_read_buffers() {
+    const SUBSCRIPTIONS: usize = 1000;
+    let redis = RedisServer::start();
+    let redmux = RedmuxProcess::start("", &upstream(&redis));
+    let mut sub = redmux.raw().await;
+    assert_eq!(
+        sub.call(&["SUBSCRIBE", "first"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$5\r\nfirst\r\n:1\r\n"
+    );
+    let before = redmux.rss_kib();
+    let padding = "\r\n".repeat(30_000);
+    for i in 0..SUBSCRIPTIONS {
+        let name = format!("pinned:{i:06}");
+        let mut request =
+            redmux::resp::encode_command([&b"SUBSCRIBE"[..], name.as_bytes()]).to_vec();
+        request.extend_from_slice(padding.as_bytes());
+        sub.send(request).await;
+        assert_eq!(
+            sub.reply_str().await,
+            format!("*3\r\n$9\r\nsubscribe\r\n$13\r\n{name}\r\n:{}\r\n", i + 2)
+        );
+    }
+    let after = redmux.rss_kib();
+    let growth = after.saturating_sub(before);
+    println!("{SUBSCRIPTIONS} subscriptions: rss {before} KiB -> {after} KiB (+{growth} KiB)");
+    assert!(growth < 16 * 1024, "rss grew {growth} KiB");
+}
