@@ -173,14 +173,51 @@ enum Tx {
 /// arrive in.
 #[derive(Debug, Default)]
 struct Subscriptions {
-    channels: Vec<Bytes>,
-    patterns: Vec<Bytes>,
-    shard: Vec<Bytes>,
-    /// Present while subscribed to anything. Closed by the hub when it cuts the client off.
+    /// Channels, patterns and shard channels, in that order. Boxed, once the client first
+    /// subscribes: every busy session carries this struct, and most never subscribe.
+    kinds: Option<Box<[Names; 3]>>,
+    /// Present while subscribed to anything. The hub closes it, or fires its `cut`, when it
+    /// cuts the client off.
     inbox: Option<Feed>,
     /// The hub of the client's subscriptions, from the first: that of the user the client
     /// was logged in as then, whose channel permissions Redis applies.
     hub: Option<pubsub::PubSub>,
+}
+
+/// A client's subscriptions of one kind. A client may hold a million (`max_multibulk_len`
+/// names in one SUBSCRIBE), so each name is found in constant time; the order of subscription
+/// is kept as a number per name, for a no-arg PUNSUBSCRIBE, which Redis answers in that order.
+#[derive(Debug, Default)]
+struct Names {
+    order: std::collections::HashMap<Bytes, u64>,
+    /// The number the next name gets.
+    next: u64,
+}
+
+impl Names {
+    fn contains(&self, name: &[u8]) -> bool {
+        self.order.contains_key(name)
+    }
+
+    fn insert(&mut self, name: Bytes) {
+        self.order.insert(name, self.next);
+        self.next += 1;
+    }
+
+    fn remove(&mut self, name: &[u8]) -> Option<Bytes> {
+        self.order.remove_entry(name).map(|(name, _)| name)
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Every name, in subscription order, leaving none.
+    fn take_in_order(&mut self) -> Vec<Bytes> {
+        let mut all: Vec<(u64, Bytes)> = self.order.drain().map(|(name, at)| (at, name)).collect();
+        all.sort_unstable_by_key(|(at, _)| *at);
+        all.into_iter().map(|(_, name)| name).collect()
+    }
 }
 
 /// Frames pushed to the client from elsewhere (pub/sub messages, the MONITOR feed), bounded in
@@ -190,55 +227,117 @@ struct Feed {
     rx: mpsc::UnboundedReceiver<Bytes>,
     /// Bytes sent and not yet taken, shared with the sender, which gives up past its limit.
     queued: Arc<Budget>,
+    /// Fires when the sender gives up on the client: it is then closed at once, however much
+    /// it has still to read. `None` once the sender let go without firing it.
+    cut: Option<oneshot::Receiver<()>>,
 }
 
 impl Feed {
     fn new(limit: usize) -> (Feed, pubsub::Inbox) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (cut_tx, cut) = oneshot::channel();
         let queued = Arc::new(Budget::new(limit));
         let inbox = pubsub::Inbox {
             tx,
             queued: queued.clone(),
+            cut: cut_tx,
         };
-        (Feed { rx, queued }, inbox)
+        let feed = Feed {
+            rx,
+            queued,
+            cut: Some(cut),
+        };
+        (feed, inbox)
     }
 }
 
-/// The next frame of a feed; `None` when the sender gave up. Never ready without a feed. A
-/// poll function, like the other branches of a busy session's `select!`, keeps the boxed
-/// session small enough for the allocator's per-thread cache.
-fn next_frame(feed: &mut Option<Feed>) -> impl Future<Output = Option<Bytes>> + '_ {
-    std::future::poll_fn(move |cx| match feed {
-        Some(feed) => feed.rx.poll_recv(cx).map(|frame| {
-            let frame = frame?;
-            feed.queued.refund(frame.len());
-            Some(frame)
-        }),
-        None => Poll::Pending,
+/// What a feed has for the session.
+enum Fed {
+    Frame(Bytes),
+    /// The sender let go: everything it sent has been taken.
+    Ended,
+    /// The sender gave up on the client, which is past its output limit.
+    CutOff,
+}
+
+/// The next frame of a feed, if `room` (the client is not too far behind already), or word
+/// that the sender cut the client off, which comes whatever the room. Never ready without a
+/// feed. A poll function, like the other branches of a busy session's `select!`, keeps the
+/// boxed session small enough for the allocator's per-thread cache.
+fn next_frame(feed: &mut Option<Feed>, room: bool) -> impl Future<Output = Fed> + '_ {
+    std::future::poll_fn(move |cx| {
+        let Some(feed) = feed else {
+            return Poll::Pending;
+        };
+        if let Some(cut) = &mut feed.cut {
+            match Pin::new(cut).poll(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(Fed::CutOff),
+                Poll::Ready(Err(_)) => feed.cut = None,
+                Poll::Pending => {}
+            }
+        }
+        if !room {
+            return Poll::Pending;
+        }
+        feed.rx.poll_recv(cx).map(|frame| match frame {
+            Some(frame) => {
+                feed.queued.refund(frame.len());
+                Fed::Frame(frame)
+            }
+            None => Fed::Ended,
+        })
     })
 }
 
+/// Where a kind's names are in `Subscriptions::kinds`.
+fn kind_index(kind: pubsub::Kind) -> usize {
+    match kind {
+        pubsub::Kind::Channel => 0,
+        pubsub::Kind::Pattern => 1,
+        pubsub::Kind::Shard => 2,
+    }
+}
+
 impl Subscriptions {
-    fn list(&mut self, kind: pubsub::Kind) -> &mut Vec<Bytes> {
-        match kind {
-            pubsub::Kind::Channel => &mut self.channels,
-            pubsub::Kind::Pattern => &mut self.patterns,
-            pubsub::Kind::Shard => &mut self.shard,
-        }
+    fn names(&mut self, kind: pubsub::Kind) -> &mut Names {
+        &mut self.kinds.get_or_insert_with(Box::default)[kind_index(kind)]
+    }
+
+    fn len(&self, kind: pubsub::Kind) -> usize {
+        self.kinds
+            .as_ref()
+            .map_or(0, |kinds| kinds[kind_index(kind)].len())
     }
 
     /// The count Redis puts in a confirmation: channels and patterns together, shard
     /// channels apart.
     fn count(&self, kind: pubsub::Kind) -> usize {
         match kind {
-            pubsub::Kind::Shard => self.shard.len(),
-            _ => self.channels.len() + self.patterns.len(),
+            pubsub::Kind::Shard => self.len(kind),
+            _ => self.len(pubsub::Kind::Channel) + self.len(pubsub::Kind::Pattern),
         }
     }
 
     /// Subscribed to anything: RESP2 clients are then restricted to pub/sub commands.
     fn active(&self) -> bool {
-        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard.is_empty())
+        self.count(pubsub::Kind::Channel) + self.count(pubsub::Kind::Shard) > 0
+    }
+
+    /// Whether a message from the hub is for a subscription the client still has. One that
+    /// follows the client's unsubscription (the hub may have sent it before it heard of that)
+    /// is not: Redis sends none after its confirmation.
+    fn wants(&self, frame: &[u8]) -> bool {
+        let mut args = Args::new(frame);
+        let kind = match args.next() {
+            Some(b"message") => pubsub::Kind::Channel,
+            Some(b"pmessage") => pubsub::Kind::Pattern,
+            Some(b"smessage") => pubsub::Kind::Shard,
+            _ => return true,
+        };
+        let names = self.kinds.as_ref().map(|kinds| &kinds[kind_index(kind)]);
+        args.next()
+            .zip(names)
+            .is_some_and(|(name, names)| names.contains(name))
     }
 }
 
@@ -802,23 +901,44 @@ fn serve<'a, S: Duplex>(
                         }
                     }
                 }
-                // Published messages and the MONITOR feed, queued behind the replies already owed.
-                frame = next_frame(&mut this.subs.inbox), if this.subs.inbox.is_some() && this.out_len < OUTPUT_HIGH_WATER => match frame {
-                    Some(bytes) => {
-                        // Messages come as the RESP2 subscriber connection sent them; in RESP3
-                        // they are pushes, decided by the protocol the client speaks now.
+                // Published messages and the MONITOR feed, queued behind the replies already owed,
+                // taken while the client is not too far behind; a cut-off is heard regardless.
+                frame = next_frame(&mut this.subs.inbox, this.out_len < OUTPUT_HIGH_WATER), if this.subs.inbox.is_some() => match frame {
+                    // Messages come as the RESP2 subscriber connection sent them; in RESP3
+                    // they are pushes, decided by the protocol the client speaks now.
+                    Fed::Frame(bytes) if this.subs.wants(&bytes) => {
                         let bytes = if this.client.resp3 { as_push(bytes) } else { bytes };
                         this.pending.push_back(Pending::Local { bytes, count: 0 });
                     }
-                    None => {
-                        debug!("subscriber cut off: it does not read its messages fast enough");
+                    Fed::Frame(_) => {}
+                    Fed::Ended => {
+                        debug!("pub/sub hub gone; closing");
+                        break;
+                    }
+                    // The hub has dropped the client's subscriptions already. Closed at once,
+                    // and everything queued for it freed.
+                    Fed::CutOff => {
+                        warn!(
+                            client = this.client.id,
+                            limit = this.config.client_output_limit,
+                            "subscriber does not read its messages (output limit reached); closing"
+                        );
+                        this.subs = Subscriptions::default();
                         break;
                     }
                 },
-                frame = next_frame(&mut this.monitor), if this.monitor.is_some() && this.out_len < OUTPUT_HIGH_WATER => match frame {
-                    Some(bytes) => this.pending.push_back(Pending::Local { bytes, count: 0 }),
-                    None => {
-                        debug!("MONITOR feed ended (client too slow, or upstream lost); closing");
+                frame = next_frame(&mut this.monitor, this.out_len < OUTPUT_HIGH_WATER), if this.monitor.is_some() => match frame {
+                    Fed::Frame(bytes) => this.pending.push_back(Pending::Local { bytes, count: 0 }),
+                    Fed::Ended => {
+                        debug!("MONITOR feed ended (upstream lost); closing");
+                        break;
+                    }
+                    Fed::CutOff => {
+                        warn!(
+                            client = this.client.id,
+                            limit = this.config.client_output_limit,
+                            "MONITOR client does not read its feed (output limit reached); closing"
+                        );
                         break;
                     }
                 },
@@ -1600,18 +1720,24 @@ impl State {
 
     /// (P|S)SUBSCRIBE: a confirmation per name with this client's count, sent once the
     /// subscriptions are active upstream. Push output: CLIENT REPLY OFF does not silence it.
+    ///
+    /// Constant work per name, and a long list gives the runtime back its thread now and then:
+    /// one request may name a million channels, and other clients must not wait for it.
     async fn subscribe(&mut self, kind: pubsub::Kind, names: Vec<Bytes>) {
         let verb = kind.command(true);
         let mut confirmation = Vec::new();
         let mut new = Vec::new();
         for name in names {
-            let list = self.subs.list(kind);
-            if !list.contains(&name) {
-                list.push(name.clone());
-                new.push(name.clone());
+            if !self.subs.names(kind).contains(&name) {
+                // A copy: the name is a slice of the buffer the request was read into, which
+                // may be 64 KiB or more, and the subscription may last as long as the client.
+                let name = Bytes::copy_from_slice(&name);
+                self.subs.names(kind).insert(name.clone());
+                new.push(name);
             }
             let count = self.subs.count(kind);
-            confirmation.extend_from_slice(&self.push_frame(verb, Some(&name), count));
+            self.push_frame(&mut confirmation, verb, Some(&name), count);
+            tokio::task::coop::consume_budget().await;
         }
         let confirmation = Bytes::from(confirmation);
         self.owe();
@@ -1668,27 +1794,32 @@ impl State {
     }
 
     /// (P|S)UNSUBSCRIBE: a frame per name (every subscription of the kind when none is given,
-    /// or one with a null name when there is none), answered at once.
+    /// in subscription order, or one with a null name when there is none), answered at once.
+    /// Constant work per name, as for [`State::subscribe`].
     async fn unsubscribe(&mut self, kind: pubsub::Kind, names: Vec<Bytes>) {
         let verb = kind.command(false);
-        let names = if names.is_empty() {
-            self.subs.list(kind).clone()
-        } else {
-            names
-        };
         let mut reply = Vec::new();
         let mut removed = Vec::new();
+        if names.is_empty() {
+            removed = self.subs.names(kind).take_in_order();
+            // The count as each one goes: the others of the kind are still there.
+            let left = self.subs.count(kind);
+            for (i, name) in removed.iter().enumerate() {
+                let count = left + removed.len() - 1 - i;
+                self.push_frame(&mut reply, verb, Some(name), count);
+                tokio::task::coop::consume_budget().await;
+            }
+            if removed.is_empty() {
+                self.push_frame(&mut reply, verb, None, left);
+            }
+        }
         for name in &names {
-            let list = self.subs.list(kind);
-            if let Some(at) = list.iter().position(|n| n == name) {
-                removed.push(list.remove(at));
+            if let Some(name) = self.subs.names(kind).remove(name) {
+                removed.push(name);
             }
             let count = self.subs.count(kind);
-            reply.extend_from_slice(&self.push_frame(verb, Some(name), count));
-        }
-        if names.is_empty() {
-            let count = self.subs.count(kind);
-            reply.extend_from_slice(&self.push_frame(verb, None, count));
+            self.push_frame(&mut reply, verb, Some(name), count);
+            tokio::task::coop::consume_budget().await;
         }
         if let (false, Some(hub)) = (removed.is_empty(), &self.subs.hub) {
             hub.unsubscribe(self.client.id, kind, removed).await;
@@ -1711,24 +1842,21 @@ impl State {
         }
     }
 
-    /// A 3-element subscription frame: RESP2 array or RESP3 push.
-    fn push_frame(&self, verb: &str, name: Option<&[u8]>, count: usize) -> Vec<u8> {
-        let mut out = format!(
-            "{}3\r\n${}\r\n{verb}\r\n",
-            if self.client.resp3 { '>' } else { '*' },
-            verb.len()
-        )
-        .into_bytes();
+    /// Appends a 3-element subscription frame to `out`: RESP2 array or RESP3 push.
+    fn push_frame(&self, out: &mut Vec<u8>, verb: &str, name: Option<&[u8]>, count: usize) {
+        use std::io::Write as _;
+        let kind = if self.client.resp3 { '>' } else { '*' };
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "{kind}3\r\n${}\r\n{verb}\r\n", verb.len());
         match name {
             Some(name) => {
-                out.extend_from_slice(format!("${}\r\n", name.len()).as_bytes());
+                let _ = write!(out, "${}\r\n", name.len());
                 out.extend_from_slice(name);
                 out.extend_from_slice(b"\r\n");
             }
             None => out.extend_from_slice(&self.client.null()),
         }
-        out.extend_from_slice(format!(":{count}\r\n").as_bytes());
-        out
+        let _ = write!(out, ":{count}\r\n");
     }
 
     /// Answers one request locally, honouring CLIENT REPLY OFF and SKIP.

@@ -2,7 +2,7 @@
 //!
 //! The feed goes to the client's inbox, bounded in bytes like a subscriber's, after the `+OK`
 //! that answers MONITOR itself. The connection closes as soon as the client stops monitoring
-//! (RESET) or leaves.
+//! (RESET) or leaves, or falls more than its output limit behind, which also closes the client.
 
 use bytes::BytesMut;
 use tokio::{
@@ -32,6 +32,7 @@ pub async fn start(
             return rx;
         }
     };
+    let Inbox { tx, queued, cut } = inbox;
     tokio::spawn(async move {
         let _slot = slot;
         if writer
@@ -52,7 +53,7 @@ pub async fn start(
                         break;
                     }
                 }
-                () = inbox.tx.closed() => break,
+                () = tx.closed() => break,
             }
             loop {
                 let end = match scanner.next_reply(&buf) {
@@ -67,8 +68,13 @@ pub async fn start(
                     let _ = reply.send(Ok(frame.into()));
                     continue;
                 }
-                if !inbox.queued.charge(frame.len()) || inbox.tx.send(frame).is_err() {
-                    debug!("monitoring client too slow or gone; closing its MONITOR connection");
+                if !queued.charge(frame.len()) {
+                    // The session logs it, and closes the client.
+                    let _ = cut.send(());
+                    return;
+                }
+                if tx.send(frame).is_err() {
+                    debug!("monitoring client gone; closing its MONITOR connection");
                     return;
                 }
             }

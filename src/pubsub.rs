@@ -7,9 +7,14 @@
 //! can reach it. Messages go to each subscriber's inbox, which is bounded in bytes: a subscriber
 //! with more than `client_output_limit` bytes of messages waiting is cut off (as Redis's pubsub
 //! output-buffer limit does), never buffered without bound.
+//!
+//! One client may name a million channels in one request, so nothing here costs more than
+//! constant work per name, and every loop over names, frames or subscribers gives the runtime
+//! back its thread now and then (`consume_budget`): the hub shares that thread with every
+//! client session.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -18,9 +23,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::{mpsc, oneshot, watch},
+    task::coop::consume_budget,
     time::{interval, sleep, Instant, MissedTickBehavior},
 };
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::{
     resp::{encode_command, Args, ReplyScanner},
@@ -31,6 +37,16 @@ use crate::{
 const HUB_CAPACITY: usize = 4096;
 /// How often subscribers that left without a word are looked for.
 const SWEEP: Duration = Duration::from_millis(500);
+/// Most names in one (UN)SUBSCRIBE sent upstream: a command is encoded in one go, so a long
+/// list goes as several commands, with a chance for others to run between them.
+const NAMES_PER_COMMAND: usize = 1024;
+/// Most reply bytes the hub lets Redis owe it for (un)subscriptions. Redis drops a subscriber
+/// connection whose unread output passes its pubsub limit (`client-output-buffer-limit`,
+/// 32 MB by default), and a million names are answered with 40 MB: sent all at once they
+/// would cost every subscriber its connection, again at each reconnect.
+const WINDOW: usize = 128 * 1024;
+/// What Redis's confirmation of one name takes besides the name: `*3`, the verb, the count.
+const REPLY_OVERHEAD: usize = 40;
 
 /// Channels, patterns and shard channels are separate name spaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,7 +79,7 @@ enum HubRequest {
         kind: Kind,
         names: Vec<Bytes>,
         /// The client's inbox, with its first subscription only: the hub then holds the only
-        /// sender, so dropping it tells the session it was cut off.
+        /// sender, until the client unsubscribes from everything, leaves or is cut off.
         inbox: Option<Inbox>,
         confirmation: Bytes,
         reply: oneshot::Sender<Reply>,
@@ -84,6 +100,11 @@ pub struct Inbox {
     /// Bytes sent and not yet taken by the session, which refunds what it takes, and the most
     /// that may wait (the client's `client_output_limit`, which a reload may change).
     pub queued: Arc<Budget>,
+    /// Fired when the sender gives up on a client past its limit. The session hears it at once,
+    /// whatever it still has to write: a client that does not read would never drain the inbox
+    /// to find it closed, and would keep what is queued there and in its session for as long as
+    /// it stays connected. Dropped unfired when the sender simply lets go.
+    pub cut: oneshot::Sender<()>,
 }
 
 /// What the hub holds, for `/status` and `/metrics`.
@@ -130,7 +151,12 @@ impl PubSub {
             clients: HashMap::new(),
             active: HashSet::new(),
             in_flight: HashMap::new(),
-            waiters: Vec::new(),
+            waiters: HashMap::new(),
+            waiting: HashMap::new(),
+            next_waiter: 0,
+            cut_off: Vec::new(),
+            progress: Instant::now(),
+            outbox: Outbox::default(),
         };
         tokio::spawn(hub.run().instrument(tracing::info_span!("pubsub")));
         PubSub { tx, counts }
@@ -218,10 +244,14 @@ struct Subscriber {
 /// A client waiting for its subscriptions to be active upstream.
 #[derive(Debug)]
 struct Waiter {
+    /// The names of its request not active yet, each listed in `Hub::waiting`.
     missing: HashSet<(Kind, Bytes)>,
     reply: oneshot::Sender<Reply>,
     confirmation: Bytes,
-    deadline: Instant,
+    /// When it arrived. It fails `connect_timeout` later while there is no connection, and
+    /// `request_timeout` after that or the connection's last sign of life, whichever is later:
+    /// Redis may take a while to confirm a million names, and is not stuck while it does.
+    since: Instant,
 }
 
 struct Hub {
@@ -237,7 +267,18 @@ struct Hub {
     /// SUBSCRIBEs sent and not yet confirmed, per key. Only the confirmation of the last one
     /// counts: an earlier one may be followed by an UNSUBSCRIBE that Redis has still to run.
     in_flight: HashMap<(Kind, Bytes), u32>,
-    waiters: Vec<Waiter>,
+    waiters: HashMap<u64, Waiter>,
+    /// The waiters each key keeps waiting: a confirmation touches only those, not every waiter.
+    waiting: HashMap<(Kind, Bytes), Vec<u64>>,
+    next_waiter: u64,
+    /// Clients cut off while messages were dispatched, with their subscriptions: dropped, and
+    /// unsubscribed upstream where nobody else wants them, right after the dispatch.
+    cut_off: Vec<(u64, HashSet<(Kind, Bytes)>)>,
+    /// When the connection last read something, was made, or was sent subscriptions to
+    /// confirm: Redis is stuck if it answers nothing for `request_timeout` after that.
+    progress: Instant,
+    /// (Un)subscriptions for the current connection, sent a window at a time.
+    outbox: Outbox,
     /// `subscribers` and `clients` counted, kept up to date as they change.
     counts: Counts,
     counts_tx: watch::Sender<Counts>,
@@ -262,37 +303,45 @@ impl Hub {
                     ping: self.ping,
                 };
                 match upstream::connect(&self.endpoint, setup, self.timeouts.connect).await {
-                    Ok((reader, mut writer)) => {
+                    Ok((reader, writer)) => {
                         info!("pub/sub connection up");
                         failures = 0;
                         self.active.clear();
                         self.in_flight.clear();
+                        self.outbox = Outbox::default();
                         rbuf.clear();
                         scanner.reset();
                         let all: Vec<(Kind, Bytes)> = self.subscribers.keys().cloned().collect();
-                        self.sent(&all);
-                        if write_subscriptions(&mut writer, &all, true).await.is_ok() {
-                            conn = Some((reader, writer));
-                        }
+                        self.sent(&all).await;
+                        self.outbox.push(all, true);
+                        conn = Some((reader, writer));
+                        self.progress = Instant::now();
                     }
                     Err(error) => {
                         if failures == 0 {
                             warn!(%error, "cannot open the pub/sub connection; retrying");
                         }
                         failures = failures.saturating_add(1);
-                        self.expire_waiters();
+                        self.expire_waiters(false).await;
                         sleep(Duration::from_millis(100).min(self.timeouts.connect)).await;
                         continue;
                     }
                 }
             }
+            self.flush(&mut conn).await;
+            // Not biased towards requests: a steady stream of them must not starve the reads,
+            // or Redis would drop the subscriber connection past its own output limit. A
+            // message that follows a client's UNSUBSCRIBE here is dropped by its session.
             tokio::select! {
                 read = read_some(conn.as_mut(), &mut rbuf) => match read {
                     Ok(n) if n > 0 => {
-                        if let Err(error) = self.dispatch(&mut rbuf, &mut scanner) {
+                        self.progress = Instant::now();
+                        if let Err(error) = self.dispatch(&mut rbuf, &mut scanner).await {
                             warn!(%error, "malformed pub/sub traffic; reconnecting");
                             conn = None;
                         }
+                        self.drop_cut_off(conn.is_some()).await;
+                        self.publish_counts();
                     }
                     _ => {
                         warn!("pub/sub connection lost; reconnecting");
@@ -301,14 +350,11 @@ impl Hub {
                 },
                 request = self.rx.recv() => {
                     let Some(request) = request else { return };
-                    let writer = conn.as_mut().map(|(_, writer)| writer);
-                    if self.handle(request, writer).await.is_err() {
-                        conn = None;
-                    }
+                    self.handle(request, conn.is_some()).await;
                     self.publish_counts();
                 }
                 _ = sweep.tick() => {
-                    self.expire_waiters();
+                    self.expire_waiters(conn.is_some()).await;
                     let gone: Vec<u64> = self
                         .clients
                         .iter()
@@ -316,10 +362,7 @@ impl Hub {
                         .map(|(id, _)| *id)
                         .collect();
                     for client in gone {
-                        let writer = conn.as_mut().map(|(_, writer)| writer);
-                        if self.remove_client(client, writer).await.is_err() {
-                            conn = None;
-                        }
+                        self.remove_client(client, conn.is_some()).await;
                     }
                     self.publish_counts();
                 }
@@ -327,11 +370,9 @@ impl Hub {
         }
     }
 
-    async fn handle(
-        &mut self,
-        request: HubRequest,
-        writer: Option<&mut upstream::Writer>,
-    ) -> std::io::Result<()> {
+    /// Takes a client's request; what it means upstream is queued if `connected` (else the
+    /// next connection subscribes to everything wanted then).
+    async fn handle(&mut self, request: HubRequest, connected: bool) {
         match request {
             HubRequest::Subscribe {
                 client,
@@ -347,13 +388,17 @@ impl Hub {
                         inbox,
                         subscriptions: HashSet::new(),
                     }),
-                    // Cut off meanwhile: the session learns it from its closed inbox.
+                    // Cut off meanwhile: the session learns it from its inbox.
                     (None, None) => {
                         let _ = reply.send(Err(UpstreamError::ConnectionLost));
-                        return Ok(());
+                        return;
                     }
                 };
                 let mut new = Vec::new();
+                // What this request waits for: its own names that are not active yet. Names of
+                // earlier requests are waited for by those requests' confirmations, which the
+                // session sends first.
+                let mut missing = HashSet::new();
                 for name in names {
                     let key = (kind, name);
                     entry.subscriptions.insert(key.clone());
@@ -363,26 +408,31 @@ impl Hub {
                         new.push(key.clone());
                     }
                     wanted.insert(client);
+                    if !self.active.contains(&key) {
+                        missing.insert(key);
+                    }
+                    consume_budget().await;
                 }
-                let missing: HashSet<(Kind, Bytes)> = entry
-                    .subscriptions
-                    .iter()
-                    .filter(|key| key.0 == kind && !self.active.contains(*key))
-                    .cloned()
-                    .collect();
                 if missing.is_empty() {
                     let _ = reply.send(Ok(confirmation.into()));
                 } else {
-                    self.waiters.push(Waiter {
+                    let id = self.next_waiter;
+                    self.next_waiter += 1;
+                    for key in &missing {
+                        self.waiting.entry(key.clone()).or_default().push(id);
+                        consume_budget().await;
+                    }
+                    let waiter = Waiter {
                         missing,
                         reply,
                         confirmation,
-                        deadline: Instant::now() + self.timeouts.connect,
-                    });
+                        since: Instant::now(),
+                    };
+                    self.waiters.insert(id, waiter);
                 }
-                if let Some(writer) = writer {
-                    self.sent(&new);
-                    write_subscriptions(writer, &new, true).await?;
+                if connected {
+                    self.sent(&new).await;
+                    self.outbox.push(new, true);
                 }
             }
             HubRequest::Unsubscribe {
@@ -397,38 +447,37 @@ impl Hub {
                         if entry.subscriptions.remove(&key) {
                             gone.push(key);
                         }
+                        consume_budget().await;
                     }
                     if entry.subscriptions.is_empty() {
                         self.clients.remove(&client);
                     }
                 }
-                self.drop_subscriptions(client, gone, writer).await?;
+                self.drop_subscriptions(client, gone, connected).await;
             }
-            HubRequest::Leave { client } => self.remove_client(client, writer).await?,
+            HubRequest::Leave { client } => self.remove_client(client, connected).await,
         }
-        Ok(())
     }
 
-    async fn remove_client(
-        &mut self,
-        client: u64,
-        writer: Option<&mut upstream::Writer>,
-    ) -> std::io::Result<()> {
+    async fn remove_client(&mut self, client: u64, connected: bool) {
         let Some(entry) = self.clients.remove(&client) else {
-            return Ok(());
+            return;
         };
-        self.drop_subscriptions(client, entry.subscriptions.into_iter().collect(), writer)
-            .await
+        let keys = entry.subscriptions.into_iter().collect();
+        self.drop_subscriptions(client, keys, connected).await;
+    }
+
+    /// Removes the clients cut off by the last dispatch from every subscription they had.
+    async fn drop_cut_off(&mut self, connected: bool) {
+        for (client, subscriptions) in std::mem::take(&mut self.cut_off) {
+            let keys = subscriptions.into_iter().collect();
+            self.drop_subscriptions(client, keys, connected).await;
+        }
     }
 
     /// Removes `client` from each subscription; the ones nobody wants any more are
     /// unsubscribed upstream.
-    async fn drop_subscriptions(
-        &mut self,
-        client: u64,
-        keys: Vec<(Kind, Bytes)>,
-        writer: Option<&mut upstream::Writer>,
-    ) -> std::io::Result<()> {
+    async fn drop_subscriptions(&mut self, client: u64, keys: Vec<(Kind, Bytes)>, connected: bool) {
         let mut unwanted = Vec::new();
         for key in keys {
             if let Some(wanted) = self.subscribers.get_mut(&key) {
@@ -444,15 +493,38 @@ impl Hub {
                     unwanted.push(key);
                 }
             }
+            consume_budget().await;
         }
-        match writer {
-            Some(writer) => write_subscriptions(writer, &unwanted, false).await,
-            None => Ok(()),
+        if connected {
+            self.outbox.push(unwanted, false);
+        }
+    }
+
+    /// Sends what the window allows of the outbox. A failed write loses the connection.
+    async fn flush(&mut self, conn: &mut Option<Conn>) {
+        let Some((_, writer)) = conn.as_mut() else {
+            return;
+        };
+        let out = self.outbox.next_commands().await;
+        if out.is_empty() {
+            return;
+        }
+        let written = async {
+            writer.write_all(&out).await?;
+            writer.flush().await
+        };
+        match written.await {
+            // Redis has something to answer from now on.
+            Ok(()) => self.progress = Instant::now(),
+            Err(error) => {
+                warn!(%error, "pub/sub connection lost; reconnecting");
+                *conn = None;
+            }
         }
     }
 
     /// Handles every complete frame the subscriber connection sent.
-    fn dispatch(
+    async fn dispatch(
         &mut self,
         rbuf: &mut BytesMut,
         scanner: &mut ReplyScanner,
@@ -460,6 +532,12 @@ impl Hub {
         while let Some(end) = scanner.next_reply(rbuf)? {
             let frame = rbuf.split_to(end).freeze();
             scanner.consumed(end);
+            consume_budget().await;
+            if frame.first() == Some(&b'-') {
+                // Redis refused a whole (UN)SUBSCRIBE (an ACL's -NOPERM): its waiters expire.
+                self.outbox.answered(true);
+                continue;
+            }
             let mut args = Args::new(&frame);
             let (Some(what), Some(name)) = (args.next(), args.next()) else {
                 continue;
@@ -474,13 +552,18 @@ impl Hub {
                         b"psubscribe" => Kind::Pattern,
                         _ => Kind::Shard,
                     };
+                    self.outbox.answered(false);
                     self.confirmed((kind, Bytes::copy_from_slice(name)));
+                    continue;
+                }
+                b"unsubscribe" | b"punsubscribe" | b"sunsubscribe" => {
+                    self.outbox.answered(false);
                     continue;
                 }
                 _ => continue,
             };
             let key = (key.0, Bytes::copy_from_slice(key.1));
-            self.deliver(&key, &frame);
+            self.deliver(&key, &frame).await;
         }
         Ok(())
     }
@@ -496,9 +579,10 @@ impl Hub {
         });
     }
 
-    fn sent(&mut self, keys: &[(Kind, Bytes)]) {
+    async fn sent(&mut self, keys: &[(Kind, Bytes)]) {
         for key in keys {
             *self.in_flight.entry(key.clone()).or_default() += 1;
+            consume_budget().await;
         }
     }
 
@@ -519,25 +603,30 @@ impl Hub {
 
     /// `key` no longer keeps any waiter waiting; answers the waiters it was the last for.
     fn satisfy(&mut self, key: &(Kind, Bytes)) {
-        let mut i = 0;
-        while i < self.waiters.len() {
-            self.waiters[i].missing.remove(key);
-            if self.waiters[i].missing.is_empty() {
-                let waiter = self.waiters.swap_remove(i);
-                let _ = waiter.reply.send(Ok(waiter.confirmation.into()));
-            } else {
-                i += 1;
+        let Some(ids) = self.waiting.remove(key) else {
+            return;
+        };
+        for id in ids {
+            let Some(waiter) = self.waiters.get_mut(&id) else {
+                continue;
+            };
+            waiter.missing.remove(key);
+            if waiter.missing.is_empty() {
+                if let Some(waiter) = self.waiters.remove(&id) {
+                    let _ = waiter.reply.send(Ok(waiter.confirmation.into()));
+                }
             }
         }
     }
 
-    fn deliver(&mut self, key: &(Kind, Bytes), frame: &Bytes) {
+    async fn deliver(&mut self, key: &(Kind, Bytes), frame: &Bytes) {
         let Some(wanted) = self.subscribers.get(key) else {
             return;
         };
         // Frames go out as the RESP2 upstream sent them; a RESP3 session makes them pushes.
         let mut cut_off = Vec::new();
         for client in wanted {
+            consume_budget().await;
             let Some(subscriber) = self.clients.get(client) else {
                 continue;
             };
@@ -548,26 +637,46 @@ impl Hub {
                 cut_off.push(*client);
             }
         }
+        // Out of `clients` at once, so that it is cut off once; out of every subscription
+        // (and its frames, queued or not, freed) as soon as the dispatch is over.
         for client in cut_off {
-            debug!(
-                client,
-                "subscriber too slow (output limit reached); cutting it off"
-            );
-            // Dropping its inbox sender tells the session; its subscriptions are removed by
-            // the next sweep, which also unsubscribes upstream what nobody wants any more.
-            if let Some(subscriber) = self.clients.get_mut(&client) {
-                subscriber.inbox.tx = mpsc::unbounded_channel().0;
+            if let Some(subscriber) = self.clients.remove(&client) {
+                // Its session logs it, once: the hub could only log every message it drops.
+                let _ = subscriber.inbox.cut.send(());
+                self.cut_off.push((client, subscriber.subscriptions));
             }
         }
     }
 
-    fn expire_waiters(&mut self) {
+    /// Fails the waiters that have waited too long (see [`Waiter::since`]).
+    async fn expire_waiters(&mut self, connected: bool) {
         let now = Instant::now();
-        let (expired, waiting): (Vec<Waiter>, Vec<Waiter>) =
-            self.waiters.drain(..).partition(|w| w.deadline <= now);
-        self.waiters = waiting;
-        for waiter in expired {
-            let _ = waiter.reply.send(Err(UpstreamError::Unavailable));
+        let (progress, timeouts) = (self.progress, self.timeouts);
+        let expired: HashSet<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, waiter)| match connected {
+                true => waiter.since.max(progress) + timeouts.request <= now,
+                false => waiter.since + timeouts.connect <= now,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let mut keys = HashSet::new();
+        for id in &expired {
+            if let Some(waiter) = self.waiters.remove(id) {
+                let _ = waiter.reply.send(Err(UpstreamError::Unavailable));
+                keys.extend(waiter.missing);
+            }
+        }
+        // Their places in `waiting`, each list walked once.
+        for key in keys {
+            if let Some(ids) = self.waiting.get_mut(&key) {
+                ids.retain(|id| !expired.contains(id));
+                if ids.is_empty() {
+                    self.waiting.remove(&key);
+                }
+            }
+            consume_budget().await;
         }
     }
 }
@@ -580,28 +689,73 @@ async fn read_some(conn: Option<&mut Conn>, rbuf: &mut BytesMut) -> std::io::Res
     }
 }
 
-/// Sends (UN)SUBSCRIBE for each key, grouped by kind.
-async fn write_subscriptions(
-    writer: &mut upstream::Writer,
-    keys: &[(Kind, Bytes)],
-    subscribe: bool,
-) -> std::io::Result<()> {
-    let mut out = BytesMut::new();
-    for kind in [Kind::Channel, Kind::Pattern, Kind::Shard] {
-        let names: Vec<&[u8]> = keys
-            .iter()
-            .filter(|k| k.0 == kind)
-            .map(|k| &k.1[..])
-            .collect();
-        if names.is_empty() {
-            continue;
+/// (Un)subscriptions on their way to Redis, in order, sent while Redis owes the hub less than
+/// `WINDOW` bytes of replies to those sent before.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// Not sent yet: each key, and whether to subscribe to it.
+    queue: VecDeque<((Kind, Bytes), bool)>,
+    /// Each command sent and not wholly answered, oldest first: how many of its names Redis
+    /// has still to answer, and the reply bytes it was counted for.
+    sent: VecDeque<(usize, usize)>,
+    /// The reply bytes of `sent`.
+    owed: usize,
+}
+
+impl Outbox {
+    fn push(&mut self, keys: Vec<(Kind, Bytes)>, subscribe: bool) {
+        self.queue
+            .extend(keys.into_iter().map(|key| (key, subscribe)));
+    }
+
+    /// The commands the window allows now (the first one whatever its size), encoded: names
+    /// of one kind and verb next to each other in the queue go together, up to
+    /// `NAMES_PER_COMMAND`.
+    async fn next_commands(&mut self) -> BytesMut {
+        let mut out = BytesMut::new();
+        while self.owed < WINDOW {
+            let Some(&((kind, _), subscribe)) = self.queue.front() else {
+                break;
+            };
+            let mut names = Vec::new();
+            let mut owed = 0;
+            while let Some(((next, name), verb)) = self.queue.front() {
+                if *next != kind
+                    || *verb != subscribe
+                    || names.len() == NAMES_PER_COMMAND
+                    || self.owed + owed >= WINDOW
+                {
+                    break;
+                }
+                owed += name.len() + REPLY_OVERHEAD;
+                if let Some(((_, name), _)) = self.queue.pop_front() {
+                    names.push(name);
+                }
+            }
+            let command = kind.command(subscribe).as_bytes();
+            let args = std::iter::once(command).chain(names.iter().map(|name| &name[..]));
+            out.extend_from_slice(&encode_command(args));
+            self.sent.push_back((names.len(), owed));
+            self.owed += owed;
+            consume_budget().await;
         }
-        let command = kind.command(subscribe).as_bytes();
-        out.extend_from_slice(&encode_command(std::iter::once(command).chain(names)));
+        out
     }
-    if !out.is_empty() {
-        writer.write_all(&out).await?;
-        writer.flush().await?;
+
+    /// Redis answered a name of the oldest command, or refused the whole command.
+    fn answered(&mut self, whole_command: bool) {
+        let Some((left, _)) = self.sent.front_mut() else {
+            return;
+        };
+        *left = if whole_command {
+            0
+        } else {
+            left.saturating_sub(1)
+        };
+        if *left == 0 {
+            if let Some((_, owed)) = self.sent.pop_front() {
+                self.owed -= owed;
+            }
+        }
     }
-    Ok(())
 }

@@ -249,8 +249,10 @@ async fn embedded_pubsub() {
 async fn pipelined_subscribe_and_unsubscribe_match_redis() {
     let redis = RedisServer::start();
     let redmux = Redmux::start(&redis.addr()).await;
-    let cases: [(&str, usize); 3] = [
+    let cases: [(&str, usize); 4] = [
         ("SUBSCRIBE x\r\nUNSUBSCRIBE x\r\nPING\r\n", 3),
+        // A no-arg PUNSUBSCRIBE lists patterns in subscription order, after removals too.
+        ("SUBSCRIBE c\r\nPSUBSCRIBE p3 p1 p2 p1\r\nPUNSUBSCRIBE p1 nope\r\nPSUBSCRIBE p0\r\nPUNSUBSCRIBE\r\nUNSUBSCRIBE\r\nPING\r\n", 13),
         ("SUBSCRIBE a b a\r\nPSUBSCRIBE p*\r\nSSUBSCRIBE s\r\nSUBSCRIBE c\r\nSUNSUBSCRIBE\r\nPUNSUBSCRIBE\r\nUNSUBSCRIBE a b c\r\nPING\r\n", 12),
         ("SUBSCRIBE a\r\nRESET\r\nPING\r\n", 3),
     ];
@@ -286,4 +288,137 @@ async fn messages_follow_the_clients_current_protocol() {
     let mut publisher = redmux.raw().await;
     assert_eq!(publisher.call(&["PUBLISH", "hx", "m1"]).await, ":1\r\n");
     assert_eq!(sub.reply_str().await, message("hx", "m1"));
+}
+
+/// After a client's UNSUBSCRIBE confirmation no message for that channel reaches it, as with
+/// Redis, even when messages sent to it earlier still wait for it in redmux: here the
+/// subscriber has not read a megabyte of messages yet, so its session holds more. (It is
+/// still subscribed to another channel, so it keeps its inbox.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_message_after_the_unsubscribe_confirmation() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut sub = support::Raw::over(socket.connect(redmux.addr).await.unwrap());
+    sub.send("SUBSCRIBE x y\r\n").await;
+    assert_eq!(
+        sub.reply_str().await,
+        "*3\r\n$9\r\nsubscribe\r\n$1\r\nx\r\n:1\r\n"
+    );
+    assert_eq!(
+        sub.reply_str().await,
+        "*3\r\n$9\r\nsubscribe\r\n$1\r\ny\r\n:2\r\n"
+    );
+    let payload = "m".repeat(1000);
+    let publish = redmux::resp::encode_command([&b"PUBLISH"[..], b"x", payload.as_bytes()]);
+    // A witness that reads everything: once it has a message, so has the subscriber's inbox.
+    let mut witness = redmux.raw().await;
+    assert_eq!(
+        witness.call(&["SUBSCRIBE", "x"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$1\r\nx\r\n:1\r\n"
+    );
+    let mut publisher = redmux.raw().await;
+    // 8 MB, well past what the kernel and the session's write queue take.
+    for _ in 0..80 {
+        publisher.pipeline(&publish.repeat(100), 100).await;
+        for _ in 0..100 {
+            assert_eq!(witness.reply_str().await, message("x", &payload));
+        }
+    }
+    sub.send("UNSUBSCRIBE x\r\nPING\r\n").await;
+    let confirmation = "*3\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n:1\r\n";
+    let mut before = 0;
+    loop {
+        let reply = sub.reply_str().await;
+        if reply == confirmation {
+            break;
+        }
+        assert_eq!(reply, message("x", &payload));
+        before += 1;
+    }
+    assert_eq!(
+        sub.reply_str().await,
+        "*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+        "nothing between the confirmation and the next reply ({before} messages before it)"
+    );
+    // The inbox keeps order: what waits in it for `x` would come before this.
+    assert_eq!(publisher.call(&["PUBLISH", "y", "end"]).await, ":1\r\n");
+    assert_eq!(sub.reply_str().await, message("y", "end"));
+}
+
+/// The id of redmux's subscriber connection, as Redis lists it.
+fn subscriber_connection(redis: &RedisServer) -> Option<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.direct())
+        .unwrap();
+    list.lines()
+        .find(|line| !line.contains(" sub=0 psub=0 ssub=0 "))
+        .and_then(|line| line.split(' ').next())
+        .map(str::to_owned)
+}
+
+/// Redis drops a subscriber connection whose unread output passes its pubsub limit (32 MB by
+/// default, 512 KB here). A SUBSCRIBE of 25,000 names of 250 bytes (7 MB of confirmations,
+/// more than the kernel's buffers hold) goes upstream a window at a time, each sent once the
+/// previous ones are answered, so the shared subscriber connection survives it and the other
+/// subscribers do not notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_subscribe_never_overflows_redis_output_limit() {
+    const NAMES: usize = 25_000;
+    let redis = RedisServer::start_with(&["--client-output-buffer-limit", "pubsub 512kb 512kb 0"]);
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut steady = redmux.raw().await;
+    assert_eq!(
+        steady.call(&["SUBSCRIBE", "steady"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$6\r\nsteady\r\n:1\r\n"
+    );
+    let connection = subscriber_connection(&redis).expect("a subscriber connection");
+    let names: Vec<String> = (0..NAMES)
+        .map(|i| format!("channel:{i:06}:{}", "n".repeat(235)))
+        .collect();
+    let subscribe = redmux::resp::encode_command(
+        std::iter::once(&b"SUBSCRIBE"[..]).chain(names.iter().map(|n| n.as_bytes())),
+    );
+    let mut big = redmux.raw().await;
+    let replies = big.pipeline(&subscribe, NAMES).await;
+    assert_eq!(replies.len(), NAMES);
+    for (i, (reply, name)) in replies.iter().zip(&names).enumerate() {
+        let expected = format!(
+            "*3\r\n$9\r\nsubscribe\r\n${}\r\n{name}\r\n:{}\r\n",
+            name.len(),
+            i + 1
+        );
+        assert_eq!(String::from_utf8_lossy(reply), expected);
+    }
+    assert_eq!(
+        subscriber_connection(&redis),
+        Some(connection),
+        "the subscriber connection was dropped"
+    );
+    let mut publisher = redmux.raw().await;
+    assert_eq!(publisher.call(&["PUBLISH", "steady", "on"]).await, ":1\r\n");
+    assert_eq!(steady.reply_str().await, message("steady", "on"));
+    // Unsubscribing them all goes the same way.
+    let replies = big.pipeline(b"UNSUBSCRIBE\r\n", NAMES).await;
+    assert_eq!(replies.len(), NAMES);
+    let deadline = Deadline::new();
+    loop {
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .query(&mut redis.direct())
+            .unwrap();
+        if channels == ["steady"] {
+            break;
+        }
+        deadline
+            .next_try(format!("{} channels upstream", channels.len()))
+            .await;
+    }
+    assert_eq!(
+        publisher.call(&["PUBLISH", "steady", "still"]).await,
+        ":1\r\n"
+    );
+    assert_eq!(steady.reply_str().await, message("steady", "still"));
 }
