@@ -1,5 +1,8 @@
 //! Building blocks for a Redis Cluster upstream, all pure: no sockets, no clocks.
 //!
-//! How they stack, bottom up: [`slot`] says which of the 16384 hash slots a key is in.
+//! How they stack, bottom up: [`slot`] says which of the 16384 hash slots a key is in;
+//! [`keys`] says where a request's keys are, or that it has none, or that it concerns every
+//! master.
 
+pub mod keys;
 pub mod slot;
