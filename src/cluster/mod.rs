@@ -2,7 +2,10 @@
 //!
 //! How they stack, bottom up: [`slot`] says which of the 16384 hash slots a key is in;
 //! [`keys`] says where a request's keys are, or that it has none, or that it concerns every
-//! master.
+//! master; [`topology`] turns a `CLUSTER SHARDS` or `CLUSTER SLOTS` reply into an immutable map
+//! from slot to master; [`reply`] is the small reply decoder it uses.
 
 pub mod keys;
+mod reply;
 pub mod slot;
+pub mod topology;
