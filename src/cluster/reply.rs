@@ -1,10 +1,13 @@
 //! Reading the few replies the cluster blocks must look inside: `CLUSTER SHARDS` and `CLUSTER
-//! SLOTS`, decoded into values. Everything else redmux relays as framed bytes and never
-//! decodes.
+//! SLOTS` (decoded into values), and the parts of a split MGET, DEL... (cut into elements,
+//! each kept as the bytes Redis sent, so a RESP2 or RESP3 element goes back to the client
+//! untouched). Everything else redmux relays as framed bytes and never decodes.
 //!
 //! Replies come from Redis, but a bug or a wrong server must still give an error, not a panic
 //! or an unbounded allocation: nesting is capped, and no header's count is trusted for more
 //! room than the bytes that follow could fill.
+
+use crate::resp::ReplyScanner;
 
 /// Nesting deeper than any cluster reply has (SHARDS: shards → shard → nodes → node map).
 const DEPTH_MAX: usize = 8;
@@ -147,6 +150,34 @@ fn decode_at(bytes: &[u8], depth: usize) -> Result<(Value<'_>, usize), ReplyForm
     Ok((value, used))
 }
 
+/// The elements of an array reply (`*` or RESP3 `~`/`>`), each as its own bytes, or `None` if
+/// the reply is not an array (an error, a null...). `bytes` must hold exactly one reply.
+pub fn elements(bytes: &[u8]) -> Result<Option<Vec<&[u8]>>, ReplyFormatError> {
+    let (kind, text, mut at) = header(bytes)?;
+    if !matches!(kind, b'*' | b'~' | b'>') {
+        return Ok(None);
+    }
+    let Some(n) = count(text)? else {
+        return Ok(None);
+    };
+    let mut items = Vec::with_capacity(n.min((bytes.len() - at) / 3));
+    for _ in 0..n {
+        let rest = &bytes[at..];
+        let mut scanner = ReplyScanner::with_push();
+        let end = match scanner.next_reply(rest) {
+            Ok(Some(end)) => end,
+            Ok(None) => return Err(ReplyFormatError::Incomplete),
+            Err(_) => return Err(ReplyFormatError::BadHeader),
+        };
+        items.push(&rest[..end]);
+        at += end;
+    }
+    match at == bytes.len() {
+        true => Ok(Some(items)),
+        false => Err(ReplyFormatError::Trailing),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +225,23 @@ mod tests {
         );
         let deep = "*1\r\n".repeat(DEPTH_MAX + 2) + ":1\r\n";
         assert_eq!(decode(deep.as_bytes()), Err(ReplyFormatError::TooDeep));
+    }
+
+    #[test]
+    fn elements_keep_each_element_as_sent() {
+        let reply = b"*3\r\n$1\r\na\r\n_\r\n*1\r\n:1\r\n";
+        assert_eq!(
+            elements(reply),
+            Ok(Some(vec![&b"$1\r\na\r\n"[..], b"_\r\n", b"*1\r\n:1\r\n"]))
+        );
+        assert_eq!(elements(b"*0\r\n"), Ok(Some(vec![])));
+        assert_eq!(elements(b"-ERR x\r\n"), Ok(None));
+        assert_eq!(elements(b"*-1\r\n"), Ok(None));
+        assert_eq!(elements(b"*2\r\n:1\r\n"), Err(ReplyFormatError::Incomplete));
+        assert_eq!(
+            elements(b"*1\r\n:1\r\n:2\r\n"),
+            Err(ReplyFormatError::Trailing)
+        );
+        assert_eq!(elements(b"*1\r\n?x\r\n"), Err(ReplyFormatError::BadHeader));
     }
 }
