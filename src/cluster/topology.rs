@@ -30,7 +30,7 @@ pub struct Node {
 }
 
 /// The slot owners of a cluster at one moment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct SlotMap {
     /// The online masters that own at least one slot, ordered by the first slot they own (so
     /// the maps of SHARDS and SLOTS replies of one topology compare equal).
@@ -150,6 +150,29 @@ impl SlotMap {
     /// How many slots no online master serves: 0 when the cluster covers every slot.
     pub fn unassigned(&self) -> usize {
         self.owner.iter().filter(|&&at| at == UNASSIGNED).count()
+    }
+}
+
+/// Shows the owners as slot ranges, not 16384 numbers.
+impl std::fmt::Debug for SlotMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut ranges = Vec::new();
+        let mut start = 0;
+        for slot in 1..=self.owner.len() {
+            if slot == self.owner.len() || self.owner[slot] != self.owner[start] {
+                let owner = match self.owner[start] {
+                    UNASSIGNED => "-".to_string(),
+                    at => at.to_string(),
+                };
+                ranges.push(format!("{start}-{}:{owner}", slot - 1));
+                start = slot;
+            }
+        }
+        f.debug_struct("SlotMap")
+            .field("masters", &self.masters)
+            .field("replicas", &self.replicas)
+            .field("owner", &ranges)
+            .finish()
     }
 }
 
@@ -475,6 +498,16 @@ mod tests {
         assert_eq!(SlotMap::from_slots(HOSTNAMES_SLOTS).unwrap(), map);
         assert_eq!(SlotMap::from_shards(HOSTNAMES_SHARDS3).unwrap(), map);
         assert_eq!(SlotMap::from_slots(HOSTNAMES_SLOTS3).unwrap(), map);
+    }
+
+    #[test]
+    fn debug_shows_slot_ranges() {
+        let map = SlotMap::from_shards(MID_FAILOVER_SHARDS).unwrap();
+        let text = format!("{map:?}");
+        assert!(
+            text.contains(r#"owner: ["0-4:0", "5-5460:-", "5461-10922:1", "10923-16383:0"]"#),
+            "{text}"
+        );
     }
 
     #[test]
