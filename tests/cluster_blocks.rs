@@ -1,14 +1,60 @@
-//! The Redis Cluster building blocks (`redmux::cluster`) checked against a live Redis 7.0.
+//! The Redis Cluster building blocks (`redmux::cluster`) checked against a live Redis 7.0
+//! cluster of three masters with a replica each.
+//!
+//! The tests share one cluster while any of them runs (starting one takes seconds on a small
+//! machine): each holds an `Arc` to it, and the last to finish drops it, which kills the
+//! processes. The failover test takes the cluster for itself.
 
 mod support;
 
-use std::collections::BTreeSet;
-
-use redmux::cluster::keys::{key_positions, Scope};
-use support::{
-    cluster::{parse, Conn, Resp},
-    RedisServer,
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak},
+    time::Duration,
 };
+
+use redmux::{
+    cluster::{
+        keys::{key_positions, keys, Scope, SlotOf},
+        plan::{cross_slot, Plan, CROSSSLOT},
+        slot::slot,
+        topology::SlotMap,
+    },
+    resp::encode_command,
+};
+use support::{
+    cluster::{parse, Cluster, Conn, Resp, MASTERS},
+    Deadline,
+};
+
+type Shared = Arc<RwLock<Cluster>>;
+
+static CLUSTER: Mutex<Weak<RwLock<Cluster>>> = Mutex::new(Weak::new());
+
+/// The cluster the running tests share, started if none is running.
+fn shared() -> Shared {
+    let mut current = CLUSTER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(cluster) = current.upgrade() {
+        return cluster;
+    }
+    let cluster = Arc::new(RwLock::new(Cluster::start()));
+    *current = Arc::downgrade(&cluster);
+    cluster
+}
+
+fn read(cluster: &Shared) -> RwLockReadGuard<'_, Cluster> {
+    cluster
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write(cluster: &Shared) -> RwLockWriteGuard<'_, Cluster> {
+    cluster
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Requests whose keys Redis finds by keyword or count, with several keys, and the edges of
 /// those rules; each is also checked with `COMMAND GETKEYS`.
@@ -318,6 +364,298 @@ fn check_key_extraction(port: u16) {
 
 #[test]
 fn key_extraction_matches_command_getkeys() {
-    let server = RedisServer::start();
-    check_key_extraction(server.port);
+    let cluster = shared();
+    let cluster = read(&cluster);
+    check_key_extraction(cluster.live_ports()[0]);
+}
+
+/// A small deterministic generator (xorshift64*), so a failing key can be reproduced.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn bytes(&mut self, max_len: u64, alphabet: &[u8]) -> Vec<u8> {
+        let len = self.next() % (max_len + 1);
+        (0..len)
+            .map(|_| alphabet[(self.next() % alphabet.len() as u64) as usize])
+            .collect()
+    }
+}
+
+/// Keys of every shape the hash-tag rule cares about.
+fn sample_keys() -> Vec<Vec<u8>> {
+    let mut keys: Vec<Vec<u8>> = [
+        &b""[..],
+        b"{",
+        b"}",
+        b"{}",
+        b"}{",
+        b"{{}}",
+        b"{a}",
+        b"{{a}}",
+        b"foo{}{bar}",
+        b"foo{{bar}}zap",
+        b"foo{bar}{zap}",
+        b"{user1000}.following",
+        b"{user1000}.followers",
+        b"a{b",
+        b"a}b{c",
+        b"{\x00}",
+        b"\xff{\xfe}\x00",
+        b"123456789",
+    ]
+    .iter()
+    .map(|k| k.to_vec())
+    .collect();
+    let mut random = Random(0x9e37_79b9_7f4a_7c15);
+    let all: Vec<u8> = (0..=255).collect();
+    for _ in 0..1000 {
+        keys.push(random.bytes(40, &all));
+    }
+    // Braces often, so tags of every length and position come up.
+    for _ in 0..1000 {
+        keys.push(random.bytes(12, b"ab{}{}\x00"));
+    }
+    keys
+}
+
+/// `slot()` gives the slot `CLUSTER KEYSLOT` gives, for random binary keys, keys full of
+/// braces, and the hash-tag edge cases.
+#[test]
+fn slot_matches_cluster_keyslot() {
+    let cluster = shared();
+    let cluster = read(&cluster);
+    let keys = sample_keys();
+    let requests: Vec<Vec<&[u8]>> = keys
+        .iter()
+        .map(|key| vec![&b"CLUSTER"[..], b"KEYSLOT", key])
+        .collect();
+    let replies = Conn::connect(cluster.live_ports()[0]).pipeline(&requests);
+    for (key, reply) in keys.iter().zip(replies) {
+        assert_eq!(
+            i64::from(slot(key)),
+            parse(&reply).int(),
+            "key {:?}",
+            String::from_utf8_lossy(key)
+        );
+    }
+}
+
+/// The slot map of every node, read from CLUSTER SHARDS and from CLUSTER SLOTS; waits until
+/// they agree (right after the cluster forms, SHARDS says a replica is `loading` until its
+/// first replication bytes arrive, and SLOTS lists it anyway).
+fn agreed_map(port: u16) -> SlotMap {
+    let deadline = Deadline::within(Duration::from_secs(15));
+    let mut conn = Conn::connect(port);
+    loop {
+        let shards = SlotMap::from_shards(&conn.call(&[b"CLUSTER", b"SHARDS"])).unwrap();
+        let slots = SlotMap::from_slots(&conn.call(&[b"CLUSTER", b"SLOTS"])).unwrap();
+        if shards == slots {
+            return shards;
+        }
+        deadline.next_try_blocking(format!(
+            "SHARDS and SLOTS of node {port} to agree:\n{shards:?}\n{slots:?}"
+        ));
+    }
+}
+
+/// Sends `GET key` for many keys to the master the map names for each key's slot: none is
+/// redirected.
+fn check_routing(map: &SlotMap) {
+    let keys = sample_keys();
+    for (at, master) in map.masters().iter().enumerate() {
+        let mine: Vec<Vec<&[u8]>> = keys
+            .iter()
+            .filter(|key| map.owner(slot(key)) == Some(at))
+            .map(|key| vec![&b"GET"[..], key])
+            .collect();
+        assert!(!mine.is_empty());
+        for reply in Conn::connect(master.port).pipeline(&mine) {
+            assert!(
+                reply.starts_with(b"$"),
+                "{master:?}: {}",
+                String::from_utf8_lossy(&reply)
+            );
+        }
+    }
+}
+
+/// SlotMaps parsed from live CLUSTER SHARDS and CLUSTER SLOTS agree on every node, cover every
+/// slot with the three masters (each with its replica), and route every key to a master that
+/// serves it.
+#[test]
+fn slot_maps_from_shards_and_slots_agree() {
+    let cluster = shared();
+    let cluster = read(&cluster);
+    let masters: BTreeSet<u16> = cluster.masters().into_iter().collect();
+    let mut first = None;
+    for port in cluster.live_ports() {
+        let map = agreed_map(port);
+        assert_eq!(map.unassigned(), 0);
+        let ports: BTreeSet<u16> = map.masters().iter().map(|m| m.port).collect();
+        assert_eq!(ports, masters);
+        // Every running node that is not a master is a replica in the map (after the failover
+        // test, the promoted replica's master has none).
+        let replicas: usize = (0..MASTERS).map(|at| map.replicas(at).len()).sum();
+        assert_eq!(
+            replicas,
+            cluster.live_ports().len() - masters.len(),
+            "{map:?}"
+        );
+        match &first {
+            None => first = Some(map),
+            Some(first) => assert_eq!(&map, first),
+        }
+    }
+    check_routing(&first.expect("a node"));
+}
+
+/// Requests sent to the master of their first key: Redis answers `-CROSSSLOT` exactly when
+/// `cross_slot` says so, for every request that is not split; the split ones (which Redis
+/// refuses whole) run part by part and merge to what a single server would answer.
+#[test]
+fn cross_slot_and_split_requests_match_the_cluster() {
+    let cluster = shared();
+    let cluster = read(&cluster);
+    let map = agreed_map(cluster.live_ports()[0]);
+    let port_of = |slot: u16| map.master_for(slot).expect("every slot served").port;
+    // foo (12182), bar (5061), baz (4813): bar and baz share a master, not a slot.
+    let unsplit: &[&[&str]] = &[
+        &["MSETNX", "foo", "1", "bar", "2"],
+        &["MSETNX", "bar", "1", "baz", "2"],
+        &["MSETNX", "{t}a", "1", "{t}b", "2"],
+        &["MSET", "foo", "1", "bar"],
+        &["MSET", "{t}a", "1", "{t}b"],
+        &["RENAME", "foo", "bar"],
+        &["RENAME", "{t}a", "{t}b"],
+        &["SUNIONSTORE", "foo", "{foo}a", "bar"],
+        &["SUNIONSTORE", "{t}d", "{t}a", "{t}b"],
+        &["EVAL", "return 1", "2", "foo", "bar"],
+        &["EVAL", "return 1", "2", "{t}a", "{t}b"],
+        &["EVAL", "return 1", "0", "foo", "bar"],
+        &["BLPOP", "foo", "bar", "1"],
+        &["ZUNIONSTORE", "foo", "2", "{foo}a", "bar"],
+        &["XREAD", "STREAMS", "foo", "bar", "0", "0"],
+        &["SORT", "foo", "STORE", "bar"],
+        &["SORT", "{t}a", "STORE", "{t}b"],
+        &["SSUBSCRIBE", "foo", "bar"],
+        &["SSUBSCRIBE", "{t}a", "{t}b"],
+        &["SET", "foo", "bar"],
+        &["GET", "baz"],
+    ];
+    for args in unsplit {
+        let request = encode_command(args.iter().map(|a| a.as_bytes()));
+        let port = match keys(&request).slot() {
+            SlotOf::One(slot) => port_of(slot),
+            SlotOf::Cross => port_of(slot(keys(&request).keys()[0])),
+            SlotOf::None => map.masters()[0].port,
+        };
+        let argv: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        // A fresh connection each: SSUBSCRIBE leaves one subscribed.
+        let reply = Conn::connect(port).call(&argv);
+        assert_eq!(
+            reply == CROSSSLOT,
+            cross_slot(&request),
+            "{args:?}: Redis said {}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert!(
+            !reply.starts_with(b"-MOVED"),
+            "{args:?} went to the wrong master"
+        );
+    }
+
+    let run = |plan: &Plan| -> Vec<u8> {
+        let replies: Vec<Vec<u8>> = plan
+            .parts()
+            .iter()
+            .map(|part| {
+                let argv: Vec<&[u8]> = redmux::resp::Args::new(&part.request).collect();
+                Conn::connect(map.masters()[part.node].port).call(&argv)
+            })
+            .collect();
+        let replies: Vec<&[u8]> = replies.iter().map(Vec::as_slice).collect();
+        plan.merge(&replies).expect("mergeable").to_vec()
+    };
+    let node_of = |slot: u16| map.owner(slot).expect("every slot served");
+    let split = |args: &[&str]| {
+        let request = encode_command(args.iter().map(|a| a.as_bytes()));
+        // Redis refuses the whole request.
+        let reply = Conn::connect(port_of(slot(args[1].as_bytes())))
+            .call(&args.iter().map(|a| a.as_bytes()).collect::<Vec<_>>());
+        assert_eq!(reply, CROSSSLOT, "{args:?}");
+        Plan::split(&request, node_of).expect("splittable")
+    };
+    let mset = split(&[
+        "MSET",
+        "sp:foo",
+        "1",
+        "sp:bar",
+        "2",
+        "{sp:foo}x",
+        "3",
+        "sp:baz",
+        "4",
+    ]);
+    assert!(mset.parts().len() >= 3);
+    assert_eq!(run(&mset), b"+OK\r\n");
+    let mget = split(&[
+        "MGET",
+        "sp:baz",
+        "sp:none",
+        "sp:foo",
+        "{sp:foo}x",
+        "sp:bar",
+        "sp:baz",
+    ]);
+    assert_eq!(
+        run(&mget),
+        b"*6\r\n$1\r\n4\r\n$-1\r\n$1\r\n1\r\n$1\r\n3\r\n$1\r\n2\r\n$1\r\n4\r\n"
+    );
+    let exists = split(&["EXISTS", "sp:foo", "sp:none", "sp:bar", "sp:foo"]);
+    assert_eq!(run(&exists), b":3\r\n");
+    let touch = split(&["TOUCH", "sp:foo", "sp:bar", "sp:none"]);
+    assert_eq!(run(&touch), b":2\r\n");
+    let unlink = split(&["UNLINK", "sp:bar", "sp:none", "{sp:foo}x"]);
+    assert_eq!(run(&unlink), b":2\r\n");
+    let del = split(&["DEL", "sp:foo", "sp:bar", "sp:baz", "{sp:foo}x"]);
+    assert_eq!(run(&del), b":2\r\n");
+}
+
+/// After a master is killed and its replica takes over, SHARDS and SLOTS give the same map
+/// again, with the promoted replica serving the dead master's slots.
+#[test]
+fn slot_maps_follow_a_failover() {
+    let cluster = shared();
+    let mut cluster = write(&cluster);
+    let before = agreed_map(cluster.live_ports()[0]);
+    let killed = cluster.kill_master();
+    let killed_at = before
+        .masters()
+        .iter()
+        .position(|m| m.port == killed)
+        .expect("the killed node was a master");
+    let replica = before.replicas(killed_at)[0].clone();
+    cluster.wait_for_failover(killed);
+    for port in cluster.live_ports() {
+        let after = agreed_map(port);
+        assert_eq!(after.unassigned(), 0);
+        assert_eq!(after.masters().len(), MASTERS);
+        assert!(after.masters().iter().all(|m| m.port != killed));
+        for slot in 0..16384u16 {
+            let was = before.master_for(slot).expect("served");
+            let now = after.master_for(slot).expect("served");
+            match was.port == killed {
+                true => assert_eq!(now, &replica, "slot {slot}"),
+                false => assert_eq!(now, was, "slot {slot}"),
+            }
+        }
+    }
+    check_routing(&agreed_map(cluster.live_ports()[0]));
 }
