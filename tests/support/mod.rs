@@ -4,6 +4,7 @@
 
 pub mod binary;
 pub mod checker;
+pub mod cluster;
 pub mod tls;
 
 use std::{

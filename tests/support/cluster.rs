@@ -1,0 +1,409 @@
+//! A real Redis Cluster for tests: three masters with a replica each, on free loopback ports,
+//! killed on drop; a blocking RESP2 connection that hands back each reply's raw bytes (the
+//! building blocks under test parse those bytes themselves), and a small decoder for the
+//! test's own reading of them.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use redmux::resp::{encode_command, ReplyScanner};
+
+use super::{answers_ping, free_port, Deadline};
+
+/// Masters, and replicas of each, in the cluster [`Cluster::start`] creates.
+pub const MASTERS: usize = 3;
+pub const NODES: usize = MASTERS * 2;
+
+/// One redis-server of the cluster.
+struct Node {
+    port: u16,
+    /// `None` once killed.
+    child: Option<Child>,
+}
+
+/// Six redis-server processes in cluster mode, joined by `redis-cli --cluster create` into
+/// three masters with one replica each. Every process is killed on drop.
+pub struct Cluster {
+    nodes: Vec<Node>,
+    /// Holds each node's directory (its `nodes.conf`, and the RDB a replica loads): one each,
+    /// so replicas never write over each other's `dump.rdb`.
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts the nodes, creates the cluster and waits until every node reports
+    /// `cluster_state:ok` with all 16384 slots served.
+    pub fn start() -> Cluster {
+        for _ in 0..5 {
+            if let Some(cluster) = Self::try_start() {
+                cluster.wait_ok();
+                return cluster;
+            }
+        }
+        panic!("could not start a Redis Cluster on free ports");
+    }
+
+    /// `None` if a node could not start (its port was taken meanwhile).
+    fn try_start() -> Option<Cluster> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            _dir: dir,
+        };
+        for _ in 0..NODES {
+            // Redis 7 takes the bus port as `cluster-port`; by default it is port + 10000,
+            // which a free ephemeral port may push past 65535.
+            let (port, bus) = (free_port(), free_port());
+            let node_dir = cluster._dir.path().join(port.to_string());
+            std::fs::create_dir(&node_dir).expect("node dir");
+            let child = spawn_node(port, bus, &node_dir);
+            cluster.nodes.push(Node {
+                port,
+                child: Some(child),
+            });
+        }
+        let deadline = Deadline::new();
+        for node in &mut cluster.nodes {
+            while !answers_ping(node.port, Duration::from_secs(1)) {
+                let child = node.child.as_mut().expect("started");
+                if let Ok(Some(_)) = child.try_wait() {
+                    return None;
+                }
+                deadline.next_try_blocking(format!("cluster node {} to answer", node.port));
+            }
+        }
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.addrs())
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli must be installed");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        Some(cluster)
+    }
+
+    /// `127.0.0.1:port` of every node, killed ones included.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect()
+    }
+
+    /// The ports of the nodes still running.
+    pub fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|node| node.child.is_some())
+            .map(|node| node.port)
+            .collect()
+    }
+
+    /// The ports of the running nodes that say they are masters (`ROLE`).
+    pub fn masters(&self) -> Vec<u16> {
+        self.live_ports()
+            .into_iter()
+            .filter(|&port| role(port) == "master")
+            .collect()
+    }
+
+    /// SIGKILLs the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|node| node.port == port)
+            .expect("a node of this cluster");
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills a master that has a replica to take over; returns its port.
+    pub fn kill_master(&mut self) -> u16 {
+        let master = self.masters()[0];
+        self.kill(master);
+        master
+    }
+
+    /// Waits until a replica of the killed master `killed` has been promoted: every running
+    /// node reports `cluster_state:ok` with all slots served, and none names `killed` as the
+    /// owner of a slot.
+    pub fn wait_for_failover(&self, killed: u16) {
+        let deadline = Deadline::within(Duration::from_secs(20));
+        loop {
+            let promoted = self.live_ports().into_iter().all(|port| {
+                let slots = Conn::connect(port).query(&["CLUSTER", "SLOTS"]);
+                let owners: Vec<i64> = slots
+                    .items()
+                    .iter()
+                    .map(|e| e.items()[2].items()[1].int())
+                    .collect();
+                !owners.contains(&i64::from(killed))
+            });
+            if promoted && self.all_ok() && self.all_known() {
+                return;
+            }
+            deadline.next_try_blocking("a replica to take over the killed master");
+        }
+    }
+
+    /// Waits until every running node reports `cluster_state:ok`, serves all 16384 slots, and
+    /// knows every other node in its final role (`cluster_state` turns ok before the last
+    /// replicas are known everywhere).
+    pub fn wait_ok(&self) {
+        let deadline = Deadline::within(Duration::from_secs(20));
+        while !(self.all_ok() && self.all_known()) {
+            deadline.next_try_blocking("every cluster node to report cluster_state:ok");
+        }
+    }
+
+    /// Every running node's `CLUSTER NODES` shows the running nodes connected, `MASTERS`
+    /// masters with slots and a replica of a master for each other one, and no node in a
+    /// handshake.
+    fn all_known(&self) -> bool {
+        let live = self.live_ports().len();
+        self.live_ports().into_iter().all(|port| {
+            let nodes = Conn::connect(port).query(&["CLUSTER", "NODES"]).text();
+            let lines: Vec<Vec<&str>> = nodes
+                .lines()
+                .map(|line| line.split(' ').collect())
+                .filter(|fields: &Vec<&str>| fields.len() >= 8 && !fields[2].contains("fail"))
+                .collect();
+            let masters = lines
+                .iter()
+                .filter(|f| f[2].contains("master") && f.len() > 8)
+                .count();
+            let replicas = lines
+                .iter()
+                .filter(|f| f[2].contains("slave") && f[3] != "-")
+                .count();
+            let settled = lines.iter().all(|f| {
+                f[7] == "connected" && !f[2].contains("handshake") && !f[2].contains("noaddr")
+            });
+            lines.len() == live
+                && masters == MASTERS
+                && replicas == live - MASTERS
+                && settled
+                && replicas_online(port)
+        })
+    }
+
+    fn all_ok(&self) -> bool {
+        self.live_ports().into_iter().all(|port| {
+            let info = Conn::connect(port).query(&["CLUSTER", "INFO"]).text();
+            info.contains("cluster_state:ok\r\n") && info.contains("cluster_slots_ok:16384\r\n")
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn spawn_node(port: u16, bus: u16, dir: &Path) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string()])
+        .args(["--cluster-enabled", "yes"])
+        .args(["--cluster-port", &bus.to_string()])
+        .args([
+            "--cluster-config-file",
+            &dir.join("nodes.conf").display().to_string(),
+        ])
+        .args(["--cluster-node-timeout", "2000"])
+        // A master pings its replicas every second instead of every ten, so their replication
+        // offsets, which CLUSTER SHARDS and SLOTS wait for, move soon after the cluster forms.
+        .args(["--repl-ping-replica-period", "1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--dir", &dir.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed")
+}
+
+/// Whether `CLUSTER SHARDS` on `port` calls every replica that has not failed `online`. Redis
+/// 7.0 calls a replica `loading`, and leaves it out of `CLUSTER SLOTS`, until the node has
+/// heard of a replication offset above 0 for it.
+fn replicas_online(port: u16) -> bool {
+    let shards = Conn::connect(port).query(&["CLUSTER", "SHARDS"]);
+    shards.items().iter().all(|shard| {
+        let nodes = field(shard, "nodes");
+        nodes.items().iter().all(|node| {
+            let health = field(node, "health").text();
+            field(node, "role").text() != "replica" || health == "online" || health == "fail"
+        })
+    })
+}
+
+/// The value of `name` in a RESP2 map (a flat key/value array).
+fn field<'a>(map: &'a Resp, name: &str) -> &'a Resp {
+    map.items()
+        .chunks(2)
+        .find(|pair| pair[0].text() == name)
+        .map(|pair| &pair[1])
+        .unwrap_or_else(|| panic!("no {name} in {map:?}"))
+}
+
+/// The first field of `ROLE`: `master` or `slave`.
+fn role(port: u16) -> String {
+    Conn::connect(port).query(&["ROLE"]).items()[0].text()
+}
+
+/// A blocking connection to one node.
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    scanner: ReplyScanner,
+}
+
+impl Conn {
+    pub fn connect(port: u16) -> Conn {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to a node");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        stream.set_nodelay(true).expect("nodelay");
+        Conn {
+            stream,
+            buf: Vec::new(),
+            scanner: ReplyScanner::new(),
+        }
+    }
+
+    /// Sends one command, returns its reply's bytes.
+    pub fn call(&mut self, args: &[&[u8]]) -> Vec<u8> {
+        self.pipeline(&[args.to_vec()]).remove(0)
+    }
+
+    /// `call` with string arguments, the reply decoded.
+    pub fn query(&mut self, args: &[&str]) -> Resp {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        parse(&self.call(&args))
+    }
+
+    /// Sends many commands, returns their replies' bytes in order. Written in batches, each
+    /// read back before the next is written, so neither side's buffers fill up.
+    pub fn pipeline(&mut self, commands: &[Vec<&[u8]>]) -> Vec<Vec<u8>> {
+        let mut replies = Vec::with_capacity(commands.len());
+        for batch in commands.chunks(256) {
+            let mut out = Vec::new();
+            for args in batch {
+                out.extend_from_slice(&encode_command(args.iter().copied()));
+            }
+            self.stream.write_all(&out).expect("write to a node");
+            for _ in batch {
+                replies.push(self.read_reply());
+            }
+        }
+        replies
+    }
+
+    fn read_reply(&mut self) -> Vec<u8> {
+        loop {
+            if let Some(end) = self.scanner.next_reply(&self.buf).expect("valid RESP") {
+                self.scanner.consumed(end);
+                return self.buf.drain(..end).collect();
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            let n = self.stream.read(&mut chunk).expect("read from a node");
+            assert!(n > 0, "the node closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// A decoded RESP2 reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Array(Vec<Resp>),
+    Null,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        match self {
+            Resp::Simple(s) | Resp::Error(s) => s.clone(),
+            Resp::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
+            Resp::Int(i) => i.to_string(),
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    pub fn items(&self) -> &[Resp] {
+        match self {
+            Resp::Array(items) => items,
+            other => panic!("not an array: {other:?}"),
+        }
+    }
+
+    pub fn int(&self) -> i64 {
+        match self {
+            Resp::Int(i) => *i,
+            other => panic!("not an integer: {other:?}"),
+        }
+    }
+}
+
+/// Decodes one complete RESP2 reply.
+pub fn parse(bytes: &[u8]) -> Resp {
+    let (value, rest) = parse_at(bytes);
+    assert!(rest.is_empty(), "trailing bytes after a reply");
+    value
+}
+
+fn parse_at(bytes: &[u8]) -> (Resp, &[u8]) {
+    let line_end = bytes
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .expect("a complete line");
+    let line = std::str::from_utf8(&bytes[1..line_end]).expect("ASCII header");
+    let rest = &bytes[line_end + 2..];
+    match bytes[0] {
+        b'+' => (Resp::Simple(line.to_string()), rest),
+        b'-' => (Resp::Error(line.to_string()), rest),
+        b':' => (Resp::Int(line.parse().expect("integer")), rest),
+        b'$' => match line.parse::<i64>().expect("length") {
+            -1 => (Resp::Null, rest),
+            len => {
+                let len = len as usize;
+                (Resp::Bulk(rest[..len].to_vec()), &rest[len + 2..])
+            }
+        },
+        b'*' => match line.parse::<i64>().expect("count") {
+            -1 => (Resp::Null, rest),
+            count => {
+                let mut items = Vec::new();
+                let mut rest = rest;
+                for _ in 0..count {
+                    let (item, after) = parse_at(rest);
+                    items.push(item);
+                    rest = after;
+                }
+                (Resp::Array(items), rest)
+            }
+        },
+        other => panic!("unexpected RESP2 type byte {other:#x}"),
+    }
+}
