@@ -39,6 +39,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{debug, warn};
 
 use crate::{
+    clients::{flag, PauseMode, Subscription},
     command::{self, error_reply, Action, CommandId, Transaction},
     connection::{ClientState, Effect, ReplyMode},
     live::Live,
@@ -166,6 +167,10 @@ enum Tx {
         /// The database the last SELECT queued in the transaction selects: Redis runs it at
         /// EXEC, and the client is in that database from then on.
         db: Option<u32>,
+        /// A command queued may write: CLIENT PAUSE WRITE holds the EXEC, as in Redis.
+        writes: bool,
+        /// Commands queued, for CLIENT LIST's `multi`.
+        queued: usize,
     },
 }
 
@@ -610,6 +615,8 @@ struct State {
     /// The client closed its side: nothing more is read, but what it sent before is still
     /// carried out and answered.
     eof: bool,
+    /// The wait for a CLIENT PAUSE to end, while the next request waits, unparsed, in `rbuf`.
+    pause: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// Requests whose replies have not reached `out` yet.
     outstanding: usize,
     /// The command of each outstanding request, oldest first, to count replies per command:
@@ -693,7 +700,7 @@ impl<S: Duplex> Session<S> {
             // One wait for shutdown and reloads, registered once: a fresh `cancelled()` future
             // per request would lock the token's waiter list twice per request.
             tokio::pin!(superseded);
-            while let Some(Parked { idle, .. }) = &mut parked {
+            while let Some(Parked { idle, client, .. }) = &mut parked {
                 // Parked: a wait with nothing but the socket's own waker slot. One poll function
                 // rather than `select!`, which would hold a future per branch.
                 let woken = std::future::poll_fn(|cx| {
@@ -706,6 +713,10 @@ impl<S: Duplex> Session<S> {
                     }
                     if IdleTimer::poll_expired(idle, cx).is_ready() {
                         debug!("idle timeout; closing");
+                        return Poll::Ready(Wake::Close);
+                    }
+                    if client.entry.poll_killed(cx).is_ready() {
+                        debug!("killed (CLIENT KILL); closing");
                         return Poll::Ready(Wake::Close);
                     }
                     superseded.as_mut().poll(cx).map(|()| Wake::Superseded)
@@ -807,6 +818,7 @@ fn serve<'a, S: Duplex>(
             if this.unparsed
                 && !this.draining
                 && !this.stalled()
+                && this.pause.is_none()
                 && this.outstanding < this.config.max_pipeline
             {
                 this.process_input().await;
@@ -835,8 +847,8 @@ fn serve<'a, S: Duplex>(
             tokio::select! {
                 biased;
                 reply = front_reply(&mut this.pending), if waiting_upstream => {
-                    if let Some(Pending::Upstream { count, suppress, release, charged, sent, then, .. }) = this.pending.pop_front() {
-                        this.unresolved -= 1;
+                    if let Some(Pending::Upstream { count, suppress, release, charged, sent, then, blocking, .. }) = this.pending.pop_front() {
+                        this.resolved(blocking);
                         let reply = reply.unwrap_or(Err(UpstreamError::ConnectionLost));
                         let (reply, charged) = this.then(then, reply, charged);
                         this.deliver(reply, count, suppress, release, charged, sent);
@@ -948,6 +960,14 @@ fn serve<'a, S: Duplex>(
                     debug!("idle timeout; closing");
                     break;
                 }
+                () = std::future::poll_fn(|cx| this.client.entry.poll_killed(cx)), if !this.draining => {
+                    debug!("killed (CLIENT KILL); closing");
+                    break;
+                }
+                // A CLIENT PAUSE this client's next request waits out.
+                () = std::future::poll_fn(|cx| poll_pause(&mut this.pause, cx)), if this.pause.is_some() => {
+                    this.pause = None;
+                }
                 // It fires at shutdown and when a reload supersedes the settings: one wake-up
                 // for both, so following reloads costs nothing per request.
                 () = &mut superseded, if !this.draining => match superseded_by(updates) {
@@ -993,6 +1013,7 @@ impl State {
             barrier: false,
             sync: false,
             eof: false,
+            pause: None,
             outstanding: 0,
             owed,
             current: CommandId::OTHER,
@@ -1098,13 +1119,22 @@ impl State {
                 charged,
                 sent,
                 then,
+                blocking,
                 ..
             }) = self.pending.pop_front()
             {
-                self.unresolved -= 1;
+                self.resolved(blocking);
                 let (reply, charged) = self.then(then, reply, charged);
                 self.deliver(reply, count, suppress, release, charged, sent);
             }
+        }
+    }
+
+    /// An upstream slot is answered; a blocking one means the client is no longer blocked.
+    fn resolved(&mut self, blocking: bool) {
+        self.unresolved -= 1;
+        if blocking {
+            self.client.entry.set_blocked_on(None);
         }
     }
 
@@ -1141,7 +1171,9 @@ impl State {
                         bytes
                     }
                     // Only one check is asked for a command.
-                    Effect::Check(_) => error_reply("redmux: AUTH could not be checked"),
+                    Effect::Check(_) | Effect::Send(_) => {
+                        error_reply("redmux: AUTH could not be checked")
+                    }
                     Effect::None | Effect::Reset => bytes,
                 };
                 let errors = u64::from(bytes.first() == Some(&b'-'));
@@ -1307,6 +1339,11 @@ impl State {
                         ..
                     }
                 );
+            // Whether the request may write, when that matters: under CLIENT PAUSE, and in
+            // MULTI (for the EXEC).
+            let paused = self.client.clients().paused();
+            let in_multi = matches!(self.tx, Tx::Multi { .. });
+            let writes = (paused.is_some() || in_multi) && command::may_write(command, request);
             if self.sync && self.unresolved > 0 {
                 self.flush_run(&mut run_len, &mut run_count).await;
                 self.barrier = true;
@@ -1325,7 +1362,31 @@ impl State {
                     }
                 }
             }
+            if let Some(mode) = paused {
+                let write = mode == PauseMode::All
+                    || writes
+                    || (command.name() == "exec"
+                        && matches!(self.tx, Tx::Multi { writes: true, .. }));
+                if let Some(until) = self.client.clients().held(write) {
+                    // It waits, unparsed, for the pause to end (or for UNPAUSE).
+                    self.flush_run(&mut run_len, &mut run_count).await;
+                    let clients = self.client.clients().clone();
+                    self.pause = Some(Box::pin(async move { clients.wait(until).await }));
+                    break;
+                }
+            }
+            if let Tx::Multi {
+                writes: any,
+                queued,
+                ..
+            } = &mut self.tx
+            {
+                *any |= writes;
+                *queued += 1;
+                self.client.entry.set_multi(Some(*queued));
+            }
             self.current = command;
+            self.client.entry.command(command);
             if let Some(metrics) = &self.config.metrics {
                 metrics.command(command);
             }
@@ -1373,6 +1434,18 @@ impl State {
     /// Carries out one request that is not part of a plain forwarded run. `false` once the
     /// client must not be read any further.
     async fn execute(&mut self, action: Action, request: Bytes) -> bool {
+        let go_on = self.carry_out(action, request).await;
+        self.publish_state();
+        if self.client.entry.killed() {
+            // CLIENT KILL: of this very client (SKIPME no) its reply is written, then it
+            // closes; of another, the kill branch of the session closes it.
+            self.draining = true;
+            return false;
+        }
+        go_on
+    }
+
+    async fn carry_out(&mut self, action: Action, request: Bytes) -> bool {
         if let Action::Reject(error) = action {
             if let Tx::Multi { dirty, .. } = &mut self.tx {
                 *dirty = true;
@@ -1463,6 +1536,14 @@ impl State {
                         self.check_auth(auth, request).await;
                         return true;
                     }
+                    Effect::Send(unblock) => {
+                        self.owe();
+                        let suppress = self.take_suppress();
+                        let upstreams = self.client.upstreams();
+                        let rx = upstreams.control(unblock, upstreams.default_target());
+                        self.await_upstream(rx, Path::Control, suppress);
+                        return true;
+                    }
                     Effect::AuthFailed => self.auth_failed(),
                     Effect::None | Effect::Reset => {}
                 }
@@ -1546,7 +1627,7 @@ impl State {
             Action::Monitor => {
                 let (feed, inbox) = Feed::new(self.config.output_limit());
                 let identity = self.client.identity();
-                let rx = monitor::start(self.client.upstreams(), identity, inbox).await;
+                let rx = monitor::start(self.client.upstreams(), identity.as_ref(), inbox).await;
                 self.monitor = Some(feed);
                 self.owe();
                 self.await_confirmation(rx, Path::Monitor);
@@ -1586,6 +1667,10 @@ impl State {
                     // blocks on the client's own connection, which it holds already.
                     None
                 };
+                if blocking {
+                    let connection = lease.as_ref().or(self.held()).map(Lease::connection);
+                    self.client.entry.set_blocked_on(connection.cloned());
+                }
                 let batch = Batch {
                     frames: request,
                     count: 1,
@@ -1598,6 +1683,25 @@ impl State {
             }
         }
         true
+    }
+
+    /// Shows what CLIENT LIST shows of the client as it is after a command off the plain path
+    /// (the plain path changes none of it).
+    fn publish_state(&self) {
+        let entry = &self.client.entry;
+        entry.set_multi(match &self.tx {
+            Tx::Multi { queued, .. } => Some(*queued),
+            _ => None,
+        });
+        for (kind, count) in [
+            (Subscription::Channel, pubsub::Kind::Channel),
+            (Subscription::Pattern, pubsub::Kind::Pattern),
+            (Subscription::Shard, pubsub::Kind::Shard),
+        ] {
+            entry.set_subscriptions(kind, self.subs.len(count));
+        }
+        entry.set_flag(flag::PUBSUB, self.subs.active());
+        entry.set_flag(flag::MONITOR, self.monitor.is_some());
     }
 
     /// AUTH, or HELLO with AUTH, when Redis checks the credentials: `auth` goes on the
@@ -1645,6 +1749,8 @@ impl State {
                                 lease,
                                 dirty: false,
                                 db: None,
+                                writes: false,
+                                queued: 0,
                             }
                         } else {
                             Tx::Watching(lease)
@@ -1659,6 +1765,8 @@ impl State {
                     lease,
                     dirty: false,
                     db: None,
+                    writes: false,
+                    queued: 0,
                 };
                 self.forward_one(request, timeout, None).await;
             }
@@ -1759,7 +1867,10 @@ impl State {
         let hub = match &self.subs.hub {
             Some(hub) => hub.clone(),
             None => {
-                let hub = self.client.upstreams().pubsub(self.client.identity());
+                let hub = self
+                    .client
+                    .upstreams()
+                    .pubsub(self.client.identity().as_ref());
                 self.subs.hub = Some(hub.clone());
                 hub
             }
@@ -2130,6 +2241,17 @@ fn as_push(frame: Bytes) -> Bytes {
     let mut push = BytesMut::from(&frame[..]);
     push[0] = b'>';
     push.freeze()
+}
+
+/// Polls the wait for a CLIENT PAUSE to end; never ready without one.
+fn poll_pause(
+    pause: &mut Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    match pause {
+        Some(wait) => wait.as_mut().poll(cx),
+        None => Poll::Pending,
+    }
 }
 
 /// Waits for the oldest slot, which the caller guarantees is an upstream one.

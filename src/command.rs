@@ -6,7 +6,7 @@
 //! the client's own state, transactions and blocking commands get a pinned connection, and what
 //! is not implemented yet is refused with an error naming the command.
 
-use std::time::Duration;
+use std::{sync::OnceLock, time::Duration};
 
 use bytes::Bytes;
 
@@ -67,6 +67,26 @@ impl CommandId {
     pub const OTHER: CommandId = CommandId(TABLE.len() as u8);
     /// How many ids there are, `OTHER` included.
     pub const COUNT: usize = TABLE.len() + 1;
+
+    /// No command yet: CLIENT LIST's `cmd=NULL`. Not counted by the metrics.
+    pub const NONE: CommandId = CommandId(u8::MAX);
+
+    /// The id at `index` (see [`CommandId::index`]); [`CommandId::NONE`] past the table.
+    pub fn from_index(index: usize) -> CommandId {
+        match u8::try_from(index) {
+            Ok(index) if usize::from(index) < CommandId::COUNT => CommandId(index),
+            _ => CommandId::NONE,
+        }
+    }
+
+    /// The name, or `NULL` for [`CommandId::NONE`], as CLIENT LIST shows it.
+    pub fn name_or_null(self) -> &'static str {
+        if self == CommandId::NONE {
+            "NULL"
+        } else {
+            self.name()
+        }
+    }
 
     /// Every id, in index order.
     pub fn all() -> impl Iterator<Item = CommandId> {
@@ -331,6 +351,149 @@ const TABLE: [(&str, Kind); 241] = {
         ("zunionstore", Stateless),
     ]
 };
+
+/// The commands Redis 7.0 flags `write`, and those it flags `may_replicate` (EVAL, EVALSHA,
+/// FCALL, PUBLISH, SPUBLISH, PFCOUNT): what CLIENT PAUSE WRITE holds (Redis's
+/// `processCommand`). Container commands are decided by subcommand in [`may_write`].
+const WRITES: [&str; 105] = [
+    "append",
+    "bitfield",
+    "bitop",
+    "blmove",
+    "blmpop",
+    "blpop",
+    "brpop",
+    "brpoplpush",
+    "bzmpop",
+    "bzpopmax",
+    "bzpopmin",
+    "copy",
+    "decr",
+    "decrby",
+    "del",
+    "expire",
+    "expireat",
+    "flushall",
+    "flushdb",
+    "geoadd",
+    "georadius",
+    "georadiusbymember",
+    "geosearchstore",
+    "getdel",
+    "getex",
+    "getset",
+    "hdel",
+    "hincrby",
+    "hincrbyfloat",
+    "hmset",
+    "hset",
+    "hsetnx",
+    "incr",
+    "incrby",
+    "incrbyfloat",
+    "linsert",
+    "lmove",
+    "lmpop",
+    "lpop",
+    "lpush",
+    "lpushx",
+    "lrem",
+    "lset",
+    "ltrim",
+    "migrate",
+    "move",
+    "mset",
+    "msetnx",
+    "persist",
+    "pexpire",
+    "pexpireat",
+    "pfadd",
+    "pfdebug",
+    "pfmerge",
+    "psetex",
+    "rename",
+    "renamenx",
+    "restore",
+    "restore-asking",
+    "rpop",
+    "rpoplpush",
+    "rpush",
+    "rpushx",
+    "sadd",
+    "sdiffstore",
+    "set",
+    "setbit",
+    "setex",
+    "setnx",
+    "setrange",
+    "sinterstore",
+    "smove",
+    "sort",
+    "spop",
+    "srem",
+    "sunionstore",
+    "swapdb",
+    "unlink",
+    "xack",
+    "xadd",
+    "xautoclaim",
+    "xclaim",
+    "xdel",
+    "xreadgroup",
+    "xsetid",
+    "xtrim",
+    "zadd",
+    "zdiffstore",
+    "zincrby",
+    "zinterstore",
+    "zmpop",
+    "zpopmax",
+    "zpopmin",
+    "zrangestore",
+    "zrem",
+    "zremrangebylex",
+    "zremrangebyrank",
+    "zremrangebyscore",
+    "zunionstore",
+    "eval",
+    "evalsha",
+    "fcall",
+    "publish",
+    "spublish",
+    "pfcount",
+];
+
+/// Whether CLIENT PAUSE WRITE holds this request, as Redis 7.0 decides it for a command of
+/// its own: a `write` or `may_replicate` command or subcommand.
+pub fn may_write(id: CommandId, request: &[u8]) -> bool {
+    static WRITE: OnceLock<[bool; CommandId::COUNT]> = OnceLock::new();
+    let table = WRITE.get_or_init(|| {
+        let mut table = [false; CommandId::COUNT];
+        for name in WRITES {
+            table[lookup(name.as_bytes()).0.index()] = true;
+        }
+        table
+    });
+    if table.get(id.index()).copied().unwrap_or(false) {
+        return true;
+    }
+    let subcommands: &[&[u8]] = match id.name() {
+        "function" => &[b"delete", b"flush", b"load", b"restore"],
+        "xgroup" => &[
+            b"create",
+            b"createconsumer",
+            b"delconsumer",
+            b"destroy",
+            b"setid",
+        ],
+        "script" => &[b"flush", b"load"],
+        _ => return false,
+    };
+    let mut args = Args::new(request);
+    args.next();
+    args.next()
+        .is_some_and(|sub| subcommands.iter().any(|s| sub.eq_ignore_ascii_case(s)))
+}
 
 /// Longest name in [`TABLE`]: anything longer is not in it.
 const LONGEST: usize = 20;

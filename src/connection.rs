@@ -5,18 +5,15 @@
 //! to every other. So it lives here, per client, and what Redis must see of it (database and
 //! protocol) picks the shared upstream connection the client's commands go to.
 
-use std::{
-    fmt::Write,
-    net::{SocketAddr, SocketAddrV4},
-    sync::{Arc, OnceLock},
-    time::Instant,
-};
+use std::{fmt::Write, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+pub use crate::clients::Peer;
 use crate::{
     auth::{AuthError, Users},
+    clients::{flag, Clients, Entry, Filter, Login, Names, PauseMode},
     command::{c_string, error_reply, keyword_is, Profile},
     config::Secret,
     resp::encode_command,
@@ -36,104 +33,32 @@ pub enum ReplyMode {
     Skip,
 }
 
-/// Where the connection came from, for CLIENT INFO.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer {
-    pub addr: Option<SocketAddr>,
-    pub local: Option<SocketAddr>,
-}
-
-/// A client's addresses as its state keeps them: 16 bytes where a [`Peer`] takes 64, as every
-/// idle client carries them. Both ends of a TCP connection are of one family, and IPv4 fits
-/// inline; IPv6 is boxed.
-#[derive(Debug)]
-enum Addresses {
-    Unix,
-    V4 {
-        addr: SocketAddrV4,
-        local: SocketAddrV4,
-    },
-    Other(Box<Peer>),
-}
-
-impl Addresses {
-    fn new(peer: Peer) -> Self {
-        match peer {
-            Peer {
-                addr: None,
-                local: None,
-            } => Addresses::Unix,
-            Peer {
-                addr: Some(SocketAddr::V4(addr)),
-                local: Some(SocketAddr::V4(local)),
-            } => Addresses::V4 { addr, local },
-            other => Addresses::Other(Box::new(other)),
-        }
-    }
-
-    fn peer(&self) -> Peer {
-        match self {
-            Addresses::Unix => Peer {
-                addr: None,
-                local: None,
-            },
-            Addresses::V4 { addr, local } => Peer {
-                addr: Some(SocketAddr::V4(*addr)),
-                local: Some(SocketAddr::V4(*local)),
-            },
-            Addresses::Other(peer) => **peer,
-        }
-    }
-}
-
-/// What a client may say about itself, boxed: most clients set neither.
-#[derive(Debug, Default)]
-struct Names {
-    /// CLIENT SETNAME.
-    name: Option<Box<[u8]>>,
-    /// Who it logged in as, if anyone.
-    login: Option<Login>,
-}
-
-/// Who a client logged in as.
-#[derive(Debug)]
-enum Login {
-    /// A named user of `[auth]`, checked by redmux.
-    Local(Box<str>),
-    /// A Redis user, checked by Redis (no `[auth]`): its commands run as that user. `None`
-    /// when that is redmux's own login, whose connections it then shares.
-    Upstream(Box<str>, Option<Identity>),
-}
-
-/// Seconds on a clock that starts with the first client. CLIENT INFO's `age` needs no finer
-/// grain, and it takes 4 bytes per client where an `Instant` takes 16.
-fn clock() -> u32 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    u32::try_from(START.get_or_init(Instant::now).elapsed().as_secs()).unwrap_or(u32::MAX)
-}
-
-/// One client's connection state. Every idle client holds one, so it is kept small (72 bytes):
-/// what is rarely set is boxed, and the addresses are packed.
+/// One client's connection state. Every idle client holds one, so it is kept small (56
+/// bytes): what others may see of the client (CLIENT LIST) is in its [`Entry`].
 #[derive(Debug)]
 pub struct ClientState {
     pub id: u64,
     pub db: u32,
     pub resp3: bool,
     pub reply_mode: ReplyMode,
-    no_evict: bool,
-    addresses: Addresses,
-    /// When the client connected, on [`clock`].
-    since: u32,
-    /// The shared upstream actor for the current (db, protocol).
-    pub shared: mpsc::Sender<Request>,
-    upstreams: Upstreams,
-    users: Arc<Users>,
     /// The client may run commands: it has authenticated, or no password is required.
     pub authenticated: bool,
     /// Counts the client's moves from one shared connection to another: requests sent after
     /// a move take another path (see the session's barrier).
     pub moves: u32,
-    names: Option<Box<Names>>,
+    /// The shared upstream actor for the current (db, protocol).
+    pub shared: mpsc::Sender<Request>,
+    upstreams: Upstreams,
+    users: Arc<Users>,
+    /// What CLIENT LIST shows of this client; removed from `clients` when the state drops.
+    pub entry: Arc<Entry>,
+    clients: Arc<Clients>,
+}
+
+impl Drop for ClientState {
+    fn drop(&mut self) {
+        self.clients.remove(self.id);
+    }
 }
 
 /// What the session must do after a locally answered command.
@@ -142,6 +67,9 @@ pub enum Effect {
     None,
     /// RESET: drop any transaction or pinned connection as well.
     Reset,
+    /// CLIENT UNBLOCK of a client blocked upstream: send this request on a connection of its
+    /// own, as redmux, and pass its reply on.
+    Send(Bytes),
     /// AUTH failed (counted in the metrics).
     AuthFailed,
     /// No `[auth]`: Redis checks the credentials. Send this AUTH request on a connection that
@@ -154,27 +82,30 @@ pub enum Effect {
 pub type Checked<'a> = Option<&'a [u8]>;
 
 impl ClientState {
+    /// A new client, listed in `clients` for as long as its state lives.
     pub fn new(
         id: u64,
         peer: Peer,
         upstreams: Upstreams,
         users: Arc<Users>,
+        clients: Arc<Clients>,
     ) -> Result<Self, UpstreamError> {
         let target = upstreams.default_target();
+        let shared = upstreams.shared(&target, id)?;
+        let entry = clients.register(id, peer);
+        entry.set_target(target.db, target.resp3);
         Ok(ClientState {
             authenticated: !users.required(),
-            names: None,
             users,
             id,
             db: target.db,
             resp3: target.resp3,
             reply_mode: ReplyMode::On,
-            no_evict: false,
-            addresses: Addresses::new(peer),
-            since: clock(),
-            shared: upstreams.shared(&target, id)?,
+            shared,
             moves: 0,
             upstreams,
+            entry,
+            clients,
         })
     }
 
@@ -183,7 +114,7 @@ impl ClientState {
     /// to authenticate need not once no password is required. `false` if the client is logged
     /// in as a named user that no longer exists: it must be closed.
     pub fn set_users(&mut self, users: Arc<Users>) -> bool {
-        let exists = match self.names.as_ref().and_then(|names| names.login.as_ref()) {
+        let exists = match &self.entry.names().login {
             Some(Login::Local(user)) => users.exists(user),
             _ => true,
         };
@@ -192,47 +123,48 @@ impl ClientState {
         exists
     }
 
+    /// Every client of the server.
+    pub fn clients(&self) -> &Arc<Clients> {
+        &self.clients
+    }
+
     /// The upstream connections, for the session's pinned, pub/sub and MONITOR connections.
     pub fn upstreams(&self) -> &Upstreams {
         &self.upstreams
     }
 
-    /// The client's name (CLIENT SETNAME).
-    pub fn name(&self) -> Option<&[u8]> {
-        self.names.as_ref()?.name.as_deref()
-    }
-
-    /// The user the client's commands run as, as ACL WHOAMI and CLIENT INFO name it.
-    pub fn user(&self) -> &str {
-        match self.names.as_ref().and_then(|names| names.login.as_ref()) {
-            Some(Login::Local(user) | Login::Upstream(user, _)) => user,
-            None if self.users.pass_through() => self.upstreams.own_user(),
-            None => "default",
+    /// The user the commands of the client `entry` describes run as, as ACL WHOAMI and
+    /// CLIENT INFO name it.
+    fn user_of(&self, entry: &Entry) -> String {
+        match &entry.names().login {
+            Some(login) => login.user().to_owned(),
+            None if self.users.pass_through() => self.upstreams.own_user().to_owned(),
+            None => "default".to_owned(),
         }
     }
 
+    /// The user this client's commands run as.
+    pub fn user(&self) -> String {
+        self.user_of(&self.entry)
+    }
+
     /// The client's own Redis login, when its commands run as a user other than redmux's.
-    pub fn identity(&self) -> Option<&Identity> {
-        match self.names.as_ref()?.login.as_ref()? {
-            Login::Upstream(_, identity) => identity.as_ref(),
+    pub fn identity(&self) -> Option<Identity> {
+        match self.entry.names().login.as_ref()? {
+            Login::Upstream(_, identity) => identity.clone(),
             Login::Local(_) => None,
         }
     }
 
-    /// Sets the name or the login, keeping the box only while one of them is set.
     fn set_names(&mut self, set: impl FnOnce(&mut Names)) {
-        let mut names = self.names.take().unwrap_or_default();
-        set(&mut names);
-        if names.name.is_some() || names.login.is_some() {
-            self.names = Some(names);
-        }
+        set(&mut self.entry.names());
     }
 
     pub fn target(&self) -> Target {
         Target {
             db: self.db,
             resp3: self.resp3,
-            identity: self.identity().cloned(),
+            identity: self.identity(),
         }
     }
 
@@ -243,6 +175,7 @@ impl ClientState {
             self.db = target.db;
             self.resp3 = target.resp3;
             self.moves = self.moves.wrapping_add(1);
+            self.entry.set_target(target.db, target.resp3);
         }
         Ok(())
     }
@@ -268,7 +201,7 @@ impl ClientState {
             }
             b"client" => match args.next() {
                 None => arity("client"),
-                Some(sub) => self.client(sub, args),
+                Some(sub) => return self.client(sub, args),
             },
             // `ACL WHOAMI`, the only ACL subcommand answered here: the shared connection's
             // user is redmux's, not the client's.
@@ -433,12 +366,12 @@ impl ClientState {
         Ok(())
     }
 
-    fn client(&mut self, sub: &[u8], mut args: Args<'_>) -> Bytes {
+    fn client(&mut self, sub: &[u8], mut args: Args<'_>) -> (Bytes, Effect) {
         let lower = sub.to_ascii_lowercase();
         let argc = args.remaining();
-        match (lower.as_slice(), argc) {
+        let reply = match (lower.as_slice(), argc) {
             (b"id", 0) => Bytes::from(format!(":{}\r\n", self.id)),
-            (b"getname", 0) => match self.name() {
+            (b"getname", 0) => match self.entry.names().name.as_deref() {
                 Some(name) => bulk_bytes(name),
                 None => self.null(),
             },
@@ -447,13 +380,17 @@ impl ClientState {
                 _ => ok(),
             },
             (b"info", 0) => {
-                let line = self.info_line();
-                if self.resp3 {
-                    Bytes::from(format!("={}\r\ntxt:{line}\r\n", line.len() + 4))
-                } else {
-                    Bytes::from(format!("${}\r\n{line}\r\n", line.len()))
-                }
+                let user = self.user();
+                self.verbatim(&self.entry.describe(Some("client|info"), &user))
             }
+            (b"list", _) => self.list(args),
+            (b"kill", 1..) => return self.kill(args),
+            (b"pause", 1 | 2) => self.pause(args),
+            (b"unpause", 0) => {
+                self.clients.unpause();
+                ok()
+            }
+            (b"unblock", 1 | 2) => return self.unblock(args),
             (b"reply", 1) => {
                 let mode = args.next().map(<[u8]>::to_ascii_uppercase);
                 match mode.as_deref() {
@@ -479,70 +416,218 @@ impl ClientState {
                 match value.as_deref() {
                     Some(b"ON") | Some(b"OFF") => {
                         if lower == b"no-evict" {
-                            self.no_evict = value.as_deref() == Some(b"ON");
+                            let on = value.as_deref() == Some(b"ON");
+                            self.entry.set_flag(flag::NO_EVICT, on);
                         }
                         ok()
                     }
                     _ => error_reply("syntax error"),
                 }
             }
-            // Library name and version (Redis 7.2): accepted and kept out of the way.
+            // Library name and version (Redis 7.2): shown by CLIENT LIST.
             (b"setinfo", 2) => {
                 let attr = args.next().map(<[u8]>::to_ascii_uppercase);
+                let value = args.clone().next().unwrap_or_default();
                 match attr.as_deref() {
-                    Some(b"LIB-NAME") | Some(b"LIB-VER") => ok(),
+                    Some(attr @ (b"LIB-NAME" | b"LIB-VER")) => {
+                        let name = attr == b"LIB-NAME";
+                        self.set_names(|names| {
+                            let lib = names.lib.get_or_insert_with(Default::default);
+                            let slot = if name { &mut lib.0 } else { &mut lib.1 };
+                            *slot = Box::from(value);
+                        });
+                        ok()
+                    }
                     _ => {
-                        let attr = String::from_utf8_lossy(args.clone().next().unwrap_or_default());
+                        let attr = String::from_utf8_lossy(value);
                         error_reply(&format!("Unrecognized option '{attr}'"))
                     }
                 }
             }
-            (
-                b"list" | b"kill" | b"pause" | b"unpause" | b"tracking" | b"caching" | b"unblock"
-                | b"getredir" | b"trackinginfo",
-                _,
-            ) => error_reply(&format!(
+            (b"tracking" | b"caching" | b"getredir" | b"trackinginfo", _) => error_reply(&format!(
                 "redmux: CLIENT {} is not supported yet",
                 String::from_utf8_lossy(&lower).to_ascii_uppercase()
             )),
             (
                 b"id" | b"getname" | b"setname" | b"info" | b"reply" | b"no-evict" | b"no-touch"
-                | b"setinfo",
+                | b"setinfo" | b"kill" | b"pause" | b"unpause" | b"unblock",
                 _,
             ) => arity(&format!("client|{}", String::from_utf8_lossy(&lower))),
             _ => {
                 let sub = String::from_utf8_lossy(&sub[..sub.len().min(128)]);
                 error_reply(&format!("unknown subcommand '{sub}'. Try CLIENT HELP."))
             }
+        };
+        (reply, Effect::None)
+    }
+
+    /// Text as CLIENT INFO and LIST send it: a bulk string, or RESP3's verbatim string.
+    fn verbatim(&self, text: &str) -> Bytes {
+        if self.resp3 {
+            Bytes::from(format!("={}\r\ntxt:{text}\r\n", text.len() + 4))
+        } else {
+            Bytes::from(format!("${}\r\n{text}\r\n", text.len()))
         }
     }
 
-    /// The CLIENT INFO line, fields in Redis 7.0's order.
-    fn info_line(&self) -> String {
-        let name = self.name().map(String::from_utf8_lossy).unwrap_or_default();
-        let peer = self.addresses.peer();
-        let addr = peer.addr.map(|a| a.to_string()).unwrap_or_default();
-        let laddr = peer.local.map(|a| a.to_string()).unwrap_or_default();
-        let mut flags = String::new();
-        if peer.addr.is_none() {
-            flags.push('U');
+    /// `CLIENT LIST [TYPE type] [ID id ...]`, parsed as Redis 7.0's `clientCommand` parses it.
+    fn list(&self, mut args: Args<'_>) -> Bytes {
+        let mut filter = Filter::default();
+        let mut ids = None;
+        match (args.remaining(), args.next()) {
+            (0, _) => {}
+            (2, Some(option)) if keyword_is(option, b"type") => {
+                match client_type(args.next().unwrap_or_default()) {
+                    Ok(normal) => {
+                        filter.normal = normal;
+                        filter.nobody = normal.is_none();
+                    }
+                    Err(error) => return error,
+                }
+            }
+            (2.., Some(option)) if keyword_is(option, b"id") => {
+                // In the order given, repeats included, as Redis lists them.
+                let mut wanted = Vec::new();
+                for id in args {
+                    match parse_int(id) {
+                        Some(id) => wanted.push(u64::try_from(id).unwrap_or(0)),
+                        None => return error_reply("Invalid client ID"),
+                    }
+                }
+                ids = Some(wanted);
+            }
+            _ => return error_reply("syntax error"),
         }
-        if self.no_evict {
-            flags.push('e');
+        let entries = match &ids {
+            Some(ids) => ids.iter().filter_map(|id| self.clients.get(*id)).collect(),
+            None => self.clients.matching(&filter, |entry| self.user_of(entry)),
+        };
+        let mut text = String::new();
+        for entry in entries {
+            let cmd = (entry.id == self.id).then_some("client|list");
+            text.push_str(&entry.describe(cmd, &self.user_of(&entry)));
         }
-        if flags.is_empty() {
-            flags.push('N');
+        self.verbatim(&text)
+    }
+
+    /// `CLIENT KILL addr` or `CLIENT KILL <filter> <value> ...`, as Redis 7.0 reads them.
+    fn kill(&self, mut args: Args<'_>) -> (Bytes, Effect) {
+        let mut filter = Filter {
+            skip: Some(self.id),
+            ..Filter::default()
+        };
+        let old_form = args.remaining() == 1;
+        if old_form {
+            filter.skip = None;
+            filter.addr = Some(String::from_utf8_lossy(args.next().unwrap_or_default()).into());
         }
-        let age = clock().saturating_sub(self.since);
-        format!(
-            "id={} addr={addr} laddr={laddr} fd=-1 name={name} age={age} idle=0 flags={flags} db={} \
-             sub=0 psub=0 ssub=0 multi=-1 qbuf=0 qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 \
-             obl=0 oll=0 omem=0 tot-mem=0 events=r cmd=client|info user={} redir=-1 resp={}\n",
-            self.id,
-            self.db,
-            self.user(),
-            if self.resp3 { 3 } else { 2 }
-        )
+        while let Some(option) = args.next() {
+            let Some(value) = args.next() else {
+                return (error_reply("syntax error"), Effect::None);
+            };
+            let text = || String::from_utf8_lossy(value).into_owned();
+            if keyword_is(option, b"id") {
+                match parse_int(value).filter(|id| *id >= 1) {
+                    Some(id) => filter.ids = Some(vec![u64::try_from(id).unwrap_or(0)]),
+                    None => {
+                        let error = error_reply("client-id should be greater than 0");
+                        return (error, Effect::None);
+                    }
+                }
+            } else if keyword_is(option, b"type") {
+                match client_type(value) {
+                    Ok(normal) => {
+                        filter.normal = normal;
+                        filter.nobody |= normal.is_none();
+                    }
+                    Err(error) => return (error, Effect::None),
+                }
+            } else if keyword_is(option, b"addr") {
+                filter.addr = Some(text());
+            } else if keyword_is(option, b"laddr") {
+                filter.laddr = Some(text());
+            } else if keyword_is(option, b"user") {
+                let user = text();
+                let known =
+                    self.users.pass_through() || user == "default" || self.users.exists(&user);
+                if !known {
+                    let error = error_reply(&format!("No such user '{user}'"));
+                    return (error, Effect::None);
+                }
+                filter.user = Some(user);
+            } else if keyword_is(option, b"skipme") {
+                if keyword_is(value, b"yes") {
+                    filter.skip = Some(self.id);
+                } else if keyword_is(value, b"no") {
+                    filter.skip = None;
+                } else {
+                    return (error_reply("syntax error"), Effect::None);
+                }
+            } else {
+                return (error_reply("syntax error"), Effect::None);
+            }
+        }
+        let killed = self.clients.matching(&filter, |entry| self.user_of(entry));
+        for entry in &killed {
+            entry.kill();
+        }
+        let reply = match (old_form, killed.len()) {
+            (true, 0) => error_reply("No such client"),
+            (true, _) => ok(),
+            (false, n) => Bytes::from(format!(":{n}\r\n")),
+        };
+        (reply, Effect::None)
+    }
+
+    /// `CLIENT PAUSE timeout [WRITE|ALL]`: redmux holds its own clients' requests; Redis and
+    /// its direct clients are not paused.
+    fn pause(&self, mut args: Args<'_>) -> Bytes {
+        let timeout = args.next().unwrap_or_default();
+        let millis = match parse_int(timeout) {
+            None => return error_reply("timeout is not an integer or out of range"),
+            Some(ms) if ms < 0 => return error_reply("timeout is negative"),
+            Some(ms) => ms,
+        };
+        let mode = match args.next() {
+            None => PauseMode::All,
+            Some(mode) if keyword_is(mode, b"write") => PauseMode::Write,
+            Some(mode) if keyword_is(mode, b"all") => PauseMode::All,
+            Some(_) => return error_reply("CLIENT PAUSE mode must be WRITE or ALL"),
+        };
+        let millis = u64::try_from(millis).unwrap_or(0);
+        self.clients.pause(Duration::from_millis(millis), mode);
+        ok()
+    }
+
+    /// `CLIENT UNBLOCK id [TIMEOUT|ERROR]`: a client blocked on its pinned connection is
+    /// unblocked there, by Redis, which then answers it exactly as it would answer a client of
+    /// its own; Redis's reply (`:1`, or `:0` if it was not blocked after all) is the answer.
+    fn unblock(&self, mut args: Args<'_>) -> (Bytes, Effect) {
+        let Some(id) = args.next().and_then(parse_int) else {
+            let error = error_reply("value is not an integer or out of range");
+            return (error, Effect::None);
+        };
+        let mode = match args.next() {
+            None => None,
+            Some(mode) if keyword_is(mode, b"timeout") => Some(&b"TIMEOUT"[..]),
+            Some(mode) if keyword_is(mode, b"error") => Some(&b"ERROR"[..]),
+            Some(_) => {
+                let error = error_reply("CLIENT UNBLOCK reason should be TIMEOUT or ERROR");
+                return (error, Effect::None);
+            }
+        };
+        let connection = u64::try_from(id)
+            .ok()
+            .and_then(|id| self.clients.get(id))
+            .and_then(|entry| entry.blocked_on())
+            .unwrap_or(0);
+        if connection == 0 {
+            return (Bytes::from_static(b":0\r\n"), Effect::None);
+        }
+        let connection = connection.to_string();
+        let mut request: Vec<&[u8]> = vec![b"CLIENT", b"UNBLOCK", connection.as_bytes()];
+        request.extend(mode);
+        (Bytes::new(), Effect::Send(encode_command(request)))
     }
 
     /// `AUTH password` or `AUTH user password`, as Redis 7 answers them.
@@ -635,7 +720,10 @@ impl ClientState {
             // The default target always has its actors; this cannot fail in practice.
             return error_reply("redmux: cannot reset the connection");
         }
-        self.names = None;
+        self.set_names(|names| {
+            names.name = None;
+            names.login = None;
+        });
         self.reply_mode = ReplyMode::On;
         self.authenticated = !self.users.required();
         Bytes::from_static(b"+RESET\r\n")
@@ -671,4 +759,19 @@ fn bulk_bytes(payload: &[u8]) -> Bytes {
     out.extend_from_slice(payload);
     out.extend_from_slice(b"\r\n");
     Bytes::from(out)
+}
+
+/// A CLIENT LIST / KILL `TYPE`: `Some(true)` normal, `Some(false)` pubsub, `None` master or
+/// replica (no redmux client is one).
+fn client_type(name: &[u8]) -> Result<Option<bool>, Bytes> {
+    let lower = c_string(name).to_ascii_lowercase();
+    match lower.as_slice() {
+        b"normal" => Ok(Some(true)),
+        b"pubsub" => Ok(Some(false)),
+        b"master" | b"replica" | b"slave" => Ok(None),
+        _ => Err(error_reply(&format!(
+            "Unknown client type '{}'",
+            String::from_utf8_lossy(c_string(name))
+        ))),
+    }
 }

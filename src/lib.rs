@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod auth;
 pub mod client;
+pub mod clients;
 pub mod cluster;
 pub mod command;
 pub mod config;

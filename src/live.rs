@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    auth::Users, client::SessionConfig, config::Config, metrics::Metrics, resp::Limits,
-    server::ServerError, upstream::Upstreams,
+    auth::Users, client::SessionConfig, clients::Clients, config::Config, metrics::Metrics,
+    resp::Limits, server::ServerError, upstream::Upstreams,
 };
 
 /// Keys a reload cannot apply: the listeners (TLS ones with their certificate) are bound once,
@@ -60,6 +60,8 @@ pub struct Live {
     pub users: Arc<Users>,
     /// Where new clients' commands go.
     pub upstreams: Upstreams,
+    /// Every client of the server: the same registry across reloads.
+    pub clients: Arc<Clients>,
     /// Cancelled when these settings are replaced, and at shutdown (it is a child of the
     /// server's stop token): it wakes every session holding them.
     pub superseded: CancellationToken,
@@ -69,6 +71,7 @@ impl Live {
     fn new(
         config: Config,
         upstreams: Upstreams,
+        clients: Arc<Clients>,
         metrics: &Arc<Metrics>,
         stop: &CancellationToken,
     ) -> Live {
@@ -91,6 +94,7 @@ impl Live {
             users: Arc::new(Users::new(&config.auth)),
             config: Arc::new(config),
             upstreams,
+            clients,
             superseded: stop.child_token(),
         }
     }
@@ -103,6 +107,8 @@ pub struct Reloader {
     tx: Arc<watch::Sender<Arc<Live>>>,
     /// Counts across reloads: every set of settings records into it.
     metrics: Arc<Metrics>,
+    /// The server's clients, across reloads.
+    clients: Arc<Clients>,
     /// The server's stop token: the parent of every `superseded`.
     stop: CancellationToken,
     /// Stops embedded stores at the very end.
@@ -118,11 +124,13 @@ impl Reloader {
         stop: CancellationToken,
         upstream_shutdown: CancellationToken,
     ) -> Reloader {
-        let live = Live::new(config, upstreams, &metrics, &stop);
+        let clients = Arc::new(Clients::default());
+        let live = Live::new(config, upstreams, clients.clone(), &metrics, &stop);
         let (tx, _) = watch::channel(Arc::new(live));
         Reloader {
             tx: Arc::new(tx),
             metrics,
+            clients,
             stop,
             upstream_shutdown,
         }
@@ -179,7 +187,13 @@ impl Reloader {
             current.upstreams.clone()
         };
         info!(changed = %applied.join(", "), "configuration reloaded");
-        let live = Live::new(config, upstreams, &self.metrics, &self.stop);
+        let live = Live::new(
+            config,
+            upstreams,
+            self.clients.clone(),
+            &self.metrics,
+            &self.stop,
+        );
         self.tx.send_replace(Arc::new(live));
         current.superseded.cancel();
         Ok(applied)

@@ -422,6 +422,7 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
             Peer { addr: peer, local },
             live.upstreams.clone(),
             live.users.clone(),
+            live.clients.clone(),
         ) {
             Ok(client) => client,
             Err(error) => {

@@ -235,7 +235,6 @@ async fn unsupported_commands_are_refused_and_never_forwarded() {
         (&["REPLICAOF", "NO", "ONE"], "REPLICAOF"),
         (&["REPLCONF", "ACK", "0"], "REPLCONF"),
         (&["SCRIPT", "DEBUG", "YES"], "SCRIPT DEBUG"),
-        (&["CLIENT", "LIST"], "CLIENT LIST"),
         (&["CLIENT", "TRACKING", "ON"], "CLIENT TRACKING"),
     ];
     for (args, name) in refused {

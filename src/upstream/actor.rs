@@ -26,7 +26,7 @@ use tokio::{
 use tracing::{debug, info, warn, Instrument};
 
 use super::{
-    connect::{connect, ConnectError, Reader, Writer},
+    connect::{open, ConnectError, Reader, Writer},
     ActorSnapshot, Budget, Endpoint, Replies, Reply, Request, Setup, Target, Timeouts,
     UpstreamError,
 };
@@ -79,7 +79,13 @@ pub(super) struct Config {
     /// Connected shared connections of the default target, for `/health`: present for those
     /// connections only.
     pub health: Option<watch::Sender<usize>>,
+    /// Where a pinned connection publishes the id Redis gives it (see [`ConnectionId`]).
+    pub connection_id: Option<ConnectionId>,
 }
+
+/// The id Redis gives a pinned connection (CLIENT ID), once it is connected; 0 before, or if
+/// Redis would not say. CLIENT UNBLOCK names a blocked client's connection by it.
+pub type ConnectionId = Arc<AtomicU64>;
 
 /// What an actor shows of itself to `/status` and `/metrics`: written by the actor alone (plain
 /// stores, once per turn of its loop), read at any time.
@@ -179,7 +185,14 @@ impl Actor {
         loop {
             let config = self.config.clone();
             let attempt = async move {
-                connect(&config.endpoint, config.setup, config.timeouts.connect).await
+                let identify = config.connection_id.is_some();
+                let timeout = config.timeouts.connect;
+                let (reader, writer, id) =
+                    open(&config.endpoint, config.setup, timeout, identify).await?;
+                if let (Some(cell), Some(id)) = (&config.connection_id, id) {
+                    cell.store(id, Relaxed);
+                }
+                Ok::<_, ConnectError>((reader, writer))
             };
             let result = match self.while_disconnected(attempt).await {
                 Some(result) => result,

@@ -61,10 +61,30 @@ pub async fn connect(
     setup: Setup,
     timeout: Duration,
 ) -> Result<(Reader, Writer), ConnectError> {
+    let (reader, writer, _) = open(endpoint, setup, timeout, false).await?;
+    Ok((reader, writer))
+}
+
+/// [`connect`], and, if `identify`, the id Redis gives the connection (CLIENT ID), which
+/// CLIENT UNBLOCK names it by: `None` if Redis would not say (the user may not run CLIENT ID).
+pub async fn open(
+    endpoint: &Endpoint,
+    setup: Setup,
+    timeout: Duration,
+    identify: bool,
+) -> Result<(Reader, Writer, Option<u64>), ConnectError> {
     tokio::time::timeout(timeout, async {
         let (mut reader, mut writer) = dial(endpoint).await?;
-        handshake(&login(endpoint, setup), &mut reader, &mut writer).await?;
-        Ok((reader, writer))
+        let mut steps = login(endpoint, setup);
+        if identify {
+            steps.push(Step {
+                name: "CLIENT ID",
+                request: encode_command([&b"CLIENT"[..], b"ID"]),
+                expect: Expect::Id,
+            });
+        }
+        let id = handshake(&steps, &mut reader, &mut writer).await?;
+        Ok((reader, writer, id))
     })
     .await
     .map_err(|_| ConnectError::Timeout(timeout))?
@@ -120,6 +140,8 @@ pub enum Expect {
     Exact(&'static [u8]),
     /// Any RESP3 map (the reply to HELLO 3).
     Map,
+    /// Anything: an integer is the connection's id, anything else means it is not known.
+    Id,
 }
 
 impl Expect {
@@ -127,6 +149,7 @@ impl Expect {
         match self {
             Expect::Exact(bytes) => reply == bytes,
             Expect::Map => reply.first() == Some(&b'%'),
+            Expect::Id => true,
         }
     }
 }
@@ -180,14 +203,14 @@ fn login(endpoint: &Endpoint, setup: Setup) -> Vec<Step> {
     steps
 }
 
-/// Sends every step pipelined and checks each reply.
+/// Sends every step pipelined and checks each reply; the id an [`Expect::Id`] step got.
 async fn handshake(
     steps: &[Step],
     reader: &mut Reader,
     writer: &mut Writer,
-) -> Result<(), ConnectError> {
+) -> Result<Option<u64>, ConnectError> {
     if steps.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     for step in steps {
         writer.write_all(&step.request).await?;
@@ -195,6 +218,7 @@ async fn handshake(
     writer.flush().await?;
     let mut buf = BytesMut::with_capacity(256);
     let mut scanner = ReplyScanner::new();
+    let mut id = None;
     for step in steps {
         let reply = read_reply(reader, &mut buf, &mut scanner).await?;
         if !step.expect.accepts(&reply) {
@@ -207,8 +231,13 @@ async fn handshake(
                 reply,
             });
         }
+        if let Expect::Id = step.expect {
+            id = std::str::from_utf8(&reply)
+                .ok()
+                .and_then(|text| text.strip_prefix(':')?.trim_end().parse().ok());
+        }
     }
-    Ok(())
+    Ok(id)
 }
 
 /// Reads the next whole reply from `reader`, buffering in `buf`.

@@ -25,6 +25,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+pub use actor::ConnectionId;
 pub use address::{Address, Credentials, Endpoint, Identity};
 pub use connect::{connect, ConnectError, Reader, Setup, Writer};
 pub use pool::Lease;
@@ -448,7 +449,7 @@ impl Upstreams {
                     db: 0,
                     ..self.default_target()
                 };
-                self.spawn_actor(id, target, actor::Role::Shared, rx);
+                self.spawn_actor(id, target, actor::Role::Shared, rx, None);
                 tx
             })
             .clone()
@@ -494,6 +495,7 @@ impl Upstreams {
                     target.clone(),
                     actor::Role::Shared,
                     rx,
+                    None,
                 );
                 tx
             })
@@ -587,6 +589,7 @@ impl Upstreams {
         target: Target,
         role: actor::Role,
         rx: mpsc::Receiver<Request>,
+        connection_id: Option<actor::ConnectionId>,
     ) {
         let inner = &self.inner;
         let stats = Arc::new(actor::Stats::new(id, role, &target));
@@ -609,6 +612,7 @@ impl Upstreams {
             stats,
             metrics: inner.metrics.clone(),
             health,
+            connection_id,
         };
         actor::spawn(config, rx);
     }

@@ -13,7 +13,7 @@ use std::sync::{
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    actor::Role,
+    actor::{ConnectionId, Role},
     call,
     connect::{self, Expect, Setup, Step},
     Request, Target, UpstreamError, Upstreams,
@@ -28,7 +28,7 @@ const FIRST_PINNED_ID: usize = 10_000;
 #[derive(Debug)]
 pub(super) struct Pool {
     /// Clean connections (db 0, RESP2, logged in), most recently used last.
-    idle: Mutex<Vec<mpsc::Sender<Request>>>,
+    idle: Mutex<Vec<(mpsc::Sender<Request>, ConnectionId)>>,
     /// Slots not leased.
     slots: Arc<Semaphore>,
     /// `max_pinned`: the slots there are.
@@ -62,12 +62,12 @@ impl Pool {
         self.max
     }
 
-    fn take_idle(&self) -> Option<mpsc::Sender<Request>> {
+    fn take_idle(&self) -> Option<(mpsc::Sender<Request>, ConnectionId)> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         // A connection that died while idle has closed its channel.
-        while let Some(sender) = idle.pop() {
+        while let Some((sender, id)) = idle.pop() {
             if !sender.is_closed() {
-                return Some(sender);
+                return Some((sender, id));
             }
         }
         None
@@ -85,6 +85,7 @@ pub struct Lease {
     /// previous path.)
     id: u32,
     sender: mpsc::Sender<Request>,
+    connection: ConnectionId,
     _slot: OwnedSemaphorePermit,
     upstreams: Upstreams,
 }
@@ -94,13 +95,14 @@ static NEXT_LEASE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::
 
 impl Lease {
     fn new(
-        sender: mpsc::Sender<Request>,
+        (sender, connection): (mpsc::Sender<Request>, ConnectionId),
         slot: OwnedSemaphorePermit,
         upstreams: &Upstreams,
     ) -> Lease {
         Lease {
             id: NEXT_LEASE.fetch_add(1, Ordering::Relaxed),
             sender,
+            connection,
             _slot: slot,
             upstreams: upstreams.clone(),
         }
@@ -109,6 +111,11 @@ impl Lease {
     /// This lease, told apart from every other.
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// The id Redis gives the connection, once connected (see [`ConnectionId`]).
+    pub fn connection(&self) -> &ConnectionId {
+        &self.connection
     }
 
     /// Where the client's requests go while it holds the lease.
@@ -147,7 +154,7 @@ impl Lease {
                 }
             }
             let mut idle = inner.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-            idle.push(self.sender.clone());
+            idle.push((self.sender.clone(), self.connection.clone()));
         }
     }
 }
@@ -174,8 +181,8 @@ pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lea
         let cleaned = inner.pool.cleaned.notified();
         tokio::pin!(cleaned);
         cleaned.as_mut().enable();
-        if let Some(sender) = inner.pool.take_idle() {
-            break Some(sender);
+        if let Some(idle) = inner.pool.take_idle() {
+            break Some(idle);
         }
         if inner.pool.cleaning.load(Ordering::Acquire) == 0 {
             break None;
@@ -187,11 +194,12 @@ pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lea
             break None;
         }
     };
-    let Some(sender) = idle else {
+    let Some((sender, connection)) = idle else {
         let (sender, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let id = inner.pool.next_id.fetch_add(1, Ordering::Relaxed);
-        upstreams.spawn_actor(id, target, Role::Pinned, rx);
-        return Ok(Lease::new(sender, slot, upstreams));
+        let connection = ConnectionId::default();
+        upstreams.spawn_actor(id, target, Role::Pinned, rx, Some(connection.clone()));
+        return Ok(Lease::new((sender, connection), slot, upstreams));
     };
     let setup = Setup {
         db: target.db,
@@ -210,5 +218,5 @@ pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lea
             _ => return Err(UpstreamError::ConnectionLost),
         }
     }
-    Ok(Lease::new(sender, slot, upstreams))
+    Ok(Lease::new((sender, connection), slot, upstreams))
 }
