@@ -134,7 +134,8 @@ pub enum Subscription {
     Shard = 2,
 }
 
-/// One client, as CLIENT LIST shows it.
+/// One client, as CLIENT LIST shows it. Every idle client has one, so it is kept small (96
+/// bytes): what is rarely set is boxed.
 #[derive(Debug)]
 pub struct Entry {
     pub id: u64,
@@ -143,21 +144,28 @@ pub struct Entry {
     since: u32,
     /// When it last sent a command, on [`clock`].
     last: AtomicU32,
-    pub names: Mutex<Names>,
     db: AtomicU32,
+    /// Commands queued in MULTI, or -1.
+    multi: AtomicI32,
+    subs: [AtomicU32; 3],
     resp3: AtomicBool,
     /// The last command's [`CommandId`] index.
     cmd: AtomicU8,
     flags: AtomicU8,
-    subs: [AtomicU32; 3],
-    /// Commands queued in MULTI, or -1.
-    multi: AtomicI32,
-    /// The pinned connection a blocking command of this client waits on, if it waits: CLIENT
-    /// UNBLOCK unblocks it by its Redis client id.
-    blocked_on: Mutex<Option<ConnectionId>>,
     killed: AtomicBool,
+    /// Present once something rarely set is.
+    cold: Mutex<Option<Box<Cold>>>,
     /// The session's task, woken when the client is killed.
     waker: Mutex<Option<Waker>>,
+}
+
+/// What most clients never set.
+#[derive(Debug, Default)]
+struct Cold {
+    names: Names,
+    /// The pinned connection a blocking command of this client waits on, if it waits: CLIENT
+    /// UNBLOCK unblocks it by its Redis client id.
+    blocked_on: Option<ConnectionId>,
 }
 
 impl Entry {
@@ -168,21 +176,33 @@ impl Entry {
             addresses: Addresses::new(peer),
             since: now,
             last: AtomicU32::new(now),
-            names: Mutex::default(),
             db: AtomicU32::new(0),
             resp3: AtomicBool::new(false),
             cmd: AtomicU8::new(CommandId::NONE.index() as u8),
             flags: AtomicU8::new(0),
             subs: Default::default(),
             multi: AtomicI32::new(-1),
-            blocked_on: Mutex::new(None),
+            cold: Mutex::new(None),
             killed: AtomicBool::new(false),
             waker: Mutex::new(None),
         }
     }
 
-    pub fn names(&self) -> std::sync::MutexGuard<'_, Names> {
-        self.names.lock().unwrap_or_else(|e| e.into_inner())
+    fn cold(&self) -> std::sync::MutexGuard<'_, Option<Box<Cold>>> {
+        self.cold.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the client's names and login.
+    pub fn names<R>(&self, read: impl FnOnce(&Names) -> R) -> R {
+        match self.cold().as_deref() {
+            Some(cold) => read(&cold.names),
+            None => read(&Names::default()),
+        }
+    }
+
+    /// Changes the client's names or login.
+    pub fn set_names(&self, set: impl FnOnce(&mut Names)) {
+        set(&mut self.cold().get_or_insert_with(Box::default).names);
     }
 
     pub fn peer(&self) -> Peer {
@@ -229,14 +249,25 @@ impl Entry {
 
     /// The client waits on a blocking command on `connection` (`None`: it no longer waits).
     pub fn set_blocked_on(&self, connection: Option<ConnectionId>) {
-        *self.blocked_on.lock().unwrap_or_else(|e| e.into_inner()) = connection;
+        let mut cold = self.cold();
+        match (cold.as_mut(), connection) {
+            (Some(cold), connection) => cold.blocked_on = connection,
+            (None, None) => {}
+            (None, connection) => {
+                *cold = Some(Box::new(Cold {
+                    blocked_on: connection,
+                    ..Cold::default()
+                }))
+            }
+        }
     }
 
     /// Whether it waits on a blocking command, and the Redis client id of the connection it
     /// waits on (0 if Redis would not tell it).
     pub fn blocked_on(&self) -> Option<u64> {
-        let connection = self.blocked_on.lock().unwrap_or_else(|e| e.into_inner());
-        connection.as_ref().map(|id| id.load(Relaxed))
+        let cold = self.cold();
+        let connection = cold.as_ref()?.blocked_on.as_ref()?;
+        Some(connection.load(Relaxed))
     }
 
     fn pubsub(&self) -> bool {
@@ -309,12 +340,12 @@ impl Entry {
         let now = clock();
         let age = now.saturating_sub(self.since);
         let idle = now.saturating_sub(self.last.load(Relaxed));
-        let names = self.names();
-        let name = names
-            .name
-            .as_deref()
-            .map(String::from_utf8_lossy)
-            .unwrap_or_default();
+        let (name, lib) = self.names(|names| {
+            let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+            let name = names.name.as_deref().map(text).unwrap_or_default();
+            let lib = names.lib.as_ref().map(|lib| (text(&lib.0), text(&lib.1)));
+            (name, lib)
+        });
         let command = cmd.unwrap_or_else(|| {
             CommandId::from_index(usize::from(self.cmd.load(Relaxed))).name_or_null()
         });
@@ -329,13 +360,8 @@ impl Entry {
             self.multi.load(Relaxed),
             if self.resp3.load(Relaxed) { 3 } else { 2 }
         );
-        if let Some(lib) = &names.lib {
-            let _ = write!(
-                line,
-                " lib-name={} lib-ver={}",
-                String::from_utf8_lossy(&lib.0),
-                String::from_utf8_lossy(&lib.1)
-            );
+        if let Some((name, version)) = lib {
+            let _ = write!(line, " lib-name={name} lib-ver={version}");
         }
         line.push('\n');
         line
@@ -514,5 +540,32 @@ impl Clients {
             () = tokio::time::sleep_until(until.into()) => {}
             () = unpaused => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every idle client holds an entry (in an `Arc`, and in the registry's map): what is
+    /// rarely set stays boxed, so it fits 96 bytes.
+    #[test]
+    fn an_entry_is_small() {
+        let size = std::mem::size_of::<Entry>();
+        assert!(size <= 96, "an entry is {size} bytes");
+    }
+
+    #[test]
+    fn a_pause_extends_and_never_weakens() {
+        let clients = Clients::default();
+        assert_eq!(clients.held(true), None);
+        clients.pause(Duration::from_secs(60), PauseMode::All);
+        clients.pause(Duration::from_millis(1), PauseMode::Write);
+        assert_eq!(clients.paused(), Some(PauseMode::All), "not weakened");
+        assert!(clients.held(false).is_some(), "ALL holds reads too");
+        clients.unpause();
+        assert_eq!(clients.held(true), None);
+        clients.pause(Duration::ZERO, PauseMode::Write);
+        assert_eq!(clients.held(true), None, "over by itself");
     }
 }

@@ -166,6 +166,63 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// `[server.tls]`: TLS listeners, besides the plain ones.
     pub tls: Option<ServerTlsConfig>,
+    /// Threads that serve clients: a number, or `"auto"`.
+    #[serde(deserialize_with = "threads")]
+    pub threads: Threads,
+}
+
+/// How many threads serve clients (`server.threads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Threads {
+    /// One on a machine of one or two cores (a second thread there only takes a core from
+    /// Redis and the clients), else one per core redmux may run on.
+    #[default]
+    Auto,
+    Count(std::num::NonZeroUsize),
+}
+
+impl Threads {
+    /// The number of threads this stands for on this machine.
+    pub fn count(self) -> usize {
+        match self {
+            Threads::Count(n) => n.get(),
+            Threads::Auto => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                if cores <= 2 {
+                    1
+                } else {
+                    cores
+                }
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Threads {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "auto" {
+            return Ok(Threads::Auto);
+        }
+        text.parse()
+            .map(Threads::Count)
+            .map_err(|_| format!("{text:?} is not a number of threads (1 or more) or \"auto\""))
+    }
+}
+
+fn threads<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Threads, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+    let text = match Raw::deserialize(deserializer)? {
+        Raw::Number(n) => n.to_string(),
+        Raw::Text(text) => text,
+    };
+    text.parse().map_err(serde::de::Error::custom)
 }
 
 /// `[server.tls]`: clients that connect to these addresses speak TLS.
@@ -198,6 +255,7 @@ impl Default for ServerConfig {
             client_idle_timeout: Duration::ZERO,
             shutdown_grace: Duration::from_secs(5),
             tls: None,
+            threads: Threads::Auto,
         }
     }
 }
@@ -355,6 +413,7 @@ pub struct Overrides {
     pub listen: Vec<String>,
     pub upstream: Option<String>,
     pub log_level: Option<String>,
+    pub threads: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -493,6 +552,12 @@ impl Config {
                         message: without_password(upstream, message),
                     })?;
         }
+        if let Some(threads) = &overrides.threads {
+            self.server.threads = threads.parse().map_err(|message| ConfigError::Flag {
+                flag: "--threads",
+                message,
+            })?;
+        }
         if let Some(level) = &overrides.log_level {
             check_log_level(level).map_err(|message| ConfigError::Flag {
                 flag: "--log-level",
@@ -608,7 +673,7 @@ impl Config {
         }
         compare!(server: listen, unix_socket, unix_socket_mode, max_clients, max_pipeline,
             max_bulk_len, max_multibulk_len, client_query_limit, client_output_limit,
-            client_idle_timeout, shutdown_grace, tls);
+            client_idle_timeout, shutdown_grace, tls, threads);
         compare!(upstream: address, connections, connect_timeout, request_timeout, username,
             password, db, databases, max_pinned, max_shared, allow_monitor, tls);
         compare!(auth: password, users);
@@ -622,6 +687,11 @@ impl Config {
         let endpoint = self.upstream.endpoint();
         let listen: Vec<String> = self.server.listen.iter().map(ToString::to_string).collect();
         let mut out = format!("listen: {}\n", listen.join(", "));
+        let threads = self.server.threads;
+        out += &match threads {
+            Threads::Auto => format!("threads: {} (auto)\n", threads.count()),
+            Threads::Count(n) => format!("threads: {n}\n"),
+        };
         if let Some(path) = &self.server.unix_socket {
             out += &format!(
                 "unix_socket: {} (mode {:04o})\n",
@@ -1312,7 +1382,7 @@ mod tests {
                 "{name}:2:1: unknown field `bogus`, expected one of `listen`, `unix_socket`, \
                  `unix_socket_mode`, `max_clients`, `max_pipeline`, `max_bulk_len`, \
                  `max_multibulk_len`, `client_query_limit`, `client_output_limit`, \
-                 `client_idle_timeout`, `shutdown_grace`, `tls`; in `server`"
+                 `client_idle_timeout`, `shutdown_grace`, `tls`, `threads`; in `server`"
             )
         );
         std::fs::write(
@@ -1453,8 +1523,18 @@ mod tests {
             listen: vec!["127.0.0.1:9999".into()],
             upstream: Some("127.0.0.1:7777".into()),
             log_level: Some("warn".into()),
+            threads: Some("3".into()),
         };
         let config = load_text("[server]\nlisten = \"127.0.0.1:1\"\n", &overrides).unwrap();
+        assert_eq!(config.server.threads.count(), 3);
+        let auto = load_text("[server]\nthreads = \"auto\"\n", &Overrides::default()).unwrap();
+        assert_eq!(auto.server.threads, Threads::Auto);
+        let four = load_text("[server]\nthreads = 4\n", &Overrides::default()).unwrap();
+        assert_eq!(four.server.threads.count(), 4);
+        for bad in ["threads = 0", "threads = \"many\"", "threads = -1"] {
+            let err = load_text(&format!("[server]\n{bad}\n"), &Overrides::default());
+            assert!(err.unwrap_err().to_string().contains("threads"), "{bad}");
+        }
         assert_eq!(
             config.server.listen,
             vec!["127.0.0.1:9999".parse().unwrap()]

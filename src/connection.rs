@@ -114,10 +114,10 @@ impl ClientState {
     /// to authenticate need not once no password is required. `false` if the client is logged
     /// in as a named user that no longer exists: it must be closed.
     pub fn set_users(&mut self, users: Arc<Users>) -> bool {
-        let exists = match &self.entry.names().login {
+        let exists = self.entry.names(|names| match &names.login {
             Some(Login::Local(user)) => users.exists(user),
             _ => true,
-        };
+        });
         self.authenticated |= !users.required();
         self.users = users;
         exists
@@ -136,8 +136,9 @@ impl ClientState {
     /// The user the commands of the client `entry` describes run as, as ACL WHOAMI and
     /// CLIENT INFO name it.
     fn user_of(&self, entry: &Entry) -> String {
-        match &entry.names().login {
-            Some(login) => login.user().to_owned(),
+        let login = entry.names(|names| names.login.as_ref().map(|l| l.user().to_owned()));
+        match login {
+            Some(user) => user,
             None if self.users.pass_through() => self.upstreams.own_user().to_owned(),
             None => "default".to_owned(),
         }
@@ -150,14 +151,14 @@ impl ClientState {
 
     /// The client's own Redis login, when its commands run as a user other than redmux's.
     pub fn identity(&self) -> Option<Identity> {
-        match self.entry.names().login.as_ref()? {
+        self.entry.names(|names| match names.login.as_ref()? {
             Login::Upstream(_, identity) => identity.clone(),
             Login::Local(_) => None,
-        }
+        })
     }
 
     fn set_names(&mut self, set: impl FnOnce(&mut Names)) {
-        set(&mut self.entry.names());
+        self.entry.set_names(set);
     }
 
     pub fn target(&self) -> Target {
@@ -371,10 +372,10 @@ impl ClientState {
         let argc = args.remaining();
         let reply = match (lower.as_slice(), argc) {
             (b"id", 0) => Bytes::from(format!(":{}\r\n", self.id)),
-            (b"getname", 0) => match self.entry.names().name.as_deref() {
-                Some(name) => bulk_bytes(name),
-                None => self.null(),
-            },
+            (b"getname", 0) => self
+                .entry
+                .names(|names| names.name.as_deref().map(bulk_bytes))
+                .unwrap_or_else(|| self.null()),
             (b"setname", 1) => match args.next().map(|name| self.set_name(name)) {
                 Some(Err(error)) => error,
                 _ => ok(),

@@ -30,6 +30,7 @@ pub mod resp;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 pub use config::Config;
 pub use server::{Server, ServerError};

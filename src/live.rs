@@ -23,7 +23,8 @@ use crate::{
 /// Keys a reload cannot apply: the listeners (TLS ones with their certificate) are bound once,
 /// and the log format is fixed when logging starts (a span created under one format cannot be
 /// printed by the other). They keep their current values until a restart.
-const RESTART_KEYS: [&str; 6] = [
+const RESTART_KEYS: [&str; 7] = [
+    "server.threads",
     "server.listen",
     "server.unix_socket",
     "server.unix_socket_mode",

@@ -35,6 +35,9 @@ struct Cli {
     /// Log filter, e.g. info or redmux=debug; RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
+    /// Threads that serve clients: a number or auto; replaces server.threads.
+    #[arg(long, value_name = "N")]
+    threads: Option<String>,
     /// Validate the configuration, print a summary and exit: 0 if valid, 1 if not.
     #[arg(long)]
     check: bool,
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         listen: cli.listen,
         upstream: cli.upstream,
         log_level: cli.log_level,
+        threads: cli.threads,
     };
     let config = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(config) => config,

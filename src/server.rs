@@ -40,6 +40,7 @@ use crate::{
     metrics::{Metrics, Rejection},
     tls::{self, TlsClient, TlsError},
     upstream::Upstreams,
+    workers::Workers,
 };
 
 /// Pause after a failed accept (typically EMFILE), so the loop does not spin.
@@ -89,6 +90,10 @@ struct Shared {
     next_id: AtomicU64,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// The runtimes of the serving threads after this one, which clients are handed to in
+    /// turn with this one.
+    workers: Vec<tokio::runtime::Handle>,
+    next_worker: AtomicUsize,
 }
 
 impl Server {
@@ -167,7 +172,31 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let listen = self.local_addrs();
         let metrics_addr = self.metrics_addr();
+        let threads = self
+            .reloader
+            .subscribe()
+            .borrow()
+            .config
+            .server
+            .threads
+            .count();
+        let workers = match Workers::start(threads - 1) {
+            Ok(workers) => Some(workers),
+            Err(error) => {
+                error!(%error, threads, "cannot start the serving threads; serving on one");
+                None
+            }
+        };
+        info!(
+            threads = workers.as_ref().map_or(1, |w| w.handles().len() + 1),
+            "serving"
+        );
         let shared = Arc::new(Shared {
+            workers: workers
+                .as_ref()
+                .map(|w| w.handles().to_vec())
+                .unwrap_or_default(),
+            next_worker: AtomicUsize::new(0),
             live: self.reloader.subscribe(),
             metrics: self.metrics.clone(),
             tls_refusals: AtomicUsize::new(0),
@@ -226,6 +255,9 @@ impl Server {
                 "shutdown grace period over; closing remaining clients"
             );
         }
+        if let Some(workers) = workers {
+            workers.stop().await;
+        }
         self.upstream_shutdown.cancel();
         if let Some(path) = unix_path {
             let _ = std::fs::remove_file(path);
@@ -249,9 +281,9 @@ async fn bind_tcp(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, ServerError>
 }
 
 /// A source of client connections: TCP, unix or TLS.
-trait Listener: Send + 'static {
+trait Listener: Send + Sync + 'static {
     /// A connection as accepted.
-    type Stream: LocalAddr + Send + 'static;
+    type Stream: LocalAddr + Handover + Send + 'static;
     /// What the client's session runs on.
     type Client: Duplex;
     /// `establish` is a handshake, which may take long.
@@ -274,6 +306,35 @@ trait Listener: Send + 'static {
     /// address, where each client's own must be asked for (a `getsockname` per accept).
     fn bound(&self) -> Option<SocketAddr> {
         None
+    }
+}
+
+/// Moving an accepted connection to the runtime of the thread that will serve it: taken off
+/// this runtime's reactor, then registered with that one's.
+trait Handover: Sized {
+    type Detached: Send + 'static;
+    fn detach(self) -> io::Result<Self::Detached>;
+    /// Must run on the runtime that takes the connection over.
+    fn attach(detached: Self::Detached) -> io::Result<Self>;
+}
+
+impl Handover for TcpStream {
+    type Detached = std::net::TcpStream;
+    fn detach(self) -> io::Result<Self::Detached> {
+        self.into_std()
+    }
+    fn attach(detached: Self::Detached) -> io::Result<Self> {
+        TcpStream::from_std(detached)
+    }
+}
+
+impl Handover for UnixStream {
+    type Detached = std::os::unix::net::UnixStream;
+    fn detach(self) -> io::Result<Self::Detached> {
+        self.into_std()
+    }
+    fn attach(detached: Self::Detached) -> io::Result<Self> {
+        UnixStream::from_std(detached)
     }
 }
 
@@ -373,6 +434,7 @@ impl Listener for TlsListener {
 }
 
 async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
+    let listener = Arc::new(listener);
     let shutdown = shared.shutdown.clone().cancelled_owned();
     tokio::pin!(shutdown);
     let bound = listener.bound();
@@ -416,62 +478,104 @@ async fn accept_loop<L: Listener>(listener: L, shared: Arc<Shared>) {
             });
             continue;
         }
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let client = match ClientState::new(
-            id,
-            Peer { addr: peer, local },
-            live.upstreams.clone(),
-            live.users.clone(),
-            live.clients.clone(),
-        ) {
-            Ok(client) => client,
+        // The threads that serve clients take them in turn: the first (this one) at once, the
+        // others through a hand-over of the socket to their runtime.
+        let turn = shared.next_worker.fetch_add(1, Ordering::Relaxed) % (shared.workers.len() + 1);
+        if turn == 0 {
+            start_client(&listener, stream, peer, local, live, &shared);
+            continue;
+        }
+        let detached = match stream.detach() {
+            Ok(detached) => detached,
             Err(error) => {
-                error!(%error, "cannot serve a new client");
+                debug!(%error, "cannot hand a client over to its thread");
                 clients.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
         };
-        // Debug level: an enabled span per connection costs more than the connection itself.
-        let span = tracing::debug_span!("client", id, ?peer);
-        debug!(parent: &span, "connected");
-        let shared_for_task = shared.clone();
-        let on_close = move || {
-            shared_for_task
-                .metrics
-                .clients
-                .fetch_sub(1, Ordering::AcqRel);
-            debug!("disconnected");
-        };
-        let updates = shared.live.clone();
-        match L::established(stream) {
-            // No handshake: the task is the session alone. An async block around it would
-            // hold a second copy of the session, and every idle client pays for its task.
-            Ok(io) => {
-                shared.metrics.accepted();
-                spawn_client(
-                    &shared.tracker,
-                    Session::new(io, &live, updates, client).run(on_close),
-                    span,
-                );
+        let (listener, shared_for_task) = (listener.clone(), shared.clone());
+        let handover = shared.tracker.track_future(async move {
+            match <L::Stream as Handover>::attach(detached) {
+                Ok(stream) => start_client(&listener, stream, peer, local, live, &shared_for_task),
+                Err(error) => {
+                    debug!(%error, "cannot take a client over");
+                    shared_for_task
+                        .metrics
+                        .clients
+                        .fetch_sub(1, Ordering::AcqRel);
+                }
             }
-            Err(stream) => {
-                let establish = listener.establish(stream);
-                let metrics = shared.metrics.clone();
-                let task = async move {
-                    match establish.await {
-                        Ok(io) => {
-                            metrics.accepted();
-                            Session::new(io, &live, updates, client).run(on_close).await;
-                        }
-                        Err(error) => {
-                            metrics.rejected(Rejection::TlsHandshake);
-                            debug!(%error, "TLS handshake failed");
-                            on_close();
-                        }
+        });
+        shared.workers[turn - 1].spawn(handover);
+    }
+}
+
+/// Starts serving an accepted client on this thread's runtime: its state (and so its shared
+/// upstream connections) are this thread's.
+fn start_client<L: Listener>(
+    listener: &Arc<L>,
+    stream: L::Stream,
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+    live: Arc<Live>,
+    shared: &Arc<Shared>,
+) {
+    let clients = &shared.metrics.clients;
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let client = match ClientState::new(
+        id,
+        Peer { addr: peer, local },
+        live.upstreams.clone(),
+        live.users.clone(),
+        live.clients.clone(),
+    ) {
+        Ok(client) => client,
+        Err(error) => {
+            error!(%error, "cannot serve a new client");
+            clients.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+    };
+    // Debug level: an enabled span per connection costs more than the connection itself.
+    let span = tracing::debug_span!("client", id, ?peer);
+    debug!(parent: &span, "connected");
+    let shared_for_task = shared.clone();
+    let on_close = move || {
+        shared_for_task
+            .metrics
+            .clients
+            .fetch_sub(1, Ordering::AcqRel);
+        debug!("disconnected");
+    };
+    let updates = shared.live.clone();
+    match L::established(stream) {
+        // No handshake: the task is the session alone. An async block around it would
+        // hold a second copy of the session, and every idle client pays for its task.
+        Ok(io) => {
+            shared.metrics.accepted();
+            spawn_client(
+                &shared.tracker,
+                Session::new(io, &live, updates, client).run(on_close),
+                span,
+            );
+        }
+        Err(stream) => {
+            let establish = listener.establish(stream);
+            let metrics = shared.metrics.clone();
+            let task = async move {
+                match establish.await {
+                    Ok(io) => {
+                        metrics.accepted();
+                        Session::new(io, &live, updates, client).run(on_close).await;
                     }
-                };
-                spawn_client(&shared.tracker, task, span);
-            }
+                    Err(error) => {
+                        metrics.rejected(Rejection::TlsHandshake);
+                        debug!(%error, "TLS handshake failed");
+                        on_close();
+                    }
+                }
+            };
+            spawn_client(&shared.tracker, task, span);
         }
     }
 }

@@ -57,6 +57,11 @@ async fn upstream_down_at_start_gives_errors_then_recovers() {
     // Reuse the port redmux was pointed at: restart the fresh server there.
     redis.port = port;
     redis.restart();
+    // This client's own connection (each serving thread has one) recovers too.
+    let deadline = Deadline::within(Duration::from_secs(2));
+    while raw.call(&["PING"]).await != "+PONG\r\n" {
+        deadline.next_try("no recovery").await;
+    }
     wait_recovered(&redmux, Duration::from_secs(2)).await;
     assert_eq!(raw.call(&["SET", "k", "v"]).await, "+OK\r\n");
 }

@@ -39,6 +39,19 @@ use crate::{
     resp::ReplyScanner,
 };
 
+thread_local! {
+    /// Which of the threads that serve clients this is: 0 for the first (the one the server
+    /// runs on), set by the others when they start.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as serving thread `worker`: the shared connections its clients use are
+/// its own, actors on its runtime, so a client's requests and their replies never cross
+/// threads on their way to Redis.
+pub fn enter_worker(worker: usize) {
+    WORKER.set(worker);
+}
+
 /// Messages a shared actor's channel holds at most. Each may carry a whole pipeline of one client.
 const CHANNEL_CAPACITY: usize = 1024;
 
@@ -223,7 +236,9 @@ struct Inner {
     connections: usize,
     max_shared: usize,
     databases: u32,
-    shared: Mutex<HashMap<Target, Group>>,
+    /// By serving thread and target: each thread that serves clients has shared connections
+    /// of its own (see [`enter_worker`]).
+    shared: Mutex<HashMap<(usize, Target), Group>>,
     /// Ids for shared actors, for logs and `/status`.
     next_shared_id: std::sync::atomic::AtomicUsize,
     pool: pool::Pool,
@@ -475,12 +490,14 @@ impl Upstreams {
         client: u64,
     ) -> Result<mpsc::Sender<Request>, UpstreamError> {
         let inner = &self.inner;
+        let worker = WORKER.get();
+        let key = (worker, target.clone());
         let mut shared = inner.shared.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(sender) = shared.get(target).and_then(|group| group.sender(client)) {
+        if let Some(sender) = shared.get(&key).and_then(|group| group.sender(client)) {
             return Ok(sender);
         }
         shared.retain(|_, group| group.alive());
-        if shared.len() >= inner.max_shared {
+        if shared.keys().filter(|(w, _)| *w == worker).count() >= inner.max_shared {
             return Err(UpstreamError::NoShared);
         }
         let connections = match target.identity {
@@ -514,7 +531,7 @@ impl Upstreams {
                 )
             }
         };
-        shared.insert(target.clone(), group);
+        shared.insert(key, group);
         sender.ok_or(UpstreamError::NoShared)
     }
 

@@ -46,6 +46,7 @@ impl RedmuxProcess {
             let child = Command::new(redmux_bin())
                 .arg("--config")
                 .arg(&config)
+                .args(super::test_threads().map(|n| format!("--threads={n}")))
                 .args(args)
                 .env_remove("RUST_LOG")
                 .envs(env.iter().copied())

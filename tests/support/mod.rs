@@ -71,6 +71,21 @@ impl Deadline {
     }
 }
 
+/// `REDMUX_TEST_THREADS`: the number of threads every redmux of the tests serves clients on
+/// (in-process and binary alike); unset, the default (`auto`, one on two cores). `.ci/run`
+/// runs the suite with 1 and with 4.
+pub fn test_threads() -> Option<String> {
+    std::env::var("REDMUX_TEST_THREADS")
+        .ok()
+        .filter(|n| !n.is_empty())
+}
+
+/// How many threads serve clients in the tests' redmux (see [`test_threads`]): on the
+/// development and CI machines' two cores, `auto` means one.
+pub fn serving_threads() -> usize {
+    test_threads().map_or(1, |n| n.parse().expect("REDMUX_TEST_THREADS"))
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
@@ -265,9 +280,13 @@ impl Redmux {
         Self::start_with(config(upstream)).await
     }
 
-    /// Starts redmux with `config`, listening on a free port.
+    /// Starts redmux with `config`, listening on a free port, with `REDMUX_TEST_THREADS`
+    /// serving threads if that is set.
     pub async fn start_with(mut config: Config) -> Redmux {
         config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+        if let Some(threads) = test_threads() {
+            config.server.threads = threads.parse().expect("REDMUX_TEST_THREADS");
+        }
         let server = Server::bind(config).await.expect("redmux binds");
         let addr = server.local_addrs()[0];
         let tls_addr = server.tls_addrs().first().copied();
