@@ -13,6 +13,8 @@
 //! back its thread now and then (`consume_budget`): the hub shares that thread with every
 //! client session.
 
+pub mod glob;
+
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
