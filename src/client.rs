@@ -126,6 +126,10 @@ enum Then {
     /// ([`Effect::Check`]): the command is handled again with it, and its reply replaces
     /// Redis's.
     Replay(Bytes),
+    /// A count of subscribers in which Redis sees redmux's hub connections, not the clients
+    /// they serve: corrected (see [`pubsub::Registry`]). With the argument the correction
+    /// needs ([`pubsub::Count::argument_index`]).
+    Count(pubsub::Count, Option<Bytes>),
 }
 
 /// Where a client's requests travel. Redis runs what arrives on one connection in order, but
@@ -1168,6 +1172,9 @@ impl State {
                 }
                 (Ok(replies), charged)
             }
+            (Some(Then::Count(count, argument)), Ok(replies)) => {
+                self.recount(count, argument, replies, charged)
+            }
             (Some(Then::Replay(request)), Ok(replies)) => {
                 if charged {
                     self.budget.refund(replies.bytes.len());
@@ -1335,6 +1342,7 @@ impl State {
                 Some(name) => command::action_named(request, name, profile),
                 None => command::action(request, profile),
             };
+            let action = self.uncounted(action);
             let plain = self.client.reply_mode == ReplyMode::On
                 && self.client.authenticated
                 && (self.client.resp3 || !self.subs.active());
@@ -1559,6 +1567,7 @@ impl State {
                 self.pending.push_back(Pending::Local { bytes, count: 1 });
             }
             Action::Transaction(command) => self.transaction(command, request).await,
+            Action::Count(count) => self.forward_counted(count, request).await,
             Action::Control if matches!(self.tx, Tx::Multi { .. }) => {
                 // Queued, as Redis queues it.
                 let timeout = Some(self.config.request_timeout);
@@ -2036,6 +2045,57 @@ impl State {
         });
     }
 
+    /// A count command stays on the plain forwarding path unless this upstream set's hubs or
+    /// their clients hold a subscription (one atomic load): with none, Redis's count is right.
+    /// In a transaction it is queued as it is (EXEC's reply is not corrected).
+    fn uncounted(&self, action: Action) -> Action {
+        match action {
+            Action::Count(_)
+                if matches!(self.tx, Tx::Multi { .. })
+                    || !self.client.upstreams().pubsub_registry().active() =>
+            {
+                Action::Forward
+            }
+            action => action,
+        }
+    }
+
+    /// Forwards a count command; its reply is corrected ([`Then::Count`]).
+    async fn forward_counted(&mut self, count: pubsub::Count, request: Bytes) {
+        let argument = count
+            .argument_index()
+            .and_then(|i| Args::new(&request).nth(i))
+            .map(|arg| request.slice_ref(arg));
+        let batch = Batch {
+            frames: request,
+            count: 1,
+            timeout: Some(self.config.request_timeout),
+            then: Some(Box::new(Then::Count(count, argument))),
+            ..Batch::default()
+        };
+        self.forward(batch).await;
+    }
+
+    /// Redis's count corrected for what redmux's hubs and their clients hold.
+    fn recount(
+        &self,
+        count: pubsub::Count,
+        argument: Option<Bytes>,
+        replies: Replies,
+        charged: bool,
+    ) -> (Reply, bool) {
+        let registry = self.client.upstreams().pubsub_registry();
+        match registry.correct(count, argument.as_deref(), &replies.bytes) {
+            Some(bytes) => {
+                if charged {
+                    self.budget.refund(replies.bytes.len());
+                }
+                (Ok(Replies { bytes, errors: 0 }), false)
+            }
+            None => (Ok(replies), charged),
+        }
+    }
+
     /// Appends a 3-element subscription frame to `out`: RESP2 array or RESP3 push.
     fn push_frame(&self, out: &mut Vec<u8>, verb: &str, name: Option<&[u8]>, count: usize) {
         use std::io::Write as _;
@@ -2097,7 +2157,7 @@ impl State {
     fn path_of(&self, action: &Action) -> Option<Path> {
         let held = self.held().map(|lease| Path::Pinned(lease.id()));
         match action {
-            Action::Forward => Some(self.current_path()),
+            Action::Forward | Action::Count(_) => Some(self.current_path()),
             // Without a transaction, the others are answered locally.
             Action::Transaction(Transaction::Multi | Transaction::Watch) | Action::Block(_) => {
                 Some(held.unwrap_or(Path::NewPinned))

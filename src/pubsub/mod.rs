@@ -42,7 +42,7 @@ use tokio::{
 };
 use tracing::{info, warn, Instrument};
 
-pub use registry::Registry;
+pub use registry::{Count, Registry};
 
 use crate::{
     resp::{encode_command, Args, ReplyScanner},
