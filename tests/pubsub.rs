@@ -544,8 +544,8 @@ async fn confirmations_keep_their_place_among_messages() {
                         assert_eq!(
                             frames.get(i + 1),
                             Some(&twin),
-                            "{context}: the pmessage twin of message {next}, Redis sent the \
-                             confirmation at frame {confirmation}"
+                            "{context}: the pmessage twin of message {next}, the \
+                             confirmation came at frame {confirmation}"
                         );
                         i += 1;
                     }
@@ -673,6 +673,34 @@ async fn a_refused_subscription_is_refused_as_by_redis() {
             );
         }
     }
+    // A user who may not run SUBSCRIBE at all gets Redis's words for that.
+    let _: () = redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER",
+                "nosub",
+                "on",
+                ">pw",
+                "~*",
+                "&*",
+                "+@all",
+                "-subscribe",
+            ][..],
+        )
+        .query(&mut redis.direct())
+        .unwrap();
+    let steps: &[&[&str]] = &[
+        &["AUTH", "nosub", "pw"],
+        &["SUBSCRIBE", "chan:1"],
+        &["PSUBSCRIBE", "chan:*"],
+        &["SUBSCRIBE", "chan:2"],
+    ];
+    let expected = frames_of(redis.addr().parse().unwrap(), steps, false).await;
+    assert_eq!(
+        expected[2],
+        "-NOPERM this user has no permissions to run the 'subscribe' command\r\n"
+    );
+    assert_eq!(frames_of(redmux.addr, steps, true).await, expected);
 }
 
 /// Clients of the same user's hub are not affected by another's refused SUBSCRIBE, even when
