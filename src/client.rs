@@ -127,6 +127,10 @@ enum Then {
     /// ([`Effect::Check`]): the command is handled again with it, and its reply replaces
     /// Redis's.
     Replay(Bytes),
+    /// A count of subscribers in which Redis sees redmux's hub connections, not the clients
+    /// they serve: corrected (see [`pubsub::Registry`]). With the argument the correction
+    /// needs ([`pubsub::Count::argument_index`]).
+    Count(pubsub::Count, Option<Bytes>),
 }
 
 /// Where a client's requests travel. Redis runs what arrives on one connection in order, but
@@ -178,15 +182,43 @@ enum Tx {
 /// arrive in.
 #[derive(Debug, Default)]
 struct Subscriptions {
-    /// Channels, patterns and shard channels, in that order. Boxed, once the client first
-    /// subscribes: every busy session carries this struct, and most never subscribe.
-    kinds: Option<Box<[Names; 3]>>,
-    /// Present while subscribed to anything. The hub closes it, or fires its `cut`, when it
-    /// cuts the client off.
+    /// Boxed, once the client first subscribes: every busy session carries this struct, and
+    /// most never subscribe.
+    held: Option<Box<Held>>,
+    /// Present while subscribed to anything, or owed an answer by the hub. The hub closes it,
+    /// or fires its `cut`, when it cuts the client off.
     inbox: Option<Feed>,
     /// The hub of the client's subscriptions, from the first: that of the user the client
     /// was logged in as then, whose channel permissions Redis applies.
     hub: Option<pubsub::PubSub>,
+}
+
+/// What a subscribed client holds.
+#[derive(Debug, Default)]
+struct Held {
+    /// Channels, patterns and shard channels, in that order.
+    kinds: [Names; 3],
+    /// The (un)subscriptions the hub has not answered yet, oldest first. The hub answers them
+    /// in the client's inbox in this order, each where the upstream stream gave its answer, so
+    /// messages and confirmations reach the client in the order Redis would have sent them on
+    /// a connection of its own.
+    open: VecDeque<Open>,
+}
+
+/// An (un)subscription the hub has not answered yet.
+#[derive(Debug)]
+struct Open {
+    /// Completes the request's reply slot.
+    reply: oneshot::Sender<Reply>,
+    /// Messages Redis sent before its answer: they go out ahead of it. Charged to the output
+    /// budget as they arrive.
+    before: Vec<Bytes>,
+    /// The frames Redis sends when it does what was asked.
+    frames: Bytes,
+    kind: pubsub::Kind,
+    /// The names a subscription added, each with its place in [`Names`]: taken back if Redis
+    /// refuses it.
+    added: Vec<(Bytes, u64)>,
 }
 
 /// A client's subscriptions of one kind. A client may hold a million (`max_multibulk_len`
@@ -204,13 +236,23 @@ impl Names {
         self.order.contains_key(name)
     }
 
-    fn insert(&mut self, name: Bytes) {
-        self.order.insert(name, self.next);
+    /// Adds `name`; returns its place in the order.
+    fn insert(&mut self, name: Bytes) -> u64 {
+        let at = self.next;
+        self.order.insert(name, at);
         self.next += 1;
+        at
     }
 
     fn remove(&mut self, name: &[u8]) -> Option<Bytes> {
         self.order.remove_entry(name).map(|(name, _)| name)
+    }
+
+    /// Removes `name` if it is still the one added at `at` (not removed and added again).
+    fn remove_added(&mut self, name: &[u8], at: u64) {
+        if self.order.get(name) == Some(&at) {
+            self.order.remove(name);
+        }
     }
 
     fn len(&self) -> usize {
@@ -304,14 +346,23 @@ fn kind_index(kind: pubsub::Kind) -> usize {
 }
 
 impl Subscriptions {
+    fn held(&mut self) -> &mut Held {
+        self.held.get_or_insert_with(Box::default)
+    }
+
     fn names(&mut self, kind: pubsub::Kind) -> &mut Names {
-        &mut self.kinds.get_or_insert_with(Box::default)[kind_index(kind)]
+        &mut self.held().kinds[kind_index(kind)]
     }
 
     fn len(&self, kind: pubsub::Kind) -> usize {
-        self.kinds
+        self.held
             .as_ref()
-            .map_or(0, |kinds| kinds[kind_index(kind)].len())
+            .map_or(0, |held| held.kinds[kind_index(kind)].len())
+    }
+
+    /// Whether the hub owes the client an answer.
+    fn owed(&self) -> bool {
+        self.held.as_ref().is_some_and(|held| !held.open.is_empty())
     }
 
     /// The count Redis puts in a confirmation: channels and patterns together, shard
@@ -339,7 +390,7 @@ impl Subscriptions {
             Some(b"smessage") => pubsub::Kind::Shard,
             _ => return true,
         };
-        let names = self.kinds.as_ref().map(|kinds| &kinds[kind_index(kind)]);
+        let names = self.held.as_ref().map(|held| &held.kinds[kind_index(kind)]);
         args.next()
             .zip(names)
             .is_some_and(|(name, names)| names.contains(name))
@@ -916,13 +967,7 @@ fn serve<'a, S: Duplex>(
                 // Published messages and the MONITOR feed, queued behind the replies already owed,
                 // taken while the client is not too far behind; a cut-off is heard regardless.
                 frame = next_frame(&mut this.subs.inbox, this.out_len < OUTPUT_HIGH_WATER), if this.subs.inbox.is_some() => match frame {
-                    // Messages come as the RESP2 subscriber connection sent them; in RESP3
-                    // they are pushes, decided by the protocol the client speaks now.
-                    Fed::Frame(bytes) if this.subs.wants(&bytes) => {
-                        let bytes = if this.client.resp3 { as_push(bytes) } else { bytes };
-                        this.pending.push_back(Pending::Local { bytes, count: 0 });
-                    }
-                    Fed::Frame(_) => {}
+                    Fed::Frame(bytes) => this.fed(bytes),
                     Fed::Ended => {
                         debug!("pub/sub hub gone; closing");
                         break;
@@ -1157,6 +1202,9 @@ impl State {
                 }
                 (Ok(replies), charged)
             }
+            (Some(Then::Count(count, argument)), Ok(replies)) => {
+                self.recount(count, argument, replies, charged)
+            }
             (Some(Then::Replay(request)), Ok(replies)) => {
                 if charged {
                     self.budget.refund(replies.bytes.len());
@@ -1326,6 +1374,7 @@ impl State {
                 Some(name) => command::action_named(request, name, profile),
                 None => command::action(request, profile),
             };
+            let action = self.uncounted(action);
             let plain = self.client.reply_mode == ReplyMode::On
                 && self.client.authenticated
                 && (self.client.resp3 || !self.subs.active());
@@ -1588,7 +1637,7 @@ impl State {
                         Tx::None => {}
                     }
                     self.monitor = None;
-                    self.leave_pubsub().await;
+                    self.reset_pubsub().await;
                 }
                 let suppress = skip || self.client.reply_mode == ReplyMode::Off;
                 if skip && self.client.reply_mode == ReplyMode::Skip && !reply.is_empty() {
@@ -1599,6 +1648,7 @@ impl State {
                 self.pending.push_back(Pending::Local { bytes, count: 1 });
             }
             Action::Transaction(command) => self.transaction(command, request).await,
+            Action::Count(count) => self.forward_counted(count, request).await,
             Action::Control if matches!(self.tx, Tx::Multi { .. }) => {
                 // Queued, as Redis queues it.
                 let timeout = Some(self.config.request_timeout);
@@ -1826,22 +1876,24 @@ impl State {
         }
     }
 
-    /// (P|S)SUBSCRIBE: a confirmation per name with this client's count, sent once the
-    /// subscriptions are active upstream. Push output: CLIENT REPLY OFF does not silence it.
+    /// (P|S)SUBSCRIBE: a confirmation per name with this client's count, sent when the hub
+    /// answers (see [`State::open_slot`]). Push output: CLIENT REPLY OFF does not silence it.
+    /// On a hub logged in as the client's own user, Redis may refuse it (-NOPERM): nothing
+    /// after it runs before the answer is in, so that no count assumes it succeeded.
     ///
     /// Constant work per name, and a long list gives the runtime back its thread now and then:
     /// one request may name a million channels, and other clients must not wait for it.
     async fn subscribe(&mut self, kind: pubsub::Kind, names: Vec<Bytes>) {
         let verb = kind.command(true);
         let mut confirmation = Vec::new();
-        let mut new = Vec::new();
+        let mut added = Vec::new();
         for name in names {
             if !self.subs.names(kind).contains(&name) {
                 // A copy: the name is a slice of the buffer the request was read into, which
                 // may be 64 KiB or more, and the subscription may last as long as the client.
                 let name = Bytes::copy_from_slice(&name);
-                self.subs.names(kind).insert(name.clone());
-                new.push(name);
+                let at = self.subs.names(kind).insert(name.clone());
+                added.push((name, at));
             }
             let count = self.subs.count(kind);
             self.push_frame(&mut confirmation, verb, Some(&name), count);
@@ -1849,7 +1901,7 @@ impl State {
         }
         let confirmation = Bytes::from(confirmation);
         self.owe();
-        if new.is_empty() {
+        if added.is_empty() {
             self.pending.push_back(Pending::Local {
                 bytes: confirmation,
                 count: 1,
@@ -1875,10 +1927,12 @@ impl State {
                 hub
             }
         };
-        let rx = hub
-            .subscribe(self.client.id, kind, new, inbox, confirmation)
-            .await;
-        self.await_confirmation(rx, Path::PubSub);
+        let new = added.iter().map(|(name, _)| name.clone()).collect();
+        hub.subscribe(self.client.id, kind, new, inbox).await;
+        self.open_slot(confirmation, kind, added);
+        if self.client.identity().is_some() {
+            self.sync = true;
+        }
     }
 
     /// A reply slot for a confirmation from the pub/sub hub or a MONITOR connection: push
@@ -1905,8 +1959,11 @@ impl State {
     }
 
     /// (P|S)UNSUBSCRIBE: a frame per name (every subscription of the kind when none is given,
-    /// in subscription order, or one with a null name when there is none), answered at once.
-    /// Constant work per name, as for [`State::subscribe`].
+    /// in subscription order, or one with a null name when there is none). Constant work per
+    /// name, as for [`State::subscribe`]. When the client held any of them, the frames go
+    /// once the hub has unsubscribed upstream what nobody else wants: a request of the client
+    /// on another path waits for them (see [`Path`]), and so finds Redis's counts without the
+    /// subscriptions it dropped.
     async fn unsubscribe(&mut self, kind: pubsub::Kind, names: Vec<Bytes>) {
         let verb = kind.command(false);
         let mut reply = Vec::new();
@@ -1932,24 +1989,221 @@ impl State {
             self.push_frame(&mut reply, verb, Some(name), count);
             tokio::task::coop::consume_budget().await;
         }
-        if let (false, Some(hub)) = (removed.is_empty(), &self.subs.hub) {
-            hub.unsubscribe(self.client.id, kind, removed).await;
-        }
-        if !self.subs.active() {
-            self.subs.inbox = None;
-            self.subs.hub = None;
-        }
         self.owe();
-        self.pending.push_back(Pending::Local {
-            bytes: Bytes::from(reply),
+        let reply = Bytes::from(reply);
+        match (removed.is_empty(), self.subs.hub.clone()) {
+            (false, Some(hub)) => {
+                hub.unsubscribe(self.client.id, kind, removed).await;
+                self.open_slot(reply, kind, Vec::new());
+            }
+            _ => self.pending.push_back(Pending::Local {
+                bytes: reply,
+                count: 1,
+            }),
+        }
+    }
+
+    /// A reply slot the hub's answer completes: `frames` if it did what was asked, its error
+    /// if Redis refused (then the names in `added` are taken back), after the messages Redis
+    /// sent before its answer.
+    fn open_slot(&mut self, frames: Bytes, kind: pubsub::Kind, added: Vec<(Bytes, u64)>) {
+        let (reply, rx) = oneshot::channel();
+        self.subs.held().open.push_back(Open {
+            reply,
+            before: Vec::new(),
+            frames,
+            kind,
+            added,
+        });
+        self.last_path = Some(Path::PubSub);
+        self.unresolved += 1;
+        self.pending.push_back(Pending::Upstream {
+            rx,
             count: 1,
+            suppress: false,
+            release: None,
+            // The session charges what it puts in the reply itself.
+            charged: true,
+            sent: Instant::now(),
+            blocking: false,
+            then: None,
         });
     }
 
-    /// Drops every subscription (RESET, or the client leaving).
+    /// A frame from the hub: a message, or the answer to the oldest open (un)subscription.
+    /// A message that comes while one is open is one Redis sent before that answer, so it
+    /// goes out ahead of it.
+    fn fed(&mut self, frame: Bytes) {
+        if pubsub::Delivery::of(&frame) != pubsub::Delivery::Message {
+            return self.answered(frame);
+        }
+        if !self.subs.wants(&frame) {
+            return;
+        }
+        // Messages come as the RESP2 subscriber connection sent them; in RESP3 they are
+        // pushes, decided by the protocol the client speaks now.
+        let frame = if self.client.resp3 {
+            as_push(frame)
+        } else {
+            frame
+        };
+        if !self.subs.owed() {
+            return self.pending.push_back(Pending::Local {
+                bytes: frame,
+                count: 0,
+            });
+        }
+        if !self.budget.charge(frame.len()) {
+            self.over_limit();
+        }
+        if let Some(open) = self
+            .subs
+            .held
+            .as_mut()
+            .and_then(|held| held.open.front_mut())
+        {
+            open.before.push(frame);
+        }
+    }
+
+    /// The hub answered the oldest open (un)subscription: done (an empty frame), or refused
+    /// with Redis's error, which the client gets instead of the confirmations, its state as if
+    /// the command never ran.
+    fn answered(&mut self, answer: Bytes) {
+        let Some(held) = self.subs.held.as_mut() else {
+            return;
+        };
+        let Some(open) = held.open.pop_front() else {
+            return;
+        };
+        let refused = !answer.is_empty();
+        if refused {
+            let names = &mut held.kinds[kind_index(open.kind)];
+            for (name, at) in &open.added {
+                names.remove_added(name, *at);
+            }
+        }
+        self.finish_slot(open, refused.then_some(answer));
+        if !self.subs.active() && !self.subs.owed() {
+            // Nothing held, nothing owed: the hub forgets the client, which may park.
+            if let Some(hub) = std::mem::take(&mut self.subs).hub {
+                hub.forget(self.client.id);
+            }
+        }
+    }
+
+    /// Completes an open slot: the messages before it, then its frames or `error`.
+    fn finish_slot(&mut self, open: Open, error: Option<Bytes>) {
+        let Open {
+            reply,
+            before,
+            frames,
+            ..
+        } = open;
+        let answer = error.as_ref().unwrap_or(&frames);
+        if !self.budget.charge(answer.len()) {
+            self.over_limit();
+        }
+        if before.is_empty() && error.is_none() {
+            // The common case, and the one of a million confirmations: no copy.
+            let _ = reply.send(Ok(Replies::from(frames)));
+            return;
+        }
+        let mut bytes =
+            BytesMut::with_capacity(before.iter().map(Bytes::len).sum::<usize>() + answer.len());
+        for message in &before {
+            bytes.extend_from_slice(message);
+        }
+        bytes.extend_from_slice(answer);
+        let replies = Replies {
+            bytes: bytes.freeze(),
+            errors: u64::from(error.is_some()),
+        };
+        let _ = reply.send(Ok(replies));
+    }
+
+    /// Drops every subscription (the client leaving).
     async fn leave_pubsub(&mut self) {
         if let Some(hub) = std::mem::take(&mut self.subs).hub {
             hub.leave(self.client.id).await;
+        }
+    }
+
+    /// RESET drops every subscription. What the hub has not answered yet is confirmed now,
+    /// as Redis would have before the RESET; the client's next request on another path waits
+    /// until the hub has unsubscribed upstream what nobody else wants (a reply slot of no
+    /// reply of its own).
+    async fn reset_pubsub(&mut self) {
+        let Subscriptions { held, hub, .. } = std::mem::take(&mut self.subs);
+        for open in held.map(|held| held.open).unwrap_or_default() {
+            self.finish_slot(open, None);
+        }
+        let Some(hub) = hub else {
+            return;
+        };
+        let rx = hub.reset(self.client.id).await;
+        self.last_path = Some(Path::PubSub);
+        self.unresolved += 1;
+        self.pending.push_back(Pending::Upstream {
+            rx,
+            count: 0,
+            suppress: false,
+            release: None,
+            charged: false,
+            sent: Instant::now(),
+            blocking: false,
+            then: None,
+        });
+    }
+
+    /// A count command stays on the plain forwarding path unless this upstream set's hubs or
+    /// their clients hold a subscription (one atomic load): with none, Redis's count is right.
+    /// In a transaction it is queued as it is (EXEC's reply is not corrected).
+    fn uncounted(&self, action: Action) -> Action {
+        match action {
+            Action::Count(_)
+                if matches!(self.tx, Tx::Multi { .. })
+                    || !self.client.upstreams().pubsub_registry().active() =>
+            {
+                Action::Forward
+            }
+            action => action,
+        }
+    }
+
+    /// Forwards a count command; its reply is corrected ([`Then::Count`]).
+    async fn forward_counted(&mut self, count: pubsub::Count, request: Bytes) {
+        let argument = count
+            .argument_index()
+            .and_then(|i| Args::new(&request).nth(i))
+            .map(|arg| request.slice_ref(arg));
+        let batch = Batch {
+            frames: request,
+            count: 1,
+            timeout: Some(self.config.request_timeout),
+            then: Some(Box::new(Then::Count(count, argument))),
+            ..Batch::default()
+        };
+        self.forward(batch).await;
+    }
+
+    /// Redis's count corrected for what redmux's hubs and their clients hold.
+    fn recount(
+        &self,
+        count: pubsub::Count,
+        argument: Option<Bytes>,
+        replies: Replies,
+        charged: bool,
+    ) -> (Reply, bool) {
+        let registry = self.client.upstreams().pubsub_registry();
+        match registry.correct(count, argument.as_deref(), &replies.bytes) {
+            Some(bytes) => {
+                if charged {
+                    self.budget.refund(replies.bytes.len());
+                }
+                (Ok(Replies { bytes, errors: 0 }), false)
+            }
+            None => (Ok(replies), charged),
         }
     }
 
@@ -2014,7 +2268,7 @@ impl State {
     fn path_of(&self, action: &Action) -> Option<Path> {
         let held = self.held().map(|lease| Path::Pinned(lease.id()));
         match action {
-            Action::Forward => Some(self.current_path()),
+            Action::Forward | Action::Count(_) => Some(self.current_path()),
             // Without a transaction, the others are answered locally.
             Action::Transaction(Transaction::Multi | Transaction::Watch) | Action::Block(_) => {
                 Some(held.unwrap_or(Path::NewPinned))

@@ -45,6 +45,9 @@ pub enum Kind {
     NulName,
     /// Puts the connection in subscribed state.
     Subscribe,
+    /// PUBLISH and SPUBLISH: forwarded, with the receiver count Redis answers corrected for
+    /// redmux's hub connections (see [`pubsub::Registry`]).
+    Publish,
     /// MONITOR: a feed of every command, on a connection of the client's own.
     Monitor,
     /// Turns the connection into something else: SYNC, REPLICAOF, SHUTDOWN, and REPLCONF,
@@ -234,7 +237,7 @@ const TABLE: [(&str, Kind); 241] = {
         ("psubscribe", Subscribe),
         ("psync", Takeover),
         ("pttl", Stateless),
-        ("publish", Stateless),
+        ("publish", Publish),
         ("pubsub", Container),
         ("punsubscribe", Subscribe),
         ("quit", Quit),
@@ -279,7 +282,7 @@ const TABLE: [(&str, Kind); 241] = {
         ("sort", Stateless),
         ("sort_ro", Stateless),
         ("spop", Stateless),
-        ("spublish", Stateless),
+        ("spublish", Publish),
         ("srandmember", Stateless),
         ("srem", Stateless),
         ("sscan", Stateless),
@@ -595,6 +598,10 @@ pub enum Action {
     Block(Option<Duration>),
     /// (P|S)SUBSCRIBE and (P|S)UNSUBSCRIBE, served by the shared subscriber connection.
     PubSub { kind: pubsub::Kind, subscribe: bool },
+    /// PUBLISH, SPUBLISH and the PUBSUB subcommands that count subscribers: forwarded, and
+    /// Redis's figure corrected for redmux's hub connections while any local client
+    /// subscribes (see [`pubsub::Registry`]); plainly forwarded otherwise.
+    Count(pubsub::Count),
     /// MONITOR.
     Monitor,
     /// SCRIPT KILL, FUNCTION KILL, FUNCTION STATS: Redis runs them while a script is busy
@@ -704,6 +711,19 @@ fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Acti
             }
             Action::PubSub { kind, subscribe }
         }
+        Kind::Publish => {
+            let count = if keyword_is(name, b"spublish") {
+                pubsub::Count::SPublish
+            } else {
+                pubsub::Count::Publish
+            };
+            match profile {
+                Profile::Redis => Action::Count(count),
+                Profile::Embedded => {
+                    embedded::screen(name, args).map_or(Action::Count(count), Action::Reply)
+                }
+            }
+        }
         Kind::Monitor if profile == Profile::Embedded => Action::Reply(error_reply(
             "redmux: the embedded upstream does not support MONITOR",
         )),
@@ -730,8 +750,23 @@ fn container(name: &[u8], mut args: Args<'_>, profile: Profile) -> Action {
         b"script" | b"function" if profile == Profile::Redis && allow_busy(&lower, sub) => {
             Action::Control
         }
+        b"pubsub" => pubsub_count(sub).map_or(Action::Forward, Action::Count),
         _ => Action::Forward,
     }
+}
+
+/// The PUBSUB subcommands whose figures redmux corrects (NUMPAT needs none: Redis counts
+/// each pattern once, however many connections hold it).
+fn pubsub_count(sub: &[u8]) -> Option<pubsub::Count> {
+    [
+        (&b"numsub"[..], pubsub::Count::NumSub),
+        (b"shardnumsub", pubsub::Count::ShardNumSub),
+        (b"channels", pubsub::Count::Channels),
+        (b"shardchannels", pubsub::Count::ShardChannels),
+    ]
+    .into_iter()
+    .find(|(name, _)| keyword_is(sub, name))
+    .map(|(_, count)| count)
 }
 
 /// The subcommands Redis 7 flags `allow_busy` that redmux forwards: they must reach Redis
@@ -945,7 +980,7 @@ mod tests {
             &["GET", "k"][..],
             &["set", "k", "v"],
             &["PING"],
-            &["PUBLISH", "c", "m"],
+            &["PUBSUB", "NUMPAT"],
             &["EVAL", "return 1", "0"],
             &["SCRIPT", "LOAD", "return 1"],
             &["FLUSHDB"],
@@ -960,6 +995,26 @@ mod tests {
         ] {
             assert_eq!(act(cmd), Action::Forward, "{cmd:?}");
         }
+    }
+
+    /// Counts of subscribers are corrected for redmux's hub connections; NUMPAT needs no
+    /// correction, and PUBSUB HELP none either.
+    #[test]
+    fn pubsub_counts() {
+        use pubsub::Count;
+        for (cmd, count) in [
+            (&["PUBLISH", "c", "m"][..], Count::Publish),
+            (&["spublish", "c", "m"], Count::SPublish),
+            (&["PUBSUB", "numsub", "c"], Count::NumSub),
+            (&["pubsub", "SHARDNUMSUB"], Count::ShardNumSub),
+            (&["PUBSUB", "CHANNELS", "a*"], Count::Channels),
+            (&["PUBSUB", "shardchannels"], Count::ShardChannels),
+        ] {
+            assert_eq!(act(cmd), Action::Count(count), "{cmd:?}");
+        }
+        assert_eq!(act(&["PUBSUB", "NUMPAT"]), Action::Forward);
+        assert_eq!(act(&["PUBSUB", "HELP"]), Action::Forward);
+        assert_eq!(act(&["PUBSUB"]), Action::Forward);
     }
 
     #[test]

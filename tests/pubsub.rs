@@ -1,10 +1,13 @@
-//! Pub/sub through one shared subscriber connection.
+//! Pub/sub through shared subscriber connections.
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
-use support::{Deadline, RedisServer, Redmux};
+use support::{Deadline, Raw, RedisServer, Redmux};
 
 fn numsub(redis: &RedisServer, channel: &str) -> i64 {
     let reply: (String, i64) = redis::cmd("PUBSUB")
@@ -46,9 +49,10 @@ async fn one_upstream_subscription_fans_out_in_order() {
     assert_eq!(numsub(&redis, "news"), 1, "subscribed upstream once");
     let mut publisher = redmux.raw().await;
     for i in 0..50 {
+        // Three receivers, as Redis would count them if each were connected to it.
         assert_eq!(
             publisher.call(&["PUBLISH", "news", &format!("m{i}")]).await,
-            ":1\r\n"
+            ":3\r\n"
         );
     }
     for sub in &mut subscribers {
@@ -421,4 +425,400 @@ async fn a_huge_subscribe_never_overflows_redis_output_limit() {
         ":1\r\n"
     );
     assert_eq!(steady.reply_str().await, message("steady", "still"));
+}
+
+/// One subscriber's view of a trial of [`confirmations_keep_their_place_among_messages`]: the
+/// frames it got, as strings.
+async fn psubscribe_while_publishing(addr: SocketAddr, resp3: bool, channel: &str) -> Vec<String> {
+    const MESSAGES: usize = 400;
+    let mut sub = Raw::connect(addr).await;
+    if resp3 {
+        assert!(sub.call(&["HELLO", "3"]).await.starts_with('%'));
+    }
+    assert!(sub
+        .call(&["SUBSCRIBE", channel])
+        .await
+        .contains("subscribe"));
+    let mut publisher = Raw::connect(addr).await;
+    let publishes: Vec<u8> = (0..MESSAGES)
+        .flat_map(|i| {
+            redmux::resp::encode_command([
+                &b"PUBLISH"[..],
+                channel.as_bytes(),
+                format!("m{i}").as_bytes(),
+            ])
+        })
+        .collect();
+    let publishing = tokio::spawn(async move {
+        assert_eq!(
+            publisher.pipeline(&publishes, MESSAGES).await.len(),
+            MESSAGES
+        );
+        publisher
+    });
+    let mut frames = Vec::new();
+    // Midway through the messages.
+    while frames.len() < 20 {
+        frames.push(sub.reply_str().await);
+    }
+    sub.send(redmux::resp::encode_command([
+        &b"PSUBSCRIBE"[..],
+        format!("{channel}*").as_bytes(),
+    ]))
+    .await;
+    while !frames.iter().any(|f| f.contains("$10\r\npsubscribe\r\n")) {
+        frames.push(sub.reply_str().await);
+    }
+    // A last message, published once the pattern is confirmed: its pmessage ends the stream.
+    let mut publisher = publishing.await.unwrap();
+    publisher.call(&["PUBLISH", channel, "end"]).await;
+    while !frames
+        .last()
+        .is_some_and(|f| f.contains("pmessage") && f.ends_with("$3\r\nend\r\n"))
+    {
+        frames.push(sub.reply_str().await);
+    }
+    frames
+}
+
+/// Messages and confirmations reach a client in the order Redis would send them on a
+/// connection of its own: a subscriber of `X` PSUBSCRIBEs to `X*` while 400 messages to `X`
+/// are published. Every `message` after the psubscribe confirmation has its `pmessage` twin
+/// right after it, no `pmessage` comes before the confirmation, and the messages keep their
+/// order. 30 trials each in RESP2 and RESP3, directly and through redmux. (Through redmux, the
+/// confirmation used to overtake messages Redis sent before it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmations_keep_their_place_among_messages() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let direct: SocketAddr = redis.addr().parse().unwrap();
+    for resp3 in [false, true] {
+        let push = if resp3 { ">" } else { "*" };
+        for trial in 0..30 {
+            for (path, addr) in [("directly", direct), ("through redmux", redmux.addr)] {
+                let channel = format!("order:{resp3}:{trial}:{}", path.len());
+                let mut frames = psubscribe_while_publishing(addr, resp3, &channel).await;
+                let context = format!("{path}, RESP{}, trial {trial}", if resp3 { 3 } else { 2 });
+                let end = frames.split_off(frames.len() - 2);
+                assert_eq!(
+                    end[0],
+                    format!(
+                        "{push}3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n$3\r\nend\r\n",
+                        channel.len()
+                    ),
+                    "{context}: the last message"
+                );
+                let confirmation = frames
+                    .iter()
+                    .position(|f| f.contains("psubscribe"))
+                    .unwrap_or_else(|| panic!("{context}: no confirmation"));
+                assert_eq!(
+                    frames[confirmation],
+                    format!(
+                        "{push}3\r\n$10\r\npsubscribe\r\n${}\r\n{channel}*\r\n:2\r\n",
+                        channel.len() + 1
+                    ),
+                    "{context}"
+                );
+                let mut next = 0;
+                let mut i = 0;
+                while i < frames.len() {
+                    if i == confirmation {
+                        i += 1;
+                        continue;
+                    }
+                    let payload = format!("m{next}");
+                    let message = format!(
+                        "{push}3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n{payload}\r\n",
+                        channel.len(),
+                        payload.len()
+                    );
+                    assert_eq!(frames[i], message, "{context}: frame {i}");
+                    if i > confirmation {
+                        let twin = format!(
+                            "{push}4\r\n$8\r\npmessage\r\n${}\r\n{channel}*\r\n${}\r\n{channel}\r\n${}\r\n{payload}\r\n",
+                            channel.len() + 1,
+                            channel.len(),
+                            payload.len()
+                        );
+                        assert_eq!(
+                            frames.get(i + 1),
+                            Some(&twin),
+                            "{context}: the pmessage twin of message {next}, the \
+                             confirmation came at frame {confirmation}"
+                        );
+                        i += 1;
+                    }
+                    next += 1;
+                    i += 1;
+                }
+                assert_eq!(next, 400, "{context}");
+            }
+        }
+    }
+}
+
+/// Redis with `reader`, who may use any command but only channels matching `chan:*`.
+fn redis_with_reader() -> RedisServer {
+    let redis = RedisServer::start();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "reader", "on", ">pw", "~*", "&chan:*", "+@all"][..])
+        .query(&mut redis.direct())
+        .unwrap();
+    redis
+}
+
+/// Sends `steps` on a new connection to `addr`, each followed by a PING (one at a time, or
+/// all in one write), and returns every frame received, HELLO's client id masked.
+async fn frames_of(addr: SocketAddr, steps: &[&[&str]], pipelined: bool) -> Vec<String> {
+    let mut raw = Raw::connect(addr).await;
+    let ping = |i: usize| format!("step{i}");
+    let request = |i: usize, step: &[&str]| {
+        let mut bytes = redmux::resp::encode_command(step.iter().map(|a| a.as_bytes())).to_vec();
+        bytes.extend_from_slice(&redmux::resp::encode_command([
+            &b"PING"[..],
+            ping(i).as_bytes(),
+        ]));
+        bytes
+    };
+    // A PING's reply, in whichever form the connection's state gives it.
+    let is_pong =
+        |frame: &str, i: usize| frame.ends_with(&format!("${}\r\n{}\r\n", ping(i).len(), ping(i)));
+    if pipelined {
+        let all: Vec<u8> = steps
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| request(i, s))
+            .collect();
+        raw.send(all).await;
+    }
+    let mut frames = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        if !pipelined {
+            raw.send(request(i, step)).await;
+        }
+        loop {
+            let frame = raw.reply_str().await;
+            let done = is_pong(&frame, i);
+            frames.push(match frame.split_once("$2\r\nid\r\n:") {
+                Some((head, tail)) => {
+                    let rest = tail.split_once("\r\n").map_or("", |(_, rest)| rest);
+                    format!("{head}$2\r\nid\r\n:ID\r\n{rest}")
+                }
+                None => frame,
+            });
+            if done {
+                break;
+            }
+        }
+    }
+    frames
+}
+
+/// The id of the subscriber connection Redis has logged in as `user`.
+fn hub_connection(redis: &RedisServer, user: &str) -> Option<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.direct())
+        .unwrap();
+    list.lines()
+        .find(|line| {
+            line.contains(&format!(" user={user} ")) && !line.contains(" sub=0 psub=0 ssub=0 ")
+        })
+        .and_then(|line| line.split(' ').next())
+        .map(str::to_owned)
+}
+
+/// A user's hub: Redis refuses a (P|S)SUBSCRIBE naming a channel the user may not use, as a
+/// whole, with -NOPERM. The client gets exactly that, and its subscriptions and counts are as
+/// if the command never ran. The same steps directly and through redmux, one at a time and
+/// pipelined, in RESP2 and RESP3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_is_refused_as_by_redis() {
+    let redis = redis_with_reader();
+    let redmux = Redmux::start(&redis.addr()).await;
+    for login in [
+        &["AUTH", "reader", "pw"][..],
+        &["HELLO", "3", "AUTH", "reader", "pw"],
+    ] {
+        let steps: &[&[&str]] = &[
+            login,
+            &["SUBSCRIBE", "chan:1"],
+            &["SUBSCRIBE", "chan:2", "secret", "chan:3"],
+            &["SUBSCRIBE", "chan:4", "chan:1"],
+            &["PSUBSCRIBE", "other*"],
+            &["PSUBSCRIBE", "chan:*"],
+            &["SSUBSCRIBE", "secret"],
+            &["SSUBSCRIBE", "chan:s"],
+            &["UNSUBSCRIBE", "chan:2", "chan:1"],
+            &["SUBSCRIBE", "secret"],
+            &["PUNSUBSCRIBE"],
+            &["SUNSUBSCRIBE"],
+            &["UNSUBSCRIBE"],
+            &["SUBSCRIBE", "chan:5", "nope"],
+            &["SUBSCRIBE", "chan:6"],
+        ];
+        let direct = redis.addr().parse().unwrap();
+        let expected = frames_of(direct, steps, false).await;
+        let refusals = expected
+            .iter()
+            .filter(|frame| frame.starts_with("-NOPERM this user has no permissions to access one of the channels used as arguments\r\n"))
+            .count();
+        assert_eq!(refusals, 5, "{expected:?}");
+        for pipelined in [false, true] {
+            assert_eq!(
+                frames_of(redmux.addr, steps, pipelined).await,
+                expected,
+                "{login:?}, pipelined: {pipelined}"
+            );
+        }
+    }
+    // A user who may not run SUBSCRIBE at all gets Redis's words for that.
+    let _: () = redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER",
+                "nosub",
+                "on",
+                ">pw",
+                "~*",
+                "&*",
+                "+@all",
+                "-subscribe",
+            ][..],
+        )
+        .query(&mut redis.direct())
+        .unwrap();
+    let steps: &[&[&str]] = &[
+        &["AUTH", "nosub", "pw"],
+        &["SUBSCRIBE", "chan:1"],
+        &["PSUBSCRIBE", "chan:*"],
+        &["SUBSCRIBE", "chan:2"],
+    ];
+    let expected = frames_of(redis.addr().parse().unwrap(), steps, false).await;
+    assert_eq!(
+        expected[2],
+        "-NOPERM this user has no permissions to run the 'subscribe' command\r\n"
+    );
+    assert_eq!(frames_of(redmux.addr, steps, true).await, expected);
+}
+
+/// Clients of the same user's hub are not affected by another's refused SUBSCRIBE, even when
+/// it names a channel they are subscribing to at the same moment, and the hub's connection
+/// stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_the_refused_clients_alone() {
+    let redis = redis_with_reader();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let login = async || {
+        let mut raw = redmux.raw().await;
+        assert_eq!(raw.call(&["AUTH", "reader", "pw"]).await, "+OK\r\n");
+        raw
+    };
+    let mut steady = login().await;
+    assert_eq!(
+        steady.call(&["SUBSCRIBE", "chan:steady"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$11\r\nchan:steady\r\n:1\r\n"
+    );
+    let connection = hub_connection(&redis, "reader").expect("the user's hub connection");
+    let mut publisher = login().await;
+    let nopermission =
+        "-NOPERM this user has no permissions to access one of the channels used as arguments\r\n";
+    for round in 0..20 {
+        let (x, y) = (format!("chan:x{round}"), format!("chan:y{round}"));
+        let mut refused = login().await;
+        let mut other = login().await;
+        // Both requests reach the hub together; the refused one names `x` too.
+        let (a, b) = tokio::join!(
+            refused.send(redmux::resp::encode_command([
+                &b"SUBSCRIBE"[..],
+                x.as_bytes(),
+                b"secret"
+            ])),
+            other.send(redmux::resp::encode_command([
+                &b"SUBSCRIBE"[..],
+                x.as_bytes(),
+                y.as_bytes()
+            ])),
+        );
+        let ((), ()) = (a, b);
+        assert_eq!(refused.reply_str().await, nopermission, "round {round}");
+        assert_eq!(
+            other.reply_str().await,
+            format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n{x}\r\n:1\r\n", x.len())
+        );
+        assert_eq!(
+            other.reply_str().await,
+            format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n{y}\r\n:2\r\n", y.len())
+        );
+        // The refused client is not subscribed to anything; the other gets its messages.
+        assert_eq!(refused.call(&["PING"]).await, "+PONG\r\n");
+        assert_eq!(
+            publisher.call(&["PUBLISH", &x, "hi"]).await,
+            ":1\r\n",
+            "round {round}"
+        );
+        assert_eq!(other.reply_str().await, message(&x, "hi"));
+        assert_eq!(
+            refused.call(&["SUBSCRIBE", &y]).await,
+            format!("*3\r\n$9\r\nsubscribe\r\n${}\r\n{y}\r\n:1\r\n", y.len())
+        );
+        assert_eq!(publisher.call(&["PUBLISH", &y, "both"]).await, ":2\r\n");
+        assert_eq!(other.reply_str().await, message(&y, "both"));
+        assert_eq!(refused.reply_str().await, message(&y, "both"));
+    }
+    assert_eq!(
+        publisher.call(&["PUBLISH", "chan:steady", "on"]).await,
+        ":1\r\n"
+    );
+    assert_eq!(steady.reply_str().await, message("chan:steady", "on"));
+    assert_eq!(
+        hub_connection(&redis, "reader"),
+        Some(connection),
+        "the hub's connection was dropped"
+    );
+}
+
+/// When Redis takes a channel away from a user, it closes that user's clients subscribed to
+/// it, and keeps the others. Redis closes the user's hub connection, which holds them all;
+/// the hub reconnects, finds which name Redis refuses now, and closes the clients that held
+/// it, as Redis closes them when they are connected directly. The others keep their
+/// subscriptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_taken_from_a_user_closes_its_subscribers_as_redis_does() {
+    for through_redmux in [false, true] {
+        let redis = redis_with_reader();
+        let redmux = Redmux::start(&redis.addr()).await;
+        let addr = match through_redmux {
+            true => redmux.addr,
+            false => redis.addr().parse().unwrap(),
+        };
+        let mut clients = Vec::new();
+        for channel in ["chan:1", "chan:2", "chan:3"] {
+            let mut raw = Raw::connect(addr).await;
+            assert_eq!(raw.call(&["AUTH", "reader", "pw"]).await, "+OK\r\n");
+            assert!(raw.call(&["SUBSCRIBE", channel]).await.contains(channel));
+            clients.push(raw);
+        }
+        let _: () = redis::cmd("ACL")
+            .arg(&["SETUSER", "reader", "resetchannels", "&chan:2", "&chan:3"][..])
+            .query(&mut redis.direct())
+            .unwrap();
+        clients[0].expect_closed().await;
+        wait_numsub(&redis, "chan:2", 1);
+        wait_numsub(&redis, "chan:3", 1);
+        let mut publisher = redis.direct();
+        for (raw, channel) in clients[1..].iter_mut().zip(["chan:2", "chan:3"]) {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg("still")
+                .query(&mut publisher)
+                .unwrap();
+            assert_eq!(
+                raw.reply_str().await,
+                message(channel, "still"),
+                "through redmux: {through_redmux}"
+            );
+        }
+    }
 }

@@ -243,6 +243,9 @@ struct Inner {
     next_shared_id: std::sync::atomic::AtomicUsize,
     pool: pool::Pool,
     pubsub: PubSub,
+    /// What every hub of this set holds in Redis, and what their clients hold: for counts
+    /// as Redis would give them with every client connected directly.
+    registry: Arc<pubsub::Registry>,
     /// Subscriber hubs of clients' own logins, alive while one of their subscribers is.
     user_hubs: Mutex<HashMap<Identity, pubsub::WeakPubSub>>,
     /// The connection AUTH is checked on, when redmux passes AUTH through to Redis: opened at
@@ -355,10 +358,17 @@ impl Upstreams {
             connect: config.connect_timeout,
             request: config.request_timeout,
         };
-        let pubsub = PubSub::start(endpoint.clone(), timeouts, profile == Profile::Redis);
+        let registry = Arc::new(pubsub::Registry::default());
+        let pubsub = PubSub::start(
+            endpoint.clone(),
+            timeouts,
+            profile == Profile::Redis,
+            registry.clone(),
+        );
         let upstreams = Upstreams {
             inner: Arc::new(Inner {
                 pubsub,
+                registry,
                 pool: pool::Pool::new(config.max_pinned),
                 endpoint,
                 store,
@@ -447,9 +457,15 @@ impl Upstreams {
             self.endpoint_for(Some(identity)).into_owned(),
             self.inner.timeouts,
             self.inner.profile == Profile::Redis,
+            self.inner.registry.clone(),
         );
         hubs.insert(identity.clone(), hub.downgrade());
         hub
+    }
+
+    /// The pub/sub counts of this set's hubs and their clients.
+    pub fn pubsub_registry(&self) -> &pubsub::Registry {
+        &self.inner.registry
     }
 
     /// Where AUTH is checked when redmux passes it through: a connection of redmux's own that
