@@ -181,7 +181,7 @@ async fn five_thousand_clients_then_max_clients() {
     }
 }
 
-/// What an idle client costs, as `shared/bench/compare.py` measures it: 1,000 clients each send
+/// What an idle client costs, as `benches/compare.py` measures it: 1,000 clients each send
 /// a PING and read the reply, then sit idle. Their sessions are parked (no read buffer, no reply
 /// queues, a task of a few hundred bytes), so redmux's RSS grows by well under 1 KiB per client
 /// (about 0.9 KiB measured; 3.5 KiB before sessions parked).
