@@ -850,7 +850,7 @@ fn transaction(name: &[u8], argc: usize) -> Option<Transaction> {
     }
 }
 
-/// How long a blocking command may block, read from its timeout argument (`REDIS-NOTES.md` §6).
+/// How long a blocking command may block, from its timeout argument (Redis's `src/timeout.c`).
 /// `None`: forever (a timeout of 0). A timeout Redis will reject counts as zero: the error comes
 /// back at once.
 fn block_timeout(name: &[u8], args: Args<'_>) -> Option<Duration> {

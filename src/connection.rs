@@ -1,5 +1,5 @@
 //! A client's connection state, and the commands that only change it, answered by redmux with
-//! the bytes Redis 7 would send (`REDIS-NOTES.md` §2, §3).
+//! the bytes Redis 7 would send (`helloCommand`, `clientCommand` in `src/networking.c`).
 //!
 //! Redis keeps this state per connection; on a shared connection it would leak from one client
 //! to every other. So it lives here, per client, and what Redis must see of it (database and

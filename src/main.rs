@@ -151,7 +151,7 @@ fn run(config: Config, source: Source) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(limit, "open-file limit raised"),
         Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
     }
-    // One thread, like Redis and twemproxy. Measured with shared/bench/compare.py on 2 cores:
+    // One thread, like Redis and twemproxy. Measured with benches/compare.py on 2 cores:
     // the multi-thread scheduler was 7-25% slower on every one-request-at-a-time workload, its
     // cross-thread wakeups costing more than a second core gives back while Redis and the
     // clients compete for the same cores.

@@ -1,4 +1,4 @@
-//! Request framing, with Redis 7's rules and error texts (see `REDIS-NOTES.md` §1).
+//! Request framing with Redis 7's rules and errors (`processMultibulkBuffer`, `src/networking.c`).
 
 use bytes::Bytes;
 
