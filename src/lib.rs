@@ -33,4 +33,13 @@ pub mod upstream;
 pub mod workers;
 
 pub use config::Config;
+
+/// Loads the configuration as the binary does: [`Config::load`], then every TLS file it names
+/// read and checked (see [`tls::check`]).
+pub fn load_config(
+    path: Option<&std::path::Path>,
+    overrides: &config::Overrides,
+) -> Result<Config, config::ConfigError> {
+    Config::load_checked(path, overrides, tls::check)
+}
 pub use server::{Server, ServerError};

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
         log_level: cli.log_level,
         threads: cli.threads,
     };
-    let config = match Config::load(cli.config.as_deref(), &overrides) {
+    let config = match redmux::load_config(cli.config.as_deref(), &overrides) {
         Ok(config) => config,
         Err(error) => {
             // The place and the message, never the file's line: it may hold a password, and
@@ -231,7 +231,7 @@ async fn reload(source: &Source, reloader: &Reloader) {
     // Off the runtime's only thread: the file, and any password file, may be slow to read.
     let loaded = tokio::task::spawn_blocking(move || {
         let exposed = exposed_secrets(&path);
-        Config::load(Some(&path), &overrides).map(|config| (config, exposed))
+        redmux::load_config(Some(&path), &overrides).map(|config| (config, exposed))
     })
     .await;
     let (config, exposed) = match loaded {

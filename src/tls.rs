@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     client::{Duplex, ReadSide},
-    config::{ServerTlsConfig, UpstreamTlsConfig},
+    config::{Config, ServerTlsConfig, UpstreamConfig, UpstreamTlsConfig},
 };
 
 /// How long a client may take over its TLS handshake. It counts towards `max_clients` while it
@@ -490,6 +490,32 @@ impl PartialEq for Connector {
 }
 
 impl Eq for Connector {}
+
+/// The TLS setup for `config`'s `rediss://` address (`[upstream.tls]`, or the system's CAs),
+/// read from its files.
+pub fn connector(config: &UpstreamConfig) -> Result<Connector, TlsError> {
+    let host = match &config.address.address {
+        crate::config::Address::Tcp { host, .. } => host.as_str(),
+        _ => "",
+    };
+    Connector::new(config.tls.as_ref(), host)
+}
+
+/// Reads and checks every TLS file `config` names (`[server.tls]`, and `[upstream.tls]` or the
+/// system's CAs for a `rediss://` upstream), as the server will when it starts: for
+/// [`Config::load_checked`], so that `--check`, a start and a reload refuse a bad file alike.
+pub fn check(config: &Config) -> Result<(), (&'static str, String)> {
+    if let Some(server_tls) = &config.server.tls {
+        acceptor(server_tls).map_err(|error| (error.key, error.problem.to_string()))?;
+    }
+    if matches!(
+        config.upstream.address.address,
+        crate::config::Address::Tcp { tls: true, .. }
+    ) {
+        connector(&config.upstream).map_err(|error| (error.key, error.problem.to_string()))?;
+    }
+    Ok(())
+}
 
 impl Connector {
     /// From `[upstream.tls]` (absent: the system's CAs, no client certificate) for an upstream

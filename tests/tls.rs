@@ -461,7 +461,7 @@ async fn a_reload_applies_upstream_tls_and_server_tls_needs_a_restart() {
 fn load(text: &str) -> Result<Config, String> {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), text).unwrap();
-    Config::load(Some(file.path()), &Overrides::default()).map_err(|e| e.to_string())
+    redmux::load_config(Some(file.path()), &Overrides::default()).map_err(|e| e.to_string())
 }
 
 #[test]

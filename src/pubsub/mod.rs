@@ -46,7 +46,7 @@ pub use registry::{Count, Registry};
 
 use crate::{
     resp::{encode_command, Args, ReplyScanner},
-    upstream::{self, Budget, Endpoint, Replies, Reply, Setup, Timeouts, UpstreamError},
+    upstream::{self, Budget, Dial, Replies, Reply, Setup, Timeouts, UpstreamError},
 };
 
 /// Hub requests waiting at once.
@@ -185,7 +185,7 @@ impl PubSub {
     /// Starts the hub; it connects upstream on first use and stops when every handle is gone.
     /// What it holds in Redis, and what its clients hold, are counted in `registry`.
     pub fn start(
-        endpoint: Endpoint,
+        endpoint: Dial,
         timeouts: Timeouts,
         ping: bool,
         registry: Arc<Registry>,
@@ -356,7 +356,7 @@ impl Waiter {
 }
 
 struct Hub {
-    endpoint: Endpoint,
+    endpoint: Dial,
     timeouts: Timeouts,
     ping: bool,
     rx: mpsc::Receiver<HubRequest>,

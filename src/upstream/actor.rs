@@ -27,8 +27,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{
     connect::{open, ConnectError, Reader, Writer},
-    ActorSnapshot, Budget, Endpoint, Replies, Reply, Request, Setup, Target, Timeouts,
-    UpstreamError,
+    ActorSnapshot, Budget, Dial, Replies, Reply, Request, Setup, Target, Timeouts, UpstreamError,
 };
 use crate::{
     metrics::Metrics,
@@ -70,7 +69,7 @@ pub(super) enum Role {
 /// Everything an actor needs to know to open its connection, and where it reports.
 #[derive(Debug, Clone)]
 pub(super) struct Config {
-    pub endpoint: Endpoint,
+    pub endpoint: Dial,
     pub setup: Setup,
     pub timeouts: Timeouts,
     pub role: Role,

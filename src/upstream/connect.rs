@@ -9,6 +9,22 @@ use tokio::{
 };
 
 use super::{Address, Endpoint};
+
+/// Where to connect and how: the configured endpoint (address, login, db), and the TLS
+/// settings a `rediss://` one needs, made when the upstreams start.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    pub endpoint: Endpoint,
+    pub tls: Option<tls::Connector>,
+}
+
+impl std::ops::Deref for Dial {
+    type Target = Endpoint;
+
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
 use crate::{
     resp::{encode_command, ReplyScanner},
     tls,
@@ -57,7 +73,7 @@ pub struct Setup {
 
 /// Connects to `endpoint` and prepares the connection as `setup` says, all within `timeout`.
 pub async fn connect(
-    endpoint: &Endpoint,
+    endpoint: &Dial,
     setup: Setup,
     timeout: Duration,
 ) -> Result<(Reader, Writer), ConnectError> {
@@ -68,7 +84,7 @@ pub async fn connect(
 /// [`connect`], and, if `identify`, the id Redis gives the connection (CLIENT ID), which
 /// CLIENT UNBLOCK names it by: `None` if Redis would not say (the user may not run CLIENT ID).
 pub async fn open(
-    endpoint: &Endpoint,
+    endpoint: &Dial,
     setup: Setup,
     timeout: Duration,
     identify: bool,
@@ -92,7 +108,7 @@ pub async fn open(
 
 /// Opens the connection: TCP (then TLS for `rediss://`) or a unix socket. Every upstream
 /// connection (shared, pinned, pub/sub, MONITOR) is opened here.
-async fn dial(endpoint: &Endpoint) -> Result<(Reader, Writer), ConnectError> {
+async fn dial(endpoint: &Dial) -> Result<(Reader, Writer), ConnectError> {
     match &endpoint.address {
         Address::Tcp { host, port, tls } => {
             let stream = TcpStream::connect((host.as_str(), *port)).await?;

@@ -5,7 +5,6 @@
 //! a `oneshot` sender that the actor completes with the replies, or with an [`UpstreamError`].
 
 mod actor;
-mod address;
 mod connect;
 mod pool;
 
@@ -25,9 +24,9 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+pub use crate::config::{Address, Credentials, Endpoint, Identity};
 pub use actor::ConnectionId;
-pub use address::{Address, Credentials, Endpoint, Identity};
-pub use connect::{connect, ConnectError, Reader, Setup, Writer};
+pub use connect::{connect, ConnectError, Dial, Reader, Setup, Writer};
 pub use pool::Lease;
 
 use crate::{
@@ -227,7 +226,7 @@ pub struct Upstreams {
 #[derive(Debug)]
 struct Inner {
     /// Where the actors connect: for the embedded upstream, its store's address.
-    endpoint: Endpoint,
+    endpoint: Dial,
     /// The embedded store, kept running while this set of connections may use it.
     store: Option<Arc<embedded::Store>>,
     timeouts: Timeouts,
@@ -329,13 +328,16 @@ impl Upstreams {
         metrics: Arc<Metrics>,
         shutdown: &CancellationToken,
     ) -> io::Result<Self> {
-        let mut endpoint = config.endpoint();
+        let mut endpoint = Dial {
+            endpoint: config.endpoint(),
+            tls: None,
+        };
         let (profile, store) = if endpoint.address == Address::Embedded {
             let store = match store {
                 Some(store) => store,
                 None => Arc::new(embedded::start(shutdown).await?),
             };
-            endpoint.address = Address::Tcp {
+            endpoint.endpoint.address = Address::Tcp {
                 host: store.addr.ip().to_string(),
                 port: store.addr.port(),
                 tls: false,
@@ -345,7 +347,7 @@ impl Upstreams {
             (Profile::Redis, None)
         };
         if let Address::Tcp { tls: true, .. } = endpoint.address {
-            let connector = config.tls_connector().map_err(io::Error::other)?;
+            let connector = crate::tls::connector(config).map_err(io::Error::other)?;
             if connector.insecure() {
                 warn!(
                     "upstream.tls.insecure_skip_verify = true: the upstream's certificate is not \
@@ -422,13 +424,13 @@ impl Upstreams {
     }
 
     /// `endpoint` logging in as `identity` (redmux's own when `None`).
-    fn endpoint_for(&self, identity: Option<&Identity>) -> std::borrow::Cow<'_, Endpoint> {
+    fn endpoint_for(&self, identity: Option<&Identity>) -> std::borrow::Cow<'_, Dial> {
         match identity {
             None => std::borrow::Cow::Borrowed(&self.inner.endpoint),
             Some(login) => {
                 let mut endpoint = self.inner.endpoint.clone();
-                endpoint.username = Some(login.user.to_string());
-                endpoint.password = Some(login.password.clone());
+                endpoint.endpoint.username = Some(login.user.to_string());
+                endpoint.endpoint.password = Some(login.password.clone());
                 std::borrow::Cow::Owned(endpoint)
             }
         }

@@ -2,7 +2,7 @@
 
 use std::{fmt, path::PathBuf, str::FromStr};
 
-use crate::{config::Secret, tls};
+use super::Secret;
 
 /// Where the upstream Redis listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,9 +64,6 @@ pub struct Endpoint {
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub db: u32,
-    /// How to talk TLS to a `rediss://` address: made from `[upstream.tls]` when the upstreams
-    /// start (a parsed address has none yet).
-    pub tls: Option<tls::Connector>,
 }
 
 impl From<Address> for Endpoint {
@@ -76,7 +73,6 @@ impl From<Address> for Endpoint {
             username: None,
             password: None,
             db: 0,
-            tls: None,
         }
     }
 }
@@ -149,7 +145,6 @@ impl FromStr for Endpoint {
             username,
             password,
             db,
-            tls: None,
         })
     }
 }

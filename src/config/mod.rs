@@ -19,10 +19,9 @@ use std::{
 
 use serde::{de, Deserialize, Deserializer};
 
-use crate::{
-    tls,
-    upstream::{Address, Endpoint},
-};
+mod address;
+
+pub use address::{Address, Credentials, Endpoint, Identity};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -333,16 +332,6 @@ impl Default for UpstreamConfig {
 }
 
 impl UpstreamConfig {
-    /// The TLS setup for a `rediss://` address (`[upstream.tls]`, or the system's CAs), read
-    /// from its files.
-    pub fn tls_connector(&self) -> Result<tls::Connector, tls::TlsError> {
-        let host = match &self.address.address {
-            Address::Tcp { host, .. } => host.as_str(),
-            _ => "",
-        };
-        tls::Connector::new(self.tls.as_ref(), host)
-    }
-
     /// Where to connect and how to log in: the `username`, `password` and `db` keys win over
     /// the same parts of a `redis://` address.
     pub fn endpoint(&self) -> Endpoint {
@@ -478,6 +467,17 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 impl Config {
     /// Loads `path` (or the defaults), applies the command-line overrides, and validates.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Config::load_checked(path, overrides, |_| Ok(()))
+    }
+
+    /// [`Config::load`], then `check`, which reads what the values name (the TLS files, see
+    /// `tls::check`): its refusal names the key, and the file's line as every other does. Plain
+    /// data here, so what reads the files is the caller's.
+    pub fn load_checked(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        check: impl FnOnce(&Config) -> Result<(), (&'static str, String)>,
+    ) -> Result<Config, ConfigError> {
         let (mut config, source) = match path {
             None => (Config::default(), None),
             Some(path) => {
@@ -506,11 +506,17 @@ impl Config {
             key: "upstream.password",
             message,
         })?;
-        config.validate(
-            source
-                .as_ref()
-                .map(|(name, text)| (name.as_str(), text.as_str())),
-        )?;
+        let source = source
+            .as_ref()
+            .map(|(name, text)| (name.as_str(), text.as_str()));
+        config.validate(source)?;
+        if let Err((key, message)) = check(&config) {
+            return Err(ConfigError::Invalid {
+                location: located(source, key),
+                key,
+                message,
+            });
+        }
         config
             .auth
             .resolve()
@@ -572,11 +578,8 @@ impl Config {
     /// at the offending line.
     fn validate(&self, source: Option<(&str, &str)>) -> Result<(), ConfigError> {
         let fail = |key: &'static str, message: &str| {
-            let location = source
-                .and_then(|(name, text)| Some(format!("{name}:{}: ", line_of(text, key)?)))
-                .unwrap_or_default();
             Err(ConfigError::Invalid {
-                location,
+                location: located(source, key),
                 key,
                 message: message.to_owned(),
             })
@@ -630,28 +633,15 @@ impl Config {
                 return fail("upstream.db", "the embedded upstream has only db 0");
             }
         }
-        // Last: these read the certificate and key files.
-        if let Some(server_tls) = &server.tls {
-            if server_tls.listen.is_empty() {
-                return fail("server.tls.listen", "no address to listen on");
-            }
-            if let Err(error) = tls::acceptor(server_tls) {
-                return fail(error.key, &error.problem.to_string());
-            }
+        if server.tls.as_ref().is_some_and(|tls| tls.listen.is_empty()) {
+            return fail("server.tls.listen", "no address to listen on");
         }
-        match (&upstream.address.address, &upstream.tls) {
-            (Address::Tcp { tls: true, .. }, _) => {
-                if let Err(error) = upstream.tls_connector() {
-                    return fail(error.key, &error.problem.to_string());
-                }
-            }
-            (_, Some(_)) => {
-                return fail(
-                    "upstream.tls",
-                    "set, but upstream.address is not a rediss:// address",
-                )
-            }
-            (_, None) => {}
+        let rediss = matches!(upstream.address.address, Address::Tcp { tls: true, .. });
+        if upstream.tls.is_some() && !rediss {
+            return fail(
+                "upstream.tls",
+                "set, but upstream.address is not a rediss:// address",
+            );
         }
         Ok(())
     }
@@ -848,6 +838,13 @@ pub fn world_readable_secrets(path: &Path, file: &Config) -> Vec<Exposed> {
 /// The line (1-based) of `section.key` in TOML text (the section may have dots itself, as in
 /// `server.tls.cert_file`), or of the `[section]` header `dotted` names, found by reading the
 /// section headers.
+/// `file:line: ` for `key` in `source`, or nothing when it is not in the file.
+fn located(source: Option<(&str, &str)>, key: &str) -> String {
+    source
+        .and_then(|(name, text)| Some(format!("{name}:{}: ", line_of(text, key)?)))
+        .unwrap_or_default()
+}
+
 fn line_of(text: &str, dotted: &str) -> Option<usize> {
     let (section, key) = dotted.rsplit_once('.')?;
     let mut current = "";
