@@ -40,14 +40,14 @@ use tracing::{debug, warn};
 
 use crate::{
     clients::{flag, PauseMode, Subscription},
-    command::{self, error_reply, Action, CommandId, Transaction},
+    command::{self, Action, CommandId, Transaction},
     connection::{ClientState, Effect, ReplyMode},
     live::Live,
     metrics::Metrics,
     monitor,
     outgoing::write_some,
     pubsub,
-    resp::{encode_command, Args, Frame, Limits, RequestDecoder},
+    resp::{encode, encode_command, Args, Frame, Limits, RequestDecoder},
     upstream::{Budget, Lease, Replies, Reply, Request, UpstreamError},
 };
 
@@ -1220,7 +1220,7 @@ impl State {
                     }
                     // Only one check is asked for a command.
                     Effect::Check(_) | Effect::Send(_) => {
-                        error_reply("redmux: AUTH could not be checked")
+                        encode::error("redmux: AUTH could not be checked")
                     }
                     Effect::None | Effect::Reset => bytes,
                 };
@@ -1533,7 +1533,7 @@ impl State {
             if stateful && !name.eq_ignore_ascii_case(b"reset") {
                 *dirty = true;
                 let name = String::from_utf8_lossy(name).to_ascii_uppercase();
-                self.reply_locally(error_reply(&format!(
+                self.reply_locally(encode::error(&format!(
                     "redmux: {name} inside MULTI is not supported"
                 )));
                 return true;
@@ -1668,7 +1668,7 @@ impl State {
                 let timeout = Some(self.config.request_timeout);
                 self.forward_one(request, timeout, None).await;
             }
-            Action::Monitor if !self.config.allow_monitor => self.reply_locally(error_reply(
+            Action::Monitor if !self.config.allow_monitor => self.reply_locally(encode::error(
                 "redmux: MONITOR is disabled (upstream.allow_monitor = false)",
             )),
             Action::Monitor if self.monitor.is_some() => {
@@ -1768,7 +1768,7 @@ impl State {
             None
         };
         if let Some(refusal) = refusal {
-            return self.reply_locally(error_reply(refusal));
+            return self.reply_locally(encode::error(refusal));
         }
         let via = match self.tx {
             Tx::None => Some(self.client.upstreams().auth_checker()),
@@ -1862,9 +1862,9 @@ impl State {
                     b"-EXECABORT Transaction discarded because of: wrong number of arguments for 'exec' command\r\n",
                 ))
             }
-            (Transaction::Exec, Tx::None) => self.reply_locally(error_reply("EXEC without MULTI")),
+            (Transaction::Exec, Tx::None) => self.reply_locally(encode::error("EXEC without MULTI")),
             (Transaction::Discard, Tx::None) => {
-                self.reply_locally(error_reply("DISCARD without MULTI"))
+                self.reply_locally(encode::error("DISCARD without MULTI"))
             }
             (Transaction::Unwatch, Tx::None) => self.reply_locally(Bytes::from_static(b"+OK\r\n")),
             // Everything else goes to the pinned connection, whose Redis answers it (nested
@@ -2209,19 +2209,14 @@ impl State {
 
     /// Appends a 3-element subscription frame to `out`: RESP2 array or RESP3 push.
     fn push_frame(&self, out: &mut Vec<u8>, verb: &str, name: Option<&[u8]>, count: usize) {
-        use std::io::Write as _;
-        let kind = if self.client.resp3 { '>' } else { '*' };
-        // Writing to a Vec cannot fail.
-        let _ = write!(out, "{kind}3\r\n${}\r\n{verb}\r\n", verb.len());
+        let kind = if self.client.resp3 { b'>' } else { b'*' };
+        encode::put_header(out, kind, 3);
+        encode::put_bulk(out, verb.as_bytes());
         match name {
-            Some(name) => {
-                let _ = write!(out, "${}\r\n", name.len());
-                out.extend_from_slice(name);
-                out.extend_from_slice(b"\r\n");
-            }
+            Some(name) => encode::put_bulk(out, name),
             None => out.extend_from_slice(&self.client.null()),
         }
-        let _ = write!(out, ":{count}\r\n");
+        encode::put_integer(out, count as i64);
     }
 
     /// Answers one request locally, honouring CLIENT REPLY OFF and SKIP.
@@ -2447,12 +2442,11 @@ fn subscribed_context(action: &Action, request: &[u8]) -> Option<Bytes> {
         (_, b"ping") => Some(match (args.next(), args.next()) {
             (None, _) => Bytes::from_static(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"),
             (Some(arg), None) => {
-                let mut out = format!("*2\r\n$4\r\npong\r\n${}\r\n", arg.len()).into_bytes();
-                out.extend_from_slice(arg);
-                out.extend_from_slice(b"\r\n");
-                Bytes::from(out)
+                let mut out = BytesMut::from(&b"*2\r\n$4\r\npong\r\n"[..]);
+                encode::put_bulk(&mut out, arg);
+                out.freeze()
             }
-            _ => error_reply("wrong number of arguments for 'ping' command"),
+            _ => encode::error("wrong number of arguments for 'ping' command"),
         }),
         _ => {
             let mut fullname = String::from_utf8_lossy(&name[..name.len().min(128)]).into_owned();
@@ -2479,7 +2473,7 @@ fn subscribed_context(action: &Action, request: &[u8]) -> Option<Bytes> {
                     fullname.push_str(&String::from_utf8_lossy(&sub.to_ascii_lowercase()));
                 }
             }
-            Some(error_reply(&format!(
+            Some(encode::error(&format!(
                 "Can't execute '{fullname}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / \
                  QUIT / RESET are allowed in this context"
             )))

@@ -10,7 +10,10 @@ use std::{sync::OnceLock, time::Duration};
 
 use bytes::Bytes;
 
-use crate::{embedded, pubsub, resp::Args};
+use crate::{
+    embedded, pubsub,
+    resp::{encode, Args},
+};
 
 /// What a command is, as far as sharing a connection is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -698,13 +701,13 @@ fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Acti
             };
             if profile == Profile::Embedded && kind != pubsub::Kind::Channel {
                 // mini-redis has channels only.
-                return Action::Reply(error_reply(&format!(
+                return Action::Reply(encode::error(&format!(
                     "redmux: the embedded upstream does not support {}",
                     String::from_utf8_lossy(&lower).to_ascii_uppercase()
                 )));
             }
             if subscribe && args.remaining() == 0 {
-                return Action::Reply(error_reply(&format!(
+                return Action::Reply(encode::error(&format!(
                     "wrong number of arguments for '{}' command",
                     String::from_utf8_lossy(&lower)
                 )));
@@ -724,7 +727,7 @@ fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Acti
                 }
             }
         }
-        Kind::Monitor if profile == Profile::Embedded => Action::Reply(error_reply(
+        Kind::Monitor if profile == Profile::Embedded => Action::Reply(encode::error(
             "redmux: the embedded upstream does not support MONITOR",
         )),
         Kind::Monitor => Action::Monitor,
@@ -917,17 +920,7 @@ fn not_supported(name: &[u8], detail: Option<&str>) -> Bytes {
         what.push(' ');
         what.extend(detail.chars().take(ECHO_MAX));
     }
-    error_reply(&format!("redmux: {what} is not supported yet"))
-}
-
-/// An `-ERR` reply whose text may contain client-supplied bytes: CR and LF become spaces, as in
-/// every Redis error reply, so the text cannot break the framing.
-pub fn error_reply(text: &str) -> Bytes {
-    let clean: String = text
-        .chars()
-        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
-        .collect();
-    Bytes::from(format!("-ERR {clean}\r\n"))
+    encode::error(&format!("redmux: {what} is not supported yet"))
 }
 
 #[cfg(test)]
@@ -1269,6 +1262,9 @@ mod tests {
 
     #[test]
     fn error_text_cannot_break_framing() {
-        assert_eq!(error_reply("a\r\nb"), Bytes::from_static(b"-ERR a  b\r\n"));
+        assert_eq!(
+            encode::error("a\r\nb"),
+            Bytes::from_static(b"-ERR a  b\r\n")
+        );
     }
 }

@@ -5,19 +5,19 @@
 //! to every other. So it lives here, per client, and what Redis must see of it (database and
 //! protocol) picks the shared upstream connection the client's commands go to.
 
-use std::{fmt::Write, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 pub use crate::clients::Peer;
 use crate::{
     auth::{AuthError, Users},
     clients::{flag, Clients, Entry, Filter, Login, Names, PauseMode},
-    command::{c_string, error_reply, keyword_is, Profile},
+    command::{c_string, keyword_is, Profile},
     config::Secret,
     resp::encode_command,
-    resp::{parse_int, Args},
+    resp::{encode, parse_int, Args},
     upstream::{Credentials, Identity, Request, Target, UpstreamError, Upstreams},
 };
 
@@ -211,9 +211,9 @@ impl ClientState {
                 if args.remaining() != 0 {
                     return (arity("acl|whoami"), Effect::None);
                 }
-                bulk_bytes(self.user().as_bytes())
+                encode::bulk(self.user().as_bytes())
             }
-            _ => error_reply("redmux: not a connection command"),
+            _ => encode::error("redmux: not a connection command"),
         };
         (reply, Effect::None)
     }
@@ -222,7 +222,7 @@ impl ClientState {
         match self.database(args) {
             Ok(db) => match self.set_db(db) {
                 Ok(()) => ok(),
-                Err(error) => error_reply(&error.to_string()),
+                Err(error) => encode::error(&error.to_string()),
             },
             Err(error) => error,
         }
@@ -247,9 +247,9 @@ impl ClientState {
             return Err(arity("select"));
         };
         let index = match parse_int(index) {
-            None => return Err(error_reply("value is not an integer or out of range")),
+            None => return Err(encode::error("value is not an integer or out of range")),
             Some(n) if i32::try_from(n).is_err() => {
-                return Err(error_reply(
+                return Err(encode::error(
                     "value is out of range, value must between -2147483648 and 2147483647",
                 ))
             }
@@ -257,10 +257,10 @@ impl ClientState {
         };
         let databases = self.upstreams.databases();
         let Some(db) = u32::try_from(index).ok().filter(|db| *db < databases) else {
-            return Err(error_reply("DB index is out of range"));
+            return Err(encode::error("DB index is out of range"));
         };
         if db != 0 && self.upstreams.profile() == Profile::Embedded {
-            return Err(error_reply("redmux: the embedded upstream has only db 0"));
+            return Err(encode::error("redmux: the embedded upstream has only db 0"));
         }
         Ok(db)
     }
@@ -274,12 +274,12 @@ impl ClientState {
                 Some(3) => resp3 = true,
                 Some(_) => {
                     return (
-                        raw_error("NOPROTO unsupported protocol version"),
+                        encode::coded_error("NOPROTO unsupported protocol version"),
                         Effect::None,
                     )
                 }
                 None => {
-                    let error = error_reply("Protocol version is not an integer or out of range");
+                    let error = encode::error("Protocol version is not an integer or out of range");
                     return (error, Effect::None);
                 }
             }
@@ -297,7 +297,7 @@ impl ClientState {
                     checks += 1;
                     if checks > 1 && self.users.pass_through() {
                         let error = "redmux: HELLO with more than one AUTH option is not supported";
-                        return (error_reply(error), Effect::None);
+                        return (encode::error(error), Effect::None);
                     }
                     if let Err(failed) = self.login(Some(user), password, checked) {
                         return failed;
@@ -311,12 +311,12 @@ impl ClientState {
             } else {
                 let option = c_string(option);
                 let option = String::from_utf8_lossy(&option[..option.len().min(128)]);
-                let error = error_reply(&format!("Syntax error in HELLO option '{option}'"));
+                let error = encode::error(&format!("Syntax error in HELLO option '{option}'"));
                 return (error, Effect::None);
             }
         }
         if !self.authenticated {
-            let error = raw_error(
+            let error = encode::coded_error(
                 "NOAUTH HELLO must be called with the client already authenticated, otherwise \
                  the HELLO AUTH <user> <pass> option can be used to authenticate the client and \
                  select the RESP protocol version at the same time",
@@ -324,42 +324,46 @@ impl ClientState {
             return (error, Effect::None);
         }
         if resp3 && self.upstreams.profile() == Profile::Embedded {
-            let error = raw_error("NOPROTO the embedded upstream speaks only RESP2");
+            let error = encode::coded_error("NOPROTO the embedded upstream speaks only RESP2");
             return (error, Effect::None);
         }
         if let Err(error) = self.switch(Target {
             resp3,
             ..self.target()
         }) {
-            return (error_reply(&error.to_string()), Effect::None);
+            return (encode::error(&error.to_string()), Effect::None);
         }
         (self.hello_reply(), Effect::None)
     }
 
     fn hello_reply(&self) -> Bytes {
-        let mut out = String::new();
-        let (header, proto) = if self.resp3 { ("%7", 3) } else { ("*14", 2) };
-        let _ = write!(out, "{header}\r\n");
+        let mut out = BytesMut::with_capacity(160);
+        let (kind, len, proto) = if self.resp3 {
+            (b'%', 7, 3)
+        } else {
+            (b'*', 14, 2)
+        };
+        encode::put_header(&mut out, kind, len);
         for (key, value) in [("server", "redis"), ("version", REDIS_VERSION)] {
-            let _ = write!(out, "{}{}", bulk(key), bulk(value));
+            encode::put_bulk(&mut out, key.as_bytes());
+            encode::put_bulk(&mut out, value.as_bytes());
         }
-        let _ = write!(
-            out,
-            "{}:{proto}\r\n{}:{}\r\n",
-            bulk("proto"),
-            bulk("id"),
-            self.id
-        );
+        encode::put_bulk(&mut out, b"proto");
+        encode::put_integer(&mut out, proto);
+        encode::put_bulk(&mut out, b"id");
+        encode::put_integer(&mut out, self.id as i64);
         for (key, value) in [("mode", "standalone"), ("role", "master")] {
-            let _ = write!(out, "{}{}", bulk(key), bulk(value));
+            encode::put_bulk(&mut out, key.as_bytes());
+            encode::put_bulk(&mut out, value.as_bytes());
         }
-        let _ = write!(out, "{}*0\r\n", bulk("modules"));
-        Bytes::from(out)
+        encode::put_bulk(&mut out, b"modules");
+        encode::put_header(&mut out, b'*', 0);
+        out.freeze()
     }
 
     fn set_name(&mut self, name: &[u8]) -> Result<(), Bytes> {
         if !name.iter().all(|b| (b'!'..=b'~').contains(b)) {
-            return Err(error_reply(
+            return Err(encode::error(
                 "Client names cannot contain spaces, newlines or special characters.",
             ));
         }
@@ -371,10 +375,10 @@ impl ClientState {
         let lower = sub.to_ascii_lowercase();
         let argc = args.remaining();
         let reply = match (lower.as_slice(), argc) {
-            (b"id", 0) => Bytes::from(format!(":{}\r\n", self.id)),
+            (b"id", 0) => encode::integer(self.id as i64),
             (b"getname", 0) => self
                 .entry
-                .names(|names| names.name.as_deref().map(bulk_bytes))
+                .names(|names| names.name.as_deref().map(encode::bulk))
                 .unwrap_or_else(|| self.null()),
             (b"setname", 1) => match args.next().map(|name| self.set_name(name)) {
                 Some(Err(error)) => error,
@@ -409,7 +413,7 @@ impl ClientState {
                         }
                         Bytes::new()
                     }
-                    _ => error_reply("syntax error"),
+                    _ => encode::error("syntax error"),
                 }
             }
             (b"no-evict", 1) | (b"no-touch", 1) => {
@@ -422,7 +426,7 @@ impl ClientState {
                         }
                         ok()
                     }
-                    _ => error_reply("syntax error"),
+                    _ => encode::error("syntax error"),
                 }
             }
             // Library name and version (Redis 7.2): shown by CLIENT LIST.
@@ -441,14 +445,16 @@ impl ClientState {
                     }
                     _ => {
                         let attr = String::from_utf8_lossy(value);
-                        error_reply(&format!("Unrecognized option '{attr}'"))
+                        encode::error(&format!("Unrecognized option '{attr}'"))
                     }
                 }
             }
-            (b"tracking" | b"caching" | b"getredir" | b"trackinginfo", _) => error_reply(&format!(
-                "redmux: CLIENT {} is not supported yet",
-                String::from_utf8_lossy(&lower).to_ascii_uppercase()
-            )),
+            (b"tracking" | b"caching" | b"getredir" | b"trackinginfo", _) => {
+                encode::error(&format!(
+                    "redmux: CLIENT {} is not supported yet",
+                    String::from_utf8_lossy(&lower).to_ascii_uppercase()
+                ))
+            }
             (
                 b"id" | b"getname" | b"setname" | b"info" | b"reply" | b"no-evict" | b"no-touch"
                 | b"setinfo" | b"kill" | b"pause" | b"unpause" | b"unblock",
@@ -456,7 +462,7 @@ impl ClientState {
             ) => arity(&format!("client|{}", String::from_utf8_lossy(&lower))),
             _ => {
                 let sub = String::from_utf8_lossy(&sub[..sub.len().min(128)]);
-                error_reply(&format!("unknown subcommand '{sub}'. Try CLIENT HELP."))
+                encode::error(&format!("unknown subcommand '{sub}'. Try CLIENT HELP."))
             }
         };
         (reply, Effect::None)
@@ -465,9 +471,9 @@ impl ClientState {
     /// Text as CLIENT INFO and LIST send it: a bulk string, or RESP3's verbatim string.
     fn verbatim(&self, text: &str) -> Bytes {
         if self.resp3 {
-            Bytes::from(format!("={}\r\ntxt:{text}\r\n", text.len() + 4))
+            encode::verbatim(text.as_bytes())
         } else {
-            Bytes::from(format!("${}\r\n{text}\r\n", text.len()))
+            encode::bulk(text.as_bytes())
         }
     }
 
@@ -492,12 +498,12 @@ impl ClientState {
                 for id in args {
                     match parse_int(id) {
                         Some(id) => wanted.push(u64::try_from(id).unwrap_or(0)),
-                        None => return error_reply("Invalid client ID"),
+                        None => return encode::error("Invalid client ID"),
                     }
                 }
                 ids = Some(wanted);
             }
-            _ => return error_reply("syntax error"),
+            _ => return encode::error("syntax error"),
         }
         let entries = match &ids {
             Some(ids) => ids.iter().filter_map(|id| self.clients.get(*id)).collect(),
@@ -524,14 +530,14 @@ impl ClientState {
         }
         while let Some(option) = args.next() {
             let Some(value) = args.next() else {
-                return (error_reply("syntax error"), Effect::None);
+                return (encode::error("syntax error"), Effect::None);
             };
             let text = || String::from_utf8_lossy(value).into_owned();
             if keyword_is(option, b"id") {
                 match parse_int(value).filter(|id| *id >= 1) {
                     Some(id) => filter.ids = Some(vec![u64::try_from(id).unwrap_or(0)]),
                     None => {
-                        let error = error_reply("client-id should be greater than 0");
+                        let error = encode::error("client-id should be greater than 0");
                         return (error, Effect::None);
                     }
                 }
@@ -552,7 +558,7 @@ impl ClientState {
                 let known =
                     self.users.pass_through() || user == "default" || self.users.exists(&user);
                 if !known {
-                    let error = error_reply(&format!("No such user '{user}'"));
+                    let error = encode::error(&format!("No such user '{user}'"));
                     return (error, Effect::None);
                 }
                 filter.user = Some(user);
@@ -562,10 +568,10 @@ impl ClientState {
                 } else if keyword_is(value, b"no") {
                     filter.skip = None;
                 } else {
-                    return (error_reply("syntax error"), Effect::None);
+                    return (encode::error("syntax error"), Effect::None);
                 }
             } else {
-                return (error_reply("syntax error"), Effect::None);
+                return (encode::error("syntax error"), Effect::None);
             }
         }
         let killed = self.clients.matching(&filter, |entry| self.user_of(entry));
@@ -573,9 +579,9 @@ impl ClientState {
             entry.kill();
         }
         let reply = match (old_form, killed.len()) {
-            (true, 0) => error_reply("No such client"),
+            (true, 0) => encode::error("No such client"),
             (true, _) => ok(),
-            (false, n) => Bytes::from(format!(":{n}\r\n")),
+            (false, n) => encode::integer(n as i64),
         };
         (reply, Effect::None)
     }
@@ -585,15 +591,15 @@ impl ClientState {
     fn pause(&self, mut args: Args<'_>) -> Bytes {
         let timeout = args.next().unwrap_or_default();
         let millis = match parse_int(timeout) {
-            None => return error_reply("timeout is not an integer or out of range"),
-            Some(ms) if ms < 0 => return error_reply("timeout is negative"),
+            None => return encode::error("timeout is not an integer or out of range"),
+            Some(ms) if ms < 0 => return encode::error("timeout is negative"),
             Some(ms) => ms,
         };
         let mode = match args.next() {
             None => PauseMode::All,
             Some(mode) if keyword_is(mode, b"write") => PauseMode::Write,
             Some(mode) if keyword_is(mode, b"all") => PauseMode::All,
-            Some(_) => return error_reply("CLIENT PAUSE mode must be WRITE or ALL"),
+            Some(_) => return encode::error("CLIENT PAUSE mode must be WRITE or ALL"),
         };
         let millis = u64::try_from(millis).unwrap_or(0);
         self.clients.pause(Duration::from_millis(millis), mode);
@@ -605,7 +611,7 @@ impl ClientState {
     /// its own; Redis's reply (`:1`, or `:0` if it was not blocked after all) is the answer.
     fn unblock(&self, mut args: Args<'_>) -> (Bytes, Effect) {
         let Some(id) = args.next().and_then(parse_int) else {
-            let error = error_reply("value is not an integer or out of range");
+            let error = encode::error("value is not an integer or out of range");
             return (error, Effect::None);
         };
         let mode = match args.next() {
@@ -613,7 +619,7 @@ impl ClientState {
             Some(mode) if keyword_is(mode, b"timeout") => Some(&b"TIMEOUT"[..]),
             Some(mode) if keyword_is(mode, b"error") => Some(&b"ERROR"[..]),
             Some(_) => {
-                let error = error_reply("CLIENT UNBLOCK reason should be TIMEOUT or ERROR");
+                let error = encode::error("CLIENT UNBLOCK reason should be TIMEOUT or ERROR");
                 return (error, Effect::None);
             }
         };
@@ -637,7 +643,7 @@ impl ClientState {
             (0, _, _) => return (arity("auth"), Effect::None),
             (1, Some(password), _) => (None, password),
             (2, Some(user), Some(password)) => (Some(user), password),
-            _ => return (error_reply("syntax error"), Effect::None),
+            _ => return (encode::error("syntax error"), Effect::None),
         };
         match self.login(user, password, checked) {
             Ok(()) => (ok(), Effect::None),
@@ -665,7 +671,7 @@ impl ClientState {
             std::str::from_utf8(password),
         ) else {
             let error = "redmux: a user name or password that is not UTF-8 is not supported";
-            return Err((error_reply(error), Effect::None));
+            return Err((encode::error(error), Effect::None));
         };
         let reply = match checked {
             None => {
@@ -689,7 +695,7 @@ impl ClientState {
             identity: identity.clone(),
             ..self.target()
         })
-        .map_err(|error| (error_reply(&error.to_string()), Effect::None))?;
+        .map_err(|error| (encode::error(&error.to_string()), Effect::None))?;
         self.set_names(|names| names.login = Some(Login::Upstream(name.into(), identity)));
         Ok(())
     }
@@ -703,11 +709,11 @@ impl ClientState {
                 self.set_names(|names| names.login = login);
                 Ok(())
             }
-            Err(AuthError::NoDefaultPassword) => Err(error_reply(
+            Err(AuthError::NoDefaultPassword) => Err(encode::error(
                 "AUTH <password> called without any password configured for the default \
                  user. Are you sure your configuration is correct?",
             )),
-            Err(AuthError::WrongPass) => Err(raw_error(
+            Err(AuthError::WrongPass) => Err(encode::coded_error(
                 "WRONGPASS invalid username-password pair or user is disabled.",
             )),
         }
@@ -719,7 +725,7 @@ impl ClientState {
         let default = self.upstreams.default_target();
         if self.switch(default).is_err() {
             // The default target always has its actors; this cannot fail in practice.
-            return error_reply("redmux: cannot reset the connection");
+            return encode::error("redmux: cannot reset the connection");
         }
         self.set_names(|names| {
             names.name = None;
@@ -741,25 +747,9 @@ fn ok() -> Bytes {
 }
 
 fn arity(fullname: &str) -> Bytes {
-    error_reply(&format!(
+    encode::error(&format!(
         "wrong number of arguments for '{fullname}' command"
     ))
-}
-
-/// An error with its own code (NOPROTO, WRONGPASS...), not `ERR`.
-fn raw_error(text: &str) -> Bytes {
-    Bytes::from(format!("-{text}\r\n"))
-}
-
-fn bulk(text: &str) -> String {
-    format!("${}\r\n{text}\r\n", text.len())
-}
-
-fn bulk_bytes(payload: &[u8]) -> Bytes {
-    let mut out = format!("${}\r\n", payload.len()).into_bytes();
-    out.extend_from_slice(payload);
-    out.extend_from_slice(b"\r\n");
-    Bytes::from(out)
 }
 
 /// A CLIENT LIST / KILL `TYPE`: `Some(true)` normal, `Some(false)` pubsub, `None` master or
@@ -770,7 +760,7 @@ fn client_type(name: &[u8]) -> Result<Option<bool>, Bytes> {
         b"normal" => Ok(Some(true)),
         b"pubsub" => Ok(Some(false)),
         b"master" | b"replica" | b"slave" => Ok(None),
-        _ => Err(error_reply(&format!(
+        _ => Err(encode::error(&format!(
             "Unknown client type '{}'",
             String::from_utf8_lossy(c_string(name))
         ))),

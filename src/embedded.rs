@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::{command::error_reply, resp::Args};
+use crate::resp::{encode, Args};
 
 /// A running embedded store. It holds the data, so a reload that keeps the embedded upstream
 /// keeps the store; it stops when the last upstream set using it is gone, or with `shutdown`.
@@ -49,7 +49,7 @@ pub async fn start(shutdown: &CancellationToken) -> io::Result<Store> {
 /// Answers locally what the embedded store cannot take; `None` means forward it.
 pub fn screen(name: &[u8], mut args: Args<'_>) -> Option<Bytes> {
     let Ok(name) = std::str::from_utf8(name) else {
-        return Some(error_reply(&format!(
+        return Some(encode::error(&format!(
             "unknown command '{}'",
             String::from_utf8_lossy(name)
         )));
@@ -64,14 +64,14 @@ pub fn screen(name: &[u8], mut args: Args<'_>) -> Option<Bytes> {
         _ => return None,
     };
     if !arity_ok {
-        return Some(error_reply(&format!(
+        return Some(encode::error(&format!(
             "wrong number of arguments for '{lower}' command"
         )));
     }
     match lower.as_str() {
         "ping" => Some(match args.next() {
             None => Bytes::from_static(b"+PONG\r\n"),
-            Some(arg) => bulk(arg),
+            Some(arg) => encode::bulk(arg),
         }),
         // The key (or channel) is read as a UTF-8 string by mini-redis.
         "get" | "publish" => utf8_key(args.next()?),
@@ -85,9 +85,9 @@ pub fn screen(name: &[u8], mut args: Args<'_>) -> Option<Bytes> {
 }
 
 fn utf8_key(key: &[u8]) -> Option<Bytes> {
-    std::str::from_utf8(key)
-        .is_err()
-        .then(|| error_reply("redmux: the embedded upstream only accepts UTF-8 keys and channels"))
+    std::str::from_utf8(key).is_err().then(|| {
+        encode::error("redmux: the embedded upstream only accepts UTF-8 keys and channels")
+    })
 }
 
 /// mini-redis takes `SET key value [EX seconds | PX milliseconds]` and nothing else.
@@ -97,17 +97,17 @@ fn set_options(options: &mut Args<'_>) -> Option<Bytes> {
     match upper.as_str() {
         "EX" | "PX" => {}
         "NX" | "XX" | "GET" | "KEEPTTL" | "EXAT" | "PXAT" => {
-            return Some(error_reply(&format!(
+            return Some(encode::error(&format!(
                 "redmux: the embedded upstream does not support SET {upper}"
             )))
         }
-        _ => return Some(error_reply("syntax error")),
+        _ => return Some(encode::error("syntax error")),
     }
     let Some(value) = options.next() else {
-        return Some(error_reply("syntax error"));
+        return Some(encode::error("syntax error"));
     };
     if options.next().is_some() {
-        return Some(error_reply(
+        return Some(encode::error(
             "redmux: the embedded upstream supports only one SET option",
         ));
     }
@@ -120,16 +120,9 @@ fn set_options(options: &mut Args<'_>) -> Option<Bytes> {
     } / 2;
     match crate::resp::parse_int(value) {
         Some(n) if n > 0 && n <= max => None,
-        Some(_) => Some(error_reply("invalid expire time in 'set' command")),
-        None => Some(error_reply("value is not an integer or out of range")),
+        Some(_) => Some(encode::error("invalid expire time in 'set' command")),
+        None => Some(encode::error("value is not an integer or out of range")),
     }
-}
-
-fn bulk(payload: &[u8]) -> Bytes {
-    let mut out = format!("${}\r\n", payload.len()).into_bytes();
-    out.extend_from_slice(payload);
-    out.extend_from_slice(b"\r\n");
-    Bytes::from(out)
 }
 
 #[cfg(test)]

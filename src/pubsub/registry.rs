@@ -22,6 +22,7 @@ use std::{
 use bytes::Bytes;
 
 use super::{glob, Key, Kind};
+use crate::resp::encode;
 
 /// What a command counts, whose reply redmux corrects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,7 +141,7 @@ impl Registry {
                 } else {
                     skew(shards, channel)
                 };
-                Some(Bytes::from(format!(":{}\r\n", (n + skew).max(0))))
+                Some(encode::integer((n + skew).max(0)))
             }
             Count::NumSub | Count::ShardNumSub => {
                 let table = if count == Count::NumSub {
@@ -153,10 +154,8 @@ impl Registry {
                 for _ in 0..items.len / 2 {
                     let name = items.bulk()?;
                     let n = items.integer()?;
-                    push_bulk(&mut out, name);
-                    out.extend_from_slice(
-                        format!(":{}\r\n", (n + skew(table, name)).max(0)).as_bytes(),
-                    );
+                    encode::put_bulk(&mut out, name);
+                    encode::put_integer(&mut out, (n + skew(table, name)).max(0));
                 }
                 items.end()?;
                 Some(Bytes::from(out))
@@ -183,10 +182,11 @@ impl Registry {
                 if missing.is_empty() {
                     return None;
                 }
-                let mut out = format!("*{}\r\n", items.len + missing.len()).into_bytes();
+                let mut out = Vec::new();
+                encode::put_header(&mut out, b'*', items.len + missing.len());
                 out.extend_from_slice(&reply[items.header().len()..]);
                 for name in missing {
-                    push_bulk(&mut out, name);
+                    encode::put_bulk(&mut out, name);
                 }
                 Some(Bytes::from(out))
             }
@@ -196,12 +196,6 @@ impl Registry {
 
 fn skew(table: &HashMap<Bytes, Entry>, name: &[u8]) -> i64 {
     table.get(name).map_or(0, |entry| entry.skew())
-}
-
-fn push_bulk(out: &mut Vec<u8>, bulk: &[u8]) {
-    out.extend_from_slice(format!("${}\r\n", bulk.len()).as_bytes());
-    out.extend_from_slice(bulk);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// The number in a line `<prefix><digits>\r\n` at the start of `buf`, and the line's length.

@@ -6,6 +6,7 @@
 //! many reads is scanned once, not once per read.
 
 mod args;
+pub mod encode;
 mod inline;
 mod reply;
 mod request;

@@ -69,7 +69,7 @@ impl ProtocolError {
                     .concat(),
                 )
             }
-            other => Bytes::from(format!("-ERR {other}\r\n")),
+            other => super::encode::error(&other.to_string()),
         }
     }
 }

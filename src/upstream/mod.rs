@@ -35,7 +35,7 @@ use crate::{
     embedded,
     metrics::Metrics,
     pubsub::{self, PubSub},
-    resp::ReplyScanner,
+    resp::{encode, ReplyScanner},
 };
 
 thread_local! {
@@ -159,12 +159,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// The error reply, once for each of `count` requests so the client's replies stay aligned.
     pub fn replies(self, count: u32) -> Bytes {
-        let line = format!("-ERR {self}\r\n");
-        let mut out = BytesMut::with_capacity(line.len() * count as usize);
-        for _ in 0..count {
-            out.extend_from_slice(line.as_bytes());
-        }
-        out.freeze()
+        encode::repeat(&encode::error(&self.to_string()), count as usize)
     }
 }
 
