@@ -129,8 +129,8 @@ enum Then {
     Replay(Bytes),
     /// A count of subscribers in which Redis sees redmux's hub connections, not the clients
     /// they serve: corrected (see [`pubsub::Registry`]). With the argument the correction
-    /// needs ([`pubsub::Count::argument_index`]).
-    Count(pubsub::Count, Option<Bytes>),
+    /// needs ([`command::Count::argument_index`]).
+    Count(command::Count, Option<Bytes>),
 }
 
 /// Where a client's requests travel. Redis runs what arrives on one connection in order, but
@@ -215,7 +215,7 @@ struct Open {
     before: Vec<Bytes>,
     /// The frames Redis sends when it does what was asked.
     frames: Bytes,
-    kind: pubsub::Kind,
+    kind: command::Namespace,
     /// The names a subscription added, each with its place in [`Names`]: taken back if Redis
     /// refuses it.
     added: Vec<(Bytes, u64)>,
@@ -337,11 +337,11 @@ fn next_frame(feed: &mut Option<Feed>, room: bool) -> impl Future<Output = Fed> 
 }
 
 /// Where a kind's names are in `Subscriptions::kinds`.
-fn kind_index(kind: pubsub::Kind) -> usize {
+fn kind_index(kind: command::Namespace) -> usize {
     match kind {
-        pubsub::Kind::Channel => 0,
-        pubsub::Kind::Pattern => 1,
-        pubsub::Kind::Shard => 2,
+        command::Namespace::Channel => 0,
+        command::Namespace::Pattern => 1,
+        command::Namespace::Shard => 2,
     }
 }
 
@@ -350,11 +350,11 @@ impl Subscriptions {
         self.held.get_or_insert_with(Box::default)
     }
 
-    fn names(&mut self, kind: pubsub::Kind) -> &mut Names {
+    fn names(&mut self, kind: command::Namespace) -> &mut Names {
         &mut self.held().kinds[kind_index(kind)]
     }
 
-    fn len(&self, kind: pubsub::Kind) -> usize {
+    fn len(&self, kind: command::Namespace) -> usize {
         self.held
             .as_ref()
             .map_or(0, |held| held.kinds[kind_index(kind)].len())
@@ -367,16 +367,16 @@ impl Subscriptions {
 
     /// The count Redis puts in a confirmation: channels and patterns together, shard
     /// channels apart.
-    fn count(&self, kind: pubsub::Kind) -> usize {
+    fn count(&self, kind: command::Namespace) -> usize {
         match kind {
-            pubsub::Kind::Shard => self.len(kind),
-            _ => self.len(pubsub::Kind::Channel) + self.len(pubsub::Kind::Pattern),
+            command::Namespace::Shard => self.len(kind),
+            _ => self.len(command::Namespace::Channel) + self.len(command::Namespace::Pattern),
         }
     }
 
     /// Subscribed to anything: RESP2 clients are then restricted to pub/sub commands.
     fn active(&self) -> bool {
-        self.count(pubsub::Kind::Channel) + self.count(pubsub::Kind::Shard) > 0
+        self.count(command::Namespace::Channel) + self.count(command::Namespace::Shard) > 0
     }
 
     /// Whether a message from the hub is for a subscription the client still has. One that
@@ -385,9 +385,9 @@ impl Subscriptions {
     fn wants(&self, frame: &[u8]) -> bool {
         let mut args = Args::new(frame);
         let kind = match args.next() {
-            Some(b"message") => pubsub::Kind::Channel,
-            Some(b"pmessage") => pubsub::Kind::Pattern,
-            Some(b"smessage") => pubsub::Kind::Shard,
+            Some(b"message") => command::Namespace::Channel,
+            Some(b"pmessage") => command::Namespace::Pattern,
+            Some(b"smessage") => command::Namespace::Shard,
             _ => return true,
         };
         let names = self.held.as_ref().map(|held| &held.kinds[kind_index(kind)]);
@@ -1744,9 +1744,9 @@ impl State {
             _ => None,
         });
         for (kind, count) in [
-            (Subscription::Channel, pubsub::Kind::Channel),
-            (Subscription::Pattern, pubsub::Kind::Pattern),
-            (Subscription::Shard, pubsub::Kind::Shard),
+            (Subscription::Channel, command::Namespace::Channel),
+            (Subscription::Pattern, command::Namespace::Pattern),
+            (Subscription::Shard, command::Namespace::Shard),
         ] {
             entry.set_subscriptions(kind, self.subs.len(count));
         }
@@ -1883,7 +1883,7 @@ impl State {
     ///
     /// Constant work per name, and a long list gives the runtime back its thread now and then:
     /// one request may name a million channels, and other clients must not wait for it.
-    async fn subscribe(&mut self, kind: pubsub::Kind, names: Vec<Bytes>) {
+    async fn subscribe(&mut self, kind: command::Namespace, names: Vec<Bytes>) {
         let verb = kind.command(true);
         let mut confirmation = Vec::new();
         let mut added = Vec::new();
@@ -1964,7 +1964,7 @@ impl State {
     /// once the hub has unsubscribed upstream what nobody else wants: a request of the client
     /// on another path waits for them (see [`Path`]), and so finds Redis's counts without the
     /// subscriptions it dropped.
-    async fn unsubscribe(&mut self, kind: pubsub::Kind, names: Vec<Bytes>) {
+    async fn unsubscribe(&mut self, kind: command::Namespace, names: Vec<Bytes>) {
         let verb = kind.command(false);
         let mut reply = Vec::new();
         let mut removed = Vec::new();
@@ -2006,7 +2006,7 @@ impl State {
     /// A reply slot the hub's answer completes: `frames` if it did what was asked, its error
     /// if Redis refused (then the names in `added` are taken back), after the messages Redis
     /// sent before its answer.
-    fn open_slot(&mut self, frames: Bytes, kind: pubsub::Kind, added: Vec<(Bytes, u64)>) {
+    fn open_slot(&mut self, frames: Bytes, kind: command::Namespace, added: Vec<(Bytes, u64)>) {
         let (reply, rx) = oneshot::channel();
         self.subs.held().open.push_back(Open {
             reply,
@@ -2172,7 +2172,7 @@ impl State {
     }
 
     /// Forwards a count command; its reply is corrected ([`Then::Count`]).
-    async fn forward_counted(&mut self, count: pubsub::Count, request: Bytes) {
+    async fn forward_counted(&mut self, count: command::Count, request: Bytes) {
         let argument = count
             .argument_index()
             .and_then(|i| Args::new(&request).nth(i))
@@ -2190,7 +2190,7 @@ impl State {
     /// Redis's count corrected for what redmux's hubs and their clients hold.
     fn recount(
         &self,
-        count: pubsub::Count,
+        count: command::Count,
         argument: Option<Bytes>,
         replies: Replies,
         charged: bool,

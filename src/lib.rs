@@ -3,7 +3,7 @@
 //!
 //! Data flow, one module each: [`server`] accepts clients → [`client`] sessions parse requests
 //! ([`resp`]) and decide what to do with each ([`command`]) → [`upstream`] actors pipeline them
-//! onto Redis (or the [`embedded`] store) → replies flow back through a `oneshot` per batch.
+//! onto Redis (or the embedded store) → replies flow back through a `oneshot` per batch.
 //! The settings in effect are [`live`]: a reload replaces them while clients stay connected.
 //! [`tls`] wraps either side in TLS when configured. Beside that path: [`metrics`] counts what
 //! happens, and [`admin`] serves it over HTTP.
@@ -19,7 +19,6 @@ pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod connection;
-pub mod embedded;
 pub mod live;
 pub mod metrics;
 pub mod monitor;

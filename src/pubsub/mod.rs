@@ -42,7 +42,9 @@ use tokio::{
 };
 use tracing::{info, warn, Instrument};
 
-pub use registry::{Count, Registry};
+pub use registry::Registry;
+
+use crate::command::Namespace;
 
 use crate::{
     resp::{encode_command, Args, ReplyScanner},
@@ -64,31 +66,8 @@ const WINDOW: usize = 128 * 1024;
 /// What Redis's confirmation of one name takes besides the name: `*3`, the verb, the count.
 const REPLY_OVERHEAD: usize = 40;
 
-/// Channels, patterns and shard channels are separate name spaces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Channel,
-    Pattern,
-    Shard,
-}
-
-impl Kind {
-    /// The command that (un)subscribes this kind, which is also the first word of its
-    /// confirmation frames.
-    pub fn command(self, subscribe: bool) -> &'static str {
-        match (self, subscribe) {
-            (Kind::Channel, true) => "subscribe",
-            (Kind::Pattern, true) => "psubscribe",
-            (Kind::Shard, true) => "ssubscribe",
-            (Kind::Channel, false) => "unsubscribe",
-            (Kind::Pattern, false) => "punsubscribe",
-            (Kind::Shard, false) => "sunsubscribe",
-        }
-    }
-}
-
 /// A subscription: its kind and name.
-pub type Key = (Kind, Bytes);
+pub type Key = (Namespace, Bytes);
 
 /// What a frame in a subscriber's inbox is. Besides Redis's messages, the hub puts there the
 /// answer to each of the client's (un)subscriptions, in the order the client sent them, where
@@ -117,7 +96,7 @@ enum HubRequest {
     /// Subscribe `client` to `names` (none of which it holds); answered in its inbox.
     Subscribe {
         client: u64,
-        kind: Kind,
+        kind: Namespace,
         names: Vec<Bytes>,
         /// The client's inbox, when the session has just made it: the hub then holds the only
         /// sender, until the client leaves or is cut off.
@@ -128,7 +107,7 @@ enum HubRequest {
     /// include it when the client's next request runs.
     Unsubscribe {
         client: u64,
-        kind: Kind,
+        kind: Namespace,
         names: Vec<Bytes>,
     },
     /// The client left, RESET, or holds nothing any more: drop it and all its subscriptions.
@@ -165,11 +144,11 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn of(&mut self, kind: Kind) -> &mut u64 {
+    fn of(&mut self, kind: Namespace) -> &mut u64 {
         match kind {
-            Kind::Channel => &mut self.channels,
-            Kind::Pattern => &mut self.patterns,
-            Kind::Shard => &mut self.shard_channels,
+            Namespace::Channel => &mut self.channels,
+            Namespace::Pattern => &mut self.patterns,
+            Namespace::Shard => &mut self.shard_channels,
         }
     }
 }
@@ -237,7 +216,7 @@ impl PubSub {
     pub async fn subscribe(
         &self,
         client: u64,
-        kind: Kind,
+        kind: Namespace,
         names: Vec<Bytes>,
         inbox: Option<Inbox>,
     ) {
@@ -251,7 +230,7 @@ impl PubSub {
     }
 
     /// Unsubscribes `client` from `names`, which it holds; answered in its inbox.
-    pub async fn unsubscribe(&self, client: u64, kind: Kind, names: Vec<Bytes>) {
+    pub async fn unsubscribe(&self, client: u64, kind: Namespace, names: Vec<Bytes>) {
         let _ = self
             .tx
             .send(HubRequest::Unsubscribe {
@@ -496,14 +475,14 @@ impl Hub {
         for (kind, name) in self.wanted.keys() {
             *self.in_flight.entry((*kind, name.clone())).or_default() += 1;
             let i = match kind {
-                Kind::Channel => 0,
-                Kind::Pattern => 1,
-                Kind::Shard => 2,
+                Namespace::Channel => 0,
+                Namespace::Pattern => 1,
+                Namespace::Shard => 2,
             };
             all[i].push(name.clone());
             consume_budget().await;
         }
-        for (kind, names) in [Kind::Channel, Kind::Pattern, Kind::Shard]
+        for (kind, names) in [Namespace::Channel, Namespace::Pattern, Namespace::Shard]
             .into_iter()
             .zip(all)
         {
@@ -557,7 +536,7 @@ impl Hub {
     async fn subscribe(
         &mut self,
         client: u64,
-        kind: Kind,
+        kind: Namespace,
         names: Vec<Bytes>,
         inbox: Option<Inbox>,
     ) {
@@ -626,7 +605,7 @@ impl Hub {
         self.ready.push(id);
     }
 
-    async fn unsubscribe(&mut self, client: u64, kind: Kind, names: Vec<Bytes>) {
+    async fn unsubscribe(&mut self, client: u64, kind: Namespace, names: Vec<Bytes>) {
         let Some(entry) = self.clients.get_mut(&client) else {
             return;
         };
@@ -750,9 +729,9 @@ impl Hub {
         let mut by_kind: [Vec<Bytes>; 3] = Default::default();
         for (kind, name) in keys {
             let i = match kind {
-                Kind::Channel => 0,
-                Kind::Pattern => 1,
-                Kind::Shard => 2,
+                Namespace::Channel => 0,
+                Namespace::Pattern => 1,
+                Namespace::Shard => 2,
             };
             if subscribe {
                 *self.in_flight.entry((kind, name.clone())).or_default() += 1;
@@ -760,7 +739,7 @@ impl Hub {
             by_kind[i].push(name);
         }
         let mut pushed = 0;
-        for (kind, names) in [Kind::Channel, Kind::Pattern, Kind::Shard]
+        for (kind, names) in [Namespace::Channel, Namespace::Pattern, Namespace::Shard]
             .into_iter()
             .zip(by_kind)
         {
@@ -821,20 +800,20 @@ impl Hub {
             let (kind, subscribe) = match what {
                 b"message" | b"pmessage" | b"smessage" => {
                     let kind = match what {
-                        b"message" => Kind::Channel,
-                        b"pmessage" => Kind::Pattern,
-                        _ => Kind::Shard,
+                        b"message" => Namespace::Channel,
+                        b"pmessage" => Namespace::Pattern,
+                        _ => Namespace::Shard,
                     };
                     let key = (kind, Bytes::copy_from_slice(name));
                     self.deliver(&key, &frame).await;
                     continue;
                 }
-                b"subscribe" => (Kind::Channel, true),
-                b"psubscribe" => (Kind::Pattern, true),
-                b"ssubscribe" => (Kind::Shard, true),
-                b"unsubscribe" => (Kind::Channel, false),
-                b"punsubscribe" => (Kind::Pattern, false),
-                b"sunsubscribe" => (Kind::Shard, false),
+                b"subscribe" => (Namespace::Channel, true),
+                b"psubscribe" => (Namespace::Pattern, true),
+                b"ssubscribe" => (Namespace::Shard, true),
+                b"unsubscribe" => (Namespace::Channel, false),
+                b"punsubscribe" => (Namespace::Pattern, false),
+                b"sunsubscribe" => (Namespace::Shard, false),
                 _ => continue,
             };
             let key = (kind, Bytes::copy_from_slice(name));
@@ -1196,7 +1175,7 @@ async fn read_some(conn: Option<&mut Conn>, rbuf: &mut BytesMut) -> std::io::Res
 /// One client request's names (or a new connection's, or names sent again), on their way.
 #[derive(Debug)]
 struct Queued {
-    kind: Kind,
+    kind: Namespace,
     subscribe: bool,
     names: VecDeque<Bytes>,
     /// The waiter whose request this is, if any.
@@ -1206,7 +1185,7 @@ struct Queued {
 /// A command sent and not wholly answered.
 #[derive(Debug)]
 struct Sent {
-    kind: Kind,
+    kind: Namespace,
     subscribe: bool,
     /// How many of its names Redis has still to answer.
     left: usize,
@@ -1232,7 +1211,7 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn push(&mut self, kind: Kind, subscribe: bool, names: Vec<Bytes>, origin: Option<u64>) {
+    fn push(&mut self, kind: Namespace, subscribe: bool, names: Vec<Bytes>, origin: Option<u64>) {
         if !names.is_empty() {
             self.queue.push_back(Queued {
                 kind,

@@ -21,37 +21,9 @@ use std::{
 
 use bytes::Bytes;
 
-use super::{glob, Key, Kind};
+use super::{glob, Key};
+use crate::command::{Count, Namespace};
 use crate::resp::encode;
-
-/// What a command counts, whose reply redmux corrects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Count {
-    /// PUBLISH: receivers of the channel, by channel and by pattern.
-    Publish,
-    /// SPUBLISH: receivers of the shard channel.
-    SPublish,
-    /// PUBSUB NUMSUB: subscribers of each channel named (patterns aside).
-    NumSub,
-    /// PUBSUB SHARDNUMSUB.
-    ShardNumSub,
-    /// PUBSUB CHANNELS [pattern]: the channels anyone is subscribed to.
-    Channels,
-    /// PUBSUB SHARDCHANNELS [pattern].
-    ShardChannels,
-}
-
-impl Count {
-    /// The argument the correction needs, by its place in the request: the channel published
-    /// to, or the pattern CHANNELS filters by.
-    pub fn argument_index(self) -> Option<usize> {
-        match self {
-            Count::Publish | Count::SPublish => Some(1),
-            Count::Channels | Count::ShardChannels => Some(2),
-            Count::NumSub | Count::ShardNumSub => None,
-        }
-    }
-}
 
 /// Who holds one name: hub connections subscribed to it in Redis, and local clients whose
 /// subscription to it is confirmed.
@@ -71,17 +43,17 @@ impl Entry {
 /// See the module's documentation. One per upstream set, shared by its hubs and sessions.
 #[derive(Debug, Default)]
 pub struct Registry {
-    /// Channels, patterns and shard channels, by [`Kind`].
+    /// Channels, patterns and shard channels, by [`Namespace`].
     tables: Mutex<[HashMap<Bytes, Entry>; 3]>,
     /// Entries in the tables.
     entries: AtomicUsize,
 }
 
-fn index(kind: Kind) -> usize {
+fn index(kind: Namespace) -> usize {
     match kind {
-        Kind::Channel => 0,
-        Kind::Pattern => 1,
-        Kind::Shard => 2,
+        Namespace::Channel => 0,
+        Namespace::Pattern => 1,
+        Namespace::Shard => 2,
     }
 }
 
@@ -271,7 +243,7 @@ impl<'a> Items<'a> {
 mod tests {
     use super::*;
 
-    fn key(kind: Kind, name: &str) -> Key {
+    fn key(kind: Namespace, name: &str) -> Key {
         (kind, Bytes::copy_from_slice(name.as_bytes()))
     }
 
@@ -287,8 +259,8 @@ mod tests {
     fn publish_counts_each_local_receiver() {
         let registry = Registry::default();
         assert!(!registry.active());
-        let ch = key(Kind::Channel, "ch");
-        let pattern = key(Kind::Pattern, "c*");
+        let ch = key(Namespace::Channel, "ch");
+        let pattern = key(Namespace::Pattern, "c*");
         registry.hub(&ch, true);
         registry.hub(&pattern, true);
         registry.client(&ch, true);
@@ -344,10 +316,10 @@ mod tests {
     #[test]
     fn channels_lists_what_local_clients_hold() {
         let registry = Registry::default();
-        registry.client(&key(Kind::Channel, "news"), true);
-        registry.client(&key(Kind::Channel, "other"), true);
-        registry.hub(&key(Kind::Channel, "listed"), true);
-        registry.client(&key(Kind::Channel, "listed"), true);
+        registry.client(&key(Namespace::Channel, "news"), true);
+        registry.client(&key(Namespace::Channel, "other"), true);
+        registry.hub(&key(Namespace::Channel, "listed"), true);
+        registry.client(&key(Namespace::Channel, "listed"), true);
         assert_eq!(
             correct(&registry, Count::Channels, Some("n*"), "*0\r\n"),
             "*1\r\n$4\r\nnews\r\n"

@@ -6,6 +6,7 @@
 
 mod actor;
 mod connect;
+mod embedded;
 mod pool;
 
 use std::{
@@ -32,7 +33,6 @@ pub use pool::Lease;
 use crate::{
     command::Profile,
     config::UpstreamConfig,
-    embedded,
     metrics::Metrics,
     pubsub::{self, PubSub},
     resp::{encode, ReplyScanner},

@@ -1,5 +1,4 @@
-//! The embedded upstream: a mini-redis server run in-process, so redmux can be tried with no
-//! Redis installed.
+//! What the embedded upstream (mini-redis, see `upstream::embedded`) cannot take.
 //!
 //! mini-redis knows GET, SET (with EX/PX), PUBLISH and SUBSCRIBE, and drops the whole connection
 //! when one of those arrives with arguments it cannot parse. On a shared connection that would
@@ -7,44 +6,9 @@
 //! itself, with Redis's error texts. It also answers PING, which mini-redis does not know, so
 //! health checks and `redis-benchmark` work against the embedded store.
 
-use std::{io, net::SocketAddr};
-
 use bytes::Bytes;
-use tokio::net::TcpListener;
-use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::resp::{encode, Args};
-
-/// A running embedded store. It holds the data, so a reload that keeps the embedded upstream
-/// keeps the store; it stops when the last upstream set using it is gone, or with `shutdown`.
-#[derive(Debug)]
-pub struct Store {
-    pub addr: SocketAddr,
-    _stop: DropGuard,
-}
-
-/// Starts mini-redis on an ephemeral loopback port.
-pub async fn start(shutdown: &CancellationToken) -> io::Result<Store> {
-    let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
-    let addr = listener.local_addr()?;
-    let stop = shutdown.child_token();
-    let stopped = stop.clone().cancelled_owned();
-    tokio::spawn(async move {
-        if let Err(error) = mini_redis::server::run(listener, stopped).await {
-            tracing::error!(%error, "embedded mini-redis server stopped");
-        }
-    });
-    tracing::warn!(
-        %addr,
-        "upstream is \"embedded\": an in-memory toy store (mini-redis) for trying redmux. It knows \
-         only GET, SET, PUBLISH and PING, and nothing is persisted. Point upstream.address at a \
-         real redis-server for real use"
-    );
-    Ok(Store {
-        addr,
-        _stop: stop.drop_guard(),
-    })
-}
 
 /// Answers locally what the embedded store cannot take; `None` means forward it.
 pub fn screen(name: &[u8], mut args: Args<'_>) -> Option<Bytes> {
