@@ -33,9 +33,10 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::{
     admin::{self, Admin},
-    client::{Duplex, Session},
+    client::Session,
     config::Config,
     connection::{ClientState, Peer},
+    io::Duplex,
     live::{Live, Reloader},
     metrics::{Metrics, Rejection},
     tls::{self, TlsClient, TlsError},

@@ -35,8 +35,8 @@ use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    client::{Duplex, ReadSide},
     config::{Config, ServerTlsConfig, UpstreamConfig, UpstreamTlsConfig},
+    io::{Duplex, ReadSide},
 };
 
 /// How long a client may take over its TLS handshake. It counts towards `max_clients` while it

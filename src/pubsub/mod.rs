@@ -47,8 +47,9 @@ pub use registry::Registry;
 use crate::command::Namespace;
 
 use crate::{
+    io::Budget,
     resp::{encode_command, Args, ReplyScanner},
-    upstream::{self, Budget, Dial, Replies, Reply, Setup, Timeouts, UpstreamError},
+    upstream::{self, Dial, Replies, Reply, Setup, Timeouts, UpstreamError},
 };
 
 /// Hub requests waiting at once.

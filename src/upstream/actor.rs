@@ -27,11 +27,11 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{
     connect::{open, ConnectError, Reader, Writer},
-    ActorSnapshot, Budget, Dial, Replies, Reply, Request, Setup, Target, Timeouts, UpstreamError,
+    ActorSnapshot, Dial, Replies, Reply, Request, Setup, Target, Timeouts, UpstreamError,
 };
 use crate::{
+    io::{outgoing::write_some, Budget},
     metrics::Metrics,
-    outgoing::write_some,
     resp::{ReplyError, ReplyScanner},
 };
 

@@ -33,6 +33,7 @@ pub use pool::Lease;
 use crate::{
     command::Profile,
     config::UpstreamConfig,
+    io::Budget,
     metrics::Metrics,
     pubsub::{self, PubSub},
     resp::{encode, ReplyScanner},
@@ -71,43 +72,6 @@ pub struct Request {
     pub reply: oneshot::Sender<Reply>,
     /// The client's output budget, charged with the replies as they are handed over.
     pub budget: Option<Arc<Budget>>,
-}
-
-/// Reply bytes owed to one client and not yet written to it, shared by its session and the
-/// actors answering it: a client that does not read is stopped where its replies arrive, so
-/// they cannot pile up anywhere past `client_output_limit`, however fast Redis answers. A
-/// subscriber's or monitor's feed counts its waiting frames with one too.
-#[derive(Debug)]
-pub struct Budget {
-    owed: std::sync::atomic::AtomicUsize,
-    /// Atomic so that a reload can change it for a client already connected.
-    limit: std::sync::atomic::AtomicUsize,
-}
-
-impl Budget {
-    pub fn new(limit: usize) -> Self {
-        Budget {
-            owed: std::sync::atomic::AtomicUsize::new(0),
-            limit: std::sync::atomic::AtomicUsize::new(limit),
-        }
-    }
-
-    /// Counts `n` more bytes owed; `false` if that goes past the limit.
-    pub fn charge(&self, n: usize) -> bool {
-        let before = self.owed.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
-        before.saturating_add(n) <= self.limit.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// A new limit (`client_output_limit` reloaded), for the bytes charged from now on.
-    pub fn set_limit(&self, limit: usize) {
-        self.limit
-            .store(limit, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// `n` bytes were written to the client (or dropped).
-    pub fn refund(&self, n: usize) {
-        self.owed.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
-    }
 }
 
 /// The replies to one [`Request`].
