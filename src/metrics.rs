@@ -1,4 +1,4 @@
-//! What redmux counts, and its Prometheus exposition (served by [`crate::admin`]).
+//! What redmux counts. The admin endpoint turns it into Prometheus's text format.
 //!
 //! Recording sits on the hot path (every request, every read and write of a client socket), so
 //! it is plain atomic adds with `Relaxed` ordering (each counter stands alone, and a scrape that
@@ -8,10 +8,9 @@
 //! them with one branch. Events that happen once per connection are always counted.
 //!
 //! Gauges that describe state (clients, upstream connections, pinned connections, pub/sub) are
-//! not kept here but read at scrape time from what owns that state ([`Snapshot`]).
+//! not kept here but read at scrape time from what owns that state (`upstream::Snapshot`).
 
 use std::{
-    fmt,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
         Arc,
@@ -19,19 +18,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet},
-    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType, TypedMetric},
-    registry::Registry,
-};
-
-use crate::{command::CommandId, upstream::Snapshot};
+use crate::command::CommandId;
 
 /// Upper bounds of the latency histogram's buckets, in nanoseconds: 100 µs to 1 s. A request
 /// through redmux to a local Redis takes tens to hundreds of microseconds; the upper buckets
 /// catch a slow or stalled Redis.
-const BOUNDS: [u64; 9] = [
+pub const BOUNDS: [u64; 9] = [
     100_000,
     250_000,
     500_000,
@@ -42,9 +34,6 @@ const BOUNDS: [u64; 9] = [
     100_000_000,
     1_000_000_000,
 ];
-
-/// The `Content-Type` of [`Metrics::prometheus`]'s output.
-pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy)]
@@ -227,261 +216,69 @@ impl Metrics {
         }
     }
 
-    /// Every metric in Prometheus text format (version 0.0.4), with the upstream side as
-    /// `upstream` shows it now.
-    pub fn prometheus(self: &Arc<Self>, upstream: Snapshot) -> Result<String, fmt::Error> {
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(Exposition {
-            metrics: self.clone(),
-            upstream,
-        }));
-        let mut out = String::new();
-        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?;
-        Ok(out)
-    }
-}
-
-/// One scrape: the counters and a snapshot of the upstream side.
-#[derive(Debug)]
-struct Exposition {
-    metrics: Arc<Metrics>,
-    upstream: Snapshot,
-}
-
-impl Collector for Exposition {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let m = &self.metrics;
-        let up = &self.upstream;
-        family(
-            &mut encoder,
-            "redmux_build_info",
-            "Always 1; the version label says which redmux this is.",
-            "version",
-            [(env!("CARGO_PKG_VERSION"), ConstGauge::new(1u64))],
-        )?;
-        let started = m
-            .started_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        gauge(
-            &mut encoder,
-            "redmux_start_time_seconds",
-            "When redmux started, in seconds since the Unix epoch.",
-            started.as_secs_f64(),
-        )?;
-        gauge(
-            &mut encoder,
-            "redmux_connected_clients",
-            "Client connections open now.",
-            m.clients.load(Relaxed) as u64,
-        )?;
-        counter(
-            &mut encoder,
-            "redmux_connections_accepted",
-            "Client connections accepted and served.",
-            m.accepted.load(Relaxed),
-        )?;
-        family(
-            &mut encoder,
-            "redmux_connections_rejected",
-            "Client connections refused, by reason (max_clients: server.max_clients reached; \
-             tls_handshake: the TLS handshake failed).",
-            "reason",
-            [
-                ("max_clients", &m.rejected_max_clients),
-                ("tls_handshake", &m.rejected_tls_handshake),
-            ]
-            .map(|(reason, n)| (reason, ConstCounter::new(n.load(Relaxed)))),
-        )?;
-        counter(
-            &mut encoder,
-            "redmux_client_received_bytes",
-            "Bytes read from clients.",
-            m.bytes_in.load(Relaxed),
-        )?;
-        counter(
-            &mut encoder,
-            "redmux_client_sent_bytes",
-            "Bytes written to clients.",
-            m.bytes_out.load(Relaxed),
-        )?;
-        counter(
-            &mut encoder,
-            "redmux_auth_failures",
-            "AUTH and HELLO AUTH refused (wrong password, unknown or disabled user), whether \
-             redmux or Redis checked them.",
-            m.auth_failures.load(Relaxed),
-        )?;
-        self.encode_commands(&mut encoder)?;
-        gauge(
-            &mut encoder,
-            "redmux_upstream_up",
-            "1 while the shared upstream connections of the default db are connected \
-             (always 1 for the embedded upstream), else 0: what /health reports.",
-            u64::from(up.healthy),
-        )?;
-        let open = |role| {
-            let open = up.actors.iter().filter(|a| a.connected && a.role == role);
-            (role, ConstGauge::new(open.count() as u64))
-        };
-        family(
-            &mut encoder,
-            "redmux_upstream_connections",
-            "Upstream connections open now, by role (shared, pinned).",
-            "role",
-            ["shared", "pinned"].map(open),
-        )?;
-        counter(
-            &mut encoder,
-            "redmux_upstream_connects",
-            "Upstream connections established (and ready: AUTH, SELECT and PING done).",
-            m.upstream_connects.load(Relaxed),
-        )?;
-        counter(
-            &mut encoder,
-            "redmux_upstream_connect_failures",
-            "Upstream connection attempts that failed.",
-            m.upstream_connect_failures.load(Relaxed),
-        )?;
-        counter(
-            &mut encoder,
-            "redmux_upstream_disconnects",
-            "Upstream connections that ended (lost, timed out, or closed when no longer needed).",
-            m.upstream_disconnects.load(Relaxed),
-        )?;
-        gauge(
-            &mut encoder,
-            "redmux_upstream_in_flight_requests",
-            "Requests written (or being written) to Redis and not answered yet.",
-            up.actors.iter().map(|a| a.in_flight).sum::<u64>(),
-        )?;
-        gauge(
-            &mut encoder,
-            "redmux_upstream_queued_requests",
-            "Requests held for an upstream connection that is not up yet (at most connect_timeout).",
-            up.actors.iter().map(|a| a.queued).sum::<u64>(),
-        )?;
-        gauge(
-            &mut encoder,
-            "redmux_pinned_connections_in_use",
-            "Pinned upstream connections held by clients now (transactions, blocking commands, MONITOR).",
-            up.pinned.in_use as u64,
-        )?;
-        gauge(
-            &mut encoder,
-            "redmux_pinned_connections_max",
-            "upstream.max_pinned.",
-            up.pinned.max as u64,
-        )?;
-        family(
-            &mut encoder,
-            "redmux_pubsub_subscriptions",
-            "Channels, patterns and shard channels subscribed on the shared subscriber connection.",
-            "kind",
-            [
-                ("channel", ConstGauge::new(up.pubsub.channels)),
-                ("pattern", ConstGauge::new(up.pubsub.patterns)),
-                ("shard", ConstGauge::new(up.pubsub.shard_channels)),
-            ],
-        )?;
-        gauge(
-            &mut encoder,
-            "redmux_pubsub_clients",
-            "Clients subscribed to anything.",
-            up.pubsub.clients,
-        )
-    }
-}
-
-impl Exposition {
-    /// The per-command families, for the commands that have been used: at most one series per
-    /// command in the table, plus `other`.
-    fn encode_commands(&self, encoder: &mut DescriptorEncoder) -> Result<(), fmt::Error> {
-        let used = || {
-            self.metrics
+    /// Every counter as it stands now, for the exposition: the per-command ones only for the
+    /// commands that have been used (at most one series per command in the table, plus
+    /// `other`).
+    pub fn counters(&self) -> Counters {
+        let load = |n: &AtomicU64| n.load(Relaxed);
+        Counters {
+            started_at: self.started_at,
+            clients: self.clients.load(Relaxed) as u64,
+            accepted: load(&self.accepted),
+            rejected_max_clients: load(&self.rejected_max_clients),
+            rejected_tls_handshake: load(&self.rejected_tls_handshake),
+            bytes_in: load(&self.bytes_in),
+            bytes_out: load(&self.bytes_out),
+            upstream_connects: load(&self.upstream_connects),
+            upstream_connect_failures: load(&self.upstream_connect_failures),
+            upstream_disconnects: load(&self.upstream_disconnects),
+            auth_failures: load(&self.auth_failures),
+            commands: self
                 .commands
                 .iter()
                 .zip(CommandId::all())
-                .filter(|(stats, _)| stats.calls.load(Relaxed) > 0)
-                .map(|(stats, id)| (stats, id.name()))
-        };
-        family(
-            encoder,
-            "redmux_commands",
-            "Requests received, by command (lower case; commands redmux does not know are `other`).",
-            "command",
-            used().map(|(stats, name)| (name, ConstCounter::new(stats.calls.load(Relaxed)))),
-        )?;
-        family(
-            encoder,
-            "redmux_command_errors",
-            "Error replies (from Redis or from redmux), by command.",
-            "command",
-            used().map(|(stats, name)| (name, ConstCounter::new(stats.errors.load(Relaxed)))),
-        )?;
-        let mut latency = encoder.encode_descriptor(
-            "redmux_request_duration_seconds",
-            "Time from handing a request to its upstream connection to having its reply, by command.",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (stats, name) in used() {
-            let counts: Vec<u64> = stats.buckets.iter().map(|b| b.load(Relaxed)).collect();
-            let count = counts.iter().sum();
-            if count == 0 {
-                continue; // only answered by redmux itself
-            }
-            let buckets: Vec<(f64, u64)> = BOUNDS
-                .iter()
-                .map(|nanos| *nanos as f64 / 1e9)
-                .chain([f64::INFINITY])
-                .zip(counts)
-                .collect();
-            let sum = stats.nanos.load(Relaxed) as f64 / 1e9;
-            latency
-                .encode_family(&[("command", name)])?
-                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+                .filter(|(stats, _)| load(&stats.calls) > 0)
+                .map(|(stats, id)| CommandCounters {
+                    name: id.name(),
+                    calls: load(&stats.calls),
+                    errors: load(&stats.errors),
+                    buckets: stats.buckets.each_ref().map(load),
+                    nanos: load(&stats.nanos),
+                })
+                .collect(),
         }
-        Ok(())
     }
 }
 
-fn counter(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: u64,
-) -> Result<(), fmt::Error> {
-    let metric = ConstCounter::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+/// What [`Metrics::counters`] read.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    pub started_at: SystemTime,
+    pub clients: u64,
+    pub accepted: u64,
+    pub rejected_max_clients: u64,
+    pub rejected_tls_handshake: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub upstream_connects: u64,
+    pub upstream_connect_failures: u64,
+    pub upstream_disconnects: u64,
+    pub auth_failures: u64,
+    pub commands: Vec<CommandCounters>,
 }
 
-fn gauge<V>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: V,
-) -> Result<(), fmt::Error>
-where
-    ConstGauge<V>: EncodeMetric,
-{
-    let metric = ConstGauge::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
-}
-
-/// A family whose series differ by the value of one label.
-fn family<'a, M: EncodeMetric + TypedMetric>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    label: &str,
-    series: impl IntoIterator<Item = (&'a str, M)>,
-) -> Result<(), fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, M::TYPE)?;
-    for (value, metric) in series {
-        metric.encode(family.encode_family(&[(label, value)])?)?;
-    }
-    Ok(())
+/// One used command's counters.
+#[derive(Debug, Clone)]
+pub struct CommandCounters {
+    /// Lower case, or `other`.
+    pub name: &'static str,
+    pub calls: u64,
+    pub errors: u64,
+    /// Replies per latency bucket of [`BOUNDS`] (the last one past every bound), not
+    /// cumulative.
+    pub buckets: [u64; BOUNDS.len() + 1],
+    /// Sum of the latencies, in nanoseconds.
+    pub nanos: u64,
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@
 //! carries `Connection: close` and ends the connection. It runs beside the client listeners on
 //! the same runtime and never touches the request path.
 
+mod exposition;
+
 use std::{
     collections::VecDeque,
     net::SocketAddr,
@@ -29,10 +31,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use self::exposition::CONTENT_TYPE;
 use crate::{
     config::Config,
     live::Live,
-    metrics::{Metrics, Totals, CONTENT_TYPE},
+    metrics::{Metrics, Totals},
     upstream::{Snapshot, Upstreams},
 };
 
@@ -163,7 +166,8 @@ impl Admin {
             return response;
         }
         match path {
-            b"/metrics" => match self.metrics.prometheus(self.upstreams().snapshot()) {
+            b"/metrics" => match exposition::prometheus(&self.metrics, self.upstreams().snapshot())
+            {
                 Ok(text) => Response {
                     content_type: CONTENT_TYPE,
                     ..Response::text(200, "OK", text)
