@@ -1800,10 +1800,7 @@ impl State {
         let hub = match &self.subs.hub {
             Some(hub) => hub.clone(),
             None => {
-                let hub = self
-                    .client
-                    .upstreams()
-                    .pubsub(self.client.identity().as_ref());
+                let hub = self.client.hubs().hub(self.client.identity().as_ref());
                 self.subs.hub = Some(hub.clone());
                 hub
             }
@@ -2044,7 +2041,7 @@ impl State {
         match action {
             Action::Count(_)
                 if matches!(self.tx, Tx::Multi { .. })
-                    || !self.client.upstreams().pubsub_registry().active() =>
+                    || !self.client.hubs().registry().active() =>
             {
                 Action::Forward
             }
@@ -2076,7 +2073,7 @@ impl State {
         replies: Replies,
         charged: bool,
     ) -> (Reply, bool) {
-        let registry = self.client.upstreams().pubsub_registry();
+        let registry = self.client.hubs().registry();
         match registry.correct(count, argument.as_deref(), &replies.bytes) {
             Some(bytes) => {
                 if charged {

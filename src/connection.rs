@@ -16,6 +16,7 @@ use crate::{
     clients::{flag, Clients, Entry, Filter, Login, Names, PauseMode},
     command::{c_string, keyword_is, Profile},
     config::Secret,
+    pubsub::Hubs,
     resp::encode_command,
     resp::{encode, parse_int, Args},
     upstream::{Credentials, Identity, Request, Target, UpstreamError, Upstreams},
@@ -49,6 +50,7 @@ pub struct ClientState {
     /// The shared upstream actor for the current (db, protocol).
     pub shared: mpsc::Sender<Request>,
     upstreams: Upstreams,
+    hubs: Hubs,
     users: Arc<Users>,
     /// What CLIENT LIST shows of this client; removed from `clients` when the state drops.
     pub entry: Arc<Entry>,
@@ -86,7 +88,7 @@ impl ClientState {
     pub fn new(
         id: u64,
         peer: Peer,
-        upstreams: Upstreams,
+        (upstreams, hubs): (Upstreams, Hubs),
         users: Arc<Users>,
         clients: Arc<Clients>,
     ) -> Result<Self, UpstreamError> {
@@ -104,6 +106,7 @@ impl ClientState {
             shared,
             moves: 0,
             upstreams,
+            hubs,
             entry,
             clients,
         })
@@ -131,6 +134,11 @@ impl ClientState {
     /// The upstream connections, for the session's pinned, pub/sub and MONITOR connections.
     pub fn upstreams(&self) -> &Upstreams {
         &self.upstreams
+    }
+
+    /// The subscriber hubs on [`Self::upstreams`].
+    pub fn hubs(&self) -> &Hubs {
+        &self.hubs
     }
 
     /// The user the commands of the client `entry` describes run as, as ACL WHOAMI and

@@ -42,3 +42,59 @@ pub fn load_config(
     Config::load_checked(path, overrides, tls::check)
 }
 pub use server::{Server, ServerError};
+
+/// redmux bound and ready to serve: the proxy's listeners and, if `[metrics] listen` is set,
+/// the admin endpoint beside them. The binary and the tests start redmux through this.
+pub struct Proxy {
+    server: Server,
+    admin: Option<tokio::net::TcpListener>,
+}
+
+impl Proxy {
+    /// Binds every listener and starts the upstream connections (see [`Server::bind`]).
+    pub async fn bind(config: Config) -> Result<Proxy, ServerError> {
+        let admin = match config.metrics.listen {
+            Some(addr) => server::bind_tcp(&[addr]).await?.pop(),
+            None => None,
+        };
+        let server = Server::bind(config).await?;
+        Ok(Proxy { server, admin })
+    }
+
+    /// The proxy's own listeners, reloads and addresses.
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
+    /// The admin endpoint's address, if it is configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves clients (and the admin endpoint) until `shutdown` is cancelled, then drains for
+    /// at most `shutdown_grace`.
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        let addr = self.metrics_addr();
+        let admin = match (self.admin, addr) {
+            (Some(listener), Some(addr)) => {
+                tracing::info!(%addr, "metrics endpoint listening");
+                let endpoint = admin::Admin::new(
+                    &self.server.local_addrs(),
+                    addr,
+                    self.server.metrics(),
+                    self.server.reloader().subscribe(),
+                );
+                Some(tokio::spawn(admin::serve(
+                    listener,
+                    endpoint,
+                    shutdown.clone(),
+                )))
+            }
+            _ => None,
+        };
+        self.server.run(shutdown).await;
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
+    }
+}

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::{
     auth::Users, client::SessionConfig, clients::Clients, config::Config, metrics::Metrics,
-    resp::Limits, server::ServerError, upstream::Upstreams,
+    pubsub::Hubs, resp::Limits, server::ServerError, upstream::Upstreams,
 };
 
 /// Keys a reload cannot apply: the listeners (TLS ones with their certificate) are bound once,
@@ -61,6 +61,9 @@ pub struct Live {
     pub users: Arc<Users>,
     /// Where new clients' commands go.
     pub upstreams: Upstreams,
+    /// The subscriber hubs on `upstreams`: replaced with them, never without them, so that
+    /// the PUBSUB counts of one set of connections stay in one registry.
+    pub hubs: Hubs,
     /// Every client of the server: the same registry across reloads.
     pub clients: Arc<Clients>,
     /// Cancelled when these settings are replaced, and at shutdown (it is a child of the
@@ -71,7 +74,7 @@ pub struct Live {
 impl Live {
     fn new(
         config: Config,
-        upstreams: Upstreams,
+        (upstreams, hubs): (Upstreams, Hubs),
         clients: Arc<Clients>,
         metrics: &Arc<Metrics>,
         stop: &CancellationToken,
@@ -95,6 +98,7 @@ impl Live {
             users: Arc::new(Users::new(&config.auth)),
             config: Arc::new(config),
             upstreams,
+            hubs,
             clients,
             superseded: stop.child_token(),
         }
@@ -126,7 +130,8 @@ impl Reloader {
         upstream_shutdown: CancellationToken,
     ) -> Reloader {
         let clients = Arc::new(Clients::default());
-        let live = Live::new(config, upstreams, clients.clone(), &metrics, &stop);
+        let hubs = Hubs::new(&upstreams);
+        let live = Live::new(config, (upstreams, hubs), clients.clone(), &metrics, &stop);
         let (tx, _) = watch::channel(Arc::new(live));
         Reloader {
             tx: Arc::new(tx),
@@ -172,7 +177,7 @@ impl Reloader {
             info!("configuration reloaded: nothing else changed");
             return Ok(Vec::new());
         }
-        let upstreams = if applied.iter().any(|key| CONNECTION_KEYS.contains(key)) {
+        let connections = if applied.iter().any(|key| CONNECTION_KEYS.contains(key)) {
             let upstreams = current
                 .upstreams
                 .rebuild(&config.upstream, &self.upstream_shutdown)
@@ -183,14 +188,15 @@ impl Reloader {
                 "new upstream connections for new clients; connected clients keep theirs until \
                  they leave"
             );
-            upstreams
+            let hubs = Hubs::new(&upstreams);
+            (upstreams, hubs)
         } else {
-            current.upstreams.clone()
+            (current.upstreams.clone(), current.hubs.clone())
         };
         info!(changed = %applied.join(", "), "configuration reloaded");
         let live = Live::new(
             config,
-            upstreams,
+            connections,
             self.clients.clone(),
             &self.metrics,
             &self.stop,

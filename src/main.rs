@@ -11,7 +11,7 @@ use clap::Parser;
 use redmux::{
     config::{world_readable_secrets, Exposed, LogConfig, LogFormat, Overrides},
     live::Reloader,
-    Config, Server,
+    Config, Proxy,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -163,15 +163,15 @@ fn run(config: Config, source: Source) -> anyhow::Result<()> {
         // Installed before the listeners are bound: a SIGHUP sent as soon as the port answers
         // must reload, not kill the process (the default action).
         let signals = Signals::install().context("cannot install signal handlers")?;
-        let server = Server::bind(config).await?;
+        let proxy = Proxy::bind(config).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(
             signals,
             shutdown.clone(),
-            server.reloader(),
+            proxy.server().reloader(),
             source,
         ));
-        server.run(shutdown).await;
+        proxy.run(shutdown).await;
         Ok(())
     })
 }

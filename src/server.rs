@@ -32,7 +32,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::{
-    admin::{self, Admin},
     client::Session,
     config::Config,
     connection::{ClientState, Peer},
@@ -68,8 +67,6 @@ pub struct Server {
     unix: Option<(UnixListener, PathBuf)>,
     /// `[server.tls]`: its listeners and the acceptor they share.
     tls: Option<(Vec<TcpListener>, TlsAcceptor)>,
-    /// The admin endpoint (`[metrics] listen`), if configured.
-    admin: Option<TcpListener>,
     metrics: Arc<Metrics>,
     reloader: Reloader,
     /// Cancelled when the caller's shutdown token is: stops the accept loops and the sessions,
@@ -112,11 +109,9 @@ impl Server {
             )),
             None => None,
         };
-        let admin = match config.metrics.listen {
-            Some(addr) => bind_tcp(&[addr]).await?.pop(),
-            None => None,
-        };
-        let metrics = Arc::new(Metrics::new(admin.is_some()));
+        // Per-request counters cost a little on every request: kept only when the admin
+        // endpoint is there to show them.
+        let metrics = Arc::new(Metrics::new(config.metrics.listen.is_some()));
         let upstream_shutdown = CancellationToken::new();
         let upstreams = Upstreams::start(&config.upstream, metrics.clone(), &upstream_shutdown)
             .await
@@ -133,7 +128,6 @@ impl Server {
             tcp,
             unix,
             tls,
-            admin,
             metrics,
             reloader,
             stop,
@@ -141,9 +135,9 @@ impl Server {
         })
     }
 
-    /// The admin endpoint's address, if it is configured.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    /// What this server counts, for the admin endpoint to show.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Replaces the settings while the server runs (SIGHUP), and lets others follow them: a
@@ -171,8 +165,6 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then drains for at most `shutdown_grace`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let listen = self.local_addrs();
-        let metrics_addr = self.metrics_addr();
         let threads = self
             .reloader
             .subscribe()
@@ -230,15 +222,6 @@ impl Server {
             loops.push(tokio::spawn(accept_loop(listener, shared.clone())));
             path
         });
-        if let (Some(listener), Some(addr)) = (self.admin, metrics_addr) {
-            info!(%addr, "metrics endpoint listening");
-            let admin = Admin::new(&listen, addr, self.metrics, self.reloader.subscribe());
-            loops.push(tokio::spawn(admin::serve(
-                listener,
-                admin,
-                self.stop.clone(),
-            )));
-        }
         shutdown.cancelled().await;
         self.stop.cancel();
         info!("shutting down: no new clients; finishing in-flight requests");
@@ -267,7 +250,8 @@ impl Server {
     }
 }
 
-async fn bind_tcp(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, ServerError> {
+/// Binds a TCP listener on each of `addrs`.
+pub async fn bind_tcp(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, ServerError> {
     let mut listeners = Vec::new();
     for addr in addrs {
         let listener = TcpListener::bind(addr)
@@ -526,7 +510,7 @@ fn start_client<L: Listener>(
     let client = match ClientState::new(
         id,
         Peer { addr: peer, local },
-        live.upstreams.clone(),
+        (live.upstreams.clone(), live.hubs.clone()),
         live.users.clone(),
         live.clients.clone(),
     ) {

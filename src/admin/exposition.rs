@@ -12,6 +12,7 @@ use prometheus_client::{
 
 use crate::{
     metrics::{Counters, Metrics, BOUNDS},
+    pubsub::Counts,
     upstream::Snapshot,
 };
 
@@ -20,22 +21,28 @@ pub(super) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_te
 
 /// Every metric in Prometheus text format (version 0.0.4): the counters, and the upstream side
 /// as `upstream` shows it now.
-pub(super) fn prometheus(metrics: &Metrics, upstream: Snapshot) -> Result<String, fmt::Error> {
+pub(super) fn prometheus(
+    metrics: &Metrics,
+    upstream: Snapshot,
+    pubsub: Counts,
+) -> Result<String, fmt::Error> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Exposition {
         counters: metrics.counters(),
         upstream,
+        pubsub,
     }));
     let mut out = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?;
     Ok(out)
 }
 
-/// One scrape: the counters and a snapshot of the upstream side.
+/// One scrape: the counters, and snapshots of the upstream side and of pub/sub.
 #[derive(Debug)]
 struct Exposition {
     counters: Counters,
     upstream: Snapshot,
+    pubsub: Counts,
 }
 
 impl Collector for Exposition {
@@ -169,16 +176,16 @@ impl Collector for Exposition {
             "Channels, patterns and shard channels subscribed on the shared subscriber connection.",
             "kind",
             [
-                ("channel", ConstGauge::new(up.pubsub.channels)),
-                ("pattern", ConstGauge::new(up.pubsub.patterns)),
-                ("shard", ConstGauge::new(up.pubsub.shard_channels)),
+                ("channel", ConstGauge::new(self.pubsub.channels)),
+                ("pattern", ConstGauge::new(self.pubsub.patterns)),
+                ("shard", ConstGauge::new(self.pubsub.shard_channels)),
             ],
         )?;
         gauge(
             &mut encoder,
             "redmux_pubsub_clients",
             "Clients subscribed to anything.",
-            up.pubsub.clients,
+            self.pubsub.clients,
         )
     }
 }

@@ -36,6 +36,7 @@ use crate::{
     config::Config,
     live::Live,
     metrics::{Metrics, Totals},
+    pubsub::Counts,
     upstream::{Snapshot, Upstreams},
 };
 
@@ -92,6 +93,7 @@ struct Status<'a> {
     clients: usize,
     #[serde(flatten)]
     upstream: Snapshot,
+    pubsub: Counts,
     counters: Totals,
 }
 
@@ -166,8 +168,7 @@ impl Admin {
             return response;
         }
         match path {
-            b"/metrics" => match exposition::prometheus(&self.metrics, self.upstreams().snapshot())
-            {
+            b"/metrics" => match self.prometheus() {
                 Ok(text) => Response {
                     content_type: CONTENT_TYPE,
                     ..Response::text(200, "OK", text)
@@ -178,6 +179,11 @@ impl Admin {
             b"/health" => Response::text(503, "Service Unavailable", "upstream down\n"),
             _ => self.status(),
         }
+    }
+
+    fn prometheus(&self) -> Result<String, std::fmt::Error> {
+        let live = self.live.borrow().clone();
+        exposition::prometheus(&self.metrics, live.upstreams.snapshot(), live.hubs.counts())
     }
 
     fn status(&self) -> Response {
@@ -191,6 +197,7 @@ impl Admin {
                 .clients
                 .load(std::sync::atomic::Ordering::Relaxed),
             upstream: live.upstreams.snapshot(),
+            pubsub: live.hubs.counts(),
             counters: self.metrics.totals(),
         };
         match serde_json::to_string_pretty(&status) {

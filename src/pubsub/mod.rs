@@ -25,6 +25,7 @@
 //! client session.
 
 pub mod glob;
+mod hubs;
 pub mod registry;
 
 use std::{
@@ -42,6 +43,7 @@ use tokio::{
 };
 use tracing::{info, warn, Instrument};
 
+pub use hubs::Hubs;
 pub use registry::Registry;
 
 use crate::command::Namespace;

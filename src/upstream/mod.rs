@@ -35,7 +35,6 @@ use crate::{
     config::UpstreamConfig,
     io::Budget,
     metrics::Metrics,
-    pubsub::{self, PubSub},
     resp::{encode, ReplyScanner},
 };
 
@@ -200,12 +199,6 @@ struct Inner {
     /// Ids for shared actors, for logs and `/status`.
     next_shared_id: std::sync::atomic::AtomicUsize,
     pool: pool::Pool,
-    pubsub: PubSub,
-    /// What every hub of this set holds in Redis, and what their clients hold: for counts
-    /// as Redis would give them with every client connected directly.
-    registry: Arc<pubsub::Registry>,
-    /// Subscriber hubs of clients' own logins, alive while one of their subscribers is.
-    user_hubs: Mutex<HashMap<Identity, pubsub::WeakPubSub>>,
     /// The connection AUTH is checked on, when redmux passes AUTH through to Redis: opened at
     /// the first AUTH, and never carrying anything else.
     checker: std::sync::OnceLock<mpsc::Sender<Request>>,
@@ -227,7 +220,6 @@ pub struct Snapshot {
     #[serde(rename = "upstreams")]
     pub actors: Vec<ActorSnapshot>,
     pub pinned: PinnedSnapshot,
-    pub pubsub: pubsub::Counts,
 }
 
 /// One upstream connection (actor).
@@ -319,17 +311,8 @@ impl Upstreams {
             connect: config.connect_timeout,
             request: config.request_timeout,
         };
-        let registry = Arc::new(pubsub::Registry::default());
-        let pubsub = PubSub::start(
-            endpoint.clone(),
-            timeouts,
-            profile == Profile::Redis,
-            registry.clone(),
-        );
         let upstreams = Upstreams {
             inner: Arc::new(Inner {
-                pubsub,
-                registry,
                 pool: pool::Pool::new(config.max_pinned),
                 endpoint,
                 store,
@@ -340,7 +323,6 @@ impl Upstreams {
                 databases: config.databases,
                 shared: Mutex::new(HashMap::new()),
                 next_shared_id: std::sync::atomic::AtomicUsize::new(0),
-                user_hubs: Mutex::new(HashMap::new()),
                 checker: std::sync::OnceLock::new(),
                 metrics,
                 health: watch::Sender::new(0),
@@ -400,33 +382,15 @@ impl Upstreams {
         self.inner.profile
     }
 
-    /// The subscriber connection's hub for clients logged in as `identity`.
-    pub fn pubsub(&self, identity: Option<&Identity>) -> PubSub {
-        let Some(identity) = identity else {
-            return self.inner.pubsub.clone();
-        };
-        let mut hubs = self
-            .inner
-            .user_hubs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(hub) = hubs.get(identity).and_then(pubsub::WeakPubSub::upgrade) {
-            return hub;
-        }
-        hubs.retain(|_, hub| hub.alive());
-        let hub = PubSub::start(
-            self.endpoint_for(Some(identity)).into_owned(),
-            self.inner.timeouts,
-            self.inner.profile == Profile::Redis,
-            self.inner.registry.clone(),
-        );
-        hubs.insert(identity.clone(), hub.downgrade());
-        hub
+    /// How to reach Redis logged in as `identity` (redmux's own user when `None`): for a
+    /// connection that pub/sub owns.
+    pub fn dial_as(&self, identity: Option<&Identity>) -> Dial {
+        self.endpoint_for(identity).into_owned()
     }
 
-    /// The pub/sub counts of this set's hubs and their clients.
-    pub fn pubsub_registry(&self) -> &pubsub::Registry {
-        &self.inner.registry
+    /// The connect and request timeouts of this set.
+    pub fn timeouts(&self) -> Timeouts {
+        self.inner.timeouts
     }
 
     /// Where AUTH is checked when redmux passes it through: a connection of redmux's own that
@@ -626,7 +590,6 @@ impl Upstreams {
                 in_use: inner.pool.in_use(),
                 max: inner.pool.max(),
             },
-            pubsub: inner.pubsub.counts(),
         }
     }
 

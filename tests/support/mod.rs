@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::BytesMut;
-use redmux::{config::Config, resp::ReplyScanner, Server};
+use redmux::{config::Config, resp::ReplyScanner, Proxy};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -287,9 +287,9 @@ impl Redmux {
         if let Some(threads) = test_threads() {
             config.server.threads = threads.parse().expect("REDMUX_TEST_THREADS");
         }
-        let server = Server::bind(config).await.expect("redmux binds");
-        let addr = server.local_addrs()[0];
-        let tls_addr = server.tls_addrs().first().copied();
+        let server = Proxy::bind(config).await.expect("redmux binds");
+        let addr = server.server().local_addrs()[0];
+        let tls_addr = server.server().tls_addrs().first().copied();
         let metrics = server.metrics_addr();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));

@@ -1,0 +1,85 @@
+//! The subscriber hubs of one set of upstream connections: redmux's own, and one per ACL user
+//! whose clients subscribe with their own login.
+//!
+//! They live beside [`Upstreams`], never inside it: upstream owns connections only, and a hub
+//! is pub/sub's fan-out built on one of them. A reload that builds a new set of connections
+//! builds new hubs with it.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use super::{Counts, PubSub, Registry, WeakPubSub};
+use crate::{
+    command::Profile,
+    upstream::{Identity, Upstreams},
+};
+
+/// Cheap to clone: every clone is the same hubs.
+#[derive(Debug, Clone)]
+pub struct Hubs {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    upstreams: Upstreams,
+    /// The hub of clients logged in as redmux's own user.
+    own: PubSub,
+    /// What every hub of this set holds in Redis, and what their clients hold: for counts as
+    /// Redis would give them with every client connected directly.
+    registry: Arc<Registry>,
+    /// Subscriber hubs of clients' own logins, alive while one of their subscribers is.
+    users: Mutex<HashMap<Identity, WeakPubSub>>,
+}
+
+impl Hubs {
+    /// Starts the hub of redmux's own user; a user's hub starts at its first subscriber.
+    pub fn new(upstreams: &Upstreams) -> Hubs {
+        let registry = Arc::new(Registry::default());
+        let own = start(upstreams, None, &registry);
+        Hubs {
+            inner: Arc::new(Inner {
+                upstreams: upstreams.clone(),
+                own,
+                registry,
+                users: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The hub for clients logged in as `identity` (redmux's own user when `None`).
+    pub fn hub(&self, identity: Option<&Identity>) -> PubSub {
+        let Some(identity) = identity else {
+            return self.inner.own.clone();
+        };
+        let mut hubs = self.inner.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hub) = hubs.get(identity).and_then(WeakPubSub::upgrade) {
+            return hub;
+        }
+        hubs.retain(|_, hub| hub.alive());
+        let hub = start(&self.inner.upstreams, Some(identity), &self.inner.registry);
+        hubs.insert(identity.clone(), hub.downgrade());
+        hub
+    }
+
+    /// The pub/sub counts of these hubs and their clients.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// What `/status` and `/metrics` show.
+    pub fn counts(&self) -> Counts {
+        self.inner.own.counts()
+    }
+}
+
+fn start(upstreams: &Upstreams, identity: Option<&Identity>, registry: &Arc<Registry>) -> PubSub {
+    PubSub::start(
+        upstreams.dial_as(identity),
+        upstreams.timeouts(),
+        upstreams.profile() == Profile::Redis,
+        registry.clone(),
+    )
+}
