@@ -14,13 +14,10 @@
 pub mod admin;
 pub mod auth;
 pub mod client;
-pub mod clients;
 pub mod cluster;
 pub mod command;
 pub mod config;
-pub mod connection;
 pub mod io;
-pub mod live;
 pub mod metrics;
 pub mod monitor;
 pub mod probe;
@@ -29,7 +26,6 @@ pub mod resp;
 pub mod server;
 pub mod tls;
 pub mod upstream;
-pub mod workers;
 
 pub use config::Config;
 
@@ -84,7 +80,7 @@ impl Proxy {
                     self.server.metrics(),
                     self.server.reloader().subscribe(),
                 );
-                Some(tokio::spawn(admin::serve(
+                Some(tokio::spawn(admin::run(
                     listener,
                     endpoint,
                     shutdown.clone(),

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use redmux::{
     config::{world_readable_secrets, Exposed, LogConfig, LogFormat, Overrides},
-    live::Reloader,
+    server::Reloader,
     Config, Proxy,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};

@@ -33,8 +33,8 @@ use tracing::{debug, warn};
 
 use self::exposition::CONTENT_TYPE;
 use crate::{
+    client::Live,
     config::Config,
-    live::Live,
     metrics::{Metrics, Totals},
     pubsub::Counts,
     upstream::{Snapshot, Upstreams},
@@ -249,7 +249,7 @@ impl Response {
 }
 
 /// Serves the endpoint until `shutdown`.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+pub async fn run(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
     let open = Arc::new(Open::default());
     loop {
         let accepted = tokio::select! {

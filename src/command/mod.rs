@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::resp::{encode, Args};
 
@@ -221,6 +221,69 @@ fn allow_busy(container: &[u8], sub: &[u8]) -> bool {
     match container {
         b"script" => sub.eq_ignore_ascii_case(b"kill"),
         _ => sub.eq_ignore_ascii_case(b"kill") || sub.eq_ignore_ascii_case(b"stats"),
+    }
+}
+
+/// Before authenticating, a client may only AUTH, HELLO (with AUTH), RESET or QUIT.
+pub fn allowed_before_auth(action: &Action, request: &[u8]) -> bool {
+    match action {
+        Action::ReplyAndClose(_) | Action::Drop => true,
+        Action::Connection => {
+            let name = Args::new(request).next().unwrap_or_default();
+            [&b"auth"[..], b"hello", b"reset"]
+                .iter()
+                .any(|allowed| name.eq_ignore_ascii_case(allowed))
+        }
+        _ => false,
+    }
+}
+
+/// What a RESP2 client in subscribed state gets for a command Redis does not allow there;
+/// `None` if it is allowed. PING is answered in the subscribed form.
+pub fn subscribed_context(action: &Action, request: &[u8]) -> Option<Bytes> {
+    let mut args = Args::new(request);
+    let name = args.next().unwrap_or_default().to_ascii_lowercase();
+    match (action, name.as_slice()) {
+        (Action::PubSub { .. }, _) | (_, b"quit" | b"reset") => None,
+        (_, b"ping") => Some(match (args.next(), args.next()) {
+            (None, _) => Bytes::from_static(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"),
+            (Some(arg), None) => {
+                let mut out = BytesMut::from(&b"*2\r\n$4\r\npong\r\n"[..]);
+                encode::put_bulk(&mut out, arg);
+                out.freeze()
+            }
+            _ => encode::error("wrong number of arguments for 'ping' command"),
+        }),
+        _ => {
+            let mut fullname = String::from_utf8_lossy(&name[..name.len().min(128)]).into_owned();
+            if matches!(
+                name.as_slice(),
+                b"client"
+                    | b"config"
+                    | b"script"
+                    | b"function"
+                    | b"object"
+                    | b"memory"
+                    | b"command"
+                    | b"pubsub"
+                    | b"acl"
+                    | b"cluster"
+                    | b"xinfo"
+                    | b"latency"
+                    | b"slowlog"
+                    | b"module"
+                    | b"xgroup"
+            ) {
+                if let Some(sub) = args.next() {
+                    fullname.push('|');
+                    fullname.push_str(&String::from_utf8_lossy(&sub.to_ascii_lowercase()));
+                }
+            }
+            Some(encode::error(&format!(
+                "Can't execute '{fullname}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / \
+                 QUIT / RESET are allowed in this context"
+            )))
+        }
     }
 }
 

@@ -158,7 +158,7 @@ struct InFlight {
     deadline: Option<Instant>,
 }
 
-/// Why `serve` returned.
+/// Why `pipeline` returned.
 enum Ended {
     /// Every client is gone and every request answered.
     Done,
@@ -201,7 +201,7 @@ impl Actor {
                 Ok((reader, writer)) => {
                     info!("upstream connected");
                     self.set_connected(true);
-                    let ended = self.serve(reader, writer).await;
+                    let ended = self.pipeline(reader, writer).await;
                     self.set_connected(false);
                     match ended {
                         Ended::Done => return,
@@ -328,7 +328,7 @@ impl Actor {
     }
 
     /// Pipelines requests over one live connection until it fails or every client is gone.
-    async fn serve(&mut self, mut reader: Reader, mut writer: Writer) -> Ended {
+    async fn pipeline(&mut self, mut reader: Reader, mut writer: Writer) -> Ended {
         let mut pipe = Pipeline::new();
         let now = Instant::now();
         for request in self.waiting.drain(..) {

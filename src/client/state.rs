@@ -10,10 +10,9 @@ use std::{sync::Arc, time::Duration};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
-pub use crate::clients::Peer;
+use super::registry::{flag, Clients, Entry, Filter, Login, Names, PauseMode, Peer};
 use crate::{
     auth::{AuthError, Users},
-    clients::{flag, Clients, Entry, Filter, Login, Names, PauseMode},
     command::{c_string, keyword_is, Profile},
     config::Secret,
     pubsub::Hubs,

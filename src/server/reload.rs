@@ -1,13 +1,6 @@
-//! Live settings: what clients get from the configuration, published on a `watch` channel so
-//! that a reload (SIGHUP) can replace them while clients stay connected.
-//!
-//! A client takes the latest settings when it is accepted. A client already connected takes
-//! the new limits, `[auth]` and `allow_monitor` too, as Redis's `CONFIG SET` applies to every
-//! client: the settings it holds are superseded, which wakes it, so an idle client is not
-//! missed and nothing is checked per request. It keeps the upstream connections it started
-//! with, though: a changed `[upstream]` gets a new set of connections for the clients that come
-//! next, and the old set closes once its last client has left (its actors end when their last
-//! sender is dropped). Listeners and the log format cannot change without a restart.
+//! Reload: a new configuration applied while clients stay connected. Listeners and the log
+//! format cannot change without a restart; a changed `[upstream]` gets a new set of
+//! connections for the clients that come next (see [`crate::client::Live`]).
 
 use std::sync::Arc;
 
@@ -15,9 +8,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::ServerError;
 use crate::{
-    auth::Users, client::SessionConfig, clients::Clients, config::Config, metrics::Metrics,
-    pubsub::Hubs, resp::Limits, server::ServerError, upstream::Upstreams,
+    client::{Clients, Live},
+    config::Config,
+    metrics::Metrics,
+    pubsub::Hubs,
+    upstream::Upstreams,
 };
 
 /// Keys a reload cannot apply: the listeners (TLS ones with their certificate) are bound once,
@@ -47,63 +44,6 @@ const CONNECTION_KEYS: [&str; 10] = [
     "upstream.max_pinned",
     "upstream.max_shared",
 ];
-
-/// The settings in effect.
-#[derive(Debug)]
-pub struct Live {
-    /// The configuration in effect, command-line overrides applied. Anything else that follows
-    /// reloads (a metrics endpoint, say) subscribes with [`Reloader::subscribe`] and reads its
-    /// section here.
-    pub config: Arc<Config>,
-    /// What sessions apply.
-    pub session: Arc<SessionConfig>,
-    /// Who may log in.
-    pub users: Arc<Users>,
-    /// Where new clients' commands go.
-    pub upstreams: Upstreams,
-    /// The subscriber hubs on `upstreams`: replaced with them, never without them, so that
-    /// the PUBSUB counts of one set of connections stay in one registry.
-    pub hubs: Hubs,
-    /// Every client of the server: the same registry across reloads.
-    pub clients: Arc<Clients>,
-    /// Cancelled when these settings are replaced, and at shutdown (it is a child of the
-    /// server's stop token): it wakes every session holding them.
-    pub superseded: CancellationToken,
-}
-
-impl Live {
-    fn new(
-        config: Config,
-        (upstreams, hubs): (Upstreams, Hubs),
-        clients: Arc<Clients>,
-        metrics: &Arc<Metrics>,
-        stop: &CancellationToken,
-    ) -> Live {
-        let server = &config.server;
-        let session = SessionConfig {
-            limits: Limits {
-                max_bulk_len: server.max_bulk_len,
-                max_multibulk_len: server.max_multibulk_len,
-            },
-            max_pipeline: server.max_pipeline,
-            client_query_limit: server.client_query_limit,
-            client_output_limit: server.client_output_limit,
-            idle_timeout: Some(server.client_idle_timeout).filter(|t| !t.is_zero()),
-            request_timeout: config.upstream.request_timeout,
-            allow_monitor: config.upstream.allow_monitor,
-            metrics: metrics.per_request(),
-        };
-        Live {
-            session: Arc::new(session),
-            users: Arc::new(Users::new(&config.auth)),
-            config: Arc::new(config),
-            upstreams,
-            hubs,
-            clients,
-            superseded: stop.child_token(),
-        }
-    }
-}
 
 /// Publishes new settings. Cheap to clone; reloads are meant to run one at a time (the signal
 /// handler runs them in turn).

@@ -11,6 +11,12 @@
 //! Each accepted client takes the settings in effect from the [`Reloader`]'s channel (see
 //! [`crate::live`]), so a reload applies from the next accept on.
 
+mod reload;
+mod workers;
+
+pub use reload::Reloader;
+use workers::Workers;
+
 use std::{
     future::Future,
     io,
@@ -32,15 +38,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::{
-    client::Session,
+    client::{ClientState, Live, Peer, Session},
     config::Config,
-    connection::{ClientState, Peer},
     io::Duplex,
-    live::{Live, Reloader},
     metrics::{Metrics, Rejection},
     tls::{self, TlsClient, TlsError},
     upstream::Upstreams,
-    workers::Workers,
 };
 
 /// Pause after a failed accept (typically EMFILE), so the loop does not spin.

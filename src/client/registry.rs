@@ -45,7 +45,7 @@ enum Addresses {
 }
 
 impl Addresses {
-    fn new(peer: Peer) -> Self {
+    pub(super) fn new(peer: Peer) -> Self {
         match peer {
             Peer {
                 addr: None,
@@ -169,7 +169,7 @@ struct Cold {
 }
 
 impl Entry {
-    fn new(id: u64, peer: Peer) -> Entry {
+    pub(super) fn new(id: u64, peer: Peer) -> Entry {
         let now = clock();
         Entry {
             id,

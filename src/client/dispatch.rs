@@ -1,0 +1,676 @@
+//! From bytes to destinations: parse what the client sent, decide each request with
+//! [`crate::command`], and carry it out, answering locally, forwarding runs of requests as one
+//! batch, or taking a pinned connection. The path barrier lives here: a request that takes
+//! another connection than the ones still unanswered waits until they are answered.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes};
+use tokio::{sync::mpsc::error::TrySendError, sync::oneshot, time::Instant};
+use tracing::debug;
+
+use super::{
+    registry::{flag, PauseMode, Subscription},
+    state::{Effect, ReplyMode},
+    subscriptions::Feed,
+    Batch, Path, Pending, State, Then, Tx, MAX_BATCH,
+};
+use crate::{
+    command::{self, Action, CommandId, Transaction},
+    monitor,
+    resp::{encode, encode_command, Args, Frame},
+    upstream::{Lease, Request, UpstreamError},
+};
+
+/// Polls the wait for a CLIENT PAUSE to end; never ready without one.
+pub(super) fn poll_pause(
+    pause: &mut Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    match pause {
+        Some(wait) => wait.as_mut().poll(cx),
+        None => Poll::Pending,
+    }
+}
+
+impl State {
+    /// Parses buffered requests while the pipeline limit allows, forwarding runs of them.
+    /// Stops at a request that must wait for a barrier (see [`Path`]).
+    pub(super) async fn process_input(&mut self) {
+        self.barrier = false;
+        if self.unresolved == 0 {
+            self.sync = false;
+        }
+        // `rbuf[..run_len]` holds `run_count` canonical requests for the current connection.
+        let mut run_len = 0;
+        let mut run_count = 0;
+        loop {
+            if self.outstanding >= self.config.max_pipeline {
+                break;
+            }
+            let frame = match self.decoder.decode(&self.rbuf[run_len..]) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    self.unparsed = false;
+                    break;
+                }
+                Err(error) => {
+                    self.flush_run(&mut run_len, &mut run_count).await;
+                    debug!(%error, "protocol error; closing");
+                    // Counted as a request of no known command, answered with an error.
+                    self.current = CommandId::OTHER;
+                    if let Some(metrics) = &self.config.metrics {
+                        metrics.command(CommandId::OTHER);
+                    }
+                    self.reply_locally(error.reply());
+                    self.draining = true;
+                    break;
+                }
+            };
+            let Some(request) = frame.command_bytes(&self.rbuf[run_len..]) else {
+                // Input Redis ignores without a reply.
+                self.flush_run(&mut run_len, &mut run_count).await;
+                self.rbuf.advance(frame.consumed());
+                continue;
+            };
+            let profile = self.client.upstreams().profile();
+            let (command, action) = match self.decoder.name().and_then(|at| request.get(at)) {
+                Some(name) => command::action_named(request, name, profile),
+                None => command::action(request, profile),
+            };
+            let action = self.uncounted(action);
+            let plain = self.client.reply_mode == ReplyMode::On
+                && self.client.authenticated
+                && (self.client.resp3 || !self.subs.active());
+            let extends_run = run_count > 0
+                && plain
+                && action == Action::Forward
+                && matches!(
+                    frame,
+                    Frame::Command {
+                        rewritten: None,
+                        ..
+                    }
+                );
+            // Whether the request may write, when that matters: under CLIENT PAUSE, and in
+            // MULTI (for the EXEC).
+            let paused = self.client.clients().paused();
+            let in_multi = matches!(self.tx, Tx::Multi { .. });
+            let writes = (paused.is_some() || in_multi) && command::may_write(command, request);
+            if self.sync && self.unresolved > 0 {
+                self.flush_run(&mut run_len, &mut run_count).await;
+                self.barrier = true;
+                break;
+            }
+            // The barrier: nothing to check while a run grows, or while nothing is owed.
+            if !extends_run && (self.unresolved > 0 || run_count > 0) {
+                if let Some(path) = self.path_of(&action) {
+                    if run_count > 0 && path != self.current_path() {
+                        self.flush_run(&mut run_len, &mut run_count).await;
+                    }
+                    if self.unresolved > 0 && Some(path) != self.last_path {
+                        // It stays in `rbuf`, to be parsed again once the barrier lifts.
+                        self.barrier = true;
+                        break;
+                    }
+                }
+            }
+            if let Some(mode) = paused {
+                let write = mode == PauseMode::All
+                    || writes
+                    || (command.name() == "exec"
+                        && matches!(self.tx, Tx::Multi { writes: true, .. }));
+                if let Some(until) = self.client.clients().held(write) {
+                    // It waits, unparsed, for the pause to end (or for UNPAUSE).
+                    self.flush_run(&mut run_len, &mut run_count).await;
+                    let clients = self.client.clients().clone();
+                    self.pause = Some(Box::pin(async move { clients.wait(until).await }));
+                    break;
+                }
+            }
+            if let Tx::Multi {
+                writes: any,
+                queued,
+                ..
+            } = &mut self.tx
+            {
+                *any |= writes;
+                *queued += 1;
+                self.client.entry.set_multi(Some(*queued));
+            }
+            self.current = command;
+            self.client.entry.command(command);
+            if let Some(metrics) = &self.config.metrics {
+                metrics.command(command);
+            }
+            if action == Action::Forward && plain {
+                if let Frame::Command {
+                    len,
+                    rewritten: None,
+                } = frame
+                {
+                    // The common case: extend the run, no copy.
+                    run_len += len;
+                    run_count += 1;
+                    self.owe();
+                    if run_count >= MAX_BATCH {
+                        self.flush_run(&mut run_len, &mut run_count).await;
+                    }
+                    continue;
+                }
+            }
+            self.flush_run(&mut run_len, &mut run_count).await;
+            // The frame is now at the front of the buffer.
+            let consumed = frame.consumed();
+            let request = match frame {
+                Frame::Command {
+                    rewritten: Some(bytes),
+                    ..
+                } => {
+                    self.rbuf.advance(consumed);
+                    bytes
+                }
+                _ => self.take_front(consumed),
+            };
+            // Boxed: only commands off the plain forwarding path get here, and inline its state
+            // would sit in every idle client's task.
+            if !Box::pin(self.execute(action, request)).await {
+                break;
+            }
+        }
+        self.flush_run(&mut run_len, &mut run_count).await;
+        if self.draining || self.abort {
+            self.unparsed = false;
+        }
+    }
+
+    /// Carries out one request that is not part of a plain forwarded run. `false` once the
+    /// client must not be read any further.
+    pub(super) async fn execute(&mut self, action: Action, request: Bytes) -> bool {
+        let go_on = self.carry_out(action, request).await;
+        self.publish_state();
+        if self.client.entry.killed() {
+            // CLIENT KILL: of this very client (SKIPME no) its reply is written, then it
+            // closes; of another, the kill branch of the session closes it.
+            self.draining = true;
+            return false;
+        }
+        go_on
+    }
+
+    pub(super) async fn carry_out(&mut self, action: Action, request: Bytes) -> bool {
+        if let Action::Reject(error) = action {
+            if let Tx::Multi { dirty, .. } = &mut self.tx {
+                *dirty = true;
+            }
+            self.reply_locally(error);
+            return true;
+        }
+        if !self.client.authenticated && !command::allowed_before_auth(&action, &request) {
+            // Redis refuses EXEC like any command, but in EXEC's own words.
+            let name = Args::new(&request).next().unwrap_or_default();
+            self.reply_locally(if name.eq_ignore_ascii_case(b"exec") {
+                Bytes::from_static(
+                    b"-EXECABORT Transaction discarded because of: NOAUTH Authentication required.\r\n",
+                )
+            } else {
+                Bytes::from_static(b"-NOAUTH Authentication required.\r\n")
+            });
+            return true;
+        }
+        if let Tx::Multi { dirty, db, .. } = &mut self.tx {
+            let mut args = Args::new(&request);
+            let name = args.next().unwrap_or_default();
+            if action == Action::Connection && name.eq_ignore_ascii_case(b"select") {
+                // Queued by Redis, which runs it at EXEC: the commands queued after it run in
+                // that database, and the client stays there after EXEC.
+                if let Ok(selected) = self.client.database(args) {
+                    *db = Some(selected);
+                }
+                let timeout = Some(self.config.request_timeout);
+                self.forward_one(request, timeout, None).await;
+                return true;
+            }
+            // Redis would queue these and change the connection's state at EXEC; redmux keeps
+            // that state itself, so it refuses them here and the transaction aborts.
+            let stateful = matches!(action, Action::Connection | Action::PubSub { .. });
+            if stateful && !name.eq_ignore_ascii_case(b"reset") {
+                *dirty = true;
+                let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+                self.reply_locally(encode::error(&format!(
+                    "redmux: {name} inside MULTI is not supported"
+                )));
+                return true;
+            }
+        }
+        if self.subs.active() && !self.client.resp3 {
+            if let Some(reply) = command::subscribed_context(&action, &request) {
+                self.reply_locally(reply);
+                return true;
+            }
+        }
+        match action {
+            Action::Forward => {
+                let timeout = Some(self.config.request_timeout);
+                self.forward_one(request, timeout, None).await;
+            }
+            Action::Reply(bytes) | Action::Reject(bytes) => self.reply_locally(bytes),
+            Action::ReplyAndClose(bytes) => {
+                self.reply_locally(bytes);
+                self.draining = true;
+                return false;
+            }
+            Action::Drop => {
+                self.abort = true;
+                return false;
+            }
+            Action::Connection
+                if self.client.pass_through()
+                    && Args::new(&request)
+                        .next()
+                        .is_some_and(|name| name.eq_ignore_ascii_case(b"acl")) =>
+            {
+                // ACL WHOAMI: the client's connection is logged in as its user, so Redis
+                // answers it, and checks it against that user's permissions.
+                let timeout = Some(self.config.request_timeout);
+                self.forward_one(request, timeout, None).await;
+            }
+            Action::Connection => {
+                let mut args = Args::new(&request);
+                let name = args.next().unwrap_or_default();
+                // A SKIP set before this command silences it; OFF (even if this command set
+                // it) silences it; `CLIENT REPLY ON` is answered.
+                let skip = self.client.reply_mode == ReplyMode::Skip;
+                let before = self.client.target();
+                let (reply, effect) = self.client.handle(name, args, None);
+                self.decoder.set_unauthenticated(!self.client.authenticated);
+                match effect {
+                    Effect::Check(auth) => {
+                        self.check_auth(auth, request).await;
+                        return true;
+                    }
+                    Effect::Send(unblock) => {
+                        self.owe();
+                        let suppress = self.take_suppress();
+                        let upstreams = self.client.upstreams();
+                        let rx = upstreams.control(unblock, upstreams.default_target());
+                        self.await_upstream(rx, Path::Control, suppress);
+                        return true;
+                    }
+                    Effect::AuthFailed => self.auth_failed(),
+                    Effect::None | Effect::Reset => {}
+                }
+                if let Tx::Watching(_) = &self.tx {
+                    // The watching connection follows the client's db and protocol, so the
+                    // commands it carries run where Redis would run them (the watched keys
+                    // keep the db they were watched in).
+                    let after = self.client.target();
+                    let mut follow = Vec::new();
+                    if after.db != before.db {
+                        follow.push(encode_command([
+                            &b"SELECT"[..],
+                            after.db.to_string().as_bytes(),
+                        ]));
+                    }
+                    if after.resp3 != before.resp3 {
+                        let proto: &[u8] = if after.resp3 { b"3" } else { b"2" };
+                        follow.push(encode_command([&b"HELLO"[..], proto]));
+                    }
+                    if !follow.is_empty() {
+                        let count = follow.len() as u32;
+                        let batch = Batch {
+                            frames: Bytes::from(follow.concat()),
+                            count,
+                            timeout: Some(self.config.request_timeout),
+                            ..Batch::default()
+                        };
+                        for _ in 0..count {
+                            self.owe();
+                        }
+                        // Their replies are Redis's, not the client's: dropped.
+                        self.send(batch, true).await;
+                    }
+                }
+                if effect == Effect::Reset {
+                    // The pinned connection goes back (cleaned by its own RESET, which
+                    // discards the transaction) once the requests already sent on it are in.
+                    match std::mem::replace(&mut self.tx, Tx::None) {
+                        Tx::Watching(lease) | Tx::Multi { lease, .. } => {
+                            self.pending.push_back(Pending::Release(lease));
+                        }
+                        Tx::None => {}
+                    }
+                    self.monitor = None;
+                    self.reset_pubsub().await;
+                }
+                let suppress = skip || self.client.reply_mode == ReplyMode::Off;
+                if skip && self.client.reply_mode == ReplyMode::Skip && !reply.is_empty() {
+                    self.client.reply_mode = ReplyMode::On;
+                }
+                self.owe();
+                let bytes = if suppress { Bytes::new() } else { reply };
+                self.pending.push_back(Pending::Local { bytes, count: 1 });
+            }
+            Action::Transaction(command) => self.transaction(command, request).await,
+            Action::Count(count) => self.forward_counted(count, request).await,
+            Action::Control if matches!(self.tx, Tx::Multi { .. }) => {
+                // Queued, as Redis queues it.
+                let timeout = Some(self.config.request_timeout);
+                self.forward_one(request, timeout, None).await;
+            }
+            Action::Control => {
+                self.owe();
+                let suppress = self.take_suppress();
+                let rx = self
+                    .client
+                    .upstreams()
+                    .control(request, self.client.target());
+                self.await_upstream(rx, Path::Control, suppress);
+            }
+            Action::Monitor if matches!(self.tx, Tx::Multi { .. }) => {
+                // Queued in a transaction: Redis refuses it at EXEC.
+                let timeout = Some(self.config.request_timeout);
+                self.forward_one(request, timeout, None).await;
+            }
+            Action::Monitor if !self.config.allow_monitor => self.reply_locally(encode::error(
+                "redmux: MONITOR is disabled (upstream.allow_monitor = false)",
+            )),
+            Action::Monitor if self.monitor.is_some() => {
+                self.reply_locally(Bytes::from_static(b"+OK\r\n"))
+            }
+            Action::Monitor => {
+                let (feed, inbox) = Feed::new(self.config.output_limit());
+                let identity = self.client.identity();
+                let rx = monitor::start(self.client.upstreams(), identity.as_ref(), inbox).await;
+                self.monitor = Some(feed);
+                self.owe();
+                self.await_confirmation(rx, Path::Monitor);
+            }
+            Action::PubSub { kind, subscribe } => {
+                let names: Vec<Bytes> = Args::new(&request)
+                    .skip(1)
+                    .map(|name| request.slice_ref(name))
+                    .collect();
+                if subscribe {
+                    self.subscribe(kind, names).await;
+                } else {
+                    self.unsubscribe(kind, names).await;
+                }
+            }
+            Action::Block(block) => {
+                // Queued in a transaction it does not block: the normal timeout applies.
+                let (timeout, blocking) = match self.tx {
+                    Tx::Multi { .. } => (Some(self.config.request_timeout), false),
+                    _ => (block.map(|t| t + self.config.request_timeout), true),
+                };
+                if self.eof && blocking {
+                    // Nobody would read the reply, and it may never come.
+                    self.abort = true;
+                    return false;
+                }
+                let lease = if matches!(self.tx, Tx::None) {
+                    match self.client.upstreams().pinned(self.client.target()).await {
+                        Ok(lease) => Some(lease),
+                        Err(error) => {
+                            self.reply_locally(error.replies(1));
+                            return true;
+                        }
+                    }
+                } else {
+                    // In a transaction it is queued (and never blocks); while watching it
+                    // blocks on the client's own connection, which it holds already.
+                    None
+                };
+                if blocking {
+                    let connection = lease.as_ref().or(self.held()).map(Lease::connection);
+                    self.client.entry.set_blocked_on(connection.cloned());
+                }
+                let batch = Batch {
+                    frames: request,
+                    count: 1,
+                    timeout,
+                    release: lease,
+                    blocking,
+                    ..Batch::default()
+                };
+                self.forward(batch).await;
+            }
+        }
+        true
+    }
+
+    /// Shows what CLIENT LIST shows of the client as it is after a command off the plain path
+    /// (the plain path changes none of it).
+    pub(super) fn publish_state(&self) {
+        let entry = &self.client.entry;
+        entry.set_multi(match &self.tx {
+            Tx::Multi { queued, .. } => Some(*queued),
+            _ => None,
+        });
+        for (kind, count) in [
+            (Subscription::Channel, command::Namespace::Channel),
+            (Subscription::Pattern, command::Namespace::Pattern),
+            (Subscription::Shard, command::Namespace::Shard),
+        ] {
+            entry.set_subscriptions(kind, self.subs.len(count));
+        }
+        entry.set_flag(flag::PUBSUB, self.subs.active());
+        entry.set_flag(flag::MONITOR, self.monitor.is_some());
+    }
+
+    /// AUTH, or HELLO with AUTH, when Redis checks the credentials: `auth` goes on the
+    /// connection AUTH is checked on (on the client's own watching connection while it
+    /// watches, which Redis then logs in too), and the command is handled again once Redis has
+    /// answered. Nothing after it runs before that: it may change who the client is.
+    pub(super) async fn check_auth(&mut self, auth: Bytes, request: Bytes) {
+        let name = Args::new(&request).next().unwrap_or_default();
+        let refusal = if self.subs.hub.is_some() {
+            Some("redmux: AUTH while subscribed is not supported")
+        } else if matches!(self.tx, Tx::Watching(_)) && name.eq_ignore_ascii_case(b"hello") {
+            Some("redmux: HELLO with AUTH while watching is not supported")
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            return self.reply_locally(encode::error(refusal));
+        }
+        let via = match self.tx {
+            Tx::None => Some(self.client.upstreams().auth_checker()),
+            _ => None,
+        };
+        let batch = Batch {
+            frames: auth,
+            count: 1,
+            timeout: Some(self.config.request_timeout),
+            then: Some(Box::new(Then::Replay(request))),
+            via,
+            ..Batch::default()
+        };
+        self.sync = true;
+        self.forward(batch).await;
+    }
+
+    /// The pinned connection the client holds for its transaction, if any.
+    pub(super) fn held(&self) -> Option<&Lease> {
+        match &self.tx {
+            Tx::Watching(lease) | Tx::Multi { lease, .. } => Some(lease),
+            Tx::None => None,
+        }
+    }
+
+    /// Where forwarded requests go now: the pinned connection during a transaction, else the
+    /// shared one for the client's db and protocol.
+    pub(super) fn current_path(&self) -> Path {
+        match self.held() {
+            Some(lease) => Path::Pinned(lease.id()),
+            None => Path::Shared(self.client.moves),
+        }
+    }
+
+    /// The path a request will take, if it goes upstream.
+    pub(super) fn path_of(&self, action: &Action) -> Option<Path> {
+        let held = self.held().map(|lease| Path::Pinned(lease.id()));
+        match action {
+            Action::Forward | Action::Count(_) => Some(self.current_path()),
+            // Without a transaction, the others are answered locally.
+            Action::Transaction(Transaction::Multi | Transaction::Watch) | Action::Block(_) => {
+                Some(held.unwrap_or(Path::NewPinned))
+            }
+            Action::Transaction(_) => held,
+            Action::PubSub { .. } => Some(Path::PubSub),
+            // Queued in a transaction, else on a connection of its own.
+            Action::Monitor | Action::Control if matches!(self.tx, Tx::Multi { .. }) => held,
+            Action::Monitor => Some(Path::Monitor),
+            Action::Control => Some(Path::Control),
+            Action::Connection
+            | Action::Reply(_)
+            | Action::Reject(_)
+            | Action::ReplyAndClose(_)
+            | Action::Drop => None,
+        }
+    }
+
+    /// Whether the next request waits for a barrier (see [`Path`]).
+    pub(super) fn stalled(&self) -> bool {
+        self.barrier && self.unresolved > 0
+    }
+
+    /// Sends the run of requests at the front of `rbuf` as one batch.
+    pub(super) async fn flush_run(&mut self, run_len: &mut usize, run_count: &mut u32) {
+        if *run_count > 0 {
+            let frames = self.take_front(*run_len);
+            let batch = Batch {
+                frames,
+                count: *run_count,
+                timeout: Some(self.config.request_timeout),
+                ..Batch::default()
+            };
+            self.send(batch, false).await;
+        }
+        *run_len = 0;
+        *run_count = 0;
+    }
+
+    /// The first `len` bytes of the read buffer. When they are all of it, the buffer is handed
+    /// over whole: splitting it would allocate a shared header, once per request for a client
+    /// that sends one request at a time.
+    pub(super) fn take_front(&mut self, len: usize) -> Bytes {
+        if len == self.rbuf.len() {
+            std::mem::take(&mut self.rbuf).freeze()
+        } else {
+            self.rbuf.split_to(len).freeze()
+        }
+    }
+
+    /// Forwards one request: on `release`'s connection if given (which is then given back
+    /// after the reply), else to the current destination.
+    pub(super) async fn forward_one(
+        &mut self,
+        frames: Bytes,
+        timeout: Option<Duration>,
+        release: Option<Lease>,
+    ) {
+        let batch = Batch {
+            frames,
+            count: 1,
+            timeout,
+            release,
+            ..Batch::default()
+        };
+        self.forward(batch).await;
+    }
+
+    /// Forwards a batch of one request, honouring CLIENT REPLY OFF and SKIP.
+    pub(super) async fn forward(&mut self, batch: Batch) {
+        self.owe();
+        let suppress = self.take_suppress();
+        self.send(batch, suppress).await;
+    }
+
+    /// Hands a batch to an upstream actor: the connection of its `release` lease if it has
+    /// one, else the current destination. A full channel is waited on for at most
+    /// `request_timeout`, so a stuck upstream cannot hold a client forever.
+    ///
+    /// Not an `async fn`, which would keep the batch in its future twice, in every busy
+    /// session: the common case hands the batch over at once, and the future keeps only what
+    /// the rare wait for a full channel needs.
+    pub(super) fn send(
+        &mut self,
+        batch: Batch,
+        suppress: bool,
+    ) -> impl Future<Output = ()> + Send + '_ {
+        let (reply, rx) = oneshot::channel();
+        let Batch {
+            frames,
+            count,
+            timeout,
+            release,
+            blocking,
+            then,
+            via,
+        } = batch;
+        let (destination, path) = match (via, &release, self.held()) {
+            (Some(via), _, _) => (via, Path::Auth),
+            (None, Some(lease), _) | (None, None, Some(lease)) => {
+                (lease.sender().clone(), Path::Pinned(lease.id()))
+            }
+            (None, None, None) => (self.client.shared.clone(), Path::Shared(self.client.moves)),
+        };
+        self.last_path = Some(path);
+        let handed_at = Instant::now();
+        let request = Request {
+            frames,
+            count,
+            queued_at: handed_at,
+            timeout,
+            reply,
+            budget: Some(self.budget.clone()),
+        };
+        let handed = match destination.try_send(request) {
+            Ok(()) => Ok(true),
+            // Boxed: a full channel is rare, and this future is large.
+            Err(TrySendError::Full(request)) => {
+                let timeout = self.config.request_timeout;
+                Err(Box::pin(async move {
+                    tokio::time::timeout(timeout, destination.send(request)).await
+                }))
+            }
+            Err(TrySendError::Closed(_)) => Ok(false),
+        };
+        async move {
+            let sent = match handed {
+                Ok(sent) => sent,
+                Err(waiting) => matches!(waiting.await, Ok(Ok(()))),
+            };
+            if sent {
+                self.unresolved += 1;
+            }
+            self.pending.push_back(if sent {
+                Pending::Upstream {
+                    rx,
+                    count,
+                    suppress,
+                    release,
+                    charged: true,
+                    sent: handed_at,
+                    blocking,
+                    then,
+                }
+            } else {
+                Pending::Local {
+                    bytes: if suppress {
+                        Bytes::new()
+                    } else {
+                        UpstreamError::Unavailable.replies(count)
+                    },
+                    count,
+                }
+            });
+        }
+    }
+}

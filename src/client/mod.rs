@@ -1,0 +1,267 @@
+//! One client connection: parse its requests, forward or answer each, and write the replies back
+//! in request order.
+//!
+//! The session reads, forwards and writes concurrently, so a client may pipeline: everything
+//! buffered is parsed, consecutive forwardable requests go upstream as one batch (one message,
+//! one `oneshot`), and replies are written as soon as the oldest outstanding one is ready. At
+//! most `max_pipeline` requests are outstanding; past that the client is not read until replies
+//! drain, which is all the backpressure a well-behaved client needs.
+//!
+//! Where requests go follows the client's state: its shared connection for its (db, protocol),
+//! or a pinned connection of its own from MULTI or WATCH until EXEC, DISCARD or UNWATCH, and for
+//! the duration of a blocking command. A run of requests is always cut where the destination
+//! changes, so each batch goes to exactly one connection.
+//!
+//! A session with nothing to do is parked (see [`Session`]): an idle client costs a task of a
+//! few hundred bytes, and the buffers and futures of a busy session exist only while it is busy.
+//!
+//! The files, in the order a request meets them: `session` (the event loop, parking),
+//! `dispatch` (parse, decide, forward), `transaction` and `subscriptions` (the two states that
+//! change where requests go), `replies` (order and budget), and the client's own data: `state`
+//! (db, protocol, login, reply mode), `registry` (every client, for CLIENT LIST and KILL) and
+//! `settings` (what a reload replaces). This file holds the types they share.
+
+mod dispatch;
+mod registry;
+mod replies;
+mod session;
+mod settings;
+mod state;
+mod subscriptions;
+mod transaction;
+
+pub use registry::{Clients, Peer};
+pub use session::Session;
+pub use settings::{Live, SessionConfig};
+pub use state::ClientState;
+
+use std::{collections::VecDeque, future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+
+use self::{
+    session::IdleTimer,
+    subscriptions::{Feed, Subscriptions},
+};
+use crate::{
+    command::{self, CommandId},
+    io::Budget,
+    resp::RequestDecoder,
+    upstream::{Lease, Reply, Request},
+};
+
+/// Most requests in one batch. The actor hands a batch's replies back only when all are in, so
+/// this bounds what it holds for one client beyond `client_output_limit`: a client pipelining
+/// 1,000 GETs of a large value and never reading is cut off after a few batches, not after all.
+/// 64 keeps a `redis-benchmark -P 32` write in one batch.
+const MAX_BATCH: u32 = 64;
+
+/// Stop reading a client while this many reply bytes wait for it to read them.
+const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
+
+/// A reply slot, in request order.
+#[derive(Debug)]
+enum Pending {
+    /// Replies redmux produced itself, to `count` requests.
+    Local { bytes: Bytes, count: u32 },
+    /// No reply: gives a pinned connection back once every earlier slot is answered (RESET
+    /// in a transaction, after the requests already sent on that connection).
+    Release(Lease),
+    /// The replies to `count` requests forwarded as one batch.
+    Upstream {
+        rx: oneshot::Receiver<Reply>,
+        count: u32,
+        /// CLIENT REPLY OFF or SKIP: the replies are read and dropped.
+        suppress: bool,
+        /// A pinned connection to give back once these replies are in (EXEC, DISCARD, UNWATCH,
+        /// a blocking command). Dropped unreleased if the client leaves first, which closes it.
+        release: Option<Lease>,
+        /// The replies come from an upstream actor, which charged them to the output budget
+        /// (the pub/sub hub's and MONITOR's confirmations are not charged).
+        charged: bool,
+        /// When the requests were handed over, to measure their latency.
+        sent: Instant,
+        /// A blocking command, whose reply may never come: a client that closes its side
+        /// while owed one is dropped at once, as Redis drops a blocked client that leaves.
+        blocking: bool,
+        /// What to do with the reply besides passing it on. Boxed: it is rare.
+        then: Option<Box<Then>>,
+    },
+}
+
+/// What to do once an upstream reply is in, besides passing it on.
+#[derive(Debug)]
+enum Then {
+    /// An EXEC whose transaction selects this database: the client is in it once the
+    /// transaction has run.
+    Select(u32),
+    /// Redis's reply to the AUTH that a connection command (AUTH, HELLO) asked it to check
+    /// ([`Effect::Check`]): the command is handled again with it, and its reply replaces
+    /// Redis's.
+    Replay(Bytes),
+    /// A count of subscribers in which Redis sees redmux's hub connections, not the clients
+    /// they serve: corrected (see [`pubsub::Registry`]). With the argument the correction
+    /// needs ([`command::Count::argument_index`]).
+    Count(command::Count, Option<Bytes>),
+}
+
+/// Where a client's requests travel. Redis runs what arrives on one connection in order, but
+/// nothing orders two connections: so a client's requests take a new path only once every
+/// request sent on the previous one is answered (see [`State::stalled`]). While the path stays
+/// the same, which is the hot path, this costs one comparison per batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The client's shared connection, by the number of moves the client has made (see
+    /// `ClientState::moves`).
+    Shared(u32),
+    /// The connection AUTH is checked on.
+    Auth,
+    /// A pinned connection, by lease (the low bits of its id are enough to tell it from the
+    /// previous path).
+    Pinned(u32),
+    /// A pinned connection not leased yet: a path of its own, whatever came before.
+    NewPinned,
+    /// The pub/sub hub's subscriber connection.
+    PubSub,
+    /// The client's MONITOR connection.
+    Monitor,
+    /// A connection opened for one command that must reach Redis while a script is busy.
+    Control,
+}
+
+/// The client's transaction state, and the pinned connection that carries it.
+#[derive(Debug)]
+enum Tx {
+    None,
+    /// After WATCH, before MULTI.
+    Watching(Lease),
+    /// After MULTI (with or without WATCH before it). `dirty`: a command was refused while
+    /// queuing, so EXEC must abort, as in Redis.
+    Multi {
+        lease: Lease,
+        dirty: bool,
+        /// The database the last SELECT queued in the transaction selects: Redis runs it at
+        /// EXEC, and the client is in that database from then on.
+        db: Option<u32>,
+        /// A command queued may write: CLIENT PAUSE WRITE holds the EXEC, as in Redis.
+        writes: bool,
+        /// Commands queued, for CLIENT LIST's `multi`.
+        queued: usize,
+    },
+}
+
+/// A batch of requests about to be handed to an upstream connection.
+#[derive(Default)]
+struct Batch {
+    frames: Bytes,
+    count: u32,
+    timeout: Option<Duration>,
+    release: Option<Lease>,
+    /// A blocking command (see `Pending::Upstream::blocking`).
+    blocking: bool,
+    /// See `Pending::Upstream::then`.
+    then: Option<Box<Then>>,
+    /// The connection AUTH is checked on, where it goes instead of the client's current one.
+    via: Option<mpsc::Sender<Request>>,
+}
+
+/// Everything a busy session tracks besides its socket.
+struct State {
+    config: Arc<SessionConfig>,
+    client: ClientState,
+    tx: Tx,
+    subs: Subscriptions,
+    /// The MONITOR feed, while monitoring.
+    monitor: Option<Feed>,
+    decoder: RequestDecoder,
+    /// Bytes read and not yet parsed (or parsed and not yet split off to be forwarded).
+    rbuf: BytesMut,
+    /// Set when `rbuf` may hold a complete request that has not been parsed yet.
+    unparsed: bool,
+    /// The socket has nothing more to read for now: the session may park.
+    drained: bool,
+    /// Reply slots not yet moved to `out`, oldest first.
+    pending: VecDeque<Pending>,
+    /// How many of `pending` wait for an upstream (`Pending::Upstream`).
+    unresolved: usize,
+    /// Where the last requests were sent (see [`Path`]).
+    last_path: Option<Path>,
+    /// The next request takes another path than the requests still unanswered: it waits in
+    /// `rbuf`, unparsed, until they are all answered.
+    barrier: bool,
+    /// The next request, whatever it is, waits until every request sent is answered: an EXEC
+    /// that changes the client's database is in flight.
+    sync: bool,
+    /// The client closed its side: nothing more is read, but what it sent before is still
+    /// carried out and answered.
+    eof: bool,
+    /// The wait for a CLIENT PAUSE to end, while the next request waits, unparsed, in `rbuf`.
+    pause: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Requests whose replies have not reached `out` yet.
+    outstanding: usize,
+    /// The command of each outstanding request, oldest first, to count replies per command:
+    /// kept only with metrics on.
+    owed: VecDeque<CommandId>,
+    /// The command of the request being handled.
+    current: CommandId,
+    /// Reply bytes ready to write, oldest first.
+    out: VecDeque<Bytes>,
+    out_len: usize,
+    /// No more requests are read: QUIT, a protocol error, EOF or shutdown. The session ends
+    /// once the replies already owed are written.
+    draining: bool,
+    /// Close now, writing nothing more: an HTTP request (as Redis does), or a client over its
+    /// output limit.
+    abort: bool,
+    idle: Option<Box<IdleTimer>>,
+    /// Reply bytes owed to the client, shared with the actors answering it.
+    budget: Arc<Budget>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    fn future_size<A, F: Fn(A) -> Fut, Fut>(_: &F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    fn future_size4<A, B, C, D, F: Fn(A, B, C, D) -> Fut, Fut>(_: &F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every idle client costs a parked session: a tokio task of about 100 bytes of header and
+    /// trailer plus this future, in steps of 128 bytes. Up to 280 bytes the task takes 384;
+    /// past that every idle client costs 128 bytes more. (264 bytes in a debug build, 256 in
+    /// release.) Something a session must keep between requests belongs in `ClientState` only
+    /// if it is small; otherwise box it, or keep it in `State`.
+    #[test]
+    fn a_parked_session_fits_a_384_byte_task() {
+        let clients = Arc::new(AtomicUsize::new(0));
+        // Closing counts the client out, as the server's closure does.
+        let size = future_size(&|session: Session<TcpStream>| {
+            let clients = clients.clone();
+            session.run(move || {
+                clients.fetch_sub(1, Ordering::AcqRel);
+            })
+        });
+        assert!(size <= 280, "a parked session's future is {size} bytes");
+    }
+
+    /// A busy session is boxed for each burst of activity, so a client that sends one request
+    /// at a time allocates it once per request: up to 1016 bytes, glibc serves it from its
+    /// per-thread cache, past that from its bins, several times slower. (880 bytes now.)
+    #[test]
+    fn a_busy_session_fits_the_allocators_thread_cache() {
+        let size = future_size4(&session::burst::<TcpStream>);
+        assert!(size <= 1016, "a busy session's future is {size} bytes");
+    }
+}

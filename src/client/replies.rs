@@ -1,0 +1,333 @@
+//! Reply order: every request gets a slot in `pending`, in the order it was read, and a slot
+//! moves to `out` only once every older one has. Local replies, upstream batches and pinned
+//! connections to give back all wait their turn here; the output budget and
+//! `client_output_limit` are enforced as replies arrive.
+
+use std::{cell::RefCell, collections::VecDeque, future::Future, pin::Pin, task::Poll};
+
+use bytes::Bytes;
+use tokio::{sync::oneshot, time::Instant};
+use tracing::warn;
+
+use super::{
+    state::{Effect, ReplyMode},
+    Path, Pending, State, Then,
+};
+use crate::{
+    command::CommandId,
+    resp::{encode, Args},
+    upstream::{Lease, Replies, Reply, UpstreamError},
+};
+
+/// The reply queues of a busy session. Parking gives them to a small per-thread pool, from
+/// which the next session to wake takes them: a client that sends one request at a time
+/// would otherwise allocate both for every request.
+#[derive(Default)]
+pub(super) struct Queues {
+    pub(super) pending: VecDeque<Pending>,
+    pub(super) out: VecDeque<Bytes>,
+    pub(super) owed: VecDeque<CommandId>,
+}
+
+thread_local! {
+    static SPARE_QUEUES: RefCell<Vec<Queues>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Most queues kept per thread, and most slots in a kept queue: enough for the sessions that
+/// wake at once, never the grown queues of a client that pipelined.
+pub(super) const SPARE_QUEUES_MAX: usize = 64;
+
+pub(super) const SPARE_QUEUE_CAPACITY: usize = 16;
+
+impl Queues {
+    pub(super) fn take() -> Queues {
+        SPARE_QUEUES.with_borrow_mut(Vec::pop).unwrap_or_default()
+    }
+
+    /// Empty queues go back to the pool (if it has room and they are small).
+    pub(super) fn give_back(self) {
+        if self.pending.is_empty()
+            && self.out.is_empty()
+            && self.owed.is_empty()
+            && self.pending.capacity() <= SPARE_QUEUE_CAPACITY
+            && self.out.capacity() <= SPARE_QUEUE_CAPACITY
+            && self.owed.capacity() <= SPARE_QUEUE_CAPACITY
+        {
+            SPARE_QUEUES.with_borrow_mut(|spare| {
+                if spare.len() < SPARE_QUEUES_MAX {
+                    spare.push(self);
+                }
+            });
+        }
+    }
+}
+
+/// Waits for the oldest slot, which the caller guarantees is an upstream one.
+pub(super) fn front_reply(
+    pending: &mut VecDeque<Pending>,
+) -> impl Future<Output = Result<Reply, oneshot::error::RecvError>> + '_ {
+    std::future::poll_fn(move |cx| match pending.front_mut() {
+        Some(Pending::Upstream { rx, .. }) => Pin::new(rx).poll(cx),
+        _ => Poll::Pending,
+    })
+}
+
+impl State {
+    /// Moves replies that are ready, in order, from `pending` to `out`.
+    pub(super) fn collect_ready(&mut self) {
+        while let Some(front) = self.pending.front_mut() {
+            let reply = match front {
+                Pending::Local { bytes, count } => {
+                    let (bytes, count) = (std::mem::take(bytes), *count);
+                    self.pending.pop_front();
+                    // A local slot holds one reply, or errors only.
+                    let errors = if bytes.first() == Some(&b'-') {
+                        u64::MAX
+                    } else {
+                        0
+                    };
+                    self.settle(count, errors, None);
+                    self.queue_out(bytes);
+                    continue;
+                }
+                Pending::Release(_) => {
+                    if let Some(Pending::Release(lease)) = self.pending.pop_front() {
+                        lease.release();
+                    }
+                    continue;
+                }
+                Pending::Upstream { rx, .. } => match rx.try_recv() {
+                    Ok(reply) => reply,
+                    Err(oneshot::error::TryRecvError::Empty) => return,
+                    Err(oneshot::error::TryRecvError::Closed) => Err(UpstreamError::ConnectionLost),
+                },
+            };
+            if let Some(Pending::Upstream {
+                count,
+                suppress,
+                release,
+                charged,
+                sent,
+                then,
+                blocking,
+                ..
+            }) = self.pending.pop_front()
+            {
+                self.resolved(blocking);
+                let (reply, charged) = self.then(then, reply, charged);
+                self.deliver(reply, count, suppress, release, charged, sent);
+            }
+        }
+    }
+
+    /// An upstream slot is answered; a blocking one means the client is no longer blocked.
+    pub(super) fn resolved(&mut self, blocking: bool) {
+        self.unresolved -= 1;
+        if blocking {
+            self.client.entry.set_blocked_on(None);
+        }
+    }
+
+    /// Does what a reply was awaited for (see [`Then`]); returns the reply to pass on, and
+    /// whether it is charged to the output budget.
+    pub(super) fn then(
+        &mut self,
+        then: Option<Box<Then>>,
+        reply: Reply,
+        charged: bool,
+    ) -> (Reply, bool) {
+        match (then.map(|then| *then), reply) {
+            // An EXEC that selects `db` ran (an array, not a null or an error): the client is
+            // in `db` now, as Redis's SELECT left it.
+            (Some(Then::Select(db)), Ok(replies)) => {
+                let ran =
+                    replies.bytes.first() == Some(&b'*') && !replies.bytes.starts_with(b"*-1");
+                if ran {
+                    if let Err(error) = self.client.set_db(db) {
+                        // The db the transaction left the client in has no shared connection:
+                        // the client cannot go on where Redis would have it.
+                        warn!(%error, "cannot follow a SELECT run in a transaction; closing");
+                        self.abort = true;
+                    }
+                }
+                (Ok(replies), charged)
+            }
+            (Some(Then::Count(count, argument)), Ok(replies)) => {
+                self.recount(count, argument, replies, charged)
+            }
+            (Some(Then::Replay(request)), Ok(replies)) => {
+                if charged {
+                    self.budget.refund(replies.bytes.len());
+                }
+                let mut args = Args::new(&request);
+                let name = args.next().unwrap_or_default();
+                let (bytes, effect) = self.client.handle(name, args, Some(&replies.bytes));
+                self.decoder.set_unauthenticated(!self.client.authenticated);
+                let bytes = match effect {
+                    Effect::AuthFailed => {
+                        self.auth_failed();
+                        bytes
+                    }
+                    // Only one check is asked for a command.
+                    Effect::Check(_) | Effect::Send(_) => {
+                        encode::error("redmux: AUTH could not be checked")
+                    }
+                    Effect::None | Effect::Reset => bytes,
+                };
+                let errors = u64::from(bytes.first() == Some(&b'-'));
+                (Ok(Replies { bytes, errors }), false)
+            }
+            (_, reply) => (reply, charged),
+        }
+    }
+
+    /// A failed AUTH, for the metrics.
+    pub(super) fn auth_failed(&self) {
+        if let Some(metrics) = &self.config.metrics {
+            metrics.auth_failed();
+        }
+    }
+
+    /// Queues the replies of an upstream batch for the client, and gives back the pinned
+    /// connection it was holding, if any.
+    pub(super) fn deliver(
+        &mut self,
+        reply: Reply,
+        count: u32,
+        suppress: bool,
+        release: Option<Lease>,
+        charged: bool,
+        sent: Instant,
+    ) {
+        if let Some(lease) = release {
+            lease.release();
+        }
+        // Replies the client does not get (CLIENT REPLY OFF, a DISCARD of redmux's own) are
+        // not counted as its errors, nor timed.
+        let errors = match &reply {
+            _ if suppress => 0,
+            Ok(replies) => replies.errors,
+            Err(UpstreamError::OutputLimit) => 0,
+            Err(_) => u64::MAX,
+        };
+        self.settle(count, errors, (!suppress).then_some(sent));
+        match reply {
+            Ok(replies) if suppress => {
+                if charged {
+                    self.budget.refund(replies.bytes.len());
+                }
+            }
+            Ok(replies) if charged => self.enqueue(replies.bytes),
+            Ok(replies) => self.queue_out(replies.bytes),
+            Err(UpstreamError::OutputLimit) => self.over_limit(),
+            Err(_) if suppress => {}
+            Err(error) => self.queue_out(error.replies(count)),
+        }
+    }
+
+    /// The replies to the `count` oldest outstanding requests are in. With metrics on, each is
+    /// counted for its command: bit `i` of `errors` marks reply `i` as an error, and `sent` is
+    /// when the requests went upstream (one clock read for the batch).
+    pub(super) fn settle(&mut self, count: u32, errors: u64, sent: Option<Instant>) {
+        self.outstanding -= count as usize;
+        let Some(metrics) = &self.config.metrics else {
+            return;
+        };
+        let latency = sent.map(|sent| sent.elapsed());
+        for i in 0..count {
+            let Some(command) = self.owed.pop_front() else {
+                break;
+            };
+            let error = errors.checked_shr(i).is_some_and(|bits| bits & 1 == 1);
+            metrics.reply(command, error, latency);
+        }
+    }
+
+    /// A request was taken on: its reply is owed.
+    pub(super) fn owe(&mut self) {
+        self.outstanding += 1;
+        if self.config.metrics.is_some() {
+            self.owed.push_back(self.current);
+        }
+    }
+
+    /// Queues bytes redmux produced itself: they count against the output budget too.
+    pub(super) fn queue_out(&mut self, bytes: Bytes) {
+        if !self.budget.charge(bytes.len()) {
+            self.budget.refund(bytes.len());
+            return self.over_limit();
+        }
+        self.enqueue(bytes);
+    }
+
+    /// Queues bytes already charged to the budget.
+    pub(super) fn enqueue(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.out_len += bytes.len();
+            self.out.push_back(bytes);
+        }
+    }
+
+    /// The client does not read what it is sent: close it, as Redis does past its
+    /// client-output-buffer-limit.
+    pub(super) fn over_limit(&mut self) {
+        if !self.abort {
+            warn!(
+                limit = self.config.client_output_limit,
+                "client output limit reached (it does not read its replies); closing"
+            );
+            self.abort = true;
+        }
+    }
+
+    /// Answers one request locally, honouring CLIENT REPLY OFF and SKIP.
+    pub(super) fn reply_locally(&mut self, bytes: Bytes) {
+        let bytes = if self.take_suppress() {
+            Bytes::new()
+        } else {
+            bytes
+        };
+        self.owe();
+        self.pending.push_back(Pending::Local { bytes, count: 1 });
+    }
+
+    /// Whether this request's reply is to be dropped (CLIENT REPLY OFF, or SKIP once).
+    pub(super) fn take_suppress(&mut self) -> bool {
+        match self.client.reply_mode {
+            ReplyMode::On => false,
+            ReplyMode::Off => true,
+            ReplyMode::Skip => {
+                self.client.reply_mode = ReplyMode::On;
+                true
+            }
+        }
+    }
+
+    /// A reply slot for a confirmation from the pub/sub hub or a MONITOR connection: push
+    /// output, so CLIENT REPLY OFF does not silence it.
+    pub(super) fn await_confirmation(&mut self, rx: oneshot::Receiver<Reply>, path: Path) {
+        self.await_upstream(rx, path, false);
+    }
+
+    /// A reply slot for one reply that comes from elsewhere than an upstream actor: not
+    /// charged to the output budget by anyone (it is one small reply).
+    pub(super) fn await_upstream(
+        &mut self,
+        rx: oneshot::Receiver<Reply>,
+        path: Path,
+        suppress: bool,
+    ) {
+        self.last_path = Some(path);
+        self.unresolved += 1;
+        self.pending.push_back(Pending::Upstream {
+            rx,
+            count: 1,
+            suppress,
+            release: None,
+            charged: false,
+            sent: Instant::now(),
+            blocking: false,
+            then: None,
+        });
+    }
+}
