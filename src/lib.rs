@@ -30,13 +30,32 @@ pub mod upstream;
 pub use config::Config;
 
 /// Loads the configuration as the binary does: [`Config::load`], then every TLS file it names
-/// read and checked (see [`tls::check`]).
+/// read and checked, as the server and the upstream will read them.
 pub fn load_config(
     path: Option<&std::path::Path>,
     overrides: &config::Overrides,
 ) -> Result<Config, config::ConfigError> {
-    Config::load_checked(path, overrides, tls::check)
+    Config::load_checked(path, overrides, check_tls)
 }
+
+/// Reads and checks every TLS file `config` names (`[server.tls]`, and `[upstream.tls]` or the
+/// system's CAs for a `rediss://` upstream), as the server will when it starts: for
+/// [`Config::load_checked`], so that `--check`, a start and a reload refuse a bad file alike.
+fn check_tls(config: &Config) -> Result<(), (&'static str, String)> {
+    if let Some(server_tls) = &config.server.tls {
+        server::tls::acceptor(server_tls)
+            .map_err(|error| (error.key, error.problem.to_string()))?;
+    }
+    if matches!(
+        config.upstream.address.address,
+        crate::config::Address::Tcp { tls: true, .. }
+    ) {
+        upstream::tls::connector(&config.upstream)
+            .map_err(|error| (error.key, error.problem.to_string()))?;
+    }
+    Ok(())
+}
+
 pub use server::{Server, ServerError};
 
 /// redmux bound and ready to serve: the proxy's listeners and, if `[metrics] listen` is set,

@@ -220,14 +220,14 @@ async fn silent_handshakes_neither_block_accepts_nor_last() {
     refused.expect_closed().await;
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(
-        redmux::tls::HANDSHAKE_TIMEOUT + Duration::from_secs(5),
+        redmux::server::tls::HANDSHAKE_TIMEOUT + Duration::from_secs(5),
         silent.read_to_end(&mut rest),
     )
     .await;
     assert!(closed.is_ok(), "the silent client was never closed");
     let lasted = started.elapsed();
     assert!(
-        lasted >= redmux::tls::HANDSHAKE_TIMEOUT - Duration::from_millis(500),
+        lasted >= redmux::server::tls::HANDSHAKE_TIMEOUT - Duration::from_millis(500),
         "closed after {lasted:?}"
     );
     // Its slot is free again.

@@ -12,9 +12,11 @@
 //! [`crate::live`]), so a reload applies from the next accept on.
 
 mod reload;
+pub mod tls;
 mod workers;
 
 pub use reload::Reloader;
+use tls::TlsClient;
 use workers::Workers;
 
 use std::{
@@ -42,7 +44,7 @@ use crate::{
     config::Config,
     io::Duplex,
     metrics::{Metrics, Rejection},
-    tls::{self, TlsClient, TlsError},
+    tls::TlsError,
     upstream::Upstreams,
 };
 

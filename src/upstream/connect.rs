@@ -8,7 +8,11 @@ use tokio::{
     net::{TcpStream, UnixStream},
 };
 
-use super::{Address, Endpoint};
+use super::{tls, Address, Endpoint};
+use crate::{
+    resp::{encode_command, ReplyScanner},
+    tls::Flushed,
+};
 
 /// Where to connect and how: the configured endpoint (address, login, db), and the TLS
 /// settings a `rediss://` one needs, made when the upstreams start.
@@ -25,10 +29,6 @@ impl std::ops::Deref for Dial {
         &self.endpoint
     }
 }
-use crate::{
-    resp::{encode_command, ReplyScanner},
-    tls,
-};
 
 /// The read half of an upstream connection, whatever its transport.
 pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -124,7 +124,7 @@ async fn dial(endpoint: &Dial) -> Result<(Reader, Writer), ConnectError> {
                         .await
                         .map_err(ConnectError::Tls)?;
                     let (r, w) = tokio::io::split(stream);
-                    Ok((Box::new(r), Box::new(tls::Flushed::new(w))))
+                    Ok((Box::new(r), Box::new(Flushed::new(w))))
                 }
                 (true, None) => Err(ConnectError::Tls(io::Error::other(
                     "no TLS settings for a rediss:// address",

@@ -8,6 +8,7 @@ mod actor;
 mod connect;
 mod embedded;
 mod pool;
+pub mod tls;
 
 use std::{
     collections::HashMap,
@@ -298,7 +299,7 @@ impl Upstreams {
             (Profile::Redis, None)
         };
         if let Address::Tcp { tls: true, .. } = endpoint.address {
-            let connector = crate::tls::connector(config).map_err(io::Error::other)?;
+            let connector = tls::connector(config).map_err(io::Error::other)?;
             if connector.insecure() {
                 warn!(
                     "upstream.tls.insecure_skip_verify = true: the upstream's certificate is not \
