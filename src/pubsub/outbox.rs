@@ -1,0 +1,127 @@
+//! What a hub has to send upstream and what it has sent and not seen answered: commands go
+//! out in a bounded window, so the hub always knows which request an answer belongs to.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use tokio::task::coop::consume_budget;
+
+use super::{NAMES_PER_COMMAND, REPLY_OVERHEAD, WINDOW};
+use crate::{command::Namespace, resp::encode_command};
+
+/// One client request's names (or a new connection's, or names sent again), on their way.
+#[derive(Debug)]
+pub(super) struct Queued {
+    kind: Namespace,
+    subscribe: bool,
+    names: VecDeque<Bytes>,
+    /// The waiter whose request this is, if any.
+    origin: Option<u64>,
+}
+
+/// A command sent and not wholly answered.
+#[derive(Debug)]
+pub(super) struct Sent {
+    pub(super) kind: Namespace,
+    pub(super) subscribe: bool,
+    /// How many of its names Redis has still to answer.
+    left: usize,
+    /// The reply bytes it was counted for.
+    owed: usize,
+    /// A SUBSCRIBE's names, for when Redis refuses it.
+    pub(super) names: Vec<Bytes>,
+    pub(super) origin: Option<u64>,
+    /// The last command of its request.
+    pub(super) last: bool,
+}
+
+/// (Un)subscriptions on their way to Redis, in order, sent while Redis owes the hub less than
+/// `WINDOW` bytes of replies to those sent before. Each request goes as its own commands
+/// (`NAMES_PER_COMMAND` names at most each), so that a refusal is that request's alone.
+#[derive(Debug, Default)]
+pub(super) struct Outbox {
+    queue: VecDeque<Queued>,
+    /// Each command sent and not wholly answered, oldest first.
+    sent: VecDeque<Sent>,
+    /// The reply bytes of `sent`.
+    owed: usize,
+}
+
+impl Outbox {
+    pub(super) fn push(
+        &mut self,
+        kind: Namespace,
+        subscribe: bool,
+        names: Vec<Bytes>,
+        origin: Option<u64>,
+    ) {
+        if !names.is_empty() {
+            self.queue.push_back(Queued {
+                kind,
+                subscribe,
+                names: names.into(),
+                origin,
+            });
+        }
+    }
+
+    /// The commands the window allows now (the first one whatever its size), encoded.
+    pub(super) async fn next_commands(&mut self) -> BytesMut {
+        let mut out = BytesMut::new();
+        while self.owed < WINDOW {
+            let Some(front) = self.queue.front_mut() else {
+                break;
+            };
+            let mut names = Vec::new();
+            let mut owed = 0;
+            while let Some(name) = front.names.front() {
+                if names.len() == NAMES_PER_COMMAND || self.owed + owed >= WINDOW {
+                    break;
+                }
+                owed += name.len() + REPLY_OVERHEAD;
+                if let Some(name) = front.names.pop_front() {
+                    names.push(name);
+                }
+            }
+            let (kind, subscribe, origin) = (front.kind, front.subscribe, front.origin);
+            let last = front.names.is_empty();
+            if last {
+                self.queue.pop_front();
+            }
+            let command = kind.command(subscribe).as_bytes();
+            let args = std::iter::once(command).chain(names.iter().map(|name| &name[..]));
+            out.extend_from_slice(&encode_command(args));
+            self.sent.push_back(Sent {
+                kind,
+                subscribe,
+                left: names.len(),
+                owed,
+                names: if subscribe { names } else { Vec::new() },
+                origin,
+                last,
+            });
+            self.owed += owed;
+            consume_budget().await;
+        }
+        out
+    }
+
+    /// Redis answered a name of the oldest command: the command, if that was its last name.
+    pub(super) fn answered(&mut self) -> Option<Sent> {
+        let front = self.sent.front_mut()?;
+        front.left = front.left.saturating_sub(1);
+        if front.left > 0 {
+            return None;
+        }
+        let sent = self.sent.pop_front()?;
+        self.owed -= sent.owed;
+        Some(sent)
+    }
+
+    /// Redis refused the oldest command as a whole.
+    pub(super) fn refused(&mut self) -> Option<Sent> {
+        let sent = self.sent.pop_front()?;
+        self.owed -= sent.owed;
+        Some(sent)
+    }
+}
