@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod probe;
 pub mod pubsub;
+pub mod report;
 pub mod resp;
 pub mod server;
 pub mod tls;
@@ -44,14 +45,14 @@ pub fn load_config(
 fn check_tls(config: &Config) -> Result<(), (&'static str, String)> {
     if let Some(server_tls) = &config.server.tls {
         server::tls::acceptor(server_tls)
-            .map_err(|error| (error.key, error.problem.to_string()))?;
+            .map_err(|error| (error.key, report::Chain(&error.problem).to_string()))?;
     }
     if matches!(
         config.upstream.address.address,
         crate::config::Address::Tcp { tls: true, .. }
     ) {
         upstream::tls::connector(&config.upstream)
-            .map_err(|error| (error.key, error.problem.to_string()))?;
+            .map_err(|error| (error.key, report::Chain(&error.problem).to_string()))?;
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use redmux::{
     config::{world_readable_secrets, Exposed, LogConfig, LogFormat, Overrides},
+    report::Chain,
     server::Reloader,
     Config, Proxy,
 };
@@ -64,7 +65,7 @@ fn main() -> ExitCode {
         Err(error) => {
             // The place and the message, never the file's line: it may hold a password, and
             // --check's output reaches logs too (the systemd unit runs it).
-            eprintln!("redmux: invalid configuration: {error}");
+            eprintln!("redmux: invalid configuration: {}", Chain(&error));
             return ExitCode::FAILURE;
         }
     };
@@ -72,7 +73,7 @@ fn main() -> ExitCode {
         return match redmux::probe::ping(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("redmux: ping failed: {error}");
+                eprintln!("redmux: ping failed: {}", Chain(&error));
                 ExitCode::FAILURE
             }
         };
@@ -84,7 +85,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(error) => {
-                eprintln!("redmux: status: {error}");
+                eprintln!("redmux: status: {}", Chain(&error));
                 ExitCode::FAILURE
             }
         };
@@ -237,7 +238,10 @@ async fn reload(source: &Source, reloader: &Reloader) {
     let (config, exposed) = match loaded {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(error)) => {
-            tracing::error!("reload failed, keeping the current configuration: {error}");
+            tracing::error!(
+                "reload failed, keeping the current configuration: {}",
+                Chain(&error)
+            );
             return;
         }
         Err(error) => {
@@ -251,7 +255,10 @@ async fn reload(source: &Source, reloader: &Reloader) {
         Ok(changed) if changed.contains(&"log.level") => source.logging.set_level(&level),
         Ok(_) => {}
         Err(error) => {
-            tracing::error!(%error, "reload failed, keeping the current configuration");
+            tracing::error!(
+                error = %Chain(&error),
+                "reload failed, keeping the current configuration"
+            );
         }
     }
 }

@@ -22,7 +22,7 @@ pub enum ProbeError {
     NoEndpoint,
     #[error("no address to connect to: server.listen and server.unix_socket are both unset")]
     NoListener,
-    #[error("cannot reach {target}: {source}")]
+    #[error("cannot reach {target}")]
     Unreachable { target: String, source: io::Error },
     #[error("{target} answered {answer:?}")]
     Unexpected { target: String, answer: String },

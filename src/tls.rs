@@ -24,9 +24,10 @@ use tokio::io::AsyncWrite;
 
 /// A TLS setting that cannot be used, and the configuration key it comes from.
 #[derive(Debug, thiserror::Error)]
-#[error("{key}: {problem}")]
+#[error("{key}")]
 pub struct TlsError {
     pub key: &'static str,
+    #[source]
     pub problem: Problem,
 }
 
@@ -38,9 +39,9 @@ pub enum Problem {
     NoKey { cert: &'static str },
     #[error("set without the certificate it belongs to ({cert})")]
     NoCert { cert: &'static str },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read { path: String, source: io::Error },
-    #[error("{path} is not PEM: {source}")]
+    #[error("{path} is not PEM")]
     Pem {
         path: String,
         source: rustls::pki_types::pem::Error,
@@ -51,15 +52,15 @@ pub enum Problem {
         what: &'static str,
         label: &'static str,
     },
-    #[error("{path}: not a usable CA certificate: {source}")]
+    #[error("{path}: not a usable CA certificate")]
     BadCa { path: String, source: rustls::Error },
-    #[error("{path}: {source}")]
+    #[error("{path}: not a usable private key")]
     BadKey { path: String, source: rustls::Error },
     #[error("{key} does not match the certificate in {cert}")]
     KeyMismatch { key: String, cert: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Verifier(rustls::server::VerifierBuilderError),
-    #[error("{0}")]
+    #[error(transparent)]
     Protocol(rustls::Error),
     #[error("{0:?} is not a TLS server name (a DNS name or an IP address)")]
     ServerName(String),

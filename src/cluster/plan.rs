@@ -98,7 +98,7 @@ pub enum MergeError {
     Redirected(usize),
     #[error("part {part} replied with an unexpected shape")]
     Unexpected { part: usize },
-    #[error("part {part}'s reply is not valid RESP: {source}")]
+    #[error("part {part}'s reply is not valid RESP")]
     Format {
         part: usize,
         #[source]

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::{Answer, Counts, HubRequest, Inbox, Key, Outbox, Registry, Subscriber, Waiter, SWEEP};
 use crate::{
     command::Namespace,
+    report::Chain,
     resp::ReplyScanner,
     upstream::{self, Dial, Reply, Setup, Timeouts},
 };
@@ -127,7 +128,7 @@ impl Hub {
                     }
                     Err(error) => {
                         if failures == 0 {
-                            warn!(%error, "cannot open the pub/sub connection; retrying");
+                            warn!(error = %Chain(&error), "cannot open the pub/sub connection; retrying");
                         }
                         failures = failures.saturating_add(1);
                         self.expire_waiters().await;
@@ -148,7 +149,7 @@ impl Hub {
                     Ok(n) if n > 0 => {
                         self.progress = Instant::now();
                         if let Err(error) = self.dispatch(&mut rbuf, &mut scanner).await {
-                            warn!(%error, "malformed pub/sub traffic; reconnecting");
+                            warn!(error = %Chain(&error), "malformed pub/sub traffic; reconnecting");
                             conn = None;
                         }
                         self.drop_cut_off().await;
@@ -494,7 +495,7 @@ impl Hub {
             // Redis has something to answer from now on.
             Ok(()) => self.progress = Instant::now(),
             Err(error) => {
-                warn!(%error, "pub/sub connection lost; reconnecting");
+                warn!(error = %Chain(&error), "pub/sub connection lost; reconnecting");
                 *conn = None;
             }
         }

@@ -58,11 +58,11 @@ pub const MAX_TLS_REFUSALS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind { addr: String, source: io::Error },
-    #[error("cannot start the upstream: {0}")]
-    Upstream(io::Error),
-    #[error("{0}")]
+    #[error("cannot start the upstream")]
+    Upstream(#[source] io::Error),
+    #[error(transparent)]
     Tls(#[from] TlsError),
 }
 

@@ -10,6 +10,7 @@
 use std::{
     collections::VecDeque,
     hash::{BuildHasher, RandomState},
+    io,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         Arc,
@@ -32,6 +33,7 @@ use super::{
 use crate::{
     io::{outgoing::write_some, Budget},
     metrics::Metrics,
+    report::Chain,
     resp::{ReplyError, ReplyScanner},
 };
 
@@ -164,7 +166,24 @@ enum Ended {
     Done,
     /// The connection is unusable; in-flight requests have been failed. `answered`: it had
     /// delivered replies, so it was healthy for a while (not a server closing at once).
-    Lost { why: String, answered: bool },
+    Lost { why: Lost, answered: bool },
+}
+
+/// Why a connection was given up: logged with the error that caused it, if any.
+#[derive(Debug, thiserror::Error)]
+enum Lost {
+    #[error("every client is gone")]
+    ClientsGone,
+    #[error("closed by upstream")]
+    Closed,
+    #[error("read failed")]
+    Read(#[source] io::Error),
+    #[error("write failed")]
+    Write(#[source] io::Error),
+    #[error("reply not understood")]
+    Reply(#[source] DispatchError),
+    #[error("a request timed out")]
+    Timeout,
 }
 
 struct Actor {
@@ -206,27 +225,27 @@ impl Actor {
                     match ended {
                         Ended::Done => return,
                         Ended::Lost { why, .. } if self.config.role == Role::Pinned => {
-                            debug!(%why, "pinned upstream connection lost");
+                            debug!(why = %Chain(&why), "pinned upstream connection lost");
                             return self.refuse_all().await;
                         }
                         Ended::Lost {
                             why,
                             answered: true,
                         } => {
-                            warn!(%why, "upstream connection lost; reconnecting");
+                            warn!(why = %Chain(&why), "upstream connection lost; reconnecting");
                             failures = 0;
                         }
                         Ended::Lost {
                             why,
                             answered: false,
                         } => {
-                            debug!(%why, failures, "upstream connection lost before any reply");
+                            debug!(why = %Chain(&why), failures, "upstream connection lost before any reply");
                         }
                     }
                 }
                 Err(error @ ConnectError::Busy { .. }) => {
                     if failures == 0 {
-                        warn!(%error, "upstream busy; retrying until the script ends");
+                        warn!(error = %Chain(&error), "upstream busy; retrying until the script ends");
                     }
                     failures = 1;
                     if self.while_disconnected(sleep(BUSY_RETRY)).await.is_none() {
@@ -237,11 +256,11 @@ impl Actor {
                 // One warning per outage, not one per retry.
                 Err(error) if failures == 0 => {
                     self.config.metrics.upstream_connect_failed();
-                    warn!(%error, "cannot connect to upstream; retrying with backoff");
+                    warn!(error = %Chain(&error), "cannot connect to upstream; retrying with backoff");
                 }
                 Err(error) => {
                     self.config.metrics.upstream_connect_failed();
-                    debug!(%error, failures, "upstream connect failed");
+                    debug!(error = %Chain(&error), failures, "upstream connect failed");
                 }
             }
             let delay = backoff(failures);
@@ -348,7 +367,7 @@ impl Actor {
         loop {
             self.config.stats.in_flight.store(pipe.owed, Relaxed);
             if self.closed && (pipe.is_idle() || self.config.role == Role::Pinned) {
-                pipe.fail(UpstreamError::ConnectionLost, "client gone");
+                pipe.fail(UpstreamError::ConnectionLost, Lost::ClientsGone);
                 return Ended::Done;
             }
             if pipe.rbuf.capacity() - pipe.rbuf.len() < READ_CHUNK / 4 {
@@ -360,17 +379,17 @@ impl Actor {
             tokio::select! {
                 biased;
                 read = reader.read_buf(&mut pipe.rbuf) => match read {
-                    Ok(0) => return pipe.fail(UpstreamError::ConnectionLost, "closed by upstream"),
+                    Ok(0) => return pipe.fail(UpstreamError::ConnectionLost, Lost::Closed),
                     Ok(_) => {
                         if let Err(error) = pipe.dispatch() {
-                            return pipe.fail(UpstreamError::ConnectionLost, &error.to_string());
+                            return pipe.fail(UpstreamError::ConnectionLost, Lost::Reply(error));
                         }
                         // A buffer grown for a large batch of replies is given back once empty.
                         if pipe.rbuf.is_empty() && pipe.rbuf.capacity() > 4 * READ_CHUNK {
                             pipe.rbuf = BytesMut::with_capacity(READ_CHUNK);
                         }
                     }
-                    Err(error) => return pipe.fail(UpstreamError::ConnectionLost, &error.to_string()),
+                    Err(error) => return pipe.fail(UpstreamError::ConnectionLost, Lost::Read(error)),
                 },
                 n = self.rx.recv_many(&mut batch, BATCH),
                     if !self.closed && pipe.unwritten < WRITE_HIGH_WATER =>
@@ -403,13 +422,13 @@ impl Actor {
                         Err(error) => Err(error),
                     };
                     if let Err(error) = flushed {
-                        return pipe.fail(UpstreamError::ConnectionLost, &error.to_string());
+                        return pipe.fail(UpstreamError::ConnectionLost, Lost::Write(error));
                     }
                 }
                 _ = tick.tick(), if !pipe.inflight.is_empty() => {
                     let now = Instant::now();
                     if pipe.inflight.front().and_then(|f| f.deadline).is_some_and(|d| d <= now) {
-                        return pipe.fail(UpstreamError::Timeout, "a request timed out");
+                        return pipe.fail(UpstreamError::Timeout, Lost::Timeout);
                     }
                 }
             }
@@ -529,13 +548,13 @@ impl Pipeline {
     }
 
     /// Fails every request written or queued on this connection.
-    fn fail(&mut self, error: UpstreamError, why: &str) -> Ended {
+    fn fail(&mut self, error: UpstreamError, why: Lost) -> Ended {
         for request in self.inflight.drain(..) {
             let _ = request.reply.send(Err(error));
         }
         self.owed = 0;
         Ended::Lost {
-            why: why.to_owned(),
+            why,
             answered: self.answered,
         }
     }
@@ -543,7 +562,7 @@ impl Pipeline {
 
 #[derive(Debug, thiserror::Error)]
 enum DispatchError {
-    #[error("malformed reply: {0}")]
+    #[error("malformed reply")]
     Malformed(#[from] ReplyError),
     #[error("reply received with no request outstanding")]
     Unsolicited,
@@ -683,7 +702,7 @@ mod tests {
             1,
             "the departed client's request is never written"
         );
-        pipe.fail(UpstreamError::ConnectionLost, "test");
+        pipe.fail(UpstreamError::ConnectionLost, Lost::ClientsGone);
         assert_eq!(rx_b.try_recv().unwrap(), Err(UpstreamError::ConnectionLost));
     }
 }

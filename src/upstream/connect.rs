@@ -37,10 +37,10 @@ pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
-    #[error("TLS handshake failed: {0}")]
-    Tls(io::Error),
+    #[error("TLS handshake failed")]
+    Tls(#[source] io::Error),
     #[error("no connection within {0:?}")]
     Timeout(Duration),
     #[error("upstream closed the connection during the handshake")]
