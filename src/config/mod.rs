@@ -289,6 +289,14 @@ pub struct UpstreamConfig {
     pub allow_monitor: bool,
     /// `[upstream.tls]`: how to talk TLS to a `rediss://` upstream.
     pub tls: Option<UpstreamTlsConfig>,
+    /// Seed nodes of a Redis Cluster, in any form `address` takes (`rediss://` for TLS). When
+    /// set it replaces `address`: redmux reads the slot map from them and presents the
+    /// cluster to its clients as one Redis.
+    #[serde(deserialize_with = "addresses")]
+    pub cluster: Vec<Endpoint>,
+    /// How often the slot map is read again when nothing (a MOVED, a lost node) asked for it.
+    #[serde(deserialize_with = "duration")]
+    pub cluster_refresh_interval: Duration,
 }
 
 /// `[upstream.tls]`. Without it a `rediss://` upstream is checked against the system's CA
@@ -327,6 +335,8 @@ impl Default for UpstreamConfig {
             max_shared: 32,
             allow_monitor: true,
             tls: None,
+            cluster: Vec::new(),
+            cluster_refresh_interval: Duration::from_secs(30),
         }
     }
 }
@@ -334,8 +344,9 @@ impl Default for UpstreamConfig {
 impl UpstreamConfig {
     /// Where to connect and how to log in: the `username`, `password` and `db` keys win over
     /// the same parts of a `redis://` address.
+    /// For a cluster, the first seed's address stands in for `address`.
     pub fn endpoint(&self) -> Endpoint {
-        let mut endpoint = self.address.clone();
+        let mut endpoint = self.cluster.first().unwrap_or(&self.address).clone();
         if let Some(user) = &self.username {
             endpoint.username = Some(user.clone());
         }
@@ -401,6 +412,9 @@ impl fmt::Debug for Secret {
 pub struct Overrides {
     pub listen: Vec<String>,
     pub upstream: Option<String>,
+    /// `--upstream-cluster host:port[,host:port...]`: replaces `upstream.cluster` (and
+    /// `upstream.address`).
+    pub upstream_cluster: Option<String>,
     pub log_level: Option<String>,
     pub threads: Option<String>,
 }
@@ -557,6 +571,27 @@ impl Config {
                         flag: "--upstream",
                         message: without_password(upstream, message),
                     })?;
+            self.upstream.cluster.clear();
+        }
+        if let Some(seeds) = &overrides.upstream_cluster {
+            self.upstream.cluster = seeds
+                .split(',')
+                .map(str::trim)
+                .filter(|seed| !seed.is_empty())
+                .map(|seed| {
+                    seed.parse().map_err(|message: String| ConfigError::Flag {
+                        flag: "--upstream-cluster",
+                        message: without_password(seed, message),
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            if self.upstream.cluster.is_empty() {
+                return Err(ConfigError::Flag {
+                    flag: "--upstream-cluster",
+                    message: "no seed node given".into(),
+                });
+            }
+            self.upstream.address = Endpoint::from(Address::Embedded);
         }
         if let Some(threads) = &overrides.threads {
             self.server.threads = threads.parse().map_err(|message| ConfigError::Flag {
@@ -618,6 +653,36 @@ impl Config {
                 return fail(key, "must be more than 0");
             }
         }
+        if !upstream.cluster.is_empty() {
+            if upstream.address.address != Address::Embedded {
+                return fail(
+                    "upstream.cluster",
+                    "replaces upstream.address: give only one of them",
+                );
+            }
+            let tls = matches!(upstream.cluster[0].address, Address::Tcp { tls: true, .. });
+            for seed in &upstream.cluster {
+                match seed.address {
+                    Address::Tcp { tls: seed_tls, .. } if seed_tls == tls => {}
+                    Address::Tcp { .. } => {
+                        return fail(
+                            "upstream.cluster",
+                            "mixes rediss:// and plain seeds: TLS applies to every node",
+                        )
+                    }
+                    _ => return fail("upstream.cluster", "seed nodes must be host:port addresses"),
+                }
+                if seed.db != 0 {
+                    return fail("upstream.cluster", "a cluster has only db 0");
+                }
+            }
+            if upstream.endpoint().db != 0 {
+                return fail("upstream.db", "a cluster has only db 0");
+            }
+            if upstream.cluster_refresh_interval.is_zero() {
+                return fail("upstream.cluster_refresh_interval", "must be more than 0");
+            }
+        }
         if upstream.endpoint().db >= upstream.databases {
             return fail("upstream.db", "must be below upstream.databases");
         }
@@ -636,7 +701,7 @@ impl Config {
         if server.tls.as_ref().is_some_and(|tls| tls.listen.is_empty()) {
             return fail("server.tls.listen", "no address to listen on");
         }
-        let rediss = matches!(upstream.address.address, Address::Tcp { tls: true, .. });
+        let rediss = matches!(upstream.endpoint().address, Address::Tcp { tls: true, .. });
         if upstream.tls.is_some() && !rediss {
             return fail(
                 "upstream.tls",
@@ -665,7 +730,8 @@ impl Config {
             max_bulk_len, max_multibulk_len, client_query_limit, client_output_limit,
             client_idle_timeout, shutdown_grace, tls, threads);
         compare!(upstream: address, connections, connect_timeout, request_timeout, username,
-            password, db, databases, max_pinned, max_shared, allow_monitor, tls);
+            password, db, databases, max_pinned, max_shared, allow_monitor, tls, cluster,
+            cluster_refresh_interval);
         compare!(auth: password, users);
         compare!(log: level, format);
         compare!(metrics: listen);
@@ -701,9 +767,20 @@ impl Config {
                 }
             );
         }
+        let upstream = match self.upstream.cluster.as_slice() {
+            [] => endpoint.address.to_string(),
+            seeds => {
+                let seeds: Vec<String> = seeds.iter().map(|s| s.address.to_string()).collect();
+                format!(
+                    "cluster, seeds {} (slot map refreshed every {:?})",
+                    seeds.join(", "),
+                    self.upstream.cluster_refresh_interval
+                )
+            }
+        };
         out += &format!(
             "upstream: {} (connections {}, db {}, user {}, password {})\n",
-            endpoint.address,
+            upstream,
             self.upstream.connections,
             endpoint.db,
             endpoint.username.as_deref().unwrap_or("-"),
@@ -935,6 +1012,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&String::deserialize(d)?).map_err(de::Error::custom)
+}
+
+/// `upstream.cluster`: a list of addresses, each read as `address` reads one.
+fn addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Endpoint>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|message: String| de::Error::custom(without_password(text, message)))
+        })
+        .collect()
 }
 
 fn address<'de, D: Deserializer<'de>>(d: D) -> Result<Endpoint, D::Error> {
@@ -1521,6 +1609,7 @@ mod tests {
             upstream: Some("127.0.0.1:7777".into()),
             log_level: Some("warn".into()),
             threads: Some("3".into()),
+            ..Overrides::default()
         };
         let config = load_text("[server]\nlisten = \"127.0.0.1:1\"\n", &overrides).unwrap();
         assert_eq!(config.server.threads.count(), 3);
@@ -1620,6 +1709,66 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_cluster_replaces_the_address() {
+        let config = load_text(
+            "[upstream]\ncluster = [\"127.0.0.1:7000\", \"redis://u:p@127.0.0.1:7001\"]\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.upstream.cluster.len(), 2);
+        assert_eq!(
+            config.upstream.cluster_refresh_interval,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            config.upstream.endpoint().address.to_string(),
+            "127.0.0.1:7000"
+        );
+        assert!(config
+            .summary()
+            .contains("cluster, seeds 127.0.0.1:7000, 127.0.0.1:7001"));
+        let both = "[upstream]\naddress = \"127.0.0.1:1\"\ncluster = [\"127.0.0.1:7000\"]\n";
+        let err = load_text(both, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("upstream.cluster: replaces upstream.address"),
+            "{err}"
+        );
+        for (text, message) in [
+            ("[\"redis://127.0.0.1:7000/2\"]", "a cluster has only db 0"),
+            (
+                "[\"unix:///tmp/x\"]",
+                "seed nodes must be host:port addresses",
+            ),
+            (
+                "[\"127.0.0.1:1\", \"rediss://127.0.0.1:2\"]",
+                "mixes rediss:// and plain",
+            ),
+        ] {
+            let err = load_text(
+                &format!("[upstream]\ncluster = {text}\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(message), "{text}: {err}");
+        }
+        let flag = Overrides {
+            upstream_cluster: Some("127.0.0.1:7000, 127.0.0.1:7001".into()),
+            ..Overrides::default()
+        };
+        let config = load_text("[upstream]\naddress = \"127.0.0.1:1\"\n", &flag).unwrap();
+        assert_eq!(config.upstream.cluster.len(), 2);
+        assert_eq!(config.upstream.address.address, Address::Embedded);
+        let empty = Overrides {
+            upstream_cluster: Some(",".into()),
+            ..Overrides::default()
+        };
+        assert!(load_text("", &empty).is_err());
     }
 
     #[test]
