@@ -255,6 +255,10 @@ impl ClientState {
             }
             Some(n) => n,
         };
+        if index != 0 && self.upstreams.is_cluster() {
+            // A cluster node checks this before the range (`selectCommand`, `src/db.c`).
+            return Err(error_reply("SELECT is not allowed in cluster mode"));
+        }
         let databases = self.upstreams.databases();
         let Some(db) = u32::try_from(index).ok().filter(|db| *db < databases) else {
             return Err(error_reply("DB index is out of range"));
