@@ -426,7 +426,9 @@ impl Router {
     fn scan(&mut self, request: &[u8]) -> Route {
         let argv: Vec<&[u8]> = Args::new(request).collect();
         let masters = self.master_count();
-        let cursor = argv.get(1).and_then(|c| std::str::from_utf8(c).ok()?.parse::<u64>().ok());
+        let cursor = argv
+            .get(1)
+            .and_then(|c| std::str::from_utf8(c).ok()?.parse::<u64>().ok());
         let Some(cursor) = cursor else {
             // Not a cursor: any master gives Redis's own error.
             return match self.any_master() {
@@ -585,8 +587,7 @@ impl Router {
                     self.fail(batch, unit, UpstreamError::ConnectionLost);
                     return self.finish_if_done(batch);
                 };
-                for (k, (&(from, to), &(rfrom, rto))) in replies.iter().zip(&requests).enumerate()
-                {
+                for (k, (&(from, to), &(rfrom, rto))) in replies.iter().zip(&requests).enumerate() {
                     let reply = bytes.slice(from..to);
                     let unit = Unit::Range {
                         start: start + k,
@@ -624,13 +625,17 @@ impl Router {
                 if let Some(to) = self.node(&host, port) {
                     self.moved.insert(slot, to);
                     debug!(slot, %host, port, "MOVED: resending to the new owner");
-                    return self.send(to, batch, unit, request, redirects + 1, tries, false).await;
+                    return self
+                        .send(to, batch, unit, request, redirects + 1, tries, false)
+                        .await;
                 }
             }
             Some(Redirect::Ask { host, port }) if redirects < MAX_REDIRECTS => {
                 let host = self.host_or(node, host);
                 if let Some(to) = self.node(&host, port) {
-                    return self.send(to, batch, unit, request, redirects + 1, tries, true).await;
+                    return self
+                        .send(to, batch, unit, request, redirects + 1, tries, true)
+                        .await;
                 }
             }
             Some(Redirect::TryAgain) if tries < MAX_TRYAGAIN => {
@@ -672,8 +677,9 @@ impl Router {
     /// Sends the TRYAGAIN retries that are due.
     async fn retry_due(&mut self) {
         let now = Instant::now();
-        let (due, later): (Vec<Retry>, Vec<Retry>) =
-            std::mem::take(&mut self.retries).into_iter().partition(|r| r.at <= now);
+        let (due, later): (Vec<Retry>, Vec<Retry>) = std::mem::take(&mut self.retries)
+            .into_iter()
+            .partition(|r| r.at <= now);
         self.retries = later;
         for retry in due {
             let batch = retry.batch;
@@ -732,7 +738,9 @@ impl Router {
             }
             *slot = Some(if k == 0 { bytes.clone() } else { Bytes::new() });
         }
-        b.errors |= errors.checked_shl(u32::try_from(start).unwrap_or(64)).unwrap_or(0);
+        b.errors |= errors
+            .checked_shl(u32::try_from(start).unwrap_or(64))
+            .unwrap_or(0);
     }
 
     fn fill_part(&mut self, batch: u64, index: usize, part: usize, reply: Bytes) {
@@ -778,7 +786,10 @@ impl Router {
                 out.freeze()
             }
         };
-        let within = b.budget.as_ref().is_none_or(|budget| budget.charge(bytes.len()));
+        let within = b
+            .budget
+            .as_ref()
+            .is_none_or(|budget| budget.charge(bytes.len()));
         let reply = match within {
             true => Ok(Replies {
                 bytes,
@@ -846,13 +857,18 @@ fn redirect(reply: &[u8]) -> Option<Redirect> {
     if reply.starts_with(b"-TRYAGAIN") {
         return Some(Redirect::TryAgain);
     }
-    let text = std::str::from_utf8(reply.strip_prefix(b"-")?).ok()?.trim_end();
+    let text = std::str::from_utf8(reply.strip_prefix(b"-")?)
+        .ok()?
+        .trim_end();
     let mut words = text.split(' ');
     let kind = words.next()?;
     let slot: u16 = words.next()?.parse().ok()?;
     let (host, port) = words.next()?.rsplit_once(':')?;
     let port = port.parse().ok()?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     match kind {
         "MOVED" => Some(Redirect::Moved { slot, host, port }),
         "ASK" => Some(Redirect::Ask { host, port }),
@@ -884,12 +900,15 @@ fn cluster_command(mut args: Args<'_>) -> Bytes {
 /// The client's reply to a request answered in parts.
 fn merge(how: &Merge, parts: &[Bytes]) -> Bytes {
     let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
-    let first_error = || refs.iter().find(|r| is_error(r)).map(|r| Bytes::copy_from_slice(r));
+    let first_error = || {
+        refs.iter()
+            .find(|r| is_error(r))
+            .map(|r| Bytes::copy_from_slice(r))
+    };
     let merged = match how {
         Merge::Split(plan) => plan.merge(&refs).map_err(|e| e.to_string()),
         Merge::Combine(combine) => {
-            if let (Combine::OneSucceeded, Some(ok)) =
-                (combine, refs.iter().find(|r| !is_error(r)))
+            if let (Combine::OneSucceeded, Some(ok)) = (combine, refs.iter().find(|r| !is_error(r)))
             {
                 return Bytes::copy_from_slice(ok);
             }
@@ -1053,7 +1072,10 @@ mod tests {
         let expected = (17u64 | (1 << CURSOR_BITS)).to_string();
         assert_eq!(
             out,
-            format!("*2\r\n${}\r\n{expected}\r\n*1\r\n$1\r\na\r\n", expected.len())
+            format!(
+                "*2\r\n${}\r\n{expected}\r\n*1\r\n$1\r\na\r\n",
+                expected.len()
+            )
         );
         let done = b"*2\r\n$1\r\n0\r\n*0\r\n";
         let next = (2u64 << CURSOR_BITS).to_string();
@@ -1061,7 +1083,10 @@ mod tests {
             scan_reply(done, 1, 3).unwrap(),
             format!("*2\r\n${}\r\n{next}\r\n*0\r\n", next.len())
         );
-        assert_eq!(&scan_reply(done, 2, 3).unwrap()[..], b"*2\r\n$1\r\n0\r\n*0\r\n");
+        assert_eq!(
+            &scan_reply(done, 2, 3).unwrap()[..],
+            b"*2\r\n$1\r\n0\r\n*0\r\n"
+        );
     }
 
     #[test]
@@ -1071,16 +1096,25 @@ mod tests {
             b":3\r\n"
         );
         assert_eq!(
-            &combined(Combine::Concat, &[b"*1\r\n$1\r\na\r\n", b"*0\r\n", b"*1\r\n$1\r\nb\r\n"])
-                .unwrap()[..],
+            &combined(
+                Combine::Concat,
+                &[b"*1\r\n$1\r\na\r\n", b"*0\r\n", b"*1\r\n$1\r\nb\r\n"]
+            )
+            .unwrap()[..],
             b"*2\r\n$1\r\na\r\n$1\r\nb\r\n"
         );
         assert_eq!(
-            &combined(Combine::LogicalAnd, &[b"*2\r\n:1\r\n:1\r\n", b"*2\r\n:0\r\n:1\r\n"])
-                .unwrap()[..],
+            &combined(
+                Combine::LogicalAnd,
+                &[b"*2\r\n:1\r\n:1\r\n", b"*2\r\n:0\r\n:1\r\n"]
+            )
+            .unwrap()[..],
             b"*2\r\n:0\r\n:1\r\n"
         );
-        let parts = [Bytes::from_static(b"-ERR a\r\n"), Bytes::from_static(b"+OK\r\n")];
+        let parts = [
+            Bytes::from_static(b"-ERR a\r\n"),
+            Bytes::from_static(b"+OK\r\n"),
+        ];
         assert_eq!(
             &merge(&Merge::Combine(Combine::OneSucceeded), &parts)[..],
             b"+OK\r\n"
@@ -1100,7 +1134,10 @@ mod tests {
             cluster_command(args)
         };
         assert_eq!(&ask(&["CLUSTER", "KEYSLOT", "foo"])[..], b":12182\r\n");
-        assert_eq!(&ask(&["cluster", "keyslot", "{user1000}.following"])[..], b":3443\r\n");
+        assert_eq!(
+            &ask(&["cluster", "keyslot", "{user1000}.following"])[..],
+            b":3443\r\n"
+        );
         assert!(ask(&["CLUSTER", "NODES"]).starts_with(b"-ERR redmux: CLUSTER NODES is not"));
         assert!(ask(&["CLUSTER", "KEYSLOT"]).starts_with(b"-ERR wrong number"));
     }

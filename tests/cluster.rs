@@ -1,0 +1,423 @@
+//! redmux in front of a live Redis 7.0 cluster of three masters with a replica each
+//! (`upstream.cluster`): clients that know nothing of slots see one Redis.
+//!
+//! Most tests share one cluster (starting one takes seconds on a small machine) and keep to keys
+//! of their own, each test's with a prefix of its own; the ones that flush, reshard or kill a
+//! node start a cluster for themselves.
+
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, Weak},
+};
+
+use redmux::{cluster::slot::slot, resp::encode_command, Config};
+use support::{
+    cluster::{parse, Cluster, Conn, Resp},
+    Raw, Redmux,
+};
+
+static CLUSTER: Mutex<Weak<Cluster>> = Mutex::new(Weak::new());
+
+/// The cluster the running tests share, started if none is running.
+fn shared() -> Arc<Cluster> {
+    let mut current = CLUSTER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(cluster) = current.upgrade() {
+        return cluster;
+    }
+    let cluster = Arc::new(Cluster::start());
+    *current = Arc::downgrade(&cluster);
+    cluster
+}
+
+/// A config for redmux in front of `cluster`, every node a seed.
+fn config(cluster: &Cluster) -> Config {
+    let mut config = Config::default();
+    config.upstream.cluster = cluster
+        .addrs()
+        .iter()
+        .map(|addr| addr.parse().expect("seed address"))
+        .collect();
+    config
+}
+
+async fn start(cluster: &Cluster) -> Redmux {
+    Redmux::start_with(config(cluster)).await
+}
+
+fn cmd(args: &[&str]) -> Vec<u8> {
+    encode_command(args.iter().map(|a| a.as_bytes())).to_vec()
+}
+
+/// The master that owns `key`, asked of the nodes themselves: the one that does not redirect.
+fn owner(cluster: &Cluster, key: &str) -> u16 {
+    let owners: Vec<u16> = cluster
+        .masters()
+        .into_iter()
+        .filter(|&port| {
+            let reply = Conn::connect(port).query(&["EXISTS", key]);
+            !matches!(reply, Resp::Error(ref e) if e.starts_with("MOVED"))
+        })
+        .collect();
+    assert_eq!(owners.len(), 1, "one owner of {key}: {owners:?}");
+    owners[0]
+}
+
+/// A direct connection to the master of `key`.
+fn at_owner(cluster: &Cluster, key: &str) -> Conn {
+    Conn::connect(owner(cluster, key))
+}
+
+/// Keys `prefix:0..n`, which spread over every master.
+fn keys(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}:{i}")).collect()
+}
+
+#[tokio::test]
+async fn keyed_commands_reach_the_master_of_their_slot() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    let keys = keys("route", 60);
+    let mut masters = BTreeSet::new();
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(client.call(&["SET", key, &i.to_string()]).await, "+OK\r\n");
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let direct = at_owner(&cluster, key).query(&["GET", key]);
+        assert_eq!(
+            direct,
+            Resp::Bulk(i.to_string().into_bytes()),
+            "{key} on its master"
+        );
+        masters.insert(owner(&cluster, key));
+        let through = client.call(&["GET", key]).await;
+        assert_eq!(through, format!("${}\r\n{i}\r\n", i.to_string().len()));
+    }
+    assert_eq!(masters.len(), 3, "the keys spread over every master");
+}
+
+#[tokio::test]
+async fn a_pipeline_across_slots_is_answered_in_order() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    let keys = keys("order", 50);
+    let mut out = Vec::new();
+    let mut expected = Vec::new();
+    for round in 0..20 {
+        for key in &keys {
+            out.extend(cmd(&["INCR", key]));
+            expected.push(format!(":{}\r\n", round + 1));
+            if round % 7 == 0 {
+                out.extend(cmd(&["PING"]));
+                expected.push("+PONG\r\n".to_owned());
+            }
+        }
+    }
+    let replies = client.pipeline(&out, expected.len()).await;
+    let replies: Vec<String> = replies
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    assert_eq!(replies, expected);
+    // Several clients at once, each its own counter.
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let addr = redmux.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut client = Raw::connect(addr).await;
+            let key = format!("order:client:{c}");
+            let mut out = Vec::new();
+            for _ in 0..200 {
+                out.extend(cmd(&["INCR", &key]));
+                out.extend(cmd(&["GET", &key]));
+            }
+            let replies = client.pipeline(&out, 400).await;
+            for (n, pair) in replies.chunks(2).enumerate() {
+                let value = (n + 1).to_string();
+                assert_eq!(pair[0], format!(":{value}\r\n").into_bytes());
+                assert_eq!(
+                    pair[1],
+                    format!("${}\r\n{value}\r\n", value.len()).into_bytes()
+                );
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client");
+    }
+}
+
+#[tokio::test]
+async fn multi_key_commands_are_split_by_slot_and_merged() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    let keys = keys("split", 12);
+    let slots: BTreeSet<u16> = keys.iter().map(|k| slot(k.as_bytes())).collect();
+    assert!(slots.len() > 3, "the keys span slots");
+    let mut mset = vec!["MSET"];
+    let values: Vec<String> = (0..keys.len()).map(|i| format!("v{i}")).collect();
+    for (key, value) in keys.iter().zip(&values) {
+        mset.push(key);
+        mset.push(value);
+    }
+    assert_eq!(client.call(&mset).await, "+OK\r\n");
+    for (key, value) in keys.iter().zip(&values) {
+        assert_eq!(
+            at_owner(&cluster, key).query(&["GET", key]),
+            Resp::Bulk(value.clone().into_bytes())
+        );
+    }
+    let mut mget = vec!["MGET", "split:missing"];
+    mget.extend(keys.iter().map(String::as_str));
+    mget.push(&keys[0]);
+    let reply = parse(client.call(&mget).await.as_bytes());
+    let mut expected = vec![Resp::Null];
+    expected.extend(values.iter().map(|v| Resp::Bulk(v.clone().into_bytes())));
+    expected.push(Resp::Bulk(b"v0".to_vec()));
+    assert_eq!(reply, Resp::Array(expected));
+
+    let mut exists = vec!["EXISTS"];
+    exists.extend(keys.iter().map(String::as_str));
+    exists.push(&keys[1]);
+    exists.push("split:missing");
+    assert_eq!(
+        client.call(&exists).await,
+        format!(":{}\r\n", keys.len() + 1)
+    );
+    let mut touch = vec!["TOUCH"];
+    touch.extend(keys[..5].iter().map(String::as_str));
+    assert_eq!(client.call(&touch).await, ":5\r\n");
+    let mut unlink = vec!["UNLINK", "split:missing"];
+    unlink.extend(keys[..4].iter().map(String::as_str));
+    assert_eq!(client.call(&unlink).await, ":4\r\n");
+    let mut del = vec!["DEL"];
+    del.extend(keys.iter().map(String::as_str));
+    assert_eq!(client.call(&del).await, format!(":{}\r\n", keys.len() - 4));
+    for key in &keys {
+        assert_eq!(
+            at_owner(&cluster, key).query(&["EXISTS", key]),
+            Resp::Int(0)
+        );
+    }
+    // A split request among others keeps its place.
+    let mut out = cmd(&["SET", "split:a", "1"]);
+    out.extend(cmd(&["MGET", "split:a", "split:b", "split:c"]));
+    out.extend(cmd(&["MSET", "split:b", "2", "split:c", "3"]));
+    out.extend(cmd(&["MGET", "split:a", "split:b", "split:c"]));
+    out.extend(cmd(&["DEL", "split:a", "split:b", "split:c", "split:d"]));
+    let replies = client.pipeline(&out, 5).await;
+    let replies: Vec<String> = replies
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    assert_eq!(
+        replies,
+        [
+            "+OK\r\n",
+            "*3\r\n$1\r\n1\r\n$-1\r\n$-1\r\n",
+            "+OK\r\n",
+            "*3\r\n$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n",
+            ":3\r\n",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn other_commands_across_slots_get_crossslot_and_hash_tags_work() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    let crossslot = "-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+    assert_ne!(slot(b"cross:a"), slot(b"cross:b"));
+    for args in [
+        &["SUNIONSTORE", "cross:a", "cross:b"][..],
+        &["RENAME", "cross:a", "cross:b"],
+        &["MSETNX", "cross:a", "1", "cross:b", "2"],
+        &["EVAL", "return 1", "2", "cross:a", "cross:b"],
+        &["BLPOP", "cross:a", "cross:b", "1"],
+    ] {
+        assert_eq!(client.call(args).await, crossslot, "{args:?}");
+    }
+    // Nothing reached Redis.
+    for key in ["cross:a", "cross:b"] {
+        assert_eq!(
+            at_owner(&cluster, key).query(&["EXISTS", key]),
+            Resp::Int(0)
+        );
+    }
+    // The same slot, by hash tag.
+    assert_eq!(client.call(&["SADD", "{cross}a", "x", "y"]).await, ":2\r\n");
+    assert_eq!(client.call(&["SADD", "{cross}b", "y", "z"]).await, ":2\r\n");
+    assert_eq!(
+        client
+            .call(&["SINTERSTORE", "{cross}c", "{cross}a", "{cross}b"])
+            .await,
+        ":1\r\n"
+    );
+    assert_eq!(
+        client
+            .call(&["MSETNX", "{cross}d", "1", "{cross}e", "2"])
+            .await,
+        ":1\r\n"
+    );
+    assert_eq!(
+        client
+            .call(&[
+                "EVAL",
+                "return redis.call('GET', KEYS[2])",
+                "2",
+                "{cross}d",
+                "{cross}e"
+            ])
+            .await,
+        "$1\r\n2\r\n"
+    );
+    assert_eq!(
+        at_owner(&cluster, "{cross}c").query(&["SMEMBERS", "{cross}c"]),
+        Resp::Array(vec![Resp::Bulk(b"y".to_vec())])
+    );
+}
+
+#[tokio::test]
+async fn cluster_keyslot_is_local_select_and_other_cluster_commands_are_refused() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    assert_eq!(
+        client.call(&["CLUSTER", "KEYSLOT", "foo"]).await,
+        ":12182\r\n"
+    );
+    assert!(client
+        .call(&["CLUSTER", "NODES"])
+        .await
+        .starts_with("-ERR redmux: CLUSTER NODES is not supported"));
+    assert_eq!(client.call(&["SELECT", "0"]).await, "+OK\r\n");
+    assert_eq!(
+        client.call(&["SELECT", "1"]).await,
+        "-ERR SELECT is not allowed in cluster mode\r\n"
+    );
+    assert_eq!(client.call(&["PING"]).await, "+PONG\r\n");
+}
+
+/// The tests that touch the whole keyspace have a cluster of their own.
+#[tokio::test]
+async fn whole_keyspace_commands_cover_every_master() {
+    let cluster = Cluster::start();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    let keys = keys("space", 300);
+    let mut out = Vec::new();
+    for key in &keys {
+        out.extend(cmd(&["SET", key, "1"]));
+    }
+    client.pipeline(&out, keys.len()).await;
+    let per_master: Vec<i64> = cluster
+        .masters()
+        .into_iter()
+        .map(|port| Conn::connect(port).query(&["DBSIZE"]).int())
+        .collect();
+    assert!(per_master.iter().all(|&n| n > 0), "{per_master:?}");
+    assert_eq!(
+        client.call(&["DBSIZE"]).await,
+        format!(":{}\r\n", keys.len())
+    );
+
+    let all: BTreeSet<String> = keys.iter().cloned().collect();
+    let listed = parse(client.call(&["KEYS", "space:*"]).await.as_bytes());
+    let listed: BTreeSet<String> = listed.items().iter().map(Resp::text).collect();
+    assert_eq!(listed, all);
+
+    // A full SCAN returns every key at least once, whatever COUNT.
+    for count in ["3", "1000"] {
+        let mut cursor = "0".to_owned();
+        let mut seen = BTreeSet::new();
+        let mut rounds = 0;
+        loop {
+            let reply = parse(
+                client
+                    .call(&["SCAN", &cursor, "MATCH", "space:*", "COUNT", count])
+                    .await
+                    .as_bytes(),
+            );
+            let [next, batch] = reply.items() else {
+                panic!("SCAN reply {reply:?}");
+            };
+            seen.extend(batch.items().iter().map(Resp::text));
+            cursor = next.text();
+            rounds += 1;
+            assert!(rounds < 10_000, "SCAN ends");
+            if cursor == "0" {
+                break;
+            }
+        }
+        assert_eq!(seen, all, "SCAN COUNT {count}");
+    }
+    assert_eq!(
+        client.call(&["SCAN", "99999999999999999999"]).await,
+        "-ERR invalid cursor\r\n"
+    );
+    let random = client.call(&["RANDOMKEY"]).await;
+    assert!(random.contains("space:"), "{random}");
+
+    // Scripts and functions are loaded on every master, so EVALSHA works for any key.
+    let sha = parse(
+        client
+            .call(&["SCRIPT", "LOAD", "return redis.call('GET', KEYS[1])"])
+            .await
+            .as_bytes(),
+    )
+    .text();
+    for key in &keys[..20] {
+        assert_eq!(
+            client.call(&["EVALSHA", &sha, "1", key]).await,
+            "$1\r\n1\r\n"
+        );
+    }
+    let exists = parse(
+        client
+            .call(&["SCRIPT", "EXISTS", &sha, "nope"])
+            .await
+            .as_bytes(),
+    );
+    assert_eq!(exists, Resp::Array(vec![Resp::Int(1), Resp::Int(0)]));
+    let library = "#!lua name=redmuxlib\nredis.register_function('redmux_get', function(keys) return redis.call('GET', keys[1]) end)";
+    assert_eq!(
+        client.call(&["FUNCTION", "LOAD", library]).await,
+        "$9\r\nredmuxlib\r\n"
+    );
+    for key in &keys[..20] {
+        assert_eq!(
+            client.call(&["FCALL", "redmux_get", "1", key]).await,
+            "$1\r\n1\r\n"
+        );
+    }
+    assert_eq!(
+        client.call(&["FUNCTION", "DELETE", "redmuxlib"]).await,
+        "+OK\r\n"
+    );
+    assert!(client
+        .call(&["FCALL", "redmux_get", "1", &keys[0]])
+        .await
+        .starts_with("-ERR"));
+    assert_eq!(client.call(&["SCRIPT", "FLUSH"]).await, "+OK\r\n");
+    assert!(client
+        .call(&["EVALSHA", &sha, "1", &keys[0]])
+        .await
+        .starts_with("-NOSCRIPT"));
+
+    assert_eq!(client.call(&["FLUSHALL"]).await, "+OK\r\n");
+    for port in cluster.masters() {
+        assert_eq!(Conn::connect(port).query(&["DBSIZE"]), Resp::Int(0));
+    }
+    assert_eq!(client.call(&["DBSIZE"]).await, ":0\r\n");
+    assert_eq!(client.call(&["RANDOMKEY"]).await, "$-1\r\n");
+    client.call(&["SET", "space:again", "1"]).await;
+    assert_eq!(client.call(&["FLUSHDB"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["DBSIZE"]).await, ":0\r\n");
+}
