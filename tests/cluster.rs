@@ -421,3 +421,168 @@ async fn whole_keyspace_commands_cover_every_master() {
     assert_eq!(client.call(&["FLUSHDB"]).await, "+OK\r\n");
     assert_eq!(client.call(&["DBSIZE"]).await, ":0\r\n");
 }
+
+/// A key on a master other than `key`'s.
+fn elsewhere(cluster: &Cluster, key: &str, prefix: &str) -> String {
+    let owner = owner(cluster, key);
+    (0..)
+        .map(|i| format!("{prefix}:{i}"))
+        .find(|other| self::owner(cluster, other) != owner)
+        .expect("a key on another master")
+}
+
+/// A key in another slot of `key`'s master.
+fn beside(cluster: &Cluster, key: &str, prefix: &str) -> String {
+    let owner = owner(cluster, key);
+    (0..)
+        .map(|i| format!("{prefix}:{i}"))
+        .find(|other| {
+            slot(other.as_bytes()) != slot(key.as_bytes()) && self::owner(cluster, other) == owner
+        })
+        .expect("a key on the same master")
+}
+
+#[tokio::test]
+async fn transactions_run_on_the_master_of_their_first_key() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    for key in keys("tx", 6) {
+        assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+        assert_eq!(client.call(&["PING"]).await, "+QUEUED\r\n");
+        assert_eq!(client.call(&["SET", &key, "5"]).await, "+QUEUED\r\n");
+        assert_eq!(client.call(&["INCR", &key]).await, "+QUEUED\r\n");
+        assert_eq!(
+            client.call(&["EXEC"]).await,
+            "*3\r\n+PONG\r\n+OK\r\n:6\r\n",
+            "{key}"
+        );
+        assert_eq!(
+            at_owner(&cluster, &key).query(&["GET", &key]),
+            Resp::Bulk(b"6".to_vec())
+        );
+    }
+    // Pipelined, and keyless only.
+    let mut out = cmd(&["MULTI"]);
+    out.extend(cmd(&["SET", "tx:p", "1"]));
+    out.extend(cmd(&["GET", "tx:p"]));
+    out.extend(cmd(&["EXEC"]));
+    out.extend(cmd(&["MULTI"]));
+    out.extend(cmd(&["PING"]));
+    out.extend(cmd(&["EXEC"]));
+    out.extend(cmd(&["MULTI"]));
+    out.extend(cmd(&["DISCARD"]));
+    out.extend(cmd(&["GET", "tx:p"]));
+    let replies: Vec<String> = client
+        .pipeline(&out, 10)
+        .await
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    assert_eq!(
+        replies,
+        [
+            "+OK\r\n",
+            "+QUEUED\r\n",
+            "+QUEUED\r\n",
+            "*2\r\n+OK\r\n$1\r\n1\r\n",
+            "+OK\r\n",
+            "+QUEUED\r\n",
+            "*1\r\n+PONG\r\n",
+            "+OK\r\n",
+            "+OK\r\n",
+            "$1\r\n1\r\n",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_transaction_across_slots_is_aborted_as_redis_cluster_does() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    let crossslot = "-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+    let first = "txx:first".to_owned();
+    for other in [
+        elsewhere(&cluster, &first, "txx:other"),
+        beside(&cluster, &first, "txx:beside"),
+    ] {
+        assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+        assert_eq!(client.call(&["SET", &first, "1"]).await, "+QUEUED\r\n");
+        assert_eq!(client.call(&["SET", &other, "1"]).await, crossslot);
+        assert_eq!(
+            client.call(&["EXEC"]).await,
+            "-EXECABORT Transaction discarded because of previous errors.\r\n"
+        );
+        for key in [&first, &other] {
+            assert_eq!(
+                at_owner(&cluster, key).query(&["EXISTS", key]),
+                Resp::Int(0)
+            );
+        }
+    }
+    assert_eq!(client.call(&["SET", &first, "ok"]).await, "+OK\r\n");
+}
+
+#[tokio::test]
+async fn watch_pins_the_master_of_the_watched_key() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    let mut other = redmux.raw().await;
+    for key in keys("watch", 4) {
+        assert_eq!(client.call(&["WATCH", &key]).await, "+OK\r\n");
+        assert_eq!(client.call(&["GET", &key]).await, "$-1\r\n");
+        assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+        assert_eq!(client.call(&["SET", &key, "mine"]).await, "+QUEUED\r\n");
+        assert_eq!(client.call(&["EXEC"]).await, "*1\r\n+OK\r\n");
+        // Changed by another client meanwhile: EXEC runs nothing.
+        assert_eq!(client.call(&["WATCH", &key]).await, "+OK\r\n");
+        assert_eq!(other.call(&["SET", &key, "theirs"]).await, "+OK\r\n");
+        assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+        assert_eq!(client.call(&["SET", &key, "mine"]).await, "+QUEUED\r\n");
+        assert_eq!(client.call(&["EXEC"]).await, "*-1\r\n");
+        assert_eq!(
+            at_owner(&cluster, &key).query(&["GET", &key]),
+            Resp::Bulk(b"theirs".to_vec())
+        );
+        assert_eq!(client.call(&["WATCH", &key]).await, "+OK\r\n");
+        assert_eq!(client.call(&["UNWATCH"]).await, "+OK\r\n");
+    }
+}
+
+#[tokio::test]
+async fn blocking_commands_wait_on_the_master_of_their_key() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut pusher = redmux.raw().await;
+    let mut masters = BTreeSet::new();
+    for key in keys("block", 8) {
+        masters.insert(owner(&cluster, &key));
+        let mut waiter = redmux.raw().await;
+        waiter.send(cmd(&["BLPOP", &key, "10"])).await;
+        // The waiter is blocked on the key's master once that master counts a blocked client.
+        let port = owner(&cluster, &key);
+        let deadline = support::Deadline::new();
+        while !Conn::connect(port)
+            .query(&["INFO", "clients"])
+            .text()
+            .lines()
+            .any(|line| line.starts_with("blocked_clients:") && line != "blocked_clients:0")
+        {
+            deadline.next_try(format!("BLPOP {key} to block")).await;
+        }
+        assert_eq!(pusher.call(&["LPUSH", &key, "x"]).await, ":1\r\n");
+        assert_eq!(
+            waiter.reply_str().await,
+            format!("*2\r\n${}\r\n{key}\r\n$1\r\nx\r\n", key.len())
+        );
+        assert_eq!(
+            waiter
+                .call(&["BLMPOP", "1", "2", "{b}1", "{b}2", "LEFT"])
+                .await,
+            "*-1\r\n"
+        );
+    }
+    assert_eq!(masters.len(), 3);
+}

@@ -678,6 +678,31 @@ impl Upstreams {
         cluster::spawn_router(cluster.clone(), spawner, rx, self.next_shared_id());
     }
 
+    /// Starts a pinned connection in front of a cluster on `rx`: it opens an actor on the
+    /// master of the first key it is given (see [`cluster`]).
+    fn spawn_cluster_pinned(
+        &self,
+        cluster: &Arc<cluster::Cluster>,
+        id: usize,
+        target: Target,
+        rx: mpsc::Receiver<Request>,
+        connection: &ConnectionId,
+    ) {
+        let weak = Arc::downgrade(&self.inner);
+        let connection = connection.clone();
+        let spawner: cluster::Spawner = Box::new(move |host: &str, port: u16| {
+            let upstreams = Upstreams {
+                inner: weak.upgrade()?,
+            };
+            let (tx, rx) = mpsc::channel(pool::CHANNEL_CAPACITY);
+            let node = Some((host.to_owned(), port));
+            let (role, connection) = (actor::Role::Pinned, Some(connection.clone()));
+            upstreams.spawn_actor_at(id, target.clone(), role, rx, connection, node);
+            Some(tx)
+        });
+        cluster::spawn_pinned(cluster.clone(), spawner, rx);
+    }
+
     /// Starts an actor for `target` on `rx`, and registers its figures.
     fn spawn_actor(
         &self,

@@ -10,6 +10,7 @@
 //! takes a client's batch as a plain actor would, and answers it with every reply in order,
 //! whichever nodes ran them (see [`router`]).
 
+mod pinned;
 mod router;
 
 use std::{
@@ -24,6 +25,7 @@ use bytes::BytesMut;
 use tokio::{io::AsyncWriteExt, sync::watch};
 use tracing::{debug, info, warn};
 
+pub(super) use pinned::spawn as spawn_pinned;
 pub(super) use router::{spawn as spawn_router, Spawner};
 
 use super::{connect, Address, Dial, Setup, Timeouts};

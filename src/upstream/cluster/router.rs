@@ -827,7 +827,7 @@ impl Future for NextReply<'_> {
 
 /// Where each of `count` complete RESP values in `bytes` starts and ends; `None` if `bytes`
 /// does not hold at least that many.
-fn split_replies(bytes: &[u8], count: usize) -> Option<Vec<(usize, usize)>> {
+pub(super) fn split_replies(bytes: &[u8], count: usize) -> Option<Vec<(usize, usize)>> {
     let mut scanner = ReplyScanner::with_push();
     let mut at = 0;
     let mut out = Vec::with_capacity(count);
@@ -841,19 +841,19 @@ fn split_replies(bytes: &[u8], count: usize) -> Option<Vec<(usize, usize)>> {
 }
 
 /// The bounds of each of `count` requests in a batch's frames.
-fn requests(frames: &[u8], count: u32) -> Option<Vec<(usize, usize)>> {
+pub(super) fn requests(frames: &[u8], count: u32) -> Option<Vec<(usize, usize)>> {
     let bounds = split_replies(frames, usize::try_from(count).ok()?)?;
     (bounds.last().map_or(0, |&(_, to)| to) == frames.len()).then_some(bounds)
 }
 
-enum Redirect {
+pub(super) enum Redirect {
     Moved { slot: u16, host: String, port: u16 },
     Ask { host: String, port: u16 },
     TryAgain,
 }
 
 /// `-MOVED slot host:port`, `-ASK slot host:port` or `-TRYAGAIN ...`.
-fn redirect(reply: &[u8]) -> Option<Redirect> {
+pub(super) fn redirect(reply: &[u8]) -> Option<Redirect> {
     if reply.starts_with(b"-TRYAGAIN") {
         return Some(Redirect::TryAgain);
     }
