@@ -586,3 +586,104 @@ async fn blocking_commands_wait_on_the_master_of_their_key() {
     }
     assert_eq!(masters.len(), 3);
 }
+
+/// What one writer saw of its counters: every INCR reply, in order, per key.
+type Seen = Vec<Vec<Result<i64, String>>>;
+
+/// INCR traffic through redmux while `disturb` runs: `writers` clients, each the only writer
+/// of `per` counters of its own, pipelining one INCR per counter per round, until `stop`.
+async fn incr_traffic(
+    addr: std::net::SocketAddr,
+    writers: usize,
+    per: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(Vec<String>, Seen)> {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let keys: Vec<String> = (0..per).map(|i| format!("count:{w}:{i}")).collect();
+            let mut seen: Seen = vec![Vec::new(); per];
+            let mut client = Raw::connect(addr).await;
+            let mut out = Vec::new();
+            for key in &keys {
+                out.extend(cmd(&["INCR", key]));
+            }
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let replies = client.pipeline(&out, per).await;
+                assert_eq!(replies.len(), per, "every INCR answered");
+                for (at, reply) in replies.iter().enumerate() {
+                    seen[at].push(match parse(reply) {
+                        Resp::Int(n) => Ok(n),
+                        other => Err(format!("{other:?}")),
+                    });
+                }
+            }
+            (keys, seen)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.push(task.await.expect("writer"));
+    }
+    all
+}
+
+/// Runs INCR traffic while `disturb` runs (on a thread of its own), then a few rounds more.
+async fn under_traffic(
+    redmux: &Redmux,
+    disturb: impl FnOnce() + Send + 'static,
+) -> Vec<(Vec<String>, Seen)> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = tokio::spawn(incr_traffic(redmux.addr, 4, 100, stop.clone()));
+    // Traffic is flowing before the disturbance starts.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::task::spawn_blocking(disturb)
+        .await
+        .expect("disturbance");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.await.expect("traffic")
+}
+
+#[tokio::test]
+async fn resharding_under_incr_traffic_is_invisible_to_clients() {
+    let cluster = Arc::new(Cluster::start());
+    let redmux = start(&cluster).await;
+    let masters = cluster.masters();
+    let (a, b, c) = (masters[0], masters[1], masters[2]);
+    let before: std::collections::BTreeMap<String, u16> = (0..4)
+        .flat_map(|w| (0..100).map(move |i| format!("count:{w}:{i}")))
+        .map(|key| (key.clone(), owner(&cluster, &key)))
+        .collect();
+    let reshard = cluster.clone();
+    let seen = under_traffic(&redmux, move || {
+        reshard.reshard(a, b, 1500);
+        reshard.reshard(b, c, 3000);
+    })
+    .await;
+    let mut rounds = 0;
+    for (keys, seen) in &seen {
+        for (key, replies) in keys.iter().zip(seen) {
+            // Every INCR ran once, in order, and none failed.
+            let expected: Vec<Result<i64, String>> = (1..=replies.len() as i64).map(Ok).collect();
+            assert_eq!(replies, &expected, "{key}");
+            assert_eq!(
+                at_owner(&cluster, key).query(&["GET", key]),
+                Resp::Bulk(replies.len().to_string().into_bytes()),
+                "{key} in the cluster"
+            );
+            rounds = rounds.max(replies.len());
+        }
+    }
+    assert!(
+        rounds > 10,
+        "traffic ran during the resharding ({rounds} rounds)"
+    );
+    let moved = seen
+        .iter()
+        .flat_map(|(keys, _)| keys)
+        .filter(|key| before.get(*key) != Some(&owner(&cluster, key)))
+        .count();
+    assert!(moved > 10, "counters moved ({moved})");
+}
