@@ -772,3 +772,49 @@ async fn a_master_killed_under_incr_traffic_costs_only_what_it_had_not_replicate
     }
     assert!(on_victim > 0 && failed > 0, "the kill hit the traffic");
 }
+
+#[tokio::test]
+async fn pubsub_reaches_subscribers_and_shard_messages_their_shard() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut subscriber = redmux.raw().await;
+    let mut publisher = redmux.raw().await;
+    assert_eq!(
+        subscriber.call(&["SUBSCRIBE", "news"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
+    // The cluster spreads PUBLISH to every node, whichever master redmux sends it to, and
+    // whichever node a publisher of its own uses.
+    // Its count is the receiving node's subscribers, as with Redis Cluster.
+    for _ in 0..3 {
+        let count = publisher.call(&["PUBLISH", "news", "hello"]).await;
+        assert!(count == ":1\r\n" || count == ":0\r\n", "{count}");
+        assert_eq!(
+            subscriber.reply_str().await,
+            "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n"
+        );
+    }
+    for port in cluster.live_ports() {
+        Conn::connect(port).query(&["PUBLISH", "news", "direct"]);
+        assert_eq!(
+            subscriber.reply_str().await,
+            "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$6\r\ndirect\r\n"
+        );
+    }
+    // SPUBLISH goes to the master of the channel's slot, where its subscribers are.
+    for channel in keys("shard", 6) {
+        let mut direct = at_owner(&cluster, &channel);
+        direct.query(&["SSUBSCRIBE", &channel]);
+        assert_eq!(
+            publisher.call(&["SPUBLISH", &channel, "m"]).await,
+            ":1\r\n",
+            "{channel}"
+        );
+        let message = direct.next();
+        assert_eq!(message.items()[2], Resp::Bulk(b"m".to_vec()));
+    }
+    assert_eq!(
+        publisher.call(&["SSUBSCRIBE", "shard:0"]).await,
+        "-ERR redmux: SSUBSCRIBE is not supported in front of a cluster yet\r\n"
+    );
+}

@@ -372,6 +372,11 @@ impl Conn {
         replies
     }
 
+    /// The next reply or push frame (a subscriber's message).
+    pub fn next(&mut self) -> Resp {
+        parse(&self.read_reply())
+    }
+
     fn read_reply(&mut self) -> Vec<u8> {
         loop {
             if let Some(end) = self.scanner.next_reply(&self.buf).expect("valid RESP") {
