@@ -33,6 +33,10 @@ struct Cli {
     /// Upstream Redis: redis://[user:pass@]host:port[/db], host:port, unix:///path or embedded.
     #[arg(long, value_name = "ADDR")]
     upstream: Option<String>,
+    /// A Redis Cluster's seed nodes, host:port[,host:port...] (rediss:// for TLS); replaces
+    /// upstream.cluster and upstream.address.
+    #[arg(long, value_name = "ADDRS", conflicts_with = "upstream")]
+    upstream_cluster: Option<String>,
     /// Log filter, e.g. info or redmux=debug; RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
     let overrides = Overrides {
         listen: cli.listen,
         upstream: cli.upstream,
+        upstream_cluster: cli.upstream_cluster,
         log_level: cli.log_level,
         threads: cli.threads,
     };

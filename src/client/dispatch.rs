@@ -391,6 +391,14 @@ impl State {
                 self.owe();
                 self.await_confirmation(rx, Path::Monitor);
             }
+            // Shard channels live on their shard's master: one subscriber connection per
+            // shard is not there yet (docs/cluster.md).
+            Action::PubSub {
+                kind: command::Namespace::Shard,
+                subscribe: true,
+            } if self.client.upstreams().is_cluster() => self.reply_locally(encode::error(
+                "redmux: SSUBSCRIBE is not supported in front of a cluster yet",
+            )),
             Action::PubSub { kind, subscribe } => {
                 let names: Vec<Bytes> = Args::new(&request)
                     .skip(1)

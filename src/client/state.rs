@@ -262,6 +262,10 @@ impl ClientState {
             }
             Some(n) => n,
         };
+        if index != 0 && self.upstreams.is_cluster() {
+            // A cluster node checks this before the range (`selectCommand`, `src/db.c`).
+            return Err(encode::error("SELECT is not allowed in cluster mode"));
+        }
         let databases = self.upstreams.databases();
         let Some(db) = u32::try_from(index).ok().filter(|db| *db < databases) else {
             return Err(encode::error("DB index is out of range"));

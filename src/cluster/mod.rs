@@ -10,6 +10,6 @@
 
 pub mod keys;
 pub mod plan;
-mod reply;
+pub mod reply;
 pub mod slot;
 pub mod topology;

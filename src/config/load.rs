@@ -10,7 +10,7 @@ use std::{
 use super::{
     secret,
     values::{check_log_level, parse_listen, without_password},
-    Address, Config, Overrides, Secret, Threads,
+    Address, Config, Endpoint, Overrides, Secret, Threads,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +165,27 @@ impl Config {
                         flag: "--upstream",
                         message: without_password(upstream, message),
                     })?;
+            self.upstream.cluster.clear();
+        }
+        if let Some(seeds) = &overrides.upstream_cluster {
+            self.upstream.cluster = seeds
+                .split(',')
+                .map(str::trim)
+                .filter(|seed| !seed.is_empty())
+                .map(|seed| {
+                    seed.parse().map_err(|message: String| ConfigError::Flag {
+                        flag: "--upstream-cluster",
+                        message: without_password(seed, message),
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            if self.upstream.cluster.is_empty() {
+                return Err(ConfigError::Flag {
+                    flag: "--upstream-cluster",
+                    message: "no seed node given".into(),
+                });
+            }
+            self.upstream.address = Endpoint::from(Address::Embedded);
         }
         if let Some(threads) = &overrides.threads {
             self.server.threads = threads.parse().map_err(|message| ConfigError::Flag {
@@ -226,6 +247,36 @@ impl Config {
                 return fail(key, "must be more than 0");
             }
         }
+        if !upstream.cluster.is_empty() {
+            if upstream.address.address != Address::Embedded {
+                return fail(
+                    "upstream.cluster",
+                    "replaces upstream.address: give only one of them",
+                );
+            }
+            let tls = matches!(upstream.cluster[0].address, Address::Tcp { tls: true, .. });
+            for seed in &upstream.cluster {
+                match seed.address {
+                    Address::Tcp { tls: seed_tls, .. } if seed_tls == tls => {}
+                    Address::Tcp { .. } => {
+                        return fail(
+                            "upstream.cluster",
+                            "mixes rediss:// and plain seeds: TLS applies to every node",
+                        )
+                    }
+                    _ => return fail("upstream.cluster", "seed nodes must be host:port addresses"),
+                }
+                if seed.db != 0 {
+                    return fail("upstream.cluster", "a cluster has only db 0");
+                }
+            }
+            if upstream.endpoint().db != 0 {
+                return fail("upstream.db", "a cluster has only db 0");
+            }
+            if upstream.cluster_refresh_interval.is_zero() {
+                return fail("upstream.cluster_refresh_interval", "must be more than 0");
+            }
+        }
         if upstream.endpoint().db >= upstream.databases {
             return fail("upstream.db", "must be below upstream.databases");
         }
@@ -244,7 +295,7 @@ impl Config {
         if server.tls.as_ref().is_some_and(|tls| tls.listen.is_empty()) {
             return fail("server.tls.listen", "no address to listen on");
         }
-        let rediss = matches!(upstream.address.address, Address::Tcp { tls: true, .. });
+        let rediss = matches!(upstream.endpoint().address, Address::Tcp { tls: true, .. });
         if upstream.tls.is_some() && !rediss {
             return fail(
                 "upstream.tls",
@@ -273,7 +324,8 @@ impl Config {
             max_bulk_len, max_multibulk_len, client_query_limit, client_output_limit,
             client_idle_timeout, shutdown_grace, tls, threads);
         compare!(upstream: address, connections, connect_timeout, request_timeout, username,
-            password, db, databases, max_pinned, max_shared, allow_monitor, tls);
+            password, db, databases, max_pinned, max_shared, allow_monitor, tls, cluster,
+            cluster_refresh_interval);
         compare!(auth: password, users);
         compare!(log: level, format);
         compare!(metrics: listen);
@@ -309,9 +361,20 @@ impl Config {
                 }
             );
         }
+        let upstream = match self.upstream.cluster.as_slice() {
+            [] => endpoint.address.to_string(),
+            seeds => {
+                let seeds: Vec<String> = seeds.iter().map(|s| s.address.to_string()).collect();
+                format!(
+                    "cluster, seeds {} (slot map refreshed every {:?})",
+                    seeds.join(", "),
+                    self.upstream.cluster_refresh_interval
+                )
+            }
+        };
         out += &format!(
             "upstream: {} (connections {}, db {}, user {}, password {})\n",
-            endpoint.address,
+            upstream,
             self.upstream.connections,
             endpoint.db,
             endpoint.username.as_deref().unwrap_or("-"),

@@ -26,7 +26,7 @@ pub use address::{Address, Credentials, Endpoint, Identity};
 pub use load::{world_readable_secrets, ConfigError, Exposed};
 
 use self::values::{
-    address, auth_password, auth_section, auth_users, byte_size, duration, file_mode,
+    address, addresses, auth_password, auth_section, auth_users, byte_size, duration, file_mode,
     listen_addresses, log_level, optional_address, upstream_password, upstream_section,
     user_password,
 };
@@ -297,6 +297,14 @@ pub struct UpstreamConfig {
     pub allow_monitor: bool,
     /// `[upstream.tls]`: how to talk TLS to a `rediss://` upstream.
     pub tls: Option<UpstreamTlsConfig>,
+    /// Seed nodes of a Redis Cluster, in any form `address` takes (`rediss://` for TLS). When
+    /// set it replaces `address`: redmux reads the slot map from them and presents the
+    /// cluster to its clients as one Redis.
+    #[serde(deserialize_with = "addresses")]
+    pub cluster: Vec<Endpoint>,
+    /// How often the slot map is read again when nothing (a MOVED, a lost node) asked for it.
+    #[serde(deserialize_with = "duration")]
+    pub cluster_refresh_interval: Duration,
 }
 
 /// `[upstream.tls]`. Without it a `rediss://` upstream is checked against the system's CA
@@ -335,6 +343,8 @@ impl Default for UpstreamConfig {
             max_shared: 32,
             allow_monitor: true,
             tls: None,
+            cluster: Vec::new(),
+            cluster_refresh_interval: Duration::from_secs(30),
         }
     }
 }
@@ -342,8 +352,9 @@ impl Default for UpstreamConfig {
 impl UpstreamConfig {
     /// Where to connect and how to log in: the `username`, `password` and `db` keys win over
     /// the same parts of a `redis://` address.
+    /// For a cluster, the first seed's address stands in for `address`.
     pub fn endpoint(&self) -> Endpoint {
-        let mut endpoint = self.address.clone();
+        let mut endpoint = self.cluster.first().unwrap_or(&self.address).clone();
         if let Some(user) = &self.username {
             endpoint.username = Some(user.clone());
         }
@@ -409,6 +420,9 @@ impl fmt::Debug for Secret {
 pub struct Overrides {
     pub listen: Vec<String>,
     pub upstream: Option<String>,
+    /// `--upstream-cluster host:port[,host:port...]`: replaces `upstream.cluster` (and
+    /// `upstream.address`).
+    pub upstream_cluster: Option<String>,
     pub log_level: Option<String>,
     pub threads: Option<String>,
 }
@@ -727,6 +741,7 @@ mod tests {
             upstream: Some("127.0.0.1:7777".into()),
             log_level: Some("warn".into()),
             threads: Some("3".into()),
+            ..Overrides::default()
         };
         let config = load_text("[server]\nlisten = \"127.0.0.1:1\"\n", &overrides).unwrap();
         assert_eq!(config.server.threads.count(), 3);
@@ -826,6 +841,66 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_cluster_replaces_the_address() {
+        let config = load_text(
+            "[upstream]\ncluster = [\"127.0.0.1:7000\", \"redis://u:p@127.0.0.1:7001\"]\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.upstream.cluster.len(), 2);
+        assert_eq!(
+            config.upstream.cluster_refresh_interval,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            config.upstream.endpoint().address.to_string(),
+            "127.0.0.1:7000"
+        );
+        assert!(config
+            .summary()
+            .contains("cluster, seeds 127.0.0.1:7000, 127.0.0.1:7001"));
+        let both = "[upstream]\naddress = \"127.0.0.1:1\"\ncluster = [\"127.0.0.1:7000\"]\n";
+        let err = load_text(both, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("upstream.cluster: replaces upstream.address"),
+            "{err}"
+        );
+        for (text, message) in [
+            ("[\"redis://127.0.0.1:7000/2\"]", "a cluster has only db 0"),
+            (
+                "[\"unix:///tmp/x\"]",
+                "seed nodes must be host:port addresses",
+            ),
+            (
+                "[\"127.0.0.1:1\", \"rediss://127.0.0.1:2\"]",
+                "mixes rediss:// and plain",
+            ),
+        ] {
+            let err = load_text(
+                &format!("[upstream]\ncluster = {text}\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(message), "{text}: {err}");
+        }
+        let flag = Overrides {
+            upstream_cluster: Some("127.0.0.1:7000, 127.0.0.1:7001".into()),
+            ..Overrides::default()
+        };
+        let config = load_text("[upstream]\naddress = \"127.0.0.1:1\"\n", &flag).unwrap();
+        assert_eq!(config.upstream.cluster.len(), 2);
+        assert_eq!(config.upstream.address.address, Address::Embedded);
+        let empty = Overrides {
+            upstream_cluster: Some(",".into()),
+            ..Overrides::default()
+        };
+        assert!(load_text("", &empty).is_err());
     }
 
     #[test]

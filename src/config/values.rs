@@ -79,6 +79,17 @@ pub(super) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::E
     parse_duration(&String::deserialize(d)?).map_err(de::Error::custom)
 }
 
+/// `upstream.cluster`: a list of addresses, each read as `address` reads one.
+pub(super) fn addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Endpoint>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|message: String| de::Error::custom(without_password(text, message)))
+        })
+        .collect()
+}
+
 pub(super) fn address<'de, D: Deserializer<'de>>(d: D) -> Result<Endpoint, D::Error> {
     let text = String::deserialize(d)?;
     text.parse()

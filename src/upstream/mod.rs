@@ -5,6 +5,7 @@
 //! a `oneshot` sender that the actor completes with the replies, or with an [`UpstreamError`].
 
 mod actor;
+pub mod cluster;
 mod connect;
 mod embedded;
 mod pool;
@@ -210,6 +211,9 @@ struct Inner {
     /// Every actor's own figures, for `/status` and `/metrics`; an entry whose actor has ended
     /// (the only reference left is this one) is dropped on the next registration or read.
     actors: Mutex<Vec<Arc<actor::Stats>>>,
+    /// `upstream.cluster`: the slot map, when the upstream is a Redis Cluster. Shared
+    /// connections are then routers, each with an actor per master (see [`cluster`]).
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// The upstream side as it is right now, for `/status` and `/metrics`.
@@ -221,6 +225,9 @@ pub struct Snapshot {
     #[serde(rename = "upstreams")]
     pub actors: Vec<ActorSnapshot>,
     pub pinned: PinnedSnapshot,
+    /// The slot map, when the upstream is a Redis Cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<cluster::ClusterSnapshot>,
 }
 
 /// One upstream connection (actor).
@@ -312,6 +319,20 @@ impl Upstreams {
             connect: config.connect_timeout,
             request: config.request_timeout,
         };
+        let cluster = match config.cluster.as_slice() {
+            [] => None,
+            seeds => {
+                let seeds = seeds
+                    .iter()
+                    .filter_map(|seed| match &seed.address {
+                        Address::Tcp { host, port, .. } => Some((host.clone(), *port)),
+                        _ => None,
+                    })
+                    .collect();
+                let interval = config.cluster_refresh_interval;
+                Some(cluster::Cluster::start(seeds, endpoint.clone(), timeouts, interval).await)
+            }
+        };
         let upstreams = Upstreams {
             inner: Arc::new(Inner {
                 pool: pool::Pool::new(config.max_pinned),
@@ -328,6 +349,7 @@ impl Upstreams {
                 metrics,
                 health: watch::Sender::new(0),
                 actors: Mutex::new(Vec::new()),
+                cluster,
             }),
         };
         // Connect the default target now, so an unreachable upstream shows in the log at start.
@@ -418,6 +440,11 @@ impl Upstreams {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The upstream is a Redis Cluster, which has only db 0.
+    pub fn is_cluster(&self) -> bool {
+        self.inner.cluster.is_some()
+    }
+
     /// Databases the upstream has: SELECT beyond is refused.
     pub fn databases(&self) -> u32 {
         self.inner.databases
@@ -449,13 +476,16 @@ impl Upstreams {
         let senders: Vec<mpsc::Sender<Request>> = (0..connections)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-                self.spawn_actor(
-                    self.next_shared_id(),
-                    target.clone(),
-                    actor::Role::Shared,
-                    rx,
-                    None,
-                );
+                match &inner.cluster {
+                    Some(cluster) => self.spawn_router(cluster, target, rx),
+                    None => self.spawn_actor(
+                        self.next_shared_id(),
+                        target.clone(),
+                        actor::Role::Shared,
+                        rx,
+                        None,
+                    ),
+                }
                 tx
             })
             .collect();
@@ -541,6 +571,62 @@ impl Upstreams {
         }
     }
 
+    /// Starts a cluster router for `target` on `rx`: it starts an actor for each node it
+    /// sends to, logged in as `target` says. It holds the set of connections only weakly, so
+    /// that a set replaced by a reload still ends once its clients are gone.
+    fn spawn_router(
+        &self,
+        cluster: &Arc<cluster::Cluster>,
+        target: &Target,
+        rx: mpsc::Receiver<Request>,
+    ) {
+        let weak = Arc::downgrade(&self.inner);
+        let node_target = target.clone();
+        let spawner: cluster::Spawner = Box::new(move |host: &str, port: u16| {
+            let upstreams = Upstreams {
+                inner: weak.upgrade()?,
+            };
+            let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+            let id = upstreams.next_shared_id();
+            let node = (host.to_owned(), port);
+            upstreams.spawn_actor_at(
+                id,
+                node_target.clone(),
+                actor::Role::Shared,
+                rx,
+                None,
+                Some(node),
+            );
+            Some(tx)
+        });
+        cluster::spawn_router(cluster.clone(), spawner, rx, self.next_shared_id());
+    }
+
+    /// Starts a pinned connection in front of a cluster on `rx`: it opens an actor on the
+    /// master of the first key it is given (see [`cluster`]).
+    fn spawn_cluster_pinned(
+        &self,
+        cluster: &Arc<cluster::Cluster>,
+        id: usize,
+        target: Target,
+        rx: mpsc::Receiver<Request>,
+        connection: &ConnectionId,
+    ) {
+        let weak = Arc::downgrade(&self.inner);
+        let connection = connection.clone();
+        let spawner: cluster::Spawner = Box::new(move |host: &str, port: u16| {
+            let upstreams = Upstreams {
+                inner: weak.upgrade()?,
+            };
+            let (tx, rx) = mpsc::channel(pool::CHANNEL_CAPACITY);
+            let node = Some((host.to_owned(), port));
+            let (role, connection) = (actor::Role::Pinned, Some(connection.clone()));
+            upstreams.spawn_actor_at(id, target.clone(), role, rx, connection, node);
+            Some(tx)
+        });
+        cluster::spawn_pinned(cluster.clone(), spawner, rx);
+    }
+
     /// Starts an actor for `target` on `rx`, and registers its figures.
     fn spawn_actor(
         &self,
@@ -550,6 +636,20 @@ impl Upstreams {
         rx: mpsc::Receiver<Request>,
         connection_id: Option<actor::ConnectionId>,
     ) {
+        self.spawn_actor_at(id, target, role, rx, connection_id, None);
+    }
+
+    /// [`Upstreams::spawn_actor`], connecting to cluster node `node` instead of the
+    /// configured address when given.
+    fn spawn_actor_at(
+        &self,
+        id: usize,
+        target: Target,
+        role: actor::Role,
+        rx: mpsc::Receiver<Request>,
+        connection_id: Option<actor::ConnectionId>,
+        node: Option<(String, u16)>,
+    ) {
         let inner = &self.inner;
         let stats = Arc::new(actor::Stats::new(id, role, &target));
         {
@@ -557,10 +657,16 @@ impl Upstreams {
             actors.retain(|stats| Arc::strong_count(stats) > 1);
             actors.push(stats.clone());
         }
-        let health = (role == actor::Role::Shared && target == self.default_target())
-            .then(|| inner.health.clone());
+        let health = (role == actor::Role::Shared
+            && target == self.default_target()
+            && inner.cluster.is_none())
+        .then(|| inner.health.clone());
+        let mut endpoint = self.endpoint_for(target.identity.as_ref()).into_owned();
+        if let (Some(cluster), Some((host, port))) = (&inner.cluster, node) {
+            endpoint.endpoint.address = cluster.node_dial(&host, port).endpoint.address;
+        }
         let config = actor::Config {
-            endpoint: self.endpoint_for(target.identity.as_ref()).into_owned(),
+            endpoint,
             setup: Setup {
                 db: target.db,
                 resp3: target.resp3,
@@ -591,11 +697,15 @@ impl Upstreams {
                 in_use: inner.pool.in_use(),
                 max: inner.pool.max(),
             },
+            cluster: inner.cluster.as_ref().map(|cluster| cluster.snapshot()),
         }
     }
 
     /// The default target's shared connections are all up, or the upstream is embedded.
     pub fn healthy(&self) -> bool {
+        if let Some(cluster) = &self.inner.cluster {
+            return cluster.whole();
+        }
         self.inner.profile == Profile::Embedded
             || *self.inner.health.borrow() >= self.inner.connections
     }

@@ -21,7 +21,7 @@ use super::{
 use crate::resp::encode_command;
 
 /// Requests a pinned connection's channel holds: one client's pipeline at most.
-const CHANNEL_CAPACITY: usize = 64;
+pub(super) const CHANNEL_CAPACITY: usize = 64;
 /// Actor ids for pinned connections start here, to tell them from shared ones in logs.
 const FIRST_PINNED_ID: usize = 10_000;
 
@@ -126,6 +126,10 @@ impl Lease {
     /// The client is done with it: in the background, RESET it, log in again (RESET logs out)
     /// and put it back in the pool. A connection that does not come back clean is closed.
     pub fn release(self) {
+        if self.upstreams.is_cluster() {
+            // Its node depends on the keys of its next client: closed, not pooled.
+            return;
+        }
         let pool = &self.upstreams.inner.pool;
         pool.cleaning.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
@@ -198,7 +202,10 @@ pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lea
         let (sender, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let id = inner.pool.next_id.fetch_add(1, Ordering::Relaxed);
         let connection = ConnectionId::default();
-        upstreams.spawn_actor(id, target, Role::Pinned, rx, Some(connection.clone()));
+        match &inner.cluster {
+            Some(cluster) => upstreams.spawn_cluster_pinned(cluster, id, target, rx, &connection),
+            None => upstreams.spawn_actor(id, target, Role::Pinned, rx, Some(connection.clone())),
+        }
         return Ok(Lease::new((sender, connection), slot, upstreams));
     };
     let setup = Setup {

@@ -115,6 +115,57 @@ impl Cluster {
             .collect()
     }
 
+    /// Moves `slots` slots from master `from` to master `to` with `redis-cli --cluster
+    /// reshard`, keys and all, while the cluster serves; returns once it is done.
+    pub fn reshard(&self, from: u16, to: u16, slots: usize) {
+        self.wait_agreed();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("reshard")
+            .arg(format!("127.0.0.1:{from}"))
+            .args(["--cluster-from", &node_id(from)])
+            .args(["--cluster-to", &node_id(to)])
+            .args(["--cluster-slots", &slots.to_string()])
+            .arg("--cluster-yes")
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster reshard failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+
+    /// Waits until every running node has the same slot map (redis-cli refuses to reshard
+    /// before, and a reshard's last step reaches the other nodes by gossip).
+    pub fn wait_agreed(&self) {
+        let deadline = Deadline::within(Duration::from_secs(20));
+        loop {
+            let maps: Vec<Vec<(i64, i64, i64)>> = self
+                .live_ports()
+                .into_iter()
+                .map(|port| {
+                    let slots = Conn::connect(port).query(&["CLUSTER", "SLOTS"]);
+                    let mut map: Vec<(i64, i64, i64)> = slots
+                        .items()
+                        .iter()
+                        .map(|e| {
+                            let e = e.items();
+                            (e[0].int(), e[1].int(), e[2].items()[1].int())
+                        })
+                        .collect();
+                    map.sort();
+                    map
+                })
+                .collect();
+            if maps.windows(2).all(|pair| pair[0] == pair[1]) {
+                return;
+            }
+            deadline.next_try_blocking("every node to agree on the slot map");
+        }
+    }
+
     /// SIGKILLs the node on `port`.
     pub fn kill(&mut self, port: u16) {
         let node = self
@@ -262,6 +313,11 @@ fn field<'a>(map: &'a Resp, name: &str) -> &'a Resp {
         .unwrap_or_else(|| panic!("no {name} in {map:?}"))
 }
 
+/// The node's id in the cluster.
+pub fn node_id(port: u16) -> String {
+    Conn::connect(port).query(&["CLUSTER", "MYID"]).text()
+}
+
 /// The first field of `ROLE`: `master` or `slave`.
 fn role(port: u16) -> String {
     Conn::connect(port).query(&["ROLE"]).items()[0].text()
@@ -314,6 +370,11 @@ impl Conn {
             }
         }
         replies
+    }
+
+    /// The next reply or push frame (a subscriber's message).
+    pub fn next(&mut self) -> Resp {
+        parse(&self.read_reply())
     }
 
     fn read_reply(&mut self) -> Vec<u8> {
