@@ -21,7 +21,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::{
-    router::{redirect, requests, split_replies, Redirect, Spawner},
+    router::{
+        combine::{requests, split_replies},
+        redirects::{redirect, Redirect},
+        Spawner,
+    },
     Cluster,
 };
 use crate::{

@@ -16,6 +16,9 @@
 //! `ASKING`, `-TRYAGAIN` is retried with a growing delay, a bounded number of times. A request
 //! whose node connection was lost is never resent: it may have run.
 
+pub(super) mod combine;
+pub(super) mod redirects;
+
 use std::{
     collections::{HashMap, VecDeque},
     future::Future,
@@ -30,8 +33,9 @@ use tokio::{
     sync::{mpsc, oneshot, watch},
     time::{sleep_until, Instant},
 };
-use tracing::{debug, Instrument};
+use tracing::Instrument;
 
+use self::combine::{merge, random, requests};
 use super::{Cluster, Topology};
 use crate::{
     cluster::{
@@ -40,7 +44,7 @@ use crate::{
         reply::elements,
         slot::slot,
     },
-    resp::{encode_command, parse_int, Args, ReplyScanner},
+    resp::{encode_command, parse_int, Args},
     upstream::{Budget, Replies, Reply, Request, UpstreamError},
 };
 
@@ -92,10 +96,10 @@ pub(in crate::upstream) fn spawn(
 
 /// One node's actor and what the router has sent it, oldest first.
 struct NodeConn {
-    host: String,
-    port: u16,
-    sender: mpsc::Sender<Request>,
-    inflight: VecDeque<Job>,
+    pub(super) host: String,
+    pub(super) port: u16,
+    pub(super) sender: mpsc::Sender<Request>,
+    pub(super) inflight: VecDeque<Job>,
 }
 
 /// Which part of a batch a message to a node answers.
@@ -109,49 +113,49 @@ enum Unit {
 
 /// A message sent to a node, waiting for its replies.
 struct Job {
-    batch: u64,
-    unit: Unit,
+    pub(super) batch: u64,
+    pub(super) unit: Unit,
     /// The requests as the client sent them (without the ASKING put in front).
-    frames: Bytes,
-    redirects: u8,
-    tries: u8,
+    pub(super) frames: Bytes,
+    pub(super) redirects: u8,
+    pub(super) tries: u8,
     /// `ASKING` went first: its `+OK` is not the client's.
-    asking: bool,
-    rx: oneshot::Receiver<Reply>,
+    pub(super) asking: bool,
+    pub(super) rx: oneshot::Receiver<Reply>,
 }
 
 /// A request to send again later (TRYAGAIN).
 struct Retry {
-    at: Instant,
-    host: String,
-    port: u16,
-    batch: u64,
-    unit: Unit,
-    frames: Bytes,
-    redirects: u8,
-    tries: u8,
+    pub(super) at: Instant,
+    pub(super) host: String,
+    pub(super) port: u16,
+    pub(super) batch: u64,
+    pub(super) unit: Unit,
+    pub(super) frames: Bytes,
+    pub(super) redirects: u8,
+    pub(super) tries: u8,
 }
 
 /// A client's batch, being answered.
 struct Batch {
-    reply: oneshot::Sender<Reply>,
-    budget: Option<Arc<Budget>>,
+    pub(super) reply: oneshot::Sender<Reply>,
+    pub(super) budget: Option<Arc<Budget>>,
     /// When the replies are due: resends get only what is left of it.
-    deadline: Option<Instant>,
+    pub(super) deadline: Option<Instant>,
     /// The reply of each request; a reply to a run of requests sits at its first request, and
     /// the others of the run hold empty bytes.
-    filled: Vec<Option<Bytes>>,
-    missing: usize,
+    pub(super) filled: Vec<Option<Bytes>>,
+    pub(super) missing: usize,
     /// Which replies are errors (see [`Replies::errors`]).
-    errors: u64,
-    fanouts: HashMap<usize, Fanout>,
+    pub(super) errors: u64,
+    pub(super) fanouts: HashMap<usize, Fanout>,
 }
 
 /// A request answered from several parts.
 struct Fanout {
-    merge: Merge,
-    parts: Vec<Option<Bytes>>,
-    missing: usize,
+    pub(super) merge: Merge,
+    pub(super) parts: Vec<Option<Bytes>>,
+    pub(super) missing: usize,
 }
 
 enum Merge {
@@ -171,28 +175,28 @@ enum Route {
 }
 
 struct Router {
-    rx: mpsc::Receiver<Request>,
-    closed: bool,
-    cluster: Arc<Cluster>,
-    map_rx: watch::Receiver<Option<Arc<Topology>>>,
+    pub(super) rx: mpsc::Receiver<Request>,
+    pub(super) closed: bool,
+    pub(super) cluster: Arc<Cluster>,
+    pub(super) map_rx: watch::Receiver<Option<Arc<Topology>>>,
     /// The map's sender lives: while it does, changes are followed.
-    map_open: bool,
-    topology: Option<Arc<Topology>>,
+    pub(super) map_open: bool,
+    pub(super) topology: Option<Arc<Topology>>,
     /// Slots a `-MOVED` named a new owner for, since the map was last read.
-    moved: HashMap<u16, usize>,
-    nodes: Vec<NodeConn>,
+    pub(super) moved: HashMap<u16, usize>,
+    pub(super) nodes: Vec<NodeConn>,
     /// The node of each master of `topology`, once used.
-    masters: Vec<Option<usize>>,
-    batches: HashMap<u64, Batch>,
-    next_batch: u64,
-    retries: Vec<Retry>,
-    spawner: Spawner,
+    pub(super) masters: Vec<Option<usize>>,
+    pub(super) batches: HashMap<u64, Batch>,
+    pub(super) next_batch: u64,
+    pub(super) retries: Vec<Retry>,
+    pub(super) spawner: Spawner,
     /// Where the next keyless request goes.
-    round_robin: usize,
+    pub(super) round_robin: usize,
 }
 
 impl Router {
-    async fn run(mut self) {
+    pub(super) async fn run(mut self) {
         let mut incoming = Vec::with_capacity(BATCH);
         loop {
             if self.closed && self.batches.is_empty() {
@@ -222,7 +226,7 @@ impl Router {
 
     /// Follows a new slot map: MOVED's corrections are part of it (or outdated), and nodes no
     /// longer masters are let go once they have answered everything.
-    fn new_map(&mut self) {
+    pub(super) fn new_map(&mut self) {
         self.topology = self.map_rx.borrow_and_update().clone();
         self.moved.clear();
         let masters: Vec<(String, u16)> = self.topology.as_ref().map_or_else(Vec::new, |t| {
@@ -237,7 +241,7 @@ impl Router {
     }
 
     /// The node for `host:port`, its actor started if it is new.
-    fn node(&mut self, host: &str, port: u16) -> Option<usize> {
+    pub(super) fn node(&mut self, host: &str, port: u16) -> Option<usize> {
         if let Some(at) = self
             .nodes
             .iter()
@@ -255,12 +259,12 @@ impl Router {
         Some(self.nodes.len() - 1)
     }
 
-    fn master_count(&self) -> usize {
+    pub(super) fn master_count(&self) -> usize {
         self.topology.as_ref().map_or(0, |t| t.map.masters().len())
     }
 
     /// The node of master `at` of the map.
-    fn master(&mut self, at: usize) -> Option<usize> {
+    pub(super) fn master(&mut self, at: usize) -> Option<usize> {
         if let Some(Some(node)) = self.masters.get(at) {
             return Some(*node);
         }
@@ -274,7 +278,7 @@ impl Router {
     }
 
     /// The node that serves `slot`: as the last MOVED said, else as the map says.
-    fn slot_node(&mut self, slot: u16) -> Option<usize> {
+    pub(super) fn slot_node(&mut self, slot: u16) -> Option<usize> {
         if let Some(&node) = self.moved.get(&slot) {
             return Some(node);
         }
@@ -283,7 +287,7 @@ impl Router {
     }
 
     /// Any master, taken in turn.
-    fn any_master(&mut self) -> Option<usize> {
+    pub(super) fn any_master(&mut self) -> Option<usize> {
         let masters = self.master_count();
         if masters == 0 {
             return None;
@@ -293,7 +297,7 @@ impl Router {
     }
 
     /// Takes a client's batch: every request routed, each reply slot waiting or filled.
-    async fn accept(&mut self, request: Request) {
+    pub(super) async fn accept(&mut self, request: Request) {
         if request.reply.is_closed() {
             return;
         }
@@ -366,7 +370,7 @@ impl Router {
     }
 
     /// Where one request goes.
-    fn route(&mut self, request: &[u8]) -> Route {
+    pub(super) fn route(&mut self, request: &[u8]) -> Route {
         let mut args = Args::new(request);
         let name = args.next().unwrap_or_default();
         if name.eq_ignore_ascii_case(b"cluster") {
@@ -408,7 +412,7 @@ impl Router {
 
     /// A request whose keys span slots: split if it is one of the commands that are sums of
     /// single-key work, else Redis Cluster's `-CROSSSLOT`.
-    fn cross_slot(&mut self, request: &[u8]) -> Route {
+    pub(super) fn cross_slot(&mut self, request: &[u8]) -> Route {
         let Some(plan) = Plan::split(request, |_| 0) else {
             return Route::Local(Bytes::from_static(CROSSSLOT));
         };
@@ -423,7 +427,7 @@ impl Router {
     }
 
     /// SCAN: the client's cursor names the master and that master's cursor.
-    fn scan(&mut self, request: &[u8]) -> Route {
+    pub(super) fn scan(&mut self, request: &[u8]) -> Route {
         let argv: Vec<&[u8]> = Args::new(request).collect();
         let masters = self.master_count();
         let cursor = argv
@@ -454,7 +458,7 @@ impl Router {
 
     /// No master serves the slot (the cluster is down, or its map unknown yet): Redis
     /// Cluster's own error, and a refresh.
-    fn down(&mut self) -> Route {
+    pub(super) fn down(&mut self) -> Route {
         self.cluster.request_refresh();
         Route::Local(Bytes::from_static(b"-CLUSTERDOWN Hash slot not served\r\n"))
     }
@@ -462,7 +466,7 @@ impl Router {
     /// Sends `frames` (the requests of `unit`) to node `node`, with only what is left of the
     /// batch's time to answer.
     #[allow(clippy::too_many_arguments)]
-    async fn send(
+    pub(super) async fn send(
         &mut self,
         node: usize,
         batch: u64,
@@ -534,176 +538,8 @@ impl Router {
         }
     }
 
-    /// A node answered `job` (or failed to).
-    async fn answered(&mut self, node: usize, job: Job, reply: Reply) {
-        let Job {
-            batch,
-            unit,
-            frames,
-            redirects,
-            tries,
-            asking,
-            ..
-        } = job;
-        if !self.batches.contains_key(&batch) {
-            return;
-        }
-        let replies = match reply {
-            Ok(replies) => replies,
-            Err(error) => {
-                if matches!(
-                    error,
-                    UpstreamError::ConnectionLost | UpstreamError::Unavailable
-                ) {
-                    self.cluster.request_refresh();
-                }
-                self.fail(batch, unit, error);
-                return self.finish_if_done(batch);
-            }
-        };
-        let (mut bytes, mut errors) = (replies.bytes, replies.errors);
-        if asking {
-            // ASKING's own +OK.
-            match split_replies(&bytes, 1) {
-                Some(first) => {
-                    let cut = first.first().map_or(0, |&(_, to)| to);
-                    bytes = bytes.slice(cut..);
-                    errors >>= 1;
-                }
-                None => {
-                    self.fail(batch, unit, UpstreamError::ConnectionLost);
-                    return self.finish_if_done(batch);
-                }
-            }
-        }
-        match unit {
-            Unit::Range { start, len } if errors == 0 && len < 64 => {
-                self.fill_range(batch, start, len, bytes, 0);
-            }
-            Unit::Range { start, len } => {
-                let (Some(replies), Some(requests)) =
-                    (split_replies(&bytes, len), split_replies(&frames, len))
-                else {
-                    self.fail(batch, unit, UpstreamError::ConnectionLost);
-                    return self.finish_if_done(batch);
-                };
-                for (k, (&(from, to), &(rfrom, rto))) in replies.iter().zip(&requests).enumerate() {
-                    let reply = bytes.slice(from..to);
-                    let unit = Unit::Range {
-                        start: start + k,
-                        len: 1,
-                    };
-                    let request = frames.slice(rfrom..rto);
-                    self.reply_or_redirect(node, batch, unit, request, reply, redirects, tries)
-                        .await;
-                }
-            }
-            Unit::Part { .. } => {
-                self.reply_or_redirect(node, batch, unit, frames, bytes, redirects, tries)
-                    .await;
-            }
-        }
-        self.finish_if_done(batch);
-    }
-
-    /// One reply: the client's, or a redirect to follow.
-    #[allow(clippy::too_many_arguments)]
-    async fn reply_or_redirect(
-        &mut self,
-        node: usize,
-        batch: u64,
-        unit: Unit,
-        request: Bytes,
-        reply: Bytes,
-        redirects: u8,
-        tries: u8,
-    ) {
-        match redirect(&reply) {
-            Some(Redirect::Moved { slot, host, port }) if redirects < MAX_REDIRECTS => {
-                self.cluster.request_refresh();
-                let host = self.host_or(node, host);
-                if let Some(to) = self.node(&host, port) {
-                    self.moved.insert(slot, to);
-                    debug!(slot, %host, port, "MOVED: resending to the new owner");
-                    return self
-                        .send(to, batch, unit, request, redirects + 1, tries, false)
-                        .await;
-                }
-            }
-            Some(Redirect::Ask { host, port }) if redirects < MAX_REDIRECTS => {
-                let host = self.host_or(node, host);
-                if let Some(to) = self.node(&host, port) {
-                    return self
-                        .send(to, batch, unit, request, redirects + 1, tries, true)
-                        .await;
-                }
-            }
-            Some(Redirect::TryAgain) if tries < MAX_TRYAGAIN => {
-                if let Some(conn) = self.nodes.get(node) {
-                    self.retries.push(Retry {
-                        at: Instant::now() + TRYAGAIN_FIRST * (1 << tries),
-                        host: conn.host.clone(),
-                        port: conn.port,
-                        batch,
-                        unit,
-                        frames: request,
-                        redirects,
-                        tries: tries + 1,
-                    });
-                    return;
-                }
-            }
-            _ => {}
-        }
-        match unit {
-            Unit::Range { start, .. } => self.fill(batch, start, reply),
-            Unit::Part { index, part } => self.fill_part(batch, index, part, reply),
-        }
-    }
-
-    /// The host a redirect names, or, when Redis left it out (an unknown endpoint), the host
-    /// of the node that redirected.
-    fn host_or(&self, node: usize, host: String) -> String {
-        match host.is_empty() {
-            true => self
-                .nodes
-                .get(node)
-                .map(|n| n.host.clone())
-                .unwrap_or_default(),
-            false => host,
-        }
-    }
-
-    /// Sends the TRYAGAIN retries that are due.
-    async fn retry_due(&mut self) {
-        let now = Instant::now();
-        let (due, later): (Vec<Retry>, Vec<Retry>) = std::mem::take(&mut self.retries)
-            .into_iter()
-            .partition(|r| r.at <= now);
-        self.retries = later;
-        for retry in due {
-            let batch = retry.batch;
-            match self.node(&retry.host, retry.port) {
-                Some(node) => {
-                    self.send(
-                        node,
-                        batch,
-                        retry.unit,
-                        retry.frames,
-                        retry.redirects,
-                        retry.tries,
-                        false,
-                    )
-                    .await
-                }
-                None => self.fail(batch, retry.unit, UpstreamError::Unavailable),
-            }
-            self.finish_if_done(batch);
-        }
-    }
-
     /// Every request of `unit` gets `error`.
-    fn fail(&mut self, batch: u64, unit: Unit, error: UpstreamError) {
+    pub(super) fn fail(&mut self, batch: u64, unit: Unit, error: UpstreamError) {
         match unit {
             Unit::Range { start, len } => {
                 for index in start..start + len {
@@ -722,13 +558,20 @@ impl Router {
         }
     }
 
-    fn fill(&mut self, batch: u64, index: usize, reply: Bytes) {
+    pub(super) fn fill(&mut self, batch: u64, index: usize, reply: Bytes) {
         let error = matches!(reply.first(), Some(b'-' | b'!'));
         self.fill_range(batch, index, 1, reply, u64::from(error));
     }
 
     /// The replies of requests `start..start + len`, back to back.
-    fn fill_range(&mut self, batch: u64, start: usize, len: usize, bytes: Bytes, errors: u64) {
+    pub(super) fn fill_range(
+        &mut self,
+        batch: u64,
+        start: usize,
+        len: usize,
+        bytes: Bytes,
+        errors: u64,
+    ) {
         let Some(b) = self.batches.get_mut(&batch) else {
             return;
         };
@@ -743,7 +586,7 @@ impl Router {
             .unwrap_or(0);
     }
 
-    fn fill_part(&mut self, batch: u64, index: usize, part: usize, reply: Bytes) {
+    pub(super) fn fill_part(&mut self, batch: u64, index: usize, part: usize, reply: Bytes) {
         let Some(b) = self.batches.get_mut(&batch) else {
             return;
         };
@@ -768,7 +611,7 @@ impl Router {
     }
 
     /// Answers the client once every reply of its batch is in.
-    fn finish_if_done(&mut self, batch: u64) {
+    pub(super) fn finish_if_done(&mut self, batch: u64) {
         if self.batches.get(&batch).is_none_or(|b| b.missing > 0) {
             return;
         }
@@ -825,57 +668,6 @@ impl Future for NextReply<'_> {
     }
 }
 
-/// Where each of `count` complete RESP values in `bytes` starts and ends; `None` if `bytes`
-/// does not hold at least that many.
-pub(super) fn split_replies(bytes: &[u8], count: usize) -> Option<Vec<(usize, usize)>> {
-    let mut scanner = ReplyScanner::with_push();
-    let mut at = 0;
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        let end = scanner.next_reply(&bytes[at..]).ok()??;
-        scanner.consumed(end);
-        out.push((at, at + end));
-        at += end;
-    }
-    Some(out)
-}
-
-/// The bounds of each of `count` requests in a batch's frames.
-pub(super) fn requests(frames: &[u8], count: u32) -> Option<Vec<(usize, usize)>> {
-    let bounds = split_replies(frames, usize::try_from(count).ok()?)?;
-    (bounds.last().map_or(0, |&(_, to)| to) == frames.len()).then_some(bounds)
-}
-
-pub(super) enum Redirect {
-    Moved { slot: u16, host: String, port: u16 },
-    Ask { host: String, port: u16 },
-    TryAgain,
-}
-
-/// `-MOVED slot host:port`, `-ASK slot host:port` or `-TRYAGAIN ...`.
-pub(super) fn redirect(reply: &[u8]) -> Option<Redirect> {
-    if reply.starts_with(b"-TRYAGAIN") {
-        return Some(Redirect::TryAgain);
-    }
-    let text = std::str::from_utf8(reply.strip_prefix(b"-")?)
-        .ok()?
-        .trim_end();
-    let mut words = text.split(' ');
-    let kind = words.next()?;
-    let slot: u16 = words.next()?.parse().ok()?;
-    let (host, port) = words.next()?.rsplit_once(':')?;
-    let port = port.parse().ok()?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    match kind {
-        "MOVED" => Some(Redirect::Moved { slot, host, port }),
-        "ASK" => Some(Redirect::Ask { host, port }),
-        _ => None,
-    }
-}
-
 /// CLUSTER: KEYSLOT is answered here; redmux shows the cluster as one Redis, so the other
 /// subcommands, which would describe its nodes, are refused.
 fn cluster_command(mut args: Args<'_>) -> Bytes {
@@ -897,151 +689,13 @@ fn cluster_command(mut args: Args<'_>) -> Bytes {
     ))
 }
 
-/// The client's reply to a request answered in parts.
-fn merge(how: &Merge, parts: &[Bytes]) -> Bytes {
-    let refs: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
-    let first_error = || {
-        refs.iter()
-            .find(|r| is_error(r))
-            .map(|r| Bytes::copy_from_slice(r))
-    };
-    let merged = match how {
-        Merge::Split(plan) => plan.merge(&refs).map_err(|e| e.to_string()),
-        Merge::Combine(combine) => {
-            if let (Combine::OneSucceeded, Some(ok)) = (combine, refs.iter().find(|r| !is_error(r)))
-            {
-                return Bytes::copy_from_slice(ok);
-            }
-            if let Some(error) = first_error() {
-                return error;
-            }
-            combined(*combine, &refs)
-        }
-        Merge::Scan { master, masters } => match refs.first() {
-            Some(reply) if is_error(reply) => return Bytes::copy_from_slice(reply),
-            Some(reply) => scan_reply(reply, *master, *masters),
-            None => Err("no reply".to_owned()),
-        },
-    };
-    merged.unwrap_or_else(|why| {
-        Bytes::from(format!(
-            "-ERR redmux: cluster replies could not be combined: {why}\r\n"
-        ))
-    })
-}
-
-fn combined(combine: Combine, parts: &[&[u8]]) -> Result<Bytes, String> {
-    match combine {
-        Combine::Sum => {
-            let mut sum: i64 = 0;
-            for part in parts {
-                let n = integer(part).ok_or("not an integer")?;
-                sum = sum.checked_add(n).ok_or("overflow")?;
-            }
-            Ok(Bytes::from(format!(":{sum}\r\n")))
-        }
-        Combine::Concat => {
-            let mut items = Vec::new();
-            let mut header = b'*';
-            for part in parts {
-                header = part.first().copied().unwrap_or(b'*');
-                let elements = elements(part).map_err(|e| e.to_string())?;
-                items.extend(elements.ok_or("not an array")?);
-            }
-            let mut out = BytesMut::new();
-            out.put_u8(header);
-            out.put_slice(format!("{}\r\n", items.len()).as_bytes());
-            for item in items {
-                out.put_slice(item);
-            }
-            Ok(out.freeze())
-        }
-        Combine::AllSucceeded | Combine::OneSucceeded => parts
-            .first()
-            .map(|p| Bytes::copy_from_slice(p))
-            .ok_or_else(|| "no reply".to_owned()),
-        Combine::LogicalAnd => {
-            let mut result: Option<Vec<i64>> = None;
-            for part in parts {
-                let elements = elements(part)
-                    .map_err(|e| e.to_string())?
-                    .ok_or("not an array")?;
-                let values = elements
-                    .iter()
-                    .map(|e| integer(e).ok_or("not an integer"))
-                    .collect::<Result<Vec<i64>, _>>()?;
-                result = Some(match result {
-                    None => values,
-                    Some(before) => before
-                        .iter()
-                        .zip(&values)
-                        .map(|(a, b)| i64::from(*a != 0 && *b != 0))
-                        .collect(),
-                });
-            }
-            let values = result.unwrap_or_default();
-            let mut out = format!("*{}\r\n", values.len());
-            for value in values {
-                out += &format!(":{value}\r\n");
-            }
-            Ok(Bytes::from(out))
-        }
-    }
-}
-
-/// A master's SCAN reply with its cursor made the client's: the next master's start once this
-/// master is done, 0 after the last.
-fn scan_reply(reply: &[u8], master: usize, masters: usize) -> Result<Bytes, String> {
-    let items = elements(reply)
-        .map_err(|e| e.to_string())?
-        .ok_or("not an array")?;
-    let [cursor, keys] = items.as_slice() else {
-        return Err("not a cursor and keys".to_owned());
-    };
-    let cursor = bulk(cursor)
-        .and_then(|c| std::str::from_utf8(c).ok()?.parse::<u64>().ok())
-        .ok_or("not a cursor")?;
-    if cursor >> CURSOR_BITS != 0 {
-        return Err("cursor too large to encode the master".to_owned());
-    }
-    let next = match cursor {
-        0 if master + 1 < masters => ((master + 1) as u64) << CURSOR_BITS,
-        0 => 0,
-        own => own | ((master as u64) << CURSOR_BITS),
-    };
-    let next = next.to_string();
-    let mut out = BytesMut::with_capacity(reply.len() + 24);
-    out.put_slice(format!("*2\r\n${}\r\n{next}\r\n", next.len()).as_bytes());
-    out.put_slice(keys);
-    Ok(out.freeze())
-}
-
-fn is_error(reply: &[u8]) -> bool {
-    matches!(reply.first(), Some(b'-' | b'!'))
-}
-
-/// The value of a `:n` reply.
-fn integer(reply: &[u8]) -> Option<i64> {
-    parse_int(reply.strip_prefix(b":")?.strip_suffix(b"\r\n")?)
-}
-
-/// The contents of a `$n` bulk string.
-fn bulk(reply: &[u8]) -> Option<&[u8]> {
-    let rest = reply.strip_prefix(b"$")?;
-    let cr = rest.iter().position(|&c| c == b'\r')?;
-    let len = usize::try_from(parse_int(&rest[..cr])?).ok()?;
-    rest.get(cr + 2..cr + 2 + len)
-}
-
-/// A random number, for RANDOMKEY's master.
-fn random() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(Instant::now())
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        combine::{combined, scan_reply},
+        redirects::{redirect, Redirect},
+        *,
+    };
 
     #[test]
     fn redirects_are_read() {
