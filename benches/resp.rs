@@ -4,6 +4,7 @@
 //! whatever the frame size.
 //!
 //! `cargo bench --bench resp` (about 40 s); `cargo test --benches` runs each case once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 use std::time::Duration;
 

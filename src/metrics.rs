@@ -23,7 +23,7 @@ use crate::command::CommandId;
 /// Upper bounds of the latency histogram's buckets, in nanoseconds: 100 µs to 1 s. A request
 /// through redmux to a local Redis takes tens to hundreds of microseconds; the upper buckets
 /// catch a slow or stalled Redis.
-pub const BOUNDS: [u64; 9] = [
+pub(crate) const BOUNDS: [u64; 9] = [
     100_000,
     250_000,
     500_000,

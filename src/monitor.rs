@@ -19,7 +19,7 @@ use crate::{
 
 /// Starts monitoring: the receiver gets the reply to MONITOR, the inbox everything after it.
 /// Past the inbox's limit on waiting bytes the feed stops.
-pub async fn start(
+pub(crate) async fn start(
     upstreams: &Upstreams,
     identity: Option<&Identity>,
     inbox: Inbox,

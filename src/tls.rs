@@ -74,13 +74,13 @@ impl TlsError {
     }
 }
 
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 // === files ===
 
-pub fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| {
         TlsError::new(
             key,
@@ -93,7 +93,7 @@ pub fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 /// Every certificate in a PEM file; at least one.
-pub fn certificates(
+pub(crate) fn certificates(
     key: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -122,7 +122,10 @@ pub fn certificates(
     Ok(certs)
 }
 
-pub fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn private_key(
+    key: &'static str,
+    path: &Path,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(key, path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|source| {
         let path = path.display().to_string();
@@ -141,7 +144,7 @@ pub fn private_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'stat
 }
 
 /// The CA certificates in a PEM file, as trust anchors.
-pub fn ca_roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+pub(crate) fn ca_roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in certificates(key, path)? {
         roots.add(cert).map_err(|source| {
@@ -159,7 +162,7 @@ pub fn ca_roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsErro
 
 /// The system's CA certificates (as OpenSSL finds them: `SSL_CERT_FILE`, `SSL_CERT_DIR`, then
 /// the distribution's bundle), which `redis-cli --tls` trusts without `--cacert`.
-pub fn system_roots() -> Result<RootCertStore, TlsError> {
+pub(crate) fn system_roots() -> Result<RootCertStore, TlsError> {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
     let (added, _unparsable) = roots.add_parsable_certificates(found.certs);
@@ -179,11 +182,11 @@ pub fn system_roots() -> Result<RootCertStore, TlsError> {
 }
 
 /// A certificate chain and its private key.
-pub type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+pub(crate) type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 /// The identity in `cert_file` and `key_file`, each given as (key name, path): both or
 /// neither.
-pub fn identity(
+pub(crate) fn identity(
     cert: (&'static str, Option<&Path>),
     key: (&'static str, Option<&Path>),
 ) -> Result<Option<Identity>, TlsError> {
@@ -200,7 +203,7 @@ pub fn identity(
 
 /// Blames a rejected certificate and key on `key_file`, naming both files when they do not
 /// match.
-pub fn key_error(
+pub(crate) fn key_error(
     key: &'static str,
     cert: Option<&Path>,
     path: Option<&Path>,
@@ -230,14 +233,14 @@ pub fn key_error(
 /// A write that was taken but not yet sent answers `Pending` until it is, and must be polled
 /// again with the same bytes first (more may follow them), as every writer in redmux does: it
 /// drops what was written only when the write returns.
-pub struct Flushed<W> {
+pub(crate) struct Flushed<W> {
     inner: W,
     /// Bytes of the current write that the TLS stream took and has not sent yet.
     taken: usize,
 }
 
 impl<W> Flushed<W> {
-    pub fn new(inner: W) -> Self {
+    pub(crate) fn new(inner: W) -> Self {
         Flushed { inner, taken: 0 }
     }
 }

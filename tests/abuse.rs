@@ -1,5 +1,6 @@
 //! Abusive or unlucky clients, against the redmux binary where its memory is measured: clients
 //! that never read, thousands of clients at once, and clients arriving while Redis is stalled.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

@@ -1,4 +1,5 @@
 //! Client authentication, answered as Redis 7 answers with `requirepass` and ACL users.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! CLIENT LIST, INFO, KILL, PAUSE, UNPAUSE and UNBLOCK over redmux's own clients, answered as
 //! Redis would answer them if each client had a connection of its own.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

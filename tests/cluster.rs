@@ -4,6 +4,7 @@
 //! Most tests share one cluster (starting one takes seconds on a small machine) and keep to keys
 //! of their own, each test's with a prefix of its own; the ones that flush, reshard or kill a
 //! node start a cluster for themselves.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

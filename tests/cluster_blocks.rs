@@ -4,6 +4,7 @@
 //! The tests share one cluster while any of them runs (starting one takes seconds on a small
 //! machine): each holds an `Arc` to it, and the last to finish drops it, which kills the
 //! processes. The failover test takes the cluster for itself.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

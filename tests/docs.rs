@@ -2,6 +2,7 @@
 //! every relative link in it and in `docs/` leads to a file (and heading) that exists, and
 //! nothing in the repository points at files outside it, which a reader of the repository
 //! alone could not open.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 use std::{
     collections::HashSet,

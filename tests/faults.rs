@@ -1,5 +1,6 @@
 //! Upstream failures: every request gets its reply or an error within the configured time, none
 //! is written twice, and service comes back on its own.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

@@ -1,6 +1,7 @@
 //! One client never reaches another, and a client's own commands run in the order it sent them,
 //! whichever upstream connections they take. Each test speaks raw RESP to redmux and, where
 //! Redis's own answer is the reference, sends the same bytes to a redis-server directly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

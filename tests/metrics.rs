@@ -1,6 +1,7 @@
 //! The metrics endpoint (`[metrics] listen`): `/metrics` as Prometheus text whose counters move
 //! with real traffic through a real redis-server, `/health` following the upstream, `/status`,
 //! the HTTP side's limits, and the binary's `--ping` and `--status`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

@@ -1,6 +1,7 @@
 //! AUTH passed through to Redis (no `[auth]`): Redis checks every AUTH and HELLO AUTH, with its
 //! exact replies, and a client that logged in runs its commands as that user, on shared and
 //! pinned connections alike.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

@@ -1,4 +1,5 @@
 //! The binary as an operator runs it: flags, config checking, signals.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

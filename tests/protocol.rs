@@ -1,5 +1,6 @@
 //! Malformed input: redmux must answer exactly as Redis 7 does, byte for byte, then close; and
 //! nobody else may notice. Each case is sent to a real redis-server too, and the answers compared.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

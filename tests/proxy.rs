@@ -1,4 +1,5 @@
 //! End-to-end behaviour through real clients against a real redis-server.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

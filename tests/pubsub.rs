@@ -1,4 +1,5 @@
 //! Pub/sub through shared subscriber connections.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! Pub/sub counts (PUBLISH, SPUBLISH, PUBSUB) through redmux, compared with the same clients
 //! connected to Redis directly, and Redis's glob, which the counts of patterns depend on.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

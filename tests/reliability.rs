@@ -3,6 +3,7 @@
 //! binary is killed, stopped, cut off or slowed down. For each fault: no misroute, no hang, no
 //! request run twice, redmux still serving, and every client succeeding again within 2 s of Redis
 //! being back. Run with `--nocapture` to see the counts.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

@@ -2,6 +2,7 @@
 //!
 //! Each test rewrites the file, sends SIGHUP, and waits until the change is observable (a new
 //! client sees it, or the log says so) before checking what it must and must not change.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! Property tests for RESP framing: frames split at any byte boundary parse the same as whole;
 //! random bytes never panic.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 use bytes::{Buf, BytesMut};
 use proptest::prelude::*;

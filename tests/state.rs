@@ -1,5 +1,6 @@
 //! Connection state: every client keeps its own db, protocol, name and transaction on shared
 //! upstream connections, and nothing one client does changes what another sees.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

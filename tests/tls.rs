@@ -3,6 +3,7 @@
 //! client certificates, the handshake timeout and max_clients. `rediss://` upstreams: shared,
 //! pinned, pub/sub and MONITOR connections, a client certificate, a wrong server name,
 //! insecure_skip_verify, the system's CAs. And what the configuration refuses.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! redmux is transparent: the same steps give the same bytes through redmux as from Redis
 //! directly, where a client's state and a pinned connection's state could drift apart.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
 
 mod support;
 

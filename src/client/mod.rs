@@ -30,10 +30,10 @@ mod state;
 mod subscriptions;
 mod transaction;
 
-pub use registry::{Clients, Peer};
-pub use session::Session;
-pub use settings::{Live, SessionConfig};
-pub use state::ClientState;
+pub(crate) use registry::{Clients, Peer};
+pub(crate) use session::Session;
+pub(crate) use settings::{Live, SessionConfig};
+pub(crate) use state::ClientState;
 
 use std::{collections::VecDeque, future::Future, pin::Pin, sync::Arc, time::Duration};
 

@@ -76,7 +76,7 @@ impl Addresses {
 
 /// Seconds on a clock that starts with the first client. CLIENT INFO's `age` and `idle` need
 /// no finer grain, and it takes 4 bytes per client where an `Instant` takes 16.
-pub fn clock() -> u32 {
+pub(super) fn clock() -> u32 {
     static START: OnceLock<Instant> = OnceLock::new();
     u32::try_from(START.get_or_init(Instant::now).elapsed().as_secs()).unwrap_or(u32::MAX)
 }
@@ -115,15 +115,15 @@ impl Login {
 }
 
 /// Flag bits of an entry, shown by CLIENT LIST's `flags` as Redis does.
-pub mod flag {
+pub(super) mod flag {
     /// In MULTI (`x`).
-    pub const MULTI: u8 = 1;
+    pub(crate) const MULTI: u8 = 1;
     /// Subscribed to anything (`P`).
-    pub const PUBSUB: u8 = 2;
+    pub(crate) const PUBSUB: u8 = 2;
     /// MONITOR (`O`).
-    pub const MONITOR: u8 = 4;
+    pub(crate) const MONITOR: u8 = 4;
     /// CLIENT NO-EVICT ON (`e`).
-    pub const NO_EVICT: u8 = 8;
+    pub(crate) const NO_EVICT: u8 = 8;
 }
 
 /// Which kind of subscription a count is for.

@@ -41,7 +41,7 @@ use crate::{
 /// nothing else. Once the client sends something, a boxed future ([`burst`]) holding the read
 /// buffer, the reply queues and the futures of a busy session serves it until it is idle
 /// again. So 10,000 idle clients cost 10,000 small tasks, not 10,000 busy ones.
-pub struct Session<S> {
+pub(crate) struct Session<S> {
     io: S,
     /// Where the settings come from after a reload.
     updates: watch::Receiver<Arc<Live>>,
@@ -129,7 +129,7 @@ pub(super) fn superseded_by(updates: &mut watch::Receiver<Arc<Live>>) -> Superse
 impl<S: Duplex> Session<S> {
     /// A session with the settings `live`, which `client` was made with too, following later
     /// ones from `updates`.
-    pub fn new(
+    pub(crate) fn new(
         io: S,
         live: &Live,
         updates: watch::Receiver<Arc<Live>>,
@@ -153,7 +153,7 @@ impl<S: Duplex> Session<S> {
     ///
     /// Not an `async fn`: one would move `self` from its argument slot into a local of its own,
     /// and every parked session would carry both copies. The block below uses it in place.
-    pub fn run(self, on_close: impl FnOnce() + Send) -> impl Future<Output = ()> + Send {
+    pub(crate) fn run(self, on_close: impl FnOnce() + Send) -> impl Future<Output = ()> + Send {
         let Session {
             mut io,
             mut updates,

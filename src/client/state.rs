@@ -26,7 +26,7 @@ const REDIS_VERSION: &str = "7.0.15";
 
 /// `CLIENT REPLY` mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplyMode {
+pub(crate) enum ReplyMode {
     On,
     Off,
     /// Suppress the next command's reply only.
@@ -36,7 +36,7 @@ pub enum ReplyMode {
 /// One client's connection state. Every idle client holds one, so it is kept small (56
 /// bytes): what others may see of the client (CLIENT LIST) is in its [`Entry`].
 #[derive(Debug)]
-pub struct ClientState {
+pub(crate) struct ClientState {
     pub id: u64,
     pub db: u32,
     pub resp3: bool,
@@ -64,7 +64,7 @@ impl Drop for ClientState {
 
 /// What the session must do after a locally answered command.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Effect {
+pub(crate) enum Effect {
     None,
     /// RESET: drop any transaction or pinned connection as well.
     Reset,
@@ -80,11 +80,11 @@ pub enum Effect {
 }
 
 /// Redis's answer to the AUTH that [`Effect::Check`] asked for, if it has come.
-pub type Checked<'a> = Option<&'a [u8]>;
+pub(super) type Checked<'a> = Option<&'a [u8]>;
 
 impl ClientState {
     /// A new client, listed in `clients` for as long as its state lives.
-    pub fn new(
+    pub(crate) fn new(
         id: u64,
         peer: Peer,
         (upstreams, hubs): (Upstreams, Hubs),
@@ -115,7 +115,7 @@ impl ClientState {
     /// as Redis keeps clients authenticated when `requirepass` changes, and one that still had
     /// to authenticate need not once no password is required. `false` if the client is logged
     /// in as a named user that no longer exists: it must be closed.
-    pub fn set_users(&mut self, users: Arc<Users>) -> bool {
+    pub(crate) fn set_users(&mut self, users: Arc<Users>) -> bool {
         let exists = self.entry.names(|names| match &names.login {
             Some(Login::Local(user)) => users.exists(user),
             _ => true,
@@ -126,17 +126,17 @@ impl ClientState {
     }
 
     /// Every client of the server.
-    pub fn clients(&self) -> &Arc<Clients> {
+    pub(crate) fn clients(&self) -> &Arc<Clients> {
         &self.clients
     }
 
     /// The upstream connections, for the session's pinned, pub/sub and MONITOR connections.
-    pub fn upstreams(&self) -> &Upstreams {
+    pub(crate) fn upstreams(&self) -> &Upstreams {
         &self.upstreams
     }
 
     /// The subscriber hubs on [`Self::upstreams`].
-    pub fn hubs(&self) -> &Hubs {
+    pub(crate) fn hubs(&self) -> &Hubs {
         &self.hubs
     }
 
@@ -152,12 +152,12 @@ impl ClientState {
     }
 
     /// The user this client's commands run as.
-    pub fn user(&self) -> String {
+    pub(crate) fn user(&self) -> String {
         self.user_of(&self.entry)
     }
 
     /// The client's own Redis login, when its commands run as a user other than redmux's.
-    pub fn identity(&self) -> Option<Identity> {
+    pub(crate) fn identity(&self) -> Option<Identity> {
         self.entry.names(|names| match names.login.as_ref()? {
             Login::Upstream(_, identity) => identity.clone(),
             Login::Local(_) => None,
@@ -168,7 +168,7 @@ impl ClientState {
         self.entry.set_names(set);
     }
 
-    pub fn target(&self) -> Target {
+    pub(crate) fn target(&self) -> Target {
         Target {
             db: self.db,
             resp3: self.resp3,
@@ -190,7 +190,7 @@ impl ClientState {
 
     /// Answers SELECT, HELLO, AUTH, CLIENT, RESET or ACL WHOAMI (`name` is one of them).
     /// `checked`: Redis's reply to the AUTH an earlier call asked for ([`Effect::Check`]).
-    pub fn handle(
+    pub(crate) fn handle(
         &mut self,
         name: &[u8],
         mut args: Args<'_>,
@@ -236,7 +236,7 @@ impl ClientState {
     }
 
     /// Moves the client to database `db` (a SELECT that ran in a transaction).
-    pub fn set_db(&mut self, db: u32) -> Result<(), UpstreamError> {
+    pub(crate) fn set_db(&mut self, db: u32) -> Result<(), UpstreamError> {
         self.switch(Target {
             db,
             ..self.target()
@@ -244,12 +244,12 @@ impl ClientState {
     }
 
     /// Whether Redis checks AUTH (no `[auth]`).
-    pub fn pass_through(&self) -> bool {
+    pub(crate) fn pass_through(&self) -> bool {
         self.users.pass_through()
     }
 
     /// The database a SELECT with these arguments selects, or the error Redis gives for them.
-    pub fn database(&self, mut args: Args<'_>) -> Result<u32, Bytes> {
+    pub(crate) fn database(&self, mut args: Args<'_>) -> Result<u32, Bytes> {
         let (Some(index), None) = (args.next(), args.next()) else {
             return Err(arity("select"));
         };
@@ -748,7 +748,7 @@ impl ClientState {
     }
 
     /// The null reply in this client's protocol.
-    pub fn null(&self) -> Bytes {
+    pub(crate) fn null(&self) -> Bytes {
         Bytes::from_static(if self.resp3 { b"_\r\n" } else { b"$-1\r\n" })
     }
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use crate::resp::{encode, Args};
 
 /// Answers locally what the embedded store cannot take; `None` means forward it.
-pub fn screen(name: &[u8], mut args: Args<'_>) -> Option<Bytes> {
+pub(super) fn screen(name: &[u8], mut args: Args<'_>) -> Option<Bytes> {
     let Ok(name) = std::str::from_utf8(name) else {
         return Some(encode::error(&format!(
             "unknown command '{}'",

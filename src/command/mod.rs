@@ -16,12 +16,12 @@ mod embedded;
 mod pubsub;
 mod table;
 
-pub use pubsub::{Count, Namespace};
-pub use table::{lookup, may_write, CommandId, Kind};
+pub(crate) use pubsub::{Count, Namespace};
+pub(crate) use table::{lookup, may_write, CommandId, Kind};
 
 /// What the client session does with one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Send it upstream on the client's current connection.
     Forward,
     /// Answer it locally with these bytes.
@@ -58,7 +58,7 @@ pub enum Action {
 /// Transaction commands, with the arity that makes Redis change the connection's state (with
 /// another arity Redis answers an error and nothing changes, so they are plainly forwarded).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transaction {
+pub(crate) enum Transaction {
     Multi,
     /// EXEC ends a transaction whatever its arguments (a bad arity aborts it).
     Exec,
@@ -77,7 +77,7 @@ pub enum Profile {
 }
 
 /// Decides what to do with a complete, canonical request, and which command it is.
-pub fn action(request: &[u8], profile: Profile) -> (CommandId, Action) {
+pub(crate) fn action(request: &[u8], profile: Profile) -> (CommandId, Action) {
     match Args::new(request).next() {
         Some(name) => action_named(request, name, profile),
         None => (CommandId::OTHER, Action::Forward),
@@ -87,7 +87,7 @@ pub fn action(request: &[u8], profile: Profile) -> (CommandId, Action) {
 /// [`action`] for a request whose name the decoder has already found: the common case, a
 /// stateless command for Redis, is decided from the name alone, without walking the
 /// request's headers again.
-pub fn action_named(request: &[u8], name: &[u8], profile: Profile) -> (CommandId, Action) {
+pub(crate) fn action_named(request: &[u8], name: &[u8], profile: Profile) -> (CommandId, Action) {
     let (id, kind) = lookup(name);
     if kind == Kind::Stateless && profile == Profile::Redis {
         return (id, Action::Forward);
@@ -225,7 +225,7 @@ fn allow_busy(container: &[u8], sub: &[u8]) -> bool {
 }
 
 /// Before authenticating, a client may only AUTH, HELLO (with AUTH), RESET or QUIT.
-pub fn allowed_before_auth(action: &Action, request: &[u8]) -> bool {
+pub(crate) fn allowed_before_auth(action: &Action, request: &[u8]) -> bool {
     match action {
         Action::ReplyAndClose(_) | Action::Drop => true,
         Action::Connection => {
@@ -240,7 +240,7 @@ pub fn allowed_before_auth(action: &Action, request: &[u8]) -> bool {
 
 /// What a RESP2 client in subscribed state gets for a command Redis does not allow there;
 /// `None` if it is allowed. PING is answered in the subscribed form.
-pub fn subscribed_context(action: &Action, request: &[u8]) -> Option<Bytes> {
+pub(crate) fn subscribed_context(action: &Action, request: &[u8]) -> Option<Bytes> {
     let mut args = Args::new(request);
     let name = args.next().unwrap_or_default().to_ascii_lowercase();
     match (action, name.as_slice()) {
@@ -289,20 +289,20 @@ pub fn subscribed_context(action: &Action, request: &[u8]) -> Option<Bytes> {
 
 /// What Redis sees when it compares an argument with a keyword (`strcasecmp`): the bytes before
 /// the first NUL.
-pub fn c_string(arg: &[u8]) -> &[u8] {
+pub(crate) fn c_string(arg: &[u8]) -> &[u8] {
     memchr::memchr(0, arg).map_or(arg, |nul| &arg[..nul])
 }
 
 /// Whether Redis takes `arg` for `keyword` (lower case) where it compares them with
 /// `strcasecmp`, which stops at a NUL: `block\0x` is BLOCK to Redis, so it must be to redmux.
-pub fn keyword_is(arg: &[u8], keyword: &[u8]) -> bool {
+pub(crate) fn keyword_is(arg: &[u8], keyword: &[u8]) -> bool {
     c_string(arg).eq_ignore_ascii_case(keyword)
 }
 
 /// Redis's reply to a command it does not know (`processCommand` in Redis's `src/server.c`):
 /// the name cut at 128 bytes, then the arguments quoted while their text is under 128 bytes,
 /// each cut to fit. Redis prints them with `%s`, so each stops at its first NUL.
-pub fn unknown_command(name: &[u8], args: Args<'_>) -> Bytes {
+pub(crate) fn unknown_command(name: &[u8], args: Args<'_>) -> Bytes {
     let name = c_string(name);
     let mut text = b"unknown command '".to_vec();
     text.extend_from_slice(&name[..name.len().min(ECHO_MAX)]);
@@ -323,7 +323,7 @@ pub fn unknown_command(name: &[u8], args: Args<'_>) -> Bytes {
 }
 
 /// Redis's reply to a container command with a subcommand it does not know.
-pub fn unknown_subcommand(name: &[u8], sub: &[u8]) -> Bytes {
+pub(crate) fn unknown_subcommand(name: &[u8], sub: &[u8]) -> Bytes {
     let sub = c_string(sub);
     let mut text = b"unknown subcommand '".to_vec();
     text.extend_from_slice(&sub[..sub.len().min(ECHO_MAX)]);

@@ -9,7 +9,7 @@ use crate::resp::Args;
 
 /// What a command is, as far as sharing a connection is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// Touches only data: safe on a shared, pipelined connection.
     Stateless,
     /// `QUIT`: answered locally, then the client is closed.
@@ -463,7 +463,7 @@ const WRITES: [&str; 105] = [
 
 /// Whether CLIENT PAUSE WRITE holds this request, as Redis 7.0 decides it for a command of
 /// its own: a `write` or `may_replicate` command or subcommand.
-pub fn may_write(id: CommandId, request: &[u8]) -> bool {
+pub(crate) fn may_write(id: CommandId, request: &[u8]) -> bool {
     static WRITE: OnceLock<[bool; CommandId::COUNT]> = OnceLock::new();
     let table = WRITE.get_or_init(|| {
         let mut table = [false; CommandId::COUNT];
@@ -536,7 +536,7 @@ const fn build_index() -> [u8; SLOTS] {
 }
 
 /// Looks up a command by its name (any case): one hash and, nearly always, one comparison.
-pub fn lookup(name: &[u8]) -> (CommandId, Kind) {
+pub(crate) fn lookup(name: &[u8]) -> (CommandId, Kind) {
     if name.len() <= LONGEST {
         let mut slot = hash(name) % SLOTS;
         // The index has empty slots, so the probe ends.

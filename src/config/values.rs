@@ -22,7 +22,7 @@ pub(super) fn check_log_level(level: &str) -> Result<(), String> {
 
 /// Parses a size the way Redis's config does: a plain number of bytes, or a number with a unit,
 /// case-insensitive: `k`/`m`/`g` are powers of 1000, `kb`/`mb`/`gb` powers of 1024.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(super) fn parse_size(text: &str) -> Result<u64, String> {
     let lower = text.trim().to_ascii_lowercase();
     let split = lower
         .find(|c: char| !c.is_ascii_digit())
@@ -51,7 +51,7 @@ pub(super) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Parses a duration: a whole number with a unit `ms`, `s`, `m` or `h`; `0` alone is allowed.
 /// At most a year.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())

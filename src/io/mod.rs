@@ -2,7 +2,7 @@
 //! session reads and writes through ([`Duplex`], [`ReadSide`]), how writes go out
 //! ([`outgoing`]), and what a client may be owed at most ([`Budget`]).
 
-pub mod outgoing;
+pub(crate) mod outgoing;
 
 use std::{
     cell::RefCell,
@@ -28,7 +28,7 @@ const MAX_READ_RESERVE: usize = 1024 * 1024;
 /// unix sockets no `Arc`, no lock, and no `shutdown(2)` on drop (a plain close is all Redis does
 /// either). A TLS connection (`tls::TlsClient`) shares one TLS state between its halves
 /// through a lock, and sends close_notify as it closes.
-pub trait Duplex: Send + 'static {
+pub(crate) trait Duplex: Send + 'static {
     type Read<'a>: ReadSide
     where
         Self: 'a;
@@ -43,7 +43,7 @@ pub trait Duplex: Send + 'static {
 
 /// Reading in two steps, wait for data then read it, so that an idle client holds no read
 /// buffer: one is taken only when there is something to put in it.
-pub trait ReadSide: AsyncRead + Unpin + Send {
+pub(crate) trait ReadSide: AsyncRead + Unpin + Send {
     fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
 }
 
@@ -59,7 +59,7 @@ pub trait ReadSide: AsyncRead + Unpin + Send {
 /// copy of what arrived: a request costs an allocation of its own size, and a burst of new
 /// clients does not leave `SCRATCH_SIZE` holes in the heap. A read that fills most of the shared
 /// buffer takes it over instead of copying.
-pub fn read_arrived(
+pub(crate) fn read_arrived(
     reader: &mut impl ReadSide,
     rbuf: &mut BytesMut,
     missing: usize,

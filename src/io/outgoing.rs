@@ -19,7 +19,7 @@ const MAX_IOVECS: usize = 64;
 
 /// Writes as much of `out` as the socket takes in one write (vectored for more than one slice),
 /// and drops what was written.
-pub fn write_some<'a, W: AsyncWrite + Unpin>(
+pub(crate) fn write_some<'a, W: AsyncWrite + Unpin>(
     writer: &'a mut W,
     out: &'a mut VecDeque<Bytes>,
 ) -> impl Future<Output = io::Result<usize>> + 'a {

@@ -13,7 +13,7 @@ use crate::upstream;
 
 /// The serving threads after the first, running until [`Workers::stop`].
 #[derive(Debug)]
-pub struct Workers {
+pub(super) struct Workers {
     handles: Vec<Handle>,
     threads: Vec<JoinHandle<()>>,
     /// Ends the threads: cancelled once every client is gone (or the grace period is over).
@@ -22,7 +22,7 @@ pub struct Workers {
 
 impl Workers {
     /// Starts `count` threads, numbered 1 to `count` (thread 0 is the caller's).
-    pub fn start(count: usize) -> io::Result<Workers> {
+    pub(super) fn start(count: usize) -> io::Result<Workers> {
         let done = CancellationToken::new();
         let mut handles = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
@@ -49,12 +49,12 @@ impl Workers {
     }
 
     /// The runtimes clients are handed to.
-    pub fn handles(&self) -> &[Handle] {
+    pub(super) fn handles(&self) -> &[Handle] {
         &self.handles
     }
 
     /// Ends the threads, whatever their runtimes still hold, and waits for them.
-    pub async fn stop(self) {
+    pub(super) async fn stop(self) {
         self.done.cancel();
         let threads = self.threads;
         let _ = tokio::task::spawn_blocking(move || {

@@ -86,7 +86,7 @@ pub(super) struct Config {
 
 /// The id Redis gives a pinned connection (CLIENT ID), once it is connected; 0 before, or if
 /// Redis would not say. CLIENT UNBLOCK names a blocked client's connection by it.
-pub type ConnectionId = Arc<AtomicU64>;
+pub(crate) type ConnectionId = Arc<AtomicU64>;
 
 /// What an actor shows of itself to `/status` and `/metrics`: written by the actor alone (plain
 /// stores, once per turn of its loop), read at any time.

@@ -31,12 +31,12 @@ impl std::ops::Deref for Dial {
 }
 
 /// The read half of an upstream connection, whatever its transport.
-pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
+pub(crate) type Reader = Box<dyn AsyncRead + Send + Unpin>;
 /// The write half of an upstream connection.
-pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+pub(crate) type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     #[error(transparent)]
     Io(#[from] io::Error),
     #[error("TLS handshake failed")]
@@ -60,7 +60,7 @@ pub enum ConnectError {
 
 /// What to do on a new connection before it carries client requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Setup {
+pub(crate) struct Setup {
     /// `SELECT` this database (when not 0).
     pub db: u32,
     /// Switch to RESP3 with `HELLO 3`.
@@ -72,7 +72,7 @@ pub struct Setup {
 }
 
 /// Connects to `endpoint` and prepares the connection as `setup` says, all within `timeout`.
-pub async fn connect(
+pub(crate) async fn connect(
     endpoint: &Dial,
     setup: Setup,
     timeout: Duration,
@@ -83,7 +83,7 @@ pub async fn connect(
 
 /// [`connect`], and, if `identify`, the id Redis gives the connection (CLIENT ID), which
 /// CLIENT UNBLOCK names it by: `None` if Redis would not say (the user may not run CLIENT ID).
-pub async fn open(
+pub(super) async fn open(
     endpoint: &Dial,
     setup: Setup,
     timeout: Duration,
@@ -144,14 +144,14 @@ async fn dial(endpoint: &Dial) -> Result<(Reader, Writer), ConnectError> {
 }
 
 /// A command sent while setting a connection up, and the reply it must get.
-pub struct Step {
+pub(super) struct Step {
     pub name: &'static str,
     pub request: Bytes,
     pub expect: Expect,
 }
 
 #[derive(Debug, Clone, Copy)]
-pub enum Expect {
+pub(super) enum Expect {
     /// Exactly these bytes.
     Exact(&'static [u8]),
     /// Any RESP3 map (the reply to HELLO 3).
@@ -161,7 +161,7 @@ pub enum Expect {
 }
 
 impl Expect {
-    pub fn accepts(self, reply: &[u8]) -> bool {
+    pub(super) fn accepts(self, reply: &[u8]) -> bool {
         match self {
             Expect::Exact(bytes) => reply == bytes,
             Expect::Map => reply.first() == Some(&b'%'),
@@ -171,7 +171,7 @@ impl Expect {
 }
 
 /// The AUTH that logs a connection in, if credentials are configured.
-pub fn auth(endpoint: &Endpoint) -> Option<Step> {
+pub(super) fn auth(endpoint: &Endpoint) -> Option<Step> {
     let password = endpoint.password.as_ref()?;
     let mut args: Vec<&[u8]> = vec![b"AUTH"];
     if let Some(user) = &endpoint.username {
@@ -186,7 +186,7 @@ pub fn auth(endpoint: &Endpoint) -> Option<Step> {
 }
 
 /// The steps that bring a connection from "logged in as nobody, db 0, RESP2" to `setup`.
-pub fn select(setup: Setup) -> Vec<Step> {
+pub(super) fn select(setup: Setup) -> Vec<Step> {
     let mut steps = Vec::new();
     if setup.db != 0 {
         let db = setup.db.to_string();

@@ -9,13 +9,13 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 /// A running embedded store. It holds the data, so a reload that keeps the embedded upstream
 /// keeps the store; it stops when the last upstream set using it is gone, or with `shutdown`.
 #[derive(Debug)]
-pub struct Store {
+pub(super) struct Store {
     pub addr: SocketAddr,
     _stop: DropGuard,
 }
 
 /// Starts mini-redis on an ephemeral loopback port.
-pub async fn start(shutdown: &CancellationToken) -> io::Result<Store> {
+pub(super) async fn start(shutdown: &CancellationToken) -> io::Result<Store> {
     let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
     let addr = listener.local_addr()?;
     let stop = shutdown.child_token();

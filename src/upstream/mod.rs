@@ -5,11 +5,11 @@
 //! a `oneshot` sender that the actor completes with the replies, or with an [`UpstreamError`].
 
 mod actor;
-pub mod cluster;
+pub(crate) mod cluster;
 mod connect;
 mod embedded;
 mod pool;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::{
     collections::HashMap,
@@ -27,10 +27,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-pub use crate::config::{Address, Credentials, Endpoint, Identity};
-pub use actor::ConnectionId;
-pub use connect::{connect, ConnectError, Dial, Reader, Setup, Writer};
-pub use pool::Lease;
+pub(crate) use crate::config::{Address, Credentials, Endpoint, Identity};
+pub(crate) use actor::ConnectionId;
+pub(crate) use connect::{connect, Dial, Reader, Setup, Writer};
+pub(crate) use pool::Lease;
 
 use crate::{
     command::Profile,
@@ -49,7 +49,7 @@ thread_local! {
 /// Marks this thread as serving thread `worker`: the shared connections its clients use are
 /// its own, actors on its runtime, so a client's requests and their replies never cross
 /// threads on their way to Redis.
-pub fn enter_worker(worker: usize) {
+pub(crate) fn enter_worker(worker: usize) {
     WORKER.set(worker);
 }
 
@@ -76,7 +76,7 @@ pub struct Request {
 }
 
 /// The replies to one [`Request`].
-pub type Reply = Result<Replies, UpstreamError>;
+pub(crate) type Reply = Result<Replies, UpstreamError>;
 
 /// The replies to a batch of requests, back to back, and which of them are errors: the actor
 /// sees where each reply starts as it cuts them out, so the session need not scan them again to

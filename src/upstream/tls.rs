@@ -46,7 +46,7 @@ impl Eq for Connector {}
 
 /// The TLS setup for `config`'s `rediss://` address (`[upstream.tls]`, or the system's CAs),
 /// read from its files.
-pub fn connector(config: &UpstreamConfig) -> Result<Connector, TlsError> {
+pub(crate) fn connector(config: &UpstreamConfig) -> Result<Connector, TlsError> {
     let host = match &config.address.address {
         crate::config::Address::Tcp { host, .. } => host.as_str(),
         _ => "",

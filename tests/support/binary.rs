@@ -12,7 +12,7 @@ use super::{free_port, redmux_bin, send_signal, Deadline, Raw, READY_TIMEOUT};
 
 /// A redmux process listening on a free loopback port, killed on drop. Its stderr goes to a
 /// file in its own temp dir, so a test can read the logs at any time.
-pub struct RedmuxProcess {
+pub(crate) struct RedmuxProcess {
     pub addr: SocketAddr,
     child: Child,
     dir: tempfile::TempDir,
@@ -22,17 +22,17 @@ impl RedmuxProcess {
     /// Starts redmux with a config file made of `listen` plus `server` (more `[server]` keys,
     /// one per line) and `rest` (further sections: `[upstream]`, `[log]`), and waits until it
     /// accepts connections. `RUST_LOG` is cleared.
-    pub fn start(server: &str, rest: &str) -> RedmuxProcess {
+    pub(crate) fn start(server: &str, rest: &str) -> RedmuxProcess {
         Self::start_env(server, rest, &[])
     }
 
     /// As [`RedmuxProcess::start`], with environment variables set for the process.
-    pub fn start_env(server: &str, rest: &str, env: &[(&str, &str)]) -> RedmuxProcess {
+    pub(crate) fn start_env(server: &str, rest: &str, env: &[(&str, &str)]) -> RedmuxProcess {
         Self::launch(server, rest, env, &[])
     }
 
     /// As [`RedmuxProcess::start`], with more command-line arguments after `--config FILE`.
-    pub fn start_args(server: &str, rest: &str, args: &[&str]) -> RedmuxProcess {
+    pub(crate) fn start_args(server: &str, rest: &str, args: &[&str]) -> RedmuxProcess {
         Self::launch(server, rest, &[], args)
     }
 
@@ -87,51 +87,51 @@ impl RedmuxProcess {
         );
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub fn is_running(&mut self) -> bool {
+    pub(crate) fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Resident memory now, in KiB.
-    pub fn rss_kib(&self) -> u64 {
+    pub(crate) fn rss_kib(&self) -> u64 {
         proc_status_kib(self.pid(), "VmRSS")
     }
 
     /// The most resident memory the process has had so far, in KiB.
-    pub fn peak_rss_kib(&self) -> u64 {
+    pub(crate) fn peak_rss_kib(&self) -> u64 {
         proc_status_kib(self.pid(), "VmHWM")
     }
 
     /// Everything redmux has logged so far.
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
 
-    pub fn config_path(&self) -> PathBuf {
+    pub(crate) fn config_path(&self) -> PathBuf {
         self.dir.path().join("redmux.toml")
     }
 
-    pub fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         send_signal(self.pid(), signal);
     }
 
     /// Rewrites the config file as [`RedmuxProcess::start`] wrote it (same `listen`), with
     /// `server` and `rest`, and sends SIGHUP. The reload is not done yet when this returns.
-    pub fn reload(&self, server: &str, rest: &str) {
+    pub(crate) fn reload(&self, server: &str, rest: &str) {
         self.reload_text(&config_text(self.addr.port(), server, rest));
     }
 
     /// Replaces the config file with `text` and sends SIGHUP.
-    pub fn reload_text(&self, text: &str) {
+    pub(crate) fn reload_text(&self, text: &str) {
         std::fs::write(self.config_path(), text).expect("rewrite config");
         self.signal("HUP");
     }
 
     /// Waits until the logs hold `needle` at least `count` times, and returns them.
-    pub fn wait_for_log(&self, needle: &str, count: usize) -> String {
+    pub(crate) fn wait_for_log(&self, needle: &str, count: usize) -> String {
         let deadline = Deadline::new();
         loop {
             let logs = self.stderr();
@@ -142,12 +142,12 @@ impl RedmuxProcess {
         }
     }
 
-    pub async fn raw(&self) -> Raw {
+    pub(crate) async fn raw(&self) -> Raw {
         Raw::connect(self.addr).await
     }
 
     /// SIGTERM, then the exit code (within 10 s).
-    pub fn stop(mut self) -> i32 {
+    pub(crate) fn stop(mut self) -> i32 {
         self.signal("TERM");
         let deadline = Deadline::new();
         loop {
@@ -167,7 +167,7 @@ impl Drop for RedmuxProcess {
 }
 
 /// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`...), in KiB.
-pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+pub(crate) fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
     status
         .lines()

@@ -61,7 +61,7 @@ use tokio::{
 const PROBLEMS_KEPT: usize = 20;
 
 #[derive(Debug, Clone)]
-pub struct Options {
+pub(crate) struct Options {
     /// Checked clients.
     pub clients: usize,
     /// A request with no reply after this is a hang. It must exceed the longest time redmux may
@@ -79,7 +79,7 @@ pub struct Options {
 
 /// Counts so far, over every checked client.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// Requests sent.
     pub sent: u64,
     pub ok: u64,
@@ -93,7 +93,7 @@ pub struct Counts {
 
 impl Counts {
     /// Every request sent has exactly one outcome (between rounds: call on a finished run).
-    pub fn answered(&self) -> u64 {
+    pub(crate) fn answered(&self) -> u64 {
         self.ok + self.error + self.misroute + self.hang + self.twice
     }
 }
@@ -153,7 +153,7 @@ impl Shared {
 }
 
 /// A running set of checked clients.
-pub struct Checker {
+pub(crate) struct Checker {
     shared: Arc<Shared>,
     clients: Vec<JoinHandle<ClientReport>>,
     leavers: Vec<JoinHandle<(usize, u64)>>,
@@ -162,7 +162,7 @@ pub struct Checker {
 
 /// What one client did, for the final check against Redis.
 #[derive(Debug, Clone)]
-pub struct ClientReport {
+pub(crate) struct ClientReport {
     pub id: usize,
     pub incr_sent: u64,
     /// INCRBYs acknowledged since the counter was last seen to restart (Redis lost its data).
@@ -175,7 +175,7 @@ pub struct ClientReport {
 }
 
 /// The outcome of a whole run.
-pub struct Report {
+pub(crate) struct Report {
     pub counts: Counts,
     pub clients: Vec<ClientReport>,
     /// (leaver id, INCRs it sent)
@@ -186,7 +186,7 @@ pub struct Report {
 
 impl Checker {
     /// Starts the clients against `addr` (they connect in the background).
-    pub fn start(addr: SocketAddr, options: Options) -> Checker {
+    pub(crate) fn start(addr: SocketAddr, options: Options) -> Checker {
         let shared = Arc::new(Shared {
             start: Instant::now(),
             stop: AtomicBool::new(false),
@@ -226,20 +226,24 @@ impl Checker {
         }
     }
 
-    pub fn counts(&self) -> Counts {
+    pub(crate) fn counts(&self) -> Counts {
         self.shared.counts()
     }
 
     /// Call once Redis has lost its data (after SIGKILL, before the restart). Requests sent
     /// before this call may have been applied to the lost instance: their values may be gone
     /// and counters may restart from zero. Requests sent after it can only reach the new one.
-    pub fn data_lost(&self) {
+    pub(crate) fn data_lost(&self) {
         self.shared.data_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Waits until every client has had a request sent after `since` succeed, and returns how
     /// long after `since` that was; `None` if it did not happen within `within`.
-    pub async fn all_succeeding_since(&self, since: Instant, within: Duration) -> Option<Duration> {
+    pub(crate) async fn all_succeeding_since(
+        &self,
+        since: Instant,
+        within: Duration,
+    ) -> Option<Duration> {
         let since_us = self.shared.micros(since);
         let deadline = since + within;
         loop {
@@ -261,7 +265,7 @@ impl Checker {
 
     /// Waits until `more` further requests have succeeded: traffic at its steady state before a
     /// fault.
-    pub async fn wait_ok(&self, more: u64, within: Duration) {
+    pub(crate) async fn wait_ok(&self, more: u64, within: Duration) {
         let target = self.shared.ok.load(Ordering::Relaxed) + more;
         let deadline = Instant::now() + within;
         while self.shared.ok.load(Ordering::Relaxed) < target {
@@ -277,7 +281,7 @@ impl Checker {
 
     /// Like [`Checker::all_succeeding_since`] from now, panicking with the counts if it does not
     /// happen within `within`: all clients are up and served.
-    pub async fn wait_all_succeeding(&self, within: Duration) -> Duration {
+    pub(crate) async fn wait_all_succeeding(&self, within: Duration) -> Duration {
         let since = Instant::now();
         match self.all_succeeding_since(since, within).await {
             Some(took) => took,
@@ -290,7 +294,7 @@ impl Checker {
     }
 
     /// Stops every client after its current round and collects the report.
-    pub async fn finish(self) -> Report {
+    pub(crate) async fn finish(self) -> Report {
         self.shared.stop.store(true, Ordering::SeqCst);
         let mut clients = Vec::new();
         for client in self.clients {
@@ -315,7 +319,7 @@ impl Checker {
 
 impl Report {
     /// Prints the counts (shown with `--nocapture`).
-    pub fn print(&self, name: &str) {
+    pub(crate) fn print(&self, name: &str) {
         println!("{name}: {}", self.counts);
         for problem in &self.problems {
             println!("{name}: problem: {problem}");
@@ -323,7 +327,7 @@ impl Report {
     }
 
     /// No misroute, no hang, nothing run twice, and every request sent accounted for once.
-    pub fn assert_clean(&self, name: &str) {
+    pub(crate) fn assert_clean(&self, name: &str) {
         let c = &self.counts;
         assert_eq!(
             c.answered(),
@@ -340,7 +344,7 @@ impl Report {
     /// Reads every client's counter directly from Redis: it never exceeds what the client sent,
     /// nor what its acknowledged and possibly-run requests explain (no request ran twice); and,
     /// unless Redis lost its data, it is at least what was acknowledged (no reply was invented).
-    pub fn check_counters(&self, name: &str, direct: &mut redis::Connection) {
+    pub(crate) fn check_counters(&self, name: &str, direct: &mut redis::Connection) {
         for client in &self.clients {
             let value: Option<u64> = redis::cmd("GET")
                 .arg(counter_key(client.id))

@@ -16,8 +16,8 @@ use redmux::resp::{encode_command, ReplyScanner};
 use super::{answers_ping, free_port, Deadline};
 
 /// Masters, and replicas of each, in the cluster [`Cluster::start`] creates.
-pub const MASTERS: usize = 3;
-pub const NODES: usize = MASTERS * 2;
+pub(crate) const MASTERS: usize = 3;
+pub(crate) const NODES: usize = MASTERS * 2;
 
 /// One redis-server of the cluster.
 struct Node {
@@ -28,7 +28,7 @@ struct Node {
 
 /// Six redis-server processes in cluster mode, joined by `redis-cli --cluster create` into
 /// three masters with one replica each. Every process is killed on drop.
-pub struct Cluster {
+pub(crate) struct Cluster {
     nodes: Vec<Node>,
     /// Holds each node's directory (its `nodes.conf`, and the RDB a replica loads): one each,
     /// so replicas never write over each other's `dump.rdb`.
@@ -38,7 +38,7 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the nodes, creates the cluster and waits until every node reports
     /// `cluster_state:ok` with all 16384 slots served.
-    pub fn start() -> Cluster {
+    pub(crate) fn start() -> Cluster {
         for _ in 0..5 {
             if let Some(cluster) = Self::try_start() {
                 cluster.wait_ok();
@@ -91,7 +91,7 @@ impl Cluster {
     }
 
     /// `127.0.0.1:port` of every node, killed ones included.
-    pub fn addrs(&self) -> Vec<String> {
+    pub(crate) fn addrs(&self) -> Vec<String> {
         self.nodes
             .iter()
             .map(|node| format!("127.0.0.1:{}", node.port))
@@ -99,7 +99,7 @@ impl Cluster {
     }
 
     /// The ports of the nodes still running.
-    pub fn live_ports(&self) -> Vec<u16> {
+    pub(crate) fn live_ports(&self) -> Vec<u16> {
         self.nodes
             .iter()
             .filter(|node| node.child.is_some())
@@ -108,7 +108,7 @@ impl Cluster {
     }
 
     /// The ports of the running nodes that say they are masters (`ROLE`).
-    pub fn masters(&self) -> Vec<u16> {
+    pub(crate) fn masters(&self) -> Vec<u16> {
         self.live_ports()
             .into_iter()
             .filter(|&port| role(port) == "master")
@@ -117,7 +117,7 @@ impl Cluster {
 
     /// Moves `slots` slots from master `from` to master `to` with `redis-cli --cluster
     /// reshard`, keys and all, while the cluster serves; returns once it is done.
-    pub fn reshard(&self, from: u16, to: u16, slots: usize) {
+    pub(crate) fn reshard(&self, from: u16, to: u16, slots: usize) {
         self.wait_agreed();
         let output = Command::new("redis-cli")
             .arg("--cluster")
@@ -139,7 +139,7 @@ impl Cluster {
 
     /// Waits until every running node has the same slot map (redis-cli refuses to reshard
     /// before, and a reshard's last step reaches the other nodes by gossip).
-    pub fn wait_agreed(&self) {
+    pub(crate) fn wait_agreed(&self) {
         let deadline = Deadline::within(Duration::from_secs(20));
         loop {
             let maps: Vec<Vec<(i64, i64, i64)>> = self
@@ -167,7 +167,7 @@ impl Cluster {
     }
 
     /// SIGKILLs the node on `port`.
-    pub fn kill(&mut self, port: u16) {
+    pub(crate) fn kill(&mut self, port: u16) {
         let node = self
             .nodes
             .iter_mut()
@@ -180,7 +180,7 @@ impl Cluster {
     }
 
     /// Kills a master that has a replica to take over; returns its port.
-    pub fn kill_master(&mut self) -> u16 {
+    pub(crate) fn kill_master(&mut self) -> u16 {
         let master = self.masters()[0];
         self.kill(master);
         master
@@ -189,7 +189,7 @@ impl Cluster {
     /// Waits until a replica of the killed master `killed` has been promoted: every running
     /// node reports `cluster_state:ok` with all slots served, and none names `killed` as the
     /// owner of a slot.
-    pub fn wait_for_failover(&self, killed: u16) {
+    pub(crate) fn wait_for_failover(&self, killed: u16) {
         let deadline = Deadline::within(Duration::from_secs(20));
         loop {
             let promoted = self.live_ports().into_iter().all(|port| {
@@ -211,7 +211,7 @@ impl Cluster {
     /// Waits until every running node reports `cluster_state:ok`, serves all 16384 slots, and
     /// knows every other node in its final role (`cluster_state` turns ok before the last
     /// replicas are known everywhere).
-    pub fn wait_ok(&self) {
+    pub(crate) fn wait_ok(&self) {
         let deadline = Deadline::within(Duration::from_secs(20));
         while !(self.all_ok() && self.all_known()) {
             deadline.next_try_blocking("every cluster node to report cluster_state:ok");
@@ -314,7 +314,7 @@ fn field<'a>(map: &'a Resp, name: &str) -> &'a Resp {
 }
 
 /// The node's id in the cluster.
-pub fn node_id(port: u16) -> String {
+pub(crate) fn node_id(port: u16) -> String {
     Conn::connect(port).query(&["CLUSTER", "MYID"]).text()
 }
 
@@ -324,14 +324,14 @@ fn role(port: u16) -> String {
 }
 
 /// A blocking connection to one node.
-pub struct Conn {
+pub(crate) struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
     scanner: ReplyScanner,
 }
 
 impl Conn {
-    pub fn connect(port: u16) -> Conn {
+    pub(crate) fn connect(port: u16) -> Conn {
         let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to a node");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -345,19 +345,19 @@ impl Conn {
     }
 
     /// Sends one command, returns its reply's bytes.
-    pub fn call(&mut self, args: &[&[u8]]) -> Vec<u8> {
+    pub(crate) fn call(&mut self, args: &[&[u8]]) -> Vec<u8> {
         self.pipeline(&[args.to_vec()]).remove(0)
     }
 
     /// `call` with string arguments, the reply decoded.
-    pub fn query(&mut self, args: &[&str]) -> Resp {
+    pub(crate) fn query(&mut self, args: &[&str]) -> Resp {
         let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
         parse(&self.call(&args))
     }
 
     /// Sends many commands, returns their replies' bytes in order. Written in batches, each
     /// read back before the next is written, so neither side's buffers fill up.
-    pub fn pipeline(&mut self, commands: &[Vec<&[u8]>]) -> Vec<Vec<u8>> {
+    pub(crate) fn pipeline(&mut self, commands: &[Vec<&[u8]>]) -> Vec<Vec<u8>> {
         let mut replies = Vec::with_capacity(commands.len());
         for batch in commands.chunks(256) {
             let mut out = Vec::new();
@@ -373,7 +373,7 @@ impl Conn {
     }
 
     /// The next reply or push frame (a subscriber's message).
-    pub fn next(&mut self) -> Resp {
+    pub(crate) fn next(&mut self) -> Resp {
         parse(&self.read_reply())
     }
 
@@ -393,7 +393,7 @@ impl Conn {
 
 /// A decoded RESP2 reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resp {
+pub(crate) enum Resp {
     Simple(String),
     Error(String),
     Int(i64),
@@ -403,7 +403,7 @@ pub enum Resp {
 }
 
 impl Resp {
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         match self {
             Resp::Simple(s) | Resp::Error(s) => s.clone(),
             Resp::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
@@ -412,14 +412,14 @@ impl Resp {
         }
     }
 
-    pub fn items(&self) -> &[Resp] {
+    pub(crate) fn items(&self) -> &[Resp] {
         match self {
             Resp::Array(items) => items,
             other => panic!("not an array: {other:?}"),
         }
     }
 
-    pub fn int(&self) -> i64 {
+    pub(crate) fn int(&self) -> i64 {
         match self {
             Resp::Int(i) => *i,
             other => panic!("not an integer: {other:?}"),
@@ -428,7 +428,7 @@ impl Resp {
 }
 
 /// Decodes one complete RESP2 reply.
-pub fn parse(bytes: &[u8]) -> Resp {
+pub(crate) fn parse(bytes: &[u8]) -> Resp {
     let (value, rest) = parse_at(bytes);
     assert!(rest.is_empty(), "trailing bytes after a reply");
     value

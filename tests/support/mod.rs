@@ -2,10 +2,10 @@
 //! 0, and a raw RESP socket for protocol edges. Never port 6379, never a mock.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
-pub mod binary;
-pub mod checker;
-pub mod cluster;
-pub mod tls;
+pub(crate) mod binary;
+pub(crate) mod checker;
+pub(crate) mod cluster;
+pub(crate) mod tls;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -23,7 +23,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 /// How long anything in a test may take to become ready.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The pause between two looks at another process's state.
 const POLL: Duration = Duration::from_millis(5);
@@ -31,18 +31,18 @@ const POLL: Duration = Duration::from_millis(5);
 /// A bound on waiting for another process (Redis, a redmux binary, the kernel) to reach a state
 /// it sends no event for: a loop looks, and calls `next_try` before looking again, which fails
 /// the test once the time is up.
-pub struct Deadline {
+pub(crate) struct Deadline {
     at: Instant,
     within: Duration,
 }
 
 impl Deadline {
     /// Up to `READY_TIMEOUT` from now.
-    pub fn new() -> Deadline {
+    pub(crate) fn new() -> Deadline {
         Deadline::within(READY_TIMEOUT)
     }
 
-    pub fn within(within: Duration) -> Deadline {
+    pub(crate) fn within(within: Duration) -> Deadline {
         Deadline {
             at: Instant::now() + within,
             within,
@@ -50,19 +50,19 @@ impl Deadline {
     }
 
     /// Fails the test with `what` if the time is up; otherwise pauses before the next look.
-    pub fn next_try(&self, what: impl std::fmt::Display) -> tokio::time::Sleep {
+    pub(crate) fn next_try(&self, what: impl std::fmt::Display) -> tokio::time::Sleep {
         self.check(what);
         tokio::time::sleep(POLL)
     }
 
     /// `next_try` for code that does not run on tokio.
-    pub fn next_try_blocking(&self, what: impl std::fmt::Display) {
+    pub(crate) fn next_try_blocking(&self, what: impl std::fmt::Display) {
         self.check(what);
         std::thread::sleep(POLL);
     }
 
     /// Fails the test with `what` if the time is up.
-    pub fn check(&self, what: impl std::fmt::Display) {
+    pub(crate) fn check(&self, what: impl std::fmt::Display) {
         assert!(
             Instant::now() < self.at,
             "{what}: not within {:?}",
@@ -74,7 +74,7 @@ impl Deadline {
 /// `REDMUX_TEST_THREADS`: the number of threads every redmux of the tests serves clients on
 /// (in-process and binary alike); unset, the default (`auto`, one on two cores). `.ci/run`
 /// runs the suite with 1 and with 4.
-pub fn test_threads() -> Option<String> {
+pub(crate) fn test_threads() -> Option<String> {
     std::env::var("REDMUX_TEST_THREADS")
         .ok()
         .filter(|n| !n.is_empty())
@@ -82,18 +82,18 @@ pub fn test_threads() -> Option<String> {
 
 /// How many threads serve clients in the tests' redmux (see [`test_threads`]): on the
 /// development and CI machines' two cores, `auto` means one.
-pub fn serving_threads() -> usize {
+pub(crate) fn serving_threads() -> usize {
     test_threads().map_or(1, |n| n.parse().expect("REDMUX_TEST_THREADS"))
 }
 
 /// A port nobody listens on right now.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local addr").port()
 }
 
 /// A redis-server child process, killed on drop.
-pub struct RedisServer {
+pub(crate) struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -104,18 +104,18 @@ pub struct RedisServer {
 
 impl RedisServer {
     /// Starts redis-server on a free port and waits until it answers PING.
-    pub fn start() -> RedisServer {
+    pub(crate) fn start() -> RedisServer {
         Self::start_with(&[])
     }
 
     /// Starts redis-server with extra `--option value` arguments.
-    pub fn start_with(extra: &[&str]) -> RedisServer {
+    pub(crate) fn start_with(extra: &[&str]) -> RedisServer {
         Self::start_on(extra, false)
     }
 
     /// Starts redis-server speaking only TLS, with the test certificates (`--tls-ca-cert-file`
     /// is their CA); `auth_clients`: it requires a client certificate signed by that CA.
-    pub fn start_tls(certs: &tls::Certs, auth_clients: bool) -> RedisServer {
+    pub(crate) fn start_tls(certs: &tls::Certs, auth_clients: bool) -> RedisServer {
         let file = |path: &Path| path.display().to_string();
         Self::start_on(
             &[
@@ -187,32 +187,32 @@ impl RedisServer {
         panic!("redis-server on port {} did not become ready", self.port);
     }
 
-    pub fn addr(&self) -> String {
+    pub(crate) fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 
     /// A direct connection, bypassing redmux, to check what Redis really holds.
-    pub fn direct(&self) -> redis::Connection {
+    pub(crate) fn direct(&self) -> redis::Connection {
         self.direct_db(0)
     }
 
     /// A direct connection to database `db`.
-    pub fn direct_db(&self, db: u32) -> redis::Connection {
+    pub(crate) fn direct_db(&self, db: u32) -> redis::Connection {
         redis::Client::open(format!("redis://127.0.0.1:{}/{db}", self.port))
             .and_then(|c| c.get_connection())
             .expect("direct connection to redis-server")
     }
 
     /// SIGKILL and reap.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -220,7 +220,7 @@ impl RedisServer {
     }
 
     /// Starts it again on the same port.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.kill();
         assert!(
             self.spawn(),
@@ -229,13 +229,13 @@ impl RedisServer {
         );
     }
 
-    pub fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         send_signal(self.pid(), signal);
     }
 }
 
 /// Sends `signal` (a name such as `STOP`) to process `pid`.
-pub fn send_signal(pid: u32, signal: &str) {
+pub(crate) fn send_signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
         .args([format!("-{signal}"), pid.to_string()])
         .status()
@@ -251,7 +251,7 @@ impl Drop for RedisServer {
 
 /// True if a Redis on `port` answers PING within `wait` (+PONG, or -NOAUTH when it has a
 /// password: either way it is up and serving).
-pub fn answers_ping(port: u16, wait: Duration) -> bool {
+pub(crate) fn answers_ping(port: u16, wait: Duration) -> bool {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;
@@ -264,7 +264,7 @@ pub fn answers_ping(port: u16, wait: Duration) -> bool {
 }
 
 /// A redmux server running in this process, stopped on drop.
-pub struct Redmux {
+pub(crate) struct Redmux {
     pub addr: SocketAddr,
     /// The first `[server.tls]` address, if any.
     pub tls_addr: Option<SocketAddr>,
@@ -276,13 +276,13 @@ pub struct Redmux {
 
 impl Redmux {
     /// Starts redmux in front of `upstream` (an address string) with default settings.
-    pub async fn start(upstream: &str) -> Redmux {
+    pub(crate) async fn start(upstream: &str) -> Redmux {
         Self::start_with(config(upstream)).await
     }
 
     /// Starts redmux with `config`, listening on a free port, with `REDMUX_TEST_THREADS`
     /// serving threads if that is set.
-    pub async fn start_with(mut config: Config) -> Redmux {
+    pub(crate) async fn start_with(mut config: Config) -> Redmux {
         config.server.listen = vec!["127.0.0.1:0".parse().expect("addr")];
         if let Some(threads) = test_threads() {
             config.server.threads = threads.parse().expect("REDMUX_TEST_THREADS");
@@ -302,21 +302,21 @@ impl Redmux {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://{}/", self.addr)
     }
 
     /// A `redis` crate multiplexed connection through redmux.
-    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+    pub(crate) async fn client(&self) -> redis::aio::MultiplexedConnection {
         connect(&self.url()).await
     }
 
-    pub async fn raw(&self) -> Raw {
+    pub(crate) async fn raw(&self) -> Raw {
         Raw::connect(self.addr).await
     }
 
     /// Graceful stop, waiting for the server to finish.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
             let _ = task.await;
@@ -331,7 +331,7 @@ impl Drop for Redmux {
 }
 
 /// A `redis` crate multiplexed connection to `url`.
-pub async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+pub(crate) async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .expect("client")
         .get_multiplexed_async_connection()
@@ -340,7 +340,7 @@ pub async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
 }
 
 /// Default config pointed at `upstream`.
-pub fn config(upstream: &str) -> Config {
+pub(crate) fn config(upstream: &str) -> Config {
     let mut config = Config::default();
     config.upstream.address = upstream.parse().expect("upstream address");
     config
@@ -350,7 +350,7 @@ type Reader = Box<dyn AsyncRead + Send + Unpin>;
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// A raw client socket for protocol edges, plain or TLS.
-pub struct Raw {
+pub(crate) struct Raw {
     reader: Reader,
     writer: Writer,
     buf: BytesMut,
@@ -358,7 +358,7 @@ pub struct Raw {
 }
 
 impl Raw {
-    pub async fn connect(addr: SocketAddr) -> Raw {
+    pub(crate) async fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
         let (reader, writer) = stream.into_split();
@@ -366,7 +366,7 @@ impl Raw {
     }
 
     /// Over any stream, a TLS one for example.
-    pub fn over<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Raw {
+    pub(crate) fn over<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Raw {
         let (reader, writer) = tokio::io::split(stream);
         Raw::new(Box::new(reader), Box::new(writer))
     }
@@ -380,20 +380,20 @@ impl Raw {
         }
     }
 
-    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+    pub(crate) async fn send(&mut self, bytes: impl AsRef<[u8]>) {
         self.try_send(bytes).await.expect("send");
     }
 
     /// Sends, reporting a failure (the server closed the connection) instead of panicking.
     /// Flushed: a TLS stream may hold back what it was given.
-    pub async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
+    pub(crate) async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
         self.writer.write_all(bytes.as_ref()).await?;
         self.writer.flush().await
     }
 
     /// Writes `bytes` while reading `count` replies, as a pipelining client must (a client that
     /// writes everything before reading can deadlock against any server).
-    pub async fn pipeline(&mut self, bytes: &[u8], count: usize) -> Vec<Vec<u8>> {
+    pub(crate) async fn pipeline(&mut self, bytes: &[u8], count: usize) -> Vec<Vec<u8>> {
         let write = async {
             self.writer.write_all(bytes).await.expect("send");
             self.writer.flush().await.expect("flush");
@@ -416,12 +416,12 @@ impl Raw {
     }
 
     /// Closes the write side, as a client does when it has nothing more to send.
-    pub async fn shutdown_write(&mut self) {
+    pub(crate) async fn shutdown_write(&mut self) {
         let _ = self.writer.shutdown().await;
     }
 
     /// Reads one complete reply, as raw bytes (within 10 s).
-    pub async fn reply(&mut self) -> Vec<u8> {
+    pub(crate) async fn reply(&mut self) -> Vec<u8> {
         tokio::time::timeout(READY_TIMEOUT, self.try_reply())
             .await
             .expect("a reply within the timeout")
@@ -429,7 +429,7 @@ impl Raw {
     }
 
     /// One reply, or `None` if the connection closed first.
-    pub async fn try_reply(&mut self) -> Option<Vec<u8>> {
+    pub(crate) async fn try_reply(&mut self) -> Option<Vec<u8>> {
         Self::next_reply(&mut self.reader, &mut self.buf, &mut self.scanner).await
     }
 
@@ -451,12 +451,12 @@ impl Raw {
     }
 
     /// Reads a reply and returns it as a string, for readable assertions.
-    pub async fn reply_str(&mut self) -> String {
+    pub(crate) async fn reply_str(&mut self) -> String {
         String::from_utf8_lossy(&self.reply().await).into_owned()
     }
 
     /// Sends a command and returns its reply as a string.
-    pub async fn call(&mut self, args: &[&str]) -> String {
+    pub(crate) async fn call(&mut self, args: &[&str]) -> String {
         self.send(redmux::resp::encode_command(
             args.iter().map(|a| a.as_bytes()),
         ))
@@ -465,7 +465,7 @@ impl Raw {
     }
 
     /// Asserts the server closes the connection (within 10 s), with nothing more to read.
-    pub async fn expect_closed(&mut self) {
+    pub(crate) async fn expect_closed(&mut self) {
         let next = tokio::time::timeout(READY_TIMEOUT, self.try_reply())
             .await
             .expect("the connection should close");
@@ -478,19 +478,19 @@ impl Raw {
 }
 
 /// Path of the redmux binary built for these tests.
-pub fn redmux_bin() -> PathBuf {
+pub(crate) fn redmux_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_redmux"))
 }
 
 /// Waits until `port` accepts connections (or fails the test after the ready timeout).
-pub fn wait_listening(port: u16) {
+pub(crate) fn wait_listening(port: u16) {
     let deadline = Deadline::new();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         deadline.next_try_blocking(format!("nothing listening on port {port}"));
     }
 }
 
-pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write file");
     path
@@ -498,7 +498,7 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// A config file with a password where it does not belong: its text, the parts of the
 /// password that must never be printed, and what the error must say instead.
-pub struct MisplacedSecret {
+pub(crate) struct MisplacedSecret {
     pub text: &'static str,
     pub secrets: &'static [&'static str],
     pub says: &'static str,
@@ -509,7 +509,7 @@ pub struct MisplacedSecret {
 /// (its message quotes that line), or as a string where a table or list of tables belongs. The
 /// numbers are longer than a temporary file name's random part, and the other fragments hold a
 /// `-`, which it never does: no path in a message can contain them by chance.
-pub fn misplaced_secrets() -> Vec<MisplacedSecret> {
+pub(crate) fn misplaced_secrets() -> Vec<MisplacedSecret> {
     let case = |text, secrets, says| MisplacedSecret {
         text,
         secrets,

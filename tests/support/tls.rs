@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
 /// PEM files in a temp dir of their own.
-pub struct Certs {
+pub(crate) struct Certs {
     _dir: tempfile::TempDir,
     pub ca: PathBuf,
     pub server_cert: PathBuf,
@@ -26,7 +26,7 @@ pub struct Certs {
 }
 
 impl Certs {
-    pub fn new() -> Certs {
+    pub(crate) fn new() -> Certs {
         let dir = tempfile::tempdir().expect("temp dir");
         let write = |name: &str, pem: String| super::write_file(dir.path(), name, &pem);
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
@@ -65,7 +65,7 @@ impl Certs {
 
     /// `[server.tls]` on a free port with these certificates; `require_client_cert`: with
     /// `ca_file`, so clients must present a certificate.
-    pub fn server_tls(&self, require_client_cert: bool) -> ServerTlsConfig {
+    pub(crate) fn server_tls(&self, require_client_cert: bool) -> ServerTlsConfig {
         ServerTlsConfig {
             listen: vec!["127.0.0.1:0".parse().expect("addr")],
             cert_file: Some(self.server_cert.clone()),
@@ -75,7 +75,7 @@ impl Certs {
     }
 
     /// `[upstream.tls]` trusting the CA; `client_cert`: presenting the client certificate.
-    pub fn upstream_tls(&self, client_cert: bool) -> UpstreamTlsConfig {
+    pub(crate) fn upstream_tls(&self, client_cert: bool) -> UpstreamTlsConfig {
         UpstreamTlsConfig {
             ca_file: Some(self.ca.clone()),
             cert_file: client_cert.then(|| self.client_cert.clone()),
@@ -85,7 +85,7 @@ impl Certs {
     }
 
     /// A client trusting the CA; `client_cert`: presenting the client certificate.
-    pub fn client(&self, client_cert: bool) -> TlsConnector {
+    pub(crate) fn client(&self, client_cert: bool) -> TlsConnector {
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(&self.ca).expect("CA file") {
             roots.add(cert.expect("CA PEM")).expect("CA certificate");
@@ -113,7 +113,7 @@ impl Certs {
 }
 
 /// A TLS connection to `addr` as `localhost`: the handshake's outcome.
-pub async fn connect(
+pub(crate) async fn connect(
     addr: SocketAddr,
     client: &TlsConnector,
 ) -> std::io::Result<TlsStream<TcpStream>> {

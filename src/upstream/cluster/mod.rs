@@ -37,14 +37,14 @@ use crate::{
 /// A slot map, and the host to use for a node whose endpoint Redis reports unknown (an empty
 /// host): the node the map was read from, as Redis's docs say a client should.
 #[derive(Debug)]
-pub struct Topology {
+pub(crate) struct Topology {
     pub map: SlotMap,
     pub asked: String,
 }
 
 impl Topology {
     /// Where master `at` of the map listens.
-    pub fn master_addr(&self, at: usize) -> Option<(String, u16)> {
+    pub(crate) fn master_addr(&self, at: usize) -> Option<(String, u16)> {
         let node = self.map.masters().get(at)?;
         let host = match node.host.as_str() {
             "" => self.asked.clone(),
@@ -57,7 +57,7 @@ impl Topology {
 /// What every router of one set of upstream connections shares: the seeds, the map, and the
 /// one refresh that may run at a time.
 #[derive(Debug)]
-pub struct Cluster {
+pub(crate) struct Cluster {
     /// `upstream.cluster`, as (host, port).
     seeds: Vec<(String, u16)>,
     /// How nodes are reached: credentials and TLS of the configuration; the address is
@@ -117,21 +117,21 @@ impl Cluster {
     }
 
     /// The map routers follow.
-    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Topology>>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Arc<Topology>>> {
         self.map.subscribe()
     }
 
     /// The map now.
-    pub fn current(&self) -> Option<Arc<Topology>> {
+    pub(crate) fn current(&self) -> Option<Arc<Topology>> {
         self.map.borrow().clone()
     }
 
     /// Every slot has an online master.
-    pub fn whole(&self) -> bool {
+    pub(crate) fn whole(&self) -> bool {
         self.current().is_some_and(|t| t.map.unassigned() == 0)
     }
 
-    pub fn snapshot(&self) -> ClusterSnapshot {
+    pub(crate) fn snapshot(&self) -> ClusterSnapshot {
         let topology = self.current();
         ClusterSnapshot {
             masters: topology.as_ref().map_or_else(Vec::new, |t| {
@@ -146,7 +146,7 @@ impl Cluster {
     }
 
     /// `dial` pointed at `host:port`.
-    pub fn node_dial(&self, host: &str, port: u16) -> Dial {
+    pub(crate) fn node_dial(&self, host: &str, port: u16) -> Dial {
         let mut dial = self.dial.clone();
         let tls = matches!(dial.address, Address::Tcp { tls: true, .. });
         dial.endpoint.address = Address::Tcp {
@@ -159,7 +159,7 @@ impl Cluster {
     }
 
     /// Asks for a refresh in the background, unless one is running.
-    pub fn request_refresh(self: &Arc<Self>) {
+    pub(crate) fn request_refresh(self: &Arc<Self>) {
         if self.refreshing.load(Ordering::Acquire) {
             return;
         }
@@ -169,7 +169,7 @@ impl Cluster {
 
     /// Reads the map from the first node that answers: the masters of the current map, then
     /// the seeds. Only one refresh runs at a time; a call made while one runs returns at once.
-    pub async fn refresh(&self) {
+    pub(crate) async fn refresh(&self) {
         if self.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
