@@ -1,12 +1,24 @@
 //! redmux: a local Redis proxy that multiplexes many client connections onto one pipelined
 //! upstream connection.
 //!
-//! Data flow, one module each: [`server`] accepts clients → [`client`] sessions parse requests
-//! ([`resp`]) and decide what to do with each ([`command`]) → [`upstream`] actors pipeline them
-//! onto Redis (or the embedded store) → replies flow back through a `oneshot` per batch.
-//! The settings in effect are [`live`]: a reload replaces them while clients stay connected.
-//! [`tls`] wraps either side in TLS when configured. Beside that path: [`metrics`] counts what
-//! happens, and [`admin`] serves it over HTTP.
+//! The modules are layers, and each imports only from layers below it (docs/ARCHITECTURE.md
+//! has the map and one request's walk through the files), from the bottom up:
+//!
+//! - `resp` (pure protocol: the request decoder, the reply scanner, the one local-reply
+//!   encoder) and `report` (how an error is shown with its causes);
+//! - `command`: the command table and every command policy (what is forwarded, answered,
+//!   pinned or refused; the gates for auth and subscribed state). Imports only `resp`;
+//! - `config`: plain data (schema, defaults, validation, addresses). Imports nothing of redmux;
+//! - `io` (socket traits, outgoing writes, the output budget), `tls` (PEM files), `metrics`,
+//!   `auth`, and `cluster` (slots, key positions, the slot map, splits: pure);
+//! - `upstream`: connections only (actors, the pinned pool, dial and handshake with its TLS
+//!   client side, the cluster router). It never reaches `client` or `server`;
+//! - `pubsub` and `monitor`, built on upstream connections;
+//! - `client`: one client's session, event loop, dispatch, replies, transaction,
+//!   subscriptions and state;
+//! - `server`: listeners, accept, the TLS server side, admission, reload, serving threads;
+//! - `admin` (HTTP endpoints and the Prometheus exposition) and `probe`;
+//! - [`Proxy`], which composes the server and the admin endpoint, and `main`.
 
 pub mod admin;
 pub mod auth;

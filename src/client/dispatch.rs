@@ -18,13 +18,13 @@ use super::{
     registry::{flag, PauseMode, Subscription},
     state::{Effect, ReplyMode},
     subscriptions::Feed,
-    Batch, Path, Pending, State, Then, Tx, MAX_BATCH,
+    Path, Pending, Run, State, Then, Tx, MAX_BATCH,
 };
 use crate::{
     command::{self, Action, CommandId, Transaction},
     monitor,
     resp::{encode, encode_command, Args, Frame},
-    upstream::{Lease, Request, UpstreamError},
+    upstream::{Batch, Lease, UpstreamError},
 };
 
 /// Polls the wait for a CLIENT PAUSE to end; never ready without one.
@@ -323,11 +323,11 @@ impl State {
                     }
                     if !follow.is_empty() {
                         let count = follow.len() as u32;
-                        let batch = Batch {
+                        let batch = Run {
                             frames: Bytes::from(follow.concat()),
                             count,
                             timeout: Some(self.config.request_timeout),
-                            ..Batch::default()
+                            ..Run::default()
                         };
                         for _ in 0..count {
                             self.owe();
@@ -438,13 +438,13 @@ impl State {
                     let connection = lease.as_ref().or(self.held()).map(Lease::connection);
                     self.client.entry.set_blocked_on(connection.cloned());
                 }
-                let batch = Batch {
+                let batch = Run {
                     frames: request,
                     count: 1,
                     timeout,
                     release: lease,
                     blocking,
-                    ..Batch::default()
+                    ..Run::default()
                 };
                 self.forward(batch).await;
             }
@@ -491,13 +491,13 @@ impl State {
             Tx::None => Some(self.client.upstreams().auth_checker()),
             _ => None,
         };
-        let batch = Batch {
+        let batch = Run {
             frames: auth,
             count: 1,
             timeout: Some(self.config.request_timeout),
             then: Some(Box::new(Then::Replay(request))),
             via,
-            ..Batch::default()
+            ..Run::default()
         };
         self.sync = true;
         self.forward(batch).await;
@@ -552,11 +552,11 @@ impl State {
     pub(super) async fn flush_run(&mut self, run_len: &mut usize, run_count: &mut u32) {
         if *run_count > 0 {
             let frames = self.take_front(*run_len);
-            let batch = Batch {
+            let batch = Run {
                 frames,
                 count: *run_count,
                 timeout: Some(self.config.request_timeout),
-                ..Batch::default()
+                ..Run::default()
             };
             self.send(batch, false).await;
         }
@@ -583,18 +583,18 @@ impl State {
         timeout: Option<Duration>,
         release: Option<Lease>,
     ) {
-        let batch = Batch {
+        let batch = Run {
             frames,
             count: 1,
             timeout,
             release,
-            ..Batch::default()
+            ..Run::default()
         };
         self.forward(batch).await;
     }
 
     /// Forwards a batch of one request, honouring CLIENT REPLY OFF and SKIP.
-    pub(super) async fn forward(&mut self, batch: Batch) {
+    pub(super) async fn forward(&mut self, batch: Run) {
         self.owe();
         let suppress = self.take_suppress();
         self.send(batch, suppress).await;
@@ -609,11 +609,11 @@ impl State {
     /// the rare wait for a full channel needs.
     pub(super) fn send(
         &mut self,
-        batch: Batch,
+        batch: Run,
         suppress: bool,
     ) -> impl Future<Output = ()> + Send + '_ {
         let (reply, rx) = oneshot::channel();
-        let Batch {
+        let Run {
             frames,
             count,
             timeout,
@@ -631,7 +631,7 @@ impl State {
         };
         self.last_path = Some(path);
         let handed_at = Instant::now();
-        let request = Request {
+        let request = Batch {
             frames,
             count,
             queued_at: handed_at,

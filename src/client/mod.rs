@@ -51,7 +51,7 @@ use crate::{
     command::{self, CommandId},
     io::Budget,
     resp::RequestDecoder,
-    upstream::{Lease, Reply, Request},
+    upstream::{Batch, Lease, Reply},
 };
 
 /// Most requests in one batch. The actor hands a batch's replies back only when all are in, so
@@ -154,9 +154,9 @@ enum Tx {
     },
 }
 
-/// A batch of requests about to be handed to an upstream connection.
+/// A run of requests about to be handed to an upstream connection as one [`Batch`].
 #[derive(Default)]
-struct Batch {
+struct Run {
     frames: Bytes,
     count: u32,
     timeout: Option<Duration>,
@@ -166,7 +166,7 @@ struct Batch {
     /// See `Pending::Upstream::then`.
     then: Option<Box<Then>>,
     /// The connection AUTH is checked on, where it goes instead of the client's current one.
-    via: Option<mpsc::Sender<Request>>,
+    via: Option<mpsc::Sender<Batch>>,
 }
 
 /// Everything a busy session tracks besides its socket.

@@ -18,7 +18,7 @@ use crate::{
     pubsub::Hubs,
     resp::encode_command,
     resp::{encode, parse_int, Args},
-    upstream::{Credentials, Identity, Request, Target, UpstreamError, Upstreams},
+    upstream::{Batch, Credentials, Identity, Target, UpstreamError, Upstreams},
 };
 
 /// What Redis version redmux reports in HELLO: the reference it follows.
@@ -47,7 +47,7 @@ pub(crate) struct ClientState {
     /// a move take another path (see the session's barrier).
     pub moves: u32,
     /// The shared upstream actor for the current (db, protocol).
-    pub shared: mpsc::Sender<Request>,
+    pub shared: mpsc::Sender<Batch>,
     upstreams: Upstreams,
     hubs: Hubs,
     users: Arc<Users>,

@@ -11,7 +11,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Batch, Path, Pending, State, Then, Tx};
+use super::{Path, Pending, Run, State, Then, Tx};
 use crate::{
     command,
     command::Action,
@@ -549,12 +549,12 @@ impl State {
             .argument_index()
             .and_then(|i| Args::new(&request).nth(i))
             .map(|arg| request.slice_ref(arg));
-        let batch = Batch {
+        let batch = Run {
             frames: request,
             count: 1,
             timeout: Some(self.config.request_timeout),
             then: Some(Box::new(Then::Count(count, argument))),
-            ..Batch::default()
+            ..Run::default()
         };
         self.forward(batch).await;
     }

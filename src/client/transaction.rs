@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use super::{Batch, State, Then, Tx};
+use super::{Run, State, Then, Tx};
 use crate::{
     command::Transaction,
     resp::{encode, encode_command, Args},
@@ -48,12 +48,12 @@ impl State {
             // A command redmux refused while queuing aborts the transaction: DISCARD it
             // upstream (that reply is dropped) and answer as Redis does.
             (Transaction::Exec, Tx::Multi { lease, dirty: true, .. }) => {
-                let discard = Batch {
+                let discard = Run {
                     frames: encode_command([&b"DISCARD"[..]]),
                     count: 1,
                     timeout,
                     release: Some(lease),
-                    ..Batch::default()
+                    ..Run::default()
                 };
                 self.owe();
                 self.send(discard, true).await;
@@ -66,13 +66,13 @@ impl State {
             // after it runs before that is known.
             (Transaction::Exec, Tx::Multi { lease, db, .. }) => {
                 self.sync = db.is_some();
-                let batch = Batch {
+                let batch = Run {
                     frames: request,
                     count: 1,
                     timeout,
                     release: Some(lease),
                     then: db.map(|db| Box::new(Then::Select(db))),
-                    ..Batch::default()
+                    ..Run::default()
                 };
                 self.forward(batch).await;
             }

@@ -25,7 +25,7 @@ pub const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same
 
 /// The commands redmux splits by slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum Splittable {
     Mget,
     Mset,
     Del,
@@ -34,23 +34,23 @@ pub enum Kind {
     Touch,
 }
 
-impl Kind {
+impl Splittable {
     /// The splittable command `name` is, compared case-insensitively; a name with a NUL byte
     /// is none of them.
-    pub fn of(name: &[u8]) -> Option<Kind> {
+    pub fn of(name: &[u8]) -> Option<Splittable> {
         let is = |word: &[u8]| name.eq_ignore_ascii_case(word);
         if is(b"mget") {
-            Some(Kind::Mget)
+            Some(Splittable::Mget)
         } else if is(b"mset") {
-            Some(Kind::Mset)
+            Some(Splittable::Mset)
         } else if is(b"del") {
-            Some(Kind::Del)
+            Some(Splittable::Del)
         } else if is(b"unlink") {
-            Some(Kind::Unlink)
+            Some(Splittable::Unlink)
         } else if is(b"exists") {
-            Some(Kind::Exists)
+            Some(Splittable::Exists)
         } else if is(b"touch") {
-            Some(Kind::Touch)
+            Some(Splittable::Touch)
         } else {
             None
         }
@@ -59,7 +59,7 @@ impl Kind {
     /// Arguments per key: MSET's key and value, one for the others.
     fn stride(self) -> usize {
         match self {
-            Kind::Mset => 2,
+            Splittable::Mset => 2,
             _ => 1,
         }
     }
@@ -80,7 +80,7 @@ pub struct Part {
 /// A request split by slot, and how to put the replies back together.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    kind: Kind,
+    kind: Splittable,
     /// In the order of each slot's first key in the request.
     parts: Vec<Part>,
     /// For each key of the request, in order: its part, and its place among that part's keys.
@@ -109,7 +109,7 @@ pub enum MergeError {
 }
 
 impl Plan {
-    /// Splits `request` (a complete multibulk request) by slot, if it is one of the [`Kind`]s
+    /// Splits `request` (a complete multibulk request) by slot, if it is one of the [`Splittable`]s
     /// with the arguments its shape needs: at least one key, and for MSET whole key/value
     /// pairs. Otherwise `None`: the request goes on as it is, and Redis gives its own error
     /// (or [`cross_slot`] says `-CROSSSLOT`). `node_of` names the node of a slot, called once
@@ -117,7 +117,7 @@ impl Plan {
     pub fn split(request: &[u8], node_of: impl Fn(u16) -> usize) -> Option<Plan> {
         let mut args = Args::new(request);
         let name = args.next()?;
-        let kind = Kind::of(name)?;
+        let kind = Splittable::of(name)?;
         let rest: Vec<&[u8]> = args.collect();
         let stride = kind.stride();
         if rest.is_empty() || rest.len() % stride != 0 {
@@ -150,7 +150,7 @@ impl Plan {
         Some(Plan { kind, parts, order })
     }
 
-    pub fn kind(&self) -> Kind {
+    pub fn kind(&self) -> Splittable {
         self.kind
     }
 
@@ -180,15 +180,15 @@ impl Plan {
             }
         }
         match self.kind {
-            Kind::Mget => self.merge_values(replies),
-            Kind::Mset => match replies.iter().all(|reply| *reply == b"+OK\r\n") {
+            Splittable::Mget => self.merge_values(replies),
+            Splittable::Mset => match replies.iter().all(|reply| *reply == b"+OK\r\n") {
                 true => Ok(Bytes::from_static(b"+OK\r\n")),
                 false => {
                     let part = replies.iter().position(|r| *r != b"+OK\r\n").unwrap_or(0);
                     Err(MergeError::Unexpected { part })
                 }
             },
-            Kind::Del | Kind::Unlink | Kind::Exists | Kind::Touch => {
+            Splittable::Del | Splittable::Unlink | Splittable::Exists | Splittable::Touch => {
                 let mut sum: i64 = 0;
                 for (part, reply) in replies.iter().enumerate() {
                     let count = integer(reply).ok_or(MergeError::Unexpected { part })?;
@@ -273,7 +273,7 @@ mod tests {
     #[test]
     fn mget_is_split_by_slot_and_merged_in_the_order_asked() {
         let plan = split(&["MGET", "foo", "bar", "{foo}x", "baz", "bar"]).unwrap();
-        assert_eq!(plan.kind(), Kind::Mget);
+        assert_eq!(plan.kind(), Splittable::Mget);
         let parts = plan.parts();
         assert_eq!(parts.len(), 3);
         assert_eq!((parts[0].slot, parts[0].node), (12182, 2));

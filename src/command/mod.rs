@@ -17,7 +17,7 @@ mod pubsub;
 mod table;
 
 pub(crate) use pubsub::{Count, Namespace};
-pub(crate) use table::{lookup, may_write, CommandId, Kind};
+pub(crate) use table::{lookup, may_write, Class, CommandId};
 
 /// What the client session does with one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +89,7 @@ pub(crate) fn action(request: &[u8], profile: Profile) -> (CommandId, Action) {
 /// request's headers again.
 pub(crate) fn action_named(request: &[u8], name: &[u8], profile: Profile) -> (CommandId, Action) {
     let (id, kind) = lookup(name);
-    if kind == Kind::Stateless && profile == Profile::Redis {
+    if kind == Class::Stateless && profile == Profile::Redis {
         return (id, Action::Forward);
     }
     let mut args = Args::new(request);
@@ -98,40 +98,40 @@ pub(crate) fn action_named(request: &[u8], name: &[u8], profile: Profile) -> (Co
     (id, decide(name, kind, args, profile))
 }
 
-fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Action {
+fn decide(name: &[u8], kind: Class, mut args: Args<'_>, profile: Profile) -> Action {
     // mini-redis knows no transactions or blocking commands: it answers them "unknown command"
     // without changing any state, so they can go to the shared connection as they are.
-    if profile == Profile::Embedded && matches!(kind, Kind::Transaction | Kind::Blocking) {
+    if profile == Profile::Embedded && matches!(kind, Class::Transaction | Class::Blocking) {
         return Action::Forward;
     }
     match kind {
-        Kind::Stateless => match profile {
+        Class::Stateless => match profile {
             Profile::Redis => Action::Forward,
             Profile::Embedded => {
                 embedded::screen(name, args).map_or(Action::Forward, Action::Reply)
             }
         },
-        Kind::Quit => Action::ReplyAndClose(Bytes::from_static(b"+OK\r\n")),
-        Kind::Http => Action::Drop,
-        Kind::ConnectionState => Action::Connection,
-        Kind::Transaction => {
+        Class::Quit => Action::ReplyAndClose(Bytes::from_static(b"+OK\r\n")),
+        Class::Http => Action::Drop,
+        Class::ConnectionState => Action::Connection,
+        Class::Transaction => {
             transaction(name, args.remaining()).map_or(Action::Forward, Action::Transaction)
         }
-        Kind::Blocking => Action::Block(block_timeout(name, args)),
-        Kind::StreamRead if profile == Profile::Embedded => Action::Forward,
-        Kind::StreamRead => match stream_block(name, args) {
+        Class::Blocking => Action::Block(block_timeout(name, args)),
+        Class::StreamRead if profile == Profile::Embedded => Action::Forward,
+        Class::StreamRead => match stream_block(name, args) {
             Some(timeout) => Action::Block(timeout),
             None => Action::Forward,
         },
-        Kind::NulName => Action::Reject(unknown_command(name, args)),
-        Kind::Container => container(name, args, profile),
-        Kind::Debug => match args.next() {
+        Class::NulName => Action::Reject(unknown_command(name, args)),
+        Class::Container => container(name, args, profile),
+        Class::Debug => match args.next() {
             Some(sub) if keyword_is(sub, b"protocol") => {
                 Action::Reply(not_supported(name, Some("PROTOCOL")))
             }
             _ => Action::Forward,
         },
-        Kind::Subscribe => {
+        Class::Subscribe => {
             let lower = name.to_ascii_lowercase();
             let (kind, subscribe) = match lower.as_slice() {
                 b"subscribe" => (Namespace::Channel, true),
@@ -156,7 +156,7 @@ fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Acti
             }
             Action::PubSub { kind, subscribe }
         }
-        Kind::Publish => {
+        Class::Publish => {
             let count = if keyword_is(name, b"spublish") {
                 Count::SPublish
             } else {
@@ -169,11 +169,11 @@ fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Acti
                 }
             }
         }
-        Kind::Monitor if profile == Profile::Embedded => Action::Reply(encode::error(
+        Class::Monitor if profile == Profile::Embedded => Action::Reply(encode::error(
             "redmux: the embedded upstream does not support MONITOR",
         )),
-        Kind::Monitor => Action::Monitor,
-        Kind::ClusterFlag | Kind::Takeover => Action::Reply(not_supported(name, None)),
+        Class::Monitor => Action::Monitor,
+        Class::ClusterFlag | Class::Takeover => Action::Reply(not_supported(name, None)),
     }
 }
 
@@ -635,7 +635,7 @@ mod tests {
             assert_eq!(lookup(name.to_ascii_uppercase().as_bytes()).0.name(), *name);
         }
         assert_eq!(lookup(b"GeT").0.name(), "get");
-        assert_eq!(lookup(b"BLPOP").1, Kind::Blocking);
+        assert_eq!(lookup(b"BLPOP").1, Class::Blocking);
         assert_eq!(
             lookup(b"georadiusbymember_ro").0.name(),
             "georadiusbymember_ro"
@@ -649,11 +649,11 @@ mod tests {
         ] {
             assert_eq!(
                 lookup(unknown),
-                (CommandId::OTHER, Kind::Stateless),
+                (CommandId::OTHER, Class::Stateless),
                 "{unknown:?}"
             );
         }
-        assert_eq!(lookup(b"Host:"), (CommandId::OTHER, Kind::Http));
+        assert_eq!(lookup(b"Host:"), (CommandId::OTHER, Class::Http));
         let probes = |name: &str| {
             let mut slot = hash(name.as_bytes());
             let mut probes = 1;
@@ -682,7 +682,7 @@ mod tests {
             "\x00",
             "averyveryverylongname\x00x",
         ] {
-            assert_eq!(lookup(name.as_bytes()).1, Kind::NulName, "{name:?}");
+            assert_eq!(lookup(name.as_bytes()).1, Class::NulName, "{name:?}");
         }
         assert_eq!(
             act(&["multi\x00257"]),

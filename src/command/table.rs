@@ -9,7 +9,7 @@ use crate::resp::Args;
 
 /// What a command is, as far as sharing a connection is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub(crate) enum Class {
     /// Touches only data: safe on a shared, pipelined connection.
     Stateless,
     /// `QUIT`: answered locally, then the client is closed.
@@ -102,9 +102,9 @@ impl CommandId {
 }
 
 /// Every command Redis 7.0 knows, and WAITAOF (7.2), sorted, with what it is for redmux. A name
-/// that is not here is forwarded as a data command (`Kind::Stateless`).
-pub(super) const TABLE: [(&str, Kind); 241] = {
-    use Kind::*;
+/// that is not here is forwarded as a data command (`Class::Stateless`).
+pub(super) const TABLE: [(&str, Class); 241] = {
+    use Class::*;
     [
         ("acl", Container),
         ("append", Stateless),
@@ -536,7 +536,7 @@ const fn build_index() -> [u8; SLOTS] {
 }
 
 /// Looks up a command by its name (any case): one hash and, nearly always, one comparison.
-pub(crate) fn lookup(name: &[u8]) -> (CommandId, Kind) {
+pub(crate) fn lookup(name: &[u8]) -> (CommandId, Class) {
     if name.len() <= LONGEST {
         let mut slot = hash(name) % SLOTS;
         // The index has empty slots, so the probe ends.
@@ -560,11 +560,11 @@ pub(crate) fn lookup(name: &[u8]) -> (CommandId, Kind) {
     // Not in the table: only now is the name scanned, so known commands pay nothing for it.
     // Redis tests for these two with `strcasecmp` too, so `post\0x` is dropped as well.
     let kind = if keyword_is(name, b"post") || keyword_is(name, b"host:") {
-        Kind::Http
+        Class::Http
     } else if name.contains(&0) {
-        Kind::NulName
+        Class::NulName
     } else {
-        Kind::Stateless
+        Class::Stateless
     };
     (CommandId::OTHER, kind)
 }

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{
     connect::{open, ConnectError, Reader, Writer},
-    ActorSnapshot, Dial, Replies, Reply, Request, Setup, Target, Timeouts, UpstreamError,
+    ActorSnapshot, Batch, Dial, Replies, Reply, Setup, Target, Timeouts, UpstreamError,
 };
 use crate::{
     io::{outgoing::write_some, Budget},
@@ -131,7 +131,7 @@ impl Stats {
 }
 
 /// Starts an actor on `rx`.
-pub(super) fn spawn(config: Config, rx: mpsc::Receiver<Request>) {
+pub(super) fn spawn(config: Config, rx: mpsc::Receiver<Batch>) {
     let id = config.stats.id;
     let span =
         tracing::info_span!("upstream", id, addr = %config.endpoint.address, db = config.setup.db);
@@ -188,12 +188,12 @@ enum Lost {
 
 struct Actor {
     config: Config,
-    rx: mpsc::Receiver<Request>,
+    rx: mpsc::Receiver<Batch>,
     /// The channel is closed: no client will send again.
     closed: bool,
     /// Requests that arrived while there was no connection, oldest first. Each waits at most
     /// `connect_timeout` from when it was queued.
-    waiting: VecDeque<Request>,
+    waiting: VecDeque<Batch>,
 }
 
 impl Actor {
@@ -482,7 +482,7 @@ impl Pipeline {
     }
 
     /// Queues a request for writing. One whose client has already gone is dropped unwritten.
-    fn push(&mut self, request: Request, now: Instant) {
+    fn push(&mut self, request: Batch, now: Instant) {
         if request.reply.is_closed() {
             return;
         }
@@ -597,9 +597,9 @@ mod tests {
         }
     }
 
-    fn request(frames: Bytes, count: u32) -> (Request, oneshot::Receiver<Reply>) {
+    fn request(frames: Bytes, count: u32) -> (Batch, oneshot::Receiver<Reply>) {
         let (reply, rx) = oneshot::channel();
-        let request = Request {
+        let request = Batch {
             frames,
             count,
             queued_at: Instant::now(),

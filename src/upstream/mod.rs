@@ -1,7 +1,7 @@
 //! The upstream side: actors that each own one connection to Redis and pipeline every client's
 //! requests onto it.
 //!
-//! Clients talk to an actor only through [`Request`] messages on a bounded channel; each carries
+//! Clients talk to an actor only through [`Batch`] messages on a bounded channel; each carries
 //! a `oneshot` sender that the actor completes with the replies, or with an [`UpstreamError`].
 
 mod actor;
@@ -56,9 +56,10 @@ pub(crate) fn enter_worker(worker: usize) {
 /// Messages a shared actor's channel holds at most. Each may carry a whole pipeline of one client.
 const CHANNEL_CAPACITY: usize = 1024;
 
-/// One or more requests of one client, to be written upstream back to back.
+/// A batch: one or more requests of one client, to be written upstream back to back, and where
+/// their replies go.
 #[derive(Debug)]
-pub struct Request {
+pub struct Batch {
     /// Complete, canonical RESP requests, exactly as they will be written.
     pub frames: Bytes,
     /// How many requests `frames` holds: the number of replies to collect.
@@ -75,7 +76,7 @@ pub struct Request {
     pub budget: Option<Arc<Budget>>,
 }
 
-/// The replies to one [`Request`].
+/// The replies to one [`Batch`].
 pub(crate) type Reply = Result<Replies, UpstreamError>;
 
 /// The replies to a batch of requests, back to back, and which of them are errors: the actor
@@ -150,15 +151,15 @@ pub struct Target {
 #[derive(Debug)]
 enum Group {
     /// redmux's own identity: `connections` actors, kept for as long as the upstream set lives.
-    Kept(Vec<mpsc::Sender<Request>>),
+    Kept(Vec<mpsc::Sender<Batch>>),
     /// A client's own login: one actor, alive while a client uses it. When the last one
     /// leaves, the actor ends and the credentials go with it.
-    Held(Option<mpsc::WeakSender<Request>>),
+    Held(Option<mpsc::WeakSender<Batch>>),
 }
 
 impl Group {
     /// The sender client `client` uses, if the group is alive.
-    fn sender(&self, client: u64) -> Option<mpsc::Sender<Request>> {
+    fn sender(&self, client: u64) -> Option<mpsc::Sender<Batch>> {
         match self {
             Group::Kept(senders) => {
                 let i = usize::try_from(client).unwrap_or_default() % senders.len().max(1);
@@ -203,7 +204,7 @@ struct Inner {
     pool: pool::Pool,
     /// The connection AUTH is checked on, when redmux passes AUTH through to Redis: opened at
     /// the first AUTH, and never carrying anything else.
-    checker: std::sync::OnceLock<mpsc::Sender<Request>>,
+    checker: std::sync::OnceLock<mpsc::Sender<Batch>>,
     metrics: Arc<Metrics>,
     /// How many shared connections of the default target are connected, published by their
     /// actors: `/health` is up when all `connections` of them are.
@@ -418,7 +419,7 @@ impl Upstreams {
 
     /// Where AUTH is checked when redmux passes it through: a connection of redmux's own that
     /// carries nothing else, so logging it in as anyone changes nothing for anyone.
-    pub fn auth_checker(&self) -> mpsc::Sender<Request> {
+    pub fn auth_checker(&self) -> mpsc::Sender<Batch> {
         self.inner
             .checker
             .get_or_init(|| {
@@ -457,7 +458,7 @@ impl Upstreams {
         &self,
         target: &Target,
         client: u64,
-    ) -> Result<mpsc::Sender<Request>, UpstreamError> {
+    ) -> Result<mpsc::Sender<Batch>, UpstreamError> {
         let inner = &self.inner;
         let worker = WORKER.get();
         let key = (worker, target.clone());
@@ -473,7 +474,7 @@ impl Upstreams {
             None => inner.connections,
             Some(_) => 1,
         };
-        let senders: Vec<mpsc::Sender<Request>> = (0..connections)
+        let senders: Vec<mpsc::Sender<Batch>> = (0..connections)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
                 match &inner.cluster {
@@ -578,7 +579,7 @@ impl Upstreams {
         &self,
         cluster: &Arc<cluster::Cluster>,
         target: &Target,
-        rx: mpsc::Receiver<Request>,
+        rx: mpsc::Receiver<Batch>,
     ) {
         let weak = Arc::downgrade(&self.inner);
         let node_target = target.clone();
@@ -609,7 +610,7 @@ impl Upstreams {
         cluster: &Arc<cluster::Cluster>,
         id: usize,
         target: Target,
-        rx: mpsc::Receiver<Request>,
+        rx: mpsc::Receiver<Batch>,
         connection: &ConnectionId,
     ) {
         let weak = Arc::downgrade(&self.inner);
@@ -633,7 +634,7 @@ impl Upstreams {
         id: usize,
         target: Target,
         role: actor::Role,
-        rx: mpsc::Receiver<Request>,
+        rx: mpsc::Receiver<Batch>,
         connection_id: Option<actor::ConnectionId>,
     ) {
         self.spawn_actor_at(id, target, role, rx, connection_id, None);
@@ -646,7 +647,7 @@ impl Upstreams {
         id: usize,
         target: Target,
         role: actor::Role,
-        rx: mpsc::Receiver<Request>,
+        rx: mpsc::Receiver<Batch>,
         connection_id: Option<actor::ConnectionId>,
         node: Option<(String, u16)>,
     ) {
@@ -712,13 +713,9 @@ impl Upstreams {
 }
 
 /// Sends one request on `sender` and waits for its reply, within `timeout`.
-pub(crate) async fn call(
-    sender: &mpsc::Sender<Request>,
-    request: Bytes,
-    timeout: Duration,
-) -> Reply {
+pub(crate) async fn call(sender: &mpsc::Sender<Batch>, request: Bytes, timeout: Duration) -> Reply {
     let (reply, rx) = oneshot::channel();
-    let request = Request {
+    let request = Batch {
         frames: request,
         count: 1,
         queued_at: Instant::now(),

@@ -16,7 +16,7 @@ use super::{
     actor::{ConnectionId, Role},
     call,
     connect::{self, Expect, Setup, Step},
-    Request, Target, UpstreamError, Upstreams,
+    Batch, Target, UpstreamError, Upstreams,
 };
 use crate::resp::encode_command;
 
@@ -28,7 +28,7 @@ const FIRST_PINNED_ID: usize = 10_000;
 #[derive(Debug)]
 pub(super) struct Pool {
     /// Clean connections (db 0, RESP2, logged in), most recently used last.
-    idle: Mutex<Vec<(mpsc::Sender<Request>, ConnectionId)>>,
+    idle: Mutex<Vec<(mpsc::Sender<Batch>, ConnectionId)>>,
     /// Slots not leased.
     slots: Arc<Semaphore>,
     /// `max_pinned`: the slots there are.
@@ -62,7 +62,7 @@ impl Pool {
         self.max
     }
 
-    fn take_idle(&self) -> Option<(mpsc::Sender<Request>, ConnectionId)> {
+    fn take_idle(&self) -> Option<(mpsc::Sender<Batch>, ConnectionId)> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         // A connection that died while idle has closed its channel.
         while let Some((sender, id)) = idle.pop() {
@@ -84,7 +84,7 @@ pub struct Lease {
     /// answered. (It wraps after 2^32 leases; it is only ever compared with a client's
     /// previous path.)
     id: u32,
-    sender: mpsc::Sender<Request>,
+    sender: mpsc::Sender<Batch>,
     connection: ConnectionId,
     _slot: OwnedSemaphorePermit,
     upstreams: Upstreams,
@@ -95,7 +95,7 @@ static NEXT_LEASE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::
 
 impl Lease {
     fn new(
-        (sender, connection): (mpsc::Sender<Request>, ConnectionId),
+        (sender, connection): (mpsc::Sender<Batch>, ConnectionId),
         slot: OwnedSemaphorePermit,
         upstreams: &Upstreams,
     ) -> Lease {
@@ -119,7 +119,7 @@ impl Lease {
     }
 
     /// Where the client's requests go while it holds the lease.
-    pub fn sender(&self) -> &mpsc::Sender<Request> {
+    pub fn sender(&self) -> &mpsc::Sender<Batch> {
         &self.sender
     }
 

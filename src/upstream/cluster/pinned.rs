@@ -35,7 +35,7 @@ use crate::{
         slot::slot,
     },
     resp::{encode_command, Args},
-    upstream::{Budget, Replies, Reply, Request, UpstreamError},
+    upstream::{Batch, Budget, Replies, Reply, UpstreamError},
 };
 
 /// EXEC's answer when a command queued before it was refused.
@@ -46,7 +46,7 @@ const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous 
 pub(in crate::upstream) fn spawn(
     cluster: Arc<Cluster>,
     spawner: Spawner,
-    rx: mpsc::Receiver<Request>,
+    rx: mpsc::Receiver<Batch>,
 ) {
     let pinned = Pinned {
         cluster,
@@ -70,7 +70,7 @@ pub(in crate::upstream) fn spawn(
 struct Node {
     host: String,
     port: u16,
-    sender: mpsc::Sender<Request>,
+    sender: mpsc::Sender<Batch>,
 }
 
 /// Where each reply of a client's batch comes from.
@@ -156,7 +156,7 @@ fn verb(request: &[u8]) -> Verb {
 }
 
 impl Pinned {
-    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Batch>) {
         loop {
             tokio::select! {
                 request = rx.recv() => match request {
@@ -201,7 +201,7 @@ impl Pinned {
         }
     }
 
-    async fn accept(&mut self, request: Request) {
+    async fn accept(&mut self, request: Batch) {
         let Some(bounds) = requests(&request.frames, request.count) else {
             let _ = request.reply.send(Err(UpstreamError::ConnectionLost));
             return;
@@ -380,7 +380,7 @@ impl Pinned {
             return;
         };
         let (tx, rx) = oneshot::channel();
-        let request = Request {
+        let request = Batch {
             frames: wire,
             count: u32::try_from(count).unwrap_or(u32::MAX),
             queued_at,

@@ -45,7 +45,7 @@ use crate::{
         slot::slot,
     },
     resp::{encode_command, parse_int, Args},
-    upstream::{Budget, Replies, Reply, Request, UpstreamError},
+    upstream::{Batch, Budget, Replies, Reply, UpstreamError},
 };
 
 /// Messages taken off the channel at once.
@@ -63,13 +63,13 @@ const CURSOR_BITS: u32 = 56;
 /// Starts a node actor for `host:port` and gives its channel; `None` once the set of upstream
 /// connections that owns the router is gone.
 pub(in crate::upstream) type Spawner =
-    Box<dyn Fn(&str, u16) -> Option<mpsc::Sender<Request>> + Send + Sync>;
+    Box<dyn Fn(&str, u16) -> Option<mpsc::Sender<Batch>> + Send + Sync>;
 
 /// Starts a router on `rx`.
 pub(in crate::upstream) fn spawn(
     cluster: Arc<Cluster>,
     spawner: Spawner,
-    rx: mpsc::Receiver<Request>,
+    rx: mpsc::Receiver<Batch>,
     id: usize,
 ) {
     let map_rx = cluster.subscribe();
@@ -98,7 +98,7 @@ pub(in crate::upstream) fn spawn(
 struct NodeConn {
     pub(super) host: String,
     pub(super) port: u16,
-    pub(super) sender: mpsc::Sender<Request>,
+    pub(super) sender: mpsc::Sender<Batch>,
     pub(super) inflight: VecDeque<Job>,
 }
 
@@ -136,8 +136,8 @@ struct Retry {
     pub(super) tries: u8,
 }
 
-/// A client's batch, being answered.
-struct Batch {
+/// A client's batch, being answered: its replies as the nodes send them.
+struct Answering {
     pub(super) reply: oneshot::Sender<Reply>,
     pub(super) budget: Option<Arc<Budget>>,
     /// When the replies are due: resends get only what is left of it.
@@ -175,7 +175,7 @@ enum Route {
 }
 
 struct Router {
-    pub(super) rx: mpsc::Receiver<Request>,
+    pub(super) rx: mpsc::Receiver<Batch>,
     pub(super) closed: bool,
     pub(super) cluster: Arc<Cluster>,
     pub(super) map_rx: watch::Receiver<Option<Arc<Topology>>>,
@@ -187,7 +187,7 @@ struct Router {
     pub(super) nodes: Vec<NodeConn>,
     /// The node of each master of `topology`, once used.
     pub(super) masters: Vec<Option<usize>>,
-    pub(super) batches: HashMap<u64, Batch>,
+    pub(super) batches: HashMap<u64, Answering>,
     pub(super) next_batch: u64,
     pub(super) retries: Vec<Retry>,
     pub(super) spawner: Spawner,
@@ -297,7 +297,7 @@ impl Router {
     }
 
     /// Takes a client's batch: every request routed, each reply slot waiting or filled.
-    pub(super) async fn accept(&mut self, request: Request) {
+    pub(super) async fn accept(&mut self, request: Batch) {
         if request.reply.is_closed() {
             return;
         }
@@ -310,7 +310,7 @@ impl Router {
         let count = bounds.len();
         self.batches.insert(
             id,
-            Batch {
+            Answering {
                 reply: request.reply,
                 budget: request.budget,
                 deadline: request.timeout.map(|t| request.queued_at + t),
@@ -497,7 +497,7 @@ impl Router {
             (frames.clone(), len)
         };
         let (reply, rx) = oneshot::channel();
-        let request = Request {
+        let request = Batch {
             frames: wire,
             count: u32::try_from(count).unwrap_or(u32::MAX),
             queued_at: now,
