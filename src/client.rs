@@ -1520,7 +1520,11 @@ impl State {
                     self.monitor = None;
                     self.reset_pubsub().await;
                 }
-                let suppress = skip || self.client.reply_mode == ReplyMode::Off;
+                // `CLIENT REPLY ON` clears a pending SKIP before it answers (Redis's
+                // `clientCommand`): the only CLIENT subcommand that leaves replies on.
+                let reply_on =
+                    name.eq_ignore_ascii_case(b"client") && self.client.reply_mode == ReplyMode::On;
+                let suppress = (skip && !reply_on) || self.client.reply_mode == ReplyMode::Off;
                 if skip && self.client.reply_mode == ReplyMode::Skip && !reply.is_empty() {
                     self.client.reply_mode = ReplyMode::On;
                 }
@@ -1561,9 +1565,14 @@ impl State {
                 let rx = monitor::start(self.client.upstreams(), identity.as_ref(), inbox).await;
                 self.monitor = Some(feed);
                 self.owe();
-                self.await_confirmation(rx, Path::Monitor);
+                // Its `+OK` is a plain reply, which CLIENT REPLY OFF and SKIP silence.
+                let suppress = self.take_suppress();
+                self.await_upstream(rx, Path::Monitor, suppress);
             }
             Action::PubSub { kind, subscribe } => {
+                // Confirmations are push output, never silenced, but a CLIENT REPLY SKIP is
+                // used up by this command as by any other.
+                self.take_suppress();
                 let names: Vec<Bytes> = Args::new(&request)
                     .skip(1)
                     .map(|name| request.slice_ref(name))
@@ -1814,12 +1823,6 @@ impl State {
         if self.client.identity().is_some() {
             self.sync = true;
         }
-    }
-
-    /// A reply slot for a confirmation from the pub/sub hub or a MONITOR connection: push
-    /// output, so CLIENT REPLY OFF does not silence it.
-    fn await_confirmation(&mut self, rx: oneshot::Receiver<Reply>, path: Path) {
-        self.await_upstream(rx, path, false);
     }
 
     /// A reply slot for one reply that comes from elsewhere than an upstream actor: not

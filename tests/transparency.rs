@@ -340,3 +340,39 @@ async fn a_runaway_script_is_killed_while_every_pinned_connection_is_held() {
     );
     assert_eq!(killer.call(&["PING"]).await, "+PONG\r\n");
 }
+
+/// CLIENT REPLY SKIP is used up by the next command whatever it is, (UN)SUBSCRIBE and MONITOR
+/// included; MONITOR's `+OK` is a plain reply it silences; `CLIENT REPLY ON` clears a pending
+/// SKIP and is answered. Each compared with Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_skip_is_used_up_as_by_redis() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    for (steps, count) in [
+        ("CLIENT REPLY SKIP\r\nCLIENT REPLY ON\r\nPING\r\n", 2),
+        ("CLIENT REPLY SKIP\r\nSUBSCRIBE c\r\nPING\r\n", 2),
+        (
+            "CLIENT REPLY SKIP\r\nPSUBSCRIBE c*\r\nPUNSUBSCRIBE\r\nPING\r\n",
+            3,
+        ),
+        ("CLIENT REPLY SKIP\r\nUNSUBSCRIBE c\r\nPING\r\n", 2),
+        ("CLIENT REPLY SKIP\r\nRESET\r\nPING\r\n", 1),
+        // The first reply only: the MONITOR feed follows on its own connection.
+        ("CLIENT REPLY SKIP\r\nMONITOR\r\nPING\r\n", 1),
+    ] {
+        let mut expected = None;
+        for addr in [redis.addr().parse().unwrap(), redmux.addr] {
+            let mut raw = Raw::connect(addr).await;
+            let replies = tokio::time::timeout(
+                support::READY_TIMEOUT,
+                pipeline(&mut raw, steps.as_bytes(), count),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{steps:?}: fewer than {count} replies from {addr}"));
+            match &expected {
+                None => expected = Some(replies),
+                Some(expected) => assert_eq!(&replies, expected, "{steps:?}"),
+            }
+        }
+    }
+}
