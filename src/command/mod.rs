@@ -113,6 +113,16 @@ fn decide(name: &[u8], kind: Kind, mut args: Args<'_>, profile: Profile) -> Acti
         },
         Kind::Quit => Action::ReplyAndClose(Bytes::from_static(b"+OK\r\n")),
         Kind::Http => Action::Drop,
+        // CLIENT HELP changes nothing: Redis's own text.
+        Kind::ConnectionState
+            if keyword_is(name, b"client")
+                && args.remaining() == 1
+                && args
+                    .next()
+                    .is_some_and(|sub| sub.eq_ignore_ascii_case(b"help")) =>
+        {
+            Action::Forward
+        }
         Kind::ConnectionState => Action::Connection,
         Kind::Transaction => {
             transaction(name, args.remaining()).map_or(Action::Forward, Action::Transaction)
