@@ -2357,10 +2357,23 @@ fn subscribed_context(action: &Action, request: &[u8]) -> Option<Bytes> {
                     fullname.push_str(&String::from_utf8_lossy(&sub.to_ascii_lowercase()));
                 }
             }
-            Some(encode::error(&format!(
-                "Can't execute '{fullname}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / \
-                 QUIT / RESET are allowed in this context"
-            )))
+            let why = if name == b"exec" && args.remaining() > 0 {
+                // Redis checks the arity first.
+                "wrong number of arguments for 'exec' command".to_owned()
+            } else {
+                format!(
+                    "Can't execute '{fullname}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / \
+                     QUIT / RESET are allowed in this context"
+                )
+            };
+            Some(if name == b"exec" {
+                // Redis refuses EXEC in EXEC's own words (`rejectCommand`).
+                Bytes::from(format!(
+                    "-EXECABORT Transaction discarded because of: {why}\r\n"
+                ))
+            } else {
+                encode::error(&why)
+            })
         }
     }
 }

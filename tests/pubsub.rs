@@ -253,12 +253,14 @@ async fn embedded_pubsub() {
 async fn pipelined_subscribe_and_unsubscribe_match_redis() {
     let redis = RedisServer::start();
     let redmux = Redmux::start(&redis.addr()).await;
-    let cases: [(&str, usize); 4] = [
+    let cases: [(&str, usize); 5] = [
         ("SUBSCRIBE x\r\nUNSUBSCRIBE x\r\nPING\r\n", 3),
         // A no-arg PUNSUBSCRIBE lists patterns in subscription order, after removals too.
         ("SUBSCRIBE c\r\nPSUBSCRIBE p3 p1 p2 p1\r\nPUNSUBSCRIBE p1 nope\r\nPSUBSCRIBE p0\r\nPUNSUBSCRIBE\r\nUNSUBSCRIBE\r\nPING\r\n", 13),
         ("SUBSCRIBE a b a\r\nPSUBSCRIBE p*\r\nSSUBSCRIBE s\r\nSUBSCRIBE c\r\nSUNSUBSCRIBE\r\nPUNSUBSCRIBE\r\nUNSUBSCRIBE a b c\r\nPING\r\n", 12),
         ("SUBSCRIBE a\r\nRESET\r\nPING\r\n", 3),
+        // EXEC refused in EXEC's own words, its arity checked first.
+        ("SUBSCRIBE a\r\nMULTI\r\nEXEC\r\nEXEC x\r\nUNSUBSCRIBE\r\n", 5),
     ];
     for (input, count) in cases {
         let mut direct = support::Raw::connect(redis.addr().parse().unwrap()).await;
