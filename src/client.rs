@@ -1281,7 +1281,7 @@ impl State {
             }
             // The barrier: nothing to check while a run grows, or while nothing is owed.
             if !extends_run && (self.unresolved > 0 || run_count > 0) {
-                if let Some(path) = self.path_of(&action) {
+                if let Some(path) = self.path_of(&action, request) {
                     if run_count > 0 && path != self.current_path() {
                         self.flush_run(&mut run_len, &mut run_count).await;
                     }
@@ -2144,9 +2144,15 @@ impl State {
     }
 
     /// The path a request will take, if it goes upstream.
-    fn path_of(&self, action: &Action) -> Option<Path> {
+    fn path_of(&self, action: &Action, request: &[u8]) -> Option<Path> {
         let held = self.held().map(|lease| Path::Pinned(lease.id()));
         match action {
+            // AUTH checked by Redis: on the checking connection, or on the watching one. It
+            // waits for what the client sent before, an UNSUBSCRIBE whose hub is that of the
+            // old login included.
+            Action::Connection if self.client.pass_through() && names_auth(request) => {
+                Some(held.unwrap_or(Path::Auth))
+            }
             Action::Forward | Action::Count(_) => Some(self.current_path()),
             // Without a transaction, the others are answered locally.
             Action::Transaction(Transaction::Multi | Transaction::Watch) | Action::Block(_) => {
@@ -2300,6 +2306,16 @@ impl State {
             });
         }
     }
+}
+
+/// Whether a connection command is AUTH, or HELLO with an AUTH option (which Redis checks when
+/// AUTH is passed through).
+fn names_auth(request: &[u8]) -> bool {
+    let mut args = Args::new(request);
+    let name = args.next().unwrap_or_default();
+    name.eq_ignore_ascii_case(b"auth")
+        || (name.eq_ignore_ascii_case(b"hello")
+            && args.any(|arg| command::keyword_is(arg, b"auth")))
 }
 
 /// Before authenticating, a client may only AUTH, HELLO (with AUTH), RESET or QUIT.
