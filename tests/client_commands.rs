@@ -193,6 +193,13 @@ async fn client_errors_are_redis_errors() {
         &["CLIENT", "UNBLOCK", "abc"],
         &["CLIENT", "UNBLOCK", "5", "FOO"],
         &["CLIENT", "UNBLOCK", "999999"],
+        // Values compared as Redis compares them (`strcasecmp`, up to a NUL), and a
+        // subcommand echoed as Redis prints it (`%s`, up to a NUL).
+        &["CLIENT", "REPLY", "on\0x"],
+        &["CLIENT", "NO-EVICT", "on\0x"],
+        &["CLIENT", "NO-EVICT", "OFF"],
+        &["CLIENT", "zzz\0x"],
+        &["CLIENT", "HELP"],
     ];
     let mut direct = Raw::connect(redis.addr().parse().unwrap()).await;
     let mut through = redmux.raw().await;

@@ -287,3 +287,93 @@ async fn runaway_scripts_and_functions_are_killed_as_directly() {
         assert_eq!(raw.call(&["PING"]).await, "+PONG\r\n");
     }
 }
+
+/// Every pinned connection held by a client blocked for ever (any client can do that with
+/// `BLPOP k 0`) must not keep SCRIPT KILL from reaching a busy Redis: the one-request
+/// connections of the kill commands are bounded apart from `max_pinned`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_script_is_killed_while_every_pinned_connection_is_held() {
+    let redis = RedisServer::start_with(&["--busy-reply-threshold", "100"]);
+    let mut config = support::config(&redis.addr());
+    config.upstream.max_pinned = 2;
+    let redmux = Redmux::start_with(config).await;
+    let mut holders = Vec::new();
+    for key in ["held:1", "held:2"] {
+        let mut holder = redmux.raw().await;
+        holder
+            .send(redmux::resp::encode_command([
+                &b"BLPOP"[..],
+                key.as_bytes(),
+                b"0",
+            ]))
+            .await;
+        holders.push(holder);
+    }
+    let mut direct = redis.direct();
+    let deadline = support::Deadline::new();
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query(&mut direct)
+            .unwrap();
+        if info.contains("blocked_clients:2\r\n") {
+            break;
+        }
+        deadline.next_try("both holders blocked in Redis").await;
+    }
+    let mut runner = redmux.raw().await;
+    runner
+        .send(redmux::resp::encode_command([
+            &b"EVAL"[..],
+            b"while true do end",
+            b"0",
+        ]))
+        .await;
+    wait_busy(&redis).await;
+    let mut killer = redmux.raw().await;
+    assert_eq!(killer.call(&["SCRIPT", "KILL"]).await, "+OK\r\n");
+    assert!(
+        runner
+            .reply_str()
+            .await
+            .starts_with("-ERR Script killed by user with SCRIPT KILL"),
+        "the script's client gets Redis's error"
+    );
+    assert_eq!(killer.call(&["PING"]).await, "+PONG\r\n");
+}
+
+/// CLIENT REPLY SKIP is used up by the next command whatever it is, (UN)SUBSCRIBE and MONITOR
+/// included; MONITOR's `+OK` is a plain reply it silences; `CLIENT REPLY ON` clears a pending
+/// SKIP and is answered. Each compared with Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_skip_is_used_up_as_by_redis() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    for (steps, count) in [
+        ("CLIENT REPLY SKIP\r\nCLIENT REPLY ON\r\nPING\r\n", 2),
+        ("CLIENT REPLY SKIP\r\nSUBSCRIBE c\r\nPING\r\n", 2),
+        (
+            "CLIENT REPLY SKIP\r\nPSUBSCRIBE c*\r\nPUNSUBSCRIBE\r\nPING\r\n",
+            3,
+        ),
+        ("CLIENT REPLY SKIP\r\nUNSUBSCRIBE c\r\nPING\r\n", 2),
+        ("CLIENT REPLY SKIP\r\nRESET\r\nPING\r\n", 1),
+        // The first reply only: the MONITOR feed follows on its own connection.
+        ("CLIENT REPLY SKIP\r\nMONITOR\r\nPING\r\n", 1),
+    ] {
+        let mut expected = None;
+        for addr in [redis.addr().parse().unwrap(), redmux.addr] {
+            let mut raw = Raw::connect(addr).await;
+            let replies = tokio::time::timeout(
+                support::READY_TIMEOUT,
+                pipeline(&mut raw, steps.as_bytes(), count),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{steps:?}: fewer than {count} replies from {addr}"));
+            match &expected {
+                None => expected = Some(replies),
+                Some(expected) => assert_eq!(&replies, expected, "{steps:?}"),
+            }
+        }
+    }
+}

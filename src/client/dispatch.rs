@@ -109,7 +109,7 @@ impl State {
             }
             // The barrier: nothing to check while a run grows, or while nothing is owed.
             if !extends_run && (self.unresolved > 0 || run_count > 0) {
-                if let Some(path) = self.path_of(&action) {
+                if let Some(path) = self.path_of(&action, request) {
                     if run_count > 0 && path != self.current_path() {
                         self.flush_run(&mut run_len, &mut run_count).await;
                     }
@@ -348,7 +348,11 @@ impl State {
                     self.monitor = None;
                     self.reset_pubsub().await;
                 }
-                let suppress = skip || self.client.reply_mode == ReplyMode::Off;
+                // `CLIENT REPLY ON` clears a pending SKIP before it answers (Redis's
+                // `clientCommand`): the only CLIENT subcommand that leaves replies on.
+                let reply_on =
+                    name.eq_ignore_ascii_case(b"client") && self.client.reply_mode == ReplyMode::On;
+                let suppress = (skip && !reply_on) || self.client.reply_mode == ReplyMode::Off;
                 if skip && self.client.reply_mode == ReplyMode::Skip && !reply.is_empty() {
                     self.client.reply_mode = ReplyMode::On;
                 }
@@ -389,7 +393,9 @@ impl State {
                 let rx = monitor::start(self.client.upstreams(), identity.as_ref(), inbox).await;
                 self.monitor = Some(feed);
                 self.owe();
-                self.await_confirmation(rx, Path::Monitor);
+                // Its `+OK` is a plain reply, which CLIENT REPLY OFF and SKIP silence.
+                let suppress = self.take_suppress();
+                self.await_upstream(rx, Path::Monitor, suppress);
             }
             // Shard channels live on their shard's master: one subscriber connection per
             // shard is not there yet (docs/cluster.md).
@@ -400,6 +406,9 @@ impl State {
                 "redmux: SSUBSCRIBE is not supported in front of a cluster yet",
             )),
             Action::PubSub { kind, subscribe } => {
+                // Confirmations are push output, never silenced, but a CLIENT REPLY SKIP is
+                // used up by this command as by any other.
+                self.take_suppress();
                 let names: Vec<Bytes> = Args::new(&request)
                     .skip(1)
                     .map(|name| request.slice_ref(name))
@@ -521,9 +530,15 @@ impl State {
     }
 
     /// The path a request will take, if it goes upstream.
-    pub(super) fn path_of(&self, action: &Action) -> Option<Path> {
+    pub(super) fn path_of(&self, action: &Action, request: &[u8]) -> Option<Path> {
         let held = self.held().map(|lease| Path::Pinned(lease.id()));
         match action {
+            // AUTH checked by Redis: on the checking connection, or on the watching one. It
+            // waits for what the client sent before, an UNSUBSCRIBE whose hub is that of the
+            // old login included.
+            Action::Connection if self.client.pass_through() && command::names_auth(request) => {
+                Some(held.unwrap_or(Path::Auth))
+            }
             Action::Forward | Action::Count(_) => Some(self.current_path()),
             // Without a transaction, the others are answered locally.
             Action::Transaction(Transaction::Multi | Transaction::Watch) | Action::Block(_) => {

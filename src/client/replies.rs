@@ -303,12 +303,6 @@ impl State {
         }
     }
 
-    /// A reply slot for a confirmation from the pub/sub hub or a MONITOR connection: push
-    /// output, so CLIENT REPLY OFF does not silence it.
-    pub(super) fn await_confirmation(&mut self, rx: oneshot::Receiver<Reply>, path: Path) {
-        self.await_upstream(rx, path, false);
-    }
-
     /// A reply slot for one reply that comes from elsewhere than an upstream actor: not
     /// charged to the output budget by anyone (it is one small reply).
     pub(super) fn await_upstream(

@@ -407,8 +407,9 @@ impl ClientState {
                 ok()
             }
             (b"unblock", 1 | 2) => return self.unblock(args),
+            // Values compared as Redis compares them (`strcasecmp`, up to a NUL).
             (b"reply", 1) => {
-                let mode = args.next().map(<[u8]>::to_ascii_uppercase);
+                let mode = args.next().map(|mode| c_string(mode).to_ascii_uppercase());
                 match mode.as_deref() {
                     Some(b"ON") => {
                         self.reply_mode = ReplyMode::On;
@@ -428,7 +429,9 @@ impl ClientState {
                 }
             }
             (b"no-evict", 1) | (b"no-touch", 1) => {
-                let value = args.next().map(<[u8]>::to_ascii_uppercase);
+                let value = args
+                    .next()
+                    .map(|value| c_string(value).to_ascii_uppercase());
                 match value.as_deref() {
                     Some(b"ON") | Some(b"OFF") => {
                         if lower == b"no-evict" {
@@ -471,10 +474,7 @@ impl ClientState {
                 | b"setinfo" | b"kill" | b"pause" | b"unpause" | b"unblock",
                 _,
             ) => arity(&format!("client|{}", String::from_utf8_lossy(&lower))),
-            _ => {
-                let sub = String::from_utf8_lossy(&sub[..sub.len().min(128)]);
-                encode::error(&format!("unknown subcommand '{sub}'. Try CLIENT HELP."))
-            }
+            _ => crate::command::unknown_subcommand(b"client", sub),
         };
         (reply, Effect::None)
     }

@@ -113,6 +113,16 @@ fn decide(name: &[u8], kind: Class, mut args: Args<'_>, profile: Profile) -> Act
         },
         Class::Quit => Action::ReplyAndClose(Bytes::from_static(b"+OK\r\n")),
         Class::Http => Action::Drop,
+        // CLIENT HELP changes nothing: Redis's own text.
+        Class::ConnectionState
+            if keyword_is(name, b"client")
+                && args.remaining() == 1
+                && args
+                    .next()
+                    .is_some_and(|sub| sub.eq_ignore_ascii_case(b"help")) =>
+        {
+            Action::Forward
+        }
         Class::ConnectionState => Action::Connection,
         Class::Transaction => {
             transaction(name, args.remaining()).map_or(Action::Forward, Action::Transaction)
@@ -224,6 +234,15 @@ fn allow_busy(container: &[u8], sub: &[u8]) -> bool {
     }
 }
 
+/// Whether a connection command is AUTH, or HELLO with an AUTH option (which Redis checks when
+/// AUTH is passed through).
+pub(crate) fn names_auth(request: &[u8]) -> bool {
+    let mut args = Args::new(request);
+    let name = args.next().unwrap_or_default();
+    name.eq_ignore_ascii_case(b"auth")
+        || (name.eq_ignore_ascii_case(b"hello") && args.any(|arg| keyword_is(arg, b"auth")))
+}
+
 /// Before authenticating, a client may only AUTH, HELLO (with AUTH), RESET or QUIT.
 pub(crate) fn allowed_before_auth(action: &Action, request: &[u8]) -> bool {
     match action {
@@ -279,10 +298,23 @@ pub(crate) fn subscribed_context(action: &Action, request: &[u8]) -> Option<Byte
                     fullname.push_str(&String::from_utf8_lossy(&sub.to_ascii_lowercase()));
                 }
             }
-            Some(encode::error(&format!(
-                "Can't execute '{fullname}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / \
-                 QUIT / RESET are allowed in this context"
-            )))
+            let why = if name == b"exec" && args.remaining() > 0 {
+                // Redis checks the arity first.
+                "wrong number of arguments for 'exec' command".to_owned()
+            } else {
+                format!(
+                    "Can't execute '{fullname}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / \
+                     QUIT / RESET are allowed in this context"
+                )
+            };
+            Some(if name == b"exec" {
+                // Redis refuses EXEC in EXEC's own words (`rejectCommand`).
+                Bytes::from(format!(
+                    "-EXECABORT Transaction discarded because of: {why}\r\n"
+                ))
+            } else {
+                encode::error(&why)
+            })
         }
     }
 }

@@ -55,6 +55,9 @@ pub(crate) fn enter_worker(worker: usize) {
 
 /// Messages a shared actor's channel holds at most. Each may carry a whole pipeline of one client.
 const CHANNEL_CAPACITY: usize = 1024;
+/// One-request connections (SCRIPT KILL, FUNCTION KILL, FUNCTION STATS, CLIENT UNBLOCK) open
+/// at once. Each lives one round trip; a request past them waits up to `connect_timeout`.
+pub(crate) const CONTROL_SLOTS: usize = 4;
 
 /// A batch: one or more requests of one client, to be written upstream back to back, and where
 /// their replies go.
@@ -202,6 +205,9 @@ struct Inner {
     /// Ids for shared actors, for logs and `/status`.
     next_shared_id: std::sync::atomic::AtomicUsize,
     pool: pool::Pool,
+    /// Bounds the one-request connections of [`Upstreams::control`], apart from the pinned
+    /// pool.
+    control: tokio::sync::Semaphore,
     /// The connection AUTH is checked on, when redmux passes AUTH through to Redis: opened at
     /// the first AUTH, and never carrying anything else.
     checker: std::sync::OnceLock<mpsc::Sender<Batch>>,
@@ -337,6 +343,7 @@ impl Upstreams {
         let upstreams = Upstreams {
             inner: Arc::new(Inner {
                 pool: pool::Pool::new(config.max_pinned),
+                control: tokio::sync::Semaphore::new(CONTROL_SLOTS),
                 endpoint,
                 store,
                 timeouts,
@@ -537,7 +544,8 @@ impl Upstreams {
     /// the reply. For SCRIPT KILL, FUNCTION KILL and FUNCTION STATS, which Redis runs while a
     /// script is busy: they must not wait behind that script on a shared connection. The
     /// connection is set up with only what Redis accepts then (AUTH, and HELLO for RESP3), and
-    /// holds one of the `max_pinned` slots while it lives.
+    /// holds one of [`CONTROL_SLOTS`] slots while it lives: not a `max_pinned` one, which any
+    /// client can hold for ever with `BLPOP k 0`, so that a runaway script can always be killed.
     pub fn control(&self, request: Bytes, target: Target) -> oneshot::Receiver<Reply> {
         let (reply, rx) = oneshot::channel();
         let upstreams = self.clone();
@@ -549,7 +557,10 @@ impl Upstreams {
 
     async fn control_call(&self, request: Bytes, target: Target) -> Reply {
         let inner = &self.inner;
-        let _slot = pool::slot(self).await?;
+        let _slot = tokio::time::timeout(inner.timeouts.connect, inner.control.acquire())
+            .await
+            .map_err(|_| UpstreamError::NoPinned)?
+            .map_err(|_| UpstreamError::NoPinned)?;
         let setup = Setup {
             db: 0,
             resp3: target.resp3,
