@@ -228,7 +228,8 @@ mod tests {
 
     use tokio::net::TcpStream;
 
-    use super::*;
+    use super::{state::ReplyMode, *};
+    use crate::metrics::Metrics;
 
     fn future_size<A, F: Fn(A) -> Fut, Fut>(_: &F) -> usize {
         std::mem::size_of::<Fut>()
@@ -263,5 +264,144 @@ mod tests {
     fn a_busy_session_fits_the_allocators_thread_cache() {
         let size = future_size4(&session::burst::<TcpStream>);
         assert!(size <= 1016, "a busy session's future is {size} bytes");
+    }
+
+    /// A session's state with no upstream behind it: the address refuses connections, and
+    /// nothing here waits for one. Commands redmux answers itself and the reply queue can be
+    /// exercised without Redis.
+    async fn offline_state(shutdown: &tokio_util::sync::CancellationToken) -> State {
+        let mut config = crate::config::Config::default();
+        config.upstream.address = "127.0.0.1:1".parse().unwrap();
+        let metrics = Arc::new(Metrics::new(false));
+        let upstreams =
+            crate::upstream::Upstreams::start(&config.upstream, metrics.clone(), shutdown)
+                .await
+                .unwrap();
+        let hubs = crate::pubsub::Hubs::new(&upstreams);
+        let clients = Arc::new(Clients::default());
+        let live = Live::new(
+            config,
+            (upstreams, hubs),
+            clients.clone(),
+            &metrics,
+            shutdown,
+        );
+        let client = ClientState::new(
+            1,
+            Peer {
+                addr: None,
+                local: None,
+            },
+            (live.upstreams.clone(), live.hubs.clone()),
+            live.users.clone(),
+            clients,
+        )
+        .unwrap();
+        State::resume(session::Parked {
+            config: live.session.clone(),
+            client,
+            idle: None,
+        })
+    }
+
+    fn upstream_slot(state: &mut State) -> oneshot::Sender<Reply> {
+        let (tx, rx) = oneshot::channel();
+        state.pending.push_back(Pending::Upstream {
+            rx,
+            count: 1,
+            suppress: false,
+            release: None,
+            charged: false,
+            sent: Instant::now(),
+            blocking: false,
+            then: None,
+        });
+        state.outstanding += 1;
+        state.unresolved += 1;
+        tx
+    }
+
+    fn written(state: &State) -> Vec<u8> {
+        state.out.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+
+    /// Replies leave in request order whatever order they arrive in: a later upstream reply
+    /// and a local one wait behind an earlier upstream reply that has not come.
+    #[tokio::test]
+    async fn replies_leave_in_request_order() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let mut state = offline_state(&shutdown).await;
+        let first = upstream_slot(&mut state);
+        state.reply_locally(Bytes::from_static(b"+local\r\n"));
+        let second = upstream_slot(&mut state);
+        second
+            .send(Ok(Bytes::from_static(b"$6\r\nsecond\r\n").into()))
+            .unwrap();
+        state.collect_ready();
+        assert!(
+            written(&state).is_empty(),
+            "nothing overtakes the first reply"
+        );
+        first
+            .send(Ok(Bytes::from_static(b"$5\r\nfirst\r\n").into()))
+            .unwrap();
+        state.collect_ready();
+        assert_eq!(
+            written(&state),
+            b"$5\r\nfirst\r\n+local\r\n$6\r\nsecond\r\n".to_vec()
+        );
+        assert!(state.pending.is_empty());
+        shutdown.cancel();
+    }
+
+    /// A lost upstream answers its slot with an error, in its place.
+    #[tokio::test]
+    async fn a_lost_reply_is_an_error_in_its_place() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let mut state = offline_state(&shutdown).await;
+        drop(upstream_slot(&mut state));
+        state.reply_locally(Bytes::from_static(b"+after\r\n"));
+        state.collect_ready();
+        let out = String::from_utf8(written(&state)).unwrap();
+        assert!(out.starts_with("-ERR "), "{out}");
+        assert!(out.ends_with("+after\r\n"), "{out}");
+        shutdown.cancel();
+    }
+
+    /// The client's own state moves with what it sends, answered by redmux alone: SELECT and
+    /// HELLO change the db and protocol its next commands take, CLIENT REPLY OFF silences
+    /// replies, RESET puts everything back.
+    #[tokio::test]
+    async fn connection_commands_change_only_this_client() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let mut state = offline_state(&shutdown).await;
+        state.rbuf.extend_from_slice(
+            b"*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n",
+        );
+        state.unparsed = true;
+        state.process_input().await;
+        state.collect_ready();
+        assert_eq!((state.client.db, state.client.resp3), (3, true));
+        let out = written(&state);
+        assert!(
+            out.starts_with(b"+OK\r\n%"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        state.out.clear();
+        state.rbuf.extend_from_slice(
+            b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$3\r\nOFF\r\n*1\r\n$5\r\nRESET\r\n",
+        );
+        state.unparsed = true;
+        state.process_input().await;
+        state.collect_ready();
+        assert_eq!(state.client.reply_mode, ReplyMode::On);
+        assert_eq!((state.client.db, state.client.resp3), (0, false));
+        assert_eq!(
+            written(&state),
+            b"+RESET\r\n".to_vec(),
+            "OFF is silent, RESET is not"
+        );
+        shutdown.cancel();
     }
 }

@@ -51,10 +51,10 @@ pub(crate) struct Session<S> {
 
 /// What a session keeps between bursts of activity.
 pub(super) struct Parked {
-    config: Arc<SessionConfig>,
-    client: ClientState,
+    pub(super) config: Arc<SessionConfig>,
+    pub(super) client: ClientState,
     /// Present when `client_idle_timeout` is set.
-    idle: Option<Box<IdleTimer>>,
+    pub(super) idle: Option<Box<IdleTimer>>,
 }
 
 /// Closes a client that has been idle for `client_idle_timeout`.
