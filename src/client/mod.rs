@@ -306,18 +306,8 @@ mod tests {
 
     fn upstream_slot(state: &mut State) -> oneshot::Sender<Reply> {
         let (tx, rx) = oneshot::channel();
-        state.pending.push_back(Pending::Upstream {
-            rx,
-            count: 1,
-            suppress: false,
-            release: None,
-            charged: false,
-            sent: Instant::now(),
-            blocking: false,
-            then: None,
-        });
-        state.outstanding += 1;
-        state.unresolved += 1;
+        state.owe();
+        state.await_upstream(rx, state.current_path(), false);
         tx
     }
 

@@ -311,11 +311,24 @@ impl State {
         path: Path,
         suppress: bool,
     ) {
+        self.await_replies(rx, path, 1, suppress);
+    }
+
+    /// A reply slot for `count` replies (0: an answer that is not a reply, such as a
+    /// subscriber hub's confirmation that a RESET left it) that come in one piece from
+    /// elsewhere than an upstream actor.
+    pub(super) fn await_replies(
+        &mut self,
+        rx: oneshot::Receiver<Reply>,
+        path: Path,
+        count: u32,
+        suppress: bool,
+    ) {
         self.last_path = Some(path);
         self.unresolved += 1;
         self.pending.push_back(Pending::Upstream {
             rx,
-            count: 1,
+            count,
             suppress,
             release: None,
             charged: false,

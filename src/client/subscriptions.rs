@@ -496,18 +496,7 @@ impl State {
             return;
         };
         let rx = hub.reset(self.client.id).await;
-        self.last_path = Some(Path::PubSub);
-        self.unresolved += 1;
-        self.pending.push_back(Pending::Upstream {
-            rx,
-            count: 0,
-            suppress: false,
-            release: None,
-            charged: false,
-            sent: Instant::now(),
-            blocking: false,
-            then: None,
-        });
+        self.await_replies(rx, Path::PubSub, 0, false);
     }
 
     /// Appends a 3-element subscription frame to `out`: RESP2 array or RESP3 push.

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 pub(super) use pinned::spawn as spawn_pinned;
 pub(super) use router::{spawn as spawn_router, Spawner};
 
-use super::{connect, Address, Dial, Setup, Timeouts};
+use super::{connect, Address, Dial, Setup, Timeouts, UpstreamError};
 use crate::{
     cluster::topology::{SlotMap, TopologyError},
     resp::{encode_command, ReplyScanner},
@@ -165,6 +165,17 @@ impl Cluster {
         }
         let cluster = self.clone();
         tokio::spawn(async move { cluster.refresh().await });
+    }
+
+    /// A node connection failed a request: the node may be gone (a failover), so the map is
+    /// read again. Other errors (a timeout) say nothing about the map.
+    pub(crate) fn refresh_if_lost(self: &Arc<Self>, error: &UpstreamError) {
+        if matches!(
+            error,
+            UpstreamError::ConnectionLost | UpstreamError::Unavailable
+        ) {
+            self.request_refresh();
+        }
     }
 
     /// Reads the map from the first node that answers: the masters of the current map, then

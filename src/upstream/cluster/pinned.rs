@@ -409,12 +409,7 @@ impl Pinned {
         let replies = match reply {
             Ok(replies) => replies,
             Err(error) => {
-                if matches!(
-                    error,
-                    UpstreamError::ConnectionLost | UpstreamError::Unavailable
-                ) {
-                    self.cluster.request_refresh();
-                }
+                self.cluster.refresh_if_lost(&error);
                 let _ = done.reply.send(Err(error));
                 return;
             }

@@ -59,12 +59,7 @@ impl Router {
         let replies = match reply {
             Ok(replies) => replies,
             Err(error) => {
-                if matches!(
-                    error,
-                    UpstreamError::ConnectionLost | UpstreamError::Unavailable
-                ) {
-                    self.cluster.request_refresh();
-                }
+                self.cluster.refresh_if_lost(&error);
                 self.fail(batch, unit, error);
                 return self.finish_if_done(batch);
             }
