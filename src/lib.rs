@@ -56,9 +56,10 @@ fn check_tls(config: &Config) -> Result<(), (&'static str, String)> {
         server::tls::acceptor(server_tls)
             .map_err(|error| (error.key, report::Chain(&error.problem).to_string()))?;
     }
+    // `endpoint()`: the address, or a cluster's first seed (every seed is `rediss://` or none).
     if matches!(
-        config.upstream.address.address,
-        crate::config::Address::Tcp { tls: true, .. }
+        config.upstream.endpoint().address,
+        config::Address::Tcp { tls: true, .. }
     ) {
         upstream::tls::connector(&config.upstream)
             .map_err(|error| (error.key, report::Chain(&error.problem).to_string()))?;

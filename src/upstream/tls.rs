@@ -47,11 +47,12 @@ impl Eq for Connector {}
 /// The TLS setup for `config`'s `rediss://` address (`[upstream.tls]`, or the system's CAs),
 /// read from its files.
 pub(crate) fn connector(config: &UpstreamConfig) -> Result<Connector, TlsError> {
-    let host = match &config.address.address {
-        crate::config::Address::Tcp { host, .. } => host.as_str(),
-        _ => "",
+    // The address, or a cluster's first seed.
+    let host = match config.endpoint().address {
+        crate::config::Address::Tcp { host, .. } => host,
+        _ => String::new(),
     };
-    Connector::new(config.tls.as_ref(), host)
+    Connector::new(config.tls.as_ref(), &host)
 }
 
 impl Connector {
@@ -151,5 +152,27 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A `rediss://` cluster has no `address`: the name checked is its first seed's host.
+    #[test]
+    fn a_tls_cluster_is_checked_against_its_first_seed() {
+        let mut config = Config::default().upstream;
+        config.cluster = vec!["rediss://node1.example:7000".parse().unwrap()];
+        config.tls = Some(UpstreamTlsConfig {
+            insecure_skip_verify: true,
+            ..UpstreamTlsConfig::default()
+        });
+        let connector = connector(&config).unwrap();
+        assert_eq!(
+            connector.server_name,
+            ServerName::try_from("node1.example").unwrap()
+        );
     }
 }
