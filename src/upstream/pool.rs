@@ -10,7 +10,10 @@ use std::sync::{
     Arc, Mutex,
 };
 
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 
 use super::{
     actor::{ConnectionId, Role},
@@ -165,21 +168,28 @@ impl Lease {
 
 /// One of the `max_pinned` slots, waiting up to `connect_timeout` for one.
 pub(super) async fn slot(upstreams: &Upstreams) -> Result<OwnedSemaphorePermit, UpstreamError> {
-    let inner = &upstreams.inner;
-    tokio::time::timeout(
-        inner.timeouts.connect,
-        inner.pool.slots.clone().acquire_owned(),
-    )
-    .await
-    .map_err(|_| UpstreamError::NoPinned)?
-    .map_err(|_| UpstreamError::NoPinned)
+    slot_by(upstreams, Instant::now() + upstreams.inner.timeouts.connect).await
+}
+
+/// One of the `max_pinned` slots, waiting until `deadline` for one.
+async fn slot_by(
+    upstreams: &Upstreams,
+    deadline: Instant,
+) -> Result<OwnedSemaphorePermit, UpstreamError> {
+    tokio::time::timeout_at(deadline, upstreams.inner.pool.slots.clone().acquire_owned())
+        .await
+        .map_err(|_| UpstreamError::NoPinned)?
+        .map_err(|_| UpstreamError::NoPinned)
 }
 
 /// Leases a connection prepared for `target`: an idle one if there is, else a new one, waiting
-/// up to `connect_timeout` for a free slot.
+/// up to `connect_timeout` in all for a free slot and for a connection being cleaned. One
+/// deadline for both keeps a client's wait bounded as documented: `connect_timeout` for a
+/// connection, then `request_timeout` for the reply.
 pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lease, UpstreamError> {
     let inner = &upstreams.inner;
-    let slot = slot(upstreams).await?;
+    let deadline = Instant::now() + inner.timeouts.connect;
+    let slot = slot_by(upstreams, deadline).await?;
     let idle = loop {
         // Register before looking, so a cleaning that ends in between is not missed.
         let cleaned = inner.pool.cleaned.notified();
@@ -191,10 +201,7 @@ pub(super) async fn acquire(upstreams: &Upstreams, target: Target) -> Result<Lea
         if inner.pool.cleaning.load(Ordering::Acquire) == 0 {
             break None;
         }
-        if tokio::time::timeout(inner.timeouts.connect, cleaned)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout_at(deadline, cleaned).await.is_err() {
             break None;
         }
     };

@@ -680,14 +680,18 @@ impl Client {
             for (kind, _) in &requests {
                 self.sent(*kind);
             }
-            let deadline = sent_at + self.reply_timeout;
+            // redmux starts a request once those before it on another path are answered
+            // (issue 12's barrier), so each request's bound runs from the reply before it.
+            let mut turn = sent_at;
             let written = self.conn_mut().stream.write_all(&batch).await.is_ok();
             for (i, (kind, _)) in requests.iter().enumerate() {
+                let deadline = turn + self.reply_timeout;
                 let read = if written {
                     self.conn_mut().read(deadline).await
                 } else {
                     Read::Closed
                 };
+                turn = Instant::now();
                 if !self.handle(*kind, read, sent_at, epoch) {
                     // No reply: the rest of the pipeline got none either.
                     for (kind, _) in &requests[i + 1..] {
