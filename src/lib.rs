@@ -35,6 +35,7 @@ pub mod report;
 pub mod resp;
 pub mod server;
 mod tls;
+mod tracking;
 mod upstream;
 
 pub use config::Config;

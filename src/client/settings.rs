@@ -64,6 +64,8 @@ impl Live {
             allow_monitor: config.upstream.allow_monitor,
             metrics: metrics.per_request(),
         };
+        hubs.tracker()
+            .set_max_keys(config.server.tracking_table_max_keys);
         Live {
             session: Arc::new(session),
             users: Arc::new(Users::new(&config.auth)),

@@ -322,7 +322,7 @@ impl Config {
         }
         compare!(server: listen, unix_socket, unix_socket_mode, max_clients, max_pipeline,
             max_bulk_len, max_multibulk_len, client_query_limit, client_output_limit,
-            client_idle_timeout, shutdown_grace, tls, threads);
+            client_idle_timeout, shutdown_grace, tls, threads, tracking_table_max_keys);
         compare!(upstream: address, connections, connect_timeout, request_timeout, username,
             password, db, databases, max_pinned, max_shared, allow_monitor, tls, cluster,
             cluster_refresh_interval);

@@ -176,6 +176,10 @@ pub struct ServerConfig {
     /// Threads that serve clients: a number, or `"auto"`.
     #[serde(deserialize_with = "threads")]
     pub threads: Threads,
+    /// Most keys the CLIENT TRACKING table remembers for clients' reads (Redis's
+    /// `tracking-table-max-keys`); past it a key is evicted and its readers get its
+    /// invalidation. 0: no limit.
+    pub tracking_table_max_keys: usize,
 }
 
 /// How many threads serve clients (`server.threads`).
@@ -263,6 +267,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             tls: None,
             threads: Threads::Auto,
+            tracking_table_max_keys: 1_000_000,
         }
     }
 }
@@ -599,7 +604,8 @@ mod tests {
                 "{name}:2:1: unknown field `bogus`, expected one of `listen`, `unix_socket`, \
                  `unix_socket_mode`, `max_clients`, `max_pipeline`, `max_bulk_len`, \
                  `max_multibulk_len`, `client_query_limit`, `client_output_limit`, \
-                 `client_idle_timeout`, `shutdown_grace`, `tls`, `threads`; in `server`"
+                 `client_idle_timeout`, `shutdown_grace`, `tls`, `threads`, \
+                 `tracking_table_max_keys`; in `server`"
             )
         );
         std::fs::write(

@@ -1,5 +1,5 @@
 //! The subscriber hubs of one set of upstream connections: redmux's own, and one per ACL user
-//! whose clients subscribe with their own login.
+//! whose clients subscribe with their own login; and CLIENT TRACKING's invalidation stream.
 //!
 //! They live beside [`Upstreams`], never inside it: upstream owns connections only, and a hub
 //! is pub/sub's fan-out built on one of them. A reload that builds a new set of connections
@@ -13,6 +13,7 @@ use std::{
 use super::{Counts, PubSub, Registry, WeakPubSub};
 use crate::{
     command::Profile,
+    tracking::Tracker,
     upstream::{Identity, Upstreams},
 };
 
@@ -32,6 +33,9 @@ struct Inner {
     registry: Arc<Registry>,
     /// Subscriber hubs of clients' own logins, alive while one of their subscribers is.
     users: Mutex<HashMap<Identity, WeakPubSub>>,
+    /// CLIENT TRACKING's stream and table, fan-out of invalidations as the hubs are of
+    /// messages.
+    tracker: Tracker,
 }
 
 impl Hubs {
@@ -45,6 +49,7 @@ impl Hubs {
                 own,
                 registry,
                 users: Mutex::new(HashMap::new()),
+                tracker: Tracker::new(upstreams, 0),
             }),
         }
     }
@@ -62,6 +67,11 @@ impl Hubs {
         let hub = start(&self.inner.upstreams, Some(identity), &self.inner.registry);
         hubs.insert(identity.clone(), hub.downgrade());
         hub
+    }
+
+    /// CLIENT TRACKING on these upstreams.
+    pub fn tracker(&self) -> &Tracker {
+        &self.inner.tracker
     }
 
     /// The pub/sub counts of these hubs and their clients.

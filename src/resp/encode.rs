@@ -89,6 +89,42 @@ pub fn put_header(out: &mut impl BufMut, kind: u8, len: usize) {
     out.put_slice(b"\r\n");
 }
 
+/// A CLIENT TRACKING invalidation as Redis sends it (`sendTrackingMessage` in Redis's
+/// `src/tracking.c`): a push, `>2 invalidate <keys>`, to a RESP3 client; a message on
+/// `__redis__:invalidate` to a RESP2 client that is subscribed. `keys: None` is the null
+/// invalidation ("everything"), in the null of the tracking client's protocol (`resp3_null`).
+pub fn invalidation(push: bool, keys: Option<&[&[u8]]>, resp3_null: bool) -> Bytes {
+    let mut out = BytesMut::new();
+    if push {
+        put_header(&mut out, b'>', 2);
+        put_bulk(&mut out, b"invalidate");
+    } else {
+        put_header(&mut out, b'*', 3);
+        put_bulk(&mut out, b"message");
+        put_bulk(&mut out, b"__redis__:invalidate");
+    }
+    match keys {
+        Some(keys) => {
+            put_header(&mut out, b'*', keys.len());
+            for key in keys {
+                put_bulk(&mut out, key);
+            }
+        }
+        None if resp3_null => out.put_slice(b"_\r\n"),
+        None => out.put_slice(b"$-1\r\n"),
+    }
+    out.freeze()
+}
+
+/// The push a RESP3 client tracking with REDIRECT gets when its redirect client is gone.
+pub fn tracking_redirect_broken(id: u64) -> Bytes {
+    let mut out = BytesMut::new();
+    put_header(&mut out, b'>', 2);
+    put_bulk(&mut out, b"tracking-redir-broken");
+    put_integer(&mut out, i64::try_from(id).unwrap_or(i64::MAX));
+    out.freeze()
+}
+
 fn line(kind: u8, text: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(text.len() + 3);
     out.put_u8(kind);

@@ -1,0 +1,386 @@
+//! A client's CLIENT TRACKING: the commands (TRACKING, CACHING, GETREDIR, TRACKINGINFO),
+//! answered with Redis 7's bytes (`clientCommand` and `clientTrackingInfoCommand` in Redis's
+//! `src/networking.c`), the reads and writes it reports to the [`Tracker`], and the
+//! invalidations it delivers, to itself or to the client it redirects to.
+//!
+//! Where invalidations come from and why they wait behind earlier replies: see `tracking`.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{registry::flag, state::Effect, ClientState};
+use crate::{
+    command::{self, c_string, CommandId},
+    resp::{encode, parse_int, Args},
+    tracking::{Invalidation, Mode, Sink},
+};
+
+/// A client's tracking options, while it tracks.
+#[derive(Debug, Default)]
+pub(crate) struct Tracking {
+    /// The client its invalidations go to (0: itself).
+    redirect: u64,
+    bcast: bool,
+    /// BCAST prefixes, kept sorted (as Redis's radix tree lists them).
+    prefixes: Vec<Bytes>,
+    optin: bool,
+    optout: bool,
+    noloop: bool,
+    /// CLIENT CACHING was given: it applies to the next command.
+    caching: bool,
+    /// The redirect client was gone when an invalidation was due.
+    broken: bool,
+}
+
+/// The options of one `CLIENT TRACKING` command.
+#[derive(Default)]
+struct Options {
+    redirect: u64,
+    bcast: bool,
+    optin: bool,
+    optout: bool,
+    noloop: bool,
+    prefixes: Vec<Bytes>,
+}
+
+/// `strcasecmp`, as Redis compares CLIENT TRACKING's words: up to a NUL.
+fn is(arg: &[u8], word: &[u8]) -> bool {
+    c_string(arg).eq_ignore_ascii_case(word)
+}
+
+fn error(text: &str) -> (Bytes, Effect) {
+    (encode::error(text), Effect::None)
+}
+
+impl ClientState {
+    /// CLIENT TRACKING, CACHING, GETREDIR and TRACKINGINFO (`sub` in lower case).
+    pub(super) fn tracking_command(&mut self, sub: &[u8], mut args: Args<'_>) -> (Bytes, Effect) {
+        match sub {
+            b"tracking" => self.client_tracking(args),
+            b"caching" => {
+                let value = args.next().unwrap_or_default();
+                let Some(tracking) = self.tracking.as_deref_mut() else {
+                    return error(
+                        "CLIENT CACHING can be called only when the client is in tracking mode \
+                         with OPTIN or OPTOUT mode enabled",
+                    );
+                };
+                if is(value, b"yes") {
+                    if !tracking.optin {
+                        return error(
+                            "CLIENT CACHING YES is only valid when tracking is enabled in OPTIN \
+                             mode.",
+                        );
+                    }
+                } else if is(value, b"no") {
+                    if !tracking.optout {
+                        return error(
+                            "CLIENT CACHING NO is only valid when tracking is enabled in OPTOUT \
+                             mode.",
+                        );
+                    }
+                } else {
+                    return error("syntax error");
+                }
+                tracking.caching = true;
+                (Bytes::from_static(b"+OK\r\n"), Effect::None)
+            }
+            b"getredir" => {
+                let redirect = self.tracking.as_ref().map_or(-1, |t| t.redirect as i64);
+                (encode::integer(redirect), Effect::None)
+            }
+            _ => (self.tracking_info(), Effect::None),
+        }
+    }
+
+    /// `CLIENT TRACKING ON|OFF [REDIRECT id] [PREFIX p ...] [BCAST] [OPTIN] [OPTOUT]
+    /// [NOLOOP]`, checked in the order Redis checks it.
+    fn client_tracking(&mut self, mut args: Args<'_>) -> (Bytes, Effect) {
+        let on_off = args.next().unwrap_or_default();
+        let mut options = Options::default();
+        while let Some(option) = args.next() {
+            let more = args.remaining() > 0;
+            if is(option, b"redirect") && more {
+                if options.redirect != 0 {
+                    return error("A client can only redirect to a single other client");
+                }
+                let id = args.next().unwrap_or_default();
+                let Some(id) = parse_int(id) else {
+                    return error("value is not an integer or out of range");
+                };
+                let id = u64::try_from(id).unwrap_or(0);
+                if id == 0 || self.clients().get(id).is_none() {
+                    return error("The client ID you want redirect to does not exist");
+                }
+                options.redirect = id;
+            } else if is(option, b"bcast") {
+                options.bcast = true;
+            } else if is(option, b"optin") {
+                options.optin = true;
+            } else if is(option, b"optout") {
+                options.optout = true;
+            } else if is(option, b"noloop") {
+                options.noloop = true;
+            } else if is(option, b"prefix") && more {
+                let prefix = args.next().unwrap_or_default();
+                options.prefixes.push(Bytes::copy_from_slice(prefix));
+            } else {
+                return error("syntax error");
+            }
+        }
+        if is(on_off, b"on") {
+            self.tracking_on(options)
+        } else if is(on_off, b"off") {
+            self.tracking_off();
+            (Bytes::from_static(b"+OK\r\n"), Effect::None)
+        } else {
+            error("syntax error")
+        }
+    }
+
+    fn tracking_on(&mut self, options: Options) -> (Bytes, Effect) {
+        let current = self.tracking.as_deref();
+        if !options.bcast && !options.prefixes.is_empty() {
+            return error("PREFIX option requires BCAST mode to be enabled");
+        }
+        if current.is_some_and(|t| t.bcast != options.bcast) {
+            return error(
+                "You can't switch BCAST mode on/off before disabling tracking for this client, \
+                 and then re-enabling it with a different mode.",
+            );
+        }
+        if options.bcast && (options.optin || options.optout) {
+            return error("OPTIN and OPTOUT are not compatible with BCAST");
+        }
+        if options.optin && options.optout {
+            return error("You can't specify both OPTIN mode and OPTOUT mode");
+        }
+        if current.is_some_and(|t| (options.optin && t.optout) || (options.optout && t.optin)) {
+            return error(
+                "You can't switch OPTIN/OPTOUT mode before disabling tracking for this client, \
+                 and then re-enabling it with a different mode.",
+            );
+        }
+        if options.bcast {
+            if let Some(text) = prefix_collision(current, &options.prefixes) {
+                return error(&text);
+            }
+        }
+        let tracker = self.hubs().tracker().clone();
+        if let Err(unsupported) = tracker.supported() {
+            return error(&unsupported.to_string());
+        }
+        let mut prefixes = current.map(|t| t.prefixes.clone()).unwrap_or_default();
+        prefixes.extend(options.prefixes);
+        prefixes.sort();
+        let mode = if options.bcast {
+            Mode::Broadcast {
+                prefixes: prefixes.clone(),
+                noloop: options.noloop,
+            }
+        } else {
+            Mode::Reads {
+                noloop: options.noloop,
+            }
+        };
+        self.tracking = Some(Box::new(Tracking {
+            redirect: options.redirect,
+            bcast: options.bcast,
+            prefixes,
+            optin: options.optin,
+            optout: options.optout,
+            noloop: options.noloop,
+            caching: false,
+            broken: false,
+        }));
+        self.publish_tracking();
+        let sink: std::sync::Arc<dyn Sink> = self.entry.clone();
+        match tracker.enable(self.id, mode, sink) {
+            None => (Bytes::from_static(b"+OK\r\n"), Effect::None),
+            Some(rx) => (Bytes::new(), Effect::Track(rx)),
+        }
+    }
+
+    /// Stops tracking (CLIENT TRACKING OFF, RESET, or the stream could not be opened).
+    pub(super) fn tracking_off(&mut self) {
+        if self.tracking.take().is_some() {
+            self.hubs().tracker().disable(self.id);
+            self.publish_tracking();
+        }
+    }
+
+    /// What CLIENT LIST shows of the client's tracking: flags t, R, B and `redir`.
+    fn publish_tracking(&self) {
+        let tracking = self.tracking.as_deref();
+        self.entry.set_flag(flag::TRACKING, tracking.is_some());
+        self.entry
+            .set_flag(flag::TRACKING_BCAST, tracking.is_some_and(|t| t.bcast));
+        self.entry
+            .set_flag(flag::TRACKING_BROKEN, tracking.is_some_and(|t| t.broken));
+        self.entry.set_redirect(tracking.map(|t| t.redirect));
+    }
+
+    /// CLIENT TRACKINGINFO: a map of flags, redirect and prefixes.
+    fn tracking_info(&self) -> Bytes {
+        let tracking = self.tracking.as_deref();
+        let mut flags: Vec<&[u8]> = Vec::new();
+        match tracking {
+            None => flags.push(b"off"),
+            Some(t) => {
+                flags.push(b"on");
+                let optional: [(bool, &[u8]); 7] = [
+                    (t.bcast, b"bcast"),
+                    (t.optin, b"optin"),
+                    (t.optin && t.caching, b"caching-yes"),
+                    (t.optout, b"optout"),
+                    (t.optout && t.caching, b"caching-no"),
+                    (t.noloop, b"noloop"),
+                    (t.broken, b"broken_redirect"),
+                ];
+                flags.extend(optional.iter().filter(|(on, _)| *on).map(|(_, f)| *f));
+            }
+        }
+        let mut out = BytesMut::new();
+        let (map, set) = if self.resp3 {
+            (b'%', b'~')
+        } else {
+            (b'*', b'*')
+        };
+        encode::put_header(&mut out, map, if self.resp3 { 3 } else { 6 });
+        encode::put_bulk(&mut out, b"flags");
+        encode::put_header(&mut out, set, flags.len());
+        for flag in flags {
+            encode::put_bulk(&mut out, flag);
+        }
+        encode::put_bulk(&mut out, b"redirect");
+        encode::put_integer(&mut out, tracking.map_or(-1, |t| t.redirect as i64));
+        encode::put_bulk(&mut out, b"prefixes");
+        let prefixes = tracking.map(|t| t.prefixes.as_slice()).unwrap_or_default();
+        encode::put_header(&mut out, b'*', prefixes.len());
+        for prefix in prefixes {
+            encode::put_bulk(&mut out, prefix);
+        }
+        out.freeze()
+    }
+
+    /// The client is about to send `request` (`command`): a read is reported to the tracker
+    /// (as Redis tracks the keys of `readonly` commands, in OPTIN mode only after CLIENT
+    /// CACHING YES, in OPTOUT mode unless after CLIENT CACHING NO), and with NOLOOP so is a
+    /// write. `in_multi`: CLIENT CACHING's flag lasts until EXEC, as in Redis.
+    pub(super) fn track(&mut self, command: CommandId, request: &[u8], in_multi: bool) {
+        let Some(tracking) = self.tracking.as_deref_mut() else {
+            return;
+        };
+        let name = command.name();
+        let caching = tracking.caching;
+        if name != "client" && !in_multi {
+            tracking.caching = false;
+        }
+        let read = read_only(command, request);
+        let tracked_read = read
+            && !tracking.bcast
+            && !(tracking.optin && !caching)
+            && !(tracking.optout && caching);
+        let own_write = tracking.noloop && !read && command::may_write(command, request);
+        if !tracked_read && !own_write {
+            return;
+        }
+        let keys = crate::cluster::keys::keys(request);
+        let tracker = self.hubs().tracker();
+        if tracked_read {
+            tracker.read(self.id, keys.keys().iter().copied());
+        } else {
+            tracker.wrote(self.id, keys.keys().iter().copied());
+        }
+    }
+
+    /// The bytes an invalidation becomes for this client, now that every reply owed before it
+    /// is out: a push to itself (RESP3; a RESP2 client without REDIRECT gets nothing, as from
+    /// Redis), or, with REDIRECT, nothing here and a message posted to the redirect client.
+    pub(super) fn invalidation(&mut self, invalidation: &Invalidation) -> Bytes {
+        let resp3 = self.resp3;
+        let Some(tracking) = self.tracking.as_deref_mut() else {
+            return Bytes::new();
+        };
+        // Default mode: a push per key, as Redis sends them; BCAST: one for the batch.
+        let batches: Vec<Option<Vec<&[u8]>>> = match invalidation {
+            Invalidation::All => vec![None],
+            Invalidation::Keys(keys) if tracking.bcast => {
+                vec![Some(keys.iter().map(|k| &k[..]).collect())]
+            }
+            Invalidation::Keys(keys) => keys.iter().map(|k| Some(vec![&k[..]])).collect(),
+        };
+        let frames = |push: bool| {
+            let mut out = BytesMut::new();
+            for keys in &batches {
+                out.put(encode::invalidation(push, keys.as_deref(), resp3));
+            }
+            out.freeze()
+        };
+        if tracking.redirect == 0 {
+            return if resp3 { frames(true) } else { Bytes::new() };
+        }
+        match self.clients().get(tracking.redirect) {
+            Some(target) => {
+                if target.is_resp3() {
+                    target.post(frames(true));
+                } else if target.flag(flag::PUBSUB) {
+                    target.post(frames(false));
+                }
+                Bytes::new()
+            }
+            None => {
+                let redirect = tracking.redirect;
+                let newly = !std::mem::replace(&mut tracking.broken, true);
+                if newly {
+                    self.publish_tracking();
+                }
+                if resp3 {
+                    encode::tracking_redirect_broken(redirect)
+                } else {
+                    Bytes::new()
+                }
+            }
+        }
+    }
+}
+
+/// Whether Redis tracks the keys of this command as read (its `readonly` flag). Scripts and
+/// functions count as reading the keys they declare: Redis tracks what they really read,
+/// which redmux cannot see, so it tracks what they may read.
+fn read_only(command: CommandId, request: &[u8]) -> bool {
+    match command.name() {
+        "watch" | "unwatch" => false,
+        "eval" | "evalsha" | "fcall" | "pfcount" => true,
+        _ => !command::may_write(command, request),
+    }
+}
+
+/// Redis's check that no two prefixes of a client overlap (`checkPrefixCollisionsOrReply`
+/// in Redis's `src/tracking.c`): the error text if two do.
+fn prefix_collision(current: Option<&Tracking>, new: &[Bytes]) -> Option<String> {
+    let overlap = |a: &[u8], b: &[u8]| a.starts_with(b) || b.starts_with(a);
+    let text = |b: &[u8]| String::from_utf8_lossy(c_string(b)).into_owned();
+    for (i, prefix) in new.iter().enumerate() {
+        if let Some(existing) = current
+            .into_iter()
+            .flat_map(|t| t.prefixes.iter())
+            .find(|existing| overlap(existing, prefix))
+        {
+            return Some(format!(
+                "Prefix '{}' overlaps with an existing prefix '{}'. Prefixes for a single \
+                 client must not overlap.",
+                text(prefix),
+                text(existing)
+            ));
+        }
+        if let Some(other) = new[i + 1..].iter().find(|other| overlap(prefix, other)) {
+            return Some(format!(
+                "Prefix '{}' overlaps with another provided prefix '{}'. Prefixes for a single \
+                 client must not overlap.",
+                text(prefix),
+                text(other)
+            ));
+        }
+    }
+    None
+}
