@@ -144,6 +144,13 @@ impl State {
                 self.client.entry.set_multi(Some(*queued));
             }
             self.current = command;
+            if self.client.tracking.is_some() {
+                // Before it goes upstream: see `tracking`. (A run flushed above moved the
+                // request to the front of the buffer, where `run_len` now points.)
+                if let Some(request) = frame.command_bytes(&self.rbuf[run_len..]) {
+                    self.client.track(command, request, in_multi);
+                }
+            }
             self.client.entry.command(command);
             if let Some(metrics) = &self.config.metrics {
                 metrics.command(command);
@@ -302,6 +309,15 @@ impl State {
                         self.await_upstream(rx, Path::Control, suppress);
                         return true;
                     }
+                    Effect::Track(rx) => {
+                        self.owe();
+                        let suppress = self.take_suppress();
+                        self.await_upstream(rx, Path::Tracking, suppress);
+                        if let Some(Pending::Upstream { then, .. }) = self.pending.back_mut() {
+                            *then = Some(Box::new(Then::Tracking));
+                        }
+                        return true;
+                    }
                     Effect::AuthFailed => self.auth_failed(),
                     Effect::None | Effect::Reset => {}
                 }
@@ -336,7 +352,7 @@ impl State {
                         self.send(batch, true).await;
                     }
                 }
-                if effect == Effect::Reset {
+                if matches!(effect, Effect::Reset) {
                     // The pinned connection goes back (cleaned by its own RESET, which
                     // discards the transaction) once the requests already sent on it are in.
                     match std::mem::replace(&mut self.tx, Tx::None) {

@@ -18,8 +18,9 @@
 //! The files, in the order a request meets them: `session` (the event loop, parking),
 //! `dispatch` (parse, decide, forward), `transaction` and `subscriptions` (the two states that
 //! change where requests go), `replies` (order and budget), and the client's own data: `state`
-//! (db, protocol, login, reply mode), `registry` (every client, for CLIENT LIST and KILL) and
-//! `settings` (what a reload replaces). This file holds the types they share.
+//! (db, protocol, login, reply mode), `tracking` (CLIENT TRACKING and the invalidations it
+//! delivers), `registry` (every client, for CLIENT LIST and KILL) and `settings` (what a
+//! reload replaces). This file holds the types they share.
 
 mod dispatch;
 mod registry;
@@ -28,6 +29,7 @@ mod session;
 mod settings;
 mod state;
 mod subscriptions;
+mod tracking;
 mod transaction;
 
 pub(crate) use registry::{Clients, Peer};
@@ -71,6 +73,10 @@ enum Pending {
     /// No reply: gives a pinned connection back once every earlier slot is answered (RESET
     /// in a transaction, after the requests already sent on that connection).
     Release(Lease),
+    /// No reply: an invalidation for a tracking client, turned into bytes (a push, or a
+    /// message to the client it redirects to) when every slot before it is out, so it never
+    /// overtakes the reply of a read sent before the key changed. Boxed: it is rare.
+    Invalidate(Box<Invalidate>),
     /// The replies to `count` requests forwarded as one batch.
     Upstream {
         rx: oneshot::Receiver<Reply>,
@@ -93,6 +99,14 @@ enum Pending {
     },
 }
 
+/// Invalidations waiting in a client's reply queue (see `Pending::Invalidate`).
+#[derive(Debug)]
+struct Invalidate {
+    invalidation: crate::tracking::Invalidation,
+    /// From a client that redirects its invalidations to this one.
+    redirected: bool,
+}
+
 /// What to do once an upstream reply is in, besides passing it on.
 #[derive(Debug)]
 enum Then {
@@ -107,6 +121,9 @@ enum Then {
     /// they serve: corrected (see [`pubsub::Registry`]). With the argument the correction
     /// needs ([`command::Count::argument_index`]).
     Count(command::Count, Option<Bytes>),
+    /// The answer to CLIENT TRACKING ON that waited for redmux's invalidation stream: an
+    /// error means the client does not track after all.
+    Tracking,
 }
 
 /// Where a client's requests travel. Redis runs what arrives on one connection in order, but
@@ -131,6 +148,9 @@ enum Path {
     Monitor,
     /// A connection opened for one command that must reach Redis while a script is busy.
     Control,
+    /// CLIENT TRACKING ON waiting for redmux's invalidation stream: the reads after it wait
+    /// too, so none goes untracked.
+    Tracking,
 }
 
 /// The client's transaction state, and the pinned connection that carries it.

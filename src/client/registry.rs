@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 
 use crate::{
     command::CommandId,
+    tracking::{Invalidation, Sink},
     upstream::{ConnectionId, Identity},
 };
 
@@ -124,6 +125,14 @@ pub(super) mod flag {
     pub(crate) const MONITOR: u8 = 4;
     /// CLIENT NO-EVICT ON (`e`).
     pub(crate) const NO_EVICT: u8 = 8;
+    /// CLIENT TRACKING ON (`t`).
+    pub(crate) const TRACKING: u8 = 16;
+    /// Its REDIRECT client was gone when an invalidation was due (`R`).
+    pub(crate) const TRACKING_BROKEN: u8 = 32;
+    /// Tracking in BCAST mode (`B`).
+    pub(crate) const TRACKING_BCAST: u8 = 64;
+    /// Invalidations wait in the entry for the session to deliver them (not shown).
+    pub(crate) const MAIL: u8 = 128;
 }
 
 /// Which kind of subscription a count is for.
@@ -159,6 +168,15 @@ pub struct Entry {
     waker: Mutex<Option<Waker>>,
 }
 
+/// What wakes a session besides its socket: see [`Entry::poll_event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// CLIENT KILL: the session closes the client.
+    Killed,
+    /// Invalidations wait ([`Entry::take_mail`]).
+    Mail,
+}
+
 /// What most clients never set.
 #[derive(Debug, Default)]
 struct Cold {
@@ -166,6 +184,20 @@ struct Cold {
     /// The pinned connection a blocking command of this client waits on, if it waits: CLIENT
     /// UNBLOCK unblocks it by its Redis client id.
     blocked_on: Option<ConnectionId>,
+    /// CLIENT TRACKING's REDIRECT client (0: none) while the client tracks.
+    redirect: Option<u64>,
+    /// Invalidations for the client, waiting for its session.
+    mail: Mail,
+}
+
+/// Invalidations waiting for a session, each kind merged into one, so what waits for a client
+/// that does not read stays bounded (see [`Invalidation::merge`]).
+#[derive(Debug, Default)]
+pub struct Mail {
+    /// For the client itself (its own tracking).
+    pub own: Option<Invalidation>,
+    /// From clients that redirect their invalidations to this one.
+    pub redirected: Option<Invalidation>,
 }
 
 impl Entry {
@@ -274,31 +306,84 @@ impl Entry {
         self.flag(flag::PUBSUB)
     }
 
+    /// CLIENT TRACKING's REDIRECT client while the client tracks (0: none), for CLIENT LIST.
+    pub fn set_redirect(&self, redirect: Option<u64>) {
+        let mut cold = self.cold();
+        if cold.is_none() && redirect.is_none() {
+            return;
+        }
+        cold.get_or_insert_with(Box::default).redirect = redirect;
+    }
+
+    fn redirect(&self) -> Option<u64> {
+        self.cold().as_ref().and_then(|cold| cold.redirect)
+    }
+
+    /// An invalidation from a client that redirects its own to this one.
+    pub fn post(&self, invalidation: Invalidation) {
+        self.mail(|mail| Invalidation::merge(&mut mail.redirected, invalidation));
+    }
+
+    fn mail(&self, add: impl FnOnce(&mut Mail)) {
+        add(&mut self.cold().get_or_insert_with(Box::default).mail);
+        self.set_flag(flag::MAIL, true);
+        if let Some(waker) = self
+            .waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// Whether invalidations wait for the session.
+    pub fn has_mail(&self) -> bool {
+        self.flag(flag::MAIL)
+    }
+
+    /// The invalidations waiting for the session, taken.
+    pub fn take_mail(&self) -> Mail {
+        let mut cold = self.cold();
+        self.set_flag(flag::MAIL, false);
+        cold.as_mut()
+            .map(|cold| std::mem::take(&mut cold.mail))
+            .unwrap_or_default()
+    }
+
+    /// Ready once the client is killed or invalidations wait for it; registers the task to
+    /// be woken then. Polled by the session, parked or busy, at no cost of a future of its
+    /// own.
+    pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Event> {
+        let event = || {
+            if self.killed.load(Relaxed) {
+                Some(Event::Killed)
+            } else if self.has_mail() {
+                Some(Event::Mail)
+            } else {
+                None
+            }
+        };
+        if let Some(event) = event() {
+            return Poll::Ready(event);
+        }
+        self.register(cx);
+        event().map_or(Poll::Pending, Poll::Ready)
+    }
+
+    fn register(&self, cx: &mut Context<'_>) {
+        let mut waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+        match waker.as_ref() {
+            Some(registered) if registered.will_wake(cx.waker()) => {}
+            _ => *waker = Some(cx.waker().clone()),
+        }
+    }
+
     /// CLIENT KILL: the session closes the client as soon as it is woken.
     pub fn kill(&self) {
         self.killed.store(true, Relaxed);
         if let Some(waker) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
             waker.wake();
-        }
-    }
-
-    /// Ready once the client is killed; registers the task to be woken then. Polled by the
-    /// session, parked or busy, at no cost of a future of its own.
-    pub fn poll_killed(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.killed.load(Relaxed) {
-            return Poll::Ready(());
-        }
-        {
-            let mut waker = self.waker.lock().unwrap_or_else(|e| e.into_inner());
-            match waker.as_ref() {
-                Some(registered) if registered.will_wake(cx.waker()) => {}
-                _ => *waker = Some(cx.waker().clone()),
-            }
-        }
-        if self.killed.load(Relaxed) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
         }
     }
 
@@ -328,6 +413,15 @@ impl Entry {
         if self.blocked_on().is_some() {
             flags.push('b');
         }
+        for (bit, letter) in [
+            (flag::TRACKING, 't'),
+            (flag::TRACKING_BROKEN, 'R'),
+            (flag::TRACKING_BCAST, 'B'),
+        ] {
+            if bits & bit != 0 {
+                flags.push(letter);
+            }
+        }
         if peer.addr.is_none() {
             flags.push('U');
         }
@@ -354,10 +448,11 @@ impl Entry {
             "id={} addr={addr} laddr={laddr} fd=-1 name={name} age={age} idle={idle} \
              flags={flags} db={} sub={sub} psub={psub} ssub={ssub} multi={} qbuf=0 \
              qbuf-free=0 argv-mem=0 multi-mem=0 rbs=0 rbp=0 obl=0 oll=0 omem=0 tot-mem=0 \
-             events=r cmd={command} user={user} redir=-1 resp={}",
+             events=r cmd={command} user={user} redir={} resp={}",
             self.id,
             self.db.load(Relaxed),
             self.multi.load(Relaxed),
+            self.redirect().map_or(-1, |id| id as i64),
             if self.resp3.load(Relaxed) { 3 } else { 2 }
         );
         if let Some((name, version)) = lib {
@@ -540,6 +635,13 @@ impl Clients {
             () = tokio::time::sleep_until(until.into()) => {}
             () = unpaused => {}
         }
+    }
+}
+
+/// Invalidations for the client's own tracking, delivered by its session.
+impl Sink for Entry {
+    fn invalidate(&self, invalidation: Invalidation) {
+        self.mail(|mail| Invalidation::merge(&mut mail.own, invalidation));
     }
 }
 

@@ -11,7 +11,7 @@ use tracing::warn;
 
 use super::{
     state::{Effect, ReplyMode},
-    Path, Pending, State, Then,
+    Invalidate, Path, Pending, State, Then,
 };
 use crate::{
     command::CommandId,
@@ -96,6 +96,19 @@ impl State {
                     }
                     continue;
                 }
+                Pending::Invalidate(_) => {
+                    if let Some(Pending::Invalidate(waiting)) = self.pending.pop_front() {
+                        let bytes = if waiting.redirected {
+                            self.client.redirected(&waiting.invalidation)
+                        } else {
+                            self.client.invalidation(&waiting.invalidation)
+                        };
+                        if !bytes.is_empty() {
+                            self.queue_out(bytes);
+                        }
+                    }
+                    continue;
+                }
                 Pending::Upstream { rx, .. } => match rx.try_recv() {
                     Ok(reply) => reply,
                     Err(oneshot::error::TryRecvError::Empty) => return,
@@ -169,13 +182,19 @@ impl State {
                         bytes
                     }
                     // Only one check is asked for a command.
-                    Effect::Check(_) | Effect::Send(_) => {
+                    Effect::Check(_) | Effect::Send(_) | Effect::Track(_) => {
                         encode::error("redmux: AUTH could not be checked")
                     }
                     Effect::None | Effect::Reset => bytes,
                 };
                 let errors = u64::from(bytes.first() == Some(&b'-'));
                 (Ok(Replies { bytes, errors }), false)
+            }
+            (Some(Then::Tracking), reply) => {
+                if !matches!(&reply, Ok(replies) if replies.errors == 0) {
+                    self.client.tracking_off();
+                }
+                (reply, charged)
             }
             (_, reply) => (reply, charged),
         }
@@ -312,6 +331,29 @@ impl State {
         suppress: bool,
     ) {
         self.await_replies(rx, path, 1, suppress);
+    }
+
+    /// Takes the invalidations waiting in the client's entry into the reply queue, behind the
+    /// replies already owed: one waiting at the tail of the queue takes them in, so a client
+    /// that does not read (or waits on a blocking command) holds a bounded amount of them.
+    pub(super) fn take_mail(&mut self) {
+        let mail = self.client.entry.take_mail();
+        for (invalidation, redirected) in [(mail.own, false), (mail.redirected, true)] {
+            let Some(invalidation) = invalidation else {
+                continue;
+            };
+            if let Some(Pending::Invalidate(tail)) = self.pending.back_mut() {
+                if tail.redirected == redirected {
+                    tail.invalidation.absorb(invalidation);
+                    continue;
+                }
+            }
+            self.pending
+                .push_back(Pending::Invalidate(Box::new(Invalidate {
+                    invalidation,
+                    redirected,
+                })));
+        }
     }
 
     /// A reply slot for `count` replies (0: an answer that is not a reply, such as a

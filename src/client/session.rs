@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use super::{
     dispatch::poll_pause,
+    registry::Event,
     replies::{front_reply, Queues},
     settings::{Live, SessionConfig},
     state::ClientState,
@@ -185,18 +186,28 @@ impl<S: Duplex> Session<S> {
                         debug!("idle timeout; closing");
                         return Poll::Ready(Wake::Close);
                     }
-                    if client.entry.poll_killed(cx).is_ready() {
-                        debug!("killed (CLIENT KILL); closing");
-                        return Poll::Ready(Wake::Close);
+                    match client.entry.poll_event(cx) {
+                        Poll::Ready(Event::Killed) => {
+                            debug!("killed (CLIENT KILL); closing");
+                            return Poll::Ready(Wake::Close);
+                        }
+                        Poll::Ready(Event::Mail) => return Poll::Ready(Wake::Mail),
+                        Poll::Pending => {}
                     }
                     superseded.as_mut().poll(cx).map(|()| Wake::Superseded)
                 })
                 .await;
                 match woken {
-                    Wake::Read => {
-                        let Some(serving) =
-                            wake(&mut io, &mut parked, &mut updates, superseded.as_mut())
-                        else {
+                    Wake::Read | Wake::Mail => {
+                        // Woken by invalidations only, the socket had nothing to read.
+                        let drained = matches!(woken, Wake::Mail);
+                        let Some(serving) = wake(
+                            &mut io,
+                            &mut parked,
+                            &mut updates,
+                            superseded.as_mut(),
+                            drained,
+                        ) else {
                             break;
                         };
                         parked = serving.await;
@@ -221,6 +232,8 @@ impl<S: Duplex> Session<S> {
 pub(super) enum Wake {
     /// The client sent something (or closed).
     Read,
+    /// Invalidations wait to be delivered (CLIENT TRACKING).
+    Mail,
     /// A reload or shutdown.
     Superseded,
     /// A read error, or the idle timeout.
@@ -234,8 +247,10 @@ pub(super) fn wake<'a, S: Duplex>(
     parked: &mut Option<Parked>,
     updates: &'a mut watch::Receiver<Arc<Live>>,
     superseded: Pin<&'a mut WaitForCancellationFutureOwned>,
+    drained: bool,
 ) -> Option<Pin<Box<impl Future<Output = Option<Parked>> + Send + use<'a, S>>>> {
-    let state = State::resume(parked.take()?);
+    let mut state = State::resume(parked.take()?);
+    state.drained = drained;
     Some(Box::pin(burst(io, state, updates, superseded)))
 }
 
@@ -281,6 +296,9 @@ pub(super) fn burst<'a, S: Duplex>(
     async move {
         let (mut reader, mut writer) = io.halves();
         loop {
+            if this.client.entry.has_mail() && !this.draining {
+                this.take_mail();
+            }
             this.collect_ready();
             if this.abort {
                 break;
@@ -424,10 +442,14 @@ pub(super) fn burst<'a, S: Duplex>(
                     debug!("idle timeout; closing");
                     break;
                 }
-                () = std::future::poll_fn(|cx| this.client.entry.poll_killed(cx)), if !this.draining => {
-                    debug!("killed (CLIENT KILL); closing");
-                    break;
-                }
+                event = std::future::poll_fn(|cx| this.client.entry.poll_event(cx)), if !this.draining => match event {
+                    Event::Killed => {
+                        debug!("killed (CLIENT KILL); closing");
+                        break;
+                    }
+                    // Taken at the top of the loop.
+                    Event::Mail => {}
+                },
                 // A CLIENT PAUSE this client's next request waits out.
                 () = std::future::poll_fn(|cx| poll_pause(&mut this.pause, cx)), if this.pause.is_some() => {
                     this.pause = None;

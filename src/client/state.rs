@@ -33,7 +33,7 @@ pub(crate) enum ReplyMode {
     Skip,
 }
 
-/// One client's connection state. Every idle client holds one, so it is kept small (56
+/// One client's connection state. Every idle client holds one, so it is kept small (64
 /// bytes): what others may see of the client (CLIENT LIST) is in its [`Entry`].
 #[derive(Debug)]
 pub(crate) struct ClientState {
@@ -54,16 +54,21 @@ pub(crate) struct ClientState {
     /// What CLIENT LIST shows of this client; removed from `clients` when the state drops.
     pub entry: Arc<Entry>,
     clients: Arc<Clients>,
+    /// CLIENT TRACKING's options, while the client tracks. Boxed: few clients track.
+    pub(super) tracking: Option<Box<super::tracking::Tracking>>,
 }
 
 impl Drop for ClientState {
     fn drop(&mut self) {
+        if self.tracking.is_some() {
+            self.hubs.tracker().disable(self.id);
+        }
         self.clients.remove(self.id);
     }
 }
 
 /// What the session must do after a locally answered command.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Effect {
     None,
     /// RESET: drop any transaction or pinned connection as well.
@@ -77,6 +82,9 @@ pub(crate) enum Effect {
     /// carries nothing else (or on the client's own watching connection), then call
     /// [`ClientState::handle`] again with the command and Redis's reply.
     Check(Bytes),
+    /// CLIENT TRACKING ON while redmux's invalidation stream is not up yet: the reply (OK, or
+    /// an error once the client no longer tracks) comes when it is.
+    Track(tokio::sync::oneshot::Receiver<crate::upstream::Reply>),
 }
 
 /// Redis's answer to the AUTH that [`Effect::Check`] asked for, if it has come.
@@ -108,6 +116,7 @@ impl ClientState {
             hubs,
             entry,
             clients,
+            tracking: None,
         })
     }
 
@@ -463,15 +472,13 @@ impl ClientState {
                     }
                 }
             }
-            (b"tracking" | b"caching" | b"getredir" | b"trackinginfo", _) => {
-                encode::error(&format!(
-                    "redmux: CLIENT {} is not supported yet",
-                    String::from_utf8_lossy(&lower).to_ascii_uppercase()
-                ))
+            (b"tracking", 1..) | (b"caching", 1) | (b"getredir" | b"trackinginfo", 0) => {
+                return self.tracking_command(&lower, args);
             }
             (
                 b"id" | b"getname" | b"setname" | b"info" | b"reply" | b"no-evict" | b"no-touch"
-                | b"setinfo" | b"kill" | b"pause" | b"unpause" | b"unblock",
+                | b"setinfo" | b"kill" | b"pause" | b"unpause" | b"unblock" | b"tracking"
+                | b"caching" | b"getredir" | b"trackinginfo",
                 _,
             ) => arity(&format!("client|{}", String::from_utf8_lossy(&lower))),
             _ => crate::command::unknown_subcommand(b"client", sub),
@@ -744,6 +751,7 @@ impl ClientState {
         });
         self.reply_mode = ReplyMode::On;
         self.authenticated = !self.users.required();
+        self.tracking_off();
         Bytes::from_static(b"+RESET\r\n")
     }
 

@@ -276,10 +276,13 @@ impl ClientState {
             tracking.caching = false;
         }
         let read = read_only(command, request);
-        let tracked_read = read
-            && !tracking.bcast
-            && !(tracking.optin && !caching)
-            && !(tracking.optout && caching);
+        // OPTIN: only after CLIENT CACHING YES; OPTOUT: unless after CLIENT CACHING NO.
+        let wanted = if tracking.optin {
+            caching
+        } else {
+            !(tracking.optout && caching)
+        };
+        let tracked_read = read && !tracking.bcast && wanted;
         let own_write = tracking.noloop && !read && command::may_write(command, request);
         if !tracked_read && !own_write {
             return;
@@ -294,52 +297,70 @@ impl ClientState {
     }
 
     /// The bytes an invalidation becomes for this client, now that every reply owed before it
-    /// is out: a push to itself (RESP3; a RESP2 client without REDIRECT gets nothing, as from
-    /// Redis), or, with REDIRECT, nothing here and a message posted to the redirect client.
+    /// is out: pushes to itself (RESP3; a RESP2 client without REDIRECT gets nothing, as from
+    /// Redis), or, with REDIRECT, nothing here: the invalidation is posted to the redirect
+    /// client, which delivers it behind its own replies ([`ClientState::redirected`]).
     pub(super) fn invalidation(&mut self, invalidation: &Invalidation) -> Bytes {
         let resp3 = self.resp3;
-        let Some(tracking) = self.tracking.as_deref_mut() else {
+        let Some(&Tracking {
+            redirect, bcast, ..
+        }) = self.tracking.as_deref()
+        else {
             return Bytes::new();
         };
-        // Default mode: a push per key, as Redis sends them; BCAST: one for the batch.
-        let batches: Vec<Option<Vec<&[u8]>>> = match invalidation {
-            Invalidation::All => vec![None],
-            Invalidation::Keys(keys) if tracking.bcast => {
-                vec![Some(keys.iter().map(|k| &k[..]).collect())]
+        if redirect == 0 {
+            // Default mode: a push per key, as Redis sends them; BCAST: one per batch.
+            return if resp3 {
+                frames(true, invalidation, !bcast, resp3)
+            } else {
+                Bytes::new()
+            };
+        }
+        if let Some(target) = self.clients().get(redirect) {
+            target.post(invalidation.clone());
+            return Bytes::new();
+        }
+        if let Some(tracking) = self.tracking.as_deref_mut() {
+            if !std::mem::replace(&mut tracking.broken, true) {
+                self.publish_tracking();
             }
-            Invalidation::Keys(keys) => keys.iter().map(|k| Some(vec![&k[..]])).collect(),
-        };
-        let frames = |push: bool| {
+        }
+        if resp3 {
+            encode::tracking_redirect_broken(redirect)
+        } else {
+            Bytes::new()
+        }
+    }
+
+    /// The bytes invalidations redirected to this client become: a push (RESP3), or a message
+    /// on `__redis__:invalidate` to a RESP2 client that is subscribed to anything, as Redis
+    /// sends them (`sendTrackingMessage` in Redis's `src/tracking.c`); else nothing. Those that
+    /// waited together go as one, with every key.
+    pub(super) fn redirected(&self, invalidation: &Invalidation) -> Bytes {
+        if self.resp3 {
+            frames(true, invalidation, false, true)
+        } else if self.entry.flag(flag::PUBSUB) {
+            frames(false, invalidation, false, false)
+        } else {
+            Bytes::new()
+        }
+    }
+}
+
+/// `invalidation` as pushes (or messages), one per key if `per_key`, else one in all.
+fn frames(push: bool, invalidation: &Invalidation, per_key: bool, resp3: bool) -> Bytes {
+    match invalidation {
+        Invalidation::All => encode::invalidation(push, None, resp3),
+        Invalidation::Keys(keys) if per_key => {
             let mut out = BytesMut::new();
-            for keys in &batches {
-                out.put(encode::invalidation(push, keys.as_deref(), resp3));
+            for key in keys {
+                out.put(encode::invalidation(push, Some(&[&key[..]]), resp3));
             }
             out.freeze()
-        };
-        if tracking.redirect == 0 {
-            return if resp3 { frames(true) } else { Bytes::new() };
         }
-        match self.clients().get(tracking.redirect) {
-            Some(target) => {
-                if target.is_resp3() {
-                    target.post(frames(true));
-                } else if target.flag(flag::PUBSUB) {
-                    target.post(frames(false));
-                }
-                Bytes::new()
-            }
-            None => {
-                let redirect = tracking.redirect;
-                let newly = !std::mem::replace(&mut tracking.broken, true);
-                if newly {
-                    self.publish_tracking();
-                }
-                if resp3 {
-                    encode::tracking_redirect_broken(redirect)
-                } else {
-                    Bytes::new()
-                }
-            }
+        Invalidation::Keys(keys) => {
+            let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+            encode::invalidation(push, Some(&keys), resp3)
         }
     }
 }

@@ -92,7 +92,8 @@ pub fn put_header(out: &mut impl BufMut, kind: u8, len: usize) {
 /// A CLIENT TRACKING invalidation as Redis sends it (`sendTrackingMessage` in Redis's
 /// `src/tracking.c`): a push, `>2 invalidate <keys>`, to a RESP3 client; a message on
 /// `__redis__:invalidate` to a RESP2 client that is subscribed. `keys: None` is the null
-/// invalidation ("everything"), in the null of the tracking client's protocol (`resp3_null`).
+/// invalidation ("everything"), in the null of the protocol of the client it reaches
+/// (`resp3_null`).
 pub fn invalidation(push: bool, keys: Option<&[&[u8]]>, resp3_null: bool) -> Bytes {
     let mut out = BytesMut::new();
     if push {

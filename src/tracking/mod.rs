@@ -42,6 +42,37 @@ pub enum Invalidation {
     All,
 }
 
+/// Most keys, and most bytes of keys, that invalidations waiting for one client merge into:
+/// past either, they become one null invalidation ("flush everything"), which is always
+/// correct and keeps what waits for a client that does not read bounded.
+const MERGED_MAX_KEYS: usize = 1024;
+const MERGED_MAX_BYTES: usize = 64 * 1024;
+
+impl Invalidation {
+    /// Adds `next` to what waits in `slot`.
+    pub fn merge(slot: &mut Option<Invalidation>, next: Invalidation) {
+        match slot {
+            Some(waiting) => waiting.absorb(next),
+            None => *slot = Some(next),
+        }
+    }
+
+    /// Takes `next` in: the keys of both, or everything.
+    pub fn absorb(&mut self, next: Invalidation) {
+        match (&mut *self, next) {
+            (Invalidation::All, _) => {}
+            (_, Invalidation::All) => *self = Invalidation::All,
+            (Invalidation::Keys(keys), Invalidation::Keys(more)) => {
+                keys.extend(more);
+                let bytes: usize = keys.iter().map(Bytes::len).sum();
+                if keys.len() > MERGED_MAX_KEYS || bytes > MERGED_MAX_BYTES {
+                    *self = Invalidation::All;
+                }
+            }
+        }
+    }
+}
+
 /// Where a client's invalidations go: its session, woken to deliver them.
 pub trait Sink: Send + Sync + Debug {
     fn invalidate(&self, invalidation: Invalidation);
@@ -115,7 +146,7 @@ impl Tracker {
 
     /// Whether clients can track through this upstream.
     pub fn supported(&self) -> Result<(), Unsupported> {
-        self.inner.dial.as_ref().map(|_| ())
+        self.inner.dial.as_ref().map(|_| ()).map_err(|e| *e)
     }
 
     /// Client `id` tracks in `mode` from now on, told through `sink`. `None` when the stream

@@ -1,10 +1,7 @@
 //! The stream: redmux's own connection in `CLIENT TRACKING ON BCAST` mode (RESP3), on which
 //! Redis pushes every key that changes. It reconnects until no client tracks.
 
-use std::{
-    sync::Weak,
-    time::Duration,
-};
+use std::{sync::Weak, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
@@ -65,7 +62,9 @@ pub(super) async fn run(tracker: Weak<Inner>, dial: Dial, timeouts: Timeouts) {
                 drop(inner);
                 match follow(&tracker, reader, rbuf).await {
                     Ok(()) => return,
-                    Err(error) => warn!(error = %Chain(&error), "tracking stream lost; reconnecting"),
+                    Err(error) => {
+                        warn!(error = %Chain(&error), "tracking stream lost; reconnecting")
+                    }
                 }
             }
             Err(error) => {

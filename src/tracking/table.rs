@@ -29,11 +29,11 @@ struct Tracking {
 }
 
 /// What an invalidation means for the clients: `(client, keys)` in no particular order.
-pub type Deliveries = Vec<(u64, Vec<Bytes>)>;
+pub(super) type Deliveries = Vec<(u64, Vec<Bytes>)>;
 
 /// The tracking table: keys read by clients in the default mode, and the BCAST clients.
 #[derive(Debug)]
-pub struct Table {
+pub(super) struct Table {
     /// Key → the clients that read it since its last invalidation.
     readers: HashMap<Bytes, Vec<u64>>,
     clients: HashMap<u64, Tracking>,
@@ -43,7 +43,7 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn new(max_keys: usize) -> Table {
+    pub(super) fn new(max_keys: usize) -> Table {
         Table {
             readers: HashMap::new(),
             clients: HashMap::new(),
@@ -51,26 +51,21 @@ impl Table {
         }
     }
 
-    pub fn set_max_keys(&mut self, max_keys: usize) {
+    pub(super) fn set_max_keys(&mut self, max_keys: usize) {
         self.max_keys = max_keys;
     }
 
     /// Keys in the table.
-    pub fn keys(&self) -> usize {
+    pub(super) fn keys(&self) -> usize {
         self.readers.len()
     }
 
-    /// Clients tracking.
-    pub fn clients(&self) -> impl Iterator<Item = u64> + '_ {
-        self.clients.keys().copied()
-    }
-
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.clients.is_empty()
     }
 
     /// Client `id` tracks in `mode` from now on (replacing any mode it had).
-    pub fn enable(&mut self, id: u64, mode: Mode) {
+    pub(super) fn enable(&mut self, id: u64, mode: Mode) {
         self.clients.insert(
             id,
             Tracking {
@@ -82,13 +77,17 @@ impl Table {
 
     /// Client `id` stops tracking. Its reads stay in the table until their keys change:
     /// delivering to a client that no longer tracks is skipped, as Redis skips it.
-    pub fn disable(&mut self, id: u64) {
+    pub(super) fn disable(&mut self, id: u64) {
         self.clients.remove(&id);
     }
 
     /// Client `id` read `keys` (its session decided the read is tracked). Returns the
     /// invalidations that evicting keys to stay within `max_keys` causes.
-    pub fn read<'a>(&mut self, id: u64, keys: impl IntoIterator<Item = &'a [u8]>) -> Deliveries {
+    pub(super) fn read<'a>(
+        &mut self,
+        id: u64,
+        keys: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Deliveries {
         let mut evicted = Vec::new();
         for key in keys {
             if let Some(readers) = self.readers.get_mut(key) {
@@ -117,7 +116,7 @@ impl Table {
     /// stops tracking those keys (Redis removes them from the table when the write
     /// invalidates them, and skips the writer); in BCAST mode the invalidation is skipped
     /// once when it comes.
-    pub fn wrote<'a>(&mut self, id: u64, keys: impl IntoIterator<Item = &'a [u8]>) {
+    pub(super) fn wrote<'a>(&mut self, id: u64, keys: impl IntoIterator<Item = &'a [u8]>) {
         let Some(tracking) = self.clients.get_mut(&id) else {
             return;
         };
@@ -152,7 +151,7 @@ impl Table {
     /// Redis says `keys` changed: who must hear of it. Readers are forgotten (they read again
     /// to be tracked again, as in Redis); BCAST clients hear of every key their prefixes
     /// match.
-    pub fn invalidate(&mut self, keys: &[Bytes]) -> Deliveries {
+    pub(super) fn invalidate(&mut self, keys: &[Bytes]) -> Deliveries {
         let mut out = Deliveries::new();
         for key in keys {
             if let Some(readers) = self.readers.remove(key) {
@@ -178,7 +177,7 @@ impl Table {
 
     /// Everything may have changed (FLUSHALL, or the stream was lost): the table is emptied,
     /// and every tracking client is to get a null invalidation. Returns them.
-    pub fn flush(&mut self) -> Vec<u64> {
+    pub(super) fn flush(&mut self) -> Vec<u64> {
         self.readers.clear();
         for tracking in self.clients.values_mut() {
             tracking.own.clear();
