@@ -249,7 +249,7 @@ mod tests {
     use tokio::net::TcpStream;
 
     use super::{state::ReplyMode, *};
-    use crate::metrics::Metrics;
+    use crate::{metrics::Metrics, tracking::Invalidation};
 
     fn future_size<A, F: Fn(A) -> Fut, Fut>(_: &F) -> usize {
         std::mem::size_of::<Fut>()
@@ -375,6 +375,67 @@ mod tests {
         let out = String::from_utf8(written(&state)).unwrap();
         assert!(out.starts_with("-ERR "), "{out}");
         assert!(out.ends_with("+after\r\n"), "{out}");
+        shutdown.cancel();
+    }
+
+    /// A tracking client in RESP3, with a read of its own still owed a reply.
+    async fn tracking_state(
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> (State, oneshot::Sender<Reply>) {
+        let mut state = offline_state(shutdown).await;
+        state.client.resp3 = true;
+        state.client.tracking = Some(Box::default());
+        let read = upstream_slot(&mut state);
+        (state, read)
+    }
+
+    fn invalidate(state: &State, key: &[u8]) {
+        let keys = vec![Bytes::copy_from_slice(key)];
+        crate::tracking::Sink::invalidate(&*state.client.entry, Invalidation::Keys(keys));
+    }
+
+    /// An invalidation never overtakes the reply of a read sent before it: the read may have
+    /// run before the write, and the client would cache a value the invalidation was for.
+    #[tokio::test]
+    async fn an_invalidation_waits_behind_the_replies_owed_before_it() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (mut state, read) = tracking_state(&shutdown).await;
+        invalidate(&state, b"k");
+        assert!(state.client.entry.has_mail());
+        state.take_mail();
+        assert!(!state.client.entry.has_mail());
+        state.collect_ready();
+        assert!(written(&state).is_empty(), "nothing overtakes the read");
+        read.send(Ok(Bytes::from_static(b"$1\r\nv\r\n").into()))
+            .unwrap();
+        state.collect_ready();
+        assert_eq!(
+            written(&state),
+            b"$1\r\nv\r\n>2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n".to_vec()
+        );
+        shutdown.cancel();
+    }
+
+    /// Invalidations that wait behind a reply that does not come (a blocking command) merge
+    /// into one, and past a bound into the null invalidation: what waits stays bounded.
+    #[tokio::test]
+    async fn waiting_invalidations_stay_bounded() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (mut state, read) = tracking_state(&shutdown).await;
+        for i in 0..5000 {
+            invalidate(&state, format!("key:{i}").as_bytes());
+            if i % 3 == 0 {
+                state.take_mail();
+            }
+        }
+        state.take_mail();
+        assert_eq!(state.pending.len(), 2, "the read, and one invalidation");
+        read.send(Ok(Bytes::from_static(b"_\r\n").into())).unwrap();
+        state.collect_ready();
+        assert_eq!(
+            written(&state),
+            b"_\r\n>2\r\n$10\r\ninvalidate\r\n_\r\n".to_vec()
+        );
         shutdown.cancel();
     }
 
