@@ -13,7 +13,7 @@
 //!   `auth`, and `cluster` (slots, key positions, the slot map, splits: pure);
 //! - `upstream`: connections only (actors, the pinned pool, dial and handshake with its TLS
 //!   client side, the cluster router). It never reaches `client` or `server`;
-//! - `pubsub` and `monitor`, built on upstream connections;
+//! - `pubsub`, `monitor` and `tracking`, built on upstream connections;
 //! - `client`: one client's session, event loop, dispatch, replies, transaction,
 //!   subscriptions and state;
 //! - `server`: listeners, accept, the TLS server side, admission, reload, serving threads;
