@@ -241,7 +241,6 @@ async fn unsupported_commands_are_refused_and_never_forwarded() {
         (&["REPLICAOF", "NO", "ONE"], "REPLICAOF"),
         (&["REPLCONF", "ACK", "0"], "REPLCONF"),
         (&["SCRIPT", "DEBUG", "YES"], "SCRIPT DEBUG"),
-        (&["CLIENT", "TRACKING", "ON"], "CLIENT TRACKING"),
     ];
     for (args, name) in refused {
         let reply = a.call(args).await;
