@@ -198,11 +198,6 @@ impl Tracker {
     pub fn wrote<'a>(&self, id: u64, keys: impl IntoIterator<Item = &'a [u8]>) {
         self.inner.lock().table.wrote(id, keys);
     }
-
-    /// Keys in the table, for `/status`.
-    pub fn keys(&self) -> usize {
-        self.inner.lock().table.keys()
-    }
 }
 
 impl Inner {

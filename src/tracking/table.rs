@@ -55,11 +55,6 @@ impl Table {
         self.max_keys = max_keys;
     }
 
-    /// Keys in the table.
-    pub(super) fn keys(&self) -> usize {
-        self.readers.len()
-    }
-
     pub(super) fn is_empty(&self) -> bool {
         self.clients.is_empty()
     }
@@ -244,7 +239,7 @@ mod tests {
         table.read(1, [&b"k"[..]]);
         table.disable(1);
         assert!(table.invalidate(&keys(&["k"])).is_empty());
-        assert_eq!(table.keys(), 0);
+        assert_eq!(table.readers.len(), 0);
     }
 
     #[test]
@@ -300,7 +295,7 @@ mod tests {
         table.enable(1, Mode::Reads { noloop: false });
         assert!(table.read(1, [&b"a"[..], b"b"]).is_empty());
         let evicted = table.read(1, [&b"c"[..]]);
-        assert_eq!(table.keys(), 2);
+        assert_eq!(table.readers.len(), 2);
         assert_eq!(evicted.len(), 1);
         assert_eq!(evicted[0].0, 1);
         let key = &evicted[0].1[0];
@@ -322,6 +317,6 @@ mod tests {
         let mut all = table.flush();
         all.sort();
         assert_eq!(all, vec![1, 2]);
-        assert_eq!(table.keys(), 0);
+        assert_eq!(table.readers.len(), 0);
     }
 }
