@@ -70,34 +70,43 @@ async fn info_fields(raw: &mut Raw, ids: &[&str]) -> String {
     fields.join(" ")
 }
 
-/// Runs `scenario` at each of [`ends`], after emptying Redis, and asserts every transcript is
-/// Redis's.
-macro_rules! same_as_redis {
-    ($redis:expr, $redmux:expr, $scenario:ident) => {{
-        let mut transcripts = Vec::new();
-        for (name, ends) in ends(&$redis, &$redmux) {
-            let mut direct = $redis.direct();
-            let () = redis::cmd("FLUSHALL").query(&mut direct).unwrap();
-            transcripts.push((name, $scenario(ends).await));
-        }
-        let (_, expected) = &transcripts[0];
-        for (name, transcript) in &transcripts[1..] {
-            assert_eq!(
-                transcript, expected,
-                "{name}: the transcript differs from Redis's"
-            );
-        }
-        transcripts.swap_remove(0).1
-    }};
+/// Starts Redis and redmux, runs `scenario` at each of [`ends`] after emptying Redis, and
+/// asserts every transcript is Redis's; returns it.
+async fn same_as_redis<F, Fut>(scenario: F) -> Vec<String>
+where
+    F: Fn(Ends) -> Fut,
+    Fut: std::future::Future<Output = Vec<String>>,
+{
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut transcripts = Vec::new();
+    for (name, ends) in ends(&redis, &redmux) {
+        let mut direct = redis.direct();
+        let () = redis::cmd("FLUSHALL").query(&mut direct).unwrap();
+        transcripts.push((name, scenario(ends).await));
+    }
+    let (_, expected) = &transcripts[0];
+    for (name, transcript) in &transcripts[1..] {
+        assert_eq!(
+            transcript, expected,
+            "{name}: the transcript differs from Redis's"
+        );
+    }
+    transcripts.swap_remove(0).1
+}
+
+/// A tracking client in RESP3 and a writer.
+async fn resp3_clients(ends: Ends) -> (Raw, Raw) {
+    let mut t = Raw::connect(ends.track).await;
+    assert!(t.call(&["HELLO", "3"]).await.starts_with('%'));
+    (t, Raw::connect(ends.write).await)
 }
 
 /// The default mode in RESP3: reads are tracked, each changed key is pushed once, the
 /// client's own write is pushed after its reply, FLUSHALL pushes the null invalidation.
 async fn default_mode(ends: Ends) -> Vec<String> {
-    let mut t = Raw::connect(ends.track).await;
-    let mut w = Raw::connect(ends.write).await;
+    let (mut t, mut w) = resp3_clients(ends).await;
     let mut log = Vec::new();
-    assert!(t.call(&["HELLO", "3"]).await.starts_with('%'));
     log.push(t.call(&["CLIENT", "TRACKING", "ON"]).await);
     log.push(t.call(&["GET", "k"]).await);
     assert_eq!(w.call(&["SET", "k", "1"]).await, "+OK\r\n");
@@ -130,9 +139,7 @@ async fn default_mode(ends: Ends) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_mode_pushes_what_redis_pushes() {
-    let redis = RedisServer::start();
-    let redmux = Redmux::start(&redis.addr()).await;
-    let log = same_as_redis!(redis, redmux, default_mode);
+    let log = same_as_redis(default_mode).await;
     assert_eq!(log[2], ">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n");
     assert_eq!(log[13], ">2\r\n$10\r\ninvalidate\r\n_\r\n", "{log:?}");
 }
@@ -166,9 +173,7 @@ async fn redirect_resp2(ends: Ends) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resp2_client_redirects_to_a_subscribed_client() {
-    let redis = RedisServer::start();
-    let redmux = Redmux::start(&redis.addr()).await;
-    let log = same_as_redis!(redis, redmux, redirect_resp2);
+    let log = same_as_redis(redirect_resp2).await;
     assert_eq!(
         log[3],
         "*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$1\r\nk\r\n"
@@ -218,19 +223,15 @@ fn frame_of(text: String, ids: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_redirect_is_reported_as_redis_reports_it() {
-    let redis = RedisServer::start();
-    let redmux = Redmux::start(&redis.addr()).await;
-    let log = same_as_redis!(redis, redmux, broken_redirect);
+    let log = same_as_redis(broken_redirect).await;
     assert_eq!(log[2], ">2\r\n$21\r\ntracking-redir-broken\r\n:ID\r\n");
     assert_eq!(log[3], "flags=tR redir=ID");
 }
 
 /// BCAST with prefixes and NOLOOP: only matching keys, and not the client's own writes.
 async fn broadcast(ends: Ends) -> Vec<String> {
-    let mut t = Raw::connect(ends.track).await;
-    let mut w = Raw::connect(ends.write).await;
+    let (mut t, mut w) = resp3_clients(ends).await;
     let mut log = Vec::new();
-    assert!(t.call(&["HELLO", "3"]).await.starts_with('%'));
     let on = ["CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "b:"];
     log.push(t.call(&on).await);
     log.push(
@@ -256,19 +257,15 @@ async fn broadcast(ends: Ends) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bcast_follows_prefixes_and_noloop() {
-    let redis = RedisServer::start();
-    let redmux = Redmux::start(&redis.addr()).await;
-    let log = same_as_redis!(redis, redmux, broadcast);
+    let log = same_as_redis(broadcast).await;
     assert_eq!(log[3], "flags=tB redir=0");
     assert_eq!(log[7], ">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\na:3\r\n");
 }
 
 /// OPTIN: only a read after CLIENT CACHING YES is tracked.
 async fn optin(ends: Ends) -> Vec<String> {
-    let mut t = Raw::connect(ends.track).await;
-    let mut w = Raw::connect(ends.write).await;
+    let (mut t, mut w) = resp3_clients(ends).await;
     let mut log = Vec::new();
-    assert!(t.call(&["HELLO", "3"]).await.starts_with('%'));
     log.push(t.call(&["CLIENT", "TRACKING", "ON", "OPTIN"]).await);
     log.push(t.call(&["GET", "k"]).await);
     log.push(t.call(&["CLIENT", "CACHING", "YES"]).await);
@@ -282,9 +279,7 @@ async fn optin(ends: Ends) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn optin_tracks_only_after_caching_yes() {
-    let redis = RedisServer::start();
-    let redmux = Redmux::start(&redis.addr()).await;
-    let log = same_as_redis!(redis, redmux, optin);
+    let log = same_as_redis(optin).await;
     assert_eq!(log[5], ">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nj\r\n");
 }
 
