@@ -228,17 +228,15 @@ async fn a_broken_redirect_is_reported_as_redis_reports_it() {
     assert_eq!(log[3], "flags=tR redir=ID");
 }
 
-/// BCAST with prefixes and NOLOOP: only matching keys, and not the client's own writes.
+/// BCAST with prefixes: only matching keys.
 async fn broadcast(ends: Ends) -> Vec<String> {
     let (mut t, mut w) = resp3_clients(ends).await;
     let mut log = Vec::new();
     let on = ["CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "b:"];
     log.push(t.call(&on).await);
     log.push(
-        t.call(&[
-            "CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "a:", "NOLOOP",
-        ])
-        .await,
+        t.call(&["CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "a:"])
+            .await,
     );
     log.push(t.call(&["CLIENT", "TRACKINGINFO"]).await);
     log.push(info_fields(&mut t, &[]).await);
@@ -248,18 +246,17 @@ async fn broadcast(ends: Ends) -> Vec<String> {
     assert_eq!(w.call(&["SET", "c:1", "x"]).await, "+OK\r\n");
     assert_eq!(w.call(&["SET", "b:1", "x"]).await, "+OK\r\n");
     log.push(t.reply_str().await);
-    // Nor is the client's own write, with NOLOOP.
+    // The client's own write too.
     log.push(t.call(&["SET", "a:2", "x"]).await);
-    assert_eq!(w.call(&["SET", "a:3", "x"]).await, "+OK\r\n");
     log.push(t.reply_str().await);
     log
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bcast_follows_prefixes_and_noloop() {
+async fn bcast_follows_prefixes() {
     let log = same_as_redis(broadcast).await;
     assert_eq!(log[3], "flags=tB redir=0");
-    assert_eq!(log[7], ">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\na:3\r\n");
+    assert_eq!(log[7], ">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\na:2\r\n");
 }
 
 /// OPTIN: only a read after CLIENT CACHING YES is tracked.
@@ -281,6 +278,140 @@ async fn optin(ends: Ends) -> Vec<String> {
 async fn optin_tracks_only_after_caching_yes() {
     let log = same_as_redis(optin).await;
     assert_eq!(log[5], ">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nj\r\n");
+}
+
+/// Reads in a transaction are tracked when EXEC runs them, and CLIENT CACHING YES before
+/// MULTI covers them (as rueidis caches).
+async fn transaction(ends: Ends) -> Vec<String> {
+    let (mut t, mut w) = resp3_clients(ends).await;
+    let mut log = Vec::new();
+    log.push(t.call(&["CLIENT", "TRACKING", "ON"]).await);
+    log.push(t.call(&["MULTI"]).await);
+    log.push(t.call(&["GET", "m"]).await);
+    // Not read yet: nothing to hear of.
+    assert_eq!(w.call(&["SET", "m", "2"]).await, "+OK\r\n");
+    log.push(t.call(&["EXEC"]).await);
+    assert_eq!(w.call(&["SET", "m", "3"]).await, "+OK\r\n");
+    log.push(t.reply_str().await);
+    log.push(t.call(&["CLIENT", "TRACKING", "ON", "OPTIN"]).await);
+    let steps = [
+        &["CLIENT", "CACHING", "YES"][..],
+        &["MULTI"],
+        &["PTTL", "o"],
+        &["GET", "o"],
+        &["EXEC"],
+    ];
+    let pipeline: Vec<u8> = steps
+        .iter()
+        .flat_map(|step| redmux::resp::encode_command(step.iter().map(|a| a.as_bytes())))
+        .collect();
+    for reply in t.pipeline(&pipeline, steps.len()).await {
+        log.push(String::from_utf8_lossy(&reply).into_owned());
+    }
+    assert_eq!(w.call(&["SET", "o", "1"]).await, "+OK\r\n");
+    log.push(t.reply_str().await);
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_in_a_transaction_are_tracked_when_exec_runs_them() {
+    let log = same_as_redis(transaction).await;
+    assert_eq!(log[4], ">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nm\r\n");
+    assert_eq!(log[11], ">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\no\r\n");
+}
+
+/// A redirect client hears at once, even while the tracking client waits on a blocking
+/// command: the tracking client's replies are another connection's business.
+async fn redirect_while_blocked(ends: Ends) -> Vec<String> {
+    let mut s = Raw::connect(ends.track).await;
+    let mut t = Raw::connect(ends.track).await;
+    let mut w = Raw::connect(ends.write).await;
+    let id = id_of(&mut s).await;
+    let mut log = Vec::new();
+    log.push(s.call(&["SUBSCRIBE", "__redis__:invalidate"]).await);
+    log.push(t.call(&["CLIENT", "TRACKING", "ON", "REDIRECT", &id]).await);
+    log.push(t.call(&["GET", "k"]).await);
+    t.send("*3\r\n$5\r\nBLPOP\r\n$1\r\nl\r\n$1\r\n0\r\n").await;
+    // Blocked once Redis counts a blocked client.
+    let deadline = support::Deadline::new();
+    while !w
+        .call(&["INFO", "clients"])
+        .await
+        .contains("blocked_clients:1\r")
+    {
+        deadline.next_try("the BLPOP blocked").await;
+    }
+    assert_eq!(w.call(&["SET", "k", "1"]).await, "+OK\r\n");
+    log.push(s.reply_str().await);
+    assert_eq!(w.call(&["RPUSH", "l", "x"]).await, ":1\r\n");
+    log.push(t.reply_str().await);
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_client_hears_while_the_tracking_client_is_blocked() {
+    let log = same_as_redis(redirect_while_blocked).await;
+    assert_eq!(
+        log[3],
+        "*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$1\r\nk\r\n"
+    );
+}
+
+/// NOLOOP is accepted and shown, but a client through redmux may hear of its own writes:
+/// redmux cannot tell its write from another's change to the same key, and skipping the
+/// wrong one would leave a stale cache. A write that changed nothing never hides the next
+/// change from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noloop_never_hides_another_clients_change() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    for bcast in [false, true] {
+        let mut t = redmux.raw().await;
+        let mut w = redmux.raw().await;
+        assert_eq!(w.call(&["SET", "k", "v1"]).await, "+OK\r\n");
+        assert!(t.call(&["HELLO", "3"]).await.starts_with('%'));
+        let on: &[&str] = if bcast {
+            &["CLIENT", "TRACKING", "ON", "BCAST", "NOLOOP"]
+        } else {
+            &["CLIENT", "TRACKING", "ON", "NOLOOP"]
+        };
+        assert_eq!(t.call(on).await, "+OK\r\n");
+        assert!(t.call(&["CLIENT", "TRACKINGINFO"]).await.contains("noloop"));
+        assert_eq!(t.call(&["GET", "k"]).await, "$2\r\nv1\r\n");
+        // Writes that change nothing.
+        assert_eq!(t.call(&["SET", "k", "x", "NX"]).await, "_\r\n");
+        assert!(t.call(&["INCR", "k"]).await.starts_with("-ERR"));
+        assert_eq!(w.call(&["SET", "k", "v2"]).await, "+OK\r\n");
+        assert_eq!(
+            t.reply_str().await,
+            ">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n",
+            "bcast {bcast}"
+        );
+    }
+}
+
+/// A client logged in to Redis as its own ACL user is refused: Redis would check its ACL,
+/// and redmux's stream sees every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_running_as_its_own_acl_user_is_refused() {
+    let redis = RedisServer::start();
+    let mut direct = redis.direct();
+    let () = redis::cmd("ACL")
+        .arg(&["SETUSER", "lim", "on", ">pw", "~public:*", "+@all"])
+        .query(&mut direct)
+        .unwrap();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut t = redmux.raw().await;
+    assert_eq!(t.call(&["AUTH", "lim", "pw"]).await, "+OK\r\n");
+    assert_eq!(
+        t.call(&["CLIENT", "TRACKING", "ON", "BCAST"]).await,
+        "-ERR redmux: CLIENT TRACKING is not supported for clients logged in as their own \
+         Redis user yet\r\n"
+    );
+    assert!(t
+        .call(&["CLIENT", "TRACKINGINFO"])
+        .await
+        .contains("\r\noff\r\n"));
 }
 
 /// Invalid forms get Redis's errors, and the informational subcommands its replies.
@@ -336,6 +467,18 @@ async fn errors_and_info_are_redis_bytes() {
             &["CLIENT", "TRACKING", "ON"],
             &["CLIENT", "TRACKINGINFO"],
             &["HELLO", "3"],
+            &["CLIENT", "TRACKINGINFO"],
+        ],
+        &[
+            &["CLIENT", "TRACKING", "ON", "BCAST"],
+            &["CLIENT", "TRACKINGINFO"],
+            &["CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "a"],
+            &["CLIENT", "TRACKING", "ON", "BCAST"],
+            &["CLIENT", "TRACKINGINFO"],
+        ],
+        &[
+            &["CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "a"],
+            &["CLIENT", "TRACKING", "ON", "BCAST"],
             &["CLIENT", "TRACKINGINFO"],
         ],
     ];

@@ -7,7 +7,13 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{registry::flag, state::Effect, ClientState};
+use std::sync::Arc;
+
+use super::{
+    registry::{flag, Clients, Entry},
+    state::Effect,
+    ClientState,
+};
 use crate::{
     command::{self, c_string, CommandId},
     resp::{encode, parse_int, Args},
@@ -25,10 +31,40 @@ pub(crate) struct Tracking {
     optin: bool,
     optout: bool,
     noloop: bool,
-    /// CLIENT CACHING was given: it applies to the next command.
+    /// CLIENT CACHING was given: it applies to the next command (to EXEC in a transaction).
     caching: bool,
     /// The redirect client was gone when an invalidation was due.
     broken: bool,
+    /// Keys read by commands queued in MULTI: Redis tracks them when EXEC runs them, so
+    /// they are reported then, not when queued (a change in between would use their entry
+    /// up before the read).
+    queued: Vec<Bytes>,
+    /// More than [`QUEUED_MAX_KEYS`] were queued: a null invalidation follows the EXEC.
+    queued_overflow: bool,
+}
+
+/// Most keys of queued reads kept until EXEC; past it the client gets a null invalidation
+/// after the EXEC instead, which is always correct and keeps a long transaction bounded.
+const QUEUED_MAX_KEYS: usize = 65_536;
+
+/// Where the invalidations of a client that redirects go: straight to the redirect client,
+/// as Redis writes them to that connection, not behind the replies the tracking client owes
+/// (those are another connection's, and a blocked one would hold them for ever). If the
+/// redirect client has gone, to the tracking client itself, which reports the broken redirect.
+#[derive(Debug)]
+struct Redirect {
+    target: u64,
+    clients: Arc<Clients>,
+    own: Arc<Entry>,
+}
+
+impl Sink for Redirect {
+    fn invalidate(&self, invalidation: Invalidation) {
+        match self.clients.get(self.target) {
+            Some(target) => target.post(invalidation),
+            None => self.own.invalidate(invalidation),
+        }
+    }
 }
 
 /// The options of one `CLIENT TRACKING` command.
@@ -165,22 +201,32 @@ impl ClientState {
                 return error(&text);
             }
         }
+        // Redis checks its ACL here; redmux's stream sees every key, so a client running as an
+        // ACL user of its own could learn names it may not read.
+        if self.identity().is_some() {
+            return error(
+                "redmux: CLIENT TRACKING is not supported for clients logged in as their own \
+                 Redis user yet",
+            );
+        }
         let tracker = self.hubs().tracker().clone();
         if let Err(unsupported) = tracker.supported() {
             return error(&unsupported.to_string());
         }
         let mut prefixes = current.map(|t| t.prefixes.clone()).unwrap_or_default();
-        prefixes.extend(options.prefixes);
+        prefixes.extend(options.prefixes.iter().cloned());
+        if options.bcast && options.prefixes.is_empty() {
+            // BCAST without PREFIX: every key, which Redis keeps as the empty prefix.
+            prefixes.push(Bytes::new());
+        }
         prefixes.sort();
+        prefixes.dedup();
         let mode = if options.bcast {
             Mode::Broadcast {
                 prefixes: prefixes.clone(),
-                noloop: options.noloop,
             }
         } else {
-            Mode::Reads {
-                noloop: options.noloop,
-            }
+            Mode::Reads
         };
         self.tracking = Some(Box::new(Tracking {
             redirect: options.redirect,
@@ -189,11 +235,22 @@ impl ClientState {
             optin: options.optin,
             optout: options.optout,
             noloop: options.noloop,
-            caching: false,
+            // A second ON keeps CLIENT CACHING's flag, as Redis does.
+            caching: current.is_some_and(|t| t.caching),
             broken: false,
+            queued: Vec::new(),
+            queued_overflow: false,
         }));
         self.publish_tracking();
-        let sink: std::sync::Arc<dyn Sink> = self.entry.clone();
+        let sink: Arc<dyn Sink> = if options.redirect == 0 {
+            self.entry.clone()
+        } else {
+            Arc::new(Redirect {
+                target: options.redirect,
+                clients: self.clients().clone(),
+                own: self.entry.clone(),
+            })
+        };
         match tracker.enable(self.id, mode, sink) {
             None => (Bytes::from_static(b"+OK\r\n"), Effect::None),
             Some(rx) => (Bytes::new(), Effect::Track(rx)),
@@ -264,36 +321,55 @@ impl ClientState {
 
     /// The client is about to send `request` (`command`): a read is reported to the tracker
     /// (as Redis tracks the keys of `readonly` commands, in OPTIN mode only after CLIENT
-    /// CACHING YES, in OPTOUT mode unless after CLIENT CACHING NO), and with NOLOOP so is a
-    /// write. `in_multi`: CLIENT CACHING's flag lasts until EXEC, as in Redis.
+    /// CACHING YES, in OPTOUT mode unless after CLIENT CACHING NO). In a transaction
+    /// (`in_multi`) the reads are reported when EXEC is sent, as Redis tracks them when EXEC
+    /// runs them.
     pub(super) fn track(&mut self, command: CommandId, request: &[u8], in_multi: bool) {
         let Some(tracking) = self.tracking.as_deref_mut() else {
             return;
         };
         let name = command.name();
+        let ends_multi = in_multi && matches!(name, "exec" | "discard");
         let caching = tracking.caching;
-        if name != "client" && !in_multi {
+        // CLIENT CACHING's flag lasts through CLIENT commands, MULTI and what is queued, to
+        // the end of EXEC (`resetClient` in Redis's `src/networking.c`).
+        if !(name == "client" || name == "multi" || (in_multi && !ends_multi)) {
             tracking.caching = false;
         }
-        let read = read_only(command, request);
+        if ends_multi {
+            let queued = std::mem::take(&mut tracking.queued);
+            let overflow = std::mem::replace(&mut tracking.queued_overflow, false);
+            if name == "exec" {
+                let tracker = self.hubs().tracker();
+                tracker.read(self.id, queued.iter().map(|key| &key[..]));
+                if overflow {
+                    self.entry.invalidate(Invalidation::All);
+                }
+            }
+            return;
+        }
         // OPTIN: only after CLIENT CACHING YES; OPTOUT: unless after CLIENT CACHING NO.
         let wanted = if tracking.optin {
             caching
         } else {
             !(tracking.optout && caching)
         };
-        let tracked_read = read && !tracking.bcast && wanted;
-        let own_write = tracking.noloop && !read && command::may_write(command, request);
-        if !tracked_read && !own_write {
+        if tracking.bcast || !wanted || !read_only(command, request) {
             return;
         }
         let keys = crate::cluster::keys::keys(request);
-        let tracker = self.hubs().tracker();
-        if tracked_read {
-            tracker.read(self.id, keys.keys().iter().copied());
-        } else {
-            tracker.wrote(self.id, keys.keys().iter().copied());
+        if in_multi {
+            if tracking.queued.len() + keys.keys().len() > QUEUED_MAX_KEYS {
+                tracking.queued_overflow = true;
+            } else {
+                let more = keys.keys().iter().map(|key| Bytes::copy_from_slice(key));
+                tracking.queued.extend(more);
+            }
+            return;
         }
+        self.hubs()
+            .tracker()
+            .read(self.id, keys.keys().iter().copied());
     }
 
     /// The bytes an invalidation becomes for this client, now that every reply owed before it
@@ -325,11 +401,17 @@ impl ClientState {
                 self.publish_tracking();
             }
         }
-        if resp3 {
-            encode::tracking_redirect_broken(redirect)
-        } else {
-            Bytes::new()
+        if !resp3 {
+            return Bytes::new();
         }
+        // As many as Redis would send the invalidation itself.
+        let times = match invalidation {
+            Invalidation::Keys(keys) if !bcast => keys.len(),
+            _ => 1,
+        };
+        encode::tracking_redirect_broken(redirect)
+            .repeat(times)
+            .into()
     }
 
     /// The bytes invalidations redirected to this client become: a push (RESP3), or a message

@@ -193,11 +193,6 @@ impl Tracker {
         let evicted = shared.table.read(id, keys);
         shared.deliver(evicted);
     }
-
-    /// Client `id`, which tracks with NOLOOP, is about to write `keys`.
-    pub fn wrote<'a>(&self, id: u64, keys: impl IntoIterator<Item = &'a [u8]>) {
-        self.inner.lock().table.wrote(id, keys);
-    }
 }
 
 impl Inner {

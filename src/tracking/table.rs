@@ -2,30 +2,18 @@
 //! kept for redmux's clients. Pure data: the stream feeds it keys, sessions feed it reads and
 //! writes, and it answers with who gets which invalidation.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use bytes::Bytes;
-
-/// Most keys a BCAST client with NOLOOP remembers writing, waiting for the invalidation its
-/// own write causes. Past it the oldest are forgotten, and the client hears of its own write:
-/// an invalidation too many, never one too few.
-const OWN_WRITES_MAX: usize = 1024;
 
 /// How a client tracks keys (the options of `CLIENT TRACKING ON`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     /// Keys the client reads (Redis's default mode, with OPTIN and OPTOUT decided by the
     /// session before it reports a read).
-    Reads { noloop: bool },
+    Reads,
     /// Every key that starts with one of `prefixes` (all keys when empty): Redis's BCAST.
-    Broadcast { prefixes: Vec<Bytes>, noloop: bool },
-}
-
-#[derive(Debug)]
-struct Tracking {
-    mode: Mode,
-    /// BCAST with NOLOOP: keys the client wrote whose invalidation has not come yet.
-    own: HashSet<Bytes>,
+    Broadcast { prefixes: Vec<Bytes> },
 }
 
 /// What an invalidation means for the clients: `(client, keys)` in no particular order.
@@ -36,7 +24,7 @@ pub(super) type Deliveries = Vec<(u64, Vec<Bytes>)>;
 pub(super) struct Table {
     /// Key → the clients that read it since its last invalidation.
     readers: HashMap<Bytes, Vec<u64>>,
-    clients: HashMap<u64, Tracking>,
+    clients: HashMap<u64, Mode>,
     /// Like Redis's `tracking-table-max-keys`: past it, a key is evicted and its readers get
     /// its invalidation. 0: no limit.
     max_keys: usize,
@@ -61,13 +49,7 @@ impl Table {
 
     /// Client `id` tracks in `mode` from now on (replacing any mode it had).
     pub(super) fn enable(&mut self, id: u64, mode: Mode) {
-        self.clients.insert(
-            id,
-            Tracking {
-                mode,
-                own: HashSet::new(),
-            },
-        );
+        self.clients.insert(id, mode);
     }
 
     /// Client `id` stops tracking. Its reads stay in the table until their keys change:
@@ -107,42 +89,6 @@ impl Table {
         out
     }
 
-    /// Client `id` wrote `keys`. With NOLOOP it must not hear of it: in the default mode it
-    /// stops tracking those keys (Redis removes them from the table when the write
-    /// invalidates them, and skips the writer); in BCAST mode the invalidation is skipped
-    /// once when it comes.
-    pub(super) fn wrote<'a>(&mut self, id: u64, keys: impl IntoIterator<Item = &'a [u8]>) {
-        let Some(tracking) = self.clients.get_mut(&id) else {
-            return;
-        };
-        match &tracking.mode {
-            Mode::Reads { noloop: true } => {
-                for key in keys {
-                    if let Some(readers) = self.readers.get_mut(key) {
-                        readers.retain(|reader| *reader != id);
-                        if readers.is_empty() {
-                            self.readers.remove(key);
-                        }
-                    }
-                }
-            }
-            Mode::Broadcast {
-                noloop: true,
-                prefixes,
-            } => {
-                for key in keys {
-                    if matches_any(prefixes, key) {
-                        if tracking.own.len() >= OWN_WRITES_MAX {
-                            tracking.own.clear();
-                        }
-                        tracking.own.insert(Bytes::copy_from_slice(key));
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
     /// Redis says `keys` changed: who must hear of it. Readers are forgotten (they read again
     /// to be tracked again, as in Redis); BCAST clients hear of every key their prefixes
     /// match.
@@ -153,16 +99,15 @@ impl Table {
                 self.deliver_to(&mut out, readers, key);
             }
         }
-        for (id, tracking) in &mut self.clients {
-            let Mode::Broadcast { prefixes, noloop } = &tracking.mode else {
+        for (id, mode) in &self.clients {
+            let Mode::Broadcast { prefixes } = mode else {
                 continue;
             };
-            let mut matched = Vec::new();
-            for key in keys {
-                if matches_any(prefixes, key) && !(*noloop && tracking.own.remove(key)) {
-                    matched.push(key.clone());
-                }
-            }
+            let matched: Vec<Bytes> = keys
+                .iter()
+                .filter(|key| matches_any(prefixes, key))
+                .cloned()
+                .collect();
             if !matched.is_empty() {
                 out.push((*id, matched));
             }
@@ -174,9 +119,6 @@ impl Table {
     /// and every tracking client is to get a null invalidation. Returns them.
     pub(super) fn flush(&mut self) -> Vec<u64> {
         self.readers.clear();
-        for tracking in self.clients.values_mut() {
-            tracking.own.clear();
-        }
         self.clients.keys().copied().collect()
     }
 
@@ -186,7 +128,7 @@ impl Table {
             let reads = self
                 .clients
                 .get(&id)
-                .is_some_and(|t| matches!(t.mode, Mode::Reads { .. }));
+                .is_some_and(|mode| *mode == Mode::Reads);
             if !reads {
                 continue;
             }
@@ -222,8 +164,8 @@ mod tests {
     #[test]
     fn a_reader_hears_once_and_then_reads_again() {
         let mut table = Table::new(0);
-        table.enable(1, Mode::Reads { noloop: false });
-        table.enable(2, Mode::Reads { noloop: false });
+        table.enable(1, Mode::Reads);
+        table.enable(2, Mode::Reads);
         table.read(1, [&b"k"[..]]);
         table.read(2, [&b"k"[..], b"j"]);
         let out = sorted(table.invalidate(&keys(&["k", "x"])));
@@ -235,7 +177,7 @@ mod tests {
     #[test]
     fn a_client_that_stopped_tracking_hears_nothing() {
         let mut table = Table::new(0);
-        table.enable(1, Mode::Reads { noloop: false });
+        table.enable(1, Mode::Reads);
         table.read(1, [&b"k"[..]]);
         table.disable(1);
         assert!(table.invalidate(&keys(&["k"])).is_empty());
@@ -243,56 +185,37 @@ mod tests {
     }
 
     #[test]
-    fn broadcast_matches_prefixes_and_noloop_skips_own_writes() {
+    fn broadcast_matches_prefixes() {
         let mut table = Table::new(0);
         let prefixes = keys(&["user:"]);
         table.enable(
             1,
             Mode::Broadcast {
                 prefixes: prefixes.clone(),
-                noloop: false,
             },
         );
-        table.enable(
-            2,
-            Mode::Broadcast {
-                prefixes,
-                noloop: true,
-            },
-        );
+        table.enable(2, Mode::Broadcast { prefixes });
         table.enable(
             3,
             Mode::Broadcast {
                 prefixes: Vec::new(),
-                noloop: false,
             },
         );
-        table.wrote(2, [&b"user:1"[..]]);
         let out = sorted(table.invalidate(&keys(&["user:1", "other"])));
         assert_eq!(
             out,
-            vec![(1, keys(&["user:1"])), (3, keys(&["user:1", "other"]))]
+            vec![
+                (1, keys(&["user:1"])),
+                (2, keys(&["user:1"])),
+                (3, keys(&["user:1", "other"]))
+            ]
         );
-        let out = sorted(table.invalidate(&keys(&["user:1"])));
-        assert_eq!(out.len(), 3, "the own write is skipped once: {out:?}");
-    }
-
-    #[test]
-    fn noloop_readers_stop_tracking_what_they_write() {
-        let mut table = Table::new(0);
-        table.enable(1, Mode::Reads { noloop: true });
-        table.enable(2, Mode::Reads { noloop: false });
-        table.read(1, [&b"k"[..]]);
-        table.read(2, [&b"k"[..]]);
-        table.wrote(1, [&b"k"[..]]);
-        table.wrote(2, [&b"k"[..]]);
-        assert_eq!(table.invalidate(&keys(&["k"])), vec![(2, keys(&["k"]))]);
     }
 
     #[test]
     fn the_table_stays_within_max_keys_and_evicted_keys_are_invalidated() {
         let mut table = Table::new(2);
-        table.enable(1, Mode::Reads { noloop: false });
+        table.enable(1, Mode::Reads);
         assert!(table.read(1, [&b"a"[..], b"b"]).is_empty());
         let evicted = table.read(1, [&b"c"[..]]);
         assert_eq!(table.readers.len(), 2);
@@ -305,12 +228,11 @@ mod tests {
     #[test]
     fn a_flush_empties_the_table_and_names_every_tracking_client() {
         let mut table = Table::new(0);
-        table.enable(1, Mode::Reads { noloop: false });
+        table.enable(1, Mode::Reads);
         table.enable(
             2,
             Mode::Broadcast {
                 prefixes: Vec::new(),
-                noloop: false,
             },
         );
         table.read(1, [&b"k"[..]]);
