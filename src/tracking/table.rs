@@ -16,8 +16,13 @@ pub enum Mode {
     Broadcast { prefixes: Vec<Bytes> },
 }
 
-/// What an invalidation means for the clients: `(client, keys)` in no particular order.
-pub(super) type Deliveries = Vec<(u64, Vec<Bytes>)>;
+/// What an invalidation means for the clients: each client's keys.
+pub(super) type Deliveries = HashMap<u64, Vec<Bytes>>;
+
+/// A key's readers are pruned of clients that stopped tracking each time their count reaches
+/// a power of two from this on: a hot key read by clients that come and go keeps at most
+/// twice as many readers as there are tracking clients, at a cost that is constant per read.
+const PRUNE_FROM: usize = 16;
 
 /// The tracking table: keys read by clients in the default mode, and the BCAST clients.
 #[derive(Debug)]
@@ -69,6 +74,9 @@ impl Table {
         for key in keys {
             if let Some(readers) = self.readers.get_mut(key) {
                 if !readers.contains(&id) {
+                    if readers.len() >= PRUNE_FROM && readers.len().is_power_of_two() {
+                        readers.retain(|reader| self.clients.contains_key(reader));
+                    }
                     readers.push(id);
                 }
                 continue;
@@ -109,7 +117,7 @@ impl Table {
                 .cloned()
                 .collect();
             if !matched.is_empty() {
-                out.push((*id, matched));
+                out.entry(*id).or_default().extend(matched);
             }
         }
         out
@@ -132,10 +140,7 @@ impl Table {
             if !reads {
                 continue;
             }
-            match out.iter_mut().find(|(client, _)| *client == id) {
-                Some((_, keys)) => keys.push(key.clone()),
-                None => out.push((id, vec![key.clone()])),
-            }
+            out.entry(id).or_default().push(key.clone());
         }
     }
 }
@@ -156,7 +161,8 @@ mod tests {
             .collect()
     }
 
-    fn sorted(mut out: Deliveries) -> Deliveries {
+    fn sorted(out: Deliveries) -> Vec<(u64, Vec<Bytes>)> {
+        let mut out: Vec<_> = out.into_iter().collect();
         out.sort();
         out
     }
@@ -171,7 +177,10 @@ mod tests {
         let out = sorted(table.invalidate(&keys(&["k", "x"])));
         assert_eq!(out, vec![(1, keys(&["k"])), (2, keys(&["k"]))]);
         assert!(table.invalidate(&keys(&["k"])).is_empty(), "forgotten");
-        assert_eq!(table.invalidate(&keys(&["j"])), vec![(2, keys(&["j"]))]);
+        assert_eq!(
+            sorted(table.invalidate(&keys(&["j"]))),
+            vec![(2, keys(&["j"]))]
+        );
     }
 
     #[test]
@@ -217,12 +226,30 @@ mod tests {
         let mut table = Table::new(2);
         table.enable(1, Mode::Reads);
         assert!(table.read(1, [&b"a"[..], b"b"]).is_empty());
-        let evicted = table.read(1, [&b"c"[..]]);
+        let evicted = sorted(table.read(1, [&b"c"[..]]));
         assert_eq!(table.readers.len(), 2);
         assert_eq!(evicted.len(), 1);
         assert_eq!(evicted[0].0, 1);
         let key = &evicted[0].1[0];
         assert!(key == "a" || key == "b", "{key:?}");
+    }
+
+    #[test]
+    fn readers_that_left_are_pruned_from_a_hot_key() {
+        let mut table = Table::new(0);
+        for id in 0..10_000 {
+            table.enable(id, Mode::Reads);
+            table.read(id, [&b"hot"[..]]);
+            table.disable(id);
+        }
+        table.enable(10_000, Mode::Reads);
+        table.read(10_000, [&b"hot"[..]]);
+        let readers = table.readers[&b"hot"[..]].len();
+        assert!(readers <= 2 * PRUNE_FROM, "{readers} readers kept");
+        assert_eq!(
+            sorted(table.invalidate(&keys(&["hot"]))),
+            vec![(10_000, keys(&["hot"]))]
+        );
     }
 
     #[test]
