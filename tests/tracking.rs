@@ -503,16 +503,22 @@ async fn errors_and_info_are_redis_bytes() {
     }
 }
 
+/// A client of `redmux` tracking in RESP3, in the default mode.
+async fn tracking_client(redmux: &Redmux) -> Raw {
+    let mut t = redmux.raw().await;
+    assert!(t.call(&["HELLO", "3"]).await.starts_with('%'));
+    assert_eq!(t.call(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n");
+    t
+}
+
 /// redmux's invalidation stream is lost: every tracking client is told to flush everything,
 /// again once the stream is back, and tracking goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_stream_flushes_every_tracking_client() {
     let redis = RedisServer::start();
     let redmux = Redmux::start(&redis.addr()).await;
-    let mut t = redmux.raw().await;
+    let mut t = tracking_client(&redmux).await;
     let mut w = redmux.raw().await;
-    assert!(t.call(&["HELLO", "3"]).await.starts_with('%'));
-    assert_eq!(t.call(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n");
     assert_eq!(t.call(&["GET", "k"]).await, "_\r\n");
     // The stream is Redis's only client tracking in BCAST mode.
     let mut direct = Raw::connect(redis.addr().parse().unwrap()).await;
@@ -545,9 +551,7 @@ async fn a_full_table_evicts_with_an_invalidation() {
     let mut config = support::config(&redis.addr());
     config.server.tracking_table_max_keys = 2;
     let redmux = Redmux::start_with(config).await;
-    let mut t = redmux.raw().await;
-    assert!(t.call(&["HELLO", "3"]).await.starts_with('%'));
-    assert_eq!(t.call(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n");
+    let mut t = tracking_client(&redmux).await;
     assert_eq!(t.call(&["MGET", "a", "b"]).await, "*2\r\n_\r\n_\r\n");
     t.send("*2\r\n$3\r\nGET\r\n$1\r\nc\r\n").await;
     let evicted = t.reply_str().await;

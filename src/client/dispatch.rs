@@ -312,10 +312,8 @@ impl State {
                     Effect::Track(rx) => {
                         self.owe();
                         let suppress = self.take_suppress();
-                        self.await_upstream(rx, Path::Tracking, suppress);
-                        if let Some(Pending::Upstream { then, .. }) = self.pending.back_mut() {
-                            *then = Some(Box::new(Then::Tracking));
-                        }
+                        let then = Some(Box::new(Then::Tracking));
+                        self.await_replies(rx, Path::Tracking, 1, suppress, then);
                         return true;
                     }
                     Effect::AuthFailed => self.auth_failed(),

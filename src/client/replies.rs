@@ -330,7 +330,7 @@ impl State {
         path: Path,
         suppress: bool,
     ) {
-        self.await_replies(rx, path, 1, suppress);
+        self.await_replies(rx, path, 1, suppress, None);
     }
 
     /// Takes the invalidations waiting in the client's entry into the reply queue, behind the
@@ -358,13 +358,14 @@ impl State {
 
     /// A reply slot for `count` replies (0: an answer that is not a reply, such as a
     /// subscriber hub's confirmation that a RESET left it) that come in one piece from
-    /// elsewhere than an upstream actor.
+    /// elsewhere than an upstream actor; `then`, what to do with them besides passing them on.
     pub(super) fn await_replies(
         &mut self,
         rx: oneshot::Receiver<Reply>,
         path: Path,
         count: u32,
         suppress: bool,
+        then: Option<Box<Then>>,
     ) {
         self.last_path = Some(path);
         self.unresolved += 1;
@@ -376,7 +377,7 @@ impl State {
             charged: false,
             sent: Instant::now(),
             blocking: false,
-            then: None,
+            then,
         });
     }
 }

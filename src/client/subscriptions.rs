@@ -496,7 +496,7 @@ impl State {
             return;
         };
         let rx = hub.reset(self.client.id).await;
-        self.await_replies(rx, Path::PubSub, 0, false);
+        self.await_replies(rx, Path::PubSub, 0, false, None);
     }
 
     /// Appends a 3-element subscription frame to `out`: RESP2 array or RESP3 push.

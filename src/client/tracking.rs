@@ -209,10 +209,6 @@ impl ClientState {
                  Redis user yet",
             );
         }
-        let tracker = self.hubs().tracker().clone();
-        if let Err(unsupported) = tracker.supported() {
-            return error(&unsupported.to_string());
-        }
         let mut prefixes = current.map(|t| t.prefixes.clone()).unwrap_or_default();
         prefixes.extend(options.prefixes.iter().cloned());
         if options.bcast && options.prefixes.is_empty() {
@@ -228,6 +224,19 @@ impl ClientState {
         } else {
             Mode::Reads
         };
+        let sink: Arc<dyn Sink> = if options.redirect == 0 {
+            self.entry.clone()
+        } else {
+            Arc::new(Redirect {
+                target: options.redirect,
+                clients: self.clients().clone(),
+                own: self.entry.clone(),
+            })
+        };
+        let waiting = match self.hubs().tracker().enable(self.id, mode, sink) {
+            Ok(waiting) => waiting,
+            Err(unsupported) => return error(&unsupported.to_string()),
+        };
         self.tracking = Some(Box::new(Tracking {
             redirect: options.redirect,
             bcast: options.bcast,
@@ -242,16 +251,7 @@ impl ClientState {
             queued_overflow: false,
         }));
         self.publish_tracking();
-        let sink: Arc<dyn Sink> = if options.redirect == 0 {
-            self.entry.clone()
-        } else {
-            Arc::new(Redirect {
-                target: options.redirect,
-                clients: self.clients().clone(),
-                own: self.entry.clone(),
-            })
-        };
-        match tracker.enable(self.id, mode, sink) {
+        match waiting {
             None => (Bytes::from_static(b"+OK\r\n"), Effect::None),
             Some(rx) => (Bytes::new(), Effect::Track(rx)),
         }
@@ -343,7 +343,7 @@ impl ClientState {
                 let tracker = self.hubs().tracker();
                 tracker.read(self.id, queued.iter().map(|key| &key[..]));
                 if overflow {
-                    self.entry.invalidate(Invalidation::All);
+                    tracker.tell(self.id, Invalidation::All);
                 }
             }
             return;
@@ -374,8 +374,8 @@ impl ClientState {
 
     /// The bytes an invalidation becomes for this client, now that every reply owed before it
     /// is out: pushes to itself (RESP3; a RESP2 client without REDIRECT gets nothing, as from
-    /// Redis), or, with REDIRECT, nothing here: the invalidation is posted to the redirect
-    /// client, which delivers it behind its own replies ([`ClientState::redirected`]).
+    /// Redis), or, with REDIRECT, the report that the redirect client is gone (the redirect
+    /// client, while there, is told directly: [`Redirect`], [`ClientState::redirected`]).
     pub(super) fn invalidation(&mut self, invalidation: &Invalidation) -> Bytes {
         let resp3 = self.resp3;
         let Some(&Tracking {
@@ -392,10 +392,8 @@ impl ClientState {
                 Bytes::new()
             };
         }
-        if let Some(target) = self.clients().get(redirect) {
-            target.post(invalidation.clone());
-            return Bytes::new();
-        }
+        // With REDIRECT, an invalidation comes here only when the redirect client was gone
+        // ([`Redirect`]); client ids are never used again, so it is gone for good.
         if let Some(tracking) = self.tracking.as_deref_mut() {
             if !std::mem::replace(&mut tracking.broken, true) {
                 self.publish_tracking();

@@ -144,28 +144,26 @@ impl Tracker {
         self.inner.lock().table.set_max_keys(max_keys);
     }
 
-    /// Whether clients can track through this upstream.
-    pub fn supported(&self) -> Result<(), Unsupported> {
-        self.inner.dial.as_ref().map(|_| ()).map_err(|e| *e)
-    }
-
-    /// Client `id` tracks in `mode` from now on, told through `sink`. `None` when the stream
-    /// is up (the client may be answered OK now); else the reply to give it once the stream is
-    /// up (OK) or could not be opened (an error, and the client no longer tracks).
+    /// Client `id` tracks in `mode` from now on, told through `sink`. `Ok(None)` when the
+    /// stream is up (the client may be answered OK now); else the reply to give it once the
+    /// stream is up (OK) or could not be opened (an error, and the client no longer tracks).
+    /// An error if clients cannot track through this upstream.
     pub fn enable(
         &self,
         id: u64,
         mode: Mode,
         sink: Arc<dyn Sink>,
-    ) -> Option<oneshot::Receiver<Reply>> {
-        let Ok(dial) = &self.inner.dial else {
-            return None;
-        };
+    ) -> Result<Option<oneshot::Receiver<Reply>>, Unsupported> {
+        let dial = self
+            .inner
+            .dial
+            .as_ref()
+            .map_err(|unsupported| *unsupported)?;
         let mut shared = self.inner.lock();
         shared.table.enable(id, mode);
         shared.sinks.insert(id, sink);
         if shared.up {
-            return None;
+            return Ok(None);
         }
         let (tx, rx) = oneshot::channel();
         shared.waiting.push((id, tx));
@@ -177,7 +175,7 @@ impl Tracker {
                 self.inner.timeouts,
             ));
         }
-        Some(rx)
+        Ok(Some(rx))
     }
 
     /// Client `id` no longer tracks (CLIENT TRACKING OFF, RESET, or it left).
@@ -185,6 +183,13 @@ impl Tracker {
         let mut shared = self.inner.lock();
         shared.table.disable(id);
         shared.sinks.remove(&id);
+    }
+
+    /// Tells client `id` of `invalidation` the way it asked to be told.
+    pub fn tell(&self, id: u64, invalidation: Invalidation) {
+        if let Some(sink) = self.inner.lock().sinks.get(&id) {
+            sink.invalidate(invalidation);
+        }
     }
 
     /// Client `id` is about to read `keys`, and the read is tracked.
@@ -221,11 +226,7 @@ impl Inner {
         let answered: Vec<u64> = waiting.iter().map(|(id, _)| *id).collect();
         shared.flush_all(&answered);
         for (_, tx) in waiting {
-            let ok = crate::upstream::Replies {
-                bytes: Bytes::from_static(b"+OK\r\n"),
-                errors: 0,
-            };
-            let _ = tx.send(Ok(ok));
+            let _ = tx.send(Ok(Bytes::from_static(b"+OK\r\n").into()));
         }
     }
 
@@ -247,12 +248,13 @@ impl Inner {
 
     /// Whether the stream should stop: nobody tracks. Marks it stopped if so, under the same
     /// lock [`Tracker::enable`] takes, so a client that starts tracking meanwhile starts a new
-    /// one.
+    /// one. The reads of clients gone are forgotten with it.
     fn stop_if_idle(&self) -> bool {
         let mut shared = self.lock();
         if shared.table.is_empty() && shared.waiting.is_empty() {
             shared.running = false;
             shared.up = false;
+            shared.table.flush();
             true
         } else {
             false
