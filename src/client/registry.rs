@@ -399,35 +399,23 @@ impl Entry {
         let peer = self.peer();
         let addr = peer.addr.map(|a| a.to_string()).unwrap_or_default();
         let laddr = peer.local.map(|a| a.to_string()).unwrap_or_default();
-        let mut flags = String::new();
         let bits = self.flags.load(Relaxed);
-        for (bit, letter) in [
-            (flag::MONITOR, 'O'),
-            (flag::PUBSUB, 'P'),
-            (flag::MULTI, 'x'),
-        ] {
-            if bits & bit != 0 {
-                flags.push(letter);
-            }
-        }
-        if self.blocked_on().is_some() {
-            flags.push('b');
-        }
-        for (bit, letter) in [
-            (flag::TRACKING, 't'),
-            (flag::TRACKING_BROKEN, 'R'),
-            (flag::TRACKING_BCAST, 'B'),
-        ] {
-            if bits & bit != 0 {
-                flags.push(letter);
-            }
-        }
-        if peer.addr.is_none() {
-            flags.push('U');
-        }
-        if bits & flag::NO_EVICT != 0 {
-            flags.push('e');
-        }
+        let set = |bit: u8| bits & bit != 0;
+        // In the order Redis 7.0 lists them.
+        let mut flags: String = [
+            (set(flag::MONITOR), 'O'),
+            (set(flag::PUBSUB), 'P'),
+            (set(flag::MULTI), 'x'),
+            (self.blocked_on().is_some(), 'b'),
+            (set(flag::TRACKING), 't'),
+            (set(flag::TRACKING_BROKEN), 'R'),
+            (set(flag::TRACKING_BCAST), 'B'),
+            (peer.addr.is_none(), 'U'),
+            (set(flag::NO_EVICT), 'e'),
+        ]
+        .into_iter()
+        .filter_map(|(on, letter)| on.then_some(letter))
+        .collect();
         if flags.is_empty() {
             flags.push('N');
         }
