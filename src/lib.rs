@@ -10,7 +10,8 @@
 //!   pinned or refused; the gates for auth and subscribed state). Imports only `resp`;
 //! - `config`: plain data (schema, defaults, validation, addresses). Imports nothing of redmux;
 //! - `io` (socket traits, outgoing writes, the output budget), `tls` (PEM files), `metrics`,
-//!   `auth`, and `cluster` (slots, key positions, the slot map, splits: pure);
+//!   `auth`, `cluster` (slots, key positions, the slot map, splits: pure) and `cache` (the
+//!   near cache's entries, placeholders and eviction: no I/O);
 //! - `upstream`: connections only (actors, the pinned pool, dial and handshake with its TLS
 //!   client side, the cluster router). It never reaches `client` or `server`;
 //! - `pubsub`, `monitor` and `tracking`, built on upstream connections;
@@ -22,6 +23,7 @@
 
 pub mod admin;
 pub mod auth;
+mod cache;
 mod client;
 pub mod cluster;
 mod command;

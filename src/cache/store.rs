@@ -1,0 +1,542 @@
+//! One shard of the near cache: its entries and placeholders, their recency order, and the
+//! bytes they cost, kept within the shard's share of `cache.max_memory`.
+//!
+//! An entry is found two ways: by its identity (db, protocol, and the exact request, or the
+//! key of an MGET part), to serve a read; and by its Redis key, to drop every entry of a key
+//! that changed, in every database (an invalidation carries no db). Entries live in a slab,
+//! linked in recency order (most recent at the head), so a hit moves one entry and eviction
+//! takes from the tail without a scan.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use std::time::Instant;
+
+use super::sketch::Sketch;
+
+/// What an entry costs beyond its bytes: the slot, its place in both maps, the allocations'
+/// headers. Measured, not guessed: see the memory test in `tests/cache.rs`.
+pub(super) const OVERHEAD: usize = 256;
+
+/// The largest reply one shard keeps, as a share of its budget: a few huge values must not
+/// empty the cache of everything else.
+const MAX_ENTRY_SHARE: usize = 8;
+
+const NIL: u32 = u32::MAX;
+
+/// Which reply an entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Identity<'a> {
+    pub db: u32,
+    pub resp3: bool,
+    /// An element of an MGET reply (`request` is then the key), not a whole reply.
+    pub part: bool,
+    pub request: &'a [u8],
+}
+
+/// A read on its way upstream, whose reply may fill its placeholder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    pub(super) shard: u32,
+    slot: u32,
+    id: u64,
+}
+
+/// What a shard says of a read.
+#[derive(Debug)]
+pub(super) enum Found {
+    Hit(Bytes),
+    /// Not there: read it upstream, and fill the placeholder with the reply.
+    Fill(Ticket),
+    /// Not there, and not kept (too cold to admit, or too large).
+    Miss,
+}
+
+#[derive(Debug)]
+enum State {
+    /// A placeholder: the read went upstream, its reply is not in. An invalidation removes
+    /// it, so a reply that may predate the change never fills it.
+    Waiting(u64),
+    Ready { reply: Bytes, expires: Instant },
+}
+
+#[derive(Debug)]
+struct Slot {
+    hash: u64,
+    db: u32,
+    resp3: bool,
+    part: bool,
+    /// The request (or the key of a part), copied: never a slice of a client's read buffer,
+    /// which it would keep alive.
+    request: Bytes,
+    /// The Redis key: a slice of `request`.
+    key: Bytes,
+    state: State,
+    cost: usize,
+    prev: u32,
+    next: u32,
+}
+
+impl Slot {
+    fn is(&self, identity: &Identity<'_>) -> bool {
+        self.db == identity.db
+            && self.resp3 == identity.resp3
+            && self.part == identity.part
+            && self.request[..] == *identity.request
+    }
+}
+
+/// How entries are chosen to stay (`cache.eviction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// The least recently used entry goes.
+    Lru,
+    /// LRU, but a new entry is let in only if it was asked for more often lately than the
+    /// entry it would push out (TinyLFU admission).
+    TinyLfu,
+}
+
+#[derive(Debug)]
+pub(super) struct Shard {
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    /// Identity hash → slot.
+    index: HashMap<u64, u32>,
+    /// Redis key → its slots, in every db and protocol.
+    keys: HashMap<Bytes, Vec<u32>>,
+    head: u32,
+    tail: u32,
+    used: usize,
+    budget: usize,
+    sketch: Option<Sketch>,
+    next_ticket: u64,
+    pub(super) max_ttl: Duration,
+    pub(super) prefixes: Arc<[Bytes]>,
+}
+
+impl Shard {
+    pub(super) fn new(budget: usize, policy: Policy) -> Shard {
+        let mut shard = Shard {
+            slots: Vec::new(),
+            free: Vec::new(),
+            index: HashMap::new(),
+            keys: HashMap::new(),
+            head: NIL,
+            tail: NIL,
+            used: 0,
+            budget: 0,
+            sketch: None,
+            next_ticket: 0,
+            max_ttl: Duration::from_secs(60),
+            prefixes: Arc::from(Vec::new()),
+        };
+        shard.configure(budget, policy);
+        shard
+    }
+
+    /// New limits; entries past the new budget are evicted now.
+    pub(super) fn configure(&mut self, budget: usize, policy: Policy) {
+        self.budget = budget;
+        let lfu = policy == Policy::TinyLfu;
+        if lfu != self.sketch.is_some() {
+            // About one counter per entry the budget holds, at a few hundred bytes each.
+            self.sketch = lfu.then(|| Sketch::new(budget / OVERHEAD));
+        }
+        while self.used > self.budget && self.tail != NIL {
+            self.remove(self.tail);
+        }
+    }
+
+    pub(super) fn used(&self) -> usize {
+        self.used
+    }
+
+    pub(super) fn entries(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether reads of `key` are cached at all (`cache.prefixes`).
+    pub(super) fn wanted(&self, key: &[u8]) -> bool {
+        self.prefixes.is_empty() || self.prefixes.iter().any(|p| key.starts_with(p))
+    }
+
+    /// Looks a read up; on a miss, leaves a placeholder for its reply (unless the entry is
+    /// not admitted). `key` is the read's Redis key, a part of `identity.request`.
+    pub(super) fn find(
+        &mut self,
+        shard: u32,
+        hash: u64,
+        identity: &Identity<'_>,
+        key: &[u8],
+        now: Instant,
+    ) -> Found {
+        if let Some(sketch) = &mut self.sketch {
+            sketch.add(hash);
+        }
+        if let Some(&at) = self.index.get(&hash) {
+            let slot = self.slots[at as usize].as_ref().expect("indexed slot");
+            if slot.is(identity) {
+                match &slot.state {
+                    State::Ready { reply, expires } if *expires > now => {
+                        let reply = reply.clone();
+                        self.touch(at);
+                        return Found::Hit(reply);
+                    }
+                    State::Waiting(id) => {
+                        // Another client's read is on its way: either reply may fill it.
+                        return Found::Fill(Ticket {
+                            shard,
+                            slot: at,
+                            id: *id,
+                        });
+                    }
+                    State::Ready { .. } => {}
+                }
+            }
+            // Expired, or another identity with the same hash: it makes way.
+            self.remove(at);
+        }
+        let cost = OVERHEAD + identity.request.len();
+        if !self.make_room(cost, Some(hash)) {
+            return Found::Miss;
+        }
+        let request = Bytes::copy_from_slice(identity.request);
+        let key = if identity.part {
+            request.clone()
+        } else {
+            locate(identity.request, key, &request)
+        };
+        self.next_ticket += 1;
+        let id = self.next_ticket;
+        let at = self.insert(Slot {
+            hash,
+            db: identity.db,
+            resp3: identity.resp3,
+            part: identity.part,
+            request,
+            key,
+            state: State::Waiting(id),
+            cost,
+            prev: NIL,
+            next: NIL,
+        });
+        Found::Fill(Ticket {
+            shard,
+            slot: at,
+            id,
+        })
+    }
+
+    /// The reply of `ticket`'s read is in: it fills the placeholder if the placeholder is
+    /// still there (no invalidation came since the read was sent).
+    pub(super) fn fill(&mut self, ticket: Ticket, reply: &[u8], now: Instant) {
+        let at = ticket.slot;
+        let Some(Some(slot)) = self.slots.get_mut(at as usize) else {
+            return;
+        };
+        if !matches!(slot.state, State::Waiting(id) if id == ticket.id) {
+            return;
+        }
+        if reply.len() > self.budget / MAX_ENTRY_SHARE {
+            self.remove(at);
+            return;
+        }
+        let added = reply.len();
+        slot.cost += added;
+        slot.state = State::Ready {
+            // A copy: the reply may be a slice of a large read buffer.
+            reply: Bytes::copy_from_slice(reply),
+            expires: now + self.max_ttl,
+        };
+        self.used += added;
+        // Room is made around it, never by evicting it unless it is all that is left.
+        while self.used > self.budget {
+            let victim = if self.tail == at {
+                self.slot(at).prev
+            } else {
+                self.tail
+            };
+            if victim == NIL {
+                self.remove(at);
+                break;
+            }
+            self.remove(victim);
+        }
+    }
+
+    /// Drops every entry of `key`, in every db and protocol. Returns how many.
+    pub(super) fn invalidate(&mut self, key: &[u8]) -> usize {
+        let Some(slots) = self.keys.remove(key) else {
+            return 0;
+        };
+        for &at in &slots {
+            self.unlink_entry(at);
+        }
+        slots.len()
+    }
+
+    /// Drops everything.
+    pub(super) fn flush(&mut self) {
+        self.slots.clear();
+        self.free.clear();
+        self.index.clear();
+        self.keys.clear();
+        self.head = NIL;
+        self.tail = NIL;
+        self.used = 0;
+    }
+
+    /// Evicts from the tail until `cost` more bytes fit. With TinyLFU, an entry asked for no
+    /// more often than the tail's is refused instead (`false`), and nothing is evicted.
+    fn make_room(&mut self, cost: usize, hash: Option<u64>) -> bool {
+        if cost > self.budget / MAX_ENTRY_SHARE {
+            return false;
+        }
+        if let (Some(sketch), Some(hash)) = (&self.sketch, hash) {
+            if self.used + cost > self.budget && self.tail != NIL {
+                let victim = self.slot(self.tail).hash;
+                if sketch.frequency(hash) <= sketch.frequency(victim) {
+                    return false;
+                }
+            }
+        }
+        while self.used + cost > self.budget && self.tail != NIL {
+            self.remove(self.tail);
+        }
+        true
+    }
+
+    fn slot(&self, at: u32) -> &Slot {
+        self.slots[at as usize].as_ref().expect("live slot")
+    }
+
+    fn slot_mut(&mut self, at: u32) -> &mut Slot {
+        self.slots[at as usize].as_mut().expect("live slot")
+    }
+
+    fn insert(&mut self, slot: Slot) -> u32 {
+        self.used += slot.cost;
+        let hash = slot.hash;
+        let key = slot.key.clone();
+        let at = match self.free.pop() {
+            Some(at) => {
+                self.slots[at as usize] = Some(slot);
+                at
+            }
+            None => {
+                self.slots.push(Some(slot));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(hash, at);
+        self.keys.entry(key).or_default().push(at);
+        self.link_front(at);
+        at
+    }
+
+    /// Removes one entry from every structure.
+    fn remove(&mut self, at: u32) {
+        let key = self.slot(at).key.clone();
+        if let Some(slots) = self.keys.get_mut(&key) {
+            slots.retain(|&s| s != at);
+            if slots.is_empty() {
+                self.keys.remove(&key);
+            }
+        }
+        self.unlink_entry(at);
+    }
+
+    /// Removes one entry from everything but `keys`.
+    fn unlink_entry(&mut self, at: u32) {
+        self.unlink(at);
+        let Some(slot) = self.slots[at as usize].take() else {
+            return;
+        };
+        if self.index.get(&slot.hash) == Some(&at) {
+            self.index.remove(&slot.hash);
+        }
+        self.used -= slot.cost;
+        self.free.push(at);
+    }
+
+    fn touch(&mut self, at: u32) {
+        if self.head != at {
+            self.unlink(at);
+            self.link_front(at);
+        }
+    }
+
+    fn link_front(&mut self, at: u32) {
+        let head = self.head;
+        {
+            let slot = self.slot_mut(at);
+            slot.prev = NIL;
+            slot.next = head;
+        }
+        if head != NIL {
+            self.slot_mut(head).prev = at;
+        } else {
+            self.tail = at;
+        }
+        self.head = at;
+    }
+
+    fn unlink(&mut self, at: u32) {
+        let (prev, next) = {
+            let slot = self.slot(at);
+            (slot.prev, slot.next)
+        };
+        if prev != NIL {
+            self.slot_mut(prev).next = next;
+        } else {
+            self.head = next;
+        }
+        if next != NIL {
+            self.slot_mut(next).prev = prev;
+        } else {
+            self.tail = prev;
+        }
+    }
+}
+
+/// `key` as a slice of `copy` (a copy of `original`, of which `key` is a slice); a copy of
+/// its own if it is not in `original` after all.
+fn locate(original: &[u8], key: &[u8], copy: &Bytes) -> Bytes {
+    (key.as_ptr() as usize)
+        .checked_sub(original.as_ptr() as usize)
+        .and_then(|start| Some(start..start.checked_add(key.len())?))
+        .filter(|range| original.get(range.clone()) == Some(key))
+        .map_or_else(|| Bytes::copy_from_slice(key), |range| copy.slice(range))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(request: &[u8]) -> Identity<'_> {
+        Identity {
+            db: 0,
+            resp3: false,
+            part: false,
+            request,
+        }
+    }
+
+    fn find(shard: &mut Shard, request: &[u8], now: Instant) -> Found {
+        let hash = crc(request);
+        shard.find(0, hash, &id(request), request, now)
+    }
+
+    fn crc(bytes: &[u8]) -> u64 {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(bytes)
+    }
+
+    #[test]
+    fn a_placeholder_is_filled_unless_invalidated_first() {
+        let now = Instant::now();
+        let mut shard = Shard::new(1 << 20, Policy::Lru);
+        let Found::Fill(ticket) = find(&mut shard, b"k", now) else {
+            panic!("miss expected")
+        };
+        shard.fill(ticket, b"$1\r\nv\r\n", now);
+        assert!(matches!(find(&mut shard, b"k", now), Found::Hit(r) if &r[..] == b"$1\r\nv\r\n"));
+        assert_eq!(shard.invalidate(b"k"), 1);
+        let Found::Fill(ticket) = find(&mut shard, b"k", now) else {
+            panic!("miss expected")
+        };
+        // The key changes while the read is upstream: its reply is not kept.
+        shard.invalidate(b"k");
+        shard.fill(ticket, b"$3\r\nold\r\n", now);
+        let Found::Fill(again) = find(&mut shard, b"k", now) else {
+            panic!("miss expected")
+        };
+        assert_ne!(again, ticket);
+        // A stale ticket cannot fill the new placeholder either.
+        shard.fill(ticket, b"$3\r\nold\r\n", now);
+        assert!(matches!(find(&mut shard, b"k", now), Found::Fill(t) if t == again));
+        assert_eq!(shard.entries(), 1);
+    }
+
+    #[test]
+    fn entries_expire_after_max_ttl() {
+        let now = Instant::now();
+        let mut shard = Shard::new(1 << 20, Policy::Lru);
+        shard.max_ttl = Duration::from_secs(1);
+        let Found::Fill(ticket) = find(&mut shard, b"k", now) else {
+            panic!()
+        };
+        shard.fill(ticket, b"+x\r\n", now);
+        assert!(matches!(find(&mut shard, b"k", now), Found::Hit(_)));
+        let later = now + Duration::from_secs(2);
+        assert!(matches!(find(&mut shard, b"k", later), Found::Fill(_)));
+        assert_eq!(shard.entries(), 1);
+    }
+
+    #[test]
+    fn memory_stays_within_the_budget() {
+        let now = Instant::now();
+        let budget = 64 * 1024;
+        let mut shard = Shard::new(budget, Policy::Lru);
+        let value = vec![b'x'; 1000];
+        for i in 0..10_000u32 {
+            let request = format!("key:{i}");
+            if let Found::Fill(ticket) = find(&mut shard, request.as_bytes(), now) {
+                shard.fill(ticket, &value, now);
+            }
+            assert!(shard.used() <= budget);
+        }
+        assert!(shard.entries() > 30, "{}", shard.entries());
+        // Accounting matches the entries left: dropping them all leaves nothing.
+        let keys: Vec<Bytes> = shard.keys.keys().cloned().collect();
+        for key in keys {
+            shard.invalidate(&key);
+        }
+        assert_eq!((shard.used(), shard.entries()), (0, 0));
+        // Too large for one shard: not kept.
+        let Found::Fill(ticket) = find(&mut shard, b"big", now) else {
+            panic!()
+        };
+        shard.fill(ticket, &vec![0; budget / 4], now);
+        assert_eq!(shard.entries(), 0);
+    }
+
+    #[test]
+    fn lru_keeps_the_recently_used() {
+        let now = Instant::now();
+        let mut shard = Shard::new(40 * (OVERHEAD + 16), Policy::Lru);
+        let fill = |shard: &mut Shard, request: &[u8]| {
+            if let Found::Fill(ticket) = find(shard, request, now) {
+                shard.fill(ticket, b"+v\r\n", now);
+            }
+        };
+        fill(&mut shard, b"hot");
+        for i in 0..200 {
+            fill(&mut shard, format!("cold:{i}").as_bytes());
+            assert!(matches!(find(&mut shard, b"hot", now), Found::Hit(_)));
+        }
+    }
+
+    #[test]
+    fn tinylfu_refuses_a_cold_key_over_a_hot_one() {
+        let now = Instant::now();
+        let mut shard = Shard::new(32 * (OVERHEAD + 16), Policy::TinyLfu);
+        for _ in 0..10 {
+            for key in [&b"a"[..], b"b", b"c"] {
+                if let Found::Fill(ticket) = find(&mut shard, key, now) {
+                    shard.fill(ticket, b"+v\r\n", now);
+                }
+            }
+        }
+        // A one-off read of a new key does not push a popular one out.
+        for i in 0..50 {
+            let request = format!("scan:{i}");
+            if let Found::Fill(ticket) = find(&mut shard, request.as_bytes(), now) {
+                shard.fill(ticket, b"+v\r\n", now);
+            }
+        }
+        for key in [&b"a"[..], b"b", b"c"] {
+            assert!(matches!(find(&mut shard, key, now), Found::Hit(_)));
+        }
+    }
+}
