@@ -23,7 +23,7 @@
 
 pub mod admin;
 pub mod auth;
-mod cache;
+pub mod cache;
 mod client;
 pub mod cluster;
 mod command;

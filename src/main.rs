@@ -43,6 +43,9 @@ struct Cli {
     /// Threads that serve clients: a number or auto; replaces server.threads.
     #[arg(long, value_name = "N")]
     threads: Option<String>,
+    /// Turn the near cache on (cache.enabled = true).
+    #[arg(long)]
+    cache: bool,
     /// Validate the configuration, print a summary and exit: 0 if valid, 1 if not.
     #[arg(long)]
     check: bool,
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         upstream_cluster: cli.upstream_cluster,
         log_level: cli.log_level,
         threads: cli.threads,
+        cache: cli.cache,
     };
     let config = match redmux::load_config(cli.config.as_deref(), &overrides) {
         Ok(config) => config,

@@ -11,6 +11,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    cache,
     metrics::{Counters, Metrics, BOUNDS},
     pubsub::Counts,
     upstream::Snapshot,
@@ -25,12 +26,14 @@ pub(super) fn prometheus(
     metrics: &Metrics,
     upstream: Snapshot,
     pubsub: Counts,
+    cache: Option<cache::Snapshot>,
 ) -> Result<String, fmt::Error> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Exposition {
         counters: metrics.counters(),
         upstream,
         pubsub,
+        cache,
     }));
     let mut out = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?;
@@ -43,6 +46,8 @@ struct Exposition {
     counters: Counters,
     upstream: Snapshot,
     pubsub: Counts,
+    /// The near cache, when it is on.
+    cache: Option<cache::Snapshot>,
 }
 
 impl Collector for Exposition {
@@ -186,8 +191,59 @@ impl Collector for Exposition {
             "redmux_pubsub_clients",
             "Clients subscribed to anything.",
             self.pubsub.clients,
-        )
+        )?;
+        match &self.cache {
+            Some(cache) => encode_cache(&mut encoder, cache),
+            None => Ok(()),
+        }
     }
+}
+
+/// The near cache's series (only while `cache.enabled`).
+fn encode_cache(
+    encoder: &mut DescriptorEncoder,
+    cache: &cache::Snapshot,
+) -> Result<(), fmt::Error> {
+    for (name, help, value) in [
+        ("redmux_cache_hits", "Reads answered from the near cache.", cache.hits),
+        ("redmux_cache_misses", "Cacheable reads sent to Redis.", cache.misses),
+        (
+            "redmux_cache_invalidations",
+            "Near cache entries dropped because their key changed.",
+            cache.invalidations,
+        ),
+        (
+            "redmux_cache_flushes",
+            "Times the whole near cache was dropped (null invalidation, stream lost or back, FLUSHALL).",
+            cache.flushes,
+        ),
+    ] {
+        counter(encoder, name, help, value)?;
+    }
+    gauge(
+        encoder,
+        "redmux_cache_bytes",
+        "What the near cache's entries cost now, bookkeeping included.",
+        cache.bytes,
+    )?;
+    gauge(
+        encoder,
+        "redmux_cache_entries",
+        "Entries (and placeholders) in the near cache.",
+        cache.entries,
+    )?;
+    gauge(
+        encoder,
+        "redmux_cache_max_memory_bytes",
+        "cache.max_memory.",
+        cache.max_memory,
+    )?;
+    gauge(
+        encoder,
+        "redmux_cache_up",
+        "1 while the invalidation stream is up and the near cache serves.",
+        u64::from(cache.up),
+    )
 }
 
 impl Exposition {

@@ -33,6 +33,7 @@ use tracing::{debug, warn};
 
 use self::exposition::CONTENT_TYPE;
 use crate::{
+    cache::{self, NearCache},
     client::Live,
     config::Config,
     metrics::{Metrics, Totals},
@@ -94,6 +95,9 @@ struct Status<'a> {
     #[serde(flatten)]
     upstream: Snapshot,
     pubsub: Counts,
+    /// The near cache, when it is on: its hit rate among the rest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<cache::Snapshot>,
     counters: Totals,
 }
 
@@ -183,7 +187,12 @@ impl Admin {
 
     fn prometheus(&self) -> Result<String, std::fmt::Error> {
         let live = self.live.borrow().clone();
-        exposition::prometheus(&self.metrics, live.upstreams.snapshot(), live.hubs.counts())
+        exposition::prometheus(
+            &self.metrics,
+            live.upstreams.snapshot(),
+            live.hubs.counts(),
+            live.session.cache.as_ref().map(NearCache::snapshot),
+        )
     }
 
     fn status(&self) -> Response {
@@ -198,6 +207,7 @@ impl Admin {
                 .load(std::sync::atomic::Ordering::Relaxed),
             upstream: live.upstreams.snapshot(),
             pubsub: live.hubs.counts(),
+            cache: live.session.cache.as_ref().map(NearCache::snapshot),
             counters: self.metrics.totals(),
         };
         match serde_json::to_string_pretty(&status) {

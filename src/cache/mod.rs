@@ -68,8 +68,12 @@ pub struct Limits {
 }
 
 /// What `/metrics` and `/status` show.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Snapshot {
+    /// The invalidation stream is up: the cache serves.
+    pub up: bool,
+    /// Hits over reads looked up, since the start (0 before any).
+    pub hit_rate: f64,
     pub hits: u64,
     pub misses: u64,
     pub invalidations: u64,
@@ -77,7 +81,6 @@ pub struct Snapshot {
     pub bytes: u64,
     pub entries: u64,
     pub max_memory: u64,
-    pub up: bool,
 }
 
 /// The near cache. Cheap to clone: every clone is the same cache.
@@ -88,6 +91,9 @@ pub struct NearCache {
 
 #[derive(Debug)]
 struct Inner {
+    /// Who made it: the cache holds replies of one set of upstream connections, and a client
+    /// on another set (after a reload changed `[upstream]`) must not read them.
+    owner: usize,
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     up: AtomicBool,
@@ -99,9 +105,10 @@ struct Inner {
 }
 
 impl NearCache {
-    pub fn new(limits: &Limits) -> NearCache {
+    pub fn new(limits: &Limits, owner: usize) -> NearCache {
         let cache = NearCache {
             inner: Arc::new(Inner {
+                owner,
                 shards: (0..SHARDS)
                     .map(|_| Mutex::new(Shard::new(0, limits.policy)))
                     .collect(),
@@ -116,6 +123,11 @@ impl NearCache {
         };
         cache.configure(limits);
         cache
+    }
+
+    /// The `owner` it was made with.
+    pub fn owner(&self) -> usize {
+        self.inner.owner
     }
 
     /// New limits (a reload): entries past a smaller budget are evicted now.
@@ -233,15 +245,22 @@ impl NearCache {
             bytes += shard.used() as u64;
             entries += shard.entries() as u64;
         }
+        let hits = self.inner.hits.load(Relaxed);
+        let misses = self.inner.misses.load(Relaxed);
         Snapshot {
-            hits: self.inner.hits.load(Relaxed),
-            misses: self.inner.misses.load(Relaxed),
+            up: self.inner.up.load(Relaxed),
+            hit_rate: if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            },
+            hits,
+            misses,
             invalidations: self.inner.invalidations.load(Relaxed),
             flushes: self.inner.flushes.load(Relaxed),
             bytes,
             entries,
             max_memory: self.inner.max_memory.load(Relaxed),
-            up: self.inner.up.load(Relaxed),
         }
     }
 
@@ -274,12 +293,15 @@ mod tests {
     const GET_U: &[u8] = b"GET user:1";
 
     fn cache() -> NearCache {
-        let cache = NearCache::new(&Limits {
-            max_memory: 1 << 20,
-            max_ttl: Duration::from_secs(60),
-            prefixes: Vec::new(),
-            policy: Policy::TinyLfu,
-        });
+        let cache = NearCache::new(
+            &Limits {
+                max_memory: 1 << 20,
+                max_ttl: Duration::from_secs(60),
+                prefixes: Vec::new(),
+                policy: Policy::TinyLfu,
+            },
+            0,
+        );
         cache.set_up(true);
         cache
     }
@@ -292,7 +314,10 @@ mod tests {
                 panic!()
             };
             cache.fill(ticket, b"$1\r\nv\r\n");
-            assert!(matches!(cache.get(db, resp3, GET_K, &GET_K[4..]), Lookup::Hit(_)));
+            assert!(matches!(
+                cache.get(db, resp3, GET_K, &GET_K[4..]),
+                Lookup::Hit(_)
+            ));
         }
         let Lookup::Fill(ticket) = cache.get_part(0, false, b"k") else {
             panic!()
@@ -325,12 +350,15 @@ mod tests {
 
     #[test]
     fn errors_are_not_kept_and_prefixes_choose_keys() {
-        let cache = NearCache::new(&Limits {
-            max_memory: 1 << 20,
-            max_ttl: Duration::from_secs(60),
-            prefixes: vec![Bytes::from_static(b"user:")],
-            policy: Policy::Lru,
-        });
+        let cache = NearCache::new(
+            &Limits {
+                max_memory: 1 << 20,
+                max_ttl: Duration::from_secs(60),
+                prefixes: vec![Bytes::from_static(b"user:")],
+                policy: Policy::Lru,
+            },
+            0,
+        );
         cache.set_up(true);
         assert!(matches!(
             cache.get(0, false, GET_K, &GET_K[4..]),

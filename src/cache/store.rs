@@ -57,7 +57,10 @@ enum State {
     /// A placeholder: the read went upstream, its reply is not in. An invalidation removes
     /// it, so a reply that may predate the change never fills it.
     Waiting(u64),
-    Ready { reply: Bytes, expires: Instant },
+    Ready {
+        reply: Bytes,
+        expires: Instant,
+    },
 }
 
 #[derive(Debug)]

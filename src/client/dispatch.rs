@@ -15,6 +15,7 @@ use tokio::{sync::mpsc::error::TrySendError, sync::oneshot, time::Instant};
 use tracing::debug;
 
 use super::{
+    cache::{note_write, Plan},
     registry::{flag, PauseMode, Subscription},
     state::{Effect, ReplyMode},
     subscriptions::Feed,
@@ -101,7 +102,9 @@ impl State {
             // MULTI (for the EXEC).
             let paused = self.client.clients().paused();
             let in_multi = matches!(self.tx, Tx::Multi { .. });
-            let writes = (paused.is_some() || in_multi) && command::may_write(command, request);
+            let cached = self.config.cache.is_some();
+            let writes =
+                (paused.is_some() || in_multi || cached) && command::may_write(command, request);
             if self.sync && self.unresolved > 0 {
                 self.flush_run(&mut run_len, &mut run_count).await;
                 self.barrier = true;
@@ -151,9 +154,55 @@ impl State {
                     self.client.track(command, request, in_multi);
                 }
             }
+            if writes && cached {
+                if let Some(request) = frame.command_bytes(&self.rbuf[run_len..]) {
+                    note_write(&mut self.written, command, request);
+                }
+            }
             self.client.entry.command(command);
             if let Some(metrics) = &self.config.metrics {
                 metrics.command(command);
+            }
+            if let (
+                true,
+                true,
+                Frame::Command {
+                    len,
+                    rewritten: None,
+                },
+            ) = (cached, action == Action::Forward && plain, &frame)
+            {
+                if let Some(cache) = self.readable_cache() {
+                    let len = *len;
+                    match self.plan(&cache, command, &self.rbuf[run_len..run_len + len]) {
+                        Plan::Forward => {}
+                        Plan::Hit(reply) => {
+                            self.flush_run(&mut run_len, &mut run_count).await;
+                            self.rbuf.advance(len);
+                            self.owe();
+                            self.pending.push_back(Pending::Local {
+                                bytes: reply,
+                                count: 1,
+                            });
+                            continue;
+                        }
+                        Plan::Fill(then) => {
+                            // On its own, so its reply is the one the ticket waits for.
+                            self.flush_run(&mut run_len, &mut run_count).await;
+                            let frames = self.take_front(len);
+                            self.owe();
+                            let batch = Run {
+                                frames,
+                                count: 1,
+                                timeout: Some(self.config.request_timeout),
+                                then: Some(Box::new(then)),
+                                ..Run::default()
+                            };
+                            self.send(batch, false).await;
+                            continue;
+                        }
+                    }
+                }
             }
             if action == Action::Forward && plain {
                 if let Frame::Command {

@@ -22,6 +22,7 @@
 //! delivers), `registry` (every client, for CLIENT LIST and KILL) and `settings` (what a
 //! reload replaces). This file holds the types they share.
 
+mod cache;
 mod dispatch;
 mod registry;
 mod replies;
@@ -124,6 +125,10 @@ enum Then {
     /// The answer to CLIENT TRACKING ON that waited for redmux's invalidation stream: an
     /// error means the client does not track after all.
     Tracking,
+    /// A read the near cache missed: its reply fills the placeholder of this ticket.
+    Fill(crate::cache::NearCache, crate::cache::Ticket),
+    /// An MGET the near cache missed: each element fills its key's placeholder, if it has one.
+    FillParts(crate::cache::NearCache, Vec<Option<crate::cache::Ticket>>),
 }
 
 /// Where a client's requests travel. Redis runs what arrives on one connection in order, but
@@ -240,6 +245,8 @@ struct State {
     idle: Option<Box<IdleTimer>>,
     /// Reply bytes owed to the client, shared with the actors answering it.
     budget: Arc<Budget>,
+    /// The keys of the client's writes in flight, while a near cache is on (see `cache`).
+    written: cache::Written,
 }
 
 #[cfg(test)]

@@ -485,6 +485,7 @@ impl State {
             decoder,
             // A parked session owes nothing, so each burst starts a budget of its own.
             budget: Arc::new(Budget::new(config.output_limit())),
+            written: Default::default(),
             config,
             client,
             tx: Tx::None,

@@ -12,11 +12,18 @@
 
 use std::{sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::registry::Clients;
 use crate::{
-    auth::Users, config::Config, metrics::Metrics, pubsub::Hubs, resp::Limits, upstream::Upstreams,
+    auth::Users,
+    cache::{self, NearCache, Policy},
+    config::{CacheConfig, Config, Eviction},
+    metrics::Metrics,
+    pubsub::Hubs,
+    resp::Limits,
+    upstream::Upstreams,
 };
 
 /// The settings in effect.
@@ -51,6 +58,9 @@ impl Live {
         stop: &CancellationToken,
     ) -> Live {
         let server = &config.server;
+        let near_cache = hubs
+            .tracker()
+            .configure_cache(cache_limits(&config.cache).as_ref());
         let session = SessionConfig {
             limits: Limits {
                 max_bulk_len: server.max_bulk_len,
@@ -63,6 +73,7 @@ impl Live {
             request_timeout: config.upstream.request_timeout,
             allow_monitor: config.upstream.allow_monitor,
             metrics: metrics.per_request(),
+            cache: near_cache,
         };
         hubs.tracker()
             .set_max_keys(config.server.tracking_table_max_keys);
@@ -91,6 +102,25 @@ pub struct SessionConfig {
     /// Where requests, replies and bytes are counted; `None` when the metrics endpoint is off,
     /// which then costs one branch per request.
     pub metrics: Option<Arc<Metrics>>,
+    /// The near cache, when `cache.enabled`.
+    pub cache: Option<NearCache>,
+}
+
+/// The near cache's limits from `[cache]`; `None` when it is off.
+fn cache_limits(config: &CacheConfig) -> Option<cache::Limits> {
+    config.enabled.then(|| cache::Limits {
+        max_memory: usize::try_from(config.max_memory).unwrap_or(usize::MAX),
+        max_ttl: config.max_ttl,
+        prefixes: config
+            .prefixes
+            .iter()
+            .map(|p| Bytes::copy_from_slice(p.as_bytes()))
+            .collect(),
+        policy: match config.eviction {
+            Eviction::Lru => Policy::Lru,
+            Eviction::Tinylfu => Policy::TinyLfu,
+        },
+    })
 }
 
 impl SessionConfig {

@@ -193,6 +193,9 @@ impl Config {
                 message,
             })?;
         }
+        if overrides.cache {
+            self.cache.enabled = true;
+        }
         if let Some(level) = &overrides.log_level {
             check_log_level(level).map_err(|message| ConfigError::Flag {
                 flag: "--log-level",
@@ -292,6 +295,33 @@ impl Config {
                 return fail("upstream.db", "the embedded upstream has only db 0");
             }
         }
+        let cache = &self.cache;
+        if cache.enabled {
+            if !upstream.cluster.is_empty() {
+                return fail(
+                    "cache.enabled",
+                    "the near cache needs a standalone Redis, not a cluster",
+                );
+            }
+            if upstream.address.address == Address::Embedded {
+                return fail(
+                    "cache.enabled",
+                    "the near cache needs a Redis upstream (the embedded store cannot track keys)",
+                );
+            }
+        }
+        if cache.max_memory < 1024 * 1024 {
+            return fail("cache.max_memory", "must be at least 1MB");
+        }
+        if cache.max_ttl.is_zero() {
+            return fail("cache.max_ttl", "must be more than 0");
+        }
+        if cache.prefixes.iter().any(String::is_empty) {
+            return fail(
+                "cache.prefixes",
+                "an empty prefix would match every key: leave the list empty instead",
+            );
+        }
         if server.tls.as_ref().is_some_and(|tls| tls.listen.is_empty()) {
             return fail("server.tls.listen", "no address to listen on");
         }
@@ -329,6 +359,7 @@ impl Config {
         compare!(auth: password, users);
         compare!(log: level, format);
         compare!(metrics: listen);
+        compare!(cache: enabled, max_memory, max_ttl, prefixes, eviction);
         keys
     }
 
@@ -419,6 +450,19 @@ impl Config {
             self.server.client_idle_timeout,
             self.server.shutdown_grace
         );
+        if self.cache.enabled {
+            out += &format!(
+                "cache: on, max_memory {}, max_ttl {:?}, eviction {:?}, prefixes {}\n",
+                self.cache.max_memory,
+                self.cache.max_ttl,
+                self.cache.eviction,
+                if self.cache.prefixes.is_empty() {
+                    "(every key)".to_owned()
+                } else {
+                    self.cache.prefixes.join(", ")
+                }
+            );
+        }
         out += &format!(
             "log: level {}, format {:?}\n",
             self.log.level, self.log.format

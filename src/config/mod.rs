@@ -42,6 +42,49 @@ pub struct Config {
     pub auth: AuthConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: the near cache, off unless `enabled`. Replies to hot reads are kept in redmux
+/// and served without a round trip, dropped when Redis says their key changed (docs/cache.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// A hard bound on what the entries cost, their bookkeeping included.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_memory: u64,
+    /// The longest an entry is served, even if Redis never says its key changed (a key whose
+    /// expiry Redis has not acted on yet).
+    #[serde(deserialize_with = "duration")]
+    pub max_ttl: Duration,
+    /// Cache only keys that start with one of these; empty: every key.
+    pub prefixes: Vec<String>,
+    /// `"tinylfu"` or `"lru"`.
+    pub eviction: Eviction,
+}
+
+/// How the near cache chooses what stays when it is full (`cache.eviction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Eviction {
+    /// Least recently used goes, and a new entry gets in only if it was asked for more often
+    /// lately than the one it would push out.
+    Tinylfu,
+    /// Least recently used goes.
+    Lru,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            max_memory: 64 * 1024 * 1024,
+            max_ttl: Duration::from_secs(60),
+            prefixes: Vec::new(),
+            eviction: Eviction::Tinylfu,
+        }
+    }
 }
 
 /// `[metrics]`: the admin HTTP endpoint (`/metrics`, `/health`, `/status`). Off unless
@@ -430,6 +473,8 @@ pub struct Overrides {
     pub upstream_cluster: Option<String>,
     pub log_level: Option<String>,
     pub threads: Option<String>,
+    /// `--cache`: sets `cache.enabled`.
+    pub cache: bool,
 }
 
 #[cfg(test)]

@@ -31,7 +31,10 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use self::table::{Deliveries, Table};
-use crate::upstream::{Dial, Reply, Timeouts, UpstreamError, Upstreams};
+use crate::{
+    cache::{Limits, NearCache},
+    upstream::{Dial, Reply, Timeouts, UpstreamError, Upstreams},
+};
 
 /// What a tracking client is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +114,9 @@ struct Shared {
     up: bool,
     /// `CLIENT TRACKING ON` replies that wait for the stream to come up, by client.
     waiting: Vec<(u64, oneshot::Sender<Reply>)>,
+    /// The near cache, which the stream keeps correct: while there is one, the stream runs
+    /// whether or not a client tracks.
+    cache: Option<NearCache>,
 }
 
 impl Tracker {
@@ -134,6 +140,7 @@ impl Tracker {
                     running: false,
                     up: false,
                     waiting: Vec::new(),
+                    cache: None,
                 }),
             }),
         }
@@ -142,6 +149,54 @@ impl Tracker {
     /// Most keys the table remembers (`server.tracking_table_max_keys`); 0: no limit.
     pub fn set_max_keys(&self, max_keys: usize) {
         self.inner.lock().table.set_max_keys(max_keys);
+    }
+
+    /// The near cache with these limits (`None`: none). It is the same cache across calls
+    /// while one is wanted, with new limits; one no longer wanted stops serving at once. The
+    /// stream starts at the first read that finds it down ([`Tracker::wake`]). `None` also
+    /// where this upstream cannot track (the configuration refuses that pairing).
+    pub fn configure_cache(&self, limits: Option<&Limits>) -> Option<NearCache> {
+        let mut shared = self.inner.lock();
+        let Some(limits) = limits.filter(|_| self.inner.dial.is_ok()) else {
+            if let Some(old) = shared.cache.take() {
+                old.set_up(false);
+            }
+            return None;
+        };
+        let cache = match &shared.cache {
+            Some(cache) => {
+                cache.configure(limits);
+                cache.clone()
+            }
+            None => {
+                let cache = NearCache::new(limits, self.id());
+                cache.set_up(shared.up);
+                shared.cache = Some(cache.clone());
+                cache
+            }
+        };
+        Some(cache)
+    }
+
+    /// Which tracker this is: a near cache made by it carries it as its owner.
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+
+    /// A read found the near cache down: the stream is started if it is not running.
+    pub fn wake(&self) {
+        let Ok(dial) = &self.inner.dial else {
+            return;
+        };
+        let mut shared = self.inner.lock();
+        if !shared.running && shared.cache.is_some() {
+            shared.running = true;
+            tokio::spawn(stream::run(
+                Arc::downgrade(&self.inner),
+                dial.clone(),
+                self.inner.timeouts,
+            ));
+        }
     }
 
     /// Client `id` tracks in `mode` from now on, told through `sink`. `Ok(None)` when the
@@ -205,16 +260,24 @@ impl Inner {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Redis says `keys` changed.
+    /// Redis says `keys` changed. The cache drops them first: a tracking client that read
+    /// one of them from the cache is in the table already, so it hears of the change.
     fn changed(&self, keys: &[Bytes]) {
         let mut shared = self.lock();
+        if let Some(cache) = &shared.cache {
+            cache.invalidate(keys);
+        }
         let deliveries = shared.table.invalidate(keys);
         shared.deliver(deliveries);
     }
 
     /// Redis says everything may have changed (FLUSHALL, FLUSHDB).
     fn flushed(&self) {
-        self.lock().flush_all(&[]);
+        let mut shared = self.lock();
+        if let Some(cache) = &shared.cache {
+            cache.flush();
+        }
+        shared.flush_all(&[]);
     }
 
     /// The stream is up. The clients waiting for it are answered; the others tracked while it
@@ -222,6 +285,9 @@ impl Inner {
     fn up(&self) {
         let mut shared = self.lock();
         shared.up = true;
+        if let Some(cache) = &shared.cache {
+            cache.set_up(true);
+        }
         let waiting = std::mem::take(&mut shared.waiting);
         let answered: Vec<u64> = waiting.iter().map(|(id, _)| *id).collect();
         shared.flush_all(&answered);
@@ -236,6 +302,9 @@ impl Inner {
     fn down(&self) {
         let mut shared = self.lock();
         let was_up = std::mem::replace(&mut shared.up, false);
+        if let Some(cache) = &shared.cache {
+            cache.set_up(false);
+        }
         for (id, tx) in std::mem::take(&mut shared.waiting) {
             shared.table.disable(id);
             shared.sinks.remove(&id);
@@ -246,12 +315,12 @@ impl Inner {
         }
     }
 
-    /// Whether the stream should stop: nobody tracks. Marks it stopped if so, under the same
+    /// Whether the stream should stop: nobody tracks, and there is no near cache. Marks it stopped if so, under the same
     /// lock [`Tracker::enable`] takes, so a client that starts tracking meanwhile starts a new
     /// one. The reads of clients gone are forgotten with it.
     fn stop_if_idle(&self) -> bool {
         let mut shared = self.lock();
-        if shared.table.is_empty() && shared.waiting.is_empty() {
+        if shared.table.is_empty() && shared.waiting.is_empty() && shared.cache.is_none() {
             shared.running = false;
             shared.up = false;
             shared.table.flush();

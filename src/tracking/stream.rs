@@ -1,5 +1,6 @@
 //! The stream: redmux's own connection in `CLIENT TRACKING ON BCAST` mode (RESP3), on which
-//! Redis pushes every key that changes. It reconnects until no client tracks.
+//! Redis pushes every key that changes. It reconnects until no client tracks and there is no
+//! near cache to keep.
 
 use std::{sync::Weak, time::Duration};
 

@@ -1,0 +1,221 @@
+//! A session's side of the near cache (`crate::cache`): reads answered from it, misses sent
+//! upstream with a ticket their reply fills, and the keys the client writes, dropped from
+//! the cache once its replies are in, before it can see them.
+//!
+//! The cache is read only on the plain path: replies on (CLIENT REPLY ON), no MULTI or WATCH,
+//! the client logged in as redmux's own user (Redis checks an ACL user's key permissions, and
+//! the cache cannot), and no write of the client's own in flight (a client reads its own
+//! writes). A hit takes a reply slot like any local reply, so it waits its turn behind the
+//! replies the client is owed.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{State, Then, Tx};
+use crate::{
+    cache::{read_of, Lookup, NearCache, Read},
+    cluster::keys::{keys, Scope},
+    command::CommandId,
+};
+
+/// Most written keys a session remembers; past it, the whole cache is dropped when the
+/// replies are in (a client that writes thousands of keys in one pipeline).
+const WRITTEN_MAX_KEYS: usize = 1024;
+
+/// The keys of the client's writes whose replies are not all in.
+#[derive(Debug, Default)]
+pub(super) enum Written {
+    #[default]
+    Nothing,
+    Keys(Vec<Bytes>),
+    /// Anything: FLUSHALL, FLUSHDB, SWAPDB, or too many keys.
+    All,
+}
+
+/// What to do with a read, as the cache says.
+pub(super) enum Plan {
+    /// Send it upstream as usual.
+    Forward,
+    /// Answer it with these bytes.
+    Hit(Bytes),
+    /// Send it upstream on its own, and do this with its reply.
+    Fill(Then),
+}
+
+impl State {
+    /// The near cache this client reads from now, if any: the one of its own upstream
+    /// connections, not one a reload made for another Redis.
+    pub(super) fn readable_cache(&self) -> Option<NearCache> {
+        let cache = self.config.cache.as_ref()?;
+        let usable = matches!(self.tx, Tx::None)
+            && matches!(self.written, Written::Nothing)
+            && self.client.identity().is_none()
+            && cache.owner() == self.client.hubs().tracker().id();
+        usable.then(|| cache.clone())
+    }
+
+    /// What the cache says of `request`, a read by this client.
+    pub(super) fn plan(&self, cache: &NearCache, command: CommandId, request: &[u8]) -> Plan {
+        let Some(read) = read_of(command, request) else {
+            return Plan::Forward;
+        };
+        let (db, resp3) = (self.client.db, self.client.resp3);
+        let plan = match read {
+            Read::One(key) => match cache.get(db, resp3, request, key) {
+                Lookup::Hit(reply) => Plan::Hit(reply),
+                Lookup::Fill(ticket) => Plan::Fill(Then::Fill(cache.clone(), ticket)),
+                Lookup::Pass => Plan::Forward,
+                Lookup::Down => return self.cache_down(),
+            },
+            Read::Parts(keys) => {
+                // Each key on its own: a hit gives its element, a miss a ticket for its
+                // element of the reply, once the whole MGET has gone upstream.
+                let mut parts = Vec::with_capacity(keys.len());
+                let mut tickets = Vec::with_capacity(keys.len());
+                let mut missed = false;
+                for key in keys {
+                    let ticket = match cache.get_part(db, resp3, key) {
+                        Lookup::Hit(part) => {
+                            parts.push(part);
+                            None
+                        }
+                        Lookup::Fill(ticket) => {
+                            missed = true;
+                            Some(ticket)
+                        }
+                        Lookup::Pass => {
+                            missed = true;
+                            None
+                        }
+                        Lookup::Down => return self.cache_down(),
+                    };
+                    tickets.push(ticket);
+                }
+                if missed {
+                    Plan::Fill(Then::FillParts(cache.clone(), tickets))
+                } else {
+                    Plan::Hit(array(&parts))
+                }
+            }
+        };
+        cache.count(matches!(plan, Plan::Hit(_)));
+        plan
+    }
+
+    /// The invalidation stream is down: the read goes upstream, and the stream is started.
+    fn cache_down(&self) -> Plan {
+        self.client.hubs().tracker().wake();
+        Plan::Forward
+    }
+
+    /// Every reply owed is in and no transaction is open: the keys written leave the cache
+    /// now, before the client can read the acknowledgement (the stream's invalidation of
+    /// them may come a moment later).
+    pub(super) fn settle_written(&mut self) {
+        if self.unresolved > 0 || !matches!(self.tx, Tx::None) {
+            return;
+        }
+        let Some(cache) = &self.config.cache else {
+            return;
+        };
+        match std::mem::take(&mut self.written) {
+            Written::Nothing => {}
+            Written::Keys(keys) => cache.invalidate(&keys),
+            Written::All => cache.flush(),
+        }
+    }
+}
+
+/// A request that may write, while a cache is on: its keys are noted, and the client
+/// reads around the cache until its replies are in.
+pub(super) fn note_write(written: &mut Written, command: CommandId, request: &[u8]) {
+    let found = keys(request);
+    let everything = matches!(command.name(), "flushall" | "flushdb" | "swapdb");
+    let noted = std::mem::take(written);
+    *written = match noted {
+        Written::All => Written::All,
+        _ if everything => Written::All,
+        _ if found.scope() != Scope::Keys => noted,
+        Written::Nothing if found.keys().is_empty() => Written::Nothing,
+        Written::Nothing => Written::Keys(copies(found.keys())),
+        Written::Keys(mut noted) => {
+            noted.extend(copies(found.keys()));
+            if noted.len() > WRITTEN_MAX_KEYS {
+                Written::All
+            } else {
+                Written::Keys(noted)
+            }
+        }
+    };
+}
+
+/// The reply an MGET answered from the cache gets: its parts, in order, in an array.
+fn array(parts: &[Bytes]) -> Bytes {
+    let len: usize = parts.iter().map(Bytes::len).sum();
+    let mut out = BytesMut::with_capacity(len + 16);
+    out.put_slice(format!("*{}\r\n", parts.len()).as_bytes());
+    for part in parts {
+        out.put_slice(part);
+    }
+    out.freeze()
+}
+
+fn copies(keys: &[&[u8]]) -> Vec<Bytes> {
+    keys.iter().map(|key| Bytes::copy_from_slice(key)).collect()
+}
+
+/// The elements of an MGET reply: bulk strings and nulls, in RESP2 or RESP3. `None` if it
+/// is anything else.
+pub(super) fn mget_parts(reply: &[u8]) -> Option<Vec<&[u8]>> {
+    let (count, mut rest) = header(reply, b'*')?;
+    let mut parts = Vec::with_capacity(count.max(0) as usize);
+    for _ in 0..count {
+        let len = match rest.first()? {
+            b'_' => 3,
+            b'$' => {
+                let (len, body) = header(rest, b'$')?;
+                let head = rest.len() - body.len();
+                if len < 0 {
+                    head
+                } else {
+                    head + len as usize + 2
+                }
+            }
+            _ => return None,
+        };
+        parts.push(rest.get(..len)?);
+        rest = &rest[len..];
+    }
+    rest.is_empty().then_some(parts)
+}
+
+/// `<kind><number>\r\n` at the start of `bytes`: the number and what follows.
+fn header(bytes: &[u8], kind: u8) -> Option<(i64, &[u8])> {
+    let end = bytes.iter().position(|&b| b == b'\r')?;
+    if bytes.first() != Some(&kind) || bytes.get(end + 1) != Some(&b'\n') {
+        return None;
+    }
+    let number = std::str::from_utf8(&bytes[1..end]).ok()?.parse().ok()?;
+    Some((number, &bytes[end + 2..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mget_replies_split_into_their_elements() {
+        assert_eq!(
+            mget_parts(b"*3\r\n$1\r\na\r\n$-1\r\n_\r\n").unwrap(),
+            vec![&b"$1\r\na\r\n"[..], b"$-1\r\n", b"_\r\n"]
+        );
+        assert_eq!(mget_parts(b"*0\r\n").unwrap(), Vec::<&[u8]>::new());
+        assert!(mget_parts(b"*2\r\n$1\r\na\r\n").is_none());
+        assert!(mget_parts(b"-ERR x\r\n").is_none());
+        assert!(mget_parts(b"*1\r\n:1\r\n").is_none());
+        let parts = [
+            Bytes::from_static(b"$1\r\na\r\n"),
+            Bytes::from_static(b"$-1\r\n"),
+        ];
+        assert_eq!(&array(&parts)[..], b"*2\r\n$1\r\na\r\n$-1\r\n");
+    }
+}
