@@ -265,9 +265,7 @@ impl NearCache {
     }
 
     fn shard(&self, key: &[u8]) -> (u32, &Mutex<Shard>) {
-        let mut hasher = self.inner.hasher.build_hasher();
-        key.hash(&mut hasher);
-        let index = (hasher.finish() % SHARDS as u64) as u32;
+        let index = (self.inner.hasher.hash_one(key) % SHARDS as u64) as u32;
         (index, &self.inner.shards[index as usize])
     }
 }

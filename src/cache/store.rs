@@ -145,9 +145,7 @@ impl Shard {
             // About one counter per entry the budget holds, at a few hundred bytes each.
             self.sketch = lfu.then(|| Sketch::new(budget / OVERHEAD));
         }
-        while self.used > self.budget && self.tail != NIL {
-            self.remove(self.tail);
-        }
+        while self.used > self.budget && self.remove(self.tail) {}
     }
 
     pub(super) fn used(&self) -> usize {
@@ -177,7 +175,10 @@ impl Shard {
             sketch.add(hash);
         }
         if let Some(&at) = self.index.get(&hash) {
-            let slot = self.slots[at as usize].as_ref().expect("indexed slot");
+            let Some(slot) = self.slot(at) else {
+                self.index.remove(&hash);
+                return Found::Miss;
+            };
             if slot.is(identity) {
                 match &slot.state {
                     State::Ready { reply, expires } if *expires > now => {
@@ -255,15 +256,14 @@ impl Shard {
         // Room is made around it, never by evicting it unless it is all that is left.
         while self.used > self.budget {
             let victim = if self.tail == at {
-                self.slot(at).prev
+                self.slot(at).map_or(NIL, |slot| slot.prev)
             } else {
                 self.tail
             };
-            if victim == NIL {
+            if victim == NIL || !self.remove(victim) {
                 self.remove(at);
                 break;
             }
-            self.remove(victim);
         }
     }
 
@@ -296,25 +296,28 @@ impl Shard {
             return false;
         }
         if let (Some(sketch), Some(hash)) = (&self.sketch, hash) {
-            if self.used + cost > self.budget && self.tail != NIL {
-                let victim = self.slot(self.tail).hash;
-                if sketch.frequency(hash) <= sketch.frequency(victim) {
-                    return false;
+            if self.used + cost > self.budget {
+                if let Some(victim) = self.slot(self.tail) {
+                    if sketch.frequency(hash) <= sketch.frequency(victim.hash) {
+                        return false;
+                    }
                 }
             }
         }
-        while self.used + cost > self.budget && self.tail != NIL {
-            self.remove(self.tail);
+        while self.used + cost > self.budget {
+            if !self.remove(self.tail) {
+                return false;
+            }
         }
         true
     }
 
-    fn slot(&self, at: u32) -> &Slot {
-        self.slots[at as usize].as_ref().expect("live slot")
+    fn slot(&self, at: u32) -> Option<&Slot> {
+        self.slots.get(at as usize)?.as_ref()
     }
 
-    fn slot_mut(&mut self, at: u32) -> &mut Slot {
-        self.slots[at as usize].as_mut().expect("live slot")
+    fn slot_mut(&mut self, at: u32) -> Option<&mut Slot> {
+        self.slots.get_mut(at as usize)?.as_mut()
     }
 
     fn insert(&mut self, slot: Slot) -> u32 {
@@ -337,9 +340,11 @@ impl Shard {
         at
     }
 
-    /// Removes one entry from every structure.
-    fn remove(&mut self, at: u32) {
-        let key = self.slot(at).key.clone();
+    /// Removes one entry from every structure; `false` if there is none at `at` (`NIL`).
+    fn remove(&mut self, at: u32) -> bool {
+        let Some(key) = self.slot(at).map(|slot| slot.key.clone()) else {
+            return false;
+        };
         if let Some(slots) = self.keys.get_mut(&key) {
             slots.retain(|&s| s != at);
             if slots.is_empty() {
@@ -347,6 +352,7 @@ impl Shard {
             }
         }
         self.unlink_entry(at);
+        true
     }
 
     /// Removes one entry from everything but `keys`.
@@ -371,33 +377,29 @@ impl Shard {
 
     fn link_front(&mut self, at: u32) {
         let head = self.head;
-        {
-            let slot = self.slot_mut(at);
-            slot.prev = NIL;
-            slot.next = head;
-        }
-        if head != NIL {
-            self.slot_mut(head).prev = at;
-        } else {
-            self.tail = at;
+        let Some(slot) = self.slot_mut(at) else {
+            return;
+        };
+        slot.prev = NIL;
+        slot.next = head;
+        match self.slot_mut(head) {
+            Some(old) => old.prev = at,
+            None => self.tail = at,
         }
         self.head = at;
     }
 
     fn unlink(&mut self, at: u32) {
-        let (prev, next) = {
-            let slot = self.slot(at);
-            (slot.prev, slot.next)
+        let Some((prev, next)) = self.slot(at).map(|slot| (slot.prev, slot.next)) else {
+            return;
         };
-        if prev != NIL {
-            self.slot_mut(prev).next = next;
-        } else {
-            self.head = next;
+        match self.slot_mut(prev) {
+            Some(before) => before.next = next,
+            None => self.head = next,
         }
-        if next != NIL {
-            self.slot_mut(next).prev = prev;
-        } else {
-            self.tail = prev;
+        match self.slot_mut(next) {
+            Some(after) => after.prev = prev,
+            None => self.tail = prev,
         }
     }
 }

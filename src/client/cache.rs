@@ -8,9 +8,9 @@
 //! writes). A hit takes a reply slot like any local reply, so it waits its turn behind the
 //! replies the client is owed.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::{State, Then, Tx};
+use super::{Pending, Run, State, Then, Tx};
 use crate::{
     cache::{read_of, Lookup, NearCache, Read},
     cluster::keys::{keys, Scope},
@@ -21,11 +21,10 @@ use crate::{
 /// replies are in (a client that writes thousands of keys in one pipeline).
 const WRITTEN_MAX_KEYS: usize = 1024;
 
-/// The keys of the client's writes whose replies are not all in.
-#[derive(Debug, Default)]
+/// The keys of the client's writes whose replies are not all in (`None` in the session
+/// when there are none).
+#[derive(Debug)]
 pub(super) enum Written {
-    #[default]
-    Nothing,
     Keys(Vec<Bytes>),
     /// Anything: FLUSHALL, FLUSHDB, SWAPDB, or too many keys.
     All,
@@ -47,7 +46,7 @@ impl State {
     pub(super) fn readable_cache(&self) -> Option<NearCache> {
         let cache = self.config.cache.as_ref()?;
         let usable = matches!(self.tx, Tx::None)
-            && matches!(self.written, Written::Nothing)
+            && self.written.is_none()
             && self.client.identity().is_none()
             && cache.owner() == self.client.hubs().tracker().id();
         usable.then(|| cache.clone())
@@ -101,6 +100,39 @@ impl State {
         plan
     }
 
+    /// Carries out a `plan` other than `Forward` for the request of `len` bytes at
+    /// `rbuf[run_len..]`, after the run before it.
+    pub(super) async fn take_cached(
+        &mut self,
+        plan: Plan,
+        len: usize,
+        run_len: &mut usize,
+        run_count: &mut u32,
+    ) {
+        self.flush_run(run_len, run_count).await;
+        match plan {
+            Plan::Forward => {}
+            Plan::Hit(bytes) => {
+                self.rbuf.advance(len);
+                self.owe();
+                self.pending.push_back(Pending::Local { bytes, count: 1 });
+            }
+            Plan::Fill(then) => {
+                // On its own, so its reply is the one the ticket waits for.
+                let frames = self.take_front(len);
+                self.owe();
+                let batch = Run {
+                    frames,
+                    count: 1,
+                    timeout: Some(self.config.request_timeout),
+                    then: Some(Box::new(then)),
+                    ..Run::default()
+                };
+                self.send(batch, false).await;
+            }
+        }
+    }
+
     /// The invalidation stream is down: the read goes upstream, and the stream is started.
     fn cache_down(&self) -> Plan {
         self.client.hubs().tracker().wake();
@@ -117,35 +149,35 @@ impl State {
         let Some(cache) = &self.config.cache else {
             return;
         };
-        match std::mem::take(&mut self.written) {
-            Written::Nothing => {}
-            Written::Keys(keys) => cache.invalidate(&keys),
-            Written::All => cache.flush(),
+        match self.written.take().map(|written| *written) {
+            None => {}
+            Some(Written::Keys(keys)) => cache.invalidate(&keys),
+            Some(Written::All) => cache.flush(),
         }
     }
 }
 
 /// A request that may write, while a cache is on: its keys are noted, and the client
 /// reads around the cache until its replies are in.
-pub(super) fn note_write(written: &mut Written, command: CommandId, request: &[u8]) {
+pub(super) fn note_write(written: &mut Option<Box<Written>>, command: CommandId, request: &[u8]) {
+    if matches!(command.name(), "flushall" | "flushdb" | "swapdb") {
+        *written = Some(Box::new(Written::All));
+        return;
+    }
     let found = keys(request);
-    let everything = matches!(command.name(), "flushall" | "flushdb" | "swapdb");
-    let noted = std::mem::take(written);
-    *written = match noted {
-        Written::All => Written::All,
-        _ if everything => Written::All,
-        _ if found.scope() != Scope::Keys => noted,
-        Written::Nothing if found.keys().is_empty() => Written::Nothing,
-        Written::Nothing => Written::Keys(copies(found.keys())),
-        Written::Keys(mut noted) => {
+    if found.scope() != Scope::Keys || found.keys().is_empty() {
+        return;
+    }
+    match written.as_deref_mut() {
+        Some(Written::All) => {}
+        Some(Written::Keys(noted)) => {
             noted.extend(copies(found.keys()));
             if noted.len() > WRITTEN_MAX_KEYS {
-                Written::All
-            } else {
-                Written::Keys(noted)
+                *written = Some(Box::new(Written::All));
             }
         }
-    };
+        None => *written = Some(Box::new(Written::Keys(copies(found.keys())))),
+    }
 }
 
 /// The reply an MGET answered from the cache gets: its parts, in order, in an array.

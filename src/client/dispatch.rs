@@ -174,33 +174,11 @@ impl State {
             {
                 if let Some(cache) = self.readable_cache() {
                     let len = *len;
-                    match self.plan(&cache, command, &self.rbuf[run_len..run_len + len]) {
-                        Plan::Forward => {}
-                        Plan::Hit(reply) => {
-                            self.flush_run(&mut run_len, &mut run_count).await;
-                            self.rbuf.advance(len);
-                            self.owe();
-                            self.pending.push_back(Pending::Local {
-                                bytes: reply,
-                                count: 1,
-                            });
-                            continue;
-                        }
-                        Plan::Fill(then) => {
-                            // On its own, so its reply is the one the ticket waits for.
-                            self.flush_run(&mut run_len, &mut run_count).await;
-                            let frames = self.take_front(len);
-                            self.owe();
-                            let batch = Run {
-                                frames,
-                                count: 1,
-                                timeout: Some(self.config.request_timeout),
-                                then: Some(Box::new(then)),
-                                ..Run::default()
-                            };
-                            self.send(batch, false).await;
-                            continue;
-                        }
+                    let plan = self.plan(&cache, command, &self.rbuf[run_len..run_len + len]);
+                    if !matches!(plan, Plan::Forward) {
+                        // Boxed, as `execute` is: its state would sit in every busy session.
+                        Box::pin(self.take_cached(plan, len, &mut run_len, &mut run_count)).await;
+                        continue;
                     }
                 }
             }
@@ -454,7 +432,7 @@ impl State {
                 let (feed, inbox) = Feed::new(self.config.output_limit());
                 let identity = self.client.identity();
                 let rx = monitor::start(self.client.upstreams(), identity.as_ref(), inbox).await;
-                self.monitor = Some(feed);
+                self.monitor = Some(Box::new(feed));
                 self.owe();
                 // Its `+OK` is a plain reply, which CLIENT REPLY OFF and SKIP silence.
                 let suppress = self.take_suppress();

@@ -403,7 +403,7 @@ pub(super) fn burst<'a, S: Duplex>(
                 }
                 // Published messages and the MONITOR feed, queued behind the replies already owed,
                 // taken while the client is not too far behind; a cut-off is heard regardless.
-                frame = next_frame(&mut this.subs.inbox, this.out_len < OUTPUT_HIGH_WATER), if this.subs.inbox.is_some() => match frame {
+                frame = next_frame(this.subs.inbox.as_mut(), this.out_len < OUTPUT_HIGH_WATER), if this.subs.inbox.is_some() => match frame {
                     Fed::Frame(bytes) => this.fed(bytes),
                     Fed::Ended => {
                         debug!("pub/sub hub gone; closing");
@@ -421,7 +421,7 @@ pub(super) fn burst<'a, S: Duplex>(
                         break;
                     }
                 },
-                frame = next_frame(&mut this.monitor, this.out_len < OUTPUT_HIGH_WATER), if this.monitor.is_some() => match frame {
+                frame = next_frame(this.monitor.as_deref_mut(), this.out_len < OUTPUT_HIGH_WATER), if this.monitor.is_some() => match frame {
                     Fed::Frame(bytes) => this.pending.push_back(Pending::Local { bytes, count: 0 }),
                     Fed::Ended => {
                         debug!("MONITOR feed ended (upstream lost); closing");
@@ -485,7 +485,7 @@ impl State {
             decoder,
             // A parked session owes nothing, so each burst starts a budget of its own.
             budget: Arc::new(Budget::new(config.output_limit())),
-            written: Default::default(),
+            written: None,
             config,
             client,
             tx: Tx::None,
@@ -564,7 +564,10 @@ impl State {
         self.decoder.set_limits(self.config.limits);
         let limit = self.config.output_limit();
         self.budget.set_limit(limit);
-        for feed in [&self.subs.inbox, &self.monitor].into_iter().flatten() {
+        for feed in [self.subs.inbox.as_ref(), self.monitor.as_deref()]
+            .into_iter()
+            .flatten()
+        {
             feed.queued.set_limit(limit);
         }
         self.decoder.set_unauthenticated(!self.client.authenticated);

@@ -154,9 +154,12 @@ pub(super) enum Fed {
 /// that the sender cut the client off, which comes whatever the room. Never ready without a
 /// feed. A poll function, like the other branches of a busy session's `select!`, keeps the
 /// boxed session small enough for the allocator's per-thread cache.
-pub(super) fn next_frame(feed: &mut Option<Feed>, room: bool) -> impl Future<Output = Fed> + '_ {
+pub(super) fn next_frame(
+    mut feed: Option<&mut Feed>,
+    room: bool,
+) -> impl Future<Output = Fed> + '_ {
     std::future::poll_fn(move |cx| {
-        let Some(feed) = feed else {
+        let Some(feed) = feed.as_deref_mut() else {
             return Poll::Pending;
         };
         if let Some(cut) = &mut feed.cut {
