@@ -1,0 +1,405 @@
+//! The near cache (`[cache] enabled = true`) against a live redis-server: each cached read
+//! gives Redis's own bytes; a second read is answered without Redis (seen in Redis's own
+//! `INFO commandstats`, which counts what really reached it); a change made directly in Redis,
+//! in any db, reaches readers; reads inside MULTI and WATCH, after a client's own write, by an
+//! ACL user, or while the invalidation stream is down go to Redis; `max_ttl`, `max_memory`
+//! and `prefixes` hold; `/metrics` and `/status` show the cache.
+//!
+//! The race between writers elsewhere and cached readers is `tests/cache_checker.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code asserts by panicking
+
+mod support;
+
+use std::time::Duration;
+
+use redmux::config::Config;
+use support::{Deadline, Raw, RedisServer, Redmux};
+
+fn cache_config(redis: &RedisServer) -> Config {
+    let mut config = support::config(&redis.addr());
+    config.cache.enabled = true;
+    config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    config
+}
+
+/// How many times Redis has run `command` (lower case), from its `INFO commandstats`.
+fn calls(redis: &RedisServer, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.direct())
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Waits until the cache serves: a repeated GET no longer reaches Redis. (The invalidation
+/// stream starts at the first cacheable read.)
+async fn wait_serving(redis: &RedisServer, client: &mut Raw) {
+    let deadline = Deadline::new();
+    loop {
+        client.call(&["GET", "cache:warm"]).await;
+        let before = calls(redis, "get");
+        client.call(&["GET", "cache:warm"]).await;
+        if calls(redis, "get") == before {
+            return;
+        }
+        deadline.next_try("the near cache serving").await;
+    }
+}
+
+async fn start(config: Config, redis: &RedisServer) -> (Redmux, Raw) {
+    let redmux = Redmux::start_with(config).await;
+    let mut client = redmux.raw().await;
+    wait_serving(redis, &mut client).await;
+    (redmux, client)
+}
+
+/// One request in RESP, for a raw direct connection.
+fn direct_reply(redis: &RedisServer, resp3: bool, args: &[&str]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(redis.addr()).unwrap();
+    if resp3 {
+        stream
+            .write_all(&redmux::resp::encode_command([&b"HELLO"[..], b"3"]))
+            .unwrap();
+    }
+    stream
+        .write_all(&redmux::resp::encode_command(
+            args.iter().map(|a| a.as_bytes()),
+        ))
+        .unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut all = Vec::new();
+    stream.read_to_end(&mut all).unwrap();
+    if resp3 {
+        // The HELLO map comes first: skip it with the scanner.
+        let mut scanner = redmux::resp::ReplyScanner::with_push();
+        let end = scanner.next_reply(&all).unwrap().unwrap();
+        all.drain(..end);
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_cached_read_gives_redis_bytes_and_is_answered_again_without_redis() {
+    let redis = RedisServer::start();
+    let mut direct = redis.direct();
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg("s")
+        .arg("value")
+        .cmd("HSET")
+        .arg("h")
+        .arg("f")
+        .arg("1")
+        .arg("g")
+        .arg("2")
+        .cmd("SADD")
+        .arg("set")
+        .arg("a")
+        .arg("b")
+        .cmd("SET")
+        .arg("other")
+        .arg("x")
+        .query(&mut direct)
+        .unwrap();
+    let (redmux, mut resp2) = start(cache_config(&redis), &redis).await;
+    let mut resp3 = redmux.raw().await;
+    resp3.call(&["HELLO", "3"]).await;
+    let reads: &[&[&str]] = &[
+        &["GET", "s"],
+        &["GET", "missing"],
+        &["STRLEN", "s"],
+        &["HGET", "h", "f"],
+        &["HGET", "h", "nope"],
+        &["HGETALL", "h"],
+        &["SMEMBERS", "set"],
+        &["EXISTS", "s"],
+        &["EXISTS", "missing"],
+        &["MGET", "s", "missing", "other"],
+        &["MGET", "other", "s"],
+        // A wrong type: the error is Redis's, and is not kept.
+        &["HGET", "s", "f"],
+    ];
+    for (resp3_on, client) in [(false, &mut resp2), (true, &mut resp3)] {
+        for read in reads {
+            let name = read[0].to_ascii_lowercase();
+            let expected = direct_reply(&redis, resp3_on, read);
+            let before = calls(&redis, &name);
+            let first = client
+                .pipeline(
+                    &redmux::resp::encode_command(read.iter().map(|a| a.as_bytes())),
+                    1,
+                )
+                .await;
+            let second = client
+                .pipeline(
+                    &redmux::resp::encode_command(read.iter().map(|a| a.as_bytes())),
+                    1,
+                )
+                .await;
+            assert_eq!(first[0], expected, "{read:?} resp3={resp3_on}");
+            assert_eq!(
+                second[0], expected,
+                "{read:?} resp3={resp3_on}, from the cache"
+            );
+            let reached = calls(&redis, &name) - before;
+            let error = expected.first() == Some(&b'-');
+            // The MGETs' parts were cached by the ones before them, or by the first call.
+            let want = match (error, read[0]) {
+                (true, _) => 2,
+                (false, "MGET") => u64::from(reached == 1),
+                _ => 1,
+            };
+            assert_eq!(
+                reached, want,
+                "{read:?} resp3={resp3_on}: reached Redis {reached} times"
+            );
+        }
+    }
+    // MGET of parts each cached: no round trip at all.
+    let before = calls(&redis, "mget");
+    let reply = resp2.call(&["MGET", "s", "other", "missing"]).await;
+    assert_eq!(reply, "*3\r\n$5\r\nvalue\r\n$1\r\nx\r\n$-1\r\n");
+    assert_eq!(calls(&redis, "mget"), before);
+    // Not cacheable: time-dependent, or not listed.
+    let before = calls(&redis, "ttl");
+    resp2.call(&["TTL", "s"]).await;
+    resp2.call(&["TTL", "s"]).await;
+    assert_eq!(calls(&redis, "ttl") - before, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_in_redis_reaches_readers_in_every_db() {
+    let redis = RedisServer::start();
+    let (redmux, mut reader) = start(cache_config(&redis), &redis).await;
+    let mut direct = redis.direct();
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("v1")
+        .query(&mut direct)
+        .unwrap();
+    assert_eq!(reader.call(&["GET", "k"]).await, "$2\r\nv1\r\n");
+    assert_eq!(reader.call(&["GET", "k"]).await, "$2\r\nv1\r\n");
+    // Another db, the same key name.
+    let mut db1 = redmux.raw().await;
+    db1.call(&["SELECT", "1"]).await;
+    assert_eq!(db1.call(&["GET", "k"]).await, "$-1\r\n");
+    let before = calls(&redis, "get");
+    assert_eq!(db1.call(&["GET", "k"]).await, "$-1\r\n");
+    assert_eq!(calls(&redis, "get"), before, "db 1's read is cached");
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("v2")
+        .query(&mut direct)
+        .unwrap();
+    let deadline = Deadline::within(Duration::from_secs(2));
+    while reader.call(&["GET", "k"]).await != "$2\r\nv2\r\n" {
+        deadline.next_try("the change reaching the reader").await;
+    }
+    // An invalidation carries no db: db 1's entry went too, and its next read reaches Redis.
+    let before = calls(&redis, "get");
+    assert_eq!(db1.call(&["GET", "k"]).await, "$-1\r\n");
+    assert_eq!(calls(&redis, "get"), before + 1);
+    // FLUSHALL: a null invalidation, everything goes.
+    reader.call(&["GET", "k"]).await;
+    let _: () = redis::cmd("FLUSHALL").query(&mut direct).unwrap();
+    let deadline = Deadline::within(Duration::from_secs(2));
+    while reader.call(&["GET", "k"]).await != "$-1\r\n" {
+        deadline.next_try("FLUSHALL reaching the reader").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_own_writes_and_acl_users_read_around_the_cache() {
+    let redis = RedisServer::start();
+    let (redmux, mut client) = start(cache_config(&redis), &redis).await;
+    client.call(&["SET", "k", "v1"]).await;
+    client.call(&["GET", "k"]).await;
+    client.call(&["GET", "k"]).await;
+    // In MULTI: queued, run by Redis at EXEC.
+    let before = calls(&redis, "get");
+    let replies = client
+        .pipeline(
+            b"*1\r\n$5\r\nMULTI\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nEXEC\r\n",
+            3,
+        )
+        .await;
+    assert_eq!(replies[1], b"+QUEUED\r\n");
+    assert_eq!(replies[2], b"*1\r\n$2\r\nv1\r\n");
+    assert_eq!(calls(&redis, "get"), before + 1);
+    // While watching.
+    client.call(&["WATCH", "k"]).await;
+    let before = calls(&redis, "get");
+    assert_eq!(client.call(&["GET", "k"]).await, "$2\r\nv1\r\n");
+    assert_eq!(calls(&redis, "get"), before + 1);
+    client.call(&["UNWATCH"]).await;
+    // A write and a read of it in one pipeline, many times: the read sees the write.
+    for i in 0..200 {
+        let value = format!("w{i}");
+        let replies = client
+            .pipeline(
+                &[
+                    redmux::resp::encode_command([&b"SET"[..], b"k", value.as_bytes()]),
+                    redmux::resp::encode_command([&b"GET"[..], b"k"]),
+                    redmux::resp::encode_command([&b"MGET"[..], b"k", b"j"]),
+                ]
+                .concat(),
+                3,
+            )
+            .await;
+        assert_eq!(
+            replies[1],
+            format!("${}\r\n{value}\r\n", value.len()).into_bytes()
+        );
+        assert_eq!(
+            replies[2],
+            format!("*2\r\n${}\r\n{value}\r\n$-1\r\n", value.len()).into_bytes()
+        );
+        // And once acknowledged, the next read too (it may be served from the cache).
+        assert_eq!(
+            client.call(&["GET", "k"]).await,
+            format!("${}\r\n{value}\r\n", value.len())
+        );
+    }
+    // An ACL user's reads go to Redis, which checks its key permissions: the default user's
+    // cached value of `secret` never reaches it.
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "limited", "on", ">pw", "~public:*", "+@all"])
+        .query(&mut redis.direct())
+        .unwrap();
+    client.call(&["SET", "secret", "s3cr3t"]).await;
+    client.call(&["GET", "secret"]).await;
+    client.call(&["GET", "secret"]).await;
+    let mut limited = redmux.raw().await;
+    assert_eq!(limited.call(&["AUTH", "limited", "pw"]).await, "+OK\r\n");
+    let reply = limited.call(&["GET", "secret"]).await;
+    assert!(reply.starts_with("-NOPERM"), "{reply}");
+    let reply = limited.call(&["MGET", "secret"]).await;
+    assert!(reply.starts_with("-NOPERM"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_served_while_the_invalidation_stream_is_down() {
+    let redis = RedisServer::start();
+    let (_redmux, mut client) = start(cache_config(&redis), &redis).await;
+    let mut direct = redis.direct();
+    client.call(&["SET", "k", "v1"]).await;
+    client.call(&["GET", "k"]).await;
+    // The stream is the connection that tracks in BCAST mode.
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut direct).unwrap();
+    let stream = list
+        .lines()
+        .find(|line| {
+            line.split(' ')
+                .any(|f| f.starts_with("flags=") && f.contains('t'))
+        })
+        .expect("the tracking stream is connected");
+    let id = stream.split(' ').next().unwrap().trim_start_matches("id=");
+    // Block its return for a moment: kill it, and change the key at once, while it is away.
+    let _: () = redis::pipe()
+        .cmd("CLIENT")
+        .arg(&["KILL", "ID", id])
+        .ignore()
+        .cmd("SET")
+        .arg("k")
+        .arg("v2")
+        .ignore()
+        .query(&mut direct)
+        .unwrap();
+    // Whether the cache noticed yet or not, the change must show within the delay, and stay.
+    let deadline = Deadline::within(Duration::from_secs(3));
+    while client.call(&["GET", "k"]).await != "$2\r\nv2\r\n" {
+        deadline
+            .next_try("the change made while the stream was lost")
+            .await;
+    }
+    wait_serving(&redis, &mut client).await;
+    assert_eq!(client.call(&["GET", "k"]).await, "$2\r\nv2\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_ttl_max_memory_and_prefixes_hold() {
+    let redis = RedisServer::start();
+    let mut config = cache_config(&redis);
+    config.cache.max_ttl = Duration::from_millis(300);
+    config.cache.max_memory = 1024 * 1024;
+    config.cache.prefixes = vec!["cache:".into(), "big:".into()];
+    let (redmux, mut client) = start(config, &redis).await;
+    // Outside the prefixes: every read reaches Redis.
+    let before = calls(&redis, "get");
+    client.call(&["GET", "other"]).await;
+    client.call(&["GET", "other"]).await;
+    assert_eq!(calls(&redis, "get"), before + 2);
+    // max_ttl: served, then read again from Redis once it has passed.
+    client.call(&["GET", "cache:t"]).await;
+    let before = calls(&redis, "get");
+    client.call(&["GET", "cache:t"]).await;
+    assert_eq!(calls(&redis, "get"), before);
+    // Waiting out the time limit itself: there is no event to wait for.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    client.call(&["GET", "cache:t"]).await;
+    assert_eq!(calls(&redis, "get"), before + 1);
+    // max_memory: 3,000 values of 1 KiB through a cache of 1 MiB.
+    let value = "x".repeat(1024);
+    let mut pipe = redis::pipe();
+    for i in 0..3000 {
+        pipe.cmd("SET").arg(format!("big:{i}")).arg(&value).ignore();
+    }
+    let _: () = pipe.query(&mut redis.direct()).unwrap();
+    // All of them once (past the bound), then a hot few, which must be served.
+    for (round, keys) in [3000, 200, 200, 200].into_iter().enumerate() {
+        let mut requests = Vec::new();
+        for i in 0..keys {
+            requests.extend(redmux::resp::encode_command([
+                &b"GET"[..],
+                format!("big:{i}").as_bytes(),
+            ]));
+        }
+        let replies = client.pipeline(&requests, keys).await;
+        assert!(replies.iter().all(|r| r.len() == 1024 + 9), "round {round}");
+    }
+    let status = status(&redmux).await;
+    let cache = &status["cache"];
+    let bytes = cache["bytes"].as_u64().unwrap();
+    assert!(bytes <= 1024 * 1024, "{cache}");
+    assert!(cache["entries"].as_u64().unwrap() > 100, "{cache}");
+    assert!(cache["hits"].as_u64().unwrap() > 100, "{cache}");
+    assert!(cache["hit_rate"].as_f64().unwrap() > 0.0, "{cache}");
+    assert_eq!(cache["up"], true);
+    let metrics = http_get(redmux.metrics.unwrap(), "/metrics").await;
+    for series in [
+        "redmux_cache_hits_total ",
+        "redmux_cache_misses_total ",
+        "redmux_cache_invalidations_total ",
+        "redmux_cache_flushes_total ",
+        "redmux_cache_bytes ",
+        "redmux_cache_entries ",
+        "redmux_cache_max_memory_bytes 1048576",
+        "redmux_cache_up 1",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+async fn status(redmux: &Redmux) -> serde_json::Value {
+    serde_json::from_str(&http_get(redmux.metrics.unwrap(), "/status").await).unwrap()
+}
