@@ -31,10 +31,15 @@ const RECOVERY: Duration = Duration::from_secs(2);
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn start_redmux(redis: &RedisServer) -> RedmuxProcess {
+    start_redmux_with(redis, "")
+}
+
+/// [`start_redmux`], with more sections of configuration after `[upstream]`.
+fn start_redmux_with(redis: &RedisServer, more: &str) -> RedmuxProcess {
     RedmuxProcess::start(
         "",
         &format!(
-            "[upstream]\naddress = \"{}\"\nconnect_timeout = \"{}ms\"\nrequest_timeout = \"{}ms\"\n",
+            "[upstream]\naddress = \"{}\"\nconnect_timeout = \"{}ms\"\nrequest_timeout = \"{}ms\"\n{more}",
             redis.addr(),
             CONNECT_TIMEOUT.as_millis(),
             REQUEST_TIMEOUT.as_millis()
@@ -104,6 +109,24 @@ async fn sigkill_and_restart_on_the_same_port() {
     let took = assert_recovered("sigkill", &checker, Instant::now()).await;
     println!("sigkill: every client succeeding {took:?} after the restart");
     let report = finish("sigkill", checker, &redis, &mut redmux).await;
+    assert!(report.counts.error > 0, "the outage was felt");
+}
+
+/// The same with the near cache on: each client's GET follows its own SET, which the cache
+/// must never answer with an older value, while the invalidation stream dies with Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_restart_with_the_near_cache() {
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start();
+    let mut redmux = start_redmux_with(&redis, "[cache]\nenabled = true\n");
+    let checker = start_checker(&redmux, 0).await;
+    redis.kill();
+    checker.data_lost();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::block_in_place(|| redis.restart());
+    let took = assert_recovered("sigkill, cache", &checker, Instant::now()).await;
+    println!("sigkill, cache: every client succeeding {took:?} after the restart");
+    let report = finish("sigkill, cache", checker, &redis, &mut redmux).await;
     assert!(report.counts.error > 0, "the outage was felt");
 }
 
