@@ -371,4 +371,35 @@ mod tests {
             Lookup::Fill(_)
         ));
     }
+
+    /// A loop over a few more keys than fit: LRU evicts each key just before it is read again,
+    /// TinyLFU keeps most of them (and its sketch is sized for the budget set after `new`).
+    #[test]
+    fn tinylfu_keeps_a_loop_that_lru_loses() {
+        let hits = |policy| {
+            let cache = NearCache::new(
+                &Limits {
+                    max_memory: 16 << 20,
+                    max_ttl: Duration::from_secs(60),
+                    prefixes: Vec::new(),
+                    policy,
+                },
+                0,
+            );
+            cache.set_up(true);
+            let mut hits = 0;
+            for i in 0..150_000u32 {
+                let request = format!("GET {:05}", i % 60_000);
+                match cache.get(0, false, request.as_bytes(), &request.as_bytes()[4..]) {
+                    Lookup::Hit(_) => hits += 1,
+                    Lookup::Fill(ticket) => cache.fill(ticket, &[b'v'; 100]),
+                    Lookup::Pass | Lookup::Down => {}
+                }
+            }
+            assert!(cache.snapshot().bytes <= 16 << 20);
+            hits
+        };
+        assert_eq!(hits(Policy::Lru), 0);
+        assert!(hits(Policy::TinyLfu) > 40_000, "{}", hits(Policy::TinyLfu));
+    }
 }

@@ -139,12 +139,12 @@ impl Shard {
 
     /// New limits; entries past the new budget are evicted now.
     pub(super) fn configure(&mut self, budget: usize, policy: Policy) {
-        self.budget = budget;
         let lfu = policy == Policy::TinyLfu;
-        if lfu != self.sketch.is_some() {
+        if lfu != self.sketch.is_some() || budget != self.budget {
             // About one counter per entry the budget holds, at a few hundred bytes each.
             self.sketch = lfu.then(|| Sketch::new(budget / OVERHEAD));
         }
+        self.budget = budget;
         while self.used > self.budget && self.remove(self.tail) {}
     }
 
@@ -201,7 +201,7 @@ impl Shard {
             self.remove(at);
         }
         let cost = OVERHEAD + identity.request.len();
-        if !self.make_room(cost, Some(hash)) {
+        if !self.make_room(cost, hash) {
             return Found::Miss;
         }
         let request = Bytes::copy_from_slice(identity.request);
@@ -246,6 +246,7 @@ impl Shard {
             return;
         }
         let added = reply.len();
+        let ticket_hash = slot.hash;
         slot.cost += added;
         slot.state = State::Ready {
             // A copy: the reply may be a slice of a large read buffer.
@@ -253,14 +254,15 @@ impl Shard {
             expires: now + self.max_ttl,
         };
         self.used += added;
-        // Room is made around it, never by evicting it unless it is all that is left.
+        // Room is made around it: with TinyLFU only by evicting entries asked for less often
+        // lately than it (else it goes itself), and never by evicting it while others remain.
         while self.used > self.budget {
             let victim = if self.tail == at {
                 self.slot(at).map_or(NIL, |slot| slot.prev)
             } else {
                 self.tail
             };
-            if victim == NIL || !self.remove(victim) {
+            if victim == NIL || !self.admits(ticket_hash, victim) || !self.remove(victim) {
                 self.remove(at);
                 break;
             }
@@ -291,18 +293,11 @@ impl Shard {
 
     /// Evicts from the tail until `cost` more bytes fit. With TinyLFU, an entry asked for no
     /// more often than the tail's is refused instead (`false`), and nothing is evicted.
-    fn make_room(&mut self, cost: usize, hash: Option<u64>) -> bool {
-        if cost > self.budget / MAX_ENTRY_SHARE {
+    fn make_room(&mut self, cost: usize, hash: u64) -> bool {
+        if cost > self.budget / MAX_ENTRY_SHARE
+            || (self.used + cost > self.budget && !self.admits(hash, self.tail))
+        {
             return false;
-        }
-        if let (Some(sketch), Some(hash)) = (&self.sketch, hash) {
-            if self.used + cost > self.budget {
-                if let Some(victim) = self.slot(self.tail) {
-                    if sketch.frequency(hash) <= sketch.frequency(victim.hash) {
-                        return false;
-                    }
-                }
-            }
         }
         while self.used + cost > self.budget {
             if !self.remove(self.tail) {
@@ -310,6 +305,15 @@ impl Shard {
             }
         }
         true
+    }
+
+    /// Whether an entry of `hash` may push out the one at `victim`: always with LRU; with
+    /// TinyLFU only if it was asked for more often lately.
+    fn admits(&self, hash: u64, victim: u32) -> bool {
+        match (&self.sketch, self.slot(victim)) {
+            (Some(sketch), Some(victim)) => sketch.frequency(hash) > sketch.frequency(victim.hash),
+            _ => true,
+        }
     }
 
     fn slot(&self, at: u32) -> Option<&Slot> {
