@@ -955,6 +955,66 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_section_is_read_and_checked() {
+        let config = load_text(
+            "[upstream]\naddress = \"127.0.0.1:1\"\n[cache]\nenabled = true\nmax_memory = \"16mb\"\n\
+             max_ttl = \"5s\"\nprefixes = [\"user:\"]\neviction = \"lru\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let cache = &config.cache;
+        assert!(cache.enabled);
+        assert_eq!(cache.max_memory, 16 * 1024 * 1024);
+        assert_eq!(cache.max_ttl, Duration::from_secs(5));
+        assert_eq!(cache.prefixes, ["user:"]);
+        assert_eq!(cache.eviction, Eviction::Lru);
+        assert!(config.summary().contains("cache: on, max_memory 16777216"));
+        let flag = Overrides {
+            cache: true,
+            upstream: Some("127.0.0.1:1".into()),
+            ..Overrides::default()
+        };
+        let config = load_text("", &flag).unwrap();
+        assert_eq!(
+            config.cache,
+            CacheConfig {
+                enabled: true,
+                ..CacheConfig::default()
+            }
+        );
+        let redis = "[upstream]\naddress = \"127.0.0.1:1\"\n";
+        for (text, message) in [
+            (
+                "[cache]\nenabled = true\n",
+                "the embedded store cannot track keys",
+            ),
+            (
+                "[upstream]\ncluster = [\"127.0.0.1:7000\"]\n[cache]\nenabled = true\n",
+                "cache.enabled: the near cache needs a standalone Redis, not a cluster",
+            ),
+            (
+                &format!("{redis}[cache]\nmax_memory = \"1kb\"\n"),
+                "cache.max_memory: must be at least 1MB",
+            ),
+            (
+                &format!("{redis}[cache]\nmax_ttl = \"0s\"\n"),
+                "cache.max_ttl: must be more than 0",
+            ),
+            (
+                &format!("{redis}[cache]\nprefixes = [\"\"]\n"),
+                "cache.prefixes: an empty prefix",
+            ),
+            (
+                &format!("{redis}[cache]\neviction = \"fifo\"\n"),
+                "unknown variant `fifo`",
+            ),
+        ] {
+            let err = load_text(text, &Overrides::default()).unwrap_err();
+            assert!(err.contains(message), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         let config = Config::load(
             None,
