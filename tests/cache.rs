@@ -13,7 +13,9 @@ mod support;
 use std::time::Duration;
 
 use redmux::config::Config;
-use support::{Deadline, Raw, RedisServer, Redmux};
+use support::{
+    binary::RedmuxProcess, redis_calls, wait_cache_serving, Deadline, Raw, RedisServer, Redmux,
+};
 
 fn cache_config(redis: &RedisServer) -> Config {
     let mut config = support::config(&redis.addr());
@@ -22,38 +24,10 @@ fn cache_config(redis: &RedisServer) -> Config {
     config
 }
 
-/// How many times Redis has run `command` (lower case), from its `INFO commandstats`.
-fn calls(redis: &RedisServer, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut redis.direct())
-        .unwrap();
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
-}
-
-/// Waits until the cache serves: a repeated GET no longer reaches Redis. (The invalidation
-/// stream starts at the first cacheable read.)
-async fn wait_serving(redis: &RedisServer, client: &mut Raw) {
-    let deadline = Deadline::new();
-    loop {
-        client.call(&["GET", "cache:warm"]).await;
-        let before = calls(redis, "get");
-        client.call(&["GET", "cache:warm"]).await;
-        if calls(redis, "get") == before {
-            return;
-        }
-        deadline.next_try("the near cache serving").await;
-    }
-}
-
 async fn start(config: Config, redis: &RedisServer) -> (Redmux, Raw) {
     let redmux = Redmux::start_with(config).await;
     let mut client = redmux.raw().await;
-    wait_serving(redis, &mut client).await;
+    wait_cache_serving(redis, &mut client, "cache:warm").await;
     (redmux, client)
 }
 
@@ -128,7 +102,7 @@ async fn each_cached_read_gives_redis_bytes_and_is_answered_again_without_redis(
         for read in reads {
             let name = read[0].to_ascii_lowercase();
             let expected = direct_reply(&redis, resp3_on, read);
-            let before = calls(&redis, &name);
+            let before = redis_calls(&redis, &name);
             let first = client
                 .pipeline(
                     &redmux::resp::encode_command(read.iter().map(|a| a.as_bytes())),
@@ -146,7 +120,7 @@ async fn each_cached_read_gives_redis_bytes_and_is_answered_again_without_redis(
                 second[0], expected,
                 "{read:?} resp3={resp3_on}, from the cache"
             );
-            let reached = calls(&redis, &name) - before;
+            let reached = redis_calls(&redis, &name) - before;
             let error = expected.first() == Some(&b'-');
             // The MGETs' parts were cached by the ones before them, or by the first call.
             let want = match (error, read[0]) {
@@ -161,15 +135,15 @@ async fn each_cached_read_gives_redis_bytes_and_is_answered_again_without_redis(
         }
     }
     // MGET of parts each cached: no round trip at all.
-    let before = calls(&redis, "mget");
+    let before = redis_calls(&redis, "mget");
     let reply = resp2.call(&["MGET", "s", "other", "missing"]).await;
     assert_eq!(reply, "*3\r\n$5\r\nvalue\r\n$1\r\nx\r\n$-1\r\n");
-    assert_eq!(calls(&redis, "mget"), before);
+    assert_eq!(redis_calls(&redis, "mget"), before);
     // Not cacheable: time-dependent, or not listed.
-    let before = calls(&redis, "ttl");
+    let before = redis_calls(&redis, "ttl");
     resp2.call(&["TTL", "s"]).await;
     resp2.call(&["TTL", "s"]).await;
-    assert_eq!(calls(&redis, "ttl") - before, 2);
+    assert_eq!(redis_calls(&redis, "ttl") - before, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,9 +162,9 @@ async fn a_change_made_in_redis_reaches_readers_in_every_db() {
     let mut db1 = redmux.raw().await;
     db1.call(&["SELECT", "1"]).await;
     assert_eq!(db1.call(&["GET", "k"]).await, "$-1\r\n");
-    let before = calls(&redis, "get");
+    let before = redis_calls(&redis, "get");
     assert_eq!(db1.call(&["GET", "k"]).await, "$-1\r\n");
-    assert_eq!(calls(&redis, "get"), before, "db 1's read is cached");
+    assert_eq!(redis_calls(&redis, "get"), before, "db 1's read is cached");
     let _: () = redis::cmd("SET")
         .arg("k")
         .arg("v2")
@@ -201,9 +175,9 @@ async fn a_change_made_in_redis_reaches_readers_in_every_db() {
         deadline.next_try("the change reaching the reader").await;
     }
     // An invalidation carries no db: db 1's entry went too, and its next read reaches Redis.
-    let before = calls(&redis, "get");
+    let before = redis_calls(&redis, "get");
     assert_eq!(db1.call(&["GET", "k"]).await, "$-1\r\n");
-    assert_eq!(calls(&redis, "get"), before + 1);
+    assert_eq!(redis_calls(&redis, "get"), before + 1);
     // FLUSHALL: a null invalidation, everything goes.
     reader.call(&["GET", "k"]).await;
     let _: () = redis::cmd("FLUSHALL").query(&mut direct).unwrap();
@@ -221,7 +195,7 @@ async fn transactions_own_writes_and_acl_users_read_around_the_cache() {
     client.call(&["GET", "k"]).await;
     client.call(&["GET", "k"]).await;
     // In MULTI: queued, run by Redis at EXEC.
-    let before = calls(&redis, "get");
+    let before = redis_calls(&redis, "get");
     let replies = client
         .pipeline(
             b"*1\r\n$5\r\nMULTI\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nEXEC\r\n",
@@ -230,12 +204,12 @@ async fn transactions_own_writes_and_acl_users_read_around_the_cache() {
         .await;
     assert_eq!(replies[1], b"+QUEUED\r\n");
     assert_eq!(replies[2], b"*1\r\n$2\r\nv1\r\n");
-    assert_eq!(calls(&redis, "get"), before + 1);
+    assert_eq!(redis_calls(&redis, "get"), before + 1);
     // While watching.
     client.call(&["WATCH", "k"]).await;
-    let before = calls(&redis, "get");
+    let before = redis_calls(&redis, "get");
     assert_eq!(client.call(&["GET", "k"]).await, "$2\r\nv1\r\n");
-    assert_eq!(calls(&redis, "get"), before + 1);
+    assert_eq!(redis_calls(&redis, "get"), before + 1);
     client.call(&["UNWATCH"]).await;
     // A write and a read of it in one pipeline, many times: the read sees the write.
     for i in 0..200 {
@@ -317,7 +291,7 @@ async fn nothing_is_served_while_the_invalidation_stream_is_down() {
             .next_try("the change made while the stream was lost")
             .await;
     }
-    wait_serving(&redis, &mut client).await;
+    wait_cache_serving(&redis, &mut client, "cache:warm").await;
     assert_eq!(client.call(&["GET", "k"]).await, "$2\r\nv2\r\n");
 }
 
@@ -330,19 +304,19 @@ async fn max_ttl_max_memory_and_prefixes_hold() {
     config.cache.prefixes = vec!["cache:".into(), "big:".into()];
     let (redmux, mut client) = start(config, &redis).await;
     // Outside the prefixes: every read reaches Redis.
-    let before = calls(&redis, "get");
+    let before = redis_calls(&redis, "get");
     client.call(&["GET", "other"]).await;
     client.call(&["GET", "other"]).await;
-    assert_eq!(calls(&redis, "get"), before + 2);
+    assert_eq!(redis_calls(&redis, "get"), before + 2);
     // max_ttl: served, then read again from Redis once it has passed.
     client.call(&["GET", "cache:t"]).await;
-    let before = calls(&redis, "get");
+    let before = redis_calls(&redis, "get");
     client.call(&["GET", "cache:t"]).await;
-    assert_eq!(calls(&redis, "get"), before);
+    assert_eq!(redis_calls(&redis, "get"), before);
     // Waiting out the time limit itself: there is no event to wait for.
     tokio::time::sleep(Duration::from_millis(400)).await;
     client.call(&["GET", "cache:t"]).await;
-    assert_eq!(calls(&redis, "get"), before + 1);
+    assert_eq!(redis_calls(&redis, "get"), before + 1);
     // max_memory: 3,000 values of 1 KiB through a cache of 1 MiB.
     let value = "x".repeat(1024);
     let mut pipe = redis::pipe();
@@ -386,6 +360,48 @@ async fn max_ttl_max_memory_and_prefixes_hold() {
             "{series} missing from:\n{metrics}"
         );
     }
+}
+
+/// The bound holds for what the process really uses, bookkeeping and allocator included, not
+/// only for the cache's own count: 60,000 values of 100 bytes (about 23 MiB of entries) read
+/// twice through a cache of 8 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resident_memory_stays_within_max_memory() {
+    let redis = RedisServer::start();
+    let keys: Vec<String> = (0..60_000).map(|i| format!("mem:{i}")).collect();
+    let mut pipe = redis::pipe();
+    for key in &keys {
+        pipe.cmd("SET").arg(key).arg(&[b'v'; 100][..]).ignore();
+    }
+    let _: () = pipe.query(&mut redis.direct()).unwrap();
+    let redmux = RedmuxProcess::start(
+        "",
+        &format!(
+            "[upstream]\naddress = \"{}\"\n[cache]\nenabled = true\nmax_memory = \"8mb\"\n",
+            redis.addr()
+        ),
+    );
+    let mut client = redmux.raw().await;
+    wait_cache_serving(&redis, &mut client, "cache:warm").await;
+    let before = redmux.rss_kib();
+    for _ in 0..2 {
+        for chunk in keys.chunks(1000) {
+            let requests: Vec<u8> = chunk
+                .iter()
+                .flat_map(|key| redmux::resp::encode_command([&b"GET"[..], key.as_bytes()]))
+                .collect();
+            let replies = client.pipeline(&requests, chunk.len()).await;
+            assert!(replies.iter().all(|reply| reply.len() == 108));
+        }
+    }
+    let grown = redmux.peak_rss_kib().saturating_sub(before);
+    println!("resident memory grew by {grown} KiB for a max_memory of 8192 KiB");
+    // 1 MiB for the client's own buffers (1,000 requests and replies at a time).
+    assert!(grown <= 8 * 1024 + 1024, "grew by {grown} KiB");
+    assert!(
+        grown >= 4 * 1024,
+        "the cache did not fill: grew by {grown} KiB"
+    );
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {

@@ -185,13 +185,14 @@ impl NearCache {
         if !self.inner.up.load(Relaxed) {
             return Lookup::Down;
         }
-        let (index, shard) = self.shard(key);
+        let key_hash = self.inner.hasher.hash_one(key);
+        let (index, shard) = self.shard(key_hash);
         let mut shard = lock(shard);
         if !shard.wanted(key) {
             return Lookup::Pass;
         }
         let hash = self.inner.hasher.hash_one(identity);
-        match shard.find(index, hash, &identity, key, Instant::now()) {
+        match shard.find(index, (hash, key_hash), &identity, Instant::now()) {
             Found::Hit(reply) => Lookup::Hit(reply),
             Found::Fill(ticket) => Lookup::Fill(ticket),
             Found::Miss => Lookup::Pass,
@@ -214,8 +215,8 @@ impl NearCache {
     pub fn invalidate<K: AsRef<[u8]>>(&self, keys: &[K]) {
         let mut dropped = 0;
         for key in keys {
-            let key = key.as_ref();
-            dropped += lock(self.shard(key).1).invalidate(key);
+            let key_hash = self.inner.hasher.hash_one(key.as_ref());
+            dropped += lock(self.shard(key_hash).1).invalidate(key_hash);
         }
         self.inner.invalidations.fetch_add(dropped as u64, Relaxed);
     }
@@ -264,8 +265,8 @@ impl NearCache {
         }
     }
 
-    fn shard(&self, key: &[u8]) -> (u32, &Mutex<Shard>) {
-        let index = (self.inner.hasher.hash_one(key) % SHARDS as u64) as u32;
+    fn shard(&self, key_hash: u64) -> (u32, &Mutex<Shard>) {
+        let index = (key_hash % SHARDS as u64) as u32;
         (index, &self.inner.shards[index as usize])
     }
 }

@@ -7,7 +7,11 @@
 //! linked in recency order (most recent at the head), so a hit moves one entry and eviction
 //! takes from the tail without a scan.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use std::time::Instant;
@@ -16,7 +20,7 @@ use super::sketch::Sketch;
 
 /// What an entry costs beyond its bytes: the slot, its place in both maps, the allocations'
 /// headers. Measured, not guessed: see the memory test in `tests/cache.rs`.
-pub(super) const OVERHEAD: usize = 256;
+pub(super) const OVERHEAD: usize = 320;
 
 /// The largest reply one shard keeps, as a share of its budget: a few huge values must not
 /// empty the cache of everything else.
@@ -72,8 +76,8 @@ struct Slot {
     /// The request (or the key of a part), copied: never a slice of a client's read buffer,
     /// which it would keep alive.
     request: Bytes,
-    /// The Redis key: a slice of `request`.
-    key: Bytes,
+    /// The hash of the Redis key, by which an invalidation finds the entry.
+    key_hash: u64,
     state: State,
     cost: usize,
     prev: u32,
@@ -105,8 +109,10 @@ pub(super) struct Shard {
     free: Vec<u32>,
     /// Identity hash → slot.
     index: HashMap<u64, u32>,
-    /// Redis key → its slots, in every db and protocol.
-    keys: HashMap<Bytes, Vec<u32>>,
+    /// (Redis key hash, slot): a key's entries in every db and protocol. By hash, not by
+    /// key: two keys with one hash only ever drop each other's entries, which is safe, and no
+    /// entry keeps a second copy of its key.
+    keys: BTreeSet<(u64, u32)>,
     head: u32,
     tail: u32,
     used: usize,
@@ -123,7 +129,7 @@ impl Shard {
             slots: Vec::new(),
             free: Vec::new(),
             index: HashMap::new(),
-            keys: HashMap::new(),
+            keys: BTreeSet::new(),
             head: NIL,
             tail: NIL,
             used: 0,
@@ -145,6 +151,12 @@ impl Shard {
             self.sketch = lfu.then(|| Sketch::new(budget / OVERHEAD));
         }
         self.budget = budget;
+        // Room for every entry the budget can hold, reserved now: grown by doubling, the slab
+        // and the index would hold up to twice what they need, beyond the budget. Reserved
+        // memory the cache never fills is never touched, so it costs no resident memory.
+        let most = budget / OVERHEAD;
+        self.slots.reserve(most.saturating_sub(self.slots.len()));
+        self.index.reserve(most.saturating_sub(self.index.len()));
         while self.used > self.budget && self.remove(self.tail) {}
     }
 
@@ -162,13 +174,12 @@ impl Shard {
     }
 
     /// Looks a read up; on a miss, leaves a placeholder for its reply (unless the entry is
-    /// not admitted). `key` is the read's Redis key, a part of `identity.request`.
+    /// not admitted). `hash` is the identity's, `key_hash` the Redis key's.
     pub(super) fn find(
         &mut self,
         shard: u32,
-        hash: u64,
+        (hash, key_hash): (u64, u64),
         identity: &Identity<'_>,
-        key: &[u8],
         now: Instant,
     ) -> Found {
         if let Some(sketch) = &mut self.sketch {
@@ -205,11 +216,6 @@ impl Shard {
             return Found::Miss;
         }
         let request = Bytes::copy_from_slice(identity.request);
-        let key = if identity.part {
-            request.clone()
-        } else {
-            locate(identity.request, key, &request)
-        };
         self.next_ticket += 1;
         let id = self.next_ticket;
         let at = self.insert(Slot {
@@ -218,7 +224,7 @@ impl Shard {
             resp3: identity.resp3,
             part: identity.part,
             request,
-            key,
+            key_hash,
             state: State::Waiting(id),
             cost,
             prev: NIL,
@@ -269,13 +275,15 @@ impl Shard {
         }
     }
 
-    /// Drops every entry of `key`, in every db and protocol. Returns how many.
-    pub(super) fn invalidate(&mut self, key: &[u8]) -> usize {
-        let Some(slots) = self.keys.remove(key) else {
-            return 0;
-        };
+    /// Drops every entry of the key of `key_hash`, in every db and protocol. Returns how many.
+    pub(super) fn invalidate(&mut self, key_hash: u64) -> usize {
+        let slots: Vec<u32> = self
+            .keys
+            .range((key_hash, 0)..=(key_hash, u32::MAX))
+            .map(|&(_, at)| at)
+            .collect();
         for &at in &slots {
-            self.unlink_entry(at);
+            self.remove(at);
         }
         slots.len()
     }
@@ -326,8 +334,7 @@ impl Shard {
 
     fn insert(&mut self, slot: Slot) -> u32 {
         self.used += slot.cost;
-        let hash = slot.hash;
-        let key = slot.key.clone();
+        let (hash, key_hash) = (slot.hash, slot.key_hash);
         let at = match self.free.pop() {
             Some(at) => {
                 self.slots[at as usize] = Some(slot);
@@ -339,37 +346,27 @@ impl Shard {
             }
         };
         self.index.insert(hash, at);
-        self.keys.entry(key).or_default().push(at);
+        self.keys.insert((key_hash, at));
         self.link_front(at);
         at
     }
 
     /// Removes one entry from every structure; `false` if there is none at `at` (`NIL`).
     fn remove(&mut self, at: u32) -> bool {
-        let Some(key) = self.slot(at).map(|slot| slot.key.clone()) else {
+        if self.slot(at).is_none() {
+            return false;
+        }
+        self.unlink(at);
+        let Some(slot) = self.slots.get_mut(at as usize).and_then(Option::take) else {
             return false;
         };
-        if let Some(slots) = self.keys.get_mut(&key) {
-            slots.retain(|&s| s != at);
-            if slots.is_empty() {
-                self.keys.remove(&key);
-            }
-        }
-        self.unlink_entry(at);
-        true
-    }
-
-    /// Removes one entry from everything but `keys`.
-    fn unlink_entry(&mut self, at: u32) {
-        self.unlink(at);
-        let Some(slot) = self.slots[at as usize].take() else {
-            return;
-        };
+        self.keys.remove(&(slot.key_hash, at));
         if self.index.get(&slot.hash) == Some(&at) {
             self.index.remove(&slot.hash);
         }
         self.used -= slot.cost;
         self.free.push(at);
+        true
     }
 
     fn touch(&mut self, at: u32) {
@@ -408,16 +405,6 @@ impl Shard {
     }
 }
 
-/// `key` as a slice of `copy` (a copy of `original`, of which `key` is a slice); a copy of
-/// its own if it is not in `original` after all.
-fn locate(original: &[u8], key: &[u8], copy: &Bytes) -> Bytes {
-    (key.as_ptr() as usize)
-        .checked_sub(original.as_ptr() as usize)
-        .and_then(|start| Some(start..start.checked_add(key.len())?))
-        .filter(|range| original.get(range.clone()) == Some(key))
-        .map_or_else(|| Bytes::copy_from_slice(key), |range| copy.slice(range))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,9 +418,10 @@ mod tests {
         }
     }
 
+    /// The request is its own key, here.
     fn find(shard: &mut Shard, request: &[u8], now: Instant) -> Found {
         let hash = crc(request);
-        shard.find(0, hash, &id(request), request, now)
+        shard.find(0, (hash, hash), &id(request), now)
     }
 
     fn crc(bytes: &[u8]) -> u64 {
@@ -450,12 +438,12 @@ mod tests {
         };
         shard.fill(ticket, b"$1\r\nv\r\n", now);
         assert!(matches!(find(&mut shard, b"k", now), Found::Hit(r) if &r[..] == b"$1\r\nv\r\n"));
-        assert_eq!(shard.invalidate(b"k"), 1);
+        assert_eq!(shard.invalidate(crc(b"k")), 1);
         let Found::Fill(ticket) = find(&mut shard, b"k", now) else {
             panic!("miss expected")
         };
         // The key changes while the read is upstream: its reply is not kept.
-        shard.invalidate(b"k");
+        shard.invalidate(crc(b"k"));
         shard.fill(ticket, b"$3\r\nold\r\n", now);
         let Found::Fill(again) = find(&mut shard, b"k", now) else {
             panic!("miss expected")
@@ -497,9 +485,9 @@ mod tests {
         }
         assert!(shard.entries() > 30, "{}", shard.entries());
         // Accounting matches the entries left: dropping them all leaves nothing.
-        let keys: Vec<Bytes> = shard.keys.keys().cloned().collect();
+        let keys: Vec<u64> = shard.keys.iter().map(|&(key, _)| key).collect();
         for key in keys {
-            shard.invalidate(&key);
+            shard.invalidate(key);
         }
         assert_eq!((shard.used(), shard.entries()), (0, 0));
         // Too large for one shard: not kept.

@@ -563,3 +563,32 @@ pub(crate) fn misplaced_secrets() -> Vec<MisplacedSecret> {
         ),
     ]
 }
+
+/// How many times Redis has run `command` (lower case), from its `INFO commandstats`: what
+/// really reached it, whatever redmux answered itself.
+pub(crate) fn redis_calls(redis: &RedisServer, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.direct())
+        .expect("INFO commandstats");
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("a count"))
+}
+
+/// Waits until redmux's near cache serves `client`: a repeated GET of `key` no longer reaches
+/// Redis. (The invalidation stream starts at the first cacheable read.)
+pub(crate) async fn wait_cache_serving(redis: &RedisServer, client: &mut Raw, key: &str) {
+    let deadline = Deadline::new();
+    loop {
+        client.call(&["GET", key]).await;
+        let before = redis_calls(redis, "get");
+        client.call(&["GET", key]).await;
+        if redis_calls(redis, "get") == before {
+            return;
+        }
+        deadline.next_try("the near cache serving").await;
+    }
+}
