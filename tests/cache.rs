@@ -404,6 +404,43 @@ async fn resident_memory_stays_within_max_memory() {
     );
 }
 
+/// `[cache]` at a reload: turned on, it serves clients already connected; turned off, it
+/// stops serving them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_turns_the_cache_on_and_off_for_connected_clients() {
+    let redis = RedisServer::start();
+    let upstream = format!("[upstream]\naddress = \"{}\"\n", redis.addr());
+    let redmux = RedmuxProcess::start("", &upstream);
+    let mut client = redmux.raw().await;
+    client.call(&["GET", "cache:warm"]).await;
+    let before = redis_calls(&redis, "get");
+    client.call(&["GET", "cache:warm"]).await;
+    assert_eq!(
+        redis_calls(&redis, "get"),
+        before + 1,
+        "off: every read reaches Redis"
+    );
+    redmux.reload("", &format!("{upstream}[cache]\nenabled = true\n"));
+    redmux.wait_for_log("configuration reloaded", 1);
+    wait_cache_serving(&redis, &mut client, "cache:warm").await;
+    redmux.reload("", &upstream);
+    // The log line comes just before the new settings are published: wait for a read that
+    // reaches Redis, then every read must.
+    let deadline = Deadline::new();
+    loop {
+        let before = redis_calls(&redis, "get");
+        client.call(&["GET", "cache:warm"]).await;
+        if redis_calls(&redis, "get") > before {
+            break;
+        }
+        deadline.next_try("the cache turned off").await;
+    }
+    let before = redis_calls(&redis, "get");
+    client.call(&["GET", "cache:warm"]).await;
+    client.call(&["GET", "cache:warm"]).await;
+    assert_eq!(redis_calls(&redis, "get"), before + 2, "off again");
+}
+
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
