@@ -152,11 +152,14 @@ impl Shard {
         }
         self.budget = budget;
         // Room for every entry the budget can hold, reserved now: grown by doubling, the slab
-        // and the index would hold up to twice what they need, beyond the budget. Reserved
-        // memory the cache never fills is never touched, so it costs no resident memory.
+        // would hold up to twice what it needs, beyond the budget. A reserved vector the cache
+        // never fills is never touched, so it costs no resident memory (a hash map's reserve
+        // would: it writes its control bytes). If the address space refuses, it grows as it
+        // goes instead.
         let most = budget / OVERHEAD;
-        self.slots.reserve(most.saturating_sub(self.slots.len()));
-        self.index.reserve(most.saturating_sub(self.index.len()));
+        let _ = self
+            .slots
+            .try_reserve(most.saturating_sub(self.slots.len()));
         while self.used > self.budget && self.remove(self.tail) {}
     }
 

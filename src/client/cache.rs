@@ -43,9 +43,15 @@ pub(super) enum Plan {
 impl State {
     /// The near cache this client reads from now, if any: the one of its own upstream
     /// connections, not one a reload made for another Redis.
-    pub(super) fn readable_cache(&self) -> Option<NearCache> {
+    ///
+    /// Only while nothing is owed from upstream: a hit is looked up when it is parsed, and
+    /// must not show an older value than a reply to a request sent before it, which Redis may
+    /// run later. (`run_count`: requests parsed and not yet sent.)
+    pub(super) fn readable_cache(&self, run_count: u32) -> Option<NearCache> {
         let cache = self.config.cache.as_ref()?;
-        let usable = matches!(self.tx, Tx::None)
+        let usable = run_count == 0
+            && self.unresolved == 0
+            && matches!(self.tx, Tx::None)
             && self.written.is_none()
             && self.client.identity().is_none()
             && cache.owner() == self.client.hubs().tracker().id();
@@ -143,7 +149,8 @@ impl State {
     /// now, before the client can read the acknowledgement (the stream's invalidation of
     /// them may come a moment later).
     pub(super) fn settle_written(&mut self) {
-        if self.unresolved > 0 || !matches!(self.tx, Tx::None) {
+        // Queued in MULTI, writes run at EXEC; while watching, they run as they come.
+        if self.unresolved > 0 || matches!(self.tx, Tx::Multi { .. }) {
             return;
         }
         let Some(cache) = &self.config.cache else {
@@ -166,6 +173,11 @@ pub(super) fn note_write(written: &mut Option<Box<Written>>, command: CommandId,
     }
     let found = keys(request);
     if found.scope() != Scope::Keys || found.keys().is_empty() {
+        // Keys redmux cannot name (a script's, a function's): its reads go around the cache
+        // until the replies are in, with nothing to drop after.
+        if written.is_none() {
+            *written = Some(Box::new(Written::Keys(Vec::new())));
+        }
         return;
     }
     match written.as_deref_mut() {

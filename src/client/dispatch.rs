@@ -172,7 +172,7 @@ impl State {
                 },
             ) = (cached, action == Action::Forward && plain, &frame)
             {
-                if let Some(cache) = self.readable_cache() {
+                if let Some(cache) = self.readable_cache(run_count) {
                     let len = *len;
                     let plan = self.plan(&cache, command, &self.rbuf[run_len..run_len + len]);
                     if !matches!(plan, Plan::Forward) {

@@ -310,8 +310,8 @@ impl Config {
                 );
             }
         }
-        if cache.max_memory < 1024 * 1024 {
-            return fail("cache.max_memory", "must be at least 1MB");
+        if cache.max_memory < 1024 * 1024 || cache.max_memory > 1024 * 1024 * 1024 * 1024 {
+            return fail("cache.max_memory", "must be between 1MB and 1TB");
         }
         if cache.max_ttl.is_zero() {
             return fail("cache.max_ttl", "must be more than 0");

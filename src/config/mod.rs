@@ -994,7 +994,7 @@ mod tests {
             ),
             (
                 &format!("{redis}[cache]\nmax_memory = \"1kb\"\n"),
-                "cache.max_memory: must be at least 1MB",
+                "cache.max_memory: must be between 1MB and 1TB",
             ),
             (
                 &format!("{redis}[cache]\nmax_ttl = \"0s\"\n"),
