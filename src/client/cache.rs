@@ -145,7 +145,7 @@ impl State {
         Plan::Forward
     }
 
-    /// Every reply owed is in and no transaction is open: the keys written leave the cache
+    /// Every reply owed is in and no MULTI is open: the keys written leave the cache
     /// now, before the client can read the acknowledgement (the stream's invalidation of
     /// them may come a moment later).
     pub(super) fn settle_written(&mut self) {
