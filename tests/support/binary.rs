@@ -68,14 +68,22 @@ impl RedmuxProcess {
         panic!("redmux would not start on any free port");
     }
 
-    /// True once the port accepts connections; false if the process exited first.
+    /// True once this process listens on its port; false if it exited first. A connection
+    /// alone does not tell: another test's server may hold the port (free ports are picked
+    /// before they are bound), and this redmux then exits on its failed bind. Its own log line
+    /// says the port is its own.
     fn wait_listening(&mut self) -> bool {
         let deadline = Instant::now() + READY_TIMEOUT;
+        let own = format!("127.0.0.1:{}", self.addr.port());
         while Instant::now() < deadline {
             if !self.is_running() {
                 return false;
             }
-            if std::net::TcpStream::connect(self.addr).is_ok() {
+            let listening = self
+                .stderr()
+                .lines()
+                .any(|line| line.contains("listening") && line.contains(&own));
+            if listening && std::net::TcpStream::connect(self.addr).is_ok() {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
