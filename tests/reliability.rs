@@ -97,36 +97,31 @@ async fn finish(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_on_the_same_port() {
-    let _serial = SERIAL.lock().await;
-    let mut redis = RedisServer::start();
-    let mut redmux = start_redmux(&redis);
-    let checker = start_checker(&redmux, 0).await;
-    redis.kill();
-    checker.data_lost();
-    // The outage: longer than connect_timeout, so requests waiting for a connection fail too.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    tokio::task::block_in_place(|| redis.restart());
-    let took = assert_recovered("sigkill", &checker, Instant::now()).await;
-    println!("sigkill: every client succeeding {took:?} after the restart");
-    let report = finish("sigkill", checker, &redis, &mut redmux).await;
-    assert!(report.counts.error > 0, "the outage was felt");
+    sigkill_and_restart("sigkill", "").await;
 }
 
 /// The same with the near cache on: each client's GET follows its own SET, which the cache
 /// must never answer with an older value, while the invalidation stream dies with Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_and_restart_with_the_near_cache() {
+    sigkill_and_restart("sigkill, cache", "[cache]\nenabled = true\n").await;
+}
+
+/// Redis killed under the checked clients and restarted on its port; `more`: configuration
+/// sections after `[upstream]`.
+async fn sigkill_and_restart(name: &str, more: &str) {
     let _serial = SERIAL.lock().await;
     let mut redis = RedisServer::start();
-    let mut redmux = start_redmux_with(&redis, "[cache]\nenabled = true\n");
+    let mut redmux = start_redmux_with(&redis, more);
     let checker = start_checker(&redmux, 0).await;
     redis.kill();
     checker.data_lost();
+    // The outage: longer than connect_timeout, so requests waiting for a connection fail too.
     tokio::time::sleep(Duration::from_secs(1)).await;
     tokio::task::block_in_place(|| redis.restart());
-    let took = assert_recovered("sigkill, cache", &checker, Instant::now()).await;
-    println!("sigkill, cache: every client succeeding {took:?} after the restart");
-    let report = finish("sigkill, cache", checker, &redis, &mut redmux).await;
+    let took = assert_recovered(name, &checker, Instant::now()).await;
+    println!("{name}: every client succeeding {took:?} after the restart");
+    let report = finish(name, checker, &redis, &mut redmux).await;
     assert!(report.counts.error > 0, "the outage was felt");
 }
 

@@ -15,6 +15,7 @@ use crate::{
     cache::{read_of, Lookup, NearCache, Read},
     cluster::keys::{keys, Scope},
     command::CommandId,
+    resp::ReplyScanner,
 };
 
 /// Most written keys a session remembers; past it, the whole cache is dropped when the
@@ -207,39 +208,26 @@ fn copies(keys: &[&[u8]]) -> Vec<Bytes> {
     keys.iter().map(|key| Bytes::copy_from_slice(key)).collect()
 }
 
-/// The elements of an MGET reply: bulk strings and nulls, in RESP2 or RESP3. `None` if it
-/// is anything else.
+/// The elements of an MGET reply, each as Redis encoded it, split by the reply scanner the
+/// actors use. `None` for anything else.
 pub(super) fn mget_parts(reply: &[u8]) -> Option<Vec<&[u8]>> {
-    let (count, mut rest) = header(reply, b'*')?;
-    let mut parts = Vec::with_capacity(count.max(0) as usize);
+    let head = reply.strip_prefix(b"*")?;
+    let end = head.windows(2).position(|pair| pair == b"\r\n")?;
+    let count: usize = std::str::from_utf8(&head[..end]).ok()?.parse().ok()?;
+    let mut rest = &head[end + 2..];
+    let mut scanner = ReplyScanner::new();
+    let mut parts = Vec::with_capacity(count);
     for _ in 0..count {
-        let len = match rest.first()? {
-            b'_' => 3,
-            b'$' => {
-                let (len, body) = header(rest, b'$')?;
-                let head = rest.len() - body.len();
-                if len < 0 {
-                    head
-                } else {
-                    head + len as usize + 2
-                }
-            }
-            _ => return None,
-        };
-        parts.push(rest.get(..len)?);
-        rest = &rest[len..];
+        // Only bulk strings and nulls: anything else is not an MGET element.
+        if !matches!(rest.first(), Some(b'$' | b'_')) {
+            return None;
+        }
+        let end = scanner.next_reply(rest).ok()??;
+        scanner.consumed(end);
+        parts.push(&rest[..end]);
+        rest = &rest[end..];
     }
     rest.is_empty().then_some(parts)
-}
-
-/// `<kind><number>\r\n` at the start of `bytes`: the number and what follows.
-fn header(bytes: &[u8], kind: u8) -> Option<(i64, &[u8])> {
-    let end = bytes.iter().position(|&b| b == b'\r')?;
-    if bytes.first() != Some(&kind) || bytes.get(end + 1) != Some(&b'\n') {
-        return None;
-    }
-    let number = std::str::from_utf8(&bytes[1..end]).ok()?.parse().ok()?;
-    Some((number, &bytes[end + 2..]))
 }
 
 #[cfg(test)]
