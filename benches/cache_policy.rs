@@ -103,7 +103,7 @@ fn hit_rate(policy: Policy, trace: &[u64]) -> f64 {
         let at = request.len() - 10;
         match cache.get(0, false, &request, &request[at..at + 8]) {
             Lookup::Hit(_) => hits += 1,
-            Lookup::Fill(ticket) => cache.fill(ticket, VALUE),
+            Lookup::Fill(ticket) => cache.fill(ticket, VALUE, None),
             Lookup::Pass | Lookup::Down => {}
         }
     }

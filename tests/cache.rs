@@ -377,6 +377,77 @@ async fn max_ttl_max_memory_and_prefixes_hold() {
     }
 }
 
+/// Redis tells of an expiry only when it deletes the key, which reads served from the cache
+/// never make it do: an entry lives no longer than its key's TTL. Redis's active expiry is
+/// off for the test, so only the TTL redmux reads with each miss can end the entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_lives_no_longer_than_its_key() {
+    let redis = RedisServer::start();
+    let mut direct = redis.direct();
+    let _: () = redis::cmd("DEBUG")
+        .arg("SET-ACTIVE-EXPIRE")
+        .arg(0)
+        .query(&mut direct)
+        .unwrap();
+    // max_ttl is 60 s.
+    let (_redmux, mut client) = start(cache_config(&redis), &redis).await;
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg("v")
+        .arg("1")
+        .arg("PX")
+        .arg(300)
+        .cmd("SET")
+        .arg("m")
+        .arg("2")
+        .arg("PX")
+        .arg(300)
+        .cmd("SET")
+        .arg("w")
+        .arg("3")
+        .query(&mut direct)
+        .unwrap();
+    let set_at = tokio::time::Instant::now();
+    for _ in 0..2 {
+        assert_eq!(client.call(&["GET", "v"]).await, "$1\r\n1\r\n");
+        assert_eq!(
+            client.call(&["MGET", "m", "w"]).await,
+            "*2\r\n$1\r\n2\r\n$1\r\n3\r\n"
+        );
+    }
+    // Served from the cache meanwhile, or the test shows nothing.
+    let (gets, mgets) = (redis_calls(&redis, "get"), redis_calls(&redis, "mget"));
+    assert_eq!(client.call(&["GET", "v"]).await, "$1\r\n1\r\n");
+    client.call(&["MGET", "m", "w"]).await;
+    assert_eq!(
+        (redis_calls(&redis, "get"), redis_calls(&redis, "mget")),
+        (gets, mgets)
+    );
+    // Waiting out the keys' TTL itself: there is no event to wait for.
+    tokio::time::sleep_until(set_at + Duration::from_millis(350)).await;
+    assert_eq!(client.call(&["GET", "v"]).await, "$-1\r\n");
+    assert_eq!(
+        client.call(&["MGET", "m", "w"]).await,
+        "*2\r\n$-1\r\n$1\r\n3\r\n"
+    );
+    // The probes' replies never reach the client: a pipeline right after a miss gets its own.
+    let mut pipeline = Vec::new();
+    for args in [&["GET", "fresh"][..], &["MGET", "a", "b"], &["PING"]] {
+        pipeline.extend_from_slice(&redmux::resp::encode_command(
+            args.iter().map(|a| a.as_bytes()),
+        ));
+    }
+    let replies = client.pipeline(&pipeline, 3).await;
+    assert_eq!(
+        replies,
+        vec![
+            b"$-1\r\n".to_vec(),
+            b"*2\r\n$-1\r\n$-1\r\n".to_vec(),
+            b"+PONG\r\n".to_vec()
+        ]
+    );
+}
+
 /// The bound holds for what the process really uses, bookkeeping and allocator included, not
 /// only for the cache's own count: 60,000 values of 100 bytes (about 23 MiB of entries) read
 /// twice through a cache of 8 MiB.

@@ -200,14 +200,16 @@ impl NearCache {
     }
 
     /// The reply to a read that left a placeholder: kept if no invalidation of its key came
-    /// since.
-    pub fn fill(&self, ticket: Ticket, reply: &[u8]) {
+    /// since, until `max_ttl` or `deadline`, whichever comes first. `deadline` is when the key
+    /// may expire in Redis: Redis tells nothing of an expiry until it deletes the key, which
+    /// a read served here never makes it do.
+    pub fn fill(&self, ticket: Ticket, reply: &[u8], deadline: Option<Instant>) {
         // Errors are not kept: -LOADING, -BUSY and the like say nothing about the key.
         if matches!(reply.first(), Some(b'-' | b'!')) {
             return;
         }
         if let Some(shard) = self.inner.shards.get(ticket.shard as usize) {
-            lock(shard).fill(ticket, reply, Instant::now());
+            lock(shard).fill(ticket, reply, Instant::now(), deadline);
         }
     }
 
@@ -312,7 +314,7 @@ mod tests {
             let Lookup::Fill(ticket) = cache.get(db, resp3, GET_K, &GET_K[4..]) else {
                 panic!()
             };
-            cache.fill(ticket, b"$1\r\nv\r\n");
+            cache.fill(ticket, b"$1\r\nv\r\n", None);
             assert!(matches!(
                 cache.get(db, resp3, GET_K, &GET_K[4..]),
                 Lookup::Hit(_)
@@ -321,7 +323,7 @@ mod tests {
         let Lookup::Fill(ticket) = cache.get_part(0, false, b"k") else {
             panic!()
         };
-        cache.fill(ticket, b"$1\r\nv\r\n");
+        cache.fill(ticket, b"$1\r\nv\r\n", None);
         assert_eq!(cache.snapshot().entries, 4);
         cache.invalidate(&[b"k"]);
         let after = cache.snapshot();
@@ -335,7 +337,7 @@ mod tests {
             panic!()
         };
         cache.set_up(false);
-        cache.fill(ticket, b"$1\r\nv\r\n");
+        cache.fill(ticket, b"$1\r\nv\r\n", None);
         assert!(matches!(
             cache.get(0, false, GET_K, &GET_K[4..]),
             Lookup::Down
@@ -366,7 +368,7 @@ mod tests {
         let Lookup::Fill(ticket) = cache.get(0, false, GET_U, &GET_U[4..]) else {
             panic!()
         };
-        cache.fill(ticket, b"-LOADING Redis is loading\r\n");
+        cache.fill(ticket, b"-LOADING Redis is loading\r\n", None);
         assert!(matches!(
             cache.get(0, false, GET_U, &GET_U[4..]),
             Lookup::Fill(_)
@@ -393,7 +395,7 @@ mod tests {
                 let request = format!("GET {:05}", i % 60_000);
                 match cache.get(0, false, request.as_bytes(), &request.as_bytes()[4..]) {
                     Lookup::Hit(_) => hits += 1,
-                    Lookup::Fill(ticket) => cache.fill(ticket, &[b'v'; 100]),
+                    Lookup::Fill(ticket) => cache.fill(ticket, &[b'v'; 100], None),
                     Lookup::Pass | Lookup::Down => {}
                 }
             }

@@ -242,7 +242,13 @@ impl Shard {
 
     /// The reply of `ticket`'s read is in: it fills the placeholder if the placeholder is
     /// still there (no invalidation came since the read was sent).
-    pub(super) fn fill(&mut self, ticket: Ticket, reply: &[u8], now: Instant) {
+    pub(super) fn fill(
+        &mut self,
+        ticket: Ticket,
+        reply: &[u8],
+        now: Instant,
+        deadline: Option<Instant>,
+    ) {
         let at = ticket.slot;
         let Some(Some(slot)) = self.slots.get_mut(at as usize) else {
             return;
@@ -250,7 +256,10 @@ impl Shard {
         if !matches!(slot.state, State::Waiting(id) if id == ticket.id) {
             return;
         }
-        if reply.len() > self.budget / MAX_ENTRY_SHARE {
+        let expires = deadline.map_or(now + self.max_ttl, |deadline| {
+            deadline.min(now + self.max_ttl)
+        });
+        if reply.len() > self.budget / MAX_ENTRY_SHARE || expires <= now {
             self.remove(at);
             return;
         }
@@ -260,7 +269,7 @@ impl Shard {
         slot.state = State::Ready {
             // A copy: the reply may be a slice of a large read buffer.
             reply: Bytes::copy_from_slice(reply),
-            expires: now + self.max_ttl,
+            expires,
         };
         self.used += added;
         // Room is made around it: with TinyLFU only by evicting entries asked for less often
@@ -439,7 +448,7 @@ mod tests {
         let Found::Fill(ticket) = find(&mut shard, b"k", now) else {
             panic!("miss expected")
         };
-        shard.fill(ticket, b"$1\r\nv\r\n", now);
+        shard.fill(ticket, b"$1\r\nv\r\n", now, None);
         assert!(matches!(find(&mut shard, b"k", now), Found::Hit(r) if &r[..] == b"$1\r\nv\r\n"));
         assert_eq!(shard.invalidate(crc(b"k")), 1);
         let Found::Fill(ticket) = find(&mut shard, b"k", now) else {
@@ -447,13 +456,13 @@ mod tests {
         };
         // The key changes while the read is upstream: its reply is not kept.
         shard.invalidate(crc(b"k"));
-        shard.fill(ticket, b"$3\r\nold\r\n", now);
+        shard.fill(ticket, b"$3\r\nold\r\n", now, None);
         let Found::Fill(again) = find(&mut shard, b"k", now) else {
             panic!("miss expected")
         };
         assert_ne!(again, ticket);
         // A stale ticket cannot fill the new placeholder either.
-        shard.fill(ticket, b"$3\r\nold\r\n", now);
+        shard.fill(ticket, b"$3\r\nold\r\n", now, None);
         assert!(matches!(find(&mut shard, b"k", now), Found::Fill(t) if t == again));
         assert_eq!(shard.entries(), 1);
     }
@@ -466,11 +475,31 @@ mod tests {
         let Found::Fill(ticket) = find(&mut shard, b"k", now) else {
             panic!()
         };
-        shard.fill(ticket, b"+x\r\n", now);
+        shard.fill(ticket, b"+x\r\n", now, None);
         assert!(matches!(find(&mut shard, b"k", now), Found::Hit(_)));
         let later = now + Duration::from_secs(2);
         assert!(matches!(find(&mut shard, b"k", later), Found::Fill(_)));
         assert_eq!(shard.entries(), 1);
+    }
+
+    #[test]
+    fn entries_expire_with_their_key() {
+        let now = Instant::now();
+        let mut shard = Shard::new(1 << 20, Policy::Lru);
+        let Found::Fill(ticket) = find(&mut shard, b"k", now) else {
+            panic!()
+        };
+        // The key expires in Redis in 1 s, well before max_ttl (60 s).
+        shard.fill(ticket, b"+x\r\n", now, Some(now + Duration::from_secs(1)));
+        assert!(matches!(find(&mut shard, b"k", now), Found::Hit(_)));
+        let later = now + Duration::from_millis(1001);
+        assert!(matches!(find(&mut shard, b"k", later), Found::Fill(_)));
+        // A key already gone by the time its reply is in is not kept.
+        let Found::Fill(ticket) = find(&mut shard, b"j", now) else {
+            panic!()
+        };
+        shard.fill(ticket, b"+x\r\n", now, Some(now));
+        assert!(matches!(find(&mut shard, b"j", now), Found::Fill(_)));
     }
 
     #[test]
@@ -482,7 +511,7 @@ mod tests {
         for i in 0..10_000u32 {
             let request = format!("key:{i}");
             if let Found::Fill(ticket) = find(&mut shard, request.as_bytes(), now) {
-                shard.fill(ticket, &value, now);
+                shard.fill(ticket, &value, now, None);
             }
             assert!(shard.used() <= budget);
         }
@@ -497,7 +526,7 @@ mod tests {
         let Found::Fill(ticket) = find(&mut shard, b"big", now) else {
             panic!()
         };
-        shard.fill(ticket, &vec![0; budget / 4], now);
+        shard.fill(ticket, &vec![0; budget / 4], now, None);
         assert_eq!(shard.entries(), 0);
     }
 
@@ -507,7 +536,7 @@ mod tests {
         let mut shard = Shard::new(40 * (OVERHEAD + 16), Policy::Lru);
         let fill = |shard: &mut Shard, request: &[u8]| {
             if let Found::Fill(ticket) = find(shard, request, now) {
-                shard.fill(ticket, b"+v\r\n", now);
+                shard.fill(ticket, b"+v\r\n", now, None);
             }
         };
         fill(&mut shard, b"hot");
@@ -524,7 +553,7 @@ mod tests {
         for _ in 0..10 {
             for key in [&b"a"[..], b"b", b"c"] {
                 if let Found::Fill(ticket) = find(&mut shard, key, now) {
-                    shard.fill(ticket, b"+v\r\n", now);
+                    shard.fill(ticket, b"+v\r\n", now, None);
                 }
             }
         }
@@ -532,7 +561,7 @@ mod tests {
         for i in 0..50 {
             let request = format!("scan:{i}");
             if let Found::Fill(ticket) = find(&mut shard, request.as_bytes(), now) {
-                shard.fill(ticket, b"+v\r\n", now);
+                shard.fill(ticket, b"+v\r\n", now, None);
             }
         }
         for key in [&b"a"[..], b"b", b"c"] {

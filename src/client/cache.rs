@@ -10,12 +10,15 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use std::time::{Duration, Instant};
+
 use super::{Pending, Run, State, Then, Tx};
 use crate::{
-    cache::{read_of, Lookup, NearCache, Read},
+    cache::{read_of, Lookup, NearCache, Read, Ticket},
     cluster::keys::{keys, Scope},
     command::CommandId,
-    resp::ReplyScanner,
+    resp::{encode_command, ReplyScanner},
+    upstream::{Replies, Reply},
 };
 
 /// Most written keys a session remembers; past it, the whole cache is dropped when the
@@ -37,8 +40,32 @@ pub(super) enum Plan {
     Forward,
     /// Answer it with these bytes.
     Hit(Bytes),
-    /// Send it upstream on its own, and do this with its reply.
-    Fill(Then),
+    /// Send it upstream on its own, followed by these probes, and fill the cache with its
+    /// reply.
+    Fill(Filling, Bytes),
+}
+
+/// A read the cache missed, sent upstream with a PTTL of each key whose placeholder it may
+/// fill. Redis tells of an expiry only when it deletes the key, which reads served from the
+/// cache never make it do: so an entry lives no longer than its key's TTL, counted from
+/// before the read was sent. A change to the key between the read and its PTTL reaches the
+/// placeholder as an invalidation (Redis sends one for an expiry's deletion too).
+#[derive(Debug)]
+pub(super) struct Filling {
+    cache: NearCache,
+    /// One per key read: one for a whole reply, one per MGET key; `None` where the key's
+    /// reply is not kept (already cached, or not admitted), which gets no probe.
+    tickets: Vec<Option<Ticket>>,
+    /// An MGET: each element fills its key's placeholder.
+    parts: bool,
+    asked: Instant,
+}
+
+impl Filling {
+    /// How many PTTL replies follow the read's.
+    pub(super) fn probes(&self) -> u32 {
+        self.tickets.iter().flatten().count() as u32
+    }
 }
 
 impl State {
@@ -68,7 +95,7 @@ impl State {
         let plan = match read {
             Read::One(key) => match cache.get(db, resp3, request, key) {
                 Lookup::Hit(reply) => Plan::Hit(reply),
-                Lookup::Fill(ticket) => Plan::Fill(Then::Fill(cache.clone(), ticket)),
+                Lookup::Fill(ticket) => filling(cache, vec![Some(ticket)], false, &[key]),
                 Lookup::Pass => Plan::Forward,
                 Lookup::Down => return self.cache_down(),
             },
@@ -78,7 +105,7 @@ impl State {
                 let mut parts = Vec::with_capacity(keys.len());
                 let mut tickets = Vec::with_capacity(keys.len());
                 let mut missed = false;
-                for key in keys {
+                for &key in &keys {
                     let ticket = match cache.get_part(db, resp3, key) {
                         Lookup::Hit(part) => {
                             parts.push(part);
@@ -97,7 +124,7 @@ impl State {
                     tickets.push(ticket);
                 }
                 if missed {
-                    Plan::Fill(Then::FillParts(cache.clone(), tickets))
+                    filling(cache, tickets, true, &keys)
                 } else {
                     Plan::Hit(array(&parts))
                 }
@@ -124,20 +151,55 @@ impl State {
                 self.owe();
                 self.pending.push_back(Pending::Local { bytes, count: 1 });
             }
-            Plan::Fill(then) => {
-                // On its own, so its reply is the one the ticket waits for.
-                let frames = self.take_front(len);
+            Plan::Fill(filling, probes) => {
+                // On its own, so its reply is the one the tickets wait for.
+                let mut frames = BytesMut::with_capacity(len + probes.len());
+                frames.put_slice(&self.rbuf[..len]);
+                frames.put_slice(&probes);
+                self.rbuf.advance(len);
                 self.owe();
                 let batch = Run {
-                    frames,
+                    frames: frames.freeze(),
                     count: 1,
                     timeout: Some(self.config.request_timeout),
-                    then: Some(Box::new(then)),
+                    then: Some(Box::new(Then::Fill(filling))),
                     ..Run::default()
                 };
                 self.send(batch, false).await;
             }
         }
+    }
+
+    /// The reply to a read the cache missed, with the PTTL replies of its probes after it:
+    /// the placeholders are filled, and the client gets the read's reply alone.
+    pub(super) fn filled(
+        &mut self,
+        filling: Filling,
+        replies: Replies,
+        charged: bool,
+    ) -> (Reply, bool) {
+        let Replies { bytes, errors } = replies;
+        let mut scanner = ReplyScanner::new();
+        let Ok(Some(end)) = scanner.next_reply(&bytes) else {
+            // The actor read exactly this many replies: not reached.
+            return (Ok(Replies { bytes, errors }), charged);
+        };
+        scanner.consumed(end);
+        let read = bytes.slice(..end);
+        if charged {
+            self.budget.refund(bytes.len() - end);
+        }
+        let lives = probed(&mut scanner, &bytes[end..], filling.probes());
+        if let Some(lives) = lives.filter(|_| errors & 1 == 0) {
+            fill(&filling, &read, &lives);
+        }
+        (
+            Ok(Replies {
+                bytes: read,
+                errors: errors & 1,
+            }),
+            charged,
+        )
     }
 
     /// The invalidation stream is down: the read goes upstream, and the stream is started.
@@ -190,6 +252,69 @@ pub(super) fn note_write(written: &mut Option<Box<Written>>, command: CommandId,
             }
         }
         None => *written = Some(Box::new(Written::Keys(copies(found.keys())))),
+    }
+}
+
+/// The plan for a read that left placeholders: `tickets` (one per key of `keys`), and a PTTL
+/// of each key with a ticket.
+fn filling(cache: &NearCache, tickets: Vec<Option<Ticket>>, parts: bool, keys: &[&[u8]]) -> Plan {
+    let mut probes = BytesMut::new();
+    for (ticket, key) in tickets.iter().zip(keys) {
+        if ticket.is_some() {
+            probes.put_slice(&encode_command([&b"PTTL"[..], key]));
+        }
+    }
+    let filling = Filling {
+        cache: cache.clone(),
+        tickets,
+        parts,
+        asked: Instant::now(),
+    };
+    Plan::Fill(filling, probes.freeze())
+}
+
+/// How long each probed key lives, from the `count` PTTL replies in `replies`: `None` inside
+/// for no expiry (-1) or no key (-2: were it deleted after the read, its invalidation drops
+/// the placeholder). `None` if any reply is not an integer (a PTTL refused by an ACL).
+fn probed(
+    scanner: &mut ReplyScanner,
+    mut replies: &[u8],
+    count: u32,
+) -> Option<Vec<Option<Duration>>> {
+    let mut lives = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let end = scanner.next_reply(replies).ok()??;
+        scanner.consumed(end);
+        let ttl: i64 =
+            std::str::from_utf8(replies[..end].strip_prefix(b":")?.strip_suffix(b"\r\n")?)
+                .ok()?
+                .parse()
+                .ok()?;
+        lives.push(u64::try_from(ttl).ok().map(Duration::from_millis));
+        replies = &replies[end..];
+    }
+    Some(lives)
+}
+
+/// Fills the placeholders of `filling` with `read`, the reply, each until its key's TTL
+/// (`lives`, one per ticket) runs out.
+fn fill(filling: &Filling, read: &[u8], lives: &[Option<Duration>]) {
+    let deadline = |life: &Option<Duration>| life.map(|life| filling.asked + life);
+    let mut lives = lives.iter();
+    if !filling.parts {
+        if let (Some(Some(ticket)), Some(life)) = (filling.tickets.first(), lives.next()) {
+            filling.cache.fill(*ticket, read, deadline(life));
+        }
+        return;
+    }
+    let Some(parts) = mget_parts(read).filter(|parts| parts.len() == filling.tickets.len()) else {
+        return;
+    };
+    for (ticket, part) in filling.tickets.iter().zip(parts) {
+        // The probes are in the order of the tickets, one per ticket.
+        let Some(ticket) = ticket else { continue };
+        let Some(life) = lives.next() else { return };
+        filling.cache.fill(*ticket, part, deadline(life));
     }
 }
 

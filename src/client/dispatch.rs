@@ -687,9 +687,10 @@ impl State {
         };
         self.last_path = Some(path);
         let handed_at = Instant::now();
+        let added = then.as_deref().map_or(0, Then::added_replies);
         let request = Batch {
             frames,
-            count,
+            count: count + added,
             queued_at: handed_at,
             timeout,
             reply,

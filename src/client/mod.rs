@@ -125,10 +125,20 @@ enum Then {
     /// The answer to CLIENT TRACKING ON that waited for redmux's invalidation stream: an
     /// error means the client does not track after all.
     Tracking,
-    /// A read the near cache missed: its reply fills the placeholder of this ticket.
-    Fill(crate::cache::NearCache, crate::cache::Ticket),
-    /// An MGET the near cache missed: each element fills its key's placeholder, if it has one.
-    FillParts(crate::cache::NearCache, Vec<Option<crate::cache::Ticket>>),
+    /// A read the near cache missed: its reply fills the placeholders it left (see
+    /// [`cache::Filling`]).
+    Fill(cache::Filling),
+}
+
+impl Then {
+    /// Replies to requests redmux added to the client's own in the batch (the near cache's
+    /// PTTL probes), which `then` takes off before the client sees the reply.
+    fn added_replies(&self) -> u32 {
+        match self {
+            Then::Fill(filling) => filling.probes(),
+            _ => 0,
+        }
+    }
 }
 
 /// Where a client's requests travel. Redis runs what arrives on one connection in order, but

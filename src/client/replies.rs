@@ -191,23 +191,7 @@ impl State {
                 let errors = u64::from(bytes.first() == Some(&b'-'));
                 (Ok(Replies { bytes, errors }), false)
             }
-            (Some(Then::Fill(cache, ticket)), Ok(replies)) => {
-                if replies.errors == 0 {
-                    cache.fill(ticket, &replies.bytes);
-                }
-                (Ok(replies), charged)
-            }
-            (Some(Then::FillParts(cache, tickets)), Ok(replies)) => {
-                let parts = super::cache::mget_parts(&replies.bytes);
-                if let Some(parts) = parts.filter(|parts| parts.len() == tickets.len()) {
-                    for (ticket, part) in tickets.into_iter().zip(parts) {
-                        if let Some(ticket) = ticket {
-                            cache.fill(ticket, part);
-                        }
-                    }
-                }
-                (Ok(replies), charged)
-            }
+            (Some(Then::Fill(filling)), Ok(replies)) => self.filled(filling, replies, charged),
             (Some(Then::Tracking), reply) => {
                 if !matches!(&reply, Ok(replies) if replies.errors == 0) {
                     self.client.tracking_off();
