@@ -306,6 +306,63 @@ async fn nothing_is_served_while_the_invalidation_stream_is_down() {
     assert_eq!(client.call(&["GET", "k"]).await, "$2\r\nv2\r\n");
 }
 
+/// The stream PINGs Redis every second: Redis's idle `timeout` does not close it (which would
+/// empty the cache each time), and a stream whose Redis stops answering is taken as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_outlives_redis_idle_timeout_and_notices_a_silent_redis() {
+    let redis = RedisServer::start();
+    let config_set = |name: &str, value: u64| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(&mut redis.direct())
+            .unwrap();
+    };
+    config_set("timeout", 1);
+    let mut config = cache_config(&redis);
+    config.upstream.request_timeout = Duration::from_millis(1500);
+    let (redmux, mut client) = start(config, &redis).await;
+    let stream_id = || {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(&mut redis.direct())
+            .unwrap();
+        list.lines()
+            .find(|line| line.contains(" flags=t"))
+            .and_then(|line| line.split(' ').next())
+            .map(str::to_owned)
+    };
+    let first = stream_id().expect("the stream is connected");
+    let flushes = status(&redmux).await["cache"]["flushes"].as_u64().unwrap();
+    // Idle time is what is under test: there is no event to wait for.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(stream_id().as_deref(), Some(first.as_str()));
+    let cache = &status(&redmux).await["cache"];
+    assert_eq!(cache["flushes"].as_u64().unwrap(), flushes, "{cache}");
+    assert_eq!(cache["up"], true);
+    config_set("timeout", 0);
+    // Redis stops answering for longer than request_timeout: the stream is taken as lost,
+    // and the cache emptied, though the connection never closed.
+    let sleeper = std::thread::spawn({
+        let mut direct = redis.direct();
+        move || {
+            let _: () = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(3)
+                .query(&mut direct)
+                .unwrap();
+        }
+    });
+    sleeper.join().unwrap();
+    let deadline = Deadline::within(Duration::from_secs(3));
+    while status(&redmux).await["cache"]["flushes"].as_u64().unwrap() == flushes {
+        deadline.next_try("the silent stream taken as lost").await;
+    }
+    assert_ne!(stream_id().as_deref(), Some(first.as_str()));
+    wait_cache_serving(&redis, &mut client, "cache:warm").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_ttl_max_memory_and_prefixes_hold() {
     let redis = RedisServer::start();

@@ -7,7 +7,7 @@ use std::{sync::Weak, time::Duration};
 use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    time::{interval, sleep, MissedTickBehavior},
+    time::{interval, sleep, Instant, MissedTickBehavior},
 };
 use tracing::{info, warn};
 
@@ -19,8 +19,11 @@ use crate::{
     upstream::{self, Dial, Reader, Setup, Timeouts, Writer},
 };
 
-/// How often a quiet stream checks whether anyone still tracks.
-const IDLE_CHECK: Duration = Duration::from_secs(1);
+/// How often the stream checks whether anyone still tracks, and PINGs Redis: a stream that
+/// only listens would look idle to Redis's `timeout`, which would close it (emptying the
+/// cache each time), and a connection that died without a reset (a host gone, a firewall's
+/// dropped state) would look up forever while no invalidation can come.
+const TICK: Duration = Duration::from_secs(1);
 
 /// Longest wait between two connection attempts.
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -42,6 +45,8 @@ enum Ended {
     Write(#[source] std::io::Error),
     #[error("no answer to CLIENT TRACKING within {0:?}")]
     Timeout(Duration),
+    #[error("no answer to PING within {0:?}")]
+    Unanswered(Duration),
 }
 
 /// Runs the stream for `tracker` until no client tracks or the tracker is gone.
@@ -61,7 +66,7 @@ pub(super) async fn run(tracker: Weak<Inner>, dial: Dial, timeouts: Timeouts) {
                 };
                 inner.up();
                 drop(inner);
-                match follow(&tracker, reader, rbuf).await {
+                match follow(&tracker, reader, rbuf, timeouts).await {
                     Ok(()) => return,
                     Err(error) => {
                         warn!(error = %Chain(&error), "tracking stream lost; reconnecting")
@@ -120,19 +125,28 @@ async fn open(dial: &Dial, timeouts: Timeouts) -> Result<((Reader, Writer), Byte
     Ok(((reader, writer), rbuf))
 }
 
-/// Reads invalidations until the connection ends (an error) or no client tracks (`Ok`).
+/// Reads invalidations until the connection ends (an error) or no client tracks (`Ok`),
+/// PINGing Redis every tick; a PING unanswered for `request_timeout` ends the connection.
 async fn follow(
     tracker: &Weak<Inner>,
-    (mut reader, _writer): (Reader, Writer),
+    (mut reader, mut writer): (Reader, Writer),
     mut rbuf: BytesMut,
+    timeouts: Timeouts,
 ) -> Result<(), Ended> {
     let mut scanner = ReplyScanner::with_push();
-    let mut idle = interval(IDLE_CHECK);
-    idle.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut tick = interval(TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let ping = encode_command([&b"PING"[..]]);
+    let mut pinged: Option<Instant> = None;
     loop {
         while let Some(end) = scanner.next_reply(&rbuf).map_err(|_| Ended::Malformed)? {
             let frame = rbuf.split_to(end);
             scanner.consumed(end);
+            if frame.first() == Some(&b'+') {
+                // The PONG: the only reply that is not a push.
+                pinged = None;
+                continue;
+            }
             let Some(inner) = tracker.upgrade() else {
                 return Ok(());
             };
@@ -148,13 +162,32 @@ async fn follow(
                 Ok(_) => {}
                 Err(error) => return Err(Ended::Read(error)),
             },
-            _ = idle.tick() => match tracker.upgrade() {
-                Some(inner) if !inner.stop_if_idle() => {}
-                _ => {
-                    info!("tracking stream closed: no client tracks");
-                    return Ok(());
+            _ = tick.tick() => {
+                match tracker.upgrade() {
+                    Some(inner) if !inner.stop_if_idle() => {}
+                    _ => {
+                        info!("tracking stream closed: no client tracks");
+                        return Ok(());
+                    }
                 }
-            },
+                match pinged {
+                    Some(at) if at.elapsed() > timeouts.request => {
+                        return Err(Ended::Unanswered(timeouts.request));
+                    }
+                    Some(_) => {}
+                    None => {
+                        let write = async {
+                            writer.write_all(&ping).await?;
+                            writer.flush().await
+                        };
+                        tokio::time::timeout(timeouts.request, write)
+                            .await
+                            .map_err(|_| Ended::Unanswered(timeouts.request))?
+                            .map_err(Ended::Write)?;
+                        pinged = Some(Instant::now());
+                    }
+                }
+            }
         }
     }
 }
