@@ -819,3 +819,59 @@ async fn pubsub_reaches_subscribers_and_shard_messages_their_shard() {
         "-ERR redmux: SSUBSCRIBE is not supported in front of a cluster yet\r\n"
     );
 }
+
+/// A cluster that speaks TLS (its plaintext ports left open, as during a move to TLS) and
+/// logs redmux in as an ACL user of its own. Given one seed, redmux finds the other masters
+/// itself, and reaches each on its TLS port (SHARDS names both ports), logged in as that user.
+#[tokio::test]
+async fn tls_and_the_login_apply_to_every_node() {
+    let certs = support::tls::Certs::new();
+    let cluster = Cluster::start_tls(
+        &certs,
+        &["--user", "proxy", "on", ">pw", "~*", "&*", "+@all"],
+    );
+    let mut config = Config::default();
+    let seed = cluster.tls_ports()[0];
+    config.upstream.cluster = vec![format!("rediss://127.0.0.1:{seed}").parse().unwrap()];
+    config.upstream.tls = Some(certs.upstream_tls(false));
+    config.upstream.username = Some("proxy".into());
+    config.upstream.password = Some(redmux::config::Secret::new("pw"));
+    let redmux = Redmux::start_with(config).await;
+    let mut client = redmux.raw().await;
+    let keys = keys("tls", 30);
+    for (i, key) in keys.iter().enumerate() {
+        assert_eq!(client.call(&["SET", key, &i.to_string()]).await, "+OK\r\n");
+    }
+    let mut mget = vec!["MGET"];
+    mget.extend(keys.iter().map(String::as_str));
+    let reply = client.call(&mget).await;
+    let expected: String = (0..keys.len())
+        .map(|i| format!("${}\r\n{i}\r\n", i.to_string().len()))
+        .collect();
+    assert_eq!(reply, format!("*{}\r\n{expected}", keys.len()));
+    assert_eq!(client.call(&["DBSIZE"]).await, ":30\r\n");
+    // Every master has redmux's connections, each on its TLS port, each logged in as proxy.
+    let tls_of: std::collections::HashMap<String, u16> = cluster
+        .addrs()
+        .into_iter()
+        .zip(cluster.tls_ports())
+        .collect();
+    for port in cluster.masters() {
+        let tls_port = tls_of[&format!("127.0.0.1:{port}")];
+        let list = Conn::connect(port).query(&["CLIENT", "LIST"]).text();
+        let ours: Vec<&str> = list
+            .lines()
+            .filter(|line| line.contains(" user=proxy "))
+            .collect();
+        assert!(
+            !ours.is_empty(),
+            "no connection of redmux on {port}:\n{list}"
+        );
+        for line in ours {
+            assert!(
+                line.contains(&format!(" laddr=127.0.0.1:{tls_port} ")),
+                "not on the TLS port {tls_port}: {line}"
+            );
+        }
+    }
+}

@@ -455,7 +455,7 @@ fn agreed_map(port: u16) -> SlotMap {
     let deadline = Deadline::within(Duration::from_secs(15));
     let mut conn = Conn::connect(port);
     loop {
-        let shards = SlotMap::from_shards(&conn.call(&[b"CLUSTER", b"SHARDS"])).unwrap();
+        let shards = SlotMap::from_shards(&conn.call(&[b"CLUSTER", b"SHARDS"]), false).unwrap();
         let slots = SlotMap::from_slots(&conn.call(&[b"CLUSTER", b"SLOTS"])).unwrap();
         if shards == slots {
             return shards;

@@ -23,7 +23,8 @@ pub struct Node {
     /// hostname). Empty when Redis reports the endpoint unknown (a null), which its docs say
     /// means "the address you asked"; `?` when a hostname is wanted but the node has none.
     pub host: String,
-    /// The plaintext port (`port`), or the TLS port (`tls-port`) when only that is open.
+    /// The port redmux reaches it on: its plaintext `port`, or its `tls-port` when redmux
+    /// speaks TLS to the cluster (each when the node has only that one).
     pub port: u16,
     /// The 40-character node ID: stays the same when the address changes.
     pub id: String,
@@ -64,8 +65,10 @@ impl SlotMap {
     /// Reads a `CLUSTER SHARDS` reply (RESP2 or RESP3). A shard's master is its node with
     /// `role` master and `health` online; a shard without one leaves its slots unassigned.
     /// Replicas count when their `health` is online (Redis 7.0 says `loading` for a replica
-    /// that has not yet received any replication stream).
-    pub fn from_shards(reply: &[u8]) -> Result<SlotMap, TopologyError> {
+    /// that has not yet received any replication stream). `tls`: redmux reaches the nodes
+    /// over TLS, so a node's `tls-port` is taken where it has one (a cluster on its way to
+    /// TLS keeps its plaintext `port` open too, and SHARDS names both).
+    pub fn from_shards(reply: &[u8], tls: bool) -> Result<SlotMap, TopologyError> {
         let shards = top_level(reply)?;
         let mut builder = Builder::default();
         for shard in &shards {
@@ -85,8 +88,8 @@ impl SlotMap {
                     continue;
                 }
                 match field(&info, b"role").and_then(Value::bytes) {
-                    Some(b"master") if master.is_none() => master = Some(shard_node(&info)?),
-                    Some(b"replica") => replicas.push(shard_node(&info)?),
+                    Some(b"master") if master.is_none() => master = Some(shard_node(&info, tls)?),
+                    Some(b"replica") => replicas.push(shard_node(&info, tls)?),
                     _ => {}
                 }
             }
@@ -318,15 +321,20 @@ fn field<'v, 'a>(fields: &[(&'a [u8], &'v Value<'a>)], name: &[u8]) -> Option<&'
         .map(|(_, value)| *value)
 }
 
-/// A SHARDS node: `endpoint` (else `ip`), `port` (else `tls-port`), `id`.
-fn shard_node(info: &[(&[u8], &Value<'_>)]) -> Result<Node, TopologyError> {
+/// A SHARDS node: `endpoint` (else `ip`), `port` or `tls-port` (the one of `tls` first, else
+/// the other), `id`.
+fn shard_node(info: &[(&[u8], &Value<'_>)], tls: bool) -> Result<Node, TopologyError> {
     let host = match field(info, b"endpoint").or_else(|| field(info, b"ip")) {
         Some(Value::Null) => String::new(),
         Some(value) => text(value, "a node's endpoint is not a string")?,
         None => return Err(TopologyError::Shape("a node has no endpoint")),
     };
-    let port = field(info, b"port")
-        .or_else(|| field(info, b"tls-port"))
+    let (first, second): (&[u8], &[u8]) = match tls {
+        true => (b"tls-port", b"port"),
+        false => (b"port", b"tls-port"),
+    };
+    let port = field(info, first)
+        .or_else(|| field(info, second))
         .ok_or(TopologyError::Shape("a node has no port"))?;
     let id = field(info, b"id").ok_or(TopologyError::Shape("a node has no id"))?;
     Ok(Node {
@@ -401,6 +409,8 @@ mod tests {
     // each, on ports 17100-17105 (see the test names for the state each shows).
     const HEALTHY_SHARDS: &[u8] = include_bytes!("fixtures/healthy-shards.resp2");
     const HEALTHY_SHARDS3: &[u8] = include_bytes!("fixtures/healthy-shards.resp3");
+    /// Nodes with `tls-cluster yes` and both ports open: plaintext 710x, TLS 720x.
+    const TLS_SHARDS: &[u8] = include_bytes!("fixtures/tls-shards.resp2");
     const HEALTHY_SLOTS: &[u8] = include_bytes!("fixtures/healthy-slots.resp2");
     const HEALTHY_SLOTS3: &[u8] = include_bytes!("fixtures/healthy-slots.resp3");
     const RESHARDED_SHARDS: &[u8] = include_bytes!("fixtures/resharded-shards.resp2");
@@ -424,7 +434,7 @@ mod tests {
 
     #[test]
     fn a_healthy_cluster() {
-        let map = SlotMap::from_shards(HEALTHY_SHARDS).unwrap();
+        let map = SlotMap::from_shards(HEALTHY_SHARDS, false).unwrap();
         assert_eq!(ports(&map), [17100, 17101, 17102]);
         assert_eq!(map.unassigned(), 0);
         assert_eq!(port_of_slot(&map, 0), Some(17100));
@@ -440,14 +450,32 @@ mod tests {
         assert!(map.replicas(3).is_empty());
         // SLOTS, and both in RESP3, say the same.
         assert_eq!(SlotMap::from_slots(HEALTHY_SLOTS).unwrap(), map);
-        assert_eq!(SlotMap::from_shards(HEALTHY_SHARDS3).unwrap(), map);
+        assert_eq!(SlotMap::from_shards(HEALTHY_SHARDS3, false).unwrap(), map);
         assert_eq!(SlotMap::from_slots(HEALTHY_SLOTS3).unwrap(), map);
+    }
+
+    #[test]
+    fn a_node_is_reached_on_the_port_of_the_protocol_redmux_speaks() {
+        let plain = SlotMap::from_shards(TLS_SHARDS, false).unwrap();
+        assert_eq!(ports(&plain), [7101, 7102, 7103]);
+        let tls = SlotMap::from_shards(TLS_SHARDS, true).unwrap();
+        assert_eq!(ports(&tls), [7201, 7202, 7203]);
+        let replicas: Vec<u16> = (0..3).map(|m| tls.replicas(m)[0].port).collect();
+        assert!(
+            replicas.iter().all(|port| (7204..=7206).contains(port)),
+            "{replicas:?}"
+        );
+        // A node with one port is reached on it whatever redmux speaks.
+        assert_eq!(
+            SlotMap::from_shards(HEALTHY_SHARDS, true).unwrap(),
+            SlotMap::from_shards(HEALTHY_SHARDS, false).unwrap()
+        );
     }
 
     #[test]
     fn a_master_with_two_ranges_comes_once() {
         // 17102 also took slots 0-4 from 17100.
-        let map = SlotMap::from_shards(RESHARDED_SHARDS).unwrap();
+        let map = SlotMap::from_shards(RESHARDED_SHARDS, false).unwrap();
         assert_eq!(ports(&map), [17102, 17100, 17101]);
         assert_eq!(port_of_slot(&map, 4), Some(17102));
         assert_eq!(port_of_slot(&map, 5), Some(17100));
@@ -459,7 +487,7 @@ mod tests {
     #[test]
     fn after_a_failover_the_promoted_replica_is_the_master() {
         // 17101 was killed; its replica 17104 took over. SHARDS still lists 17101, failed.
-        let map = SlotMap::from_shards(FAILOVER_SHARDS).unwrap();
+        let map = SlotMap::from_shards(FAILOVER_SHARDS, false).unwrap();
         assert_eq!(ports(&map), [17102, 17100, 17104]);
         assert_eq!(port_of_slot(&map, 5461), Some(17104));
         assert!(map.replicas(2).is_empty());
@@ -470,7 +498,7 @@ mod tests {
     #[test]
     fn during_a_failover_shards_leaves_the_failed_masters_slots_unassigned() {
         // 17100 was just killed and marked failed; no replica has taken over yet.
-        let map = SlotMap::from_shards(MID_FAILOVER_SHARDS).unwrap();
+        let map = SlotMap::from_shards(MID_FAILOVER_SHARDS, false).unwrap();
         assert_eq!(port_of_slot(&map, 5), None);
         assert_eq!(port_of_slot(&map, 5460), None);
         assert_eq!(map.unassigned(), 5456);
@@ -484,7 +512,7 @@ mod tests {
 
     #[test]
     fn hostnames_are_the_endpoint_when_preferred() {
-        let map = SlotMap::from_shards(HOSTNAMES_SHARDS).unwrap();
+        let map = SlotMap::from_shards(HOSTNAMES_SHARDS, false).unwrap();
         let hosts: Vec<&str> = map.masters().iter().map(|n| n.host.as_str()).collect();
         assert_eq!(
             hosts,
@@ -496,13 +524,13 @@ mod tests {
         );
         assert_eq!(map.unassigned(), 0);
         assert_eq!(SlotMap::from_slots(HOSTNAMES_SLOTS).unwrap(), map);
-        assert_eq!(SlotMap::from_shards(HOSTNAMES_SHARDS3).unwrap(), map);
+        assert_eq!(SlotMap::from_shards(HOSTNAMES_SHARDS3, false).unwrap(), map);
         assert_eq!(SlotMap::from_slots(HOSTNAMES_SLOTS3).unwrap(), map);
     }
 
     #[test]
     fn debug_shows_slot_ranges() {
-        let map = SlotMap::from_shards(MID_FAILOVER_SHARDS).unwrap();
+        let map = SlotMap::from_shards(MID_FAILOVER_SHARDS, false).unwrap();
         let text = format!("{map:?}");
         assert!(
             text.contains(r#"owner: ["0-4:0", "5-5460:-", "5461-10922:1", "10923-16383:0"]"#),
@@ -513,7 +541,10 @@ mod tests {
     #[test]
     fn an_error_reply_is_reported_for_the_fallback() {
         assert_eq!(
-            SlotMap::from_shards(b"-ERR unknown subcommand 'shards'. Try CLUSTER HELP.\r\n"),
+            SlotMap::from_shards(
+                b"-ERR unknown subcommand 'shards'. Try CLUSTER HELP.\r\n",
+                false
+            ),
             Err(TopologyError::ErrorReply(
                 "ERR unknown subcommand 'shards'. Try CLUSTER HELP.".into()
             ))
@@ -523,7 +554,7 @@ mod tests {
     #[test]
     fn an_empty_cluster_has_every_slot_unassigned() {
         for map in [
-            SlotMap::from_shards(b"*0\r\n"),
+            SlotMap::from_shards(b"*0\r\n", false),
             SlotMap::from_slots(b"*0\r\n"),
         ] {
             let map = map.unwrap();
@@ -575,14 +606,14 @@ mod tests {
         ];
         for reply in shards {
             assert!(
-                SlotMap::from_shards(reply).is_err(),
+                SlotMap::from_shards(reply, false).is_err(),
                 "{}",
                 String::from_utf8_lossy(reply)
             );
         }
         // Truncated captures never panic.
         for end in 0..HEALTHY_SHARDS.len() {
-            assert!(SlotMap::from_shards(&HEALTHY_SHARDS[..end]).is_err());
+            assert!(SlotMap::from_shards(&HEALTHY_SHARDS[..end], false).is_err());
         }
         for end in 0..HEALTHY_SLOTS.len() {
             assert!(SlotMap::from_slots(&HEALTHY_SLOTS[..end]).is_err());

@@ -283,8 +283,9 @@ impl Config {
         if upstream.endpoint().db >= upstream.databases {
             return fail("upstream.db", "must be below upstream.databases");
         }
-        if upstream.address.address == Address::Embedded {
-            let endpoint = upstream.endpoint();
+        // The endpoint, not `address`: in front of a cluster, `address` keeps its default.
+        let endpoint = upstream.endpoint();
+        if endpoint.address == Address::Embedded {
             if endpoint.username.is_some() {
                 return fail("upstream.username", "the embedded upstream has no users");
             }

@@ -913,6 +913,11 @@ mod tests {
         assert!(config
             .summary()
             .contains("cluster, seeds 127.0.0.1:7000, 127.0.0.1:7001"));
+        // A login for every node: `address` keeps its default (embedded), which has no users.
+        let login =
+            "[upstream]\ncluster = [\"127.0.0.1:7000\"]\nusername = \"u\"\npassword = \"p\"\n";
+        let config = load_text(login, &Overrides::default()).unwrap();
+        assert_eq!(config.upstream.endpoint().username.as_deref(), Some("u"));
         let both = "[upstream]\naddress = \"127.0.0.1:1\"\ncluster = [\"127.0.0.1:7000\"]\n";
         let err = load_text(both, &Overrides::default())
             .unwrap_err()

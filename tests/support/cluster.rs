@@ -13,7 +13,7 @@ use std::{
 
 use redmux::resp::{encode_command, ReplyScanner};
 
-use super::{answers_ping, free_port, Deadline};
+use super::{answers_ping, free_port, tls::Certs, Deadline};
 
 /// Masters, and replicas of each, in the cluster [`Cluster::start`] creates.
 pub(crate) const MASTERS: usize = 3;
@@ -22,8 +22,19 @@ pub(crate) const NODES: usize = MASTERS * 2;
 /// One redis-server of the cluster.
 struct Node {
     port: u16,
+    /// Its TLS port, in a cluster started by [`Cluster::start_tls`].
+    tls_port: Option<u16>,
     /// `None` once killed.
     child: Option<Child>,
+}
+
+/// What every node of a cluster is started with besides the defaults.
+#[derive(Default)]
+struct Options<'a> {
+    /// TLS on a port of its own (the plaintext port stays open, for the test's own
+    /// connections and redis-cli), on the cluster bus and for replication.
+    tls: Option<&'a Certs>,
+    extra: &'a [&'a str],
 }
 
 /// Six redis-server processes in cluster mode, joined by `redis-cli --cluster create` into
@@ -39,8 +50,22 @@ impl Cluster {
     /// Starts the nodes, creates the cluster and waits until every node reports
     /// `cluster_state:ok` with all 16384 slots served.
     pub(crate) fn start() -> Cluster {
+        Self::start_with(&Options::default())
+    }
+
+    /// [`Cluster::start`], each node also speaking TLS with `certs` on a port of its own
+    /// (see [`Cluster::tls_ports`]), on its bus and for replication, and started with
+    /// `extra` arguments.
+    pub(crate) fn start_tls(certs: &Certs, extra: &[&str]) -> Cluster {
+        Self::start_with(&Options {
+            tls: Some(certs),
+            extra,
+        })
+    }
+
+    fn start_with(options: &Options<'_>) -> Cluster {
         for _ in 0..5 {
-            if let Some(cluster) = Self::try_start() {
+            if let Some(cluster) = Self::try_start(options) {
                 cluster.wait_ok();
                 return cluster;
             }
@@ -49,7 +74,7 @@ impl Cluster {
     }
 
     /// `None` if a node could not start (its port was taken meanwhile).
-    fn try_start() -> Option<Cluster> {
+    fn try_start(options: &Options<'_>) -> Option<Cluster> {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut cluster = Cluster {
             nodes: Vec::new(),
@@ -61,9 +86,11 @@ impl Cluster {
             let (port, bus) = (free_port(), free_port());
             let node_dir = cluster._dir.path().join(port.to_string());
             std::fs::create_dir(&node_dir).expect("node dir");
-            let child = spawn_node(port, bus, &node_dir);
+            let tls_port = options.tls.map(|_| free_port());
+            let child = spawn_node(port, bus, &node_dir, tls_port, options);
             cluster.nodes.push(Node {
                 port,
+                tls_port,
                 child: Some(child),
             });
         }
@@ -77,10 +104,21 @@ impl Cluster {
                 deadline.next_try_blocking(format!("cluster node {} to answer", node.port));
             }
         }
-        let status = Command::new("redis-cli")
+        // A TLS cluster meets on its TLS ports: nodes announce those to each other.
+        let mut create = Command::new("redis-cli");
+        let mut addrs = cluster.addrs();
+        if let Some(certs) = options.tls {
+            create.args(["--tls", "--cacert", &certs.ca.display().to_string()]);
+            addrs = cluster
+                .tls_ports()
+                .iter()
+                .map(|port| format!("127.0.0.1:{port}"))
+                .collect();
+        }
+        let status = create
             .arg("--cluster")
             .arg("create")
-            .args(cluster.addrs())
+            .args(addrs)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -95,6 +133,14 @@ impl Cluster {
         self.nodes
             .iter()
             .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect()
+    }
+
+    /// The TLS port of each node, in the order of [`Cluster::addrs`].
+    pub(crate) fn tls_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .map(|node| node.tls_port.expect("a cluster started with TLS"))
             .collect()
     }
 
@@ -268,9 +314,37 @@ impl Drop for Cluster {
     }
 }
 
-fn spawn_node(port: u16, bus: u16, dir: &Path) -> Child {
+fn spawn_node(
+    port: u16,
+    bus: u16,
+    dir: &Path,
+    tls_port: Option<u16>,
+    options: &Options<'_>,
+) -> Child {
+    let mut tls = Vec::new();
+    if let (Some(certs), Some(tls_port)) = (options.tls, tls_port) {
+        let file = |path: &Path| path.display().to_string();
+        tls = vec![
+            "--tls-port".to_string(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            file(&certs.server_cert),
+            "--tls-key-file".into(),
+            file(&certs.server_key),
+            "--tls-ca-cert-file".into(),
+            file(&certs.ca),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--tls-cluster".into(),
+            "yes".into(),
+            "--tls-replication".into(),
+            "yes".into(),
+        ];
+    }
     Command::new("redis-server")
         .args(["--port", &port.to_string()])
+        .args(tls)
+        .args(options.extra)
         .args(["--cluster-enabled", "yes"])
         .args(["--cluster-port", &bus.to_string()])
         .args([

@@ -37,22 +37,29 @@ impl Certs {
         let ca_key = KeyPair::generate().expect("CA key");
         let ca_pem = ca.self_signed(&ca_key).expect("CA certificate").pem();
         let issuer = Issuer::new(ca, ca_key);
-        let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let leaf = |names: Vec<String>, usage: Vec<ExtendedKeyUsagePurpose>| {
             let mut params = CertificateParams::new(names).expect("leaf params");
             params
                 .distinguished_name
                 .push(DnType::CommonName, "redmux test");
-            params.extended_key_usages = vec![usage];
+            params.extended_key_usages = usage;
             let key = KeyPair::generate().expect("leaf key");
             let cert = params.signed_by(&key, &issuer).expect("leaf certificate");
             (cert.pem(), key.serialize_pem())
         };
+        // The server's may serve as a client's too: a node of a TLS cluster presents it to
+        // the others on the cluster bus and for replication.
         let (server_cert, server_key) = leaf(
             vec!["localhost".into(), "127.0.0.1".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
         );
-        let (client_cert, client_key) =
-            leaf(vec!["client".into()], ExtendedKeyUsagePurpose::ClientAuth);
+        let (client_cert, client_key) = leaf(
+            vec!["client".into()],
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        );
         Certs {
             ca: write("ca.pem", ca_pem),
             server_cert: write("server.pem", server_cert),

@@ -242,7 +242,8 @@ impl Cluster {
         let (mut reader, mut writer) = connect::connect(&dial, setup, timeout).await?;
         let request_timeout = self.timeouts.request;
         let shards = ask(&mut reader, &mut writer, b"SHARDS", request_timeout).await?;
-        match SlotMap::from_shards(&shards) {
+        let tls = matches!(dial.address, Address::Tcp { tls: true, .. });
+        match SlotMap::from_shards(&shards, tls) {
             Err(TopologyError::ErrorReply(_)) => {}
             other => return Ok(other?),
         }
