@@ -416,7 +416,7 @@ async fn max_ttl_max_memory_and_prefixes_hold() {
     assert!(cache["hits"].as_u64().unwrap() > 100, "{cache}");
     assert!(cache["hit_rate"].as_f64().unwrap() > 0.0, "{cache}");
     assert_eq!(cache["up"], true);
-    let metrics = http_get(redmux.metrics.unwrap(), "/metrics").await;
+    let metrics = support::http_get(redmux.metrics.unwrap(), "/metrics").await;
     for series in [
         "redmux_cache_hits_total ",
         "redmux_cache_misses_total ",
@@ -584,18 +584,6 @@ async fn a_reload_turns_the_cache_on_and_off_for_connected_clients() {
     assert_eq!(redis_calls(&redis, "get"), before + 2, "off again");
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body.split_once("\r\n\r\n").unwrap().1.to_owned()
-}
-
 async fn status(redmux: &Redmux) -> serde_json::Value {
-    serde_json::from_str(&http_get(redmux.metrics.unwrap(), "/status").await).unwrap()
+    serde_json::from_str(&support::http_get(redmux.metrics.unwrap(), "/status").await).unwrap()
 }

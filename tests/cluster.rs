@@ -814,10 +814,171 @@ async fn pubsub_reaches_subscribers_and_shard_messages_their_shard() {
         let message = direct.next();
         assert_eq!(message.items()[2], Resp::Bulk(b"m".to_vec()));
     }
+}
+
+/// A shard channel subscription frame, as Redis sends it in RESP2.
+fn shard_frame(verb: &str, channel: &str, count: usize) -> String {
+    format!(
+        "*3\r\n${}\r\n{verb}\r\n${}\r\n{channel}\r\n:{count}\r\n",
+        verb.len(),
+        channel.len()
+    )
+}
+
+fn smessage(channel: &str, message: &str) -> String {
+    format!(
+        "*3\r\n$8\r\nsmessage\r\n${}\r\n{channel}\r\n${}\r\n{message}\r\n",
+        channel.len(),
+        message.len()
+    )
+}
+
+/// SSUBSCRIBE goes to the master of the channel's slot, each master's channels through a
+/// subscriber connection of redmux's to that master: messages SPUBLISHed there arrive,
+/// whether sent through redmux or to the master directly; counts are the client's own, as
+/// on a connection of its own; channels across slots get Redis Cluster's CROSSSLOT; and
+/// SUNSUBSCRIBE leaves Redis subscribed to nothing.
+#[tokio::test]
+async fn ssubscribe_reaches_the_master_of_each_channel() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut subscriber = redmux.raw().await;
+    let mut publisher = redmux.raw().await;
+    let channels = keys("ssub", 6);
+    let owners: BTreeSet<u16> = channels.iter().map(|c| owner(&cluster, c)).collect();
+    assert_eq!(owners.len(), 3, "the channels spread over every master");
+    for (i, channel) in channels.iter().enumerate() {
+        assert_eq!(
+            subscriber.call(&["SSUBSCRIBE", channel]).await,
+            shard_frame("ssubscribe", channel, i + 1)
+        );
+    }
     assert_eq!(
-        publisher.call(&["SSUBSCRIBE", "shard:0"]).await,
-        "-ERR redmux: SSUBSCRIBE is not supported in front of a cluster yet\r\n"
+        subscriber.call(&["SSUBSCRIBE", "ssub:0", "ssub:1"]).await,
+        "-CROSSSLOT Keys in request don't hash to the same slot\r\n"
     );
+    for channel in &channels {
+        // Subscribed on the owner itself: it counts one subscriber, redmux's connection.
+        let at = at_owner(&cluster, channel).query(&["SPUBLISH", channel, "direct"]);
+        assert_eq!(at, Resp::Int(1), "{channel}");
+        assert_eq!(subscriber.reply_str().await, smessage(channel, "direct"));
+        assert_eq!(
+            publisher.call(&["SPUBLISH", channel, "via"]).await,
+            ":1\r\n"
+        );
+        assert_eq!(subscriber.reply_str().await, smessage(channel, "via"));
+    }
+    // Every channel goes, each master's in a run; the count falls to 0.
+    subscriber.send(cmd(&["SUNSUBSCRIBE"])).await;
+    let mut gone = BTreeSet::new();
+    for left in (0..channels.len()).rev() {
+        let frame = parse(&subscriber.reply().await);
+        assert_eq!(frame.items()[0], Resp::Bulk(b"sunsubscribe".to_vec()));
+        assert_eq!(frame.items()[2], Resp::Int(left as i64));
+        gone.insert(frame.items()[1].text());
+    }
+    assert_eq!(gone, channels.iter().cloned().collect());
+    // Out of subscribed mode, and Redis holds none of them any more: the reply waited for
+    // every shard hub.
+    assert_eq!(subscriber.call(&["PING"]).await, "+PONG\r\n");
+    for channel in &channels {
+        let count = at_owner(&cluster, channel).query(&["PUBSUB", "SHARDNUMSUB", channel]);
+        assert_eq!(count.items()[1], Resp::Int(0), "{channel}");
+    }
+    // RESP3: confirmations and messages are pushes.
+    let mut resp3 = redmux.raw().await;
+    resp3.call(&["HELLO", "3"]).await;
+    let channel = &channels[0];
+    assert_eq!(
+        resp3.call(&["SSUBSCRIBE", channel]).await,
+        shard_frame("ssubscribe", channel, 1).replacen('*', ">", 1)
+    );
+    publisher.call(&["SPUBLISH", channel, "m"]).await;
+    assert_eq!(
+        resp3.reply_str().await,
+        smessage(channel, "m").replacen('*', ">", 1)
+    );
+}
+
+/// When a shard channel's slot moves to another master, Redis 7 drops its subscribers with a
+/// `sunsubscribe` frame; a client of redmux gets the same frame as a client of that master,
+/// and subscribing again reaches the new owner. When redmux's connection to a master is lost
+/// (here killed by CLIENT KILL), its clients hear each of their channels there dropped the
+/// same way, and may subscribe again.
+#[tokio::test]
+async fn a_shard_channel_whose_slot_moves_is_dropped_as_redis_drops_it() {
+    let cluster = Cluster::start();
+    let redmux = start(&cluster).await;
+    let mut subscriber = redmux.raw().await;
+    let mut publisher = redmux.raw().await;
+    let channel = "moving";
+    let from = owner(&cluster, channel);
+    let to = *cluster.masters().iter().find(|&&p| p != from).unwrap();
+    // A channel on a master the kill below leaves alone.
+    let kept = &keys("staying", 16)
+        .into_iter()
+        .find(|name| owner(&cluster, name) != to)
+        .unwrap();
+    let mut direct = Conn::connect(from);
+    direct.query(&["SSUBSCRIBE", channel]);
+    assert_eq!(
+        subscriber.call(&["SSUBSCRIBE", kept]).await,
+        shard_frame("ssubscribe", kept, 1)
+    );
+    assert_eq!(
+        subscriber.call(&["SSUBSCRIBE", channel]).await,
+        shard_frame("ssubscribe", channel, 2)
+    );
+
+    cluster.move_slot(slot(channel.as_bytes()), from, to);
+    // Redis's frame to its own subscriber, and redmux's to its client: the same but for
+    // the count, which is each client's own.
+    let told = direct.next();
+    assert_eq!(told.items()[0], Resp::Bulk(b"sunsubscribe".to_vec()));
+    assert_eq!(told.items()[1], Resp::Bulk(channel.as_bytes().to_vec()));
+    assert_eq!(
+        subscriber.reply_str().await,
+        shard_frame("sunsubscribe", channel, 1)
+    );
+    // Subscribing again reaches the new owner, once redmux has read the map that names it.
+    let deadline = support::Deadline::new();
+    loop {
+        let reply = subscriber.call(&["SSUBSCRIBE", channel]).await;
+        if reply == shard_frame("ssubscribe", channel, 2) {
+            break;
+        }
+        assert_eq!(
+            reply,
+            "-ERR redmux: the shard channel's slot moved to another master; subscribe again\r\n"
+        );
+        deadline
+            .next_try("subscribing on the slot's new master")
+            .await;
+    }
+    assert_eq!(
+        Conn::connect(to).query(&["SPUBLISH", channel, "there"]),
+        Resp::Int(1)
+    );
+    assert_eq!(subscriber.reply_str().await, smessage(channel, "there"));
+    assert_eq!(publisher.call(&["SPUBLISH", kept, "still"]).await, ":1\r\n");
+    assert_eq!(subscriber.reply_str().await, smessage(kept, "still"));
+
+    // redmux's subscriber connection to the new owner is killed.
+    let killed = Conn::connect(to).query(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_eq!(killed, Resp::Int(1));
+    assert_eq!(
+        subscriber.reply_str().await,
+        shard_frame("sunsubscribe", channel, 1)
+    );
+    assert_eq!(
+        subscriber.call(&["SSUBSCRIBE", channel]).await,
+        shard_frame("ssubscribe", channel, 2)
+    );
+    publisher.call(&["SPUBLISH", channel, "again"]).await;
+    assert_eq!(subscriber.reply_str().await, smessage(channel, "again"));
+    // The other master's channel was never touched.
+    publisher.call(&["SPUBLISH", kept, "still"]).await;
+    assert_eq!(subscriber.reply_str().await, smessage(kept, "still"));
 }
 
 /// A cluster that speaks TLS (its plaintext ports left open, as during a move to TLS) and
@@ -874,4 +1035,63 @@ async fn tls_and_the_login_apply_to_every_node() {
             );
         }
     }
+}
+
+/// `/status` shows the slot map (its masters in slot order, no unassigned slot) and the node
+/// each upstream connection goes to; `/metrics` has a series per node, labelled `host:port`,
+/// and counts the shard channels of every master's shard hub.
+#[tokio::test]
+async fn status_and_metrics_show_the_map_and_each_node() {
+    let cluster = shared();
+    let mut config = config(&cluster);
+    config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    let redmux = Redmux::start_with(config).await;
+    let admin = redmux.metrics.expect("the admin endpoint is bound");
+    let mut client = redmux.raw().await;
+    for key in keys("observed", 12) {
+        assert_eq!(client.call(&["SET", &key, "v"]).await, "+OK\r\n");
+    }
+    let mut subscriber = redmux.raw().await;
+    subscriber.call(&["SSUBSCRIBE", "observed:0"]).await;
+    subscriber.call(&["SSUBSCRIBE", "observed:1"]).await;
+
+    let status: serde_json::Value =
+        serde_json::from_str(&support::http_get(admin, "/status").await).unwrap();
+    let map = &status["cluster"];
+    let masters: BTreeSet<String> = map["masters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_owned())
+        .collect();
+    let expected: BTreeSet<String> = cluster
+        .masters()
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    assert_eq!(masters, expected, "{map}");
+    assert_eq!(map["unassigned_slots"], 0, "{map}");
+    let nodes: BTreeSet<String> = status["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|actor| actor["node"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(nodes, expected, "every master has a connection");
+
+    let metrics = support::http_get(admin, "/metrics").await;
+    for node in &expected {
+        let series = format!("redmux_cluster_node_connections{{node=\"{node}\"}} ");
+        let line = metrics.lines().find(|line| line.starts_with(&series));
+        let open: u64 = line
+            .and_then(|line| line[series.len()..].parse().ok())
+            .unwrap_or_else(|| panic!("{series} in {metrics}"));
+        assert!(open >= 1, "{series}{open}");
+        let series = format!("redmux_cluster_node_in_flight_requests{{node=\"{node}\"}} 0");
+        assert!(metrics.contains(&series), "{series}");
+    }
+    assert!(
+        metrics.contains("redmux_pubsub_subscriptions{kind=\"shard\"} 2"),
+        "{metrics}"
+    );
 }

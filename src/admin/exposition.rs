@@ -1,7 +1,7 @@
 //! The Prometheus exposition: redmux's counters ([`Metrics::counters`]) and the upstream side
 //! as it is at scrape time ([`Snapshot`]), in Prometheus's text format.
 
-use std::{fmt, time::SystemTime};
+use std::{collections::BTreeMap, fmt, time::SystemTime};
 
 use prometheus_client::{
     collector::Collector,
@@ -175,6 +175,7 @@ impl Collector for Exposition {
             "upstream.max_pinned.",
             up.pinned.max as u64,
         )?;
+        encode_nodes(&mut encoder, up)?;
         family(
             &mut encoder,
             "redmux_pubsub_subscriptions",
@@ -197,6 +198,45 @@ impl Collector for Exposition {
             None => Ok(()),
         }
     }
+}
+
+/// In front of a cluster, the upstream side by node (`host:port` of each node redmux has a
+/// connection to, so bounded by the cluster's size): connections open, requests in flight and
+/// requests queued.
+fn encode_nodes(encoder: &mut DescriptorEncoder, up: &Snapshot) -> Result<(), fmt::Error> {
+    let mut nodes: BTreeMap<&str, [u64; 3]> = BTreeMap::new();
+    for actor in &up.actors {
+        if let Some(node) = &actor.node {
+            let figures = nodes.entry(node).or_default();
+            figures[0] += u64::from(actor.connected);
+            figures[1] += actor.in_flight;
+            figures[2] += actor.queued;
+        }
+    }
+    if nodes.is_empty() {
+        return Ok(());
+    }
+    let families = [
+        (
+            "redmux_cluster_node_connections",
+            "Upstream connections open now to each cluster node.",
+        ),
+        (
+            "redmux_cluster_node_in_flight_requests",
+            "Requests written to each cluster node and not answered yet.",
+        ),
+        (
+            "redmux_cluster_node_queued_requests",
+            "Requests held for a connection to each cluster node that is not up yet.",
+        ),
+    ];
+    for (i, (name, help)) in families.into_iter().enumerate() {
+        let series = nodes
+            .iter()
+            .map(|(node, figures)| (*node, ConstGauge::new(figures[i])));
+        family(encoder, name, help, "node", series)?;
+    }
+    Ok(())
 }
 
 /// The near cache's series (only while `cache.enabled`).

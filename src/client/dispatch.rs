@@ -438,14 +438,6 @@ impl State {
                 let suppress = self.take_suppress();
                 self.await_upstream(rx, Path::Monitor, suppress);
             }
-            // Shard channels live on their shard's master: one subscriber connection per
-            // shard is not there yet (docs/cluster.md).
-            Action::PubSub {
-                kind: command::Namespace::Shard,
-                subscribe: true,
-            } if self.client.upstreams().is_cluster() => self.reply_locally(encode::error(
-                "redmux: SSUBSCRIBE is not supported in front of a cluster yet",
-            )),
             Action::PubSub { kind, subscribe } => {
                 // Confirmations are push output, never silenced, but a CLIENT REPLY SKIP is
                 // used up by this command as by any other.
@@ -527,7 +519,7 @@ impl State {
     /// answered. Nothing after it runs before that: it may change who the client is.
     pub(super) async fn check_auth(&mut self, auth: Bytes, request: Bytes) {
         let name = Args::new(&request).next().unwrap_or_default();
-        let refusal = if self.subs.hub.is_some() {
+        let refusal = if self.subs.has_hub() {
             Some("redmux: AUTH while subscribed is not supported")
         } else if matches!(self.tx, Tx::Watching(_)) && name.eq_ignore_ascii_case(b"hello") {
             Some("redmux: HELLO with AUTH while watching is not supported")

@@ -25,7 +25,7 @@ use super::{
     replies::{front_reply, Queues},
     settings::{Live, SessionConfig},
     state::ClientState,
-    subscriptions::{next_frame, Fed, Subscriptions},
+    subscriptions::{next_frame, next_message, Fed, Subscriptions},
     Pending, State, Tx, MAX_BATCH, OUTPUT_HIGH_WATER,
 };
 use crate::{
@@ -403,8 +403,8 @@ pub(super) fn burst<'a, S: Duplex>(
                 }
                 // Published messages and the MONITOR feed, queued behind the replies already owed,
                 // taken while the client is not too far behind; a cut-off is heard regardless.
-                frame = next_frame(this.subs.inbox.as_mut(), this.out_len < OUTPUT_HIGH_WATER), if this.subs.inbox.is_some() => match frame {
-                    Fed::Frame(bytes) => this.fed(bytes),
+                (hub, frame) = next_message(&mut this.subs, this.out_len < OUTPUT_HIGH_WATER), if this.subs.feeding() => match frame {
+                    Fed::Frame(bytes) => this.fed(bytes, hub),
                     Fed::Ended => {
                         debug!("pub/sub hub gone; closing");
                         break;
@@ -523,7 +523,7 @@ impl State {
             && self.pending.is_empty()
             && self.out.is_empty()
             && matches!(self.tx, Tx::None)
-            && self.subs.inbox.is_none()
+            && !self.subs.feeding()
             && !self.subs.active()
             && self.monitor.is_none()
     }
@@ -564,10 +564,7 @@ impl State {
         self.decoder.set_limits(self.config.limits);
         let limit = self.config.output_limit();
         self.budget.set_limit(limit);
-        for feed in [self.subs.inbox.as_ref(), self.monitor.as_deref()]
-            .into_iter()
-            .flatten()
-        {
+        for feed in self.subs.feeds().chain(self.monitor.as_deref()) {
             feed.queued.set_limit(limit);
         }
         self.decoder.set_unauthenticated(!self.client.authenticated);

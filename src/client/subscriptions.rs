@@ -3,7 +3,13 @@
 //! Also the PUBSUB counts redmux corrects so that they read as if every client had its own
 //! connection.
 
-use std::{collections::VecDeque, future::Future, pin::Pin, sync::Arc, task::Poll};
+use std::{
+    collections::{HashMap, VecDeque},
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
@@ -41,6 +47,15 @@ pub(super) struct Subscriptions {
 pub(super) struct Held {
     /// Channels, patterns and shard channels, in that order.
     kinds: [Names; 3],
+    /// In front of a cluster: the shard hubs of the masters the client's shard channels are
+    /// on, each with a feed of its own.
+    shards: Vec<ShardLink>,
+    /// In front of a cluster: the shard hub (its [`ShardLink::id`]) of each shard channel.
+    shard_of: HashMap<Bytes, u32>,
+    /// The id the next shard link gets.
+    next_shard: u32,
+    /// The feed [`next_message`] looks at first (0: the own hub's, then the shard links').
+    turn: usize,
     /// The (un)subscriptions the hub has not answered yet, oldest first. The hub answers them
     /// in the client's inbox in this order, each where the upstream stream gave its answer, so
     /// messages and confirmations reach the client in the order Redis would have sent them on
@@ -48,9 +63,77 @@ pub(super) struct Held {
     open: VecDeque<Open>,
 }
 
+/// The shard hub of one master, for a client's shard channels on it.
+#[derive(Debug)]
+struct ShardLink {
+    /// Its number, never 0 (the client's own hub): where its answers go (see [`Open::hub`]).
+    id: u32,
+    node: (String, u16),
+    hub: pubsub::PubSub,
+    feed: Feed,
+}
+
+/// An UNSUBSCRIBE's frames in runs, each run's names held on one hub (see
+/// [`State::unsubscribe`]).
+#[derive(Debug, Default)]
+struct HubRuns {
+    runs: Vec<HubRun>,
+}
+
+#[derive(Debug)]
+struct HubRun {
+    /// The hub of the names removed in this run; `None` while it has none.
+    hub: Option<u32>,
+    frames: Vec<u8>,
+    removed: Vec<Bytes>,
+}
+
+impl HubRuns {
+    /// Where the frame of a name goes: the last run, unless the name is held on a hub other
+    /// than that run's (`hub`: `None` for a name the client did not hold).
+    fn frame(&mut self, hub: Option<u32>) -> &mut Vec<u8> {
+        let last = match self.runs.pop() {
+            Some(last) if hub.is_none() || last.hub.is_none() || last.hub == hub => last,
+            other => {
+                self.runs.extend(other);
+                HubRun {
+                    hub: None,
+                    frames: Vec::new(),
+                    removed: Vec::new(),
+                }
+            }
+        };
+        self.runs.push(HubRun {
+            hub: last.hub.or(hub),
+            ..last
+        });
+        let at = self.runs.len() - 1;
+        &mut self.runs[at].frames
+    }
+
+    /// The last frame's name was held, and is removed.
+    fn removed(&mut self, name: Bytes) {
+        if let Some(last) = self.runs.last_mut() {
+            last.removed.push(name);
+        }
+    }
+
+    fn done(self) -> Vec<HubRun> {
+        self.runs
+    }
+}
+
+/// The hub of the client's channels and patterns (and of its shard channels without a
+/// cluster), in [`Open::hub`].
+const OWN_HUB: u32 = 0;
+
 /// An (un)subscription the hub has not answered yet.
 #[derive(Debug)]
 pub(super) struct Open {
+    /// The hub that answers it: [`OWN_HUB`], or a shard link's id. Each hub answers its
+    /// client's requests in order; the reply queue puts the answers of different hubs back in
+    /// the order the client sent them.
+    hub: u32,
     /// Completes the request's reply slot.
     reply: oneshot::Sender<Reply>,
     /// Messages Redis sent before its answer: they go out ahead of it. Charged to the output
@@ -158,28 +241,68 @@ pub(super) fn next_frame(
     mut feed: Option<&mut Feed>,
     room: bool,
 ) -> impl Future<Output = Fed> + '_ {
+    std::future::poll_fn(move |cx| match feed.as_deref_mut() {
+        Some(feed) => feed.poll_next(cx, room),
+        None => Poll::Pending,
+    })
+}
+
+/// [`next_frame`] of every hub feed of the client: its own hub's and its shard links', with
+/// the hub it came from (see [`Open::hub`]). The feeds take turns: a busy one does not keep
+/// the others waiting until they pass their output limit.
+pub(super) fn next_message(
+    subs: &mut Subscriptions,
+    room: bool,
+) -> impl Future<Output = (u32, Fed)> + '_ {
     std::future::poll_fn(move |cx| {
-        let Some(feed) = feed.as_deref_mut() else {
-            return Poll::Pending;
+        let Subscriptions { held, inbox, .. } = &mut *subs;
+        let Some(held) = held.as_deref_mut().filter(|held| !held.shards.is_empty()) else {
+            return match inbox {
+                Some(feed) => feed.poll_next(cx, room).map(|fed| (OWN_HUB, fed)),
+                None => Poll::Pending,
+            };
         };
-        if let Some(cut) = &mut feed.cut {
+        let feeds = 1 + held.shards.len();
+        for i in 0..feeds {
+            let at = (held.turn + i) % feeds;
+            let polled = match at.checked_sub(1) {
+                None => inbox
+                    .as_mut()
+                    .map(|feed| (OWN_HUB, feed.poll_next(cx, room))),
+                Some(at) => held
+                    .shards
+                    .get_mut(at)
+                    .map(|link| (link.id, link.feed.poll_next(cx, room))),
+            };
+            if let Some((hub, Poll::Ready(fed))) = polled {
+                held.turn = at + 1;
+                return Poll::Ready((hub, fed));
+            }
+        }
+        Poll::Pending
+    })
+}
+
+impl Feed {
+    fn poll_next(&mut self, cx: &mut Context<'_>, room: bool) -> Poll<Fed> {
+        if let Some(cut) = &mut self.cut {
             match Pin::new(cut).poll(cx) {
                 Poll::Ready(Ok(())) => return Poll::Ready(Fed::CutOff),
-                Poll::Ready(Err(_)) => feed.cut = None,
+                Poll::Ready(Err(_)) => self.cut = None,
                 Poll::Pending => {}
             }
         }
         if !room {
             return Poll::Pending;
         }
-        feed.rx.poll_recv(cx).map(|frame| match frame {
+        self.rx.poll_recv(cx).map(|frame| match frame {
             Some(frame) => {
-                feed.queued.refund(frame.len());
+                self.queued.refund(frame.len());
                 Fed::Frame(frame)
             }
             None => Fed::Ended,
         })
-    })
+    }
 }
 
 /// Where a kind's names are in `Subscriptions::kinds`.
@@ -253,6 +376,49 @@ pub(super) fn as_push(frame: Bytes) -> Bytes {
     push.freeze()
 }
 
+impl Subscriptions {
+    /// Whether a hub feeds the client: a session with a feed cannot park.
+    pub(super) fn feeding(&self) -> bool {
+        self.inbox.is_some() || self.held.as_ref().is_some_and(|h| !h.shards.is_empty())
+    }
+
+    /// Whether the client is known to any hub.
+    pub(super) fn has_hub(&self) -> bool {
+        self.hub.is_some() || self.held.as_ref().is_some_and(|h| !h.shards.is_empty())
+    }
+
+    /// Every feed of the client's hubs.
+    pub(super) fn feeds(&self) -> impl Iterator<Item = &Feed> {
+        let shards = self.held.iter().flat_map(|held| &held.shards);
+        self.inbox.iter().chain(shards.map(|link| &link.feed))
+    }
+
+    /// Every hub the client is known to; leaves the client with none.
+    fn take_hubs(&mut self) -> Vec<pubsub::PubSub> {
+        let shards = self.held.as_mut().map(|h| std::mem::take(&mut h.shards));
+        let shards = shards.into_iter().flatten().map(|link| link.hub);
+        self.hub.take().into_iter().chain(shards).collect()
+    }
+
+    /// The hub numbered `id` (see [`Open::hub`]).
+    fn hub_of(&self, id: u32) -> Option<pubsub::PubSub> {
+        if id == OWN_HUB {
+            return self.hub.clone();
+        }
+        let held = self.held.as_ref()?;
+        let link = held.shards.iter().find(|link| link.id == id)?;
+        Some(link.hub.clone())
+    }
+
+    /// The number of the hub that holds shard channel `name` (the client's own hub without a
+    /// cluster), forgetting it.
+    fn take_shard_of(&mut self, name: &[u8]) -> u32 {
+        let held = self.held.as_mut();
+        held.and_then(|held| held.shard_of.remove(name))
+            .unwrap_or(OWN_HUB)
+    }
+}
+
 impl State {
     /// (P|S)SUBSCRIBE: a confirmation per name with this client's count, sent when the hub
     /// answers (see [`State::open_slot`]). Push output: CLIENT REPLY OFF does not silence it.
@@ -262,6 +428,16 @@ impl State {
     /// Constant work per name, and a long list gives the runtime back its thread now and then:
     /// one request may name a million channels, and other clients must not wait for it.
     pub(super) async fn subscribe(&mut self, kind: command::Namespace, names: Vec<Bytes>) {
+        let node = match self.shard_node(kind, &names) {
+            Ok(node) => node,
+            Err(error) => {
+                self.owe();
+                return self.pending.push_back(Pending::Local {
+                    bytes: error,
+                    count: 1,
+                });
+            }
+        };
         let verb = kind.command(true);
         let mut confirmation = Vec::new();
         let mut added = Vec::new();
@@ -286,6 +462,20 @@ impl State {
             });
             return;
         }
+        let new: Vec<Bytes> = added.iter().map(|(name, _)| name.clone()).collect();
+        let (id, hub, inbox) = match node {
+            Some(node) => self.shard_link(node, &new),
+            None => self.own_hub(),
+        };
+        hub.subscribe(self.client.id, kind, new, inbox).await;
+        self.open_slot(confirmation, kind, added, id, 1);
+        if self.client.identity().is_some() {
+            self.sync = true;
+        }
+    }
+
+    /// The client's own hub, with an inbox for it when the client has no feed from it.
+    fn own_hub(&mut self) -> (u32, pubsub::PubSub, Option<pubsub::Inbox>) {
         let inbox = match self.subs.inbox {
             Some(_) => None,
             None => {
@@ -302,11 +492,66 @@ impl State {
                 hub
             }
         };
-        let new = added.iter().map(|(name, _)| name.clone()).collect();
-        hub.subscribe(self.client.id, kind, new, inbox).await;
-        self.open_slot(confirmation, kind, added);
-        if self.client.identity().is_some() {
-            self.sync = true;
+        (OWN_HUB, hub, inbox)
+    }
+
+    /// The shard hub of master `node` for shard channels `names`, with an inbox for it when
+    /// the client has none from it yet.
+    fn shard_link(
+        &mut self,
+        node: (String, u16),
+        names: &[Bytes],
+    ) -> (u32, pubsub::PubSub, Option<pubsub::Inbox>) {
+        let limit = self.config.output_limit();
+        let identity = self.client.identity();
+        let hubs = self.client.hubs().clone();
+        let held = self.subs.held();
+        let (id, hub, inbox) = match held.shards.iter().find(|link| link.node == node) {
+            Some(link) => (link.id, link.hub.clone(), None),
+            None => {
+                held.next_shard += 1;
+                let id = held.next_shard;
+                let hub = hubs.shard(identity.as_ref(), &node.0, node.1);
+                let (feed, inbox) = Feed::new(limit);
+                let link = ShardLink {
+                    id,
+                    node,
+                    hub: hub.clone(),
+                    feed,
+                };
+                held.shards.push(link);
+                (id, hub, Some(inbox))
+            }
+        };
+        for name in names {
+            held.shard_of.insert(name.clone(), id);
+        }
+        (id, hub, inbox)
+    }
+
+    /// In front of a cluster, the master whose shard hub takes a SSUBSCRIBE or SUNSUBSCRIBE
+    /// of `names`: that of their slot now (`None` for other kinds, without a cluster, or for
+    /// no names). Names that span slots get Redis Cluster's `-CROSSSLOT`; a slot no master
+    /// serves, its `-CLUSTERDOWN`.
+    fn shard_node(
+        &self,
+        kind: command::Namespace,
+        names: &[Bytes],
+    ) -> Result<Option<(String, u16)>, Bytes> {
+        let upstreams = self.client.upstreams();
+        if kind != command::Namespace::Shard || !upstreams.is_cluster() || names.is_empty() {
+            return Ok(None);
+        }
+        let slot = crate::cluster::slot::slot(&names[0]);
+        if names
+            .iter()
+            .any(|name| crate::cluster::slot::slot(name) != slot)
+        {
+            return Err(Bytes::from_static(crate::cluster::plan::CROSSSLOT));
+        }
+        match upstreams.master_of(slot) {
+            Some(node) => Ok(Some(node)),
+            None => Err(Bytes::from_static(b"-CLUSTERDOWN Hash slot not served\r\n")),
         }
     }
 
@@ -315,42 +560,81 @@ impl State {
     /// name, as for [`State::subscribe`]. When the client held any of them, the frames go
     /// once the hub has unsubscribed upstream what nobody else wants: a request of the client
     /// on another path waits for them (see [`Path`]), and so finds Redis's counts without the
-    /// subscriptions it dropped.
+    /// subscriptions it dropped. In front of a cluster a client's shard channels may be on
+    /// several shard hubs: the frames go in a run per hub, each once its hub has answered.
     pub(super) async fn unsubscribe(&mut self, kind: command::Namespace, names: Vec<Bytes>) {
+        if let Err(error) = self.shard_node(kind, &names) {
+            self.owe();
+            return self.pending.push_back(Pending::Local {
+                bytes: error,
+                count: 1,
+            });
+        }
         let verb = kind.command(false);
-        let mut reply = Vec::new();
-        let mut removed = Vec::new();
+        let shard = kind == command::Namespace::Shard;
+        let mut runs = HubRuns::default();
         if names.is_empty() {
-            removed = self.subs.names(kind).take_in_order();
+            let mut removed: Vec<(u32, Bytes)> = self
+                .subs
+                .names(kind)
+                .take_in_order()
+                .into_iter()
+                .map(|name| (OWN_HUB, name))
+                .collect();
+            if shard {
+                for (hub, name) in &mut removed {
+                    *hub = self.subs.take_shard_of(name);
+                }
+                // Redis answers in no set order: a run per hub.
+                removed.sort_by_key(|(hub, _)| *hub);
+            }
             // The count as each one goes: the others of the kind are still there.
             let left = self.subs.count(kind);
-            for (i, name) in removed.iter().enumerate() {
-                let count = left + removed.len() - 1 - i;
-                self.push_frame(&mut reply, verb, Some(name), count);
+            let total = removed.len();
+            for (i, (hub, name)) in removed.into_iter().enumerate() {
+                let count = left + total - 1 - i;
+                let frame = runs.frame(Some(hub));
+                self.push_frame(frame, verb, Some(&name), count);
+                runs.removed(name);
                 tokio::task::coop::consume_budget().await;
             }
-            if removed.is_empty() {
-                self.push_frame(&mut reply, verb, None, left);
+            if total == 0 {
+                self.push_frame(runs.frame(None), verb, None, left);
             }
         }
         for name in &names {
-            if let Some(name) = self.subs.names(kind).remove(name) {
-                removed.push(name);
-            }
+            let removed = self.subs.names(kind).remove(name);
+            let hub = match (&removed, shard) {
+                (Some(name), true) => Some(self.subs.take_shard_of(name)),
+                (Some(_), false) => Some(OWN_HUB),
+                (None, _) => None,
+            };
             let count = self.subs.count(kind);
-            self.push_frame(&mut reply, verb, Some(name), count);
+            self.push_frame(runs.frame(hub), verb, Some(name), count);
+            if let Some(name) = removed {
+                runs.removed(name);
+            }
             tokio::task::coop::consume_budget().await;
         }
         self.owe();
-        let reply = Bytes::from(reply);
-        match (removed.is_empty(), self.subs.hub.clone()) {
-            (false, Some(hub)) => {
-                hub.unsubscribe(self.client.id, kind, removed).await;
-                self.open_slot(reply, kind, Vec::new());
+        for (i, run) in runs.done().into_iter().enumerate() {
+            // The later runs complete the same reply: slots of no reply count of their own.
+            self.unsubscribe_run(kind, run, u32::from(i == 0)).await;
+        }
+    }
+
+    /// One hub's run of an UNSUBSCRIBE's frames, in a reply slot of `count` replies: sent when
+    /// that hub has answered, at once if the client held none of its names.
+    async fn unsubscribe_run(&mut self, kind: command::Namespace, run: HubRun, count: u32) {
+        let hub = run.hub.and_then(|id| Some((id, self.subs.hub_of(id)?)));
+        match hub {
+            Some((id, hub)) if !run.removed.is_empty() => {
+                hub.unsubscribe(self.client.id, kind, run.removed).await;
+                self.open_slot(Bytes::from(run.frames), kind, Vec::new(), id, count);
             }
             _ => self.pending.push_back(Pending::Local {
-                bytes: reply,
-                count: 1,
+                bytes: Bytes::from(run.frames),
+                count,
             }),
         }
     }
@@ -363,9 +647,12 @@ impl State {
         frames: Bytes,
         kind: command::Namespace,
         added: Vec<(Bytes, u64)>,
+        hub: u32,
+        count: u32,
     ) {
         let (reply, rx) = oneshot::channel();
         self.subs.held().open.push_back(Open {
+            hub,
             reply,
             before: Vec::new(),
             frames,
@@ -376,7 +663,7 @@ impl State {
         self.unresolved += 1;
         self.pending.push_back(Pending::Upstream {
             rx,
-            count: 1,
+            count,
             suppress: false,
             release: None,
             // The session charges what it puts in the reply itself.
@@ -387,12 +674,20 @@ impl State {
         });
     }
 
-    /// A frame from the hub: a message, or the answer to the oldest open (un)subscription.
-    /// A message that comes while one is open is one Redis sent before that answer, so it
-    /// goes out ahead of it.
-    pub(super) fn fed(&mut self, frame: Bytes) {
+    /// A frame from hub `hub`: a message, or the answer to the oldest (un)subscription that
+    /// hub has open. A message that comes while one is open is one Redis sent before that
+    /// answer, so it goes out ahead of it.
+    pub(super) fn fed(&mut self, frame: Bytes, hub: u32) {
         if pubsub::Delivery::of(&frame) != pubsub::Delivery::Message {
-            return self.answered(frame);
+            return self.answered(frame, hub);
+        }
+        let mut args = Args::new(&frame);
+        if args.next() == Some(b"sunsubscribe") {
+            if let Some(name) = args.next() {
+                let name = frame.slice_ref(name);
+                self.dropped(name, hub);
+            }
+            return;
         }
         if !self.subs.wants(&frame) {
             return;
@@ -404,6 +699,12 @@ impl State {
         } else {
             frame
         };
+        self.push_message(frame, hub);
+    }
+
+    /// Puts a frame the client did not ask for in its place: after the replies owed, ahead of
+    /// the oldest answer hub `hub` owes (or the oldest of any hub).
+    fn push_message(&mut self, frame: Bytes, hub: u32) {
         if !self.subs.owed() {
             return self.pending.push_back(Pending::Local {
                 bytes: frame,
@@ -413,40 +714,76 @@ impl State {
         if !self.budget.charge(frame.len()) {
             self.over_limit();
         }
-        if let Some(open) = self
-            .subs
-            .held
-            .as_mut()
-            .and_then(|held| held.open.front_mut())
-        {
-            open.before.push(frame);
+        if let Some(held) = self.subs.held.as_mut() {
+            let at = held.open.iter().position(|open| open.hub == hub);
+            if let Some(open) = held.open.get_mut(at.unwrap_or(0)) {
+                open.before.push(frame);
+            }
         }
     }
 
-    /// The hub answered the oldest open (un)subscription: done (an empty frame), or refused
-    /// with Redis's error, which the client gets instead of the confirmations, its state as if
-    /// the command never ran.
-    pub(super) fn answered(&mut self, answer: Bytes) {
+    /// Redis dropped shard channel `name` of hub `hub` on its own: the channel's slot left
+    /// the master, or the shard hub lost its connection. The client holds it no more, and
+    /// hears it as Redis 7 tells it: a `sunsubscribe` frame with its count.
+    fn dropped(&mut self, name: Bytes, hub: u32) {
+        let kind = command::Namespace::Shard;
+        let held = self.subs.held.as_mut();
+        let holds =
+            held.is_some_and(|held| held.shard_of.get(&name).copied().unwrap_or(OWN_HUB) == hub);
+        if !holds || self.subs.names(kind).remove(&name).is_none() {
+            return;
+        }
+        self.subs.take_shard_of(&name);
+        let mut frame = Vec::new();
+        let count = self.subs.count(kind);
+        self.push_frame(&mut frame, kind.command(false), Some(&name), count);
+        self.push_message(Bytes::from(frame), hub);
+        self.forget_hubs_if_idle();
+    }
+
+    /// Hub `hub` answered the oldest (un)subscription it has open: done (an empty frame), or
+    /// refused with Redis's error, which the client gets instead of the confirmations, its
+    /// state as if the command never ran.
+    pub(super) fn answered(&mut self, answer: Bytes, hub: u32) {
         let Some(held) = self.subs.held.as_mut() else {
             return;
         };
-        let Some(open) = held.open.pop_front() else {
+        let Some(at) = held.open.iter().position(|open| open.hub == hub) else {
             return;
         };
-        let refused = !answer.is_empty();
-        if refused {
+        let Some(open) = held.open.remove(at) else {
+            return;
+        };
+        let mut refused = (!answer.is_empty()).then_some(answer);
+        if let Some(error) = &refused {
             let names = &mut held.kinds[kind_index(open.kind)];
             for (name, at) in &open.added {
                 names.remove_added(name, *at);
+                if hub != OWN_HUB && !names.contains(name) {
+                    held.shard_of.remove(name);
+                }
+            }
+            if error.starts_with(b"-MOVED ") || error.starts_with(b"-ASK ") {
+                // The shard channel's slot moved before redmux read the map that says so.
+                self.client.upstreams().refresh_cluster();
+                refused = Some(encode::error(
+                    "redmux: the shard channel's slot moved to another master; subscribe again",
+                ));
             }
         }
-        self.finish_slot(open, refused.then_some(answer));
-        if !self.subs.active() && !self.subs.owed() {
-            // Nothing held, nothing owed: the hub forgets the client, which may park.
-            if let Some(hub) = std::mem::take(&mut self.subs).hub {
-                hub.forget(self.client.id);
-            }
+        self.finish_slot(open, refused);
+        self.forget_hubs_if_idle();
+    }
+
+    /// Nothing held, nothing owed: the hubs forget the client, which may park.
+    fn forget_hubs_if_idle(&mut self) {
+        if self.subs.active() || self.subs.owed() {
+            return;
         }
+        for hub in self.subs.take_hubs() {
+            hub.forget(self.client.id);
+        }
+        self.subs = Subscriptions::default();
     }
 
     /// Completes an open slot: the messages before it, then its frames or `error`.
@@ -481,25 +818,25 @@ impl State {
 
     /// Drops every subscription (the client leaving).
     pub(super) async fn leave_pubsub(&mut self) {
-        if let Some(hub) = std::mem::take(&mut self.subs).hub {
+        for hub in std::mem::take(&mut self.subs).take_hubs() {
             hub.leave(self.client.id).await;
         }
     }
 
-    /// RESET drops every subscription. What the hub has not answered yet is confirmed now,
+    /// RESET drops every subscription. What the hubs have not answered yet is confirmed now,
     /// as Redis would have before the RESET; the client's next request on another path waits
-    /// until the hub has unsubscribed upstream what nobody else wants (a reply slot of no
+    /// until each hub has unsubscribed upstream what nobody else wants (a reply slot of no
     /// reply of its own).
     pub(super) async fn reset_pubsub(&mut self) {
-        let Subscriptions { held, hub, .. } = std::mem::take(&mut self.subs);
-        for open in held.map(|held| held.open).unwrap_or_default() {
+        let mut subs = std::mem::take(&mut self.subs);
+        let hubs = subs.take_hubs();
+        for open in subs.held.map(|held| held.open).unwrap_or_default() {
             self.finish_slot(open, None);
         }
-        let Some(hub) = hub else {
-            return;
-        };
-        let rx = hub.reset(self.client.id).await;
-        self.await_replies(rx, Path::PubSub, 0, false, None);
+        for hub in hubs {
+            let rx = hub.reset(self.client.id).await;
+            self.await_replies(rx, Path::PubSub, 0, false, None);
+        }
     }
 
     /// Appends a 3-element subscription frame to `out`: RESP2 array or RESP3 push.

@@ -11,7 +11,7 @@ use tracing::warn;
 use super::{Answer, Hub, Key, Sent, Waiter};
 use crate::{
     command::Namespace,
-    resp::{Args, ReplyScanner},
+    resp::{encode_command, Args, ReplyScanner},
     upstream::{Replies, UpstreamError},
 };
 
@@ -59,6 +59,11 @@ impl Hub {
                 _ => continue,
             };
             let key = (kind, Bytes::copy_from_slice(name));
+            if kind == Namespace::Shard && !subscribe && !self.outbox.expects(&key) {
+                // Not an answer: the channel's slot left the node.
+                self.dropped(key).await;
+                continue;
+            }
             if subscribe {
                 if self.upstream.insert(key.clone()) {
                     self.registry.hub(&key, true);
@@ -73,6 +78,42 @@ impl Hub {
             self.answer_ready().await;
         }
         Ok(())
+    }
+
+    /// Redis dropped `key` without being asked (a shard channel whose slot left the node), or
+    /// a shard hub lost its connection. Each client that holds it live gets Redis's
+    /// `sunsubscribe` frame (its session puts its own count in) and holds it no more; a
+    /// subscription still waiting for Redis's answer gets that answer (a redirect, or a
+    /// confirmation on a node that owns the slot).
+    pub(super) async fn dropped(&mut self, key: Key) {
+        if self.upstream.remove(&key) {
+            self.registry.hub(&key, false);
+        }
+        let holders: Vec<u64> = self
+            .wanted
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter(|(_, pending)| pending.is_none())
+            .map(|(client, _)| *client)
+            .collect();
+        if holders.is_empty() {
+            return;
+        }
+        let notice = encode_command([key.0.command(false).as_bytes(), &key.1[..]]);
+        for client in holders {
+            consume_budget().await;
+            if let Some(entry) = self.clients.get_mut(&client) {
+                entry.subscriptions.remove(&key);
+                if !entry.inbox.queued.charge(notice.len())
+                    || entry.inbox.tx.send(notice.clone()).is_err()
+                {
+                    self.cut(client);
+                }
+            }
+            // Redis holds it no more: nothing to unsubscribe.
+            let _ = self.release_one(client, key.clone());
+        }
     }
 
     /// Redis has answered every name of a command.

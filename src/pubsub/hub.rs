@@ -22,13 +22,15 @@ use crate::{
     command::Namespace,
     report::Chain,
     resp::ReplyScanner,
-    upstream::{self, Dial, Reply, Setup, Timeouts},
+    upstream::{self, Dial, Reply, Setup, Timeouts, UpstreamError},
 };
 
 pub(super) struct Hub {
     pub(super) endpoint: Dial,
     pub(super) timeouts: Timeouts,
     pub(super) ping: bool,
+    /// A shard hub: what Redis drops is dropped for its clients too (see the module's doc).
+    pub(super) shard: bool,
     pub(super) rx: mpsc::Receiver<HubRequest>,
     /// Whether there is an upstream connection.
     pub(super) connected: bool,
@@ -217,6 +219,9 @@ impl Hub {
             self.registry.hub(&key, false);
             consume_budget().await;
         }
+        if self.shard {
+            self.drop_everything().await;
+        }
         self.active.clear();
         self.in_flight.clear();
         self.outbox = Outbox::default();
@@ -229,6 +234,26 @@ impl Hub {
         self.answer_ready().await;
         self.drop_cut_off().await;
         self.publish_counts();
+    }
+
+    /// A shard hub lost its connection: the node may have failed over, or its slots moved, so
+    /// nothing is subscribed again here. Subscriptions waiting for Redis fail; every client
+    /// hears each channel it held dropped, as Redis tells it when a slot leaves the node.
+    pub(super) async fn drop_everything(&mut self) {
+        let waiting: Vec<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, waiter)| waiter.subscribe && !waiter.done())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            self.fail(id, UpstreamError::ConnectionLost.replies(1))
+                .await;
+        }
+        let held: Vec<Key> = self.wanted.keys().cloned().collect();
+        for key in held {
+            self.dropped(key).await;
+        }
     }
 
     /// Takes a client's request; what it means upstream is queued if connected (else the

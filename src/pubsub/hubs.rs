@@ -1,5 +1,6 @@
 //! The subscriber hubs of one set of upstream connections: redmux's own, and one per ACL user
-//! whose clients subscribe with their own login; and CLIENT TRACKING's invalidation stream.
+//! whose clients subscribe with their own login; in front of a cluster, a shard hub per master
+//! (and login) for shard channels; and CLIENT TRACKING's invalidation stream.
 //!
 //! They live beside [`Upstreams`], never inside it: upstream owns connections only, and a hub
 //! is pub/sub's fan-out built on one of them. A reload that builds a new set of connections
@@ -33,6 +34,8 @@ struct Inner {
     registry: Arc<Registry>,
     /// Subscriber hubs of clients' own logins, alive while one of their subscribers is.
     users: Mutex<HashMap<Identity, WeakPubSub>>,
+    /// Shard hubs, by login and master, alive while one of their subscribers is.
+    shards: Mutex<HashMap<ShardHub, WeakPubSub>>,
     /// CLIENT TRACKING's stream and table, fan-out of invalidations as the hubs are of
     /// messages.
     tracker: Tracker,
@@ -49,6 +52,7 @@ impl Hubs {
                 own,
                 registry,
                 users: Mutex::new(HashMap::new()),
+                shards: Mutex::new(HashMap::new()),
                 tracker: Tracker::new(upstreams, 0),
             }),
         }
@@ -69,6 +73,27 @@ impl Hubs {
         hub
     }
 
+    /// The shard hub of clients logged in as `identity` for the shard channels of master
+    /// `host:port`.
+    pub fn shard(&self, identity: Option<&Identity>, host: &str, port: u16) -> PubSub {
+        let key: ShardHub = (identity.cloned(), host.to_owned(), port);
+        let mut hubs = self.inner.shards.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hub) = hubs.get(&key).and_then(WeakPubSub::upgrade) {
+            return hub;
+        }
+        hubs.retain(|_, hub| hub.alive());
+        let upstreams = &self.inner.upstreams;
+        let hub = PubSub::start(
+            upstreams.node_dial_as(identity, host, port),
+            upstreams.timeouts(),
+            upstreams.profile() == Profile::Redis,
+            true,
+            self.inner.registry.clone(),
+        );
+        hubs.insert(key, hub.downgrade());
+        hub
+    }
+
     /// CLIENT TRACKING on these upstreams.
     pub fn tracker(&self) -> &Tracker {
         &self.inner.tracker
@@ -79,17 +104,30 @@ impl Hubs {
         &self.inner.registry
     }
 
-    /// What `/status` and `/metrics` show.
+    /// What `/status` and `/metrics` show: redmux's own hub, and its shard hubs.
     pub fn counts(&self) -> Counts {
-        self.inner.own.counts()
+        let mut counts = self.inner.own.counts();
+        let shards = self.inner.shards.lock().unwrap_or_else(|e| e.into_inner());
+        for ((identity, ..), hub) in shards.iter() {
+            if identity.is_none() && hub.alive() {
+                let shard = hub.counts();
+                counts.shard_channels += shard.shard_channels;
+                counts.clients += shard.clients;
+            }
+        }
+        counts
     }
 }
+
+/// A shard hub's login and master.
+type ShardHub = (Option<Identity>, String, u16);
 
 fn start(upstreams: &Upstreams, identity: Option<&Identity>, registry: &Arc<Registry>) -> PubSub {
     PubSub::start(
         upstreams.dial_as(identity),
         upstreams.timeouts(),
         upstreams.profile() == Profile::Redis,
+        false,
         registry.clone(),
     )
 }

@@ -19,6 +19,14 @@
 //! request's answer, and the names it shares with others that were waiting on it are sent again
 //! on their own.
 //!
+//! In front of a Redis Cluster, shard channels live on the master of their slot: each master
+//! gets a hub of its own for them (a *shard hub*, see [`Hubs::shard`]). Redis 7 drops a shard
+//! channel's subscribers, with an unasked `sunsubscribe`, when the channel's slot leaves the
+//! node (`removeChannelsInSlot` in Redis's `cluster.c`); a shard hub passes that on to each
+//! client that held it, and does the same for every channel it holds when it loses its
+//! connection, since the slots may have moved meanwhile. The client subscribes again, and its
+//! session picks the master the slot map names then.
+//!
 //! One client may name a million channels in one request, so nothing here costs more than
 //! constant work per name, and every loop over names, frames or subscribers gives the runtime
 //! back its thread now and then (`consume_budget`): the hub shares that thread with every
@@ -169,10 +177,13 @@ pub struct PubSub {
 impl PubSub {
     /// Starts the hub; it connects upstream on first use and stops when every handle is gone.
     /// What it holds in Redis, and what its clients hold, are counted in `registry`.
+    /// A shard hub (`shard`) tells its clients when Redis drops their channels instead of
+    /// subscribing them again on a new connection.
     pub fn start(
         endpoint: Dial,
         timeouts: Timeouts,
         ping: bool,
+        shard: bool,
         registry: Arc<Registry>,
     ) -> PubSub {
         let (tx, rx) = mpsc::channel(HUB_CAPACITY);
@@ -183,6 +194,7 @@ impl PubSub {
             endpoint,
             timeouts,
             ping,
+            shard,
             rx,
             connected: false,
             wanted: HashMap::new(),
@@ -291,6 +303,11 @@ impl WeakPubSub {
 
     pub fn alive(&self) -> bool {
         self.tx.strong_count() > 0
+    }
+
+    /// What the hub held when it last changed.
+    pub fn counts(&self) -> Counts {
+        *self.counts.borrow()
     }
 }
 

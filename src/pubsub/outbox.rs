@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 use tokio::task::coop::consume_budget;
 
-use super::{NAMES_PER_COMMAND, REPLY_OVERHEAD, WINDOW};
+use super::{Key, NAMES_PER_COMMAND, REPLY_OVERHEAD, WINDOW};
 use crate::{command::Namespace, resp::encode_command};
 
 /// One client request's names (or a new connection's, or names sent again), on their way.
@@ -28,7 +28,8 @@ pub(super) struct Sent {
     left: usize,
     /// The reply bytes it was counted for.
     owed: usize,
-    /// A SUBSCRIBE's names, for when Redis refuses it.
+    /// Its names: a SUBSCRIBE's for when Redis refuses it, an UNSUBSCRIBE's to tell its
+    /// answers from a `sunsubscribe` Redis sends unasked.
     pub(super) names: Vec<Bytes>,
     pub(super) origin: Option<u64>,
     /// The last command of its request.
@@ -96,7 +97,7 @@ impl Outbox {
                 subscribe,
                 left: names.len(),
                 owed,
-                names: if subscribe { names } else { Vec::new() },
+                names,
                 origin,
                 last,
             });
@@ -116,6 +117,16 @@ impl Outbox {
         let sent = self.sent.pop_front()?;
         self.owed -= sent.owed;
         Some(sent)
+    }
+
+    /// Whether Redis's next answer is that of unsubscribing `key`.
+    pub(super) fn expects(&self, (kind, name): &Key) -> bool {
+        self.sent.front().is_some_and(|sent| {
+            sent.kind == *kind
+                && !sent.subscribe
+                && sent.names.len() >= sent.left
+                && sent.names.get(sent.names.len() - sent.left) == Some(name)
+        })
     }
 
     /// Redis refused the oldest command as a whole.

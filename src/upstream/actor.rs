@@ -94,6 +94,8 @@ pub(crate) type ConnectionId = Arc<AtomicU64>;
 pub(crate) struct Stats {
     id: usize,
     role: Role,
+    /// The cluster node it connects to, `host:port`.
+    node: Option<Arc<str>>,
     db: u32,
     resp3: bool,
     connected: AtomicBool,
@@ -102,10 +104,11 @@ pub(crate) struct Stats {
 }
 
 impl Stats {
-    pub(super) fn new(id: usize, role: Role, target: &Target) -> Stats {
+    pub(super) fn new(id: usize, role: Role, target: &Target, node: Option<Arc<str>>) -> Stats {
         Stats {
             id,
             role,
+            node,
             db: target.db,
             resp3: target.resp3,
             connected: AtomicBool::new(false),
@@ -121,6 +124,7 @@ impl Stats {
                 Role::Shared => "shared",
                 Role::Pinned => "pinned",
             },
+            node: self.node.as_deref().map(str::to_owned),
             db: self.db,
             resp: if self.resp3 { 3 } else { 2 },
             connected: self.connected.load(Relaxed),

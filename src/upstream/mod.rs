@@ -243,6 +243,9 @@ pub struct ActorSnapshot {
     pub id: usize,
     /// `shared` or `pinned`.
     pub role: &'static str,
+    /// In front of a cluster, the node it connects to (`host:port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub db: u32,
     /// 2 or 3.
     pub resp: u8,
@@ -417,6 +420,30 @@ impl Upstreams {
     /// connection that pub/sub owns.
     pub fn dial_as(&self, identity: Option<&Identity>) -> Dial {
         self.endpoint_for(identity).into_owned()
+    }
+
+    /// How to reach cluster node `host:port` logged in as `identity`: for a shard hub's
+    /// connection.
+    pub fn node_dial_as(&self, identity: Option<&Identity>, host: &str, port: u16) -> Dial {
+        let mut dial = self.dial_as(identity);
+        if let Some(cluster) = &self.inner.cluster {
+            dial.endpoint.address = cluster.node_dial(host, port).endpoint.address;
+        }
+        dial
+    }
+
+    /// The master that serves `slot` in the cluster's map now, `None` when no master does
+    /// (or the upstream is no cluster).
+    pub fn master_of(&self, slot: u16) -> Option<(String, u16)> {
+        let topology = self.inner.cluster.as_ref()?.current()?;
+        topology.master_addr(topology.map.owner(slot)?)
+    }
+
+    /// Reads the cluster's slot map again, in the background: someone met a redirect.
+    pub fn refresh_cluster(&self) {
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.request_refresh();
+        }
     }
 
     /// The connect and request timeouts of this set.
@@ -663,7 +690,10 @@ impl Upstreams {
         node: Option<(String, u16)>,
     ) {
         let inner = &self.inner;
-        let stats = Arc::new(actor::Stats::new(id, role, &target));
+        let label = node
+            .as_ref()
+            .map(|(host, port)| Arc::from(format!("{host}:{port}")));
+        let stats = Arc::new(actor::Stats::new(id, role, &target, label));
         {
             let mut actors = inner.actors.lock().unwrap_or_else(|e| e.into_inner());
             actors.retain(|stats| Arc::strong_count(stats) > 1);

@@ -183,6 +183,27 @@ impl Cluster {
         );
     }
 
+    /// Moves slot `slot`, which holds no keys, from master `from` to master `to` by hand, as
+    /// Redis Cluster's docs describe it (`CLUSTER SETSLOT` IMPORTING, MIGRATING, then NODE on
+    /// the target, the source and the other masters); returns once every node agrees.
+    pub(crate) fn move_slot(&self, slot: u16, from: u16, to: u16) {
+        let slot = slot.to_string();
+        let (from_id, to_id) = (node_id(from), node_id(to));
+        let steps = [
+            (to, vec!["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]),
+            (from, vec!["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]),
+        ];
+        for (port, args) in steps {
+            assert_eq!(Conn::connect(port).query(&args), Resp::Simple("OK".into()));
+        }
+        let others = self.masters().into_iter().filter(|&p| p != to && p != from);
+        for port in [to, from].into_iter().chain(others) {
+            let reply = Conn::connect(port).query(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+            assert_eq!(reply, Resp::Simple("OK".into()), "SETSLOT NODE on {port}");
+        }
+        self.wait_agreed();
+    }
+
     /// Waits until every running node has the same slot map (redis-cli refuses to reshard
     /// before, and a reshard's last step reaches the other nodes by gossip).
     pub(crate) fn wait_agreed(&self) {

@@ -592,3 +592,23 @@ pub(crate) async fn wait_cache_serving(redis: &RedisServer, client: &mut Raw, ke
         deadline.next_try("the near cache serving").await;
     }
 }
+
+/// The body of `GET path` from redmux's HTTP endpoint at `addr`.
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .expect("connect to the endpoint");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("send the request");
+    let mut body = String::new();
+    stream
+        .read_to_string(&mut body)
+        .await
+        .expect("read the response");
+    body.split_once("\r\n\r\n")
+        .expect("a head and a body")
+        .1
+        .to_owned()
+}
