@@ -6,7 +6,8 @@ Starts three redis-server masters in cluster mode on free loopback ports and joi
 (`--upstream-cluster`) and predixy (a `ClusterServerPool` listing the three masters) in front of
 it, and runs compare.py's redis-benchmark workloads through both, in rotating order, several
 rounds. Prints medians and the per-round ratio redmux/predixy (the figure to quote: absolute
-numbers drift with machine load). compare.py knows only a standalone Redis; this is its cluster
+numbers drift with machine load), and each proxy's CPU time per request (its user + system time
+over the run, from /proc: steadier than throughput on a shared machine). compare.py knows only a standalone Redis; this is its cluster
 counterpart.
 
   cargo build --release
@@ -73,6 +74,13 @@ ClusterServerPool {{
     return path
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of process `pid` so far (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--predixy", required=True, help="predixy's binary")
@@ -91,7 +99,7 @@ def main():
         cluster, ports = start_cluster(tmp)
         procs += cluster
         seeds = ",".join(f"127.0.0.1:{p}" for p in ports)
-        targets = {}
+        targets, pids = {}, {}
         rport = free_port()
         redmux = subprocess.Popen([a.redmux, "--listen", f"127.0.0.1:{rport}", "--upstream-cluster", seeds,
                                    "--threads", str(a.threads), "--log-level", "warn"],
@@ -99,12 +107,14 @@ def main():
         procs.append(redmux)
         wait_port(rport, redmux)
         targets["redmux"] = rport
+        pids["redmux"] = redmux.pid
         pport = free_port()
         predixy = subprocess.Popen([a.predixy, predixy_config(tmp, pport, ports, a.threads)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(predixy)
         wait_port(pport, predixy)
         targets["predixy"] = pport
+        pids["predixy"] = predixy.pid
         names = list(targets)
         results = {w: {n: [] for n in names} for w in a.workloads.split(",")}
         for r in range(a.rounds):
@@ -116,14 +126,23 @@ def main():
                     parts[i + 1] = str(max(1000, int(int(parts[i + 1]) * a.scale)))
                     args = " ".join(parts)
                 order = names[r % len(names):] + names[:r % len(names)]
+                parts = args.split()
+                tests = len(parts[parts.index("-t") + 1].split(","))
+                requests = int(parts[parts.index("-n") + 1]) * tests
                 for n in order:
-                    results[w][n].append(run_bench(targets[n], args, timeout=600))
-        print(f"{'workload':14} {'redmux rps':>12} {'predixy rps':>12} {'ratio':>7}  per-round ratios")
+                    before = cpu_seconds(pids[n])
+                    result = run_bench(targets[n], args, timeout=600)
+                    result["cpu_us"] = (cpu_seconds(pids[n]) - before) * 1e6 / requests
+                    results[w][n].append(result)
+        print(f"{'workload':14} {'redmux rps':>12} {'predixy rps':>12} {'ratio':>7}  "
+              f"{'CPU µs/req redmux':>18} {'predixy':>8}  per-round ratios")
         for w, by in results.items():
             ratios = [x["rps"] / y["rps"] for x, y in zip(by["redmux"], by["predixy"])]
+            cpu = {n: statistics.median(x["cpu_us"] for x in by[n]) for n in names}
             print(f"{w:14} {statistics.median(x['rps'] for x in by['redmux']):12.0f} "
                   f"{statistics.median(x['rps'] for x in by['predixy']):12.0f} "
-                  f"{statistics.median(ratios):7.2f}  {' '.join(f'{x:.2f}' for x in ratios)}")
+                  f"{statistics.median(ratios):7.2f}  {cpu['redmux']:18.2f} {cpu['predixy']:8.2f}  "
+                  f"{' '.join(f'{x:.2f}' for x in ratios)}")
     finally:
         for proc in procs:
             proc.terminate()

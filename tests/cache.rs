@@ -342,6 +342,25 @@ async fn the_stream_outlives_redis_idle_timeout_and_notices_a_silent_redis() {
     assert_eq!(cache["flushes"].as_u64().unwrap(), flushes, "{cache}");
     assert_eq!(cache["up"], true);
     config_set("timeout", 0);
+    // A script keeps Redis busy for longer than request_timeout: the PINGs are answered
+    // with -BUSY, which is an answer, so the stream stays.
+    config_set("busy-reply-threshold", 100);
+    let busy = std::thread::spawn({
+        let mut direct = redis.direct();
+        move || {
+            let script = "local s = redis.call('TIME')[1] \
+                          while redis.call('TIME')[1] - s < 3 do end";
+            let _: () = redis::cmd("EVAL")
+                .arg(script)
+                .arg(0)
+                .query(&mut direct)
+                .unwrap();
+        }
+    });
+    busy.join().unwrap();
+    assert_eq!(stream_id().as_deref(), Some(first.as_str()));
+    let cache = &status(&redmux).await["cache"];
+    assert_eq!(cache["flushes"].as_u64().unwrap(), flushes, "{cache}");
     // Redis stops answering for longer than request_timeout: the stream is taken as lost,
     // and the cache emptied, though the connection never closed.
     let sleeper = std::thread::spawn({

@@ -142,8 +142,9 @@ async fn follow(
         while let Some(end) = scanner.next_reply(&rbuf).map_err(|_| Ended::Malformed)? {
             let frame = rbuf.split_to(end);
             scanner.consumed(end);
-            if frame.first() == Some(&b'+') {
-                // The PONG: the only reply that is not a push.
+            if frame.first() != Some(&b'>') {
+                // The PING's answer, the only reply that is not a push: its PONG, or an error
+                // (-BUSY while a script runs, -LOADING). Either way Redis reads the stream.
                 pinged = None;
                 continue;
             }
