@@ -522,6 +522,26 @@ async fn an_entry_lives_no_longer_than_its_key() {
             b"+PONG\r\n".to_vec()
         ]
     );
+    // A key named twice is probed once; a long MGET probes 256 keys at most, and what it
+    // leaves unfilled a later read fills.
+    let pttl = redis_calls(&redis, "pttl");
+    client.call(&["MGET", "d1", "d2", "d1", "d1", "d2"]).await;
+    assert_eq!(redis_calls(&redis, "pttl"), pttl + 2);
+    let many: Vec<String> = (0..1000).map(|i| format!("many:{i}")).collect();
+    let mut mget = vec!["MGET"];
+    mget.extend(many.iter().map(String::as_str));
+    let pttl = redis_calls(&redis, "pttl");
+    client.call(&mget).await;
+    assert_eq!(redis_calls(&redis, "pttl"), pttl + 256);
+    let last = &many[999];
+    client.call(&["MGET", last]).await;
+    let mgets = redis_calls(&redis, "mget");
+    assert_eq!(client.call(&["MGET", last]).await, "*1\r\n$-1\r\n");
+    assert_eq!(
+        redis_calls(&redis, "mget"),
+        mgets,
+        "filled by the read after"
+    );
 }
 
 /// The bound holds for what the process really uses, bookkeeping and allocator included, not

@@ -39,7 +39,7 @@ pub(super) struct Identity<'a> {
 }
 
 /// A read on its way upstream, whose reply may fill its placeholder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Ticket {
     pub(super) shard: u32,
     slot: u32,

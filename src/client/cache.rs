@@ -10,7 +10,10 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use super::{Pending, Run, State, Then, Tx};
 use crate::{
@@ -24,6 +27,8 @@ use crate::{
 /// Most written keys a session remembers; past it, the whole cache is dropped when the
 /// replies are in (a client that writes thousands of keys in one pipeline).
 const WRITTEN_MAX_KEYS: usize = 1024;
+/// Most PTTL probes one read is sent with (see [`filling`]): at most 5.6 KB of replies.
+const MAX_PROBES: usize = 256;
 
 /// The keys of the client's writes whose replies are not all in (`None` in the session
 /// when there are none).
@@ -256,13 +261,25 @@ pub(super) fn note_write(written: &mut Option<Box<Written>>, command: CommandId,
 }
 
 /// The plan for a read that left placeholders: `tickets` (one per key of `keys`), and a PTTL
-/// of each key with a ticket.
-fn filling(cache: &NearCache, tickets: Vec<Option<Ticket>>, parts: bool, keys: &[&[u8]]) -> Plan {
+/// of each key with a ticket. A key an MGET names twice is probed and filled once, and at
+/// most `MAX_PROBES` keys are: the probes run on the shared connection, before other
+/// clients' requests, and their replies count against the client's output limit until its
+/// reply is in. A placeholder left unfilled is filled by the next read of its key.
+fn filling(
+    cache: &NearCache,
+    mut tickets: Vec<Option<Ticket>>,
+    parts: bool,
+    keys: &[&[u8]],
+) -> Plan {
     let mut probes = BytesMut::new();
-    for (ticket, key) in tickets.iter().zip(keys) {
-        if ticket.is_some() {
-            probes.put_slice(&encode_command([&b"PTTL"[..], key]));
+    let mut probed = HashSet::new();
+    for (ticket, key) in tickets.iter_mut().zip(keys) {
+        let Some(held) = *ticket else { continue };
+        if probed.len() == MAX_PROBES || !probed.insert(held) {
+            *ticket = None;
+            continue;
         }
+        probes.put_slice(&encode_command([&b"PTTL"[..], key]));
     }
     let filling = Filling {
         cache: cache.clone(),
