@@ -698,6 +698,14 @@ async fn a_master_killed_under_incr_traffic_costs_only_what_it_had_not_replicate
     config.upstream.connect_timeout = std::time::Duration::from_millis(300);
     let redmux = Redmux::start_with(config).await;
     let victim = cluster.lock().expect("cluster").masters()[0];
+    // A subscriber, whose subscriber connection goes to the first seed: the victim.
+    let first_seed = cluster.lock().expect("cluster").addrs()[0].clone();
+    assert_eq!(first_seed, format!("127.0.0.1:{victim}"));
+    let mut subscriber = redmux.raw().await;
+    assert_eq!(
+        subscriber.call(&["SUBSCRIBE", "news"]).await,
+        "*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n"
+    );
     let killer = cluster.clone();
     let seen = under_traffic(&redmux, std::time::Duration::from_secs(3), move || {
         let mut cluster = killer.lock().expect("cluster");
@@ -772,6 +780,24 @@ async fn a_master_killed_under_incr_traffic_costs_only_what_it_had_not_replicate
         }
     }
     assert!(on_victim > 0 && failed > 0, "the kill hit the traffic");
+    // The subscriber connection moved to a node that is up: messages published anywhere
+    // reach the subscriber again, with no word from it.
+    let mut publisher = Conn::connect(cluster.masters()[0]);
+    let deadline = support::Deadline::within(std::time::Duration::from_secs(20));
+    loop {
+        publisher.query(&["PUBLISH", "news", "after"]);
+        let heard = tokio::time::timeout(std::time::Duration::from_millis(200), subscriber.reply());
+        if let Ok(message) = heard.await {
+            assert_eq!(
+                String::from_utf8(message).unwrap(),
+                "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nafter\r\n"
+            );
+            break;
+        }
+        deadline
+            .next_try("messages after the first seed failed")
+            .await;
+    }
 }
 
 #[tokio::test]

@@ -17,16 +17,18 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{Answer, Counts, HubRequest, Inbox, Key, Outbox, Registry, Subscriber, Waiter, SWEEP};
+use super::{
+    Answer, Counts, Dials, HubRequest, Inbox, Key, Outbox, Registry, Subscriber, Waiter, SWEEP,
+};
 use crate::{
     command::Namespace,
     report::Chain,
     resp::ReplyScanner,
-    upstream::{self, Dial, Reply, Setup, Timeouts, UpstreamError},
+    upstream::{self, Reply, Setup, Timeouts, UpstreamError},
 };
 
 pub(super) struct Hub {
-    pub(super) endpoint: Dial,
+    pub(super) dials: Dials,
     pub(super) timeouts: Timeouts,
     pub(super) ping: bool,
     /// A shard hub: what Redis drops is dropped for its clients too (see the module's doc).
@@ -117,7 +119,7 @@ impl Hub {
                     resp3: false,
                     ping: self.ping,
                 };
-                match upstream::connect(&self.endpoint, setup, self.timeouts.connect).await {
+                match self.connect(setup).await {
                     Ok((reader, writer)) => {
                         info!("pub/sub connection up");
                         failures = 0;
@@ -184,6 +186,18 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// A connection to the first of the hub's candidates that answers.
+    async fn connect(&self, setup: Setup) -> Result<Conn, upstream::ConnectError> {
+        let mut failed = None;
+        for dial in (self.dials)() {
+            match upstream::connect(&dial, setup, self.timeouts.connect).await {
+                Ok(conn) => return Ok(conn),
+                Err(error) => failed = Some(error),
+            }
+        }
+        Err(failed.unwrap_or(upstream::ConnectError::NoCandidate))
     }
 
     /// A new connection subscribes to everything wanted now.

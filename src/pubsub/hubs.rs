@@ -83,8 +83,9 @@ impl Hubs {
         }
         hubs.retain(|_, hub| hub.alive());
         let upstreams = &self.inner.upstreams;
+        let dial = upstreams.node_dial_as(identity, host, port);
         let hub = PubSub::start(
-            upstreams.node_dial_as(identity, host, port),
+            Arc::new(move || vec![dial.clone()]),
             upstreams.timeouts(),
             upstreams.profile() == Profile::Redis,
             true,
@@ -123,8 +124,10 @@ impl Hubs {
 type ShardHub = (Option<Identity>, String, u16);
 
 fn start(upstreams: &Upstreams, identity: Option<&Identity>, registry: &Arc<Registry>) -> PubSub {
+    let candidates = upstreams.clone();
+    let identity = identity.cloned();
     PubSub::start(
-        upstreams.dial_as(identity),
+        Arc::new(move || candidates.subscriber_dials(identity.as_ref())),
         upstreams.timeouts(),
         upstreams.profile() == Profile::Redis,
         false,

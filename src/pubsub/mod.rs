@@ -80,6 +80,9 @@ const WINDOW: usize = 128 * 1024;
 /// What Redis's confirmation of one name takes besides the name: `*3`, the verb, the count.
 const REPLY_OVERHEAD: usize = 40;
 
+/// Where a hub may connect, in order of preference, as things stand when it connects.
+pub type Dials = Arc<dyn Fn() -> Vec<Dial> + Send + Sync>;
+
 /// A subscription: its kind and name.
 pub type Key = (Namespace, Bytes);
 
@@ -177,10 +180,11 @@ pub struct PubSub {
 impl PubSub {
     /// Starts the hub; it connects upstream on first use and stops when every handle is gone.
     /// What it holds in Redis, and what its clients hold, are counted in `registry`.
-    /// A shard hub (`shard`) tells its clients when Redis drops their channels instead of
-    /// subscribing them again on a new connection.
+    /// Each connection goes to the first of `dials` that answers (asked again at each
+    /// connection). A shard hub (`shard`) tells its clients when Redis drops their channels
+    /// instead of subscribing them again on a new connection.
     pub fn start(
-        endpoint: Dial,
+        dials: Dials,
         timeouts: Timeouts,
         ping: bool,
         shard: bool,
@@ -191,7 +195,7 @@ impl PubSub {
         let hub = Hub {
             counts: Counts::default(),
             counts_tx,
-            endpoint,
+            dials,
             timeouts,
             ping,
             shard,

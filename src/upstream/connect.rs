@@ -56,6 +56,9 @@ pub(crate) enum ConnectError {
     /// a few commands until it ends or is killed: worth retrying soon.
     #[error("upstream is busy running a script (answered {command} with -BUSY)")]
     Busy { command: &'static str },
+    /// No address to try: a cluster whose seeds and map name no node.
+    #[error("no node to connect to")]
+    NoCandidate,
 }
 
 /// What to do on a new connection before it carries client requests.

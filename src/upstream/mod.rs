@@ -29,7 +29,7 @@ use tracing::warn;
 
 pub(crate) use crate::config::{Address, Credentials, Endpoint, Identity};
 pub(crate) use actor::ConnectionId;
-pub(crate) use connect::{connect, Dial, Reader, Setup, Writer};
+pub(crate) use connect::{connect, ConnectError, Dial, Reader, Setup, Writer};
 pub(crate) use pool::Lease;
 
 use crate::{
@@ -430,6 +430,28 @@ impl Upstreams {
             dial.endpoint.address = cluster.node_dial(host, port).endpoint.address;
         }
         dial
+    }
+
+    /// Where a subscriber connection of `identity` may go, in order of preference: the
+    /// address; in front of a cluster, any node will do (the cluster forwards PUBLISH to every
+    /// node), so the seeds, then the masters of the map, so that a seed that failed does not
+    /// leave its subscribers without messages.
+    pub fn subscriber_dials(&self, identity: Option<&Identity>) -> Vec<Dial> {
+        let Some(cluster) = &self.inner.cluster else {
+            return vec![self.dial_as(identity)];
+        };
+        let mut nodes = cluster.seeds().to_vec();
+        if let Some(topology) = cluster.current() {
+            for at in 0..topology.map.masters().len() {
+                if let Some(node) = topology.master_addr(at).filter(|n| !nodes.contains(n)) {
+                    nodes.push(node);
+                }
+            }
+        }
+        nodes
+            .iter()
+            .map(|(host, port)| self.node_dial_as(identity, host, *port))
+            .collect()
     }
 
     /// The master that serves `slot` in the cluster's map now, `None` when no master does

@@ -116,6 +116,11 @@ impl Cluster {
         cluster
     }
 
+    /// `upstream.cluster`, as (host, port).
+    pub(crate) fn seeds(&self) -> &[(String, u16)] {
+        &self.seeds
+    }
+
     /// The map routers follow.
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Arc<Topology>>> {
         self.map.subscribe()
