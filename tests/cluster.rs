@@ -783,6 +783,7 @@ async fn a_master_killed_under_incr_traffic_costs_only_what_it_had_not_replicate
     // The subscriber connection moved to a node that is up: messages published anywhere
     // reach the subscriber again, with no word from it.
     let mut publisher = Conn::connect(cluster.masters()[0]);
+    drop(cluster);
     let deadline = support::Deadline::within(std::time::Duration::from_secs(20));
     loop {
         publisher.query(&["PUBLISH", "news", "after"]);
