@@ -713,77 +713,79 @@ async fn a_master_killed_under_incr_traffic_costs_only_what_it_had_not_replicate
         cluster.wait_for_failover(victim);
     })
     .await;
-    let cluster = cluster.lock().expect("cluster");
-    let (mut on_victim, mut failed) = (0, 0);
-    for (keys, seen) in &seen {
-        for (key, replies) in keys.iter().zip(seen) {
-            let value = match at_owner(&cluster, key).query(&["GET", key]) {
-                Resp::Bulk(n) => String::from_utf8(n)
-                    .expect("digits")
-                    .parse()
-                    .expect("a count"),
-                Resp::Null => 0,
-                other => panic!("{key}: {other:?}"),
-            };
-            let errors = replies.iter().filter(|r| r.is_err()).count();
-            if errors == 0 && replies.iter().all(|r| r.is_ok()) {
-                // Never on the killed master, or answered around it: exact.
-                let expected: Vec<Result<i64, String>> =
-                    (1..=replies.len() as i64).map(Ok).collect();
-                if replies == &expected && value == replies.len() as i64 {
-                    continue;
-                }
-            }
-            on_victim += 1;
-            failed += errors;
-            for reply in replies.iter().filter_map(|r| r.as_ref().err()) {
-                assert!(
-                    reply.contains("redmux: upstream") || reply.contains("CLUSTERDOWN"),
-                    "{key}: only the failover's own errors reach the client: {reply}"
-                );
-            }
-            // Between two answered INCRs, each unanswered one ran at most once: the value grew
-            // by one, plus at most the unanswered ones, except once, where the replica that
-            // took over had not received the last writes (Redis replicates asynchronously).
-            let mut drops = 0;
-            let mut last: Option<i64> = None;
-            let mut unknown = 0;
-            for reply in replies {
-                match reply {
-                    Err(_) => unknown += 1,
-                    Ok(n) => {
-                        let before = last.unwrap_or(0);
-                        let grew = *n - before;
-                        if !(1..=1 + unknown).contains(&grew) {
-                            drops += 1;
-                            assert!(grew <= 0, "{key}: an INCR ran twice: {replies:?}");
-                        }
-                        last = Some(*n);
-                        unknown = 0;
+    let publish_at = {
+        let cluster = cluster.lock().expect("cluster");
+        let (mut on_victim, mut failed) = (0, 0);
+        for (keys, seen) in &seen {
+            for (key, replies) in keys.iter().zip(seen) {
+                let value = match at_owner(&cluster, key).query(&["GET", key]) {
+                    Resp::Bulk(n) => String::from_utf8(n)
+                        .expect("digits")
+                        .parse()
+                        .expect("a count"),
+                    Resp::Null => 0,
+                    other => panic!("{key}: {other:?}"),
+                };
+                let errors = replies.iter().filter(|r| r.is_err()).count();
+                if errors == 0 && replies.iter().all(|r| r.is_ok()) {
+                    // Never on the killed master, or answered around it: exact.
+                    let expected: Vec<Result<i64, String>> =
+                        (1..=replies.len() as i64).map(Ok).collect();
+                    if replies == &expected && value == replies.len() as i64 {
+                        continue;
                     }
                 }
-            }
-            assert!(
-                drops <= 1,
-                "{key}: lost writes at one failover only: {replies:?}"
-            );
-            let last = last.expect("answered INCRs");
-            assert!(
+                on_victim += 1;
+                failed += errors;
+                for reply in replies.iter().filter_map(|r| r.as_ref().err()) {
+                    assert!(
+                        reply.contains("redmux: upstream") || reply.contains("CLUSTERDOWN"),
+                        "{key}: only the failover's own errors reach the client: {reply}"
+                    );
+                }
+                // Between two answered INCRs, each unanswered one ran at most once: the value grew
+                // by one, plus at most the unanswered ones, except once, where the replica that
+                // took over had not received the last writes (Redis replicates asynchronously).
+                let mut drops = 0;
+                let mut last: Option<i64> = None;
+                let mut unknown = 0;
+                for reply in replies {
+                    match reply {
+                        Err(_) => unknown += 1,
+                        Ok(n) => {
+                            let before = last.unwrap_or(0);
+                            let grew = *n - before;
+                            if !(1..=1 + unknown).contains(&grew) {
+                                drops += 1;
+                                assert!(grew <= 0, "{key}: an INCR ran twice: {replies:?}");
+                            }
+                            last = Some(*n);
+                            unknown = 0;
+                        }
+                    }
+                }
+                assert!(
+                    drops <= 1,
+                    "{key}: lost writes at one failover only: {replies:?}"
+                );
+                let last = last.expect("answered INCRs");
+                assert!(
                 (last..=last + unknown).contains(&value),
                 "{key}: {value} in the cluster, {last} last answered, {unknown} unanswered after"
             );
-            // After the failover every INCR is answered again.
-            assert!(
-                replies.last().is_some_and(|r| r.is_ok()),
-                "{key} answered after the failover"
-            );
+                // After the failover every INCR is answered again.
+                assert!(
+                    replies.last().is_some_and(|r| r.is_ok()),
+                    "{key} answered after the failover"
+                );
+            }
         }
-    }
-    assert!(on_victim > 0 && failed > 0, "the kill hit the traffic");
+        assert!(on_victim > 0 && failed > 0, "the kill hit the traffic");
+        cluster.masters()[0]
+    };
     // The subscriber connection moved to a node that is up: messages published anywhere
     // reach the subscriber again, with no word from it.
-    let mut publisher = Conn::connect(cluster.masters()[0]);
-    drop(cluster);
+    let mut publisher = Conn::connect(publish_at);
     let deadline = support::Deadline::within(std::time::Duration::from_secs(20));
     loop {
         publisher.query(&["PUBLISH", "news", "after"]);
