@@ -897,6 +897,13 @@ async fn ssubscribe_reaches_the_master_of_each_channel() {
         );
         assert_eq!(subscriber.reply_str().await, smessage(channel, "via"));
     }
+    // Another client keeps every master's shard hub open.
+    let mut keeper = redmux.raw().await;
+    for port in cluster.masters() {
+        keeper
+            .call(&["SSUBSCRIBE", &name_on(&cluster, port, "ssub-kept", &[])])
+            .await;
+    }
     // Every channel goes, each master's in a run; the count falls to 0.
     subscriber.send(cmd(&["SUNSUBSCRIBE"])).await;
     let mut gone = BTreeSet::new();
@@ -908,7 +915,8 @@ async fn ssubscribe_reaches_the_master_of_each_channel() {
     }
     assert_eq!(gone, channels.iter().cloned().collect());
     // Out of subscribed mode, and Redis holds none of them any more: the reply waited for
-    // every shard hub.
+    // every shard hub, which unsubscribed each slot's channels on their own (Redis Cluster
+    // refuses names across slots).
     assert_eq!(subscriber.call(&["PING"]).await, "+PONG\r\n");
     for channel in &channels {
         let count = at_owner(&cluster, channel).query(&["PUBSUB", "SHARDNUMSUB", channel]);
@@ -1123,4 +1131,121 @@ async fn status_and_metrics_show_the_map_and_each_node() {
         metrics.contains("redmux_pubsub_subscriptions{kind=\"shard\"} 2"),
         "{metrics}"
     );
+}
+
+/// A name of `prefix` on master `port`, in none of `slots`.
+fn name_on(cluster: &Cluster, port: u16, prefix: &str, slots: &[u16]) -> String {
+    (0..)
+        .map(|i| format!("{prefix}:{i}"))
+        .find(|name| !slots.contains(&slot(name.as_bytes())) && owner(cluster, name) == port)
+        .unwrap()
+}
+
+/// `CLUSTER SETSLOT slot NODE id` on `port`.
+fn set_owner(port: u16, slot: u16, id: &str) {
+    let slot = slot.to_string();
+    let reply = Conn::connect(port).query(&["CLUSTER", "SETSLOT", &slot, "NODE", id]);
+    assert_eq!(reply, Resp::Simple("OK".into()), "SETSLOT NODE on {port}");
+}
+
+/// Starts moving `slot` from master `from` to master `to` (IMPORTING, MIGRATING).
+fn start_move(slot: u16, from: u16, to: u16) {
+    let slot = slot.to_string();
+    let (from_id, to_id) = (
+        support::cluster::node_id(from),
+        support::cluster::node_id(to),
+    );
+    let ok = Resp::Simple("OK".into());
+    let importing = ["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id];
+    assert_eq!(Conn::connect(to).query(&importing), ok);
+    let migrating = ["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id];
+    assert_eq!(Conn::connect(from).query(&migrating), ok);
+}
+
+/// Slot moves that race a shard hub's own requests: each answer stays with its request, and a
+/// client's frames keep Redis's order. CLIENT PAUSE holds one master's commands, so the order
+/// in which Redis runs them is fixed; while it holds them nothing can be asked of it, so the
+/// test leaves each request a moment to reach it before the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_answers_stay_with_their_requests_while_slots_move() {
+    let cluster = Cluster::start();
+    let redmux = start(&cluster).await;
+    let masters = cluster.masters();
+    let (m, n, p) = (masters[0], masters[1], masters[2]);
+    let pause = |port: u16, ms: u64| {
+        let reply = Conn::connect(port).query(&["CLIENT", "PAUSE", &ms.to_string(), "ALL"]);
+        assert_eq!(reply, Resp::Simple("OK".into()));
+    };
+    let a_moment = || tokio::time::sleep(std::time::Duration::from_millis(100));
+
+    // The move of x's slot reaches Redis between the hub's SUNSUBSCRIBE x and its SSUBSCRIBE
+    // y: Redis drops x unasked, answers the SUNSUBSCRIBE with -MOVED, and subscribes y.
+    let x = name_on(&cluster, m, "racing", &[]);
+    let y = name_on(&cluster, m, "calm", &[slot(x.as_bytes())]);
+    let k = name_on(
+        &cluster,
+        m,
+        "kept",
+        &[slot(x.as_bytes()), slot(y.as_bytes())],
+    );
+    let (mut keeper, mut a, mut b) = (redmux.raw().await, redmux.raw().await, redmux.raw().await);
+    keeper.call(&["SSUBSCRIBE", &k]).await;
+    a.call(&["SSUBSCRIBE", &x]).await;
+    let sx = slot(x.as_bytes());
+    start_move(sx, m, n);
+    pause(m, 1000);
+    let n_id = support::cluster::node_id(n);
+    let mover = std::thread::spawn({
+        let n_id = n_id.clone();
+        move || set_owner(m, sx, &n_id)
+    });
+    a_moment().await;
+    a.send(cmd(&["SUNSUBSCRIBE", &x])).await;
+    a_moment().await;
+    b.send(cmd(&["SSUBSCRIBE", &y])).await;
+    mover.join().unwrap();
+    set_owner(n, sx, &n_id);
+    set_owner(p, sx, &n_id);
+    cluster.wait_agreed();
+    assert_eq!(a.reply_str().await, shard_frame("sunsubscribe", &x, 0));
+    assert_eq!(b.reply_str().await, shard_frame("ssubscribe", &y, 1));
+    assert_eq!(Conn::connect(m).query(&["SPUBLISH", &y, "m"]), Resp::Int(1));
+    assert_eq!(b.reply_str().await, smessage(&y, "m"));
+
+    // A client waits for its SSUBSCRIBE on m (paused) while its next one, on n, is done: a
+    // message on n's channel, then the channel's slot leaving n, come after both
+    // confirmations, as on a connection of its own.
+    let y2 = name_on(&cluster, m, "slow", &[]);
+    let x2 = name_on(&cluster, n, "quick", &[]);
+    let mut c = redmux.raw().await;
+    pause(m, 1500);
+    let mut pipeline = cmd(&["SSUBSCRIBE", &y2]);
+    pipeline.extend(cmd(&["SSUBSCRIBE", &x2]));
+    c.send(&pipeline).await;
+    let at_n = || {
+        Conn::connect(n)
+            .query(&["PUBSUB", "SHARDNUMSUB", &x2])
+            .items()[1]
+            .int()
+    };
+    let deadline = support::Deadline::new();
+    while at_n() != 1 {
+        deadline.next_try("x2 subscribed on n").await;
+    }
+    assert_eq!(
+        Conn::connect(n).query(&["SPUBLISH", &x2, "early"]),
+        Resp::Int(1)
+    );
+    let sx2 = slot(x2.as_bytes());
+    start_move(sx2, n, p);
+    let p_id = support::cluster::node_id(p);
+    set_owner(p, sx2, &p_id);
+    set_owner(n, sx2, &p_id);
+    assert_eq!(c.reply_str().await, shard_frame("ssubscribe", &y2, 1));
+    assert_eq!(c.reply_str().await, shard_frame("ssubscribe", &x2, 2));
+    assert_eq!(c.reply_str().await, smessage(&x2, "early"));
+    assert_eq!(c.reply_str().await, shard_frame("sunsubscribe", &x2, 1));
+    let mover = std::thread::spawn(move || set_owner(m, sx2, &p_id));
+    mover.join().unwrap();
+    cluster.wait_agreed();
 }

@@ -702,23 +702,24 @@ impl State {
         self.push_message(frame, hub);
     }
 
-    /// Puts a frame the client did not ask for in its place: after the replies owed, ahead of
-    /// the oldest answer hub `hub` owes (or the oldest of any hub).
+    /// Puts a frame the client did not ask for in its place: ahead of the oldest answer hub
+    /// `hub` owes, which Redis sent after it; else after everything queued, so after the
+    /// hub's own answers, which may still wait in the queue behind another hub's.
     fn push_message(&mut self, frame: Bytes, hub: u32) {
-        if !self.subs.owed() {
+        let open = self.subs.held.as_mut().and_then(|held| {
+            let at = held.open.iter().position(|open| open.hub == hub)?;
+            held.open.get_mut(at)
+        });
+        let Some(open) = open else {
             return self.pending.push_back(Pending::Local {
                 bytes: frame,
                 count: 0,
             });
-        }
-        if !self.budget.charge(frame.len()) {
+        };
+        let len = frame.len();
+        open.before.push(frame);
+        if !self.budget.charge(len) {
             self.over_limit();
-        }
-        if let Some(held) = self.subs.held.as_mut() {
-            let at = held.open.iter().position(|open| open.hub == hub);
-            if let Some(open) = held.open.get_mut(at.unwrap_or(0)) {
-                open.before.push(frame);
-            }
         }
     }
 

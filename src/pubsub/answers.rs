@@ -28,7 +28,11 @@ impl Hub {
             scanner.consumed(end);
             consume_budget().await;
             if frame.first() == Some(&b'-') {
-                // Redis refused a whole (UN)SUBSCRIBE: an ACL's -NOPERM.
+                if self.outbox.late_redirect(&frame) {
+                    continue;
+                }
+                // Redis refused a whole (UN)SUBSCRIBE: an ACL's -NOPERM, or a redirect of a
+                // shard command whose slot left the node.
                 if let Some(sent) = self.outbox.refused() {
                     self.refused(sent, frame).await;
                 }

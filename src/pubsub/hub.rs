@@ -216,11 +216,20 @@ impl Hub {
             all[i].push(name.clone());
             consume_budget().await;
         }
-        for (kind, names) in [Namespace::Channel, Namespace::Pattern, Namespace::Shard]
+        for (kind, mut names) in [Namespace::Channel, Namespace::Pattern, Namespace::Shard]
             .into_iter()
             .zip(all)
         {
+            self.by_slot(kind, &mut names);
             self.outbox.push(kind, true, names, None);
+        }
+    }
+
+    /// A shard hub's shard channels, in slot order: the outbox sends a command per slot, and
+    /// this makes them few.
+    fn by_slot(&self, kind: Namespace, names: &mut [Bytes]) {
+        if self.shard && kind == Namespace::Shard {
+            names.sort_by_cached_key(|name| crate::cluster::slot::slot(name));
         }
     }
 
@@ -505,10 +514,11 @@ impl Hub {
             by_kind[i].push(name);
         }
         let mut pushed = 0;
-        for (kind, names) in [Namespace::Channel, Namespace::Pattern, Namespace::Shard]
+        for (kind, mut names) in [Namespace::Channel, Namespace::Pattern, Namespace::Shard]
             .into_iter()
             .zip(by_kind)
         {
+            self.by_slot(kind, &mut names);
             if !names.is_empty() {
                 self.outbox.push(kind, subscribe, names, origin);
                 pushed += 1;

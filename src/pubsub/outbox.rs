@@ -34,6 +34,9 @@ pub(super) struct Sent {
     pub(super) origin: Option<u64>,
     /// The last command of its request.
     pub(super) last: bool,
+    /// The slot of a shard command's names, which is one: Redis Cluster refuses a
+    /// (S)UNSUBSCRIBE whose names span slots with `-CROSSSLOT`.
+    slot: Option<u16>,
 }
 
 /// (Un)subscriptions on their way to Redis, in order, sent while Redis owes the hub less than
@@ -75,9 +78,16 @@ impl Outbox {
             };
             let mut names = Vec::new();
             let mut owed = 0;
+            let mut slot = None;
             while let Some(name) = front.names.front() {
                 if names.len() == NAMES_PER_COMMAND || self.owed + owed >= WINDOW {
                     break;
+                }
+                if front.kind == Namespace::Shard {
+                    let of = crate::cluster::slot::slot(name);
+                    if *slot.get_or_insert(of) != of {
+                        break;
+                    }
                 }
                 owed += name.len() + REPLY_OVERHEAD;
                 if let Some(name) = front.names.pop_front() {
@@ -100,6 +110,7 @@ impl Outbox {
                 names,
                 origin,
                 last,
+                slot,
             });
             self.owed += owed;
             consume_budget().await;
@@ -127,6 +138,28 @@ impl Outbox {
                 && sent.names.len() >= sent.left
                 && sent.names.get(sent.names.len() - sent.left) == Some(name)
         })
+    }
+
+    /// Whether `error` is a redirect (`-MOVED slot …`, `-ASK slot …`) that cannot be the
+    /// oldest command's answer, being for another slot: the late answer to a shard command
+    /// already counted done. A command for a slot that left the node is answered with a
+    /// redirect, and Redis's unasked `sunsubscribe` for the slot's channels, sent when the slot
+    /// left, looks like its answer: it was taken as one.
+    pub(super) fn late_redirect(&self, error: &[u8]) -> bool {
+        let redirect = error
+            .strip_prefix(b"-MOVED ")
+            .or_else(|| error.strip_prefix(b"-ASK "));
+        let Some(rest) = redirect else {
+            return false;
+        };
+        let slot = rest
+            .split(|&b| b == b' ')
+            .next()
+            .and_then(|slot| std::str::from_utf8(slot).ok()?.parse::<u16>().ok());
+        match self.sent.front() {
+            Some(sent) => sent.slot.is_some() && sent.slot != slot,
+            None => true,
+        }
     }
 
     /// Redis refused the oldest command as a whole.
