@@ -169,3 +169,60 @@ impl Outbox {
         Some(sent)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::slot::slot;
+
+    fn names(names: &[&str]) -> Vec<Bytes> {
+        names
+            .iter()
+            .map(|n| Bytes::copy_from_slice(n.as_bytes()))
+            .collect()
+    }
+
+    /// Redis Cluster refuses a shard command whose names span slots: each command holds one
+    /// slot's names, in the order given; channels and patterns go together.
+    #[tokio::test]
+    async fn a_shard_command_holds_one_slot() {
+        let (a, b) = ("{x}1", "{x}2");
+        let c = "other";
+        assert_eq!(slot(a.as_bytes()), slot(b.as_bytes()));
+        assert_ne!(slot(a.as_bytes()), slot(c.as_bytes()));
+        let mut outbox = Outbox::default();
+        outbox.push(Namespace::Shard, false, names(&[a, b, c]), None);
+        outbox.push(Namespace::Channel, true, names(&[a, c]), None);
+        let out = outbox.next_commands().await;
+        let expected = [
+            encode_command(["sunsubscribe", a, b].map(str::as_bytes)),
+            encode_command(["sunsubscribe", c].map(str::as_bytes)),
+            encode_command(["subscribe", a, c].map(str::as_bytes)),
+        ]
+        .concat();
+        assert_eq!(&out[..], &expected[..]);
+        assert!(outbox.expects(&(Namespace::Shard, Bytes::from_static(b"{x}1"))));
+        assert!(!outbox.expects(&(Namespace::Shard, Bytes::from_static(b"{x}2"))));
+    }
+
+    /// A redirect for another slot than the oldest command's is a late answer to a command
+    /// already counted done; one for its slot, or an error of another kind, is its answer.
+    #[tokio::test]
+    async fn a_redirect_for_another_slot_is_a_late_answer() {
+        let mut outbox = Outbox::default();
+        outbox.push(Namespace::Shard, true, names(&["ch"]), Some(1));
+        outbox.next_commands().await;
+        let own = slot(b"ch");
+        let other = (own + 1) % 16384;
+        let moved = |slot: u16| format!("-MOVED {slot} 127.0.0.1:7000\r\n").into_bytes();
+        assert!(outbox.late_redirect(&moved(other)));
+        assert!(!outbox.late_redirect(&moved(own)));
+        assert!(outbox.late_redirect(format!("-ASK {other} h:1\r\n").as_bytes()));
+        assert!(!outbox.late_redirect(b"-NOPERM no\r\n"));
+        assert!(outbox.refused().is_some());
+        assert!(
+            outbox.late_redirect(&moved(own)),
+            "nothing is waiting for it"
+        );
+    }
+}
