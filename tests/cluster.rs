@@ -1203,6 +1203,16 @@ async fn shard_answers_stay_with_their_requests_while_slots_move() {
     a.send(cmd(&["SUNSUBSCRIBE", &x])).await;
     a_moment().await;
     b.send(cmd(&["SSUBSCRIBE", &y])).await;
+    // Another client's SSUBSCRIBE in x's slot is refused (-MOVED): what it pipelined after,
+    // on another master's hub, counts as if it never ran.
+    let (moved, w) = (format!("{{{x}}}d"), name_on(&cluster, n, "elsewhere", &[]));
+    let mut d = redmux.raw().await;
+    let mut pipeline = cmd(&["SSUBSCRIBE", &moved]);
+    for args in [&["SSUBSCRIBE", &w][..], &["SUNSUBSCRIBE"], &["PING"]] {
+        pipeline.extend(cmd(args));
+    }
+    a_moment().await;
+    d.send(&pipeline).await;
     mover.join().unwrap();
     set_owner(n, sx, &n_id);
     set_owner(p, sx, &n_id);
@@ -1211,6 +1221,13 @@ async fn shard_answers_stay_with_their_requests_while_slots_move() {
     assert_eq!(b.reply_str().await, shard_frame("ssubscribe", &y, 1));
     assert_eq!(Conn::connect(m).query(&["SPUBLISH", &y, "m"]), Resp::Int(1));
     assert_eq!(b.reply_str().await, smessage(&y, "m"));
+    assert_eq!(
+        d.reply_str().await,
+        "-ERR redmux: the shard channel's slot moved to another master; subscribe again\r\n"
+    );
+    assert_eq!(d.reply_str().await, shard_frame("ssubscribe", &w, 1));
+    assert_eq!(d.reply_str().await, shard_frame("sunsubscribe", &w, 0));
+    assert_eq!(d.reply_str().await, "+PONG\r\n");
 
     // A client waits for its SSUBSCRIBE on m (paused) while its next one, on n, is done: a
     // message on n's channel, then the channel's slot leaving n, come after both

@@ -422,8 +422,9 @@ impl Subscriptions {
 impl State {
     /// (P|S)SUBSCRIBE: a confirmation per name with this client's count, sent when the hub
     /// answers (see [`State::open_slot`]). Push output: CLIENT REPLY OFF does not silence it.
-    /// On a hub logged in as the client's own user, Redis may refuse it (-NOPERM): nothing
-    /// after it runs before the answer is in, so that no count assumes it succeeded.
+    /// On a hub logged in as the client's own user, Redis may refuse it (-NOPERM), and on a
+    /// shard hub too (-MOVED): nothing after it runs before the answer is in, so that no count
+    /// assumes it succeeded.
     ///
     /// Constant work per name, and a long list gives the runtime back its thread now and then:
     /// one request may name a million channels, and other clients must not wait for it.
@@ -463,13 +464,16 @@ impl State {
             return;
         }
         let new: Vec<Bytes> = added.iter().map(|(name, _)| name.clone()).collect();
+        // Redis may refuse it: -NOPERM to a client's own login, -MOVED to a shard channel
+        // whose slot has just moved.
+        let refusable = self.client.identity().is_some() || node.is_some();
         let (id, hub, inbox) = match node {
             Some(node) => self.shard_link(node, &new),
             None => self.own_hub(),
         };
         hub.subscribe(self.client.id, kind, new, inbox).await;
         self.open_slot(confirmation, kind, added, id, 1);
-        if self.client.identity().is_some() {
+        if refusable {
             self.sync = true;
         }
     }
