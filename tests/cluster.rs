@@ -801,6 +801,11 @@ async fn a_master_killed_under_incr_traffic_costs_only_what_it_had_not_replicate
             .next_try("messages after the first seed failed")
             .await;
     }
+    // Credentials are still checked by Redis: by a master that is up.
+    assert_eq!(
+        redmux.raw().await.call(&["AUTH", "nobody", "x"]).await,
+        "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+    );
 }
 
 #[tokio::test]

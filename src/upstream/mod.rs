@@ -485,7 +485,12 @@ impl Upstreams {
                     db: 0,
                     ..self.default_target()
                 };
-                self.spawn_actor(id, target, actor::Role::Shared, rx, None);
+                match &self.inner.cluster {
+                    // Any master checks it, so a failed first seed does not refuse every
+                    // AUTH (Redis Cluster expects the same users on every node).
+                    Some(cluster) => self.spawn_router(cluster, &target, rx),
+                    None => self.spawn_actor(id, target, actor::Role::Shared, rx, None),
+                }
                 tx
             })
             .clone()
