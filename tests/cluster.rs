@@ -15,7 +15,7 @@ use std::{
 
 use redmux::{cluster::slot::slot, resp::encode_command, Config};
 use support::{
-    cluster::{parse, Cluster, Conn, Resp},
+    cluster::{parse, set_owner, start_move, Cluster, Conn, Resp},
     Raw, Redmux,
 };
 
@@ -1144,27 +1144,6 @@ fn name_on(cluster: &Cluster, port: u16, prefix: &str, slots: &[u16]) -> String 
         .map(|i| format!("{prefix}:{i}"))
         .find(|name| !slots.contains(&slot(name.as_bytes())) && owner(cluster, name) == port)
         .unwrap()
-}
-
-/// `CLUSTER SETSLOT slot NODE id` on `port`.
-fn set_owner(port: u16, slot: u16, id: &str) {
-    let slot = slot.to_string();
-    let reply = Conn::connect(port).query(&["CLUSTER", "SETSLOT", &slot, "NODE", id]);
-    assert_eq!(reply, Resp::Simple("OK".into()), "SETSLOT NODE on {port}");
-}
-
-/// Starts moving `slot` from master `from` to master `to` (IMPORTING, MIGRATING).
-fn start_move(slot: u16, from: u16, to: u16) {
-    let slot = slot.to_string();
-    let (from_id, to_id) = (
-        support::cluster::node_id(from),
-        support::cluster::node_id(to),
-    );
-    let ok = Resp::Simple("OK".into());
-    let importing = ["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id];
-    assert_eq!(Conn::connect(to).query(&importing), ok);
-    let migrating = ["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id];
-    assert_eq!(Conn::connect(from).query(&migrating), ok);
 }
 
 /// Slot moves that race a shard hub's own requests: each answer stays with its request, and a

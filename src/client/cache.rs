@@ -272,10 +272,11 @@ fn filling(
     keys: &[&[u8]],
 ) -> Plan {
     let mut probes = BytesMut::new();
+    // Only an MGET has more than one ticket to tell apart.
     let mut probed = HashSet::new();
     for (ticket, key) in tickets.iter_mut().zip(keys) {
         let Some(held) = *ticket else { continue };
-        if probed.len() == MAX_PROBES || !probed.insert(held) {
+        if parts && (probed.len() == MAX_PROBES || !probed.insert(held)) {
             *ticket = None;
             continue;
         }

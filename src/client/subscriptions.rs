@@ -19,6 +19,11 @@ use tokio::{
 
 use super::{Path, Pending, Run, State, Then, Tx};
 use crate::{
+    cluster::{
+        keys::{slot_of, SlotOf},
+        plan::{CLUSTERDOWN, CROSSSLOT},
+        redirect::{redirect, Redirect},
+    },
     command,
     command::Action,
     io::Budget,
@@ -92,23 +97,21 @@ impl HubRuns {
     /// Where the frame of a name goes: the last run, unless the name is held on a hub other
     /// than that run's (`hub`: `None` for a name the client did not hold).
     fn frame(&mut self, hub: Option<u32>) -> &mut Vec<u8> {
-        let last = match self.runs.pop() {
-            Some(last) if hub.is_none() || last.hub.is_none() || last.hub == hub => last,
-            other => {
-                self.runs.extend(other);
-                HubRun {
-                    hub: None,
-                    frames: Vec::new(),
-                    removed: Vec::new(),
-                }
-            }
-        };
-        self.runs.push(HubRun {
-            hub: last.hub.or(hub),
-            ..last
-        });
+        let fits = self
+            .runs
+            .last()
+            .is_some_and(|last| hub.is_none() || last.hub.is_none() || last.hub == hub);
+        if !fits {
+            self.runs.push(HubRun {
+                hub: None,
+                frames: Vec::new(),
+                removed: Vec::new(),
+            });
+        }
         let at = self.runs.len() - 1;
-        &mut self.runs[at].frames
+        let last = &mut self.runs[at];
+        last.hub = last.hub.or(hub);
+        &mut last.frames
     }
 
     /// The last frame's name was held, and is removed.
@@ -543,19 +546,17 @@ impl State {
         names: &[Bytes],
     ) -> Result<Option<(String, u16)>, Bytes> {
         let upstreams = self.client.upstreams();
-        if kind != command::Namespace::Shard || !upstreams.is_cluster() || names.is_empty() {
+        if kind != command::Namespace::Shard || !upstreams.is_cluster() {
             return Ok(None);
         }
-        let slot = crate::cluster::slot::slot(&names[0]);
-        if names
-            .iter()
-            .any(|name| crate::cluster::slot::slot(name) != slot)
-        {
-            return Err(Bytes::from_static(crate::cluster::plan::CROSSSLOT));
-        }
+        let slot = match slot_of(names.iter().map(|name| &name[..])) {
+            SlotOf::None => return Ok(None),
+            SlotOf::Cross => return Err(Bytes::from_static(CROSSSLOT)),
+            SlotOf::One(slot) => slot,
+        };
         match upstreams.master_of(slot) {
             Some(node) => Ok(Some(node)),
-            None => Err(Bytes::from_static(b"-CLUSTERDOWN Hash slot not served\r\n")),
+            None => Err(Bytes::from_static(CLUSTERDOWN)),
         }
     }
 
@@ -768,7 +769,7 @@ impl State {
                     held.shard_of.remove(name);
                 }
             }
-            if error.starts_with(b"-MOVED ") || error.starts_with(b"-ASK ") {
+            if let Some(Redirect::Moved { .. } | Redirect::Ask { .. }) = redirect(error) {
                 // The shard channel's slot moved before redmux read the map that says so.
                 self.client.upstreams().refresh_cluster();
                 refused = Some(encode::error(

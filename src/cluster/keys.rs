@@ -99,15 +99,20 @@ impl<'a> Keys<'a> {
 
     /// The slot of all the keys, if they share one.
     pub fn slot(&self) -> SlotOf {
-        let mut keys = self.keys.iter();
-        let Some(first) = keys.next() else {
-            return SlotOf::None;
-        };
-        let first = slot(first);
-        match keys.all(|key| slot(key) == first) {
-            true => SlotOf::One(first),
-            false => SlotOf::Cross,
-        }
+        slot_of(self.keys.iter().copied())
+    }
+}
+
+/// The slot of `keys`: none, one, or several (Redis Cluster's `-CROSSSLOT`).
+pub fn slot_of<'k>(keys: impl IntoIterator<Item = &'k [u8]>) -> SlotOf {
+    let mut keys = keys.into_iter();
+    let Some(first) = keys.next() else {
+        return SlotOf::None;
+    };
+    let first = slot(first);
+    match keys.all(|key| slot(key) == first) {
+        true => SlotOf::One(first),
+        false => SlotOf::Cross,
     }
 }
 

@@ -6,10 +6,12 @@
 //! from slot to master; [`plan`] splits the multi-key commands Redis Cluster refuses across
 //! slots (MGET, MSET, DEL, UNLINK, EXISTS, TOUCH) into one request per slot and merges the
 //! replies, and says when any other request must get `-CROSSSLOT`. [`reply`] is the small
-//! reply decoder the last two share.
+//! reply decoder the last two share; [`redirect`] reads a node's `-MOVED`, `-ASK` and
+//! `-TRYAGAIN`.
 
 pub mod keys;
 pub mod plan;
+pub mod redirect;
 pub mod reply;
 pub mod slot;
 pub mod topology;

@@ -22,6 +22,8 @@ use super::slot::slot;
 /// Redis Cluster's reply to a request whose keys span slots (`getNodeByQuery` in Redis's
 /// `src/cluster.c`).
 pub const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+/// Redis Cluster's error for a slot no master serves.
+pub const CLUSTERDOWN: &[u8] = b"-CLUSTERDOWN Hash slot not served\r\n";
 
 /// The commands redmux splits by slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -225,7 +225,7 @@ impl Hub {
         }
     }
 
-    /// A shard hub's shard channels, in slot order: the outbox sends a command per slot, and
+    /// A shard hub's shard channels, in slot order: its outbox sends a command per slot, and
     /// this makes them few.
     fn by_slot(&self, kind: Namespace, names: &mut [Bytes]) {
         if self.shard && kind == Namespace::Shard {
@@ -532,7 +532,7 @@ impl Hub {
         let Some((_, writer)) = conn.as_mut() else {
             return;
         };
-        let out = self.outbox.next_commands().await;
+        let out = self.outbox.next_commands(self.shard).await;
         if out.is_empty() {
             return;
         }

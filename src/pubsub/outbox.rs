@@ -7,7 +7,11 @@ use bytes::{Bytes, BytesMut};
 use tokio::task::coop::consume_budget;
 
 use super::{Key, NAMES_PER_COMMAND, REPLY_OVERHEAD, WINDOW};
-use crate::{command::Namespace, resp::encode_command};
+use crate::{
+    cluster::redirect::{redirect, Redirect},
+    command::Namespace,
+    resp::encode_command,
+};
 
 /// One client request's names (or a new connection's, or names sent again), on their way.
 #[derive(Debug)]
@@ -34,8 +38,7 @@ pub(super) struct Sent {
     pub(super) origin: Option<u64>,
     /// The last command of its request.
     pub(super) last: bool,
-    /// The slot of a shard command's names, which is one: Redis Cluster refuses a
-    /// (S)UNSUBSCRIBE whose names span slots with `-CROSSSLOT`.
+    /// A shard hub's shard command: the one slot of its names.
     slot: Option<u16>,
 }
 
@@ -69,8 +72,10 @@ impl Outbox {
         }
     }
 
-    /// The commands the window allows now (the first one whatever its size), encoded.
-    pub(super) async fn next_commands(&mut self) -> BytesMut {
+    /// The commands the window allows now (the first one whatever its size), encoded. With
+    /// `per_slot` (a shard hub's), a shard command holds one slot's names: Redis Cluster
+    /// refuses names across slots with `-CROSSSLOT`.
+    pub(super) async fn next_commands(&mut self, per_slot: bool) -> BytesMut {
         let mut out = BytesMut::new();
         while self.owed < WINDOW {
             let Some(front) = self.queue.front_mut() else {
@@ -83,7 +88,7 @@ impl Outbox {
                 if names.len() == NAMES_PER_COMMAND || self.owed + owed >= WINDOW {
                     break;
                 }
-                if front.kind == Namespace::Shard {
+                if per_slot && front.kind == Namespace::Shard {
                     let of = crate::cluster::slot::slot(name);
                     if *slot.get_or_insert(of) != of {
                         break;
@@ -133,10 +138,10 @@ impl Outbox {
     /// Whether Redis's next answer is that of unsubscribing `key`.
     pub(super) fn expects(&self, (kind, name): &Key) -> bool {
         self.sent.front().is_some_and(|sent| {
+            let next = sent.names.len().checked_sub(sent.left);
             sent.kind == *kind
                 && !sent.subscribe
-                && sent.names.len() >= sent.left
-                && sent.names.get(sent.names.len() - sent.left) == Some(name)
+                && next.and_then(|at| sent.names.get(at)) == Some(name)
         })
     }
 
@@ -146,20 +151,13 @@ impl Outbox {
     /// redirect, and Redis's unasked `sunsubscribe` for the slot's channels, sent when the slot
     /// left, looks like its answer: it was taken as one.
     pub(super) fn late_redirect(&self, error: &[u8]) -> bool {
-        let redirect = error
-            .strip_prefix(b"-MOVED ")
-            .or_else(|| error.strip_prefix(b"-ASK "));
-        let Some(rest) = redirect else {
-            return false;
+        let slot = match redirect(error) {
+            Some(Redirect::Moved { slot, .. } | Redirect::Ask { slot, .. }) => slot,
+            _ => return false,
         };
-        let slot = rest
-            .split(|&b| b == b' ')
-            .next()
-            .and_then(|slot| std::str::from_utf8(slot).ok()?.parse::<u16>().ok());
-        match self.sent.front() {
-            Some(sent) => sent.slot.is_some() && sent.slot != slot,
-            None => true,
-        }
+        self.sent
+            .front()
+            .is_none_or(|sent| sent.slot.is_some_and(|own| own != slot))
     }
 
     /// Redis refused the oldest command as a whole.
@@ -193,7 +191,7 @@ mod tests {
         let mut outbox = Outbox::default();
         outbox.push(Namespace::Shard, false, names(&[a, b, c]), None);
         outbox.push(Namespace::Channel, true, names(&[a, c]), None);
-        let out = outbox.next_commands().await;
+        let out = outbox.next_commands(true).await;
         let expected = [
             encode_command(["sunsubscribe", a, b].map(str::as_bytes)),
             encode_command(["sunsubscribe", c].map(str::as_bytes)),
@@ -211,7 +209,7 @@ mod tests {
     async fn a_redirect_for_another_slot_is_a_late_answer() {
         let mut outbox = Outbox::default();
         outbox.push(Namespace::Shard, true, names(&["ch"]), Some(1));
-        outbox.next_commands().await;
+        outbox.next_commands(true).await;
         let own = slot(b"ch");
         let other = (own + 1) % 16384;
         let moved = |slot: u16| format!("-MOVED {slot} 127.0.0.1:7000\r\n").into_bytes();

@@ -191,19 +191,11 @@ impl Cluster {
     /// Redis Cluster's docs describe it (`CLUSTER SETSLOT` IMPORTING, MIGRATING, then NODE on
     /// the target, the source and the other masters); returns once every node agrees.
     pub(crate) fn move_slot(&self, slot: u16, from: u16, to: u16) {
-        let slot = slot.to_string();
-        let (from_id, to_id) = (node_id(from), node_id(to));
-        let steps = [
-            (to, vec!["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]),
-            (from, vec!["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]),
-        ];
-        for (port, args) in steps {
-            assert_eq!(Conn::connect(port).query(&args), Resp::Simple("OK".into()));
-        }
+        start_move(slot, from, to);
+        let to_id = node_id(to);
         let others = self.masters().into_iter().filter(|&p| p != to && p != from);
         for port in [to, from].into_iter().chain(others) {
-            let reply = Conn::connect(port).query(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
-            assert_eq!(reply, Resp::Simple("OK".into()), "SETSLOT NODE on {port}");
+            set_owner(port, slot, &to_id);
         }
         self.wait_agreed();
     }
@@ -413,6 +405,24 @@ fn field<'a>(map: &'a Resp, name: &str) -> &'a Resp {
 }
 
 /// The node's id in the cluster.
+/// Starts moving `slot` from master `from` to master `to` (IMPORTING, MIGRATING).
+pub(crate) fn start_move(slot: u16, from: u16, to: u16) {
+    let slot = slot.to_string();
+    let (from_id, to_id) = (node_id(from), node_id(to));
+    let ok = Resp::Simple("OK".into());
+    let importing = ["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id];
+    assert_eq!(Conn::connect(to).query(&importing), ok);
+    let migrating = ["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id];
+    assert_eq!(Conn::connect(from).query(&migrating), ok);
+}
+
+/// `CLUSTER SETSLOT slot NODE id` on `port`.
+pub(crate) fn set_owner(port: u16, slot: u16, id: &str) {
+    let slot = slot.to_string();
+    let reply = Conn::connect(port).query(&["CLUSTER", "SETSLOT", &slot, "NODE", id]);
+    assert_eq!(reply, Resp::Simple("OK".into()), "SETSLOT NODE on {port}");
+}
+
 pub(crate) fn node_id(port: u16) -> String {
     Conn::connect(port).query(&["CLUSTER", "MYID"]).text()
 }

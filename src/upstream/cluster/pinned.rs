@@ -23,7 +23,6 @@ use tracing::Instrument;
 use super::{
     router::{
         combine::{requests, split_replies},
-        redirects::{redirect, Redirect},
         Spawner,
     },
     Cluster,
@@ -31,7 +30,8 @@ use super::{
 use crate::{
     cluster::{
         keys::{self, SlotOf},
-        plan::CROSSSLOT,
+        plan::{CLUSTERDOWN, CROSSSLOT},
+        redirect::{redirect, Redirect},
         slot::slot,
     },
     resp::{encode_command, Args},
@@ -318,7 +318,7 @@ impl Pinned {
         if down {
             self.cluster.request_refresh();
             let count = u32::try_from(bounds.len()).unwrap_or(u32::MAX);
-            let error = Bytes::from_static(b"-CLUSTERDOWN Hash slot not served\r\n");
+            let error = Bytes::from_static(CLUSTERDOWN);
             let mut all = BytesMut::new();
             for _ in 0..count {
                 all.extend_from_slice(&error);

@@ -40,7 +40,7 @@ use super::{Cluster, Topology};
 use crate::{
     cluster::{
         keys::{self, Combine, Scope, SlotOf},
-        plan::{Plan, CROSSSLOT},
+        plan::{Plan, CLUSTERDOWN, CROSSSLOT},
         reply::elements,
         slot::slot,
     },
@@ -460,7 +460,7 @@ impl Router {
     /// Cluster's own error, and a refresh.
     pub(super) fn down(&mut self) -> Route {
         self.cluster.request_refresh();
-        Route::Local(Bytes::from_static(b"-CLUSTERDOWN Hash slot not served\r\n"))
+        Route::Local(Bytes::from_static(CLUSTERDOWN))
     }
 
     /// Sends `frames` (the requests of `unit`) to node `node`, with only what is left of the
@@ -693,31 +693,8 @@ fn cluster_command(mut args: Args<'_>) -> Bytes {
 mod tests {
     use super::{
         combine::{combined, scan_reply},
-        redirects::{redirect, Redirect},
         *,
     };
-
-    #[test]
-    fn redirects_are_read() {
-        assert!(matches!(
-            redirect(b"-MOVED 3999 127.0.0.1:6381\r\n"),
-            Some(Redirect::Moved { slot: 3999, ref host, port: 6381 }) if host == "127.0.0.1"
-        ));
-        assert!(matches!(
-            redirect(b"-ASK 1 [::1]:7000\r\n"),
-            Some(Redirect::Ask { ref host, port: 7000 }) if host == "::1"
-        ));
-        assert!(matches!(
-            redirect(b"-MOVED 3999 :6381\r\n"),
-            Some(Redirect::Moved { ref host, .. }) if host.is_empty()
-        ));
-        assert!(matches!(
-            redirect(b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n"),
-            Some(Redirect::TryAgain)
-        ));
-        assert!(redirect(b"-ERR MOVED\r\n").is_none());
-        assert!(redirect(b"$5\r\nMOVED\r\n").is_none());
-    }
 
     #[test]
     fn scan_cursors_name_the_master() {

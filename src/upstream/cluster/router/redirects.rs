@@ -9,37 +9,10 @@ use tracing::debug;
 use super::{
     combine::split_replies, Job, Retry, Router, Unit, MAX_REDIRECTS, MAX_TRYAGAIN, TRYAGAIN_FIRST,
 };
-use crate::upstream::{Reply, UpstreamError};
-
-pub(in crate::upstream::cluster) enum Redirect {
-    Moved { slot: u16, host: String, port: u16 },
-    Ask { host: String, port: u16 },
-    TryAgain,
-}
-
-/// `-MOVED slot host:port`, `-ASK slot host:port` or `-TRYAGAIN ...`.
-pub(in crate::upstream::cluster) fn redirect(reply: &[u8]) -> Option<Redirect> {
-    if reply.starts_with(b"-TRYAGAIN") {
-        return Some(Redirect::TryAgain);
-    }
-    let text = std::str::from_utf8(reply.strip_prefix(b"-")?)
-        .ok()?
-        .trim_end();
-    let mut words = text.split(' ');
-    let kind = words.next()?;
-    let slot: u16 = words.next()?.parse().ok()?;
-    let (host, port) = words.next()?.rsplit_once(':')?;
-    let port = port.parse().ok()?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    match kind {
-        "MOVED" => Some(Redirect::Moved { slot, host, port }),
-        "ASK" => Some(Redirect::Ask { host, port }),
-        _ => None,
-    }
-}
+use crate::{
+    cluster::redirect::{redirect, Redirect},
+    upstream::{Reply, UpstreamError},
+};
 
 impl Router {
     /// A node answered `job` (or failed to).
@@ -133,7 +106,7 @@ impl Router {
                         .await;
                 }
             }
-            Some(Redirect::Ask { host, port }) if redirects < MAX_REDIRECTS => {
+            Some(Redirect::Ask { host, port, .. }) if redirects < MAX_REDIRECTS => {
                 let host = self.host_or(node, host);
                 if let Some(to) = self.node(&host, port) {
                     return self
