@@ -232,6 +232,37 @@ async fn slow_subscriber_is_cut_off() {
     );
 }
 
+/// Messages that wait behind a reply that does not come (a RESP3 subscriber blocked in BLPOP)
+/// count against the output limit while they wait: past it the client is closed, as Redis
+/// closes a subscriber past its pubsub output limit, and redmux holds nothing more for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_behind_a_blocked_reply_count_against_the_limit() {
+    let redis = RedisServer::start();
+    let mut config = support::config(&redis.addr());
+    config.server.client_output_limit = 1024 * 1024;
+    let redmux = Redmux::start_with(config).await;
+    let mut blocked = redmux.raw().await;
+    blocked.call(&["HELLO", "3"]).await;
+    blocked.call(&["SUBSCRIBE", "flood"]).await;
+    wait_numsub(&redis, "flood", 1);
+    blocked.send(b"BLPOP nothing:here 0\r\n").await;
+    let payload = "p".repeat(1000);
+    let mut round = Vec::new();
+    for _ in 0..100 {
+        round.extend_from_slice(&redmux::resp::encode_command([
+            &b"PUBLISH"[..],
+            b"flood",
+            payload.as_bytes(),
+        ]));
+    }
+    let mut publisher = redmux.raw().await;
+    // 3 MB published, three times the limit.
+    for _ in 0..30 {
+        publisher.pipeline(&round, 100).await;
+    }
+    blocked.expect_closed().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_pubsub() {
     let redmux = Redmux::start("embedded").await;

@@ -71,6 +71,10 @@ const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
 enum Pending {
     /// Replies redmux produced itself, to `count` requests.
     Local { bytes: Bytes, count: u32 },
+    /// A frame the client did not ask for (a pub/sub message, a MONITOR line), charged to the
+    /// output budget when it was queued: it may wait behind a reply that takes long (a
+    /// blocked BLPOP), and counts against `client_output_limit` meanwhile.
+    Pushed(Bytes),
     /// No reply: gives a pinned connection back once every earlier slot is answered (RESET
     /// in a transaction, after the requests already sent on that connection).
     Release(Lease),

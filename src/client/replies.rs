@@ -90,6 +90,12 @@ impl State {
                     self.queue_out(bytes);
                     continue;
                 }
+                Pending::Pushed(bytes) => {
+                    let bytes = std::mem::take(bytes);
+                    self.pending.pop_front();
+                    self.enqueue(bytes);
+                    continue;
+                }
                 Pending::Release(_) => {
                     if let Some(Pending::Release(lease)) = self.pending.pop_front() {
                         lease.release();
@@ -279,6 +285,16 @@ impl State {
             return self.over_limit();
         }
         self.enqueue(bytes);
+    }
+
+    /// Queues a frame the client did not ask for behind the replies it is owed, charged to the
+    /// output budget now (see [`Pending::Pushed`]).
+    pub(super) fn push_unasked(&mut self, frame: Bytes) {
+        if !self.budget.charge(frame.len()) {
+            self.budget.refund(frame.len());
+            return self.over_limit();
+        }
+        self.pending.push_back(Pending::Pushed(frame));
     }
 
     /// Queues bytes already charged to the budget.

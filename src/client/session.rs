@@ -422,7 +422,7 @@ pub(super) fn burst<'a, S: Duplex>(
                     }
                 },
                 frame = next_frame(this.monitor.as_deref_mut(), this.out_len < OUTPUT_HIGH_WATER), if this.monitor.is_some() => match frame {
-                    Fed::Frame(bytes) => this.pending.push_back(Pending::Local { bytes, count: 0 }),
+                    Fed::Frame(bytes) => this.push_unasked(bytes),
                     Fed::Ended => {
                         debug!("MONITOR feed ended (upstream lost); closing");
                         break;

@@ -716,10 +716,7 @@ impl State {
             held.open.get_mut(at)
         });
         let Some(open) = open else {
-            return self.pending.push_back(Pending::Local {
-                bytes: frame,
-                count: 0,
-            });
+            return self.push_unasked(frame);
         };
         let len = frame.len();
         open.before.push(frame);
