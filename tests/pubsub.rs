@@ -26,6 +26,12 @@ fn wait_numsub(redis: &RedisServer, channel: &str, want: i64) {
     }
 }
 
+/// 100 PUBLISHes of `payload` to `channel`, pipelined.
+fn publish_round(channel: &str, payload: &str) -> Vec<u8> {
+    let publish = redmux::resp::encode_command(["PUBLISH", channel, payload].map(str::as_bytes));
+    publish.repeat(100)
+}
+
 fn message(channel: &str, payload: &str) -> String {
     format!(
         "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n{payload}\r\n",
@@ -197,14 +203,7 @@ async fn slow_subscriber_is_cut_off() {
     let total = 6000;
     // Published in rounds the fast subscriber keeps up with; the slow one never reads.
     let mut publisher = redmux.raw().await;
-    let mut round = Vec::new();
-    for _ in 0..100 {
-        round.extend_from_slice(&redmux::resp::encode_command([
-            &b"PUBLISH"[..],
-            b"flood",
-            payload.as_bytes(),
-        ]));
-    }
+    let round = publish_round("flood", &payload);
     for _ in 0..total / 100 {
         publisher.pipeline(&round, 100).await;
         for _ in 0..100 {
@@ -247,14 +246,7 @@ async fn messages_behind_a_blocked_reply_count_against_the_limit() {
     wait_numsub(&redis, "flood", 1);
     blocked.send(b"BLPOP nothing:here 0\r\n").await;
     let payload = "p".repeat(1000);
-    let mut round = Vec::new();
-    for _ in 0..100 {
-        round.extend_from_slice(&redmux::resp::encode_command([
-            &b"PUBLISH"[..],
-            b"flood",
-            payload.as_bytes(),
-        ]));
-    }
+    let round = publish_round("flood", &payload);
     let mut publisher = redmux.raw().await;
     // 3 MB published, three times the limit.
     for _ in 0..30 {
