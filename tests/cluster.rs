@@ -1146,6 +1146,18 @@ fn name_on(cluster: &Cluster, port: u16, prefix: &str, slots: &[u16]) -> String 
         .unwrap()
 }
 
+/// Holds every client command on node `port` for `ms` milliseconds (CLIENT PAUSE ALL): the
+/// commands that reach it meanwhile run, in the order they came, when the pause ends.
+fn pause(port: u16, ms: u64) {
+    let reply = Conn::connect(port).query(&["CLIENT", "PAUSE", &ms.to_string(), "ALL"]);
+    assert_eq!(reply, Resp::Simple("OK".into()));
+}
+
+/// Time for a request to reach a paused node: nothing can be asked of it to know.
+async fn a_moment() {
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
 /// Slot moves that race a shard hub's own requests: each answer stays with its request, and a
 /// client's frames keep Redis's order. CLIENT PAUSE holds one master's commands, so the order
 /// in which Redis runs them is fixed; while it holds them nothing can be asked of it, so the
@@ -1156,11 +1168,6 @@ async fn shard_answers_stay_with_their_requests_while_slots_move() {
     let redmux = start(&cluster).await;
     let masters = cluster.masters();
     let (m, n, p) = (masters[0], masters[1], masters[2]);
-    let pause = |port: u16, ms: u64| {
-        let reply = Conn::connect(port).query(&["CLIENT", "PAUSE", &ms.to_string(), "ALL"]);
-        assert_eq!(reply, Resp::Simple("OK".into()));
-    };
-    let a_moment = || tokio::time::sleep(std::time::Duration::from_millis(100));
 
     // The move of x's slot reaches Redis between the hub's SUNSUBSCRIBE x and its SSUBSCRIBE
     // y: Redis drops x unasked, answers the SUNSUBSCRIBE with -MOVED, and subscribes y.
@@ -1249,4 +1256,102 @@ async fn shard_answers_stay_with_their_requests_while_slots_move() {
     let mover = std::thread::spawn(move || set_owner(m, sx2, &p_id));
     mover.join().unwrap();
     cluster.wait_agreed();
+}
+
+/// A client's requests for one slot, queued on its old master when the slot moves, are resent
+/// to the new one in the order the client sent them, whether redmux split them (a MGET across
+/// slots) or passed them on whole (a SET, whose reply would have gone straight to the client):
+/// both come back from the old master -MOVED, in order, on one way back to the router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_redirected_together_are_resent_in_their_order() {
+    let cluster = Cluster::start();
+    let redmux = start(&cluster).await;
+    let masters = cluster.masters();
+    let (m, n, p) = (masters[0], masters[1], masters[2]);
+    let k = name_on(&cluster, m, "ordered", &[]);
+    let other = name_on(&cluster, n, "beside", &[]);
+    let sk = slot(k.as_bytes());
+    let mut client = redmux.raw().await;
+    assert_eq!(client.call(&["SET", &other, "o"]).await, "+OK\r\n");
+    // n takes the slot first, so that what m sends on is run there; m learns last, while
+    // the client's requests wait behind its pause.
+    let n_id = support::cluster::node_id(n);
+    start_move(sk, m, n);
+    set_owner(n, sk, &n_id);
+    pause(m, 1000);
+    let mover = std::thread::spawn({
+        let n_id = n_id.clone();
+        move || set_owner(m, sk, &n_id)
+    });
+    a_moment().await;
+    client.send(cmd(&["MGET", &k, &other])).await;
+    a_moment().await;
+    client.send(cmd(&["SET", &k, "new"])).await;
+    mover.join().unwrap();
+    // The MGET ran before the SET: k had no value yet.
+    assert_eq!(client.reply_str().await, "*2\r\n$-1\r\n$1\r\no\r\n");
+    assert_eq!(client.reply_str().await, "+OK\r\n");
+    assert_eq!(
+        Conn::connect(n).query(&["GET", &k]),
+        Resp::Bulk(b"new".to_vec())
+    );
+    set_owner(p, sk, &n_id);
+    cluster.wait_agreed();
+}
+
+/// A client logged in as a user of its own has connections to the masters as that user, and
+/// they close once it logs out, even with a request of its still on its way then: that
+/// request went to its node whole (its reply straight to the client, unseen by the router
+/// that sent it), and the router lets the user's connections go once it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_own_login_leaves_every_master_when_it_logs_out() {
+    let cluster = shared();
+    for port in cluster.masters() {
+        let reply = Conn::connect(port).query(&[
+            "ACL",
+            "SETUSER",
+            "leaver",
+            "on",
+            ">leaverpw",
+            "~*",
+            "&*",
+            "+@all",
+        ]);
+        assert_eq!(reply, Resp::Simple("OK".into()));
+    }
+    let redmux = start(&cluster).await;
+    // The connection redmux checks AUTH on stays logged in as the last user it checked (its
+    // last command AUTH): it carries nothing else.
+    let as_leaver = |port: u16| {
+        let list = Conn::connect(port).query(&["CLIENT", "LIST"]).text();
+        list.lines()
+            .filter(|l| l.contains(" user=leaver ") && !l.contains(" cmd=auth "))
+            .count()
+    };
+    let mut client = redmux.raw().await;
+    assert_eq!(
+        client.call(&["AUTH", "leaver", "leaverpw"]).await,
+        "+OK\r\n"
+    );
+    let keys = keys("leaver", 30);
+    for key in &keys {
+        assert_eq!(client.call(&["SET", key, "v"]).await, "+OK\r\n");
+    }
+    let mut mget = vec!["MGET"];
+    mget.extend(keys.iter().map(String::as_str));
+    assert!(client.call(&mget).await.starts_with("*30\r\n"));
+    for port in cluster.masters() {
+        assert!(as_leaver(port) > 0, "no connection as leaver on {port}");
+    }
+    // It logs out (RESET) with a request on its way, held by the node for a moment.
+    pause(owner(&cluster, &keys[0]), 300);
+    let mut last = cmd(&["GET", &keys[0]]);
+    last.extend(cmd(&["RESET"]));
+    client.send(&last).await;
+    assert_eq!(client.reply_str().await, "$1\r\nv\r\n");
+    assert_eq!(client.reply_str().await, "+RESET\r\n");
+    let deadline = support::Deadline::new();
+    while cluster.masters().into_iter().map(as_leaver).sum::<usize>() > 0 {
+        deadline.next_try("leaver's connections to close").await;
+    }
 }

@@ -685,7 +685,7 @@ impl State {
             count: count + added,
             queued_at: handed_at,
             timeout,
-            reply,
+            reply: reply.into(),
             budget: Some(self.budget.clone()),
         };
         let handed = match destination.try_send(request) {

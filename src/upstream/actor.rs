@@ -21,14 +21,14 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    sync::{mpsc, oneshot, watch},
+    sync::{mpsc, watch},
     time::{interval, sleep, sleep_until, Instant, MissedTickBehavior},
 };
 use tracing::{debug, info, warn, Instrument};
 
 use super::{
     connect::{open, ConnectError, Reader, Writer},
-    ActorSnapshot, Batch, Dial, Replies, Reply, Setup, Target, Timeouts, UpstreamError,
+    ActorSnapshot, Batch, Dial, Replies, ReplyTo, Setup, Target, Timeouts, UpstreamError,
 };
 use crate::{
     io::{outgoing::write_some, Budget},
@@ -157,7 +157,7 @@ struct InFlight {
     remaining: u32,
     /// Which of the replies in so far are errors (see [`Replies::errors`]).
     errors: u64,
-    reply: oneshot::Sender<Reply>,
+    reply: ReplyTo,
     budget: Option<Arc<Budget>>,
     /// Past this instant the connection is presumed stuck; `None`: a blocking command that may
     /// wait forever.
@@ -308,11 +308,15 @@ impl Actor {
         // Closing the channel marks the connection dead for the pool.
         self.rx.close();
         for request in self.waiting.drain(..) {
-            let _ = request.reply.send(Err(UpstreamError::ConnectionLost));
+            request
+                .reply
+                .deliver(Err(UpstreamError::ConnectionLost), None);
         }
         self.publish_queued();
         while let Some(request) = self.rx.recv().await {
-            let _ = request.reply.send(Err(UpstreamError::ConnectionLost));
+            request
+                .reply
+                .deliver(Err(UpstreamError::ConnectionLost), None);
         }
     }
 
@@ -341,7 +345,7 @@ impl Actor {
                             break;
                         }
                         if let Some(request) = self.waiting.pop_front() {
-                            let _ = request.reply.send(Err(UpstreamError::Unavailable));
+                            request.reply.deliver(Err(UpstreamError::Unavailable), None);
                         }
                     }
                     self.publish_queued();
@@ -535,17 +539,11 @@ impl Pipeline {
                 self.answered = true;
                 if let Some(done) = self.inflight.pop_front() {
                     // Replies a client has no room for are dropped here, not held for it.
-                    let within = done.budget.as_ref().is_none_or(|b| b.charge(replies.len()));
-                    let reply = if within {
-                        Ok(Replies {
-                            bytes: replies,
-                            errors: done.errors,
-                        })
-                    } else {
-                        Err(UpstreamError::OutputLimit)
+                    let replies = Replies {
+                        bytes: replies,
+                        errors: done.errors,
                     };
-                    // A client that has gone no longer wants its replies: they are dropped.
-                    let _ = done.reply.send(reply);
+                    done.reply.deliver(Ok(replies), done.budget.as_deref());
                 }
             }
         }
@@ -554,7 +552,7 @@ impl Pipeline {
     /// Fails every request written or queued on this connection.
     fn fail(&mut self, error: UpstreamError, why: Lost) -> Ended {
         for request in self.inflight.drain(..) {
-            let _ = request.reply.send(Err(error));
+            request.reply.deliver(Err(error), None);
         }
         self.owed = 0;
         Ended::Lost {
@@ -587,6 +585,8 @@ fn backoff(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::Reply;
+    use tokio::sync::oneshot;
 
     #[test]
     fn backoff_grows_to_the_cap_with_jitter() {
@@ -608,7 +608,7 @@ mod tests {
             count,
             queued_at: Instant::now(),
             timeout: Some(Duration::from_secs(1)),
-            reply,
+            reply: reply.into(),
             budget: None,
         };
         (request, rx)

@@ -74,9 +74,53 @@ pub struct Batch {
     /// forever, as Redis lets it.
     pub timeout: Option<Duration>,
     /// Completed with all `count` replies back to back, or with the error that ended them.
-    pub reply: oneshot::Sender<Reply>,
+    pub reply: ReplyTo,
     /// The client's output budget, charged with the replies as they are handed over.
     pub budget: Option<Arc<Budget>>,
+}
+
+/// Where the replies to a [`Batch`] go.
+#[derive(Debug)]
+pub enum ReplyTo {
+    /// The one who sent the batch: a client's session, or redmux's own call.
+    Sender(oneshot::Sender<Reply>),
+    /// A cluster router that sent the batch to one node: the replies go back to it, or
+    /// straight to the client whose batch it passed on whole (see [`cluster::Routed`]).
+    Router(Box<cluster::Routed>),
+}
+
+impl ReplyTo {
+    /// Nobody waits for these replies any more: the requests need not be written.
+    pub(crate) fn is_closed(&self) -> bool {
+        match self {
+            ReplyTo::Sender(sender) => sender.is_closed(),
+            ReplyTo::Router(routed) => routed.is_closed(),
+        }
+    }
+
+    /// Hands `reply` over. Replies for a client are first charged to its output `budget`;
+    /// past the limit they are dropped and the client gets [`UpstreamError::OutputLimit`].
+    pub(crate) fn deliver(self, reply: Reply, budget: Option<&Budget>) {
+        match self {
+            ReplyTo::Sender(sender) => {
+                let reply = match reply {
+                    Ok(replies) if budget.is_some_and(|b| !b.charge(replies.bytes.len())) => {
+                        Err(UpstreamError::OutputLimit)
+                    }
+                    other => other,
+                };
+                // A client that has gone no longer wants its replies: they are dropped.
+                let _ = sender.send(reply);
+            }
+            ReplyTo::Router(routed) => routed.deliver(reply),
+        }
+    }
+}
+
+impl From<oneshot::Sender<Reply>> for ReplyTo {
+    fn from(sender: oneshot::Sender<Reply>) -> Self {
+        ReplyTo::Sender(sender)
+    }
 }
 
 /// The replies to one [`Batch`].
@@ -788,7 +832,7 @@ pub(crate) async fn call(sender: &mpsc::Sender<Batch>, request: Bytes, timeout: 
         count: 1,
         queued_at: Instant::now(),
         timeout: Some(timeout),
-        reply,
+        reply: reply.into(),
         budget: None,
     };
     let sent = tokio::time::timeout(timeout, sender.send(request)).await;

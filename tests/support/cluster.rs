@@ -404,7 +404,6 @@ fn field<'a>(map: &'a Resp, name: &str) -> &'a Resp {
         .unwrap_or_else(|| panic!("no {name} in {map:?}"))
 }
 
-/// The node's id in the cluster.
 /// Starts moving `slot` from master `from` to master `to` (IMPORTING, MIGRATING).
 pub(crate) fn start_move(slot: u16, from: u16, to: u16) {
     let slot = slot.to_string();
@@ -423,6 +422,7 @@ pub(crate) fn set_owner(port: u16, slot: u16, id: &str) {
     assert_eq!(reply, Resp::Simple("OK".into()), "SETSLOT NODE on {port}");
 }
 
+/// The node's id in the cluster.
 pub(crate) fn node_id(port: u16) -> String {
     Conn::connect(port).query(&["CLUSTER", "MYID"]).text()
 }

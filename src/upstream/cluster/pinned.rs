@@ -35,7 +35,7 @@ use crate::{
         slot::slot,
     },
     resp::{encode_command, Args},
-    upstream::{Batch, Budget, Replies, Reply, UpstreamError},
+    upstream::{Batch, Budget, Replies, Reply, ReplyTo, UpstreamError},
 };
 
 /// EXEC's answer when a command queued before it was refused.
@@ -91,7 +91,7 @@ enum Piece {
 struct InFlight {
     rx: oneshot::Receiver<Reply>,
     pieces: Vec<Piece>,
-    reply: oneshot::Sender<Reply>,
+    reply: ReplyTo,
     /// The client's output budget, charged with the replies it is given.
     budget: Option<Arc<Budget>>,
     /// The client's request, to send again after a `-MOVED` (only when it is one request
@@ -203,7 +203,9 @@ impl Pinned {
 
     async fn accept(&mut self, request: Batch) {
         let Some(bounds) = requests(&request.frames, request.count) else {
-            let _ = request.reply.send(Err(UpstreamError::ConnectionLost));
+            request
+                .reply
+                .deliver(Err(UpstreamError::ConnectionLost), None);
             return;
         };
         let mut pieces = Vec::with_capacity(bounds.len());
@@ -358,7 +360,7 @@ impl Pinned {
         &mut self,
         wire: Bytes,
         pieces: Vec<Piece>,
-        reply: oneshot::Sender<Reply>,
+        reply: ReplyTo,
         queued_at: tokio::time::Instant,
         timeout: Option<std::time::Duration>,
         budget: Option<Arc<crate::upstream::Budget>>,
@@ -376,7 +378,7 @@ impl Pinned {
             );
         }
         let Some(node) = &self.node else {
-            let _ = reply.send(Err(UpstreamError::Unavailable));
+            reply.deliver(Err(UpstreamError::Unavailable), None);
             return;
         };
         let (tx, rx) = oneshot::channel();
@@ -385,12 +387,12 @@ impl Pinned {
             count: u32::try_from(count).unwrap_or(u32::MAX),
             queued_at,
             timeout,
-            reply: tx,
+            reply: tx.into(),
             budget: None,
         };
         if node.sender.send(request).await.is_err() {
             self.cluster.request_refresh();
-            let _ = reply.send(Err(UpstreamError::ConnectionLost));
+            reply.deliver(Err(UpstreamError::ConnectionLost), None);
             return;
         }
         self.inflight.push_back(InFlight {
@@ -410,7 +412,7 @@ impl Pinned {
             Ok(replies) => replies,
             Err(error) => {
                 self.cluster.refresh_if_lost(&error);
-                let _ = done.reply.send(Err(error));
+                done.reply.deliver(Err(error), None);
                 return;
             }
         };
@@ -449,7 +451,7 @@ impl Pinned {
             .filter(|p| !matches!(p, Piece::Local(_)))
             .count();
         let Some(bounds) = split_replies(&replies.bytes, remote) else {
-            let _ = done.reply.send(Err(UpstreamError::ConnectionLost));
+            done.reply.deliver(Err(UpstreamError::ConnectionLost), None);
             return;
         };
         let replies = assemble(&done.pieces, &replies.bytes, &bounds);
@@ -458,12 +460,8 @@ impl Pinned {
 }
 
 /// Gives the client `replies`, charged to its output budget.
-fn answer(reply: oneshot::Sender<Reply>, budget: Option<&Arc<Budget>>, replies: Replies) {
-    let within = budget.is_none_or(|budget| budget.charge(replies.bytes.len()));
-    let _ = reply.send(match within {
-        true => Ok(replies),
-        false => Err(UpstreamError::OutputLimit),
-    });
+fn answer(reply: ReplyTo, budget: Option<&Arc<Budget>>, replies: Replies) {
+    reply.deliver(Ok(replies), budget.map(|b| &**b));
 }
 
 /// The client's replies: local ones, and the node's (`bounds` in `bytes`), in order.

@@ -9,28 +9,27 @@
 //! and their replies are combined; SCAN walks the masters one after the other with a cursor
 //! that names the master; CLUSTER KEYSLOT is answered here.
 //!
-//! Each node's replies come back in the order its requests were sent, and the router reads
-//! them in that order, node by node. So when a node answers `-MOVED` (Redis did not run the
-//! request) the resend to the new owner is queued before any later request the router reads
-//! from that node, and requests for one slot stay in order. `-ASK` is followed once with
-//! `ASKING`, `-TRYAGAIN` is retried with a growing delay, a bounded number of times. A request
-//! whose node connection was lost is never resent: it may have run.
+//! A client's batch whose requests all go to one node (the usual case: one request, one key)
+//! is passed to that node's actor whole, with the client's own reply channel: when none of its
+//! replies is an error, the actor answers the client itself, and the router never sees the
+//! replies. Everything else a node's actor hands back to the router: the replies to what the
+//! router split, and a passed-on batch's replies when one is an error (a redirect, or an
+//! ordinary error) or the connection failed. They come back on one channel, each actor's in
+//! the order its requests were written, so the router reads each node's replies in order. So
+//! when a node answers `-MOVED` (Redis did not run the request) the resend to the new owner is
+//! queued before any later request the router reads from that node, and requests for one slot
+//! stay in order. `-ASK` is followed once with `ASKING`, `-TRYAGAIN` is retried with a growing
+//! delay, a bounded number of times. A request whose node connection was lost is never
+//! resent: it may have run.
 
 pub(super) mod combine;
 pub(super) mod redirects;
 
-use std::{
-    collections::{HashMap, VecDeque},
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::{
-    sync::{mpsc, oneshot, watch},
+    sync::{mpsc, watch},
     time::{sleep_until, Instant},
 };
 use tracing::Instrument;
@@ -45,7 +44,7 @@ use crate::{
         slot::slot,
     },
     resp::{encode_command, parse_int, Args},
-    upstream::{Batch, Budget, Replies, Reply, UpstreamError},
+    upstream::{Batch, Budget, Replies, Reply, ReplyTo, UpstreamError},
 };
 
 /// Messages taken off the channel at once.
@@ -56,6 +55,9 @@ const MAX_REDIRECTS: u8 = 5;
 const MAX_TRYAGAIN: u8 = 6;
 /// The first TRYAGAIN delay; each retry doubles it (20 ms .. 640 ms, 1.26 s in all).
 const TRYAGAIN_FIRST: Duration = Duration::from_millis(20);
+/// How often a router whose clients have all left looks whether the batches it passed on
+/// are answered, so that it can end.
+const LINGER: Duration = Duration::from_millis(100);
 /// Bits of a SCAN cursor given to the master's own cursor; the bits above name the master.
 /// Redis's cursor never reaches them: it is below the size of the node's hash table.
 const CURSOR_BITS: u32 = 56;
@@ -74,9 +76,12 @@ pub(in crate::upstream) fn spawn(
 ) {
     let map_rx = cluster.subscribe();
     let topology = map_rx.borrow().clone();
+    let (back, returns) = mpsc::unbounded_channel();
     let router = Router {
         rx,
         closed: false,
+        back,
+        returns,
         cluster,
         map_rx,
         map_open: true,
@@ -94,12 +99,18 @@ pub(in crate::upstream) fn spawn(
     tokio::spawn(router.run().instrument(span));
 }
 
-/// One node's actor and what the router has sent it, oldest first.
-struct NodeConn {
+/// Where a node listens: shared by everything sent to it, for a redirect that names no host
+/// (it means the node's own) and for a TRYAGAIN sent there again.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct NodeAddr {
     pub(super) host: String,
     pub(super) port: u16,
+}
+
+/// One node's actor.
+struct NodeConn {
+    pub(super) addr: Arc<NodeAddr>,
     pub(super) sender: mpsc::Sender<Batch>,
-    pub(super) inflight: VecDeque<Job>,
 }
 
 /// Which part of a batch a message to a node answers.
@@ -112,7 +123,9 @@ enum Unit {
 }
 
 /// A message sent to a node, waiting for its replies.
+#[derive(Debug)]
 struct Job {
+    /// The batch it answers (for a passed-on batch, given when it comes back).
     pub(super) batch: u64,
     pub(super) unit: Unit,
     /// The requests as the client sent them (without the ASKING put in front).
@@ -121,7 +134,77 @@ struct Job {
     pub(super) tries: u8,
     /// `ASKING` went first: its `+OK` is not the client's.
     pub(super) asking: bool,
-    pub(super) rx: oneshot::Receiver<Reply>,
+}
+
+/// How a node's actor hands the replies to a router's message back (see [`ReplyTo::Router`]).
+#[derive(Debug)]
+pub struct Routed {
+    back: mpsc::UnboundedSender<Returned>,
+    node: Arc<NodeAddr>,
+    job: Job,
+    /// A client's whole batch, passed on: the actor answers the client itself when no reply
+    /// is an error.
+    client: Option<Client>,
+}
+
+/// The client of a batch passed on whole to a node.
+#[derive(Debug)]
+struct Client {
+    reply: ReplyTo,
+    budget: Option<Arc<Budget>>,
+    /// When the replies are due.
+    deadline: Option<Instant>,
+}
+
+/// Replies a node's actor gave back to the router.
+#[derive(Debug)]
+struct Returned {
+    node: Arc<NodeAddr>,
+    job: Job,
+    client: Option<Client>,
+    reply: Reply,
+}
+
+impl Routed {
+    pub(in crate::upstream) fn is_closed(&self) -> bool {
+        match &self.client {
+            Some(client) => client.reply.is_closed(),
+            None => self.back.is_closed(),
+        }
+    }
+
+    /// Called by the node's actor with the replies (or the error that ended them).
+    pub(in crate::upstream) fn deliver(self, reply: Reply) {
+        let Routed {
+            back,
+            node,
+            job,
+            client,
+        } = self;
+        // A reply past the 64th is not marked as an error: a batch that long is never
+        // passed on whole.
+        let clean = matches!(&reply, Ok(replies) if replies.errors == 0);
+        match client {
+            Some(client) if clean => client.reply.deliver(reply, client.budget.as_deref()),
+            client => {
+                let returned = Returned {
+                    node,
+                    job,
+                    client,
+                    reply,
+                };
+                // The router ends once every client of its target has left; a client that
+                // left with a request on its way gets what the node said.
+                if let Err(mpsc::error::SendError(returned)) = back.send(returned) {
+                    if let Some(client) = returned.client {
+                        client
+                            .reply
+                            .deliver(returned.reply, client.budget.as_deref());
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A request to send again later (TRYAGAIN).
@@ -138,7 +221,7 @@ struct Retry {
 
 /// A client's batch, being answered: its replies as the nodes send them.
 struct Answering {
-    pub(super) reply: oneshot::Sender<Reply>,
+    pub(super) reply: ReplyTo,
     pub(super) budget: Option<Arc<Budget>>,
     /// When the replies are due: resends get only what is left of it.
     pub(super) deadline: Option<Instant>,
@@ -177,6 +260,9 @@ enum Route {
 struct Router {
     pub(super) rx: mpsc::Receiver<Batch>,
     pub(super) closed: bool,
+    /// Where the nodes' actors give replies back (see [`Routed`]).
+    pub(super) back: mpsc::UnboundedSender<Returned>,
+    pub(super) returns: mpsc::UnboundedReceiver<Returned>,
     pub(super) cluster: Arc<Cluster>,
     pub(super) map_rx: watch::Receiver<Option<Arc<Topology>>>,
     /// The map's sender lives: while it does, changes are followed.
@@ -198,20 +284,27 @@ struct Router {
 impl Router {
     pub(super) async fn run(mut self) {
         let mut incoming = Vec::with_capacity(BATCH);
+        let mut returned = Vec::with_capacity(BATCH);
         loop {
-            if self.closed && self.batches.is_empty() {
+            // Every client has left and every batch answered here is done: the router ends
+            // once the batches it passed on whole are answered too. Those it cannot see
+            // (their replies go to the client), so it looks again from time to time.
+            let done = self.closed && self.batches.is_empty();
+            if done && self.back.strong_count() == 1 {
                 return;
             }
             let next_retry = self.retries.iter().map(|r| r.at).min();
             tokio::select! {
                 n = self.rx.recv_many(&mut incoming, BATCH), if !self.closed => {
                     self.closed = n == 0;
-                    for request in std::mem::take(&mut incoming) {
+                    for request in incoming.drain(..) {
                         self.accept(request).await;
                     }
                 }
-                (node, job, reply) = NextReply { nodes: &mut self.nodes } => {
-                    self.answered(node, job, reply).await;
+                _ = self.returns.recv_many(&mut returned, BATCH) => {
+                    for back in returned.drain(..) {
+                        self.returned(back).await;
+                    }
                 }
                 changed = self.map_rx.changed(), if self.map_open => match changed {
                     Ok(()) => self.new_map(),
@@ -220,12 +313,14 @@ impl Router {
                 _ = sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {
                     self.retry_due().await;
                 }
+                _ = tokio::time::sleep(LINGER), if done => {}
             }
         }
     }
 
     /// Follows a new slot map: MOVED's corrections are part of it (or outdated), and nodes no
-    /// longer masters are let go once they have answered everything.
+    /// longer masters are let go (their actors end once they have answered what they were
+    /// sent).
     pub(super) fn new_map(&mut self) {
         self.topology = self.map_rx.borrow_and_update().clone();
         self.moved.clear();
@@ -234,8 +329,11 @@ impl Router {
                 .filter_map(|at| t.master_addr(at))
                 .collect()
         });
+        // A node dropped here finishes what it was sent before its actor ends.
         self.nodes.retain(|node| {
-            !node.inflight.is_empty() || masters.contains(&(node.host.clone(), node.port))
+            masters
+                .iter()
+                .any(|(host, port)| node.addr.port == *port && node.addr.host == *host)
         });
         self.masters = vec![None; masters.len()];
     }
@@ -245,17 +343,16 @@ impl Router {
         if let Some(at) = self
             .nodes
             .iter()
-            .position(|n| n.port == port && n.host == host)
+            .position(|n| n.addr.port == port && n.addr.host == host)
         {
             return Some(at);
         }
         let sender = (self.spawner)(host, port)?;
-        self.nodes.push(NodeConn {
+        let addr = Arc::new(NodeAddr {
             host: host.to_owned(),
             port,
-            sender,
-            inflight: VecDeque::new(),
         });
+        self.nodes.push(NodeConn { addr, sender });
         Some(self.nodes.len() - 1)
     }
 
@@ -296,35 +393,51 @@ impl Router {
         self.master(self.round_robin)
     }
 
-    /// Takes a client's batch: every request routed, each reply slot waiting or filled.
+    /// Takes a client's batch: passed on whole when every request goes to one node, else
+    /// every request routed and each reply slot waiting or filled.
     pub(super) async fn accept(&mut self, request: Batch) {
         if request.reply.is_closed() {
             return;
         }
-        let Some(bounds) = requests(&request.frames, request.count) else {
-            let _ = request.reply.send(Err(UpstreamError::ConnectionLost));
-            return;
+        let Batch {
+            frames,
+            count,
+            queued_at,
+            timeout,
+            reply,
+            budget,
+        } = request;
+        let client = Client {
+            reply,
+            budget,
+            deadline: timeout.map(|t| queued_at + t),
         };
-        let id = self.next_batch;
-        self.next_batch = self.next_batch.wrapping_add(1);
+        let (bounds, routes) = if count == 1 {
+            let route = self.route(&frames);
+            if let Route::Node(node) = route {
+                return self.pass_on(node, frames, 1, client).await;
+            }
+            (vec![(0, frames.len())], vec![route])
+        } else {
+            let Some(bounds) = requests(&frames, count) else {
+                return client
+                    .reply
+                    .deliver(Err(UpstreamError::ConnectionLost), None);
+            };
+            let routes: Vec<Route> = bounds
+                .iter()
+                .map(|&(from, to)| self.route(&frames[from..to]))
+                .collect();
+            if let Some(node) = one_node(&routes) {
+                return self.pass_on(node, frames, routes.len(), client).await;
+            }
+            (bounds, routes)
+        };
         let count = bounds.len();
-        self.batches.insert(
-            id,
-            Answering {
-                reply: request.reply,
-                budget: request.budget,
-                deadline: request.timeout.map(|t| request.queued_at + t),
-                filled: vec![None; count],
-                missing: count,
-                errors: 0,
-                fanouts: HashMap::new(),
-            },
-        );
-        let frames = request.frames;
+        let id = self.open(client, count);
         // A run of consecutive requests for one node: (node, first request, its offset).
         let mut run: Option<(usize, usize, usize)> = None;
-        for (index, &(from, to)) in bounds.iter().enumerate() {
-            let route = self.route(&frames[from..to]);
+        for (index, (&(from, _), route)) in bounds.iter().zip(routes).enumerate() {
             if let (Route::Node(node), Some((run_node, _, _))) = (&route, run) {
                 if *node == run_node {
                     continue;
@@ -367,6 +480,65 @@ impl Router {
                 .await;
         }
         self.finish_if_done(id);
+    }
+
+    /// Starts answering a client's batch of `count` requests here; its id.
+    pub(super) fn open(&mut self, client: Client, count: usize) -> u64 {
+        let id = self.next_batch;
+        self.next_batch = self.next_batch.wrapping_add(1);
+        self.batches.insert(
+            id,
+            Answering {
+                reply: client.reply,
+                budget: client.budget,
+                deadline: client.deadline,
+                filled: vec![None; count],
+                missing: count,
+                errors: 0,
+                fanouts: HashMap::new(),
+            },
+        );
+        id
+    }
+
+    /// Passes a client's batch of `count` requests, all for node `node`, on to it whole.
+    pub(super) async fn pass_on(
+        &mut self,
+        node: usize,
+        frames: Bytes,
+        count: usize,
+        client: Client,
+    ) {
+        let job = Job {
+            batch: 0,
+            unit: Unit::Range {
+                start: 0,
+                len: count,
+            },
+            frames,
+            redirects: 0,
+            tries: 0,
+            asking: false,
+        };
+        self.post(node, job, Some(client)).await;
+    }
+
+    /// A node's actor gave replies back: a batch passed on whole is answered here from now on.
+    pub(super) async fn returned(&mut self, returned: Returned) {
+        let Returned {
+            node,
+            mut job,
+            client,
+            reply,
+        } = returned;
+        if let Some(client) = client {
+            let len = match job.unit {
+                Unit::Range { len, .. } => len,
+                Unit::Part { .. } => 1,
+            };
+            job.batch = self.open(client, len);
+        }
+        self.answered(&node, job, reply).await;
     }
 
     /// Where one request goes.
@@ -463,8 +635,7 @@ impl Router {
         Route::Local(Bytes::from_static(CLUSTERDOWN))
     }
 
-    /// Sends `frames` (the requests of `unit`) to node `node`, with only what is left of the
-    /// batch's time to answer.
+    /// Sends `frames` (the requests of `unit`) to node `node`.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn send(
         &mut self,
@@ -476,65 +647,86 @@ impl Router {
         tries: u8,
         asking: bool,
     ) {
-        let Some(deadline) = self.batches.get(&batch).map(|b| b.deadline) else {
-            return;
+        let job = Job {
+            batch,
+            unit,
+            frames,
+            redirects,
+            tries,
+            asking,
+        };
+        self.post(node, job, None).await;
+    }
+
+    /// Puts `job` on node `node`'s channel, with only what is left of its batch's time to
+    /// answer: the time of `client`'s batch when it is one passed on whole.
+    pub(super) async fn post(&mut self, node: usize, job: Job, client: Option<Client>) {
+        let deadline = match &client {
+            Some(client) => client.deadline,
+            None => match self.batches.get(&job.batch) {
+                Some(b) => b.deadline,
+                None => return,
+            },
         };
         let now = Instant::now();
         let timeout = deadline.map(|d| d.saturating_duration_since(now));
         if timeout.is_some_and(|t| t.is_zero()) {
-            return self.fail(batch, unit, UpstreamError::Timeout);
+            return self.not_sent(job, client, UpstreamError::Timeout);
         }
-        let len = match unit {
+        let Some(conn) = self.nodes.get(node) else {
+            return self.not_sent(job, client, UpstreamError::Unavailable);
+        };
+        let len = match job.unit {
             Unit::Range { len, .. } => len,
             Unit::Part { .. } => 1,
         };
-        let (wire, count) = if asking {
-            let mut wire = BytesMut::with_capacity(frames.len() + 20);
+        let (wire, count) = if job.asking {
+            let mut wire = BytesMut::with_capacity(job.frames.len() + 20);
             wire.put_slice(b"*1\r\n$6\r\nASKING\r\n");
-            wire.put_slice(&frames);
+            wire.put_slice(&job.frames);
             (wire.freeze(), len + 1)
         } else {
-            (frames.clone(), len)
+            (job.frames.clone(), len)
         };
-        let (reply, rx) = oneshot::channel();
+        let sender = conn.sender.clone();
+        let routed = Routed {
+            back: self.back.clone(),
+            node: conn.addr.clone(),
+            job,
+            client,
+        };
         let request = Batch {
             frames: wire,
             count: u32::try_from(count).unwrap_or(u32::MAX),
             queued_at: now,
             timeout,
-            reply,
+            reply: ReplyTo::Router(Box::new(routed)),
             budget: None,
         };
-        let Some(conn) = self.nodes.get(node) else {
-            return self.fail(batch, unit, UpstreamError::Unavailable);
-        };
-        let sender = conn.sender.clone();
-        let sent = match sender.try_send(request) {
-            Ok(()) => true,
+        let refused = match sender.try_send(request) {
+            Ok(()) => return,
             Err(mpsc::error::TrySendError::Full(request)) => {
                 // The node is behind: wait, within the time the batch has, which holds back
                 // the clients of this router as a busy Redis would.
                 let wait = timeout.unwrap_or(Duration::from_secs(5));
-                matches!(
-                    tokio::time::timeout(wait, sender.send(request)).await,
-                    Ok(Ok(()))
-                )
+                match tokio::time::timeout(wait, sender.reserve()).await {
+                    Ok(Ok(permit)) => return permit.send(request),
+                    _ => request,
+                }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Closed(request)) => request,
         };
-        if !sent {
-            return self.fail(batch, unit, UpstreamError::Unavailable);
+        if let ReplyTo::Router(routed) = refused.reply {
+            let Routed { job, client, .. } = *routed;
+            self.not_sent(job, client, UpstreamError::Unavailable);
         }
-        if let Some(conn) = self.nodes.get_mut(node) {
-            conn.inflight.push_back(Job {
-                batch,
-                unit,
-                frames,
-                redirects,
-                tries,
-                asking,
-                rx,
-            });
+    }
+
+    /// A job that could not be sent: its requests get `error`.
+    pub(super) fn not_sent(&mut self, job: Job, client: Option<Client>, error: UpstreamError) {
+        match client {
+            Some(client) => client.reply.deliver(Err(error), None),
+            None => self.fail(job.batch, job.unit, error),
         }
     }
 
@@ -629,43 +821,26 @@ impl Router {
                 out.freeze()
             }
         };
-        let within = b
-            .budget
-            .as_ref()
-            .is_none_or(|budget| budget.charge(bytes.len()));
-        let reply = match within {
-            true => Ok(Replies {
-                bytes,
-                errors: b.errors,
-            }),
-            false => Err(UpstreamError::OutputLimit),
+        let replies = Replies {
+            bytes,
+            errors: b.errors,
         };
-        let _ = b.reply.send(reply);
+        b.reply.deliver(Ok(replies), b.budget.as_deref());
     }
 }
 
-/// The next node reply, reading each node's replies in the order its requests were sent.
-struct NextReply<'a> {
-    nodes: &'a mut Vec<NodeConn>,
-}
-
-impl Future for NextReply<'_> {
-    type Output = (usize, Job, Reply);
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        for (at, node) in self.nodes.iter_mut().enumerate() {
-            let Some(job) = node.inflight.front_mut() else {
-                continue;
-            };
-            if let Poll::Ready(reply) = Pin::new(&mut job.rx).poll(cx) {
-                let reply = reply.unwrap_or(Err(UpstreamError::ConnectionLost));
-                if let Some(job) = node.inflight.pop_front() {
-                    return Poll::Ready((at, job, reply));
-                }
-            }
-        }
-        Poll::Pending
+/// The node every request of a batch goes to, if it is one, and the batch is short enough for
+/// its errors to be marked (see [`Replies::errors`]).
+fn one_node(routes: &[Route]) -> Option<usize> {
+    if routes.len() > 64 {
+        return None;
     }
+    let mut nodes = routes.iter().map(|route| match route {
+        Route::Node(node) => Some(*node),
+        _ => None,
+    });
+    let first = nodes.next()??;
+    nodes.all(|node| node == Some(first)).then_some(first)
 }
 
 /// CLUSTER: KEYSLOT is answered here; redmux shows the cluster as one Redis, so the other

@@ -7,7 +7,8 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::{
-    combine::split_replies, Job, Retry, Router, Unit, MAX_REDIRECTS, MAX_TRYAGAIN, TRYAGAIN_FIRST,
+    combine::split_replies, Job, NodeAddr, Retry, Router, Unit, MAX_REDIRECTS, MAX_TRYAGAIN,
+    TRYAGAIN_FIRST,
 };
 use crate::{
     cluster::redirect::{redirect, Redirect},
@@ -16,7 +17,7 @@ use crate::{
 
 impl Router {
     /// A node answered `job` (or failed to).
-    pub(super) async fn answered(&mut self, node: usize, job: Job, reply: Reply) {
+    pub(super) async fn answered(&mut self, node: &NodeAddr, job: Job, reply: Reply) {
         let Job {
             batch,
             unit,
@@ -24,7 +25,6 @@ impl Router {
             redirects,
             tries,
             asking,
-            ..
         } = job;
         if !self.batches.contains_key(&batch) {
             return;
@@ -86,7 +86,7 @@ impl Router {
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn reply_or_redirect(
         &mut self,
-        node: usize,
+        node: &NodeAddr,
         batch: u64,
         unit: Unit,
         request: Bytes,
@@ -97,7 +97,7 @@ impl Router {
         match redirect(&reply) {
             Some(Redirect::Moved { slot, host, port }) if redirects < MAX_REDIRECTS => {
                 self.cluster.request_refresh();
-                let host = self.host_or(node, host);
+                let host = Self::host_or(node, host);
                 if let Some(to) = self.node(&host, port) {
                     self.moved.insert(slot, to);
                     debug!(slot, %host, port, "MOVED: resending to the new owner");
@@ -107,7 +107,7 @@ impl Router {
                 }
             }
             Some(Redirect::Ask { host, port, .. }) if redirects < MAX_REDIRECTS => {
-                let host = self.host_or(node, host);
+                let host = Self::host_or(node, host);
                 if let Some(to) = self.node(&host, port) {
                     return self
                         .send(to, batch, unit, request, redirects + 1, tries, true)
@@ -115,19 +115,17 @@ impl Router {
                 }
             }
             Some(Redirect::TryAgain) if tries < MAX_TRYAGAIN => {
-                if let Some(conn) = self.nodes.get(node) {
-                    self.retries.push(Retry {
-                        at: Instant::now() + TRYAGAIN_FIRST * (1 << tries),
-                        host: conn.host.clone(),
-                        port: conn.port,
-                        batch,
-                        unit,
-                        frames: request,
-                        redirects,
-                        tries: tries + 1,
-                    });
-                    return;
-                }
+                self.retries.push(Retry {
+                    at: Instant::now() + TRYAGAIN_FIRST * (1 << tries),
+                    host: node.host.clone(),
+                    port: node.port,
+                    batch,
+                    unit,
+                    frames: request,
+                    redirects,
+                    tries: tries + 1,
+                });
+                return;
             }
             _ => {}
         }
@@ -139,13 +137,9 @@ impl Router {
 
     /// The host a redirect names, or, when Redis left it out (an unknown endpoint), the host
     /// of the node that redirected.
-    pub(super) fn host_or(&self, node: usize, host: String) -> String {
+    pub(super) fn host_or(node: &NodeAddr, host: String) -> String {
         match host.is_empty() {
-            true => self
-                .nodes
-                .get(node)
-                .map(|n| n.host.clone())
-                .unwrap_or_default(),
+            true => node.host.clone(),
             false => host,
         }
     }
