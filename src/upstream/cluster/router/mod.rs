@@ -122,6 +122,16 @@ enum Unit {
     Part { index: usize, part: usize },
 }
 
+impl Unit {
+    /// The requests it holds.
+    fn len(self) -> usize {
+        match self {
+            Unit::Range { len, .. } => len,
+            Unit::Part { .. } => 1,
+        }
+    }
+}
+
 /// A message sent to a node, waiting for its replies.
 #[derive(Debug)]
 struct Job {
@@ -532,11 +542,7 @@ impl Router {
             reply,
         } = returned;
         if let Some(client) = client {
-            let len = match job.unit {
-                Unit::Range { len, .. } => len,
-                Unit::Part { .. } => 1,
-            };
-            job.batch = self.open(client, len);
+            job.batch = self.open(client, job.unit.len());
         }
         self.answered(&node, job, reply).await;
     }
@@ -676,10 +682,7 @@ impl Router {
         let Some(conn) = self.nodes.get(node) else {
             return self.not_sent(job, client, UpstreamError::Unavailable);
         };
-        let len = match job.unit {
-            Unit::Range { len, .. } => len,
-            Unit::Part { .. } => 1,
-        };
+        let len = job.unit.len();
         let (wire, count) = if job.asking {
             let mut wire = BytesMut::with_capacity(job.frames.len() + 20);
             wire.put_slice(b"*1\r\n$6\r\nASKING\r\n");
