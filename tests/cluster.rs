@@ -1299,6 +1299,114 @@ async fn requests_redirected_together_are_resent_in_their_order() {
     cluster.wait_agreed();
 }
 
+/// Holds every write command on node `port` for `ms` milliseconds (CLIENT PAUSE WRITE): the
+/// connection that sent one waits behind it, other connections are served.
+fn pause_writes(port: u16, ms: u64) {
+    let reply = Conn::connect(port).query(&["CLIENT", "PAUSE", &ms.to_string(), "WRITE"]);
+    assert_eq!(reply, Resp::Simple("OK".into()));
+}
+
+/// How many times node `port` answered `-TRYAGAIN`.
+fn tryagains(port: u16) -> u64 {
+    let info = Conn::connect(port).query(&["INFO", "errorstats"]).text();
+    info.lines()
+        .find_map(|line| line.strip_prefix("errorstat_TRYAGAIN:count="))
+        .map_or(0, |count| count.trim().parse().unwrap())
+}
+
+/// The slot map changes redmux has read, from its `/status`.
+async fn map_changes(admin: std::net::SocketAddr) -> u64 {
+    let status: serde_json::Value =
+        serde_json::from_str(&support::http_get(admin, "/status").await).unwrap();
+    status["cluster"]["map_changes"].as_u64().unwrap()
+}
+
+/// A client's request for a slot runs after the ones it sent for that slot before, even when
+/// the slot moved in between: redmux holds it until the old master has answered (and redmux
+/// resent) what it was sent, and until a request tried again after `-TRYAGAIN` has its
+/// answer. Without that, the later request runs on the new master at once and the earlier
+/// one, resent, overwrites it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_after_its_slot_moved_runs_after_those_before_it() {
+    let cluster = Cluster::start();
+    let mut config = config(&cluster);
+    config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    let redmux = Redmux::start_with(config).await;
+    let admin = redmux.metrics.expect("the admin endpoint is bound");
+    let masters = cluster.masters();
+    let (m, n, p) = (masters[0], masters[1], masters[2]);
+    let n_id = support::cluster::node_id(n);
+    let owned_by_n = |slot: u16| {
+        for port in [n, m, p] {
+            set_owner(port, slot, &n_id);
+        }
+    };
+    let mut client = redmux.raw().await;
+
+    // A new map: the first SET waits on m (paused) when the slot goes to n, and redmux reads
+    // the new map (another connection's GET met -MOVED) before the second SET comes.
+    let k = name_on(&cluster, m, "ordered", &[]);
+    let sk = slot(k.as_bytes());
+    let changes = map_changes(admin).await;
+    pause_writes(m, 1000);
+    client.send(cmd(&["SET", &k, "1"])).await;
+    a_moment().await;
+    start_move(sk, m, n);
+    owned_by_n(sk);
+    let mut resp3 = redmux.raw().await;
+    resp3.call(&["HELLO", "3"]).await;
+    assert_eq!(resp3.call(&["GET", &format!("{{{k}}}x")]).await, "_\r\n");
+    let deadline = support::Deadline::new();
+    while map_changes(admin).await == changes {
+        deadline.next_try("redmux reads the new map").await;
+    }
+    client.send(cmd(&["SET", &k, "2"])).await;
+    assert_eq!(client.reply_str().await, "+OK\r\n");
+    assert_eq!(client.reply_str().await, "+OK\r\n");
+    assert_eq!(
+        Conn::connect(n).query(&["GET", &k]),
+        Resp::Bulk(b"2".to_vec())
+    );
+
+    // -TRYAGAIN: a MSET whose slot is half moved is tried again, and the SET sent after it
+    // waits for its answer instead of running on m at once.
+    let tag = name_on(&cluster, m, "held", &[]);
+    let (a, b) = (format!("{{{tag}}}a"), format!("{{{tag}}}b"));
+    let st = slot(a.as_bytes());
+    for key in [&a, &b] {
+        assert_eq!(client.call(&["SET", key, "0"]).await, "+OK\r\n");
+    }
+    start_move(st, m, n);
+    let port = n.to_string();
+    let migrate = |key: &str| {
+        let args = ["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", key];
+        assert_eq!(Conn::connect(m).query(&args), Resp::Simple("OK".into()));
+    };
+    migrate(&b);
+    let before = tryagains(m);
+    client.send(cmd(&["MSET", &a, "1", &b, "1"])).await;
+    let deadline = support::Deadline::new();
+    while tryagains(m) == before {
+        deadline.next_try_blocking("m answers -TRYAGAIN");
+    }
+    a_moment().await;
+    client.send(cmd(&["SET", &a, "2"])).await;
+    a_moment().await;
+    migrate(&a);
+    owned_by_n(st);
+    assert_eq!(client.reply_str().await, "+OK\r\n");
+    assert_eq!(client.reply_str().await, "+OK\r\n");
+    assert_eq!(
+        Conn::connect(n).query(&["GET", &a]),
+        Resp::Bulk(b"2".to_vec())
+    );
+    assert_eq!(
+        Conn::connect(n).query(&["GET", &b]),
+        Resp::Bulk(b"1".to_vec())
+    );
+    cluster.wait_agreed();
+}
+
 /// A client logged in as a user of its own has connections to the masters as that user, and
 /// they close once it logs out, even with a request of its still on its way then: that
 /// request went to its node whole (its reply straight to the client, unseen by the router

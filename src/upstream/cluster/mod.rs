@@ -121,6 +121,11 @@ impl Cluster {
         &self.seeds
     }
 
+    /// How long a request may wait for its reply (`request_timeout`).
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.timeouts.request
+    }
+
     /// The map routers follow.
     pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Arc<Topology>>> {
         self.map.subscribe()

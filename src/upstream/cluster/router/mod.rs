@@ -23,6 +23,7 @@
 //! resent: it may have run.
 
 pub(super) mod combine;
+pub(super) mod holds;
 pub(super) mod redirects;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -34,14 +35,17 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use self::combine::{merge, random, requests};
+use self::{
+    combine::{merge, random, requests},
+    holds::{Held, Holds, Token, Touch},
+};
 use super::{Cluster, Topology};
 use crate::{
     cluster::{
         keys::{self, Combine, Scope, SlotOf},
         plan::{Plan, CLUSTERDOWN, CROSSSLOT},
         reply::elements,
-        slot::slot,
+        slot::{slot, SLOTS},
     },
     resp::{encode_command, parse_int, Args},
     upstream::{Batch, Budget, Replies, Reply, ReplyTo, UpstreamError},
@@ -58,6 +62,8 @@ const TRYAGAIN_FIRST: Duration = Duration::from_millis(20);
 /// How often a router whose clients have all left looks whether the batches it passed on
 /// are answered, so that it can end.
 const LINGER: Duration = Duration::from_millis(100);
+/// A fence (see [`holds`]).
+const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 /// Bits of a SCAN cursor given to the master's own cursor; the bits above name the master.
 /// Redis's cursor never reaches them: it is below the size of the node's hash table.
 const CURSOR_BITS: u32 = 56;
@@ -94,6 +100,7 @@ pub(in crate::upstream) fn spawn(
         retries: Vec::new(),
         spawner,
         round_robin: 0,
+        holds: Holds::default(),
     };
     let span = tracing::info_span!("cluster_router", id);
     tokio::spawn(router.run().instrument(span));
@@ -120,6 +127,9 @@ enum Unit {
     Range { start: usize, len: usize },
     /// Part `part` of request `index`, which was split or sent to several masters.
     Part { index: usize, part: usize },
+    /// No client's: a `PING` behind what a node was sent before a gate closed (see
+    /// [`holds`]).
+    Fence,
 }
 
 impl Unit {
@@ -127,7 +137,7 @@ impl Unit {
     fn len(self) -> usize {
         match self {
             Unit::Range { len, .. } => len,
-            Unit::Part { .. } => 1,
+            Unit::Part { .. } | Unit::Fence => 1,
         }
     }
 }
@@ -144,6 +154,23 @@ struct Job {
     pub(super) tries: u8,
     /// `ASKING` went first: its `+OK` is not the client's.
     pub(super) asking: bool,
+    /// A gate that stays closed while the job is on its way (see [`holds`]).
+    pub(super) hold: Option<Token>,
+}
+
+impl Job {
+    /// A new message for requests `frames` of `unit` of batch `batch`.
+    fn new(batch: u64, unit: Unit, frames: Bytes) -> Job {
+        Job {
+            batch,
+            unit,
+            frames,
+            redirects: 0,
+            tries: 0,
+            asking: false,
+            hold: None,
+        }
+    }
 }
 
 /// How a node's actor hands the replies to a router's message back (see [`ReplyTo::Router`]).
@@ -220,13 +247,8 @@ impl Routed {
 /// A request to send again later (TRYAGAIN).
 struct Retry {
     pub(super) at: Instant,
-    pub(super) host: String,
-    pub(super) port: u16,
-    pub(super) batch: u64,
-    pub(super) unit: Unit,
-    pub(super) frames: Bytes,
-    pub(super) redirects: u8,
-    pub(super) tries: u8,
+    pub(super) node: Arc<NodeAddr>,
+    pub(super) job: Job,
 }
 
 /// A client's batch, being answered: its replies as the nodes send them.
@@ -289,6 +311,8 @@ struct Router {
     pub(super) spawner: Spawner,
     /// Where the next keyless request goes.
     pub(super) round_robin: usize,
+    /// Requests waiting for those before them in their slot (see [`holds`]).
+    pub(super) holds: Holds,
 }
 
 impl Router {
@@ -303,7 +327,15 @@ impl Router {
             if done && self.back.strong_count() == 1 {
                 return;
             }
+            if self.holds.open() {
+                self.release().await;
+            }
             let next_retry = self.retries.iter().map(|r| r.at).min();
+            let held_due = self.holds.next_deadline();
+            // A gate's token dropped outside the router (an actor that ended with the fence
+            // unanswered) wakes nothing: while a gate is closed the router looks from time to
+            // time.
+            let gated = self.holds.gated();
             tokio::select! {
                 n = self.rx.recv_many(&mut incoming, BATCH), if !self.closed => {
                     self.closed = n == 0;
@@ -317,28 +349,36 @@ impl Router {
                     }
                 }
                 changed = self.map_rx.changed(), if self.map_open => match changed {
-                    Ok(()) => self.new_map(),
+                    Ok(()) => self.new_map().await,
                     Err(_) => self.map_open = false,
                 },
                 _ = sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {
                     self.retry_due().await;
                 }
-                _ = tokio::time::sleep(LINGER), if done => {}
+                _ = sleep_until(held_due.unwrap_or_else(Instant::now)), if held_due.is_some() => {
+                    self.expire_held().await;
+                }
+                _ = tokio::time::sleep(LINGER), if done || gated => {}
             }
         }
     }
 
     /// Follows a new slot map: MOVED's corrections are part of it (or outdated), and nodes no
     /// longer masters are let go (their actors end once they have answered what they were
-    /// sent).
-    pub(super) fn new_map(&mut self) {
-        self.topology = self.map_rx.borrow_and_update().clone();
-        self.moved.clear();
-        let masters: Vec<(String, u16)> = self.topology.as_ref().map_or_else(Vec::new, |t| {
+    /// sent). A slot whose requests went to another node than the map names now is gated
+    /// until that node has answered what it was sent (see [`holds`]).
+    pub(super) async fn new_map(&mut self) {
+        let topology = self.map_rx.borrow_and_update().clone();
+        let masters: Vec<(String, u16)> = topology.as_ref().map_or_else(Vec::new, |t| {
             (0..t.map.masters().len())
                 .filter_map(|at| t.master_addr(at))
                 .collect()
         });
+        for (node, slots) in self.leaving(topology.as_deref(), &masters) {
+            self.fence(node, slots).await;
+        }
+        self.topology = topology;
+        self.moved.clear();
         // A node dropped here finishes what it was sent before its actor ends.
         self.nodes.retain(|node| {
             masters
@@ -346,6 +386,51 @@ impl Router {
                 .any(|(host, port)| node.addr.port == *port && node.addr.host == *host)
         });
         self.masters = vec![None; masters.len()];
+    }
+
+    /// The nodes sent requests for slots that map `new` (whose masters are at `masters`) gives
+    /// another node, each with those slots.
+    fn leaving(
+        &self,
+        new: Option<&Topology>,
+        masters: &[(String, u16)],
+    ) -> HashMap<usize, Vec<u16>> {
+        let mut leaving: HashMap<usize, Vec<u16>> = HashMap::new();
+        let Some(new) = new else {
+            return leaving;
+        };
+        for slot in 0..u16::try_from(SLOTS).unwrap_or(u16::MAX) {
+            let (Some(old), Some(owner)) = (self.sent_to(slot), new.map.owner(slot)) else {
+                continue;
+            };
+            let (Some(conn), Some((host, port))) = (self.nodes.get(old), masters.get(owner)) else {
+                continue;
+            };
+            if conn.addr.port != *port || conn.addr.host != *host {
+                leaving.entry(old).or_default().push(slot);
+            }
+        }
+        leaving
+    }
+
+    /// The node `slot`'s requests go to, if any have gone: as the last MOVED said, else as
+    /// the map says.
+    fn sent_to(&self, slot: u16) -> Option<usize> {
+        if let Some(&node) = self.moved.get(&slot) {
+            return Some(node);
+        }
+        let owner = self.topology.as_ref()?.map.owner(slot)?;
+        self.masters.get(owner).copied().flatten()
+    }
+
+    /// Gates `slots` until node `node` has answered everything it was sent so far.
+    pub(super) async fn fence(&mut self, node: usize, slots: Vec<u16>) {
+        let hold = Some(self.holds.gate(slots));
+        let job = Job {
+            hold,
+            ..Job::new(0, Unit::Fence, Bytes::from_static(PING))
+        };
+        self.post(node, job, None).await;
     }
 
     /// The node for `host:port`, its actor started if it is new.
@@ -403,8 +488,8 @@ impl Router {
         self.master(self.round_robin)
     }
 
-    /// Takes a client's batch: passed on whole when every request goes to one node, else
-    /// every request routed and each reply slot waiting or filled.
+    /// Takes a client's batch: passed on whole when every request goes to one node and
+    /// none has to wait, else every request routed and each reply slot waiting or filled.
     pub(super) async fn accept(&mut self, request: Batch) {
         if request.reply.is_closed() {
             return;
@@ -423,73 +508,128 @@ impl Router {
             deadline: timeout.map(|t| queued_at + t),
         };
         let (bounds, routes) = if count == 1 {
-            let route = self.route(&frames);
-            if let Route::Node(node) = route {
-                return self.pass_on(node, frames, 1, client).await;
+            let (route, touch) = self.route(&frames);
+            if let (Route::Node(node), true) = (&route, self.holds.idle()) {
+                return self.pass_on(*node, frames, 1, client).await;
             }
-            (vec![(0, frames.len())], vec![route])
+            (vec![(0, frames.len())], vec![(route, touch)])
         } else {
             let Some(bounds) = requests(&frames, count) else {
                 return client
                     .reply
                     .deliver(Err(UpstreamError::ConnectionLost), None);
             };
-            let routes: Vec<Route> = bounds
+            let routes: Vec<(Route, Touch)> = bounds
                 .iter()
                 .map(|&(from, to)| self.route(&frames[from..to]))
                 .collect();
-            if let Some(node) = one_node(&routes) {
+            if let (Some(node), true) = (one_node(&routes), self.holds.idle()) {
                 return self.pass_on(node, frames, routes.len(), client).await;
             }
             (bounds, routes)
         };
         let count = bounds.len();
+        let deadline = client.deadline;
         let id = self.open(client, count);
         // A run of consecutive requests for one node: (node, first request, its offset).
         let mut run: Option<(usize, usize, usize)> = None;
-        for (index, (&(from, _), route)) in bounds.iter().zip(routes).enumerate() {
+        for (index, (&(from, to), (route, touch))) in bounds.iter().zip(routes).enumerate() {
+            if !self.holds.idle() && self.holds.must_wait(touch) {
+                if let Some(run) = run.take() {
+                    self.send_run(id, run, index, frames.slice(run.2..from))
+                        .await;
+                }
+                let request = frames.slice(from..to);
+                self.holds.push(Held {
+                    batch: id,
+                    index,
+                    request,
+                    touch,
+                    deadline,
+                });
+                continue;
+            }
             if let (Route::Node(node), Some((run_node, _, _))) = (&route, run) {
                 if *node == run_node {
                     continue;
                 }
             }
-            if let Some((node, start, offset)) = run.take() {
-                let unit = Unit::Range {
-                    start,
-                    len: index - start,
-                };
-                self.send(node, id, unit, frames.slice(offset..from), 0, 0, false)
+            if let Some(run) = run.take() {
+                self.send_run(id, run, index, frames.slice(run.2..from))
                     .await;
             }
             match route {
                 Route::Node(node) => run = Some((node, index, from)),
-                Route::Local(bytes) => self.fill(id, index, bytes),
-                Route::Fanout(merge, parts) => {
-                    let fanout = Fanout {
-                        merge,
-                        parts: vec![None; parts.len()],
-                        missing: parts.len(),
-                    };
-                    if let Some(batch) = self.batches.get_mut(&id) {
-                        batch.fanouts.insert(index, fanout);
-                    }
-                    for (part, (node, request)) in parts.into_iter().enumerate() {
-                        let unit = Unit::Part { index, part };
-                        self.send(node, id, unit, request, 0, 0, false).await;
-                    }
+                route => {
+                    self.dispatch(id, index, frames.slice(from..to), route)
+                        .await
                 }
             }
         }
-        if let Some((node, start, offset)) = run {
-            let unit = Unit::Range {
-                start,
-                len: count - start,
-            };
+        if let Some(run) = run {
             let end = frames.len();
-            self.send(node, id, unit, frames.slice(offset..end), 0, 0, false)
+            self.send_run(id, run, count, frames.slice(run.2..end))
                 .await;
         }
         self.finish_if_done(id);
+    }
+
+    /// Sends `run` (node, first request, its offset) of batch `id`, which ends before request
+    /// `end`: its requests are `frames`.
+    async fn send_run(&mut self, id: u64, run: (usize, usize, usize), end: usize, frames: Bytes) {
+        let (node, start, _) = run;
+        let unit = Unit::Range {
+            start,
+            len: end - start,
+        };
+        self.send(node, Job::new(id, unit, frames)).await;
+    }
+
+    /// Does what `route` says with request `index` of batch `id`.
+    async fn dispatch(&mut self, id: u64, index: usize, request: Bytes, route: Route) {
+        match route {
+            Route::Node(node) => {
+                let unit = Unit::Range {
+                    start: index,
+                    len: 1,
+                };
+                self.send(node, Job::new(id, unit, request)).await;
+            }
+            Route::Local(bytes) => self.fill(id, index, bytes),
+            Route::Fanout(merge, parts) => {
+                let fanout = Fanout {
+                    merge,
+                    parts: vec![None; parts.len()],
+                    missing: parts.len(),
+                };
+                if let Some(batch) = self.batches.get_mut(&id) {
+                    batch.fanouts.insert(index, fanout);
+                }
+                for (part, (node, request)) in parts.into_iter().enumerate() {
+                    let unit = Unit::Part { index, part };
+                    self.send(node, Job::new(id, unit, request)).await;
+                }
+            }
+        }
+    }
+
+    /// Sends the waiting requests whose turn has come, routed as things are now.
+    pub(super) async fn release(&mut self) {
+        for held in self.holds.release() {
+            let (route, _) = self.route(&held.request);
+            self.dispatch(held.batch, held.index, held.request, route)
+                .await;
+            self.finish_if_done(held.batch);
+        }
+    }
+
+    /// The waiting requests whose time is up get a timeout, as if sent.
+    pub(super) async fn expire_held(&mut self) {
+        for held in self.holds.expired(Instant::now()) {
+            self.fill(held.batch, held.index, UpstreamError::Timeout.replies(1));
+            self.finish_if_done(held.batch);
+        }
+        self.release().await;
     }
 
     /// Starts answering a client's batch of `count` requests here; its id.
@@ -519,18 +659,12 @@ impl Router {
         count: usize,
         client: Client,
     ) {
-        let job = Job {
-            batch: 0,
-            unit: Unit::Range {
-                start: 0,
-                len: count,
-            },
-            frames,
-            redirects: 0,
-            tries: 0,
-            asking: false,
+        let unit = Unit::Range {
+            start: 0,
+            len: count,
         };
-        self.post(node, job, Some(client)).await;
+        self.post(node, Job::new(0, unit, frames), Some(client))
+            .await;
     }
 
     /// A node's actor gave replies back: a batch passed on whole is answered here from now on.
@@ -547,44 +681,51 @@ impl Router {
         self.answered(&node, job, reply).await;
     }
 
-    /// Where one request goes.
-    pub(super) fn route(&mut self, request: &[u8]) -> Route {
+    /// Where one request goes, and what it acts on (nothing when redmux answers it).
+    pub(super) fn route(&mut self, request: &[u8]) -> (Route, Touch) {
+        match self.route_to(request) {
+            (Route::Local(bytes), _) => (Route::Local(bytes), Touch::Nothing),
+            routed => routed,
+        }
+    }
+
+    fn route_to(&mut self, request: &[u8]) -> (Route, Touch) {
         let mut args = Args::new(request);
         let name = args.next().unwrap_or_default();
         if name.eq_ignore_ascii_case(b"cluster") {
-            return Route::Local(cluster_command(args));
+            return (Route::Local(cluster_command(args)), Touch::Nothing);
         }
         let keys = keys::keys(request);
-        let node = match keys.scope() {
+        let (node, touch) = match keys.scope() {
             Scope::Keys | Scope::ShardChannels => match keys.slot() {
-                SlotOf::One(slot) => self.slot_node(slot),
-                SlotOf::None => self.any_master(),
-                SlotOf::Cross => return self.cross_slot(request),
+                SlotOf::One(slot) => (self.slot_node(slot), Touch::Slot(slot)),
+                SlotOf::None => (self.any_master(), Touch::All),
+                SlotOf::Cross => return (self.cross_slot(request), Touch::All),
             },
-            Scope::NoKeys => self.any_master(),
+            Scope::NoKeys => (self.any_master(), Touch::All),
             Scope::RandomMaster => {
                 let masters = self.master_count().max(1);
                 let at = usize::try_from(random() % masters as u64).unwrap_or_default();
-                self.master(at)
+                (self.master(at), Touch::All)
             }
             Scope::AllMasters(combine) => {
                 let mut parts = Vec::new();
                 for at in 0..self.master_count() {
                     match self.master(at) {
                         Some(node) => parts.push((node, Bytes::copy_from_slice(request))),
-                        None => return self.down(),
+                        None => return (self.down(), Touch::All),
                     }
                 }
                 if parts.is_empty() {
-                    return self.down();
+                    return (self.down(), Touch::All);
                 }
-                return Route::Fanout(Merge::Combine(combine), parts);
+                return (Route::Fanout(Merge::Combine(combine), parts), Touch::All);
             }
-            Scope::Scan => return self.scan(request),
+            Scope::Scan => return (self.scan(request), Touch::All),
         };
         match node {
-            Some(node) => Route::Node(node),
-            None => self.down(),
+            Some(node) => (Route::Node(node), touch),
+            None => (self.down(), touch),
         }
     }
 
@@ -641,40 +782,24 @@ impl Router {
         Route::Local(Bytes::from_static(CLUSTERDOWN))
     }
 
-    /// Sends `frames` (the requests of `unit`) to node `node`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn send(
-        &mut self,
-        node: usize,
-        batch: u64,
-        unit: Unit,
-        frames: Bytes,
-        redirects: u8,
-        tries: u8,
-        asking: bool,
-    ) {
-        let job = Job {
-            batch,
-            unit,
-            frames,
-            redirects,
-            tries,
-            asking,
-        };
+    /// Sends `job` to node `node`.
+    pub(super) async fn send(&mut self, node: usize, job: Job) {
         self.post(node, job, None).await;
     }
 
     /// Puts `job` on node `node`'s channel, with only what is left of its batch's time to
     /// answer: the time of `client`'s batch when it is one passed on whole.
     pub(super) async fn post(&mut self, node: usize, job: Job, client: Option<Client>) {
-        let deadline = match &client {
-            Some(client) => client.deadline,
-            None => match self.batches.get(&job.batch) {
+        let now = Instant::now();
+        let deadline = match (&client, job.unit) {
+            (Some(client), _) => client.deadline,
+            // A fence waits as long as what it follows may.
+            (None, Unit::Fence) => Some(now + self.cluster.request_timeout()),
+            (None, _) => match self.batches.get(&job.batch) {
                 Some(b) => b.deadline,
                 None => return,
             },
         };
-        let now = Instant::now();
         let timeout = deadline.map(|d| d.saturating_duration_since(now));
         if timeout.is_some_and(|t| t.is_zero()) {
             return self.not_sent(job, client, UpstreamError::Timeout);
@@ -750,6 +875,7 @@ impl Router {
                     self.fill(batch, index, error.replies(1));
                 }
             }
+            Unit::Fence => {}
         }
     }
 
@@ -834,11 +960,11 @@ impl Router {
 
 /// The node every request of a batch goes to, if it is one, and the batch is short enough for
 /// its errors to be marked (see [`Replies::errors`]).
-fn one_node(routes: &[Route]) -> Option<usize> {
+fn one_node(routes: &[(Route, Touch)]) -> Option<usize> {
     if routes.len() > 64 {
         return None;
     }
-    let mut nodes = routes.iter().map(|route| match route {
+    let mut nodes = routes.iter().map(|(route, _)| match route {
         Route::Node(node) => Some(*node),
         _ => None,
     });

@@ -2,6 +2,8 @@
 //! did not run it), ASK (send ASKING and the command to the target, once), TRYAGAIN (retry
 //! with backoff up to a bound); anything else is the answer.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use tokio::time::Instant;
 use tracing::debug;
@@ -11,34 +13,33 @@ use super::{
     TRYAGAIN_FIRST,
 };
 use crate::{
-    cluster::redirect::{redirect, Redirect},
+    cluster::{
+        keys::{self, SlotOf},
+        redirect::{redirect, Redirect},
+    },
     upstream::{Reply, UpstreamError},
 };
 
 impl Router {
     /// A node answered `job` (or failed to).
-    pub(super) async fn answered(&mut self, node: &NodeAddr, job: Job, reply: Reply) {
-        let Job {
-            batch,
-            unit,
-            frames,
-            redirects,
-            tries,
-            asking,
-        } = job;
-        if !self.batches.contains_key(&batch) {
+    pub(super) async fn answered(&mut self, node: &Arc<NodeAddr>, job: Job, reply: Reply) {
+        // A fence's answer: everything the node was sent before it is answered; dropping the
+        // job opens its gate.
+        if matches!(job.unit, Unit::Fence) || !self.batches.contains_key(&job.batch) {
             return;
         }
         let replies = match reply {
             Ok(replies) => replies,
             Err(error) => {
                 self.cluster.refresh_if_lost(&error);
-                self.fail(batch, unit, error);
+                let batch = job.batch;
+                self.fail(batch, job.unit, error);
                 return self.finish_if_done(batch);
             }
         };
+        let batch = job.batch;
         let (mut bytes, mut errors) = (replies.bytes, replies.errors);
-        if asking {
+        if job.asking {
             // ASKING's own +OK.
             match split_replies(&bytes, 1) {
                 Some(first) => {
@@ -47,91 +48,105 @@ impl Router {
                     errors >>= 1;
                 }
                 None => {
-                    self.fail(batch, unit, UpstreamError::ConnectionLost);
+                    self.fail(batch, job.unit, UpstreamError::ConnectionLost);
                     return self.finish_if_done(batch);
                 }
             }
         }
-        match unit {
+        match job.unit {
             Unit::Range { start, len } if errors == 0 && len < 64 => {
                 self.fill_range(batch, start, len, bytes, 0);
             }
             Unit::Range { start, len } => {
                 let (Some(replies), Some(requests)) =
-                    (split_replies(&bytes, len), split_replies(&frames, len))
+                    (split_replies(&bytes, len), split_replies(&job.frames, len))
                 else {
-                    self.fail(batch, unit, UpstreamError::ConnectionLost);
+                    self.fail(batch, job.unit, UpstreamError::ConnectionLost);
                     return self.finish_if_done(batch);
                 };
                 for (k, (&(from, to), &(rfrom, rto))) in replies.iter().zip(&requests).enumerate() {
-                    let reply = bytes.slice(from..to);
                     let unit = Unit::Range {
                         start: start + k,
                         len: 1,
                     };
-                    let request = frames.slice(rfrom..rto);
-                    self.reply_or_redirect(node, batch, unit, request, reply, redirects, tries)
+                    let one = Job {
+                        batch,
+                        unit,
+                        frames: job.frames.slice(rfrom..rto),
+                        redirects: job.redirects,
+                        tries: job.tries,
+                        asking: false,
+                        hold: job.hold.clone(),
+                    };
+                    self.reply_or_redirect(node, one, bytes.slice(from..to))
                         .await;
                 }
             }
             Unit::Part { .. } => {
-                self.reply_or_redirect(node, batch, unit, frames, bytes, redirects, tries)
-                    .await;
+                let job = Job {
+                    asking: false,
+                    ..job
+                };
+                self.reply_or_redirect(node, job, bytes).await;
             }
+            Unit::Fence => {}
         }
         self.finish_if_done(batch);
     }
 
-    /// One reply: the client's, or a redirect to follow.
-    #[allow(clippy::too_many_arguments)]
+    /// The reply to `job`, one request: the client's, or a redirect to follow.
     pub(super) async fn reply_or_redirect(
         &mut self,
-        node: &NodeAddr,
-        batch: u64,
-        unit: Unit,
-        request: Bytes,
+        node: &Arc<NodeAddr>,
+        mut job: Job,
         reply: Bytes,
-        redirects: u8,
-        tries: u8,
     ) {
         match redirect(&reply) {
-            Some(Redirect::Moved { slot, host, port }) if redirects < MAX_REDIRECTS => {
+            Some(Redirect::Moved { slot, host, port }) if job.redirects < MAX_REDIRECTS => {
                 self.cluster.request_refresh();
                 let host = Self::host_or(node, host);
                 if let Some(to) = self.node(&host, port) {
+                    // What went to the slot's node so far must run before what goes to the
+                    // new one from now on.
+                    if let Some(before) = self.sent_to(slot).filter(|&before| before != to) {
+                        self.fence(before, vec![slot]).await;
+                    }
                     self.moved.insert(slot, to);
                     debug!(slot, %host, port, "MOVED: resending to the new owner");
-                    return self
-                        .send(to, batch, unit, request, redirects + 1, tries, false)
-                        .await;
+                    job.redirects += 1;
+                    return self.send(to, job).await;
                 }
             }
-            Some(Redirect::Ask { host, port, .. }) if redirects < MAX_REDIRECTS => {
+            Some(Redirect::Ask { host, port, .. }) if job.redirects < MAX_REDIRECTS => {
                 let host = Self::host_or(node, host);
                 if let Some(to) = self.node(&host, port) {
-                    return self
-                        .send(to, batch, unit, request, redirects + 1, tries, true)
-                        .await;
+                    job.redirects += 1;
+                    job.asking = true;
+                    return self.send(to, job).await;
                 }
             }
-            Some(Redirect::TryAgain) if tries < MAX_TRYAGAIN => {
+            Some(Redirect::TryAgain) if job.tries < MAX_TRYAGAIN => {
+                // Later requests for its slot wait until it has its answer.
+                if job.hold.is_none() {
+                    if let SlotOf::One(slot) = keys::keys(&job.frames).slot() {
+                        job.hold = Some(self.holds.gate([slot]));
+                    }
+                }
+                let at = Instant::now() + TRYAGAIN_FIRST * (1 << job.tries);
+                job.tries += 1;
                 self.retries.push(Retry {
-                    at: Instant::now() + TRYAGAIN_FIRST * (1 << tries),
-                    host: node.host.clone(),
-                    port: node.port,
-                    batch,
-                    unit,
-                    frames: request,
-                    redirects,
-                    tries: tries + 1,
+                    at,
+                    node: node.clone(),
+                    job,
                 });
                 return;
             }
             _ => {}
         }
-        match unit {
-            Unit::Range { start, .. } => self.fill(batch, start, reply),
-            Unit::Part { index, part } => self.fill_part(batch, index, part, reply),
+        match job.unit {
+            Unit::Range { start, .. } => self.fill(job.batch, start, reply),
+            Unit::Part { index, part } => self.fill_part(job.batch, index, part, reply),
+            Unit::Fence => {}
         }
     }
 
@@ -151,22 +166,11 @@ impl Router {
             .into_iter()
             .partition(|r| r.at <= now);
         self.retries = later;
-        for retry in due {
-            let batch = retry.batch;
-            match self.node(&retry.host, retry.port) {
-                Some(node) => {
-                    self.send(
-                        node,
-                        batch,
-                        retry.unit,
-                        retry.frames,
-                        retry.redirects,
-                        retry.tries,
-                        false,
-                    )
-                    .await
-                }
-                None => self.fail(batch, retry.unit, UpstreamError::Unavailable),
+        for Retry { node, job, .. } in due {
+            let batch = job.batch;
+            match self.node(&node.host, node.port) {
+                Some(node) => self.send(node, job).await,
+                None => self.fail(batch, job.unit, UpstreamError::Unavailable),
             }
             self.finish_if_done(batch);
         }
