@@ -264,6 +264,29 @@ struct Answering {
     /// Which replies are errors (see [`Replies::errors`]).
     pub(super) errors: u64,
     pub(super) fanouts: HashMap<usize, Fanout>,
+    /// Bytes held for it, charged to the client's output budget as they came: a client
+    /// that does not read is stopped while the parts of its replies are still coming in, not
+    /// once they are whole (see [`Router::over_limit`]).
+    pub(super) charged: usize,
+}
+
+impl Answering {
+    /// Counts `n` more bytes held for the client; `false` past its output limit.
+    fn charge(&mut self, n: usize) -> bool {
+        let Some(budget) = &self.budget else {
+            return true;
+        };
+        self.charged += n;
+        budget.charge(n)
+    }
+
+    /// `n` bytes held for the client were let go.
+    fn refund(&mut self, n: usize) {
+        if let Some(budget) = &self.budget {
+            self.charged -= n;
+            budget.refund(n);
+        }
+    }
 }
 
 /// A request answered from several parts.
@@ -646,6 +669,7 @@ impl Router {
                 missing: count,
                 errors: 0,
                 fanouts: HashMap::new(),
+                charged: 0,
             },
         );
         id
@@ -871,7 +895,8 @@ impl Router {
                     return;
                 };
                 // The other parts' replies are dropped when they come.
-                if b.fanouts.remove(&index).is_some() {
+                if let Some(fanout) = b.fanouts.remove(&index) {
+                    b.refund(fanout.parts.iter().flatten().map(Bytes::len).sum());
                     self.fill(batch, index, error.replies(1));
                 }
             }
@@ -896,12 +921,18 @@ impl Router {
         let Some(b) = self.batches.get_mut(&batch) else {
             return;
         };
-        for (k, slot) in b.filled.iter_mut().skip(start).take(len).enumerate() {
-            if slot.is_none() {
-                b.missing -= 1;
-            }
-            *slot = Some(if k == 0 { bytes.clone() } else { Bytes::new() });
+        if !b.charge(bytes.len()) {
+            return self.over_limit(batch);
         }
+        let mut replaced = 0;
+        for (k, slot) in b.filled.iter_mut().skip(start).take(len).enumerate() {
+            let piece = if k == 0 { bytes.clone() } else { Bytes::new() };
+            match slot.replace(piece) {
+                Some(old) => replaced += old.len(),
+                None => b.missing -= 1,
+            }
+        }
+        b.refund(replaced);
         b.errors |= errors
             .checked_shl(u32::try_from(start).unwrap_or(64))
             .unwrap_or(0);
@@ -911,22 +942,33 @@ impl Router {
         let Some(b) = self.batches.get_mut(&batch) else {
             return;
         };
+        if !b.fanouts.contains_key(&index) {
+            return;
+        }
+        if !b.charge(reply.len()) {
+            return self.over_limit(batch);
+        }
         let Some(fanout) = b.fanouts.get_mut(&index) else {
             return;
         };
+        let mut replaced = 0;
         if let Some(slot) = fanout.parts.get_mut(part) {
-            if slot.is_none() {
-                fanout.missing -= 1;
+            match slot.replace(reply) {
+                Some(old) => replaced = old.len(),
+                None => fanout.missing -= 1,
             }
-            *slot = Some(reply);
         }
-        if fanout.missing > 0 {
+        let missing = fanout.missing;
+        b.refund(replaced);
+        if missing > 0 {
             return;
         }
         let Some(fanout) = b.fanouts.remove(&index) else {
             return;
         };
         let parts: Vec<Bytes> = fanout.parts.into_iter().flatten().collect();
+        // The merged reply is charged in place of its parts.
+        b.refund(parts.iter().map(Bytes::len).sum());
         let merged = merge(&fanout.merge, &parts);
         self.fill(batch, index, merged);
     }
@@ -954,7 +996,18 @@ impl Router {
             bytes,
             errors: b.errors,
         };
-        b.reply.deliver(Ok(replies), b.budget.as_deref());
+        // Charged already, piece by piece.
+        b.reply.deliver(Ok(replies), None);
+    }
+
+    /// The client's batch `batch` went past its output limit while its replies came in: it
+    /// gets the error that closes it, and what was held for it is let go.
+    pub(super) fn over_limit(&mut self, batch: u64) {
+        let Some(mut b) = self.batches.remove(&batch) else {
+            return;
+        };
+        b.refund(b.charged);
+        b.reply.deliver(Err(UpstreamError::OutputLimit), None);
     }
 }
 
