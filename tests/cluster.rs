@@ -1456,17 +1456,7 @@ async fn never_reading_clients_of_a_cluster_are_closed_and_memory_stays_bounded(
             .unwrap();
         abusers.push(stream);
     }
-    let deadline = support::Deadline::new();
-    while redmux
-        .stderr()
-        .matches("client output limit reached")
-        .count()
-        < ABUSERS
-    {
-        deadline
-            .next_try(format!("abusers not closed; rss {} KiB", redmux.rss_kib()))
-            .await;
-    }
+    redmux.wait_for_log("client output limit reached", ABUSERS);
     let peak = redmux.peak_rss_kib();
     assert_eq!(bystander.call(&["PING"]).await, "+PONG\r\n");
     let growth = peak.saturating_sub(before);

@@ -559,8 +559,7 @@ impl Router {
         for (index, (&(from, to), (route, touch))) in bounds.iter().zip(routes).enumerate() {
             if !self.holds.idle() && self.holds.must_wait(touch) {
                 if let Some(run) = run.take() {
-                    self.send_run(id, run, index, frames.slice(run.2..from))
-                        .await;
+                    self.send_run(id, run, index, &frames, from).await;
                 }
                 let request = frames.slice(from..to);
                 self.holds.push(Held {
@@ -578,8 +577,7 @@ impl Router {
                 }
             }
             if let Some(run) = run.take() {
-                self.send_run(id, run, index, frames.slice(run.2..from))
-                    .await;
+                self.send_run(id, run, index, &frames, from).await;
             }
             match route {
                 Route::Node(node) => run = Some((node, index, from)),
@@ -590,22 +588,28 @@ impl Router {
             }
         }
         if let Some(run) = run {
-            let end = frames.len();
-            self.send_run(id, run, count, frames.slice(run.2..end))
-                .await;
+            self.send_run(id, run, count, &frames, frames.len()).await;
         }
         self.finish_if_done(id);
     }
 
     /// Sends `run` (node, first request, its offset) of batch `id`, which ends before request
-    /// `end`: its requests are `frames`.
-    async fn send_run(&mut self, id: u64, run: (usize, usize, usize), end: usize, frames: Bytes) {
-        let (node, start, _) = run;
+    /// `end`, at offset `to` of the batch's `frames`.
+    async fn send_run(
+        &mut self,
+        id: u64,
+        run: (usize, usize, usize),
+        end: usize,
+        frames: &Bytes,
+        to: usize,
+    ) {
+        let (node, start, from) = run;
         let unit = Unit::Range {
             start,
             len: end - start,
         };
-        self.send(node, Job::new(id, unit, frames)).await;
+        self.send(node, Job::new(id, unit, frames.slice(from..to)))
+            .await;
     }
 
     /// Does what `route` says with request `index` of batch `id`.
