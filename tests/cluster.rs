@@ -1321,6 +1321,32 @@ async fn map_changes(admin: std::net::SocketAddr) -> u64 {
     status["cluster"]["map_changes"].as_u64().unwrap()
 }
 
+/// Moves `key`'s slot (holding no key) from master `from` to master `to` (the masters
+/// `masters` told in that order: `to` first, `from` next), and waits until redmux has read the
+/// new map: `probe`, a RESP3 client (a shared connection of its own), asks for a key of that
+/// slot and meets `-MOVED`.
+async fn move_and_read(
+    probe: &mut Raw,
+    admin: std::net::SocketAddr,
+    masters: &[u16],
+    key: &str,
+    (from, to): (u16, u16),
+) {
+    let changes = map_changes(admin).await;
+    let moved = slot(key.as_bytes());
+    start_move(moved, from, to);
+    let id = support::cluster::node_id(to);
+    let others = masters.iter().filter(|&&port| port != to && port != from);
+    for &port in [to, from].iter().chain(others) {
+        set_owner(port, moved, &id);
+    }
+    assert_eq!(probe.call(&["GET", &format!("{{{key}}}x")]).await, "_\r\n");
+    let deadline = support::Deadline::new();
+    while map_changes(admin).await == changes {
+        deadline.next_try("redmux reads the new map").await;
+    }
+}
+
 /// A client's request for a slot runs after the ones it sent for that slot before, even when
 /// the slot moved in between: redmux holds it until the old master has answered (and redmux
 /// resent) what it was sent, and until a request tried again after `-TRYAGAIN` has its
@@ -1344,22 +1370,18 @@ async fn a_request_sent_after_its_slot_moved_runs_after_those_before_it() {
     let mut client = redmux.raw().await;
 
     // A new map: the first SET waits on m (paused) when the slot goes to n, and redmux reads
-    // the new map (another connection's GET met -MOVED) before the second SET comes.
+    // the new map (another connection's GET met -MOVED) before the second SET comes. A map
+    // that moved another slot (n to p) came first: redmux still knows where k's slot's
+    // requests went.
     let k = name_on(&cluster, m, "ordered", &[]);
-    let sk = slot(k.as_bytes());
-    let changes = map_changes(admin).await;
-    pause_writes(m, 1000);
-    client.send(cmd(&["SET", &k, "1"])).await;
-    a_moment().await;
-    start_move(sk, m, n);
-    owned_by_n(sk);
+    let unrelated = name_on(&cluster, n, "unrelated", &[]);
     let mut resp3 = redmux.raw().await;
     resp3.call(&["HELLO", "3"]).await;
-    assert_eq!(resp3.call(&["GET", &format!("{{{k}}}x")]).await, "_\r\n");
-    let deadline = support::Deadline::new();
-    while map_changes(admin).await == changes {
-        deadline.next_try("redmux reads the new map").await;
-    }
+    pause_writes(m, 2000);
+    client.send(cmd(&["SET", &k, "1"])).await;
+    a_moment().await;
+    move_and_read(&mut resp3, admin, &masters, &unrelated, (n, p)).await;
+    move_and_read(&mut resp3, admin, &masters, &k, (m, n)).await;
     client.send(cmd(&["SET", &k, "2"])).await;
     assert_eq!(client.reply_str().await, "+OK\r\n");
     assert_eq!(client.reply_str().await, "+OK\r\n");

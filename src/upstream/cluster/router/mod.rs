@@ -408,7 +408,12 @@ impl Router {
                 .iter()
                 .any(|(host, port)| node.addr.port == *port && node.addr.host == *host)
         });
-        self.masters = vec![None; masters.len()];
+        // The nodes kept are still the masters' nodes: where their slots' requests went,
+        // for the next map's fences.
+        self.masters = masters
+            .iter()
+            .map(|(host, port)| self.find(host, *port))
+            .collect();
     }
 
     /// The nodes sent requests for slots that map `new` (whose masters are at `masters`) gives
@@ -456,13 +461,16 @@ impl Router {
         self.post(node, job, None).await;
     }
 
-    /// The node for `host:port`, its actor started if it is new.
-    pub(super) fn node(&mut self, host: &str, port: u16) -> Option<usize> {
-        if let Some(at) = self
-            .nodes
+    /// The node for `host:port`, if it has an actor.
+    fn find(&self, host: &str, port: u16) -> Option<usize> {
+        self.nodes
             .iter()
             .position(|n| n.addr.port == port && n.addr.host == host)
-        {
+    }
+
+    /// The node for `host:port`, its actor started if it is new.
+    pub(super) fn node(&mut self, host: &str, port: u16) -> Option<usize> {
+        if let Some(at) = self.find(host, port) {
             return Some(at);
         }
         let sender = (self.spawner)(host, port)?;
