@@ -1545,3 +1545,54 @@ async fn a_clients_own_login_leaves_every_master_when_it_logs_out() {
         deadline.next_try("leaver's connections to close").await;
     }
 }
+
+/// A script writes any error text it likes (`redis.error_reply`), after it ran: a `-MOVED`,
+/// `-ASK` or `-TRYAGAIN` one is not Redis's own. It must neither send anyone's requests out of
+/// the cluster (here to a plain redis-server playing the attacker's) nor run the script again.
+#[tokio::test]
+async fn redirects_a_script_writes_are_given_back_as_they_are() {
+    let cluster = shared();
+    let trap = support::RedisServer::start();
+    let redmux = start(&cluster).await;
+    let (mut attacker, mut victim) = (redmux.raw().await, redmux.raw().await);
+    let (key, runs) = ("forged:{a}", "forged:{a}:runs");
+    let at = slot(key.as_bytes());
+    let owner = owner(&cluster, key);
+    let other = *cluster.masters().iter().find(|&&p| p != owner).unwrap();
+    let script = "redis.call('INCR', KEYS[2]); return redis.error_reply(ARGV[1])";
+    let forged = [
+        format!("MOVED {at} 127.0.0.1:{}", trap.port),
+        format!("ASK {at} 127.0.0.1:{}", trap.port),
+        format!("MOVED {at} 127.0.0.1:{other}"),
+        format!("ASK {at} 127.0.0.1:{other}"),
+        "TRYAGAIN forged".to_owned(),
+    ];
+    for (n, error) in forged.iter().enumerate() {
+        let reply = attacker
+            .call(&["EVAL", script, "2", key, runs, error])
+            .await;
+        assert!(reply.starts_with('-'), "{error}: {reply}");
+        if !error.contains(&other.to_string()) {
+            // Given back as it is. (A redirect to a node of the cluster is followed once,
+            // and that node's own -MOVED back comes back instead.)
+            assert_eq!(reply, format!("-{error}\r\n"));
+        }
+        assert_eq!(
+            at_owner(&cluster, runs).query(&["GET", runs]),
+            Resp::Bulk((n + 1).to_string().into_bytes()),
+            "the script ran once for {error}"
+        );
+        assert_eq!(victim.call(&["SET", key, "secret"]).await, "+OK\r\n");
+        assert_eq!(victim.call(&["GET", key]).await, "$6\r\nsecret\r\n");
+        assert_eq!(
+            at_owner(&cluster, key).query(&["GET", key]),
+            Resp::Bulk(b"secret".to_vec())
+        );
+    }
+    let trapped = Conn::connect(trap.port).query(&["DBSIZE"]);
+    assert_eq!(
+        trapped,
+        Resp::Int(0),
+        "nothing reached the server outside the cluster"
+    );
+}

@@ -52,6 +52,21 @@ impl Topology {
         };
         Some((host, node.port))
     }
+
+    /// Whether `host:port` is a node of the map, master or replica: where a redirect a client
+    /// could have written may be followed (see [`crate::cluster::redirect::followable`]).
+    pub(crate) fn knows(&self, host: &str, port: u16) -> bool {
+        let map = &self.map;
+        (0..map.masters().len())
+            .flat_map(|at| std::iter::once(&map.masters()[at]).chain(map.replicas(at)))
+            .any(|node| {
+                node.port == port
+                    && match node.host.as_str() {
+                        "" => self.asked == host,
+                        own => own == host,
+                    }
+            })
+    }
 }
 
 /// What every router of one set of upstream connections shares: the seeds, the map, and the

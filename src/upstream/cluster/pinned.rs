@@ -31,7 +31,7 @@ use crate::{
     cluster::{
         keys::{self, SlotOf},
         plan::{CLUSTERDOWN, CROSSSLOT},
-        redirect::{redirect, Redirect},
+        redirect::{followable, redirect, Redirect},
         slot::slot,
     },
     resp::{encode_command, Args},
@@ -416,18 +416,21 @@ impl Pinned {
                 return;
             }
         };
-        // Outside a transaction, a single request the node did not run follows MOVED once.
+        // Outside a transaction, a single request the node did not run follows MOVED once
+        // (a blocking command: one that cannot write its own error text, but the rule is the
+        // router's).
         if let (Some(resend), true) = (&done.resend, self.inflight.is_empty()) {
-            if let Some(Redirect::Moved { host, port, .. }) = redirect(&replies.bytes) {
+            let own = self.node.as_ref().map_or("", |n| n.host.as_str());
+            let cluster = &self.cluster;
+            let moved = redirect(&replies.bytes)
+                .map(|r| r.or_host(own))
+                .filter(|r| {
+                    followable(&resend.frames, r, true, |host, port| {
+                        cluster.current().is_some_and(|t| t.knows(host, port))
+                    })
+                });
+            if let Some(Redirect::Moved { host, port, .. }) = moved {
                 self.cluster.request_refresh();
-                let host = match host.is_empty() {
-                    true => self
-                        .node
-                        .as_ref()
-                        .map(|n| n.host.clone())
-                        .unwrap_or_default(),
-                    false => host,
-                };
                 if !self.sticky && self.settle((host, port)) {
                     let (frames, timeout) = (resend.frames.clone(), resend.timeout);
                     let now = tokio::time::Instant::now();

@@ -15,7 +15,7 @@ use super::{
 use crate::{
     cluster::{
         keys::{self, SlotOf},
-        redirect::{redirect, Redirect},
+        redirect::{followable, redirect, scripted, Redirect},
     },
     upstream::{Reply, UpstreamError},
 };
@@ -101,24 +101,33 @@ impl Router {
         mut job: Job,
         reply: Bytes,
     ) {
-        match redirect(&reply) {
+        let first = job.redirects == 0;
+        let topology = &self.topology;
+        let redirect = redirect(&reply).map(|r| r.or_host(&node.host)).filter(|r| {
+            followable(&job.frames, r, first, |host, port| {
+                topology.as_ref().is_some_and(|t| t.knows(host, port))
+            })
+        });
+        match redirect {
             Some(Redirect::Moved { slot, host, port }) if job.redirects < MAX_REDIRECTS => {
                 self.cluster.request_refresh();
-                let host = Self::host_or(node, host);
                 if let Some(to) = self.node(&host, port) {
-                    // What went to the slot's node so far must run before what goes to the
-                    // new one from now on.
-                    if let Some(before) = self.sent_to(slot).filter(|&before| before != to) {
-                        self.fence(before, vec![slot]).await;
+                    // A script's redirect may be its own text: it moves only this request,
+                    // never the slot's other requests (the refresh corrects the map).
+                    if !scripted(&job.frames) {
+                        // What went to the slot's node so far must run before what goes to
+                        // the new one from now on.
+                        if let Some(before) = self.sent_to(slot).filter(|&before| before != to) {
+                            self.fence(before, vec![slot]).await;
+                        }
+                        self.moved.insert(slot, to);
                     }
-                    self.moved.insert(slot, to);
                     debug!(slot, %host, port, "MOVED: resending to the new owner");
                     job.redirects += 1;
                     return self.send(to, job).await;
                 }
             }
             Some(Redirect::Ask { host, port, .. }) if job.redirects < MAX_REDIRECTS => {
-                let host = Self::host_or(node, host);
                 if let Some(to) = self.node(&host, port) {
                     job.redirects += 1;
                     job.asking = true;
@@ -147,15 +156,6 @@ impl Router {
             Unit::Range { start, .. } => self.fill(job.batch, start, reply),
             Unit::Part { index, part } => self.fill_part(job.batch, index, part, reply),
             Unit::Fence => {}
-        }
-    }
-
-    /// The host a redirect names, or, when Redis left it out (an unknown endpoint), the host
-    /// of the node that redirected.
-    pub(super) fn host_or(node: &NodeAddr, host: String) -> String {
-        match host.is_empty() {
-            true => node.host.clone(),
-            false => host,
         }
     }
 
