@@ -1596,3 +1596,54 @@ async fn redirects_a_script_writes_are_given_back_as_they_are() {
         "nothing reached the server outside the cluster"
     );
 }
+
+/// A request tried again after `-TRYAGAIN` holds back its own client's later requests only:
+/// another client's keyless request and split MGET are answered at once. Before gates were
+/// per client, they waited until the retries ran out (1.26 s) and the MSET got `-TRYAGAIN`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_tried_again_holds_back_only_its_own_clients_requests() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let (mut retried, mut other) = (redmux.raw().await, redmux.raw().await);
+    let masters = cluster.masters();
+    let (m, n) = (masters[0], masters[1]);
+    let tag = name_on(&cluster, m, "retried", &[]);
+    let (a, b) = (format!("{{{tag}}}a"), format!("{{{tag}}}b"));
+    let st = slot(a.as_bytes());
+    for key in [&a, &b] {
+        assert_eq!(retried.call(&["SET", key, "0"]).await, "+OK\r\n");
+    }
+    start_move(st, m, n);
+    let port = n.to_string();
+    let migrate = |key: &str| {
+        let args = ["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", key];
+        assert_eq!(Conn::connect(m).query(&args), Resp::Simple("OK".into()));
+    };
+    migrate(&b);
+    let before = tryagains(m);
+    retried.send(cmd(&["MSET", &a, "1", &b, "1"])).await;
+    let deadline = support::Deadline::new();
+    while tryagains(m) == before {
+        deadline.next_try_blocking("m answers -TRYAGAIN");
+    }
+    assert_eq!(other.call(&["ECHO", "free"]).await, "$4\r\nfree\r\n");
+    let spread = keys("retried-other", 6);
+    let mut mget = vec!["MGET"];
+    mget.extend(spread.iter().map(String::as_str));
+    assert_eq!(
+        other.call(&mget).await,
+        format!("*6\r\n{}", "$-1\r\n".repeat(6))
+    );
+    // Only now does the move end: the MSET, still being tried again, succeeds on n.
+    migrate(&a);
+    let n_id = support::cluster::node_id(n);
+    for &port in &masters {
+        set_owner(port, st, &n_id);
+    }
+    assert_eq!(retried.reply_str().await, "+OK\r\n");
+    assert_eq!(
+        Conn::connect(n).query(&["MGET", &a, &b]),
+        Resp::Array(vec![Resp::Bulk(b"1".to_vec()), Resp::Bulk(b"1".to_vec())])
+    );
+    cluster.wait_agreed();
+}

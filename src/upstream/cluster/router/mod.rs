@@ -453,7 +453,7 @@ impl Router {
 
     /// Gates `slots` until node `node` has answered everything it was sent so far.
     pub(super) async fn fence(&mut self, node: usize, slots: Vec<u16>) {
-        let hold = Some(self.holds.gate(slots));
+        let hold = Some(self.holds.gate(slots, None));
         let job = Job {
             hold,
             ..Job::new(0, Unit::Fence, Bytes::from_static(PING))
@@ -560,12 +560,12 @@ impl Router {
             (bounds, routes)
         };
         let count = bounds.len();
-        let deadline = client.deadline;
+        let (deadline, owner) = (client.deadline, client.budget.clone());
         let id = self.open(client, count);
         // A run of consecutive requests for one node: (node, first request, its offset).
         let mut run: Option<(usize, usize, usize)> = None;
         for (index, (&(from, to), (route, touch))) in bounds.iter().zip(routes).enumerate() {
-            if !self.holds.idle() && self.holds.must_wait(touch) {
+            if !self.holds.idle() && self.holds.must_wait(touch, &owner) {
                 if let Some(run) = run.take() {
                     self.send_run(id, run, index, &frames, from).await;
                 }
@@ -576,6 +576,7 @@ impl Router {
                     request,
                     touch,
                     deadline,
+                    owner: owner.clone(),
                 });
                 continue;
             }

@@ -135,10 +135,11 @@ impl Router {
                 }
             }
             Some(Redirect::TryAgain) if job.tries < MAX_TRYAGAIN => {
-                // Later requests for its slot wait until it has its answer.
+                // Its client's later requests for its slot wait until it has its answer.
                 if job.hold.is_none() {
                     if let SlotOf::One(slot) = keys::keys(&job.frames).slot() {
-                        job.hold = Some(self.holds.gate([slot]));
+                        let client = self.batches.get(&job.batch).map(|b| b.budget.clone());
+                        job.hold = Some(self.holds.gate([slot], Some(client.flatten())));
                     }
                 }
                 let at = Instant::now() + TRYAGAIN_FIRST * (1 << job.tries);
