@@ -1565,6 +1565,9 @@ async fn redirects_a_script_writes_are_given_back_as_they_are() {
         format!("ASK {at} 127.0.0.1:{}", trap.port),
         format!("MOVED {at} 127.0.0.1:{other}"),
         format!("ASK {at} 127.0.0.1:{other}"),
+        // The node that ran it, which owns the slot: it would run it again.
+        format!("MOVED {at} :{owner}"),
+        format!("ASK {at} 127.0.0.1:{owner}"),
         "TRYAGAIN forged".to_owned(),
     ];
     for (n, error) in forged.iter().enumerate() {
@@ -1646,4 +1649,90 @@ async fn a_request_tried_again_holds_back_only_its_own_clients_requests() {
         Resp::Array(vec![Resp::Bulk(b"1".to_vec()), Resp::Bulk(b"1".to_vec())])
     );
     cluster.wait_agreed();
+}
+
+/// Waits until master `port` answers `-BUSY`: a script runs there past the threshold.
+fn wait_busy(port: u16) {
+    let deadline = support::Deadline::new();
+    while !matches!(Conn::connect(port).query(&["PING"]), Resp::Error(ref e) if e.starts_with("BUSY"))
+    {
+        deadline.next_try_blocking("the master is busy with the script");
+    }
+}
+
+/// SCRIPT KILL, FUNCTION KILL and FUNCTION STATS reach the master running the script, whichever
+/// it is (not only the first seed), and CLIENT UNBLOCK reaches the master a client is blocked
+/// on: Redis's client ids are each node's own. (A cluster of its own: a busy master would
+/// hold up the other tests.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_stats_and_unblocks_reach_the_master_they_concern() {
+    let cluster = Cluster::start();
+    let redmux = start(&cluster).await;
+    let first_seed: u16 = cluster.addrs()[0]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let key = (0..)
+        .map(|i| format!("control:{i}"))
+        .find(|key| owner(&cluster, key) != first_seed)
+        .unwrap();
+    let busy = owner(&cluster, &key);
+    for port in cluster.masters() {
+        let set = ["CONFIG", "SET", "busy-reply-threshold", "100"];
+        assert_eq!(Conn::connect(port).query(&set), Resp::Simple("OK".into()));
+    }
+    let mut other = redmux.raw().await;
+    let library = "#!lua name=spincluster\nredis.register_function('spincluster', function() while true do end end)";
+    assert_eq!(
+        other.call(&["FUNCTION", "LOAD", "REPLACE", library]).await,
+        "$11\r\nspincluster\r\n"
+    );
+    for (run, kill) in [
+        (
+            vec!["EVAL", "while true do end", "1", &key],
+            ["SCRIPT", "KILL"],
+        ),
+        (
+            vec!["FCALL", "spincluster", "1", &key],
+            ["FUNCTION", "KILL"],
+        ),
+    ] {
+        let mut runner = redmux.raw().await;
+        runner.send(cmd(&run)).await;
+        wait_busy(busy);
+        if run[0] == "FCALL" {
+            let stats = other.call(&["FUNCTION", "STATS"]).await;
+            assert!(
+                stats.starts_with(
+                    "*4\r\n$14\r\nrunning_script\r\n*6\r\n$4\r\nname\r\n$11\r\nspincluster\r\n"
+                ),
+                "FUNCTION STATS names the running function: {stats:?}"
+            );
+        }
+        assert_eq!(other.call(&kill).await, "+OK\r\n", "{kill:?}");
+        let killed = runner.reply_str().await;
+        assert!(killed.starts_with("-ERR Script killed by user"), "{killed}");
+    }
+    assert_eq!(
+        other.call(&["SCRIPT", "KILL"]).await,
+        "-NOTBUSY No scripts in execution right now.\r\n"
+    );
+
+    let mut blocked = redmux.raw().await;
+    let id = blocked.call(&["CLIENT", "ID"]).await;
+    let id = id.trim_start_matches(':').trim_end();
+    let list = format!("{{{key}}}:list");
+    blocked.send(cmd(&["BLPOP", &list, "0"])).await;
+    let deadline = support::Deadline::new();
+    while !Conn::connect(busy)
+        .query(&["INFO", "clients"])
+        .text()
+        .contains("blocked_clients:1\r\n")
+    {
+        deadline.next_try_blocking("the client is blocked on its master");
+    }
+    assert_eq!(other.call(&["CLIENT", "UNBLOCK", id]).await, ":1\r\n");
+    assert_eq!(blocked.reply_str().await, "*-1\r\n");
 }

@@ -328,11 +328,11 @@ impl State {
                         self.check_auth(auth, request).await;
                         return true;
                     }
-                    Effect::Send(unblock) => {
+                    Effect::Send(unblock, node) => {
                         self.owe();
                         let suppress = self.take_suppress();
                         let upstreams = self.client.upstreams();
-                        let rx = upstreams.control(unblock, upstreams.default_target());
+                        let rx = upstreams.control(unblock, upstreams.default_target(), node);
                         self.await_upstream(rx, Path::Control, suppress);
                         return true;
                     }
@@ -414,7 +414,7 @@ impl State {
                 let rx = self
                     .client
                     .upstreams()
-                    .control(request, self.client.target());
+                    .control(request, self.client.target(), None);
                 self.await_upstream(rx, Path::Control, suppress);
             }
             Action::Monitor if matches!(self.tx, Tx::Multi { .. }) => {

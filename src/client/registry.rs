@@ -295,11 +295,11 @@ impl Entry {
     }
 
     /// Whether it waits on a blocking command, and the Redis client id of the connection it
-    /// waits on (0 if Redis would not tell it).
-    pub fn blocked_on(&self) -> Option<u64> {
+    /// waits on (0 if Redis would not tell it), with the cluster node that connection is on.
+    pub fn blocked_on(&self) -> Option<(u64, Option<(String, u16)>)> {
         let cold = self.cold();
         let connection = cold.as_ref()?.blocked_on.as_ref()?;
-        Some(connection.load(Relaxed))
+        Some(connection.get())
     }
 
     fn pubsub(&self) -> bool {

@@ -189,7 +189,7 @@ impl State {
                         bytes
                     }
                     // Only one check is asked for a command.
-                    Effect::Check(_) | Effect::Send(_) | Effect::Track(_) => {
+                    Effect::Check(_) | Effect::Send(..) | Effect::Track(_) => {
                         encode::error("redmux: AUTH could not be checked")
                     }
                     Effect::None | Effect::Reset => bytes,

@@ -74,8 +74,9 @@ pub(crate) enum Effect {
     /// RESET: drop any transaction or pinned connection as well.
     Reset,
     /// CLIENT UNBLOCK of a client blocked upstream: send this request on a connection of its
-    /// own, as redmux, and pass its reply on.
-    Send(Bytes),
+    /// own, as redmux, to the cluster node the blocked connection is on (if any), and pass its
+    /// reply on.
+    Send(Bytes, Option<(String, u16)>),
     /// AUTH failed (counted in the metrics).
     AuthFailed,
     /// No `[auth]`: Redis checks the credentials. Send this AUTH request on a connection that
@@ -641,18 +642,18 @@ impl ClientState {
                 return (error, Effect::None);
             }
         };
-        let connection = u64::try_from(id)
+        let (connection, node) = u64::try_from(id)
             .ok()
             .and_then(|id| self.clients.get(id))
             .and_then(|entry| entry.blocked_on())
-            .unwrap_or(0);
+            .unwrap_or_default();
         if connection == 0 {
             return (Bytes::from_static(b":0\r\n"), Effect::None);
         }
         let connection = connection.to_string();
         let mut request: Vec<&[u8]> = vec![b"CLIENT", b"UNBLOCK", connection.as_bytes()];
         request.extend(mode);
-        (Bytes::new(), Effect::Send(encode_command(request)))
+        (Bytes::new(), Effect::Send(encode_command(request), node))
     }
 
     /// `AUTH password` or `AUTH user password`, as Redis 7 answers them.

@@ -7,8 +7,10 @@
 //! slots (MGET, MSET, DEL, UNLINK, EXISTS, TOUCH) into one request per slot and merges the
 //! replies, and says when any other request must get `-CROSSSLOT`. [`reply`] is the small
 //! reply decoder the last two share; [`redirect`] reads a node's `-MOVED`, `-ASK` and
-//! `-TRYAGAIN`.
+//! `-TRYAGAIN`, and tells those a node gave from a script's; [`control`] picks the master's
+//! answer a SCRIPT KILL, FUNCTION KILL or FUNCTION STATS sent to every master gives.
 
+pub mod control;
 pub mod keys;
 pub mod plan;
 pub mod redirect;

@@ -74,18 +74,20 @@ pub fn scripted(request: &[u8]) -> bool {
         .is_some_and(|name| SCRIPTED.iter().any(|s| name.eq_ignore_ascii_case(s)))
 }
 
-/// Whether `redirect`, the reply to `request` (one request), may be followed.
+/// Whether `redirect`, the reply to `request` (one request) from node `from` (host, port),
+/// may be followed. Its host must be filled in already ([`Redirect::or_host`]).
 ///
-/// A node redirects a request for the slot of its keys and never one without keys (Redis's
-/// `getNodeByQuery` in `src/cluster.c`): any other redirect is an error text, and the client
-/// gets it as it is. A script or function may write even a redirect that names its own slot,
-/// after it ran, so for one of those: `-TRYAGAIN` is never retried (it may have run);
-/// `-MOVED` and `-ASK` are followed once (`first`) and only to a node of the map (`known`), so
-/// a script can neither send a request outside the cluster nor run itself twice (a node it
-/// was wrongly sent to answers `-MOVED` back, and that is not followed).
+/// A node redirects a request for the slot of its keys, never one without keys, and never to
+/// itself (Redis's `getNodeByQuery` in `src/cluster.c`): any other redirect is an error text,
+/// and the client gets it as it is. A script or function may write even a redirect that names
+/// its own slot, after it ran, so for one of those: `-TRYAGAIN` is never retried (it may have
+/// run); `-MOVED` and `-ASK` are followed once (`first`) and only to another node of the map
+/// (`known`), so a script can neither send a request outside the cluster nor run itself twice
+/// (a node it was wrongly sent to answers `-MOVED` back, and that is not followed).
 pub fn followable(
     request: &[u8],
     redirect: &Redirect,
+    from: (&str, u16),
     first: bool,
     known: impl FnOnce(&str, u16) -> bool,
 ) -> bool {
@@ -94,7 +96,9 @@ pub fn followable(
     match redirect {
         Redirect::TryAgain => !scripted && matches!(own, SlotOf::One(_)),
         Redirect::Moved { slot, host, port } | Redirect::Ask { slot, host, port } => {
-            own == SlotOf::One(*slot) && (!scripted || (first && known(host, *port)))
+            own == SlotOf::One(*slot)
+                && (host.as_str(), *port) != from
+                && (!scripted || (first && known(host, *port)))
         }
     }
 }
@@ -117,29 +121,89 @@ mod tests {
             port,
         };
         let anywhere = |_: &str, _: u16| true;
+        let from = ("127.0.0.1", 7000);
         let get = request(&["GET", "k"]);
-        assert!(followable(&get, &moved(key_slot, 7001), false, anywhere));
-        assert!(followable(&get, &Redirect::TryAgain, false, anywhere));
-        // Another slot's redirect, or one for a request without keys: not Redis's.
-        assert!(!followable(
+        assert!(followable(
             &get,
-            &moved(key_slot + 1, 7001),
+            &moved(key_slot, 7001),
+            from,
+            false,
+            anywhere
+        ));
+        assert!(followable(&get, &Redirect::TryAgain, from, false, anywhere));
+        // Another slot's redirect, or one for a request without keys: not Redis's.
+        let other_slot = moved(key_slot + 1, 7001);
+        assert!(!followable(&get, &other_slot, from, true, anywhere));
+        let ping = request(&["PING"]);
+        assert!(!followable(
+            &ping,
+            &moved(key_slot, 7001),
+            from,
             true,
             anywhere
         ));
-        let ping = request(&["PING"]);
-        assert!(!followable(&ping, &moved(key_slot, 7001), true, anywhere));
-        assert!(!followable(&ping, &Redirect::TryAgain, true, anywhere));
+        assert!(!followable(
+            &ping,
+            &Redirect::TryAgain,
+            from,
+            true,
+            anywhere
+        ));
 
         let eval = request(&["evalsha", "0123", "1", "k"]);
         assert!(scripted(&eval));
         let only_7001 = |_: &str, port: u16| port == 7001;
-        assert!(followable(&eval, &moved(key_slot, 7001), true, only_7001));
-        assert!(!followable(&eval, &moved(key_slot, 6666), true, only_7001));
-        assert!(!followable(&eval, &moved(key_slot, 7001), false, only_7001));
-        assert!(!followable(&eval, &Redirect::TryAgain, true, only_7001));
+        assert!(followable(
+            &eval,
+            &moved(key_slot, 7001),
+            from,
+            true,
+            only_7001
+        ));
+        assert!(!followable(
+            &eval,
+            &moved(key_slot, 6666),
+            from,
+            true,
+            only_7001
+        ));
+        assert!(!followable(
+            &eval,
+            &moved(key_slot, 7001),
+            from,
+            false,
+            only_7001
+        ));
+        assert!(!followable(
+            &eval,
+            &Redirect::TryAgain,
+            from,
+            true,
+            only_7001
+        ));
+        // Never to the node that answered: that one is never Redis's.
+        assert!(!followable(
+            &get,
+            &moved(key_slot, 7000),
+            from,
+            true,
+            anywhere
+        ));
+        assert!(!followable(
+            &eval,
+            &moved(key_slot, 7000),
+            from,
+            true,
+            |_, _| true
+        ));
         let fcall = request(&["FCALL_RO", "f", "1", "k"]);
-        assert!(!followable(&fcall, &Redirect::TryAgain, true, only_7001));
+        assert!(!followable(
+            &fcall,
+            &Redirect::TryAgain,
+            from,
+            true,
+            only_7001
+        ));
     }
 
     #[test]

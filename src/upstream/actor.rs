@@ -13,7 +13,7 @@ use std::{
     io,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -82,11 +82,29 @@ pub(super) struct Config {
     pub health: Option<watch::Sender<usize>>,
     /// Where a pinned connection publishes the id Redis gives it (see [`ConnectionId`]).
     pub connection_id: Option<ConnectionId>,
+    /// The cluster node it connects to, if any.
+    pub node: Option<(String, u16)>,
 }
 
 /// The id Redis gives a pinned connection (CLIENT ID), once it is connected; 0 before, or if
 /// Redis would not say. CLIENT UNBLOCK names a blocked client's connection by it.
-pub(crate) type ConnectionId = Arc<AtomicU64>;
+pub(crate) type ConnectionId = Arc<Connected>;
+
+/// A pinned connection's id, and in front of a cluster the node it is on (`host`, `port`):
+/// ids are a node's own, so CLIENT UNBLOCK must go to that node. Set together on connect.
+#[derive(Debug, Default)]
+pub struct Connected(Mutex<(u64, Option<(String, u16)>)>);
+
+impl Connected {
+    fn set(&self, id: u64, node: Option<(String, u16)>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = (id, node);
+    }
+
+    /// The id (0 if none yet) and the node.
+    pub fn get(&self) -> (u64, Option<(String, u16)>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
 
 /// What an actor shows of itself to `/status` and `/metrics`: written by the actor alone (plain
 /// stores, once per turn of its loop), read at any time.
@@ -212,7 +230,7 @@ impl Actor {
                 let (reader, writer, id) =
                     open(&config.endpoint, config.setup, timeout, identify).await?;
                 if let (Some(cell), Some(id)) = (&config.connection_id, id) {
-                    cell.store(id, Relaxed);
+                    cell.set(id, config.node.clone());
                 }
                 Ok::<_, ConnectError>((reader, writer))
             };

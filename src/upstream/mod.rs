@@ -644,16 +644,72 @@ impl Upstreams {
     /// connection is set up with only what Redis accepts then (AUTH, and HELLO for RESP3), and
     /// holds one of [`CONTROL_SLOTS`] slots while it lives: not a `max_pinned` one, which any
     /// client can hold for ever with `BLPOP k 0`, so that a runaway script can always be killed.
-    pub fn control(&self, request: Bytes, target: Target) -> oneshot::Receiver<Reply> {
+    ///
+    /// In front of a cluster it goes to `node` when given (CLIENT UNBLOCK: to the node of the
+    /// blocked connection, whose id is that node's own), else to every master, and the client
+    /// gets the answer of the master running a script (see [`crate::cluster::control`]).
+    pub fn control(
+        &self,
+        request: Bytes,
+        target: Target,
+        node: Option<(String, u16)>,
+    ) -> oneshot::Receiver<Reply> {
         let (reply, rx) = oneshot::channel();
         let upstreams = self.clone();
         tokio::spawn(async move {
-            let _ = reply.send(upstreams.control_call(request, target).await);
+            let answer = match (&upstreams.inner.cluster, node) {
+                (None, _) => upstreams.control_call(&request, &target, None).await,
+                (Some(_), Some(node)) => {
+                    upstreams.control_call(&request, &target, Some(&node)).await
+                }
+                (Some(cluster), None) => upstreams.control_masters(cluster, request, target).await,
+            };
+            let _ = reply.send(answer);
         });
         rx
     }
 
-    async fn control_call(&self, request: Bytes, target: Target) -> Reply {
+    /// [`Upstreams::control`] on every master of the cluster at once.
+    async fn control_masters(
+        &self,
+        cluster: &cluster::Cluster,
+        request: Bytes,
+        target: Target,
+    ) -> Reply {
+        let topology = cluster.current().ok_or(UpstreamError::Unavailable)?;
+        let masters: Vec<(String, u16)> = (0..topology.map.masters().len())
+            .filter_map(|at| topology.master_addr(at))
+            .collect();
+        let mut asked = tokio::task::JoinSet::new();
+        for (at, node) in masters.iter().cloned().enumerate() {
+            let (upstreams, request, target) = (self.clone(), request.clone(), target.clone());
+            asked.spawn(async move {
+                let reply = upstreams.control_call(&request, &target, Some(&node)).await;
+                (at, reply)
+            });
+        }
+        let mut replies: Vec<Option<Bytes>> = vec![None; masters.len()];
+        let mut error = UpstreamError::Unavailable;
+        while let Some(done) = asked.join_next().await {
+            match done {
+                Ok((at, Ok(reply))) => replies[at] = Some(reply.bytes),
+                Ok((_, Err(why))) => error = why,
+                Err(_) => {}
+            }
+        }
+        let bytes = crate::cluster::control::combine(&request, &replies).ok_or(error)?;
+        let errors = u64::from(bytes.first() == Some(&b'-'));
+        Ok(Replies { bytes, errors })
+    }
+
+    /// One control request on a connection of its own: to cluster node `node`, or to the
+    /// configured upstream.
+    async fn control_call(
+        &self,
+        request: &[u8],
+        target: &Target,
+        node: Option<&(String, u16)>,
+    ) -> Reply {
         let inner = &self.inner;
         let _slot = tokio::time::timeout(inner.timeouts.connect, inner.control.acquire())
             .await
@@ -664,12 +720,15 @@ impl Upstreams {
             resp3: target.resp3,
             ping: false,
         };
-        let endpoint = self.endpoint_for(target.identity.as_ref());
+        let mut endpoint = self.endpoint_for(target.identity.as_ref());
+        if let (Some(cluster), Some((host, port))) = (&inner.cluster, node) {
+            endpoint.to_mut().endpoint.address = cluster.node_dial(host, *port).endpoint.address;
+        }
         let (mut reader, mut writer) = connect(&endpoint, setup, inner.timeouts.connect)
             .await
             .map_err(|_| UpstreamError::Unavailable)?;
         let exchange = async {
-            writer.write_all(&request).await?;
+            writer.write_all(request).await?;
             writer.flush().await?;
             let mut buf = BytesMut::new();
             connect::read_reply(&mut reader, &mut buf, &mut ReplyScanner::new()).await
@@ -775,8 +834,8 @@ impl Upstreams {
             && inner.cluster.is_none())
         .then(|| inner.health.clone());
         let mut endpoint = self.endpoint_for(target.identity.as_ref()).into_owned();
-        if let (Some(cluster), Some((host, port))) = (&inner.cluster, node) {
-            endpoint.endpoint.address = cluster.node_dial(&host, port).endpoint.address;
+        if let (Some(cluster), Some((host, port))) = (&inner.cluster, &node) {
+            endpoint.endpoint.address = cluster.node_dial(host, *port).endpoint.address;
         }
         let config = actor::Config {
             endpoint,
@@ -791,6 +850,7 @@ impl Upstreams {
             metrics: inner.metrics.clone(),
             health,
             connection_id,
+            node,
         };
         actor::spawn(config, rx);
     }

@@ -16,7 +16,7 @@ mod router;
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Weak,
+        Arc, Mutex, Weak,
     },
     time::Duration,
 };
@@ -33,6 +33,9 @@ use crate::{
     cluster::topology::{SlotMap, TopologyError},
     resp::{encode_command, ReplyScanner},
 };
+
+/// The least time between the starts of two reads of the slot map.
+const REFRESH_GAP: Duration = Duration::from_millis(100);
 
 /// A slot map, and the host to use for a node whose endpoint Redis reports unknown (an empty
 /// host): the node the map was read from, as Redis's docs say a client should.
@@ -82,6 +85,10 @@ pub(crate) struct Cluster {
     map: watch::Sender<Option<Arc<Topology>>>,
     /// A refresh is running: another request for one is dropped, that one will do.
     refreshing: AtomicBool,
+    /// When the last refresh started: the next waits until [`REFRESH_GAP`] has passed, so
+    /// redirects that come fast (a client can make a script answer `-MOVED` in a loop) cost
+    /// one read of the map per gap, not one each.
+    last_refresh: Mutex<Option<tokio::time::Instant>>,
     /// Maps read and found different from the one before, for `/status`.
     changes: AtomicU64,
 }
@@ -123,6 +130,7 @@ impl Cluster {
             timeouts,
             map: watch::Sender::new(None),
             refreshing: AtomicBool::new(false),
+            last_refresh: Mutex::new(None),
             changes: AtomicU64::new(0),
         });
         cluster.refresh().await;
@@ -209,6 +217,13 @@ impl Cluster {
         if self.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
+        let last = *self.last_refresh.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(last) = last {
+            // Calls made meanwhile return at once: this one reads the map for them too.
+            tokio::time::sleep_until(last + REFRESH_GAP).await;
+        }
+        *self.last_refresh.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(tokio::time::Instant::now());
         let mut candidates: Vec<(String, u16)> = match self.current() {
             Some(topology) => (0..topology.map.masters().len())
                 .filter_map(|at| topology.master_addr(at))

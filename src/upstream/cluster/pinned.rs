@@ -31,7 +31,7 @@ use crate::{
     cluster::{
         keys::{self, SlotOf},
         plan::{CLUSTERDOWN, CROSSSLOT},
-        redirect::{followable, redirect, Redirect},
+        redirect::{followable, redirect, scripted, Redirect},
         slot::slot,
     },
     resp::{encode_command, Args},
@@ -420,17 +420,22 @@ impl Pinned {
         // (a blocking command: one that cannot write its own error text, but the rule is the
         // router's).
         if let (Some(resend), true) = (&done.resend, self.inflight.is_empty()) {
-            let own = self.node.as_ref().map_or("", |n| n.host.as_str());
+            let from = self
+                .node
+                .as_ref()
+                .map_or(("", 0), |n| (n.host.as_str(), n.port));
             let cluster = &self.cluster;
             let moved = redirect(&replies.bytes)
-                .map(|r| r.or_host(own))
+                .map(|r| r.or_host(from.0))
                 .filter(|r| {
-                    followable(&resend.frames, r, true, |host, port| {
+                    followable(&resend.frames, r, from, true, |host, port| {
                         cluster.current().is_some_and(|t| t.knows(host, port))
                     })
                 });
             if let Some(Redirect::Moved { host, port, .. }) = moved {
-                self.cluster.request_refresh();
+                if !scripted(&resend.frames) {
+                    self.cluster.request_refresh();
+                }
                 if !self.sticky && self.settle((host, port)) {
                     let (frames, timeout) = (resend.frames.clone(), resend.timeout);
                     let now = tokio::time::Instant::now();

@@ -103,18 +103,19 @@ impl Router {
     ) {
         let first = job.redirects == 0;
         let topology = &self.topology;
-        let redirect = redirect(&reply).map(|r| r.or_host(&node.host)).filter(|r| {
-            followable(&job.frames, r, first, |host, port| {
+        let from = (node.host.as_str(), node.port);
+        let redirect = redirect(&reply).map(|r| r.or_host(from.0)).filter(|r| {
+            followable(&job.frames, r, from, first, |host, port| {
                 topology.as_ref().is_some_and(|t| t.knows(host, port))
             })
         });
         match redirect {
             Some(Redirect::Moved { slot, host, port }) if job.redirects < MAX_REDIRECTS => {
-                self.cluster.request_refresh();
                 if let Some(to) = self.node(&host, port) {
                     // A script's redirect may be its own text: it moves only this request,
-                    // never the slot's other requests (the refresh corrects the map).
+                    // never the slot's other requests, and says nothing of the map.
                     if !scripted(&job.frames) {
+                        self.cluster.request_refresh();
                         // What went to the slot's node so far must run before what goes to
                         // the new one from now on.
                         if let Some(before) = self.sent_to(slot).filter(|&before| before != to) {
