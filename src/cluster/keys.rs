@@ -23,6 +23,8 @@
 //! Commands without keys are classified by [`Scope`]: most can run on any master, a few concern
 //! every master (DBSIZE, KEYS, FLUSHALL, SCRIPT LOAD...) or need a node-aware cursor (SCAN).
 
+use std::sync::OnceLock;
+
 use crate::resp::Args;
 
 use super::slot::slot;
@@ -124,6 +126,31 @@ pub fn keys(request: &[u8]) -> Keys<'_> {
         scope,
         keys: positions.into_iter().map(|at| argv[at]).collect(),
     }
+}
+
+/// The scope of a request and the slot of its keys: what [`keys`] says, without keeping the
+/// keys. The router asks it of every request, so a request of up to 16 arguments is read
+/// without allocating for them.
+pub fn scope_and_slot(request: &[u8]) -> (Scope, SlotOf) {
+    const ON_STACK: usize = 16;
+    let mut stack: [&[u8]; ON_STACK] = [&[]; ON_STACK];
+    let mut args = Args::new(request);
+    let mut argc = 0;
+    for (slot, arg) in stack.iter_mut().zip(args.by_ref()) {
+        *slot = arg;
+        argc += 1;
+    }
+    let heap: Vec<&[u8]>;
+    let argv: &[&[u8]] = match args.next() {
+        None => &stack[..argc],
+        Some(more) => {
+            heap = stack.iter().copied().chain([more]).chain(args).collect();
+            &heap
+        }
+    };
+    let (scope, positions) = key_positions(argv);
+    let slot = slot_of(positions.iter().filter_map(|&at| argv.get(at).copied()));
+    (scope, slot)
 }
 
 /// Where a command's keys are, given all its arguments (the name first): the scope and the
@@ -249,11 +276,31 @@ fn lower_into(buf: &mut [u8; NAME_MAX], at: usize, bytes: &[u8]) -> Option<usize
     Some(end)
 }
 
+/// The row named `lower`. Every request is looked up, so the search starts from the rows
+/// that begin with the same byte (a dozen at most, not the whole table), and compares lengths
+/// before bytes.
 fn find_row(lower: &[u8]) -> Option<&'static Command> {
+    static FIRST: OnceLock<[(u16, u16); 256]> = OnceLock::new();
+    let first = FIRST.get_or_init(|| {
+        let mut first = [(0u16, 0u16); 256];
+        for (at, row) in table::COMMANDS.iter().enumerate() {
+            let at = u16::try_from(at).unwrap_or(u16::MAX);
+            let Some(&byte) = row.name.first() else {
+                continue;
+            };
+            let bucket = &mut first[usize::from(byte)];
+            if bucket.1 == 0 {
+                bucket.0 = at;
+            }
+            bucket.1 = at + 1;
+        }
+        first
+    });
+    let (from, to) = first[usize::from(*lower.first()?)];
     table::COMMANDS
-        .binary_search_by(|row| row.name.cmp(lower))
-        .ok()
-        .map(|at| &table::COMMANDS[at])
+        .get(usize::from(from)..usize::from(to))?
+        .iter()
+        .find(|row| row.name.len() == lower.len() && row.name == lower)
 }
 
 // === The key spec model ===
@@ -638,6 +685,36 @@ mod tests {
 
     fn keys_of(args: &[&str]) -> Vec<String> {
         found(args).1
+    }
+
+    #[test]
+    fn scope_and_slot_says_what_keys_says_for_short_and_long_requests() {
+        let many: Vec<String> = (0..40).map(|i| format!("{{t}}k{i}")).collect();
+        let spread: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+        let mut requests: Vec<Vec<&[u8]>> = vec![
+            vec![b"GET", b"k"],
+            vec![b"get", b"k"],
+            vec![b"PING"],
+            vec![b"DBSIZE"],
+            vec![b"EVAL", b"s", b"2", b"{a}1", b"{a}2"],
+            vec![b"SPUBLISH", b"ch", b"m"],
+            vec![b"XINFO", b"STREAM", b"s"],
+            vec![b"GET"],
+        ];
+        for keys in [&many, &spread] {
+            let mut mget: Vec<&[u8]> = vec![b"MGET"];
+            mget.extend(keys.iter().map(|k| k.as_bytes()));
+            requests.push(mget);
+        }
+        for args in requests {
+            let request = encode_command(args.iter().copied());
+            let keys = keys(&request);
+            assert_eq!(
+                scope_and_slot(&request),
+                (keys.scope(), keys.slot()),
+                "{args:?}"
+            );
+        }
     }
 
     #[test]

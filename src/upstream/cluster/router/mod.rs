@@ -125,21 +125,14 @@ struct NodeConn {
 enum Unit {
     /// Requests `start..start + len` of the batch, back to back.
     Range { start: usize, len: usize },
+    /// The requests of the batch the job's `picks` lists, in order: those of a pipeline that
+    /// go to one node, sent as one message however the others interleave.
+    Picked,
     /// Part `part` of request `index`, which was split or sent to several masters.
     Part { index: usize, part: usize },
     /// No client's: a `PING` behind what a node was sent before a gate closed (see
     /// [`holds`]).
     Fence,
-}
-
-impl Unit {
-    /// The requests it holds.
-    fn len(self) -> usize {
-        match self {
-            Unit::Range { len, .. } => len,
-            Unit::Part { .. } | Unit::Fence => 1,
-        }
-    }
 }
 
 /// A message sent to a node, waiting for its replies.
@@ -156,6 +149,8 @@ struct Job {
     pub(super) asking: bool,
     /// A gate that stays closed while the job is on its way (see [`holds`]).
     pub(super) hold: Option<Token>,
+    /// For [`Unit::Picked`], the index in the batch of each request; else empty.
+    pub(super) picks: Vec<usize>,
 }
 
 impl Job {
@@ -169,8 +164,35 @@ impl Job {
             tries: 0,
             asking: false,
             hold: None,
+            picks: Vec::new(),
         }
     }
+
+    /// The requests it holds.
+    fn len(&self) -> usize {
+        match self.unit {
+            Unit::Range { len, .. } => len,
+            Unit::Picked => self.picks.len(),
+            Unit::Part { .. } | Unit::Fence => 1,
+        }
+    }
+
+    /// The index in the batch of its `k`th request.
+    fn index(&self, k: usize) -> usize {
+        match self.unit {
+            Unit::Range { start, .. } => start + k,
+            Unit::Picked => self.picks.get(k).copied().unwrap_or(usize::MAX),
+            Unit::Part { index, .. } => index,
+            Unit::Fence => usize::MAX,
+        }
+    }
+}
+
+/// The requests of a batch for one node, gathered while the batch is routed so that they go as
+/// one message: the index and the bounds in the batch's frames of each.
+struct Group {
+    node: usize,
+    requests: Vec<(usize, usize, usize)>,
 }
 
 /// How a node's actor hands the replies to a router's message back (see [`ReplyTo::Router`]).
@@ -562,13 +584,12 @@ impl Router {
         let count = bounds.len();
         let (deadline, owner) = (client.deadline, client.budget.clone());
         let id = self.open(client, count);
-        // A run of consecutive requests for one node: (node, first request, its offset).
-        let mut run: Option<(usize, usize, usize)> = None;
+        // The requests for each node, sent once the batch is routed, or before a request
+        // sent in parts (a part may be for the same slot as an earlier request).
+        let mut groups: Vec<Group> = Vec::new();
         for (index, (&(from, to), (route, touch))) in bounds.iter().zip(routes).enumerate() {
             if !self.holds.idle() && self.holds.must_wait(touch, &owner) {
-                if let Some(run) = run.take() {
-                    self.send_run(id, run, index, &frames, from).await;
-                }
+                // Sent later than those gathered: it waits for what was sent before it.
                 let request = frames.slice(from..to);
                 self.holds.push(Held {
                     batch: id,
@@ -580,45 +601,54 @@ impl Router {
                 });
                 continue;
             }
-            if let (Route::Node(node), Some((run_node, _, _))) = (&route, run) {
-                if *node == run_node {
-                    continue;
-                }
-            }
-            if let Some(run) = run.take() {
-                self.send_run(id, run, index, &frames, from).await;
-            }
             match route {
-                Route::Node(node) => run = Some((node, index, from)),
+                Route::Node(node) => match groups.iter_mut().find(|g| g.node == node) {
+                    Some(group) => group.requests.push((index, from, to)),
+                    None => groups.push(Group {
+                        node,
+                        requests: vec![(index, from, to)],
+                    }),
+                },
+                Route::Local(bytes) => self.fill(id, index, bytes),
                 route => {
+                    self.send_groups(id, &mut groups, &frames).await;
                     self.dispatch(id, index, frames.slice(from..to), route)
                         .await
                 }
             }
         }
-        if let Some(run) = run {
-            self.send_run(id, run, count, &frames, frames.len()).await;
-        }
+        self.send_groups(id, &mut groups, &frames).await;
         self.finish_if_done(id);
     }
 
-    /// Sends `run` (node, first request, its offset) of batch `id`, which ends before request
-    /// `end`, at offset `to` of the batch's `frames`.
-    async fn send_run(
-        &mut self,
-        id: u64,
-        run: (usize, usize, usize),
-        end: usize,
-        frames: &Bytes,
-        to: usize,
-    ) {
-        let (node, start, from) = run;
-        let unit = Unit::Range {
-            start,
-            len: end - start,
-        };
-        self.send(node, Job::new(id, unit, frames.slice(from..to)))
-            .await;
+    /// Sends each node the requests of batch `id` gathered for it: a run of consecutive
+    /// requests as a slice of the batch's `frames`, others copied together.
+    async fn send_groups(&mut self, id: u64, groups: &mut Vec<Group>, frames: &Bytes) {
+        for Group { node, requests } in groups.drain(..) {
+            let (Some(&(start, from, _)), Some(&(last, _, to))) =
+                (requests.first(), requests.last())
+            else {
+                continue;
+            };
+            let job = if last - start + 1 == requests.len() {
+                let unit = Unit::Range {
+                    start,
+                    len: requests.len(),
+                };
+                Job::new(id, unit, frames.slice(from..to))
+            } else {
+                let size = requests.iter().map(|&(_, from, to)| to - from).sum();
+                let mut wire = BytesMut::with_capacity(size);
+                for &(_, from, to) in &requests {
+                    wire.put_slice(&frames[from..to]);
+                }
+                Job {
+                    picks: requests.iter().map(|&(index, _, _)| index).collect(),
+                    ..Job::new(id, Unit::Picked, wire.freeze())
+                }
+            };
+            self.send(node, job).await;
+        }
     }
 
     /// Does what `route` says with request `index` of batch `id`.
@@ -713,7 +743,7 @@ impl Router {
             reply,
         } = returned;
         if let Some(client) = client {
-            job.batch = self.open(client, job.unit.len());
+            job.batch = self.open(client, job.len());
         }
         self.answered(&node, job, reply).await;
     }
@@ -732,9 +762,9 @@ impl Router {
         if name.eq_ignore_ascii_case(b"cluster") {
             return (Route::Local(cluster_command(args)), Touch::Nothing);
         }
-        let keys = keys::keys(request);
-        let (node, touch) = match keys.scope() {
-            Scope::Keys | Scope::ShardChannels => match keys.slot() {
+        let (scope, slot) = keys::scope_and_slot(request);
+        let (node, touch) = match scope {
+            Scope::Keys | Scope::ShardChannels => match slot {
                 SlotOf::One(slot) => (self.slot_node(slot), Touch::Slot(slot)),
                 SlotOf::None => (self.any_master(), Touch::All),
                 SlotOf::Cross => return (self.cross_slot(request), Touch::All),
@@ -844,7 +874,7 @@ impl Router {
         let Some(conn) = self.nodes.get(node) else {
             return self.not_sent(job, client, UpstreamError::Unavailable);
         };
-        let len = job.unit.len();
+        let len = job.len();
         let (wire, count) = if job.asking {
             let mut wire = BytesMut::with_capacity(job.frames.len() + 20);
             wire.put_slice(b"*1\r\n$6\r\nASKING\r\n");
@@ -891,16 +921,17 @@ impl Router {
     pub(super) fn not_sent(&mut self, job: Job, client: Option<Client>, error: UpstreamError) {
         match client {
             Some(client) => client.reply.deliver(Err(error), None),
-            None => self.fail(job.batch, job.unit, error),
+            None => self.fail(&job, error),
         }
     }
 
-    /// Every request of `unit` gets `error`.
-    pub(super) fn fail(&mut self, batch: u64, unit: Unit, error: UpstreamError) {
-        match unit {
-            Unit::Range { start, len } => {
-                for index in start..start + len {
-                    self.fill(batch, index, error.replies(1));
+    /// Every request of `job` gets `error`.
+    pub(super) fn fail(&mut self, job: &Job, error: UpstreamError) {
+        let batch = job.batch;
+        match job.unit {
+            Unit::Range { .. } | Unit::Picked => {
+                for k in 0..job.len() {
+                    self.fill(batch, job.index(k), error.replies(1));
                 }
             }
             Unit::Part { index, .. } => {

@@ -32,9 +32,8 @@ impl Router {
             Ok(replies) => replies,
             Err(error) => {
                 self.cluster.refresh_if_lost(&error);
-                let batch = job.batch;
-                self.fail(batch, job.unit, error);
-                return self.finish_if_done(batch);
+                self.fail(&job, error);
+                return self.finish_if_done(job.batch);
             }
         };
         let batch = job.batch;
@@ -48,25 +47,35 @@ impl Router {
                     errors >>= 1;
                 }
                 None => {
-                    self.fail(batch, job.unit, UpstreamError::ConnectionLost);
+                    self.fail(&job, UpstreamError::ConnectionLost);
                     return self.finish_if_done(batch);
                 }
             }
         }
+        let len = job.len();
         match job.unit {
             Unit::Range { start, len } if errors == 0 && len < 64 => {
                 self.fill_range(batch, start, len, bytes, 0);
             }
-            Unit::Range { start, len } => {
+            Unit::Picked if errors == 0 && len < 64 => {
+                let Some(replies) = split_replies(&bytes, len) else {
+                    self.fail(&job, UpstreamError::ConnectionLost);
+                    return self.finish_if_done(batch);
+                };
+                for (&index, &(from, to)) in job.picks.iter().zip(&replies) {
+                    self.fill_range(batch, index, 1, bytes.slice(from..to), 0);
+                }
+            }
+            Unit::Range { .. } | Unit::Picked => {
                 let (Some(replies), Some(requests)) =
                     (split_replies(&bytes, len), split_replies(&job.frames, len))
                 else {
-                    self.fail(batch, job.unit, UpstreamError::ConnectionLost);
+                    self.fail(&job, UpstreamError::ConnectionLost);
                     return self.finish_if_done(batch);
                 };
                 for (k, (&(from, to), &(rfrom, rto))) in replies.iter().zip(&requests).enumerate() {
                     let unit = Unit::Range {
-                        start: start + k,
+                        start: job.index(k),
                         len: 1,
                     };
                     let one = Job {
@@ -77,6 +86,7 @@ impl Router {
                         tries: job.tries,
                         asking: false,
                         hold: job.hold.clone(),
+                        picks: Vec::new(),
                     };
                     self.reply_or_redirect(node, one, bytes.slice(from..to))
                         .await;
@@ -156,6 +166,7 @@ impl Router {
         }
         match job.unit {
             Unit::Range { start, .. } => self.fill(job.batch, start, reply),
+            Unit::Picked => self.fill(job.batch, job.index(0), reply),
             Unit::Part { index, part } => self.fill_part(job.batch, index, part, reply),
             Unit::Fence => {}
         }
@@ -172,7 +183,7 @@ impl Router {
             let batch = job.batch;
             match self.node(&node.host, node.port) {
                 Some(node) => self.send(node, job).await,
-                None => self.fail(batch, job.unit, UpstreamError::Unavailable),
+                None => self.fail(&job, UpstreamError::Unavailable),
             }
             self.finish_if_done(batch);
         }
