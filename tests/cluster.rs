@@ -125,6 +125,22 @@ async fn a_pipeline_across_slots_is_answered_in_order() {
         .map(|r| String::from_utf8_lossy(r).into_owned())
         .collect();
     assert_eq!(replies, expected);
+    // Large values interleaved over the masters: a master's requests of a batch go as one
+    // message while small, one per run past 64 KiB.
+    let mut out = Vec::new();
+    let values: Vec<String> = (0..24).map(|i| format!("{i}").repeat(10_000)).collect();
+    for (key, value) in keys.iter().zip(&values) {
+        out.extend(cmd(&["SET", key, value]));
+        out.extend(cmd(&["GET", key]));
+    }
+    let replies = client.pipeline(&out, 48).await;
+    for (pair, value) in replies.chunks(2).zip(&values) {
+        assert_eq!(pair[0], b"+OK\r\n");
+        assert_eq!(
+            pair[1],
+            format!("${}\r\n{value}\r\n", value.len()).into_bytes()
+        );
+    }
     // Several clients at once, each its own counter.
     let mut tasks = Vec::new();
     for c in 0..8 {

@@ -3,11 +3,12 @@
 //! batch with every reply in the order the requests came, whichever nodes ran them.
 //!
 //! What a request becomes is decided once, when the batch arrives: a request for one slot goes
-//! to that slot's master (consecutive ones for the same node go as one message); MGET, MSET,
-//! DEL, UNLINK, EXISTS and TOUCH across slots are split by slot and merged; other requests
-//! across slots get `-CROSSSLOT` here; DBSIZE, KEYS, FLUSHALL and the like go to every master
-//! and their replies are combined; SCAN walks the masters one after the other with a cursor
-//! that names the master; CLUSTER KEYSLOT is answered here.
+//! to that slot's master (all of a batch's requests for one node go as one message, in their
+//! order, sent before any request that goes in parts); MGET, MSET, DEL, UNLINK, EXISTS and
+//! TOUCH across slots are split by slot and merged; other requests across slots get
+//! `-CROSSSLOT` here; DBSIZE, KEYS, FLUSHALL and the like go to every master and their replies
+//! are combined; SCAN walks the masters one after the other with a cursor that names the
+//! master; CLUSTER KEYSLOT is answered here.
 //!
 //! A client's batch whose requests all go to one node (the usual case: one request, one key)
 //! is passed to that node's actor whole, with the client's own reply channel: when none of its
@@ -59,6 +60,11 @@ const MAX_REDIRECTS: u8 = 5;
 const MAX_TRYAGAIN: u8 = 6;
 /// The first TRYAGAIN delay; each retry doubles it (20 ms .. 640 ms, 1.26 s in all).
 const TRYAGAIN_FIRST: Duration = Duration::from_millis(20);
+
+/// The most bytes of a batch's requests for one node that are copied together to go as one
+/// message; past it they go as one message per run of consecutive requests, uncopied.
+const COPY_MAX: usize = 64 * 1024;
+
 /// How often a router whose clients have all left looks whether the batches it passed on
 /// are answered, so that it can end.
 const LINGER: Duration = Duration::from_millis(100);
@@ -177,8 +183,9 @@ impl Job {
         }
     }
 
-    /// The index in the batch of its `k`th request.
+    /// The index in the batch of its `k`th request (`k` below [`Job::len`]).
     fn index(&self, k: usize) -> usize {
+        debug_assert!(k < self.len(), "request {k} of a job of {}", self.len());
         match self.unit {
             Unit::Range { start, .. } => start + k,
             Unit::Picked => self.picks.get(k).copied().unwrap_or(usize::MAX),
@@ -622,30 +629,34 @@ impl Router {
     }
 
     /// Sends each node the requests of batch `id` gathered for it: a run of consecutive
-    /// requests as a slice of the batch's `frames`, others copied together.
+    /// requests as a slice of the batch's `frames`, others copied together while they are
+    /// small ([`COPY_MAX`]); larger ones go as one message per run, uncopied.
     async fn send_groups(&mut self, id: u64, groups: &mut Vec<Group>, frames: &Bytes) {
         for Group { node, requests } in groups.drain(..) {
-            let (Some(&(start, from, _)), Some(&(last, _, to))) =
-                (requests.first(), requests.last())
-            else {
+            let size: usize = requests.iter().map(|&(_, from, to)| to - from).sum();
+            let runs = requests.chunk_by(|&(a, _, _), &(b, _, _)| b == a + 1);
+            if runs.clone().count() == 1 || size > COPY_MAX {
+                for run in runs {
+                    let (Some(&(start, from, _)), Some(&(_, _, to))) = (run.first(), run.last())
+                    else {
+                        continue;
+                    };
+                    let unit = Unit::Range {
+                        start,
+                        len: run.len(),
+                    };
+                    self.send(node, Job::new(id, unit, frames.slice(from..to)))
+                        .await;
+                }
                 continue;
-            };
-            let job = if last - start + 1 == requests.len() {
-                let unit = Unit::Range {
-                    start,
-                    len: requests.len(),
-                };
-                Job::new(id, unit, frames.slice(from..to))
-            } else {
-                let size = requests.iter().map(|&(_, from, to)| to - from).sum();
-                let mut wire = BytesMut::with_capacity(size);
-                for &(_, from, to) in &requests {
-                    wire.put_slice(&frames[from..to]);
-                }
-                Job {
-                    picks: requests.iter().map(|&(index, _, _)| index).collect(),
-                    ..Job::new(id, Unit::Picked, wire.freeze())
-                }
+            }
+            let mut wire = BytesMut::with_capacity(size);
+            for &(_, from, to) in &requests {
+                wire.put_slice(&frames[from..to]);
+            }
+            let job = Job {
+                picks: requests.iter().map(|&(index, _, _)| index).collect(),
+                ..Job::new(id, Unit::Picked, wire.freeze())
             };
             self.send(node, job).await;
         }
