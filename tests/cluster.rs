@@ -611,15 +611,14 @@ type Seen = Vec<Vec<Result<i64, String>>>;
 /// of `per` counters of its own, pipelining one INCR per counter per round, until `stop`.
 async fn incr_traffic(
     addr: std::net::SocketAddr,
-    writers: usize,
-    per: usize,
+    (prefix, writers, per): (&'static str, usize, usize),
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Vec<(Vec<String>, Seen)> {
     let mut tasks = Vec::new();
     for w in 0..writers {
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let keys: Vec<String> = (0..per).map(|i| format!("count:{w}:{i}")).collect();
+            let keys: Vec<String> = (0..per).map(|i| format!("{prefix}:{w}:{i}")).collect();
             let mut seen: Seen = vec![Vec::new(); per];
             let mut client = Raw::connect(addr).await;
             let mut out = Vec::new();
@@ -646,14 +645,18 @@ async fn incr_traffic(
     all
 }
 
-/// Runs INCR traffic while `disturb` runs (on a thread of its own), then `after` more.
+/// Runs INCR traffic while `disturb` runs (on a thread of its own), then `after` more: 4 clients
+/// pipelining 100 counters each, and 16 clients sending one INCR at a time (the router's direct
+/// path).
 async fn under_traffic(
     redmux: &Redmux,
     after: std::time::Duration,
     disturb: impl FnOnce() + Send + 'static,
 ) -> Vec<(Vec<String>, Seen)> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = tokio::spawn(incr_traffic(redmux.addr, 4, 100, stop.clone()));
+    let traffic = tokio::spawn(incr_traffic(redmux.addr, ("count", 4, 100), stop.clone()));
+    // And clients that send one INCR at a time, which take the router's direct path.
+    let single = tokio::spawn(incr_traffic(redmux.addr, ("single", 16, 1), stop.clone()));
     // Traffic is flowing before the disturbance starts.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     tokio::task::spawn_blocking(disturb)
@@ -661,7 +664,9 @@ async fn under_traffic(
         .expect("disturbance");
     tokio::time::sleep(after).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    traffic.await.expect("traffic")
+    let mut seen = traffic.await.expect("traffic");
+    seen.extend(single.await.expect("single traffic"));
+    seen
 }
 
 #[tokio::test]
@@ -1129,6 +1134,9 @@ async fn status_and_metrics_show_the_map_and_each_node() {
         .collect();
     assert_eq!(masters, expected, "{map}");
     assert_eq!(map["unassigned_slots"], 0, "{map}");
+    // The client waited for each reply: its SETs went past the router, straight to their
+    // master, but for the first to each master, which starts that master's connection.
+    assert!(map["direct_requests"].as_u64().unwrap() >= 9, "{map}");
     let nodes: BTreeSet<String> = status["upstreams"]
         .as_array()
         .unwrap()

@@ -675,8 +675,15 @@ impl State {
             (None, Some(lease), _) | (None, None, Some(lease)) => {
                 (lease.sender().clone(), Path::Pinned(lease.id()))
             }
-            (None, None, None) => (self.client.shared.clone(), Path::Shared(self.client.moves)),
+            (None, None, None) => (
+                self.client.shared.sender().clone(),
+                Path::Shared(self.client.moves),
+            ),
         };
+        // One request of a client with nothing outstanding may go past a cluster's router,
+        // straight to its master (see `Shared::direct`): nothing of its own can be overtaken.
+        let direct =
+            matches!(path, Path::Shared(_)) && self.unresolved == 0 && count == 1 && then.is_none();
         self.last_path = Some(path);
         let handed_at = Instant::now();
         let added = then.as_deref().map_or(0, Then::added_replies);
@@ -688,16 +695,20 @@ impl State {
             reply: reply.into(),
             budget: Some(self.budget.clone()),
         };
-        let handed = match destination.try_send(request) {
-            Ok(()) => Ok(true),
+        let request = match direct {
+            true => self.client.shared.direct(request).err(),
+            false => Some(request),
+        };
+        let handed = match request.map(|request| destination.try_send(request)) {
+            None | Some(Ok(())) => Ok(true),
             // Boxed: a full channel is rare, and this future is large.
-            Err(TrySendError::Full(request)) => {
+            Some(Err(TrySendError::Full(request))) => {
                 let timeout = self.config.request_timeout;
                 Err(Box::pin(async move {
                     tokio::time::timeout(timeout, destination.send(request)).await
                 }))
             }
-            Err(TrySendError::Closed(_)) => Ok(false),
+            Some(Err(TrySendError::Closed(_))) => Ok(false),
         };
         async move {
             let sent = match handed {

@@ -8,7 +8,6 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
 
 use super::registry::{flag, Clients, Entry, Filter, Login, Names, PauseMode, Peer};
 use crate::{
@@ -18,7 +17,7 @@ use crate::{
     pubsub::Hubs,
     resp::encode_command,
     resp::{encode, parse_int, Args},
-    upstream::{Batch, Credentials, Identity, Target, UpstreamError, Upstreams},
+    upstream::{Credentials, Identity, Shared, Target, UpstreamError, Upstreams},
 };
 
 /// What Redis version redmux reports in HELLO: the reference it follows.
@@ -47,7 +46,7 @@ pub(crate) struct ClientState {
     /// a move take another path (see the session's barrier).
     pub moves: u32,
     /// The shared upstream actor for the current (db, protocol).
-    pub shared: mpsc::Sender<Batch>,
+    pub shared: Shared,
     upstreams: Upstreams,
     hubs: Hubs,
     users: Arc<Users>,

@@ -194,11 +194,35 @@ pub struct Target {
     pub identity: Option<Identity>,
 }
 
+/// Where a client sends its requests for a shared connection: the channel of its actor (of its
+/// router, in front of a cluster), and the router's direct path.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    sender: mpsc::Sender<Batch>,
+    direct: Option<Arc<cluster::Direct>>,
+}
+
+impl Shared {
+    pub fn sender(&self) -> &mpsc::Sender<Batch> {
+        &self.sender
+    }
+
+    /// Sends a batch of one request straight to its cluster node when the router allows it
+    /// (see the router's `direct` module); gives it back otherwise. Only for a client with
+    /// nothing outstanding.
+    pub fn direct(&self, batch: Batch) -> Result<(), Batch> {
+        match &self.direct {
+            Some(direct) => direct.send(batch),
+            None => Err(batch),
+        }
+    }
+}
+
 /// The shared connections of one [`Target`].
 #[derive(Debug)]
 enum Group {
     /// redmux's own identity: `connections` actors, kept for as long as the upstream set lives.
-    Kept(Vec<mpsc::Sender<Batch>>),
+    Kept(Vec<Shared>),
     /// A client's own login: one actor, alive while a client uses it. When the last one
     /// leaves, the actor ends and the credentials go with it.
     Held(Option<mpsc::WeakSender<Batch>>),
@@ -206,13 +230,16 @@ enum Group {
 
 impl Group {
     /// The sender client `client` uses, if the group is alive.
-    fn sender(&self, client: u64) -> Option<mpsc::Sender<Batch>> {
+    fn sender(&self, client: u64) -> Option<Shared> {
         match self {
             Group::Kept(senders) => {
                 let i = usize::try_from(client).unwrap_or_default() % senders.len().max(1);
                 senders.get(i).cloned()
             }
-            Group::Held(weak) => weak.as_ref()?.upgrade(),
+            Group::Held(weak) => Some(Shared {
+                sender: weak.as_ref()?.upgrade()?,
+                direct: None,
+            }),
         }
     }
 
@@ -532,7 +559,9 @@ impl Upstreams {
                 match &self.inner.cluster {
                     // Any master checks it, so a failed first seed does not refuse every
                     // AUTH (Redis Cluster expects the same users on every node).
-                    Some(cluster) => self.spawn_router(cluster, &target, rx),
+                    Some(cluster) => {
+                        self.spawn_router(cluster, &target, rx);
+                    }
                     None => self.spawn_actor(id, target, actor::Role::Shared, rx, None),
                 }
                 tx
@@ -559,11 +588,7 @@ impl Upstreams {
     /// The shared actor for `target` that client `client` uses; started if it is the first.
     /// At most `max_shared` targets have shared connections at once; those of clients' own
     /// logins count while a client uses them.
-    pub fn shared(
-        &self,
-        target: &Target,
-        client: u64,
-    ) -> Result<mpsc::Sender<Batch>, UpstreamError> {
+    pub fn shared(&self, target: &Target, client: u64) -> Result<Shared, UpstreamError> {
         let inner = &self.inner;
         let worker = WORKER.get();
         let key = (worker, target.clone());
@@ -579,20 +604,23 @@ impl Upstreams {
             None => inner.connections,
             Some(_) => 1,
         };
-        let senders: Vec<mpsc::Sender<Batch>> = (0..connections)
+        let senders: Vec<Shared> = (0..connections)
             .map(|_| {
-                let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-                match &inner.cluster {
-                    Some(cluster) => self.spawn_router(cluster, target, rx),
-                    None => self.spawn_actor(
-                        self.next_shared_id(),
-                        target.clone(),
-                        actor::Role::Shared,
-                        rx,
-                        None,
-                    ),
-                }
-                tx
+                let (sender, rx) = mpsc::channel(CHANNEL_CAPACITY);
+                let direct = match &inner.cluster {
+                    Some(cluster) => Some(self.spawn_router(cluster, target, rx)),
+                    None => {
+                        self.spawn_actor(
+                            self.next_shared_id(),
+                            target.clone(),
+                            actor::Role::Shared,
+                            rx,
+                            None,
+                        );
+                        None
+                    }
+                };
+                Shared { sender, direct }
             })
             .collect();
         let (group, sender) = match target.identity {
@@ -602,9 +630,13 @@ impl Upstreams {
                 (group, sender)
             }
             Some(_) => {
-                let sender = senders.into_iter().next();
+                // A client's own login: no direct path (its one router lives while used).
+                let sender = senders.into_iter().next().map(|shared| Shared {
+                    direct: None,
+                    ..shared
+                });
                 (
-                    Group::Held(sender.as_ref().map(mpsc::Sender::downgrade)),
+                    Group::Held(sender.as_ref().map(|shared| shared.sender.downgrade())),
                     sender,
                 )
             }
@@ -748,7 +780,7 @@ impl Upstreams {
         cluster: &Arc<cluster::Cluster>,
         target: &Target,
         rx: mpsc::Receiver<Batch>,
-    ) {
+    ) -> Arc<cluster::Direct> {
         let weak = Arc::downgrade(&self.inner);
         let node_target = target.clone();
         let spawner: cluster::Spawner = Box::new(move |host: &str, port: u16| {
@@ -768,7 +800,7 @@ impl Upstreams {
             );
             Some(tx)
         });
-        cluster::spawn_router(cluster.clone(), spawner, rx, self.next_shared_id());
+        cluster::spawn_router(cluster.clone(), spawner, rx, self.next_shared_id())
     }
 
     /// Starts a pinned connection in front of a cluster on `rx`: it opens an actor on the

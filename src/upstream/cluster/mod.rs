@@ -26,7 +26,7 @@ use tokio::{io::AsyncWriteExt, sync::watch};
 use tracing::{debug, info, warn};
 
 pub(super) use pinned::spawn as spawn_pinned;
-pub(super) use router::{spawn as spawn_router, Routed, Spawner};
+pub(super) use router::{direct::Direct, spawn as spawn_router, Routed, Spawner};
 
 use super::{connect, Address, Dial, Setup, Timeouts, UpstreamError};
 use crate::{
@@ -91,6 +91,8 @@ pub(crate) struct Cluster {
     last_refresh: Mutex<Option<tokio::time::Instant>>,
     /// Maps read and found different from the one before, for `/status`.
     changes: AtomicU64,
+    /// Requests the routers' direct path sent, for `/status`.
+    pub(super) direct: AtomicU64,
 }
 
 /// Why the slot map could not be read from a node.
@@ -113,6 +115,8 @@ pub struct ClusterSnapshot {
     pub unassigned_slots: usize,
     /// Times a refresh found a new map.
     pub map_changes: u64,
+    /// Requests sent past the router, straight to their master (the router's direct path).
+    pub direct_requests: u64,
 }
 
 impl Cluster {
@@ -132,6 +136,7 @@ impl Cluster {
             refreshing: AtomicBool::new(false),
             last_refresh: Mutex::new(None),
             changes: AtomicU64::new(0),
+            direct: AtomicU64::new(0),
         });
         cluster.refresh().await;
         let weak = Arc::downgrade(&cluster);
@@ -175,6 +180,7 @@ impl Cluster {
             }),
             unassigned_slots: topology.map_or(crate::cluster::slot::SLOTS, |t| t.map.unassigned()),
             map_changes: self.changes.load(Ordering::Relaxed),
+            direct_requests: self.direct.load(Ordering::Relaxed),
         }
     }
 

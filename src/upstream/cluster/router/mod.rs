@@ -24,6 +24,7 @@
 //! resent: it may have run.
 
 pub(super) mod combine;
+pub(super) mod direct;
 pub(super) mod holds;
 pub(super) mod redirects;
 
@@ -38,6 +39,7 @@ use tracing::Instrument;
 
 use self::{
     combine::{merge, random, requests},
+    direct::{Direct, Table},
     holds::{Held, Holds, Token, Touch},
 };
 use super::{Cluster, Topology};
@@ -79,13 +81,14 @@ const CURSOR_BITS: u32 = 56;
 pub(in crate::upstream) type Spawner =
     Box<dyn Fn(&str, u16) -> Option<mpsc::Sender<Batch>> + Send + Sync>;
 
-/// Starts a router on `rx`.
+/// Starts a router on `rx`; its direct path (see [`direct`]).
 pub(in crate::upstream) fn spawn(
     cluster: Arc<Cluster>,
     spawner: Spawner,
     rx: mpsc::Receiver<Batch>,
     id: usize,
-) {
+) -> Arc<Direct> {
+    let direct = Arc::new(Direct::new(cluster.clone()));
     let map_rx = cluster.subscribe();
     let topology = map_rx.borrow().clone();
     let (back, returns) = mpsc::unbounded_channel();
@@ -107,9 +110,13 @@ pub(in crate::upstream) fn spawn(
         spawner,
         round_robin: 0,
         holds: Holds::default(),
+        direct: direct.clone(),
+        published: None,
+        routing: 0,
     };
     let span = tracing::info_span!("cluster_router", id);
     tokio::spawn(router.run().instrument(span));
+    direct
 }
 
 /// Where a node listens: shared by everything sent to it, for a redirect that names no host
@@ -365,6 +372,12 @@ struct Router {
     pub(super) round_robin: usize,
     /// Requests waiting for those before them in their slot (see [`holds`]).
     pub(super) holds: Holds,
+    /// The slot table sessions send one request by (see [`direct`]).
+    pub(super) direct: Arc<Direct>,
+    /// The `routing` the published table was made from; `None` while none is published.
+    pub(super) published: Option<u64>,
+    /// Counts changes to where requests go (a new map, a master's node started).
+    pub(super) routing: u64,
 }
 
 impl Router {
@@ -377,11 +390,12 @@ impl Router {
             // (their replies go to the client), so it looks again from time to time.
             let done = self.closed && self.batches.is_empty();
             if done && self.back.strong_count() == 1 {
-                return;
+                return self.withdraw();
             }
             if self.holds.open() {
                 self.release().await;
             }
+            self.publish();
             let next_retry = self.retries.iter().map(|r| r.at).min();
             let held_due = self.holds.next_deadline();
             // A gate's token dropped outside the router (an actor that ended with the fence
@@ -420,6 +434,8 @@ impl Router {
     /// sent). A slot whose requests went to another node than the map names now is gated
     /// until that node has answered what it was sent (see [`holds`]).
     pub(super) async fn new_map(&mut self) {
+        self.withdraw();
+        self.routing += 1;
         let topology = self.map_rx.borrow_and_update().clone();
         let masters: Vec<(String, u16)> = topology.as_ref().map_or_else(Vec::new, |t| {
             (0..t.map.masters().len())
@@ -482,12 +498,49 @@ impl Router {
 
     /// Gates `slots` until node `node` has answered everything it was sent so far.
     pub(super) async fn fence(&mut self, node: usize, slots: Vec<u16>) {
+        self.withdraw();
         let hold = Some(self.holds.gate(slots, None));
         let job = Job {
             hold,
             ..Job::new(0, Unit::Fence, Bytes::from_static(PING))
         };
         self.post(node, job, None).await;
+    }
+
+    /// Publishes the slot table for the direct path while nothing is held back, made anew
+    /// whenever where requests go has changed.
+    fn publish(&mut self) {
+        let quiet =
+            self.holds.idle() && self.moved.is_empty() && self.retries.is_empty() && !self.closed;
+        if !quiet {
+            return self.withdraw();
+        }
+        let Some(topology) = self.topology.clone() else {
+            return self.withdraw();
+        };
+        if self.published == Some(self.routing) {
+            return;
+        }
+        let masters = (0..topology.map.masters().len())
+            .map(|at| {
+                let node = self.nodes.get(self.masters.get(at).copied().flatten()?)?;
+                Some((node.addr.clone(), node.sender.clone()))
+            })
+            .collect();
+        self.direct.set(Some(Table {
+            topology,
+            masters,
+            back: self.back.downgrade(),
+        }));
+        self.published = Some(self.routing);
+    }
+
+    /// Withdraws the direct path's table: sessions send through the router until it is
+    /// published again. Called before anything changes where a slot's requests go.
+    pub(super) fn withdraw(&mut self) {
+        if self.published.take().is_some() {
+            self.direct.set(None);
+        }
     }
 
     /// The node for `host:port`, if it has an actor.
@@ -526,6 +579,7 @@ impl Router {
             self.masters.resize(at + 1, None);
         }
         self.masters[at] = Some(node);
+        self.routing += 1;
         Some(node)
     }
 

@@ -125,6 +125,9 @@ impl Router {
                     // A script's redirect may be its own text: it moves only this request,
                     // never the slot's other requests, and says nothing of the map.
                     if !scripted(&job.frames) {
+                        // Where the slot's requests go changes: no session sends past the
+                        // router until the next map.
+                        self.withdraw();
                         self.cluster.request_refresh();
                         // What went to the slot's node so far must run before what goes to
                         // the new one from now on.
@@ -147,6 +150,7 @@ impl Router {
             }
             Some(Redirect::TryAgain) if job.tries < MAX_TRYAGAIN => {
                 // Its client's later requests for its slot wait until it has its answer.
+                self.withdraw();
                 if job.hold.is_none() {
                     if let SlotOf::One(slot) = keys::keys(&job.frames).slot() {
                         let client = self.batches.get(&job.batch).map(|b| b.budget.clone());
