@@ -195,23 +195,31 @@ pub struct Target {
 }
 
 /// Where a client sends its requests for a shared connection: the channel of its actor (of its
-/// router, in front of a cluster), and the router's direct path.
+/// router, in front of a cluster), and the router's direct path. One pointer: every idle
+/// client keeps one (see the session's size test).
 #[derive(Debug, Clone)]
-pub struct Shared {
+pub struct Shared(Arc<SharedPath>);
+
+#[derive(Debug)]
+struct SharedPath {
     sender: mpsc::Sender<Batch>,
     direct: Option<Arc<cluster::Direct>>,
 }
 
 impl Shared {
+    fn new(sender: mpsc::Sender<Batch>, direct: Option<Arc<cluster::Direct>>) -> Shared {
+        Shared(Arc::new(SharedPath { sender, direct }))
+    }
+
     pub fn sender(&self) -> &mpsc::Sender<Batch> {
-        &self.sender
+        &self.0.sender
     }
 
     /// Sends a batch of one request straight to its cluster node when the router allows it
     /// (see the router's `direct` module); gives it back otherwise. Only for a client with
     /// nothing outstanding.
     pub fn direct(&self, batch: Batch) -> Result<(), Batch> {
-        match &self.direct {
+        match &self.0.direct {
             Some(direct) => direct.send(batch),
             None => Err(batch),
         }
@@ -236,10 +244,7 @@ impl Group {
                 let i = usize::try_from(client).unwrap_or_default() % senders.len().max(1);
                 senders.get(i).cloned()
             }
-            Group::Held(weak) => Some(Shared {
-                sender: weak.as_ref()?.upgrade()?,
-                direct: None,
-            }),
+            Group::Held(weak) => Some(Shared::new(weak.as_ref()?.upgrade()?, None)),
         }
     }
 
@@ -620,7 +625,7 @@ impl Upstreams {
                         None
                     }
                 };
-                Shared { sender, direct }
+                Shared::new(sender, direct)
             })
             .collect();
         let (group, sender) = match target.identity {
@@ -631,12 +636,12 @@ impl Upstreams {
             }
             Some(_) => {
                 // A client's own login: no direct path (its one router lives while used).
-                let sender = senders.into_iter().next().map(|shared| Shared {
-                    direct: None,
-                    ..shared
-                });
+                let sender = senders
+                    .into_iter()
+                    .next()
+                    .map(|shared| Shared::new(shared.sender().clone(), None));
                 (
-                    Group::Held(sender.as_ref().map(|shared| shared.sender.downgrade())),
+                    Group::Held(sender.as_ref().map(|shared| shared.sender().downgrade())),
                     sender,
                 )
             }
