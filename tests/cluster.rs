@@ -1760,3 +1760,68 @@ async fn kills_stats_and_unblocks_reach_the_master_they_concern() {
     assert_eq!(other.call(&["CLIENT", "UNBLOCK", id]).await, ":1\r\n");
     assert_eq!(blocked.reply_str().await, "*-1\r\n");
 }
+
+/// A slot that a map leaves without a master and the next gives to another: a request still
+/// queued on the old master (its writes paused) comes back `-MOVED` and is resent, and the
+/// client's next request for the slot runs after it. Without a fence when the slot was left
+/// unassigned, the next map had nothing to say where the slot's requests had gone, and the
+/// later SET ran first on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_left_without_a_master_keeps_the_order_of_its_requests() {
+    let cluster = Cluster::start();
+    let mut config = config(&cluster);
+    config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    config.upstream.cluster_refresh_interval = std::time::Duration::from_millis(100);
+    config.upstream.request_timeout = std::time::Duration::from_secs(20);
+    let redmux = Redmux::start_with(config).await;
+    let admin = redmux.metrics.expect("the admin endpoint is bound");
+    let masters = cluster.masters();
+    let (a, b) = (masters[0], masters[1]);
+    for port in cluster.live_ports() {
+        let set = ["CONFIG", "SET", "cluster-require-full-coverage", "no"];
+        assert_eq!(Conn::connect(port).query(&set), Resp::Simple("OK".into()));
+    }
+    let key = name_on(&cluster, a, "unowned", &[]);
+    let s = slot(key.as_bytes()).to_string();
+    let mut client = redmux.raw().await;
+    assert_eq!(client.call(&["SET", &key, "0"]).await, "+OK\r\n");
+    let unassigned = |admin| async move {
+        let status: serde_json::Value =
+            serde_json::from_str(&support::http_get(admin, "/status").await).unwrap();
+        status["cluster"]["unassigned_slots"].as_u64().unwrap()
+    };
+
+    pause_writes(a, 4000);
+    client.send(cmd(&["SET", &key, "1"])).await;
+    a_moment().await;
+    // Every node forgets the slot, and redmux reads a map without it.
+    for port in cluster.live_ports() {
+        let reply = Conn::connect(port).query(&["CLUSTER", "DELSLOTS", &s]);
+        assert_eq!(reply, Resp::Simple("OK".into()), "DELSLOTS on {port}");
+    }
+    let deadline = support::Deadline::new();
+    while unassigned(admin).await != 1 {
+        deadline
+            .next_try("redmux reads a map without the slot")
+            .await;
+    }
+    // B takes it, and redmux reads that too.
+    let reply = Conn::connect(b).query(&["CLUSTER", "ADDSLOTS", &s]);
+    assert_eq!(reply, Resp::Simple("OK".into()));
+    while unassigned(admin).await != 0 {
+        deadline.next_try("redmux reads the slot on B").await;
+    }
+    // A knows it too (reads are not paused): it will answer the paused SET -MOVED.
+    while !matches!(Conn::connect(a).query(&["GET", &key]), Resp::Error(e) if e.starts_with("MOVED"))
+    {
+        deadline.next_try("A redirects the slot to B").await;
+    }
+    client.send(cmd(&["SET", &key, "2"])).await;
+    // A's pause ends: it answers the first SET -MOVED, which is resent to B before the second.
+    assert_eq!(client.reply_str().await, "+OK\r\n");
+    assert_eq!(client.reply_str().await, "+OK\r\n");
+    assert_eq!(
+        Conn::connect(b).query(&["GET", &key]),
+        Resp::Bulk(b"2".to_vec())
+    );
+}

@@ -473,13 +473,20 @@ impl Router {
             return leaving;
         };
         for slot in 0..u16::try_from(SLOTS).unwrap_or(u16::MAX) {
-            let (Some(old), Some(owner)) = (self.sent_to(slot), new.map.owner(slot)) else {
+            let Some((old, conn)) = self
+                .sent_to(slot)
+                .and_then(|old| Some((old, self.nodes.get(old)?)))
+            else {
                 continue;
             };
-            let (Some(conn), Some((host, port))) = (self.nodes.get(old), masters.get(owner)) else {
-                continue;
-            };
-            if conn.addr.port != *port || conn.addr.host != *host {
+            // A slot the new map leaves without a master leaves its node too: when the next
+            // map gives it one, nothing tells where its requests went before.
+            let stays = new
+                .map
+                .owner(slot)
+                .and_then(|owner| masters.get(owner))
+                .is_some_and(|(host, port)| conn.addr.port == *port && conn.addr.host == *host);
+            if !stays {
                 leaving.entry(old).or_default().push(slot);
             }
         }
