@@ -1330,6 +1330,38 @@ fn pause_writes(port: u16, ms: u64) {
     assert_eq!(reply, Resp::Simple("OK".into()));
 }
 
+/// Moves key `key` from master `from` to master `to` (`MIGRATE`, its slot migrating).
+fn migrate((from, to): (u16, u16), key: &str) {
+    let port = to.to_string();
+    let args = ["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", key];
+    assert_eq!(Conn::connect(from).query(&args), Resp::Simple("OK".into()));
+}
+
+/// Two keys `a` and `b` of one slot on master `m` (named after `prefix`), the slot migrating
+/// to `n` with only `b` moved, and `client`'s `MSET a 1 b 1` sent: `m` has answered it
+/// `-TRYAGAIN` once, and redmux tries it again until the move ends. Gives the keys.
+async fn mset_tried_again(
+    cluster: &Cluster,
+    client: &mut Raw,
+    (m, n): (u16, u16),
+    prefix: &str,
+) -> (String, String) {
+    let tag = name_on(cluster, m, prefix, &[]);
+    let (a, b) = (format!("{{{tag}}}a"), format!("{{{tag}}}b"));
+    for key in [&a, &b] {
+        assert_eq!(client.call(&["SET", key, "0"]).await, "+OK\r\n");
+    }
+    start_move(slot(a.as_bytes()), m, n);
+    migrate((m, n), &b);
+    let before = tryagains(m);
+    client.send(cmd(&["MSET", &a, "1", &b, "1"])).await;
+    let deadline = support::Deadline::new();
+    while tryagains(m) == before {
+        deadline.next_try_blocking("m answers -TRYAGAIN");
+    }
+    (a, b)
+}
+
 /// How many times node `port` answered `-TRYAGAIN`.
 fn tryagains(port: u16) -> u64 {
     let info = Conn::connect(port).query(&["INFO", "errorstats"]).text();
@@ -1416,29 +1448,12 @@ async fn a_request_sent_after_its_slot_moved_runs_after_those_before_it() {
 
     // -TRYAGAIN: a MSET whose slot is half moved is tried again, and the SET sent after it
     // waits for its answer instead of running on m at once.
-    let tag = name_on(&cluster, m, "held", &[]);
-    let (a, b) = (format!("{{{tag}}}a"), format!("{{{tag}}}b"));
+    let (a, b) = mset_tried_again(&cluster, &mut client, (m, n), "held").await;
     let st = slot(a.as_bytes());
-    for key in [&a, &b] {
-        assert_eq!(client.call(&["SET", key, "0"]).await, "+OK\r\n");
-    }
-    start_move(st, m, n);
-    let port = n.to_string();
-    let migrate = |key: &str| {
-        let args = ["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", key];
-        assert_eq!(Conn::connect(m).query(&args), Resp::Simple("OK".into()));
-    };
-    migrate(&b);
-    let before = tryagains(m);
-    client.send(cmd(&["MSET", &a, "1", &b, "1"])).await;
-    let deadline = support::Deadline::new();
-    while tryagains(m) == before {
-        deadline.next_try_blocking("m answers -TRYAGAIN");
-    }
     a_moment().await;
     client.send(cmd(&["SET", &a, "2"])).await;
     a_moment().await;
-    migrate(&a);
+    migrate((m, n), &a);
     owned_by_n(st);
     assert_eq!(client.reply_str().await, "+OK\r\n");
     assert_eq!(client.reply_str().await, "+OK\r\n");
@@ -1634,25 +1649,8 @@ async fn a_request_tried_again_holds_back_only_its_own_clients_requests() {
     let (mut retried, mut other) = (redmux.raw().await, redmux.raw().await);
     let masters = cluster.masters();
     let (m, n) = (masters[0], masters[1]);
-    let tag = name_on(&cluster, m, "retried", &[]);
-    let (a, b) = (format!("{{{tag}}}a"), format!("{{{tag}}}b"));
+    let (a, b) = mset_tried_again(&cluster, &mut retried, (m, n), "retried").await;
     let st = slot(a.as_bytes());
-    for key in [&a, &b] {
-        assert_eq!(retried.call(&["SET", key, "0"]).await, "+OK\r\n");
-    }
-    start_move(st, m, n);
-    let port = n.to_string();
-    let migrate = |key: &str| {
-        let args = ["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", key];
-        assert_eq!(Conn::connect(m).query(&args), Resp::Simple("OK".into()));
-    };
-    migrate(&b);
-    let before = tryagains(m);
-    retried.send(cmd(&["MSET", &a, "1", &b, "1"])).await;
-    let deadline = support::Deadline::new();
-    while tryagains(m) == before {
-        deadline.next_try_blocking("m answers -TRYAGAIN");
-    }
     assert_eq!(other.call(&["ECHO", "free"]).await, "$4\r\nfree\r\n");
     let spread = keys("retried-other", 6);
     let mut mget = vec!["MGET"];
@@ -1662,7 +1660,7 @@ async fn a_request_tried_again_holds_back_only_its_own_clients_requests() {
         format!("*6\r\n{}", "$-1\r\n".repeat(6))
     );
     // Only now does the move end: the MSET, still being tried again, succeeds on n.
-    migrate(&a);
+    migrate((m, n), &a);
     let n_id = support::cluster::node_id(n);
     for &port in &masters {
         set_owner(port, st, &n_id);
