@@ -148,36 +148,54 @@ pub fn scope_and_slot(request: &[u8]) -> (Scope, SlotOf) {
             &heap
         }
     };
-    let (scope, positions) = key_positions(argv);
-    let slot = slot_of(positions.iter().filter_map(|&at| argv.get(at).copied()));
-    (scope, slot)
+    POSITIONS.with_borrow_mut(|positions| {
+        let scope = positions_into(argv, positions);
+        let slot = slot_of(positions.iter().filter_map(|&at| argv.get(at).copied()));
+        // A request with a million keys must not keep its vector for the thread's lifetime.
+        if positions.capacity() > ON_STACK {
+            *positions = Vec::new();
+        }
+        (scope, slot)
+    })
+}
+
+thread_local! {
+    /// The key positions [`scope_and_slot`] reads, kept between calls.
+    static POSITIONS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Where a command's keys are, given all its arguments (the name first): the scope and the
 /// indexes into `argv` of the keys, in the order `COMMAND GETKEYS` lists them. A key may be
 /// listed twice if Redis lists it twice (two specs naming the same argument).
 pub fn key_positions(argv: &[&[u8]]) -> (Scope, Vec<usize>) {
+    let mut positions = Vec::new();
+    let scope = positions_into(argv, &mut positions);
+    (scope, positions)
+}
+
+/// [`key_positions`] into `positions`, which it clears first: the router's hot path reuses
+/// one vector rather than allocating one per request.
+fn positions_into(argv: &[&[u8]], positions: &mut Vec<usize>) -> Scope {
+    positions.clear();
     let Some(name) = argv.first() else {
-        return (Scope::NoKeys, Vec::new());
+        return Scope::NoKeys;
     };
     let sub = argv.get(1).copied();
     if let Some(scope) = scope_of(name, sub) {
-        let positions = match scope {
-            Scope::ShardChannels => channel_positions(name, argv.len()),
-            _ => Vec::new(),
-        };
-        return (scope, positions);
+        if let Scope::ShardChannels = scope {
+            channel_positions(name, argv.len(), positions);
+        }
+        return scope;
     }
     let Some(command) = lookup(name, sub) else {
-        return (Scope::NoKeys, Vec::new());
+        return Scope::NoKeys;
     };
-    let mut positions = Vec::new();
     if arity_fits(command.arity, argv.len()) {
-        command.find(argv, &mut positions);
+        command.find(argv, positions);
     }
     match positions.is_empty() {
-        true => (Scope::NoKeys, positions),
-        false => (Scope::Keys, positions),
+        true => Scope::NoKeys,
+        false => Scope::Keys,
     }
 }
 
@@ -226,12 +244,12 @@ fn scope_of(name: &[u8], sub: Option<&[u8]>) -> Option<Scope> {
 
 /// The channels of a sharded pub/sub command (`getChannelsFromCommand` in Redis's
 /// `src/db.c`): SPUBLISH's one channel, every argument of the other two.
-fn channel_positions(name: &[u8], argc: usize) -> Vec<usize> {
+fn channel_positions(name: &[u8], argc: usize, positions: &mut Vec<usize>) {
     let end = match name.eq_ignore_ascii_case(b"spublish") {
         true => argc.min(2),
         false => argc,
     };
-    (1..end).collect()
+    positions.extend(1..end);
 }
 
 /// Whether `argc` arguments (the name included) fit `arity`: exactly `arity`, or at least
