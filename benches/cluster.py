@@ -75,10 +75,11 @@ ClusterServerPool {{
 
 
 def cpu_seconds(pid):
-    """User + system CPU time of process `pid` so far (fields 14 and 15 of /proc/PID/stat)."""
+    """User and system CPU time of process `pid` so far (fields 14 and 15 of /proc/PID/stat)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def main():
@@ -132,16 +133,23 @@ def main():
                 for n in order:
                     before = cpu_seconds(pids[n])
                     result = run_bench(targets[n], args, timeout=600)
-                    result["cpu_us"] = (cpu_seconds(pids[n]) - before) * 1e6 / requests
+                    after = cpu_seconds(pids[n])
+                    result["user_us"], result["sys_us"] = (
+                        (a - b) * 1e6 / requests for a, b in zip(after, before))
+                    result["cpu_us"] = result["user_us"] + result["sys_us"]
                     results[w][n].append(result)
         print(f"{'workload':14} {'redmux rps':>12} {'predixy rps':>12} {'ratio':>7}  "
-              f"{'CPU µs/req redmux':>18} {'predixy':>8}  per-round ratios")
+              f"{'CPU µs/req redmux':>18} {'predixy':>8}  {'user+sys redmux':>16} {'predixy':>11}  "
+              "per-round ratios")
         for w, by in results.items():
             ratios = [x["rps"] / y["rps"] for x, y in zip(by["redmux"], by["predixy"])]
             cpu = {n: statistics.median(x["cpu_us"] for x in by[n]) for n in names}
+            split = {n: "{:.2f}+{:.2f}".format(*(statistics.median(x[k] for x in by[n])
+                                                 for k in ("user_us", "sys_us"))) for n in names}
             print(f"{w:14} {statistics.median(x['rps'] for x in by['redmux']):12.0f} "
                   f"{statistics.median(x['rps'] for x in by['predixy']):12.0f} "
                   f"{statistics.median(ratios):7.2f}  {cpu['redmux']:18.2f} {cpu['predixy']:8.2f}  "
+                  f"{split['redmux']:>16} {split['predixy']:>11}  "
                   f"{' '.join(f'{x:.2f}' for x in ratios)}")
     finally:
         for proc in procs:
