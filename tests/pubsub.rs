@@ -890,12 +890,76 @@ async fn one_oversized_message_costs_other_subscribers_nothing() {
     );
 }
 
+/// A RESP3 subscriber's PUBLISHes pipelined with other commands: the pushes its own PUBLISHes
+/// cause, their replies and the other replies come in the order Redis sends them on one
+/// connection, through patterns too, with replies skipped (CLIENT REPLY), and up to an
+/// UNSUBSCRIBE or a RESET that follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resp3_subscribers_pipelined_publishes_keep_redis_order() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    // (subscriptions, pipeline, frames it gets directly)
+    let scenarios: [(&str, &str, usize); 5] = [
+        (
+            "SUBSCRIBE c",
+            "PUBLISH c a\r\nPUBLISH c b\r\nPUBLISH other z\r\nPING\r\n",
+            6,
+        ),
+        (
+            "SUBSCRIBE c\r\nPSUBSCRIBE c*",
+            "PUBLISH c a\r\nPUBLISH cx b\r\n",
+            5,
+        ),
+        (
+            "SUBSCRIBE c",
+            "CLIENT REPLY SKIP\r\nPUBLISH c a\r\nPING\r\n",
+            2,
+        ),
+        ("SUBSCRIBE c", "PUBLISH c a\r\nRESET\r\nPING\r\n", 4),
+        (
+            "SUBSCRIBE c",
+            "PUBLISH c a\r\nUNSUBSCRIBE c\r\nPUBLISH c b\r\n",
+            4,
+        ),
+    ];
+    for (subscriptions, pipeline, frames) in scenarios {
+        let mut seen = Vec::new();
+        for addr in [redis.addr().parse().unwrap(), redmux.addr] {
+            let mut raw = Raw::connect(addr).await;
+            let setup = format!("HELLO 3\r\n{subscriptions}\r\n");
+            let confirmations = 1 + subscriptions.lines().count();
+            raw.pipeline(setup.as_bytes(), confirmations).await;
+            let replies: Vec<String> = raw
+                .pipeline(pipeline.as_bytes(), frames)
+                .await
+                .iter()
+                .map(|reply| String::from_utf8_lossy(reply).into_owned())
+                .collect();
+            seen.push(replies);
+            raw.send("QUIT\r\n").await;
+            raw.reply().await;
+            // The next client's counts must not include this one.
+            let mut check = Raw::connect(redis.addr().parse().unwrap()).await;
+            let deadline = Deadline::new();
+            while check.call(&["PUBSUB", "NUMPAT"]).await != ":0\r\n"
+                || check.call(&["PUBSUB", "NUMSUB", "c", "cx"]).await
+                    != "*4\r\n$1\r\nc\r\n:0\r\n$2\r\ncx\r\n:0\r\n"
+            {
+                deadline.next_try("the subscriber to leave").await;
+            }
+        }
+        assert_eq!(
+            seen[1], seen[0],
+            "{pipeline:?}: through redmux (left), directly (right)"
+        );
+    }
+}
+
 /// A RESP3 client subscribed to a channel it publishes to gets, directly, the message push
 /// before PUBLISH's reply: Redis delivers during the command. Through redmux the two come over
-/// different connections (the hub and the shared one).
+/// different connections (the hub and the shared one), so the reply waits for the hub to have
+/// passed on what Redis sent it before a PING sent after the PUBLISH ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open: a RESP3 subscriber's own PUBLISH reply can overtake the message push it \
-            caused (hub and shared connection race)"]
 async fn a_resp3_subscribers_own_publish_is_answered_after_its_message() {
     let redis = RedisServer::start();
     let redmux = Redmux::start(&redis.addr()).await;

@@ -126,6 +126,10 @@ enum Then {
     /// they serve: corrected (see [`pubsub::Registry`]). With the argument the correction
     /// needs ([`command::Count::argument_index`]).
     Count(command::Count, Option<Bytes>),
+    /// A count as [`Then::Count`], of a RESP3 subscriber's PUBLISH whose reply waits for the
+    /// message it caused (`State::synced`); with whether the client skips the reply (CLIENT
+    /// REPLY).
+    Synced(command::Count, Option<Bytes>, bool),
     /// The answer to CLIENT TRACKING ON that waited for redmux's invalidation stream: an
     /// error means the client does not track after all.
     Tracking,

@@ -175,6 +175,13 @@ impl State {
             (Some(Then::Count(count, argument)), Ok(replies)) => {
                 self.recount(count, argument, replies, charged)
             }
+            (Some(Then::Synced(count, argument, skipped)), reply) => {
+                let (reply, charged) = match reply {
+                    Ok(replies) => self.recount(count, argument, replies, charged),
+                    reply => (reply, charged),
+                };
+                self.synced(reply, charged, skipped)
+            }
             (Some(Then::Replay(request)), Ok(replies)) => {
                 if charged {
                     self.budget.refund(replies.bytes.len());

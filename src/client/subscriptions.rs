@@ -148,6 +148,20 @@ pub(super) struct Open {
     /// The names a subscription added, each with its place in [`Names`]: taken back if Redis
     /// refuses it.
     added: Vec<(Bytes, u64)>,
+    awaits: Awaits,
+}
+
+/// What an open slot waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Awaits {
+    /// The hub's answer to an (un)subscription.
+    Answer,
+    /// A RESP3 subscriber's PUBLISH, in flight on another connection: the slot holds the
+    /// messages the hub passes on meanwhile, and will hold the PUBLISH's reply.
+    Reply,
+    /// The PUBLISH's reply is in `frames`; the hub's answer to a [`pubsub::PubSub::sync`]
+    /// says every message Redis sent before it ran has been passed on.
+    Sync,
 }
 
 /// A client's subscriptions of one kind. A client may hold a million (`max_multibulk_len`
@@ -663,6 +677,7 @@ impl State {
             frames,
             kind,
             added,
+            awaits: Awaits::Answer,
         });
         self.last_path = Some(Path::PubSub);
         self.unresolved += 1;
@@ -751,12 +766,20 @@ impl State {
         let Some(held) = self.subs.held.as_mut() else {
             return;
         };
-        let Some(at) = held.open.iter().position(|open| open.hub == hub) else {
+        let Some(at) = held
+            .open
+            .iter()
+            .position(|open| open.hub == hub && open.awaits != Awaits::Reply)
+        else {
             return;
         };
         let Some(open) = held.open.remove(at) else {
             return;
         };
+        if open.awaits == Awaits::Sync {
+            // Redis answers a PING; whatever it said, the messages before it are in.
+            return self.finish_slot(open, None);
+        }
         let mut refused = (!answer.is_empty()).then_some(answer);
         if let Some(error) = &refused {
             let names = &mut held.kinds[kind_index(open.kind)];
@@ -875,20 +898,134 @@ impl State {
         }
     }
 
-    /// Forwards a count command; its reply is corrected ([`Then::Count`]).
+    /// Forwards a count command; its reply is corrected ([`Then::Count`]). A RESP3
+    /// subscriber's PUBLISH to what it hears is answered after the message it caused
+    /// ([`Then::Synced`]).
     pub(super) async fn forward_counted(&mut self, count: command::Count, request: Bytes) {
         let argument = count
             .argument_index()
             .and_then(|i| Args::new(&request).nth(i))
             .map(|arg| request.slice_ref(arg));
+        let synced = count == command::Count::Publish
+            && argument
+                .as_deref()
+                .is_some_and(|channel| self.hears(channel));
+        // A reply the client skips (CLIENT REPLY) is not passed on, but its message still
+        // comes before the next reply.
+        let skipped = !matches!(self.client.reply_mode, super::state::ReplyMode::On);
+        let then = match synced {
+            true => Then::Synced(count, argument, skipped),
+            false => Then::Count(count, argument),
+        };
         let batch = Run {
             frames: request,
             count: 1,
             timeout: Some(self.config.request_timeout),
-            then: Some(Box::new(Then::Count(count, argument))),
+            then: Some(Box::new(then)),
             ..Run::default()
         };
         self.forward(batch).await;
+        if synced {
+            self.open_sync();
+            // The next request waits for the reply: the hub's PING must follow this PUBLISH
+            // and come before the next, or its message would go out ahead of this reply.
+            self.sync = true;
+        }
+    }
+
+    /// Whether a PUBLISH to `channel` may send this client a message it must get before the
+    /// PUBLISH's reply: directly, Redis delivers a RESP3 client's messages while the PUBLISH
+    /// runs, ahead of its reply, while the hub's connection and the client's shared one are
+    /// two streams. Only in front of one Redis: a cluster carries PUBLISH to the hub's node on
+    /// its own bus, after the reply, so no PING on the hub can tell that the message is in.
+    fn hears(&self, channel: &[u8]) -> bool {
+        let Some(held) = self.subs.held.as_deref() else {
+            return false;
+        };
+        self.client.resp3
+            && self.subs.hub.is_some()
+            && self.subs.inbox.is_some()
+            && !self.client.upstreams().is_cluster()
+            && (held.kinds[kind_index(command::Namespace::Channel)].contains(channel)
+                || held.kinds[kind_index(command::Namespace::Pattern)].len() > 0)
+    }
+
+    /// The slot a synced PUBLISH's reply goes out in, behind the PUBLISH's own (which yields
+    /// nothing): the messages the own hub passes on from now until its sync answer go out
+    /// ahead of the reply.
+    fn open_sync(&mut self) {
+        let (reply, rx) = oneshot::channel();
+        self.subs.held().open.push_back(Open {
+            hub: OWN_HUB,
+            reply,
+            before: Vec::new(),
+            frames: Bytes::new(),
+            kind: command::Namespace::Channel,
+            added: Vec::new(),
+            awaits: Awaits::Reply,
+        });
+        self.unresolved += 1;
+        self.pending.push_back(Pending::Upstream {
+            rx,
+            count: 0,
+            suppress: false,
+            release: None,
+            charged: true,
+            sent: Instant::now(),
+            blocking: false,
+            then: None,
+        });
+    }
+
+    /// A synced PUBLISH's reply, corrected: kept in its slot until the own hub has passed on
+    /// every message Redis sent before it ([`pubsub::PubSub::sync`]). What goes out now, in
+    /// the PUBLISH's own place: nothing, or the reply itself if there is nothing to wait for
+    /// (an error, a RESET since, a hub that cannot take the request).
+    pub(super) fn synced(&mut self, reply: Reply, charged: bool, skipped: bool) -> (Reply, bool) {
+        let held = self.subs.held.as_deref_mut();
+        let at = held.and_then(|held| {
+            held.open
+                .iter()
+                .position(|open| open.awaits == Awaits::Reply)
+        });
+        let Some(at) = at else {
+            return (reply, charged);
+        };
+        let replies = match reply {
+            Ok(replies) if replies.errors == 0 => replies,
+            reply => {
+                if let Some(open) = self.subs.held().open.remove(at) {
+                    self.finish_slot(open, None);
+                }
+                return (reply, charged);
+            }
+        };
+        if charged {
+            self.budget.refund(replies.bytes.len());
+        }
+        let reply = match skipped {
+            true => Bytes::new(),
+            false => replies.bytes,
+        };
+        let asked = self
+            .subs
+            .hub
+            .as_ref()
+            .is_some_and(|hub| hub.sync(self.client.id));
+        let held = self.subs.held();
+        match (asked, held.open.get_mut(at)) {
+            (true, Some(open)) => {
+                open.frames = reply;
+                open.awaits = Awaits::Sync;
+            }
+            (_, _) => {
+                if let Some(mut open) = held.open.remove(at) {
+                    open.frames = reply;
+                    self.finish_slot(open, None);
+                }
+            }
+        }
+        (Ok(Replies::from(Bytes::new())), false)
     }
 
     /// Redis's count corrected for what redmux's hubs and their clients hold.

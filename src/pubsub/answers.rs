@@ -60,6 +60,16 @@ impl Hub {
                 b"unsubscribe" => (Namespace::Channel, false),
                 b"punsubscribe" => (Namespace::Pattern, false),
                 b"sunsubscribe" => (Namespace::Shard, false),
+                // A subscribed RESP2 connection's answer to PING (`pong` and its argument).
+                b"pong" => {
+                    if self.outbox.expects_pong() {
+                        if let Some(sent) = self.outbox.answered() {
+                            self.command_done(&sent);
+                        }
+                        self.answer_ready().await;
+                    }
+                    continue;
+                }
                 _ => continue,
             };
             let key = (kind, Bytes::copy_from_slice(name));

@@ -294,6 +294,7 @@ impl Hub {
                 kind,
                 names,
             } => self.unsubscribe(client, kind, names).await,
+            HubRequest::Sync { client } => self.sync(client),
             HubRequest::Leave { client, done } => self.remove_client(client, done).await,
         }
         self.answer_ready().await;
@@ -388,6 +389,39 @@ impl Hub {
         }
         let unwanted = self.release(client, gone).await;
         let own = self.push_by_kind(unwanted, false, Some(id));
+        self.waiters.insert(
+            id,
+            Waiter {
+                client,
+                subscribe: false,
+                names: Vec::new(),
+                missing: HashSet::new(),
+                own,
+                refused: None,
+                answer: Answer::Inbox,
+                since: Instant::now(),
+            },
+        );
+        self.ready.push(id);
+    }
+
+    /// A [`HubRequest::Sync`]: a waiter of no names, done once Redis has answered a PING sent
+    /// behind everything sent so far. With no connection, or none that knows PING (the
+    /// embedded store), there is nothing to wait for.
+    pub(super) fn sync(&mut self, client: u64) {
+        let Some(entry) = self.clients.get_mut(&client) else {
+            return;
+        };
+        let id = self.next_waiter;
+        self.next_waiter += 1;
+        entry.queue.push_back(id);
+        let own = match self.connected && self.ping {
+            true => {
+                self.outbox.push_ping(id);
+                1
+            }
+            false => 0,
+        };
         self.waiters.insert(
             id,
             Waiter {

@@ -127,6 +127,12 @@ enum HubRequest {
         kind: Namespace,
         names: Vec<Bytes>,
     },
+    /// Answer `client` (an empty frame in its inbox, in the order of its other requests) once
+    /// every frame Redis sent on the subscriber connection before now has been passed on: a
+    /// PING goes upstream and its answer is awaited. A RESP3 subscriber's PUBLISH waits for it,
+    /// so that the message its own PUBLISH caused reaches it ahead of the reply, as Redis
+    /// sends them on one connection.
+    Sync { client: u64 },
     /// The client left, RESET, or holds nothing any more: drop it and all its subscriptions.
     /// `done`, if given, hears once what nobody else wants is unsubscribed upstream.
     Leave {
@@ -261,6 +267,12 @@ impl PubSub {
                 names,
             })
             .await;
+    }
+
+    /// Asks for a [`HubRequest::Sync`] answer; `false` if the hub cannot take the request now
+    /// (its queue is full, or it is gone), and so will not answer.
+    pub fn sync(&self, client: u64) -> bool {
+        self.tx.try_send(HubRequest::Sync { client }).is_ok()
     }
 
     /// The client leaves: everything it held is dropped.

@@ -21,6 +21,8 @@ pub(super) struct Queued {
     names: VecDeque<Bytes>,
     /// The waiter whose request this is, if any.
     origin: Option<u64>,
+    /// A PING ([`super::HubRequest::Sync`]), of no names.
+    ping: bool,
 }
 
 /// A command sent and not wholly answered.
@@ -40,6 +42,8 @@ pub(super) struct Sent {
     pub(super) last: bool,
     /// A shard hub's shard command: the one slot of its names.
     slot: Option<u16>,
+    /// A PING, answered by one `pong` frame (or an error).
+    ping: bool,
 }
 
 /// (Un)subscriptions on their way to Redis, in order, sent while Redis owes the hub less than
@@ -68,8 +72,20 @@ impl Outbox {
                 subscribe,
                 names: names.into(),
                 origin,
+                ping: false,
             });
         }
+    }
+
+    /// A PING for waiter `origin`, behind everything queued.
+    pub(super) fn push_ping(&mut self, origin: u64) {
+        self.queue.push_back(Queued {
+            kind: Namespace::Channel,
+            subscribe: false,
+            names: VecDeque::new(),
+            origin: Some(origin),
+            ping: true,
+        });
     }
 
     /// The commands the window allows now (the first one whatever its size), encoded. With
@@ -81,6 +97,24 @@ impl Outbox {
             let Some(front) = self.queue.front_mut() else {
                 break;
             };
+            if front.ping {
+                let origin = front.origin;
+                self.queue.pop_front();
+                out.extend_from_slice(&encode_command([&b"PING"[..]]));
+                self.sent.push_back(Sent {
+                    kind: Namespace::Channel,
+                    subscribe: false,
+                    left: 1,
+                    owed: REPLY_OVERHEAD,
+                    names: Vec::new(),
+                    origin,
+                    last: true,
+                    slot: None,
+                    ping: true,
+                });
+                self.owed += REPLY_OVERHEAD;
+                continue;
+            }
             let mut names = Vec::new();
             let mut owed = 0;
             let mut slot = None;
@@ -116,6 +150,7 @@ impl Outbox {
                 origin,
                 last,
                 slot,
+                ping: false,
             });
             self.owed += owed;
             consume_budget().await;
@@ -133,6 +168,11 @@ impl Outbox {
         let sent = self.sent.pop_front()?;
         self.owed -= sent.owed;
         Some(sent)
+    }
+
+    /// Whether Redis's next answer is a PING's.
+    pub(super) fn expects_pong(&self) -> bool {
+        self.sent.front().is_some_and(|sent| sent.ping)
     }
 
     /// Whether Redis's next answer is that of unsubscribing `key`.
