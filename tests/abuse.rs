@@ -98,6 +98,55 @@ async fn abusers_peak_growth(max_pipeline: usize) -> u64 {
     growth
 }
 
+/// A RESP3 subscriber's PUBLISHes to its own channel go one at a time (each reply waits for
+/// its message, see docs/commands.md), so a client that pipelines them and never reads is
+/// ahead of redmux by its whole pipeline: redmux reads no more than 1 MiB ahead of a request
+/// that waits, or the client's input would be buffered up to `client_query_limit` (1 GiB;
+/// without the bound, +480 MB in 8 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resp3_publisher_that_never_reads_is_not_read_ahead_without_bound() {
+    let redis = RedisServer::start();
+    let redmux = RedmuxProcess::start(
+        &format!("client_output_limit = {OUTPUT_LIMIT}"),
+        &upstream(&redis),
+    );
+    let mut bystander = redmux.raw().await;
+    assert_eq!(bystander.call(&["PING"]).await, "+PONG\r\n");
+    let before = redmux.rss_kib();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(redmux.addr).await.unwrap();
+    stream
+        .write_all(b"HELLO 3\r\nSUBSCRIBE c\r\nPSUBSCRIBE c*\r\n")
+        .await
+        .unwrap();
+    let payload = "x".repeat(64 * 1024);
+    let publish = format!(
+        "*3\r\n$7\r\nPUBLISH\r\n$1\r\nc\r\n${}\r\n{payload}\r\n",
+        payload.len()
+    );
+    let batch = publish.repeat(16).into_bytes();
+    // Writes until redmux stops taking them (or closes the client): 64 MiB at most.
+    let mut sent = 0;
+    while sent < 64 * 1024 * 1024 {
+        match tokio::time::timeout(Duration::from_secs(2), stream.write_all(&batch)).await {
+            Ok(Ok(())) => sent += batch.len(),
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    let growth = redmux.peak_rss_kib().saturating_sub(before);
+    println!("sent {} KiB; rss grew {growth} KiB", sent / 1024);
+    // The output limit, the 1 MiB read ahead, a socket's buffers and the allocator's slack.
+    let bound = 2 * OUTPUT_LIMIT / 1024 + 16 * 1024;
+    assert!(growth <= bound, "rss grew {growth} KiB, bound {bound} KiB");
+    assert!(
+        sent < 32 * 1024 * 1024,
+        "redmux read {} KiB ahead",
+        sent / 1024
+    );
+    assert_eq!(bystander.call(&["PING"]).await, "+PONG\r\n");
+}
+
 /// With `max_pipeline` small, what a never-reading client can make redmux hold is bounded by
 /// `client_output_limit` plus `max_pipeline` replies in flight: the client is closed there.
 /// Resident memory may be up to twice that, since a reply shares its allocation with the actor's

@@ -961,6 +961,17 @@ async fn ssubscribe_reaches_the_master_of_each_channel() {
         resp3.reply_str().await,
         smessage(channel, "m").replacen('*', ">", 1)
     );
+    // Its own SPUBLISH: the message comes before the reply, as from the master directly.
+    for round in 0..10 {
+        let payload = format!("own{round}");
+        resp3.send(cmd(&["SPUBLISH", channel, &payload])).await;
+        assert_eq!(
+            resp3.reply_str().await,
+            smessage(channel, &payload).replacen('*', ">", 1),
+            "round {round}"
+        );
+        assert_eq!(resp3.reply_str().await, ":1\r\n", "round {round}");
+    }
 }
 
 /// When a shard channel's slot moves to another master, Redis 7 drops its subscribers with a

@@ -963,24 +963,30 @@ async fn a_resp3_subscribers_pipelined_publishes_keep_redis_order() {
 async fn a_resp3_subscribers_own_publish_is_answered_after_its_message() {
     let redis = RedisServer::start();
     let redmux = Redmux::start(&redis.addr()).await;
-    for addr in [redis.addr().parse().unwrap(), redmux.addr] {
-        let mut raw = Raw::connect(addr).await;
-        raw.send("HELLO 3\r\nSUBSCRIBE c\r\n").await;
-        raw.reply().await;
-        raw.reply().await;
-        for round in 0..20 {
-            raw.send(format!("PUBLISH c m{round}\r\n")).await;
-            let first = String::from_utf8_lossy(&raw.reply().await).into_owned();
-            let second = String::from_utf8_lossy(&raw.reply().await).into_owned();
-            let push = format!(
-                ">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n${}\r\nm{round}\r\n",
-                1 + round.to_string().len()
-            );
-            assert_eq!(
-                (first, second),
-                (push, ":1\r\n".to_owned()),
-                "{addr}, round {round}"
-            );
+    for (subscribe, publish, kind) in [
+        ("SUBSCRIBE", "PUBLISH", "message"),
+        ("SSUBSCRIBE", "SPUBLISH", "smessage"),
+    ] {
+        for addr in [redis.addr().parse().unwrap(), redmux.addr] {
+            let mut raw = Raw::connect(addr).await;
+            raw.send(format!("HELLO 3\r\n{subscribe} c\r\n")).await;
+            raw.reply().await;
+            raw.reply().await;
+            for round in 0..20 {
+                raw.send(format!("{publish} c m{round}\r\n")).await;
+                let first = String::from_utf8_lossy(&raw.reply().await).into_owned();
+                let second = String::from_utf8_lossy(&raw.reply().await).into_owned();
+                let push = format!(
+                    ">3\r\n${}\r\n{kind}\r\n$1\r\nc\r\n${}\r\nm{round}\r\n",
+                    kind.len(),
+                    1 + round.to_string().len()
+                );
+                assert_eq!(
+                    (first, second),
+                    (push, ":1\r\n".to_owned()),
+                    "{publish} at {addr}, round {round}"
+                );
+            }
         }
     }
 }

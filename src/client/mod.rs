@@ -65,6 +65,10 @@ const MAX_BATCH: u32 = 64;
 
 /// Stop reading a client while this many reply bytes wait for it to read them.
 const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
+/// Most unparsed input read ahead while the next request waits for a barrier (see
+/// [`Path`]): reading on would let a client that pipelines behind one (a RESP3 subscriber's
+/// PUBLISHes, each waiting for the last) fill its buffer up to `client_query_limit`.
+const STALLED_READ_AHEAD: usize = 1024 * 1024;
 
 /// A reply slot, in request order.
 #[derive(Debug)]

@@ -26,7 +26,7 @@ use super::{
     settings::{Live, SessionConfig},
     state::ClientState,
     subscriptions::{next_frame, next_message, Fed, Subscriptions},
-    Pending, State, Tx, MAX_BATCH, OUTPUT_HIGH_WATER,
+    Pending, State, Tx, MAX_BATCH, OUTPUT_HIGH_WATER, STALLED_READ_AHEAD,
 };
 use crate::{
     command::CommandId,
@@ -322,7 +322,8 @@ pub(super) fn burst<'a, S: Duplex>(
             let can_read = !this.draining
                 && !this.eof
                 && this.outstanding < this.config.max_pipeline
-                && this.out_len < OUTPUT_HIGH_WATER;
+                && this.out_len < OUTPUT_HIGH_WATER
+                && !(this.stalled() && this.rbuf.len() >= STALLED_READ_AHEAD);
             // Nothing buffered, nothing owed: the client holds no read buffer while it idles.
             if this.rbuf.is_empty() && this.outstanding == 0 && this.out.is_empty() {
                 this.rbuf = BytesMut::new();

@@ -906,16 +906,15 @@ impl State {
             .argument_index()
             .and_then(|i| Args::new(&request).nth(i))
             .map(|arg| request.slice_ref(arg));
-        let synced = count == command::Count::Publish
-            && argument
-                .as_deref()
-                .is_some_and(|channel| self.hears(channel));
+        let synced = argument
+            .as_deref()
+            .and_then(|channel| self.hears(count, channel));
         // A reply the client skips (CLIENT REPLY) is not passed on, but its message still
         // comes before the next reply.
         let skipped = !matches!(self.client.reply_mode, super::state::ReplyMode::On);
         let then = match synced {
-            true => Then::Synced(count, argument, skipped),
-            false => Then::Count(count, argument),
+            Some(_) => Then::Synced(count, argument, skipped),
+            None => Then::Count(count, argument),
         };
         let batch = Run {
             frames: request,
@@ -925,38 +924,67 @@ impl State {
             ..Run::default()
         };
         self.forward(batch).await;
-        if synced {
-            self.open_sync();
+        if let Some(hub) = synced {
+            self.open_sync(hub);
             // The next request waits for the reply: the hub's PING must follow this PUBLISH
             // and come before the next, or its message would go out ahead of this reply.
             self.sync = true;
         }
     }
 
-    /// Whether a PUBLISH to `channel` may send this client a message it must get before the
-    /// PUBLISH's reply: directly, Redis delivers a RESP3 client's messages while the PUBLISH
-    /// runs, ahead of its reply, while the hub's connection and the client's shared one are
-    /// two streams. Only in front of one Redis: a cluster carries PUBLISH to the hub's node on
-    /// its own bus, after the reply, so no PING on the hub can tell that the message is in.
-    fn hears(&self, channel: &[u8]) -> bool {
-        let Some(held) = self.subs.held.as_deref() else {
-            return false;
-        };
-        self.client.resp3
+    /// The hub whose messages a PUBLISH (or SPUBLISH) to `channel` may send this client, which
+    /// it must get before the reply: directly, Redis delivers a RESP3 client's messages while
+    /// the command runs, ahead of its reply, while a hub's connection and the client's shared
+    /// one are two streams. A PUBLISH only in front of one Redis: a cluster carries it to the
+    /// hub's node on its own bus, after the reply, so no PING on the hub can tell that the
+    /// message is in. A SPUBLISH goes to the master its shard hub is on.
+    fn hears(&self, count: command::Count, channel: &[u8]) -> Option<u32> {
+        let held = self.subs.held.as_deref()?;
+        if !self.client.resp3 {
+            return None;
+        }
+        // The own hub serves channels, patterns, and shard channels without a cluster.
+        let own = (self.subs.inbox.is_some()
             && self.subs.hub.is_some()
-            && self.subs.inbox.is_some()
-            && !self.client.upstreams().is_cluster()
-            && (held.kinds[kind_index(command::Namespace::Channel)].contains(channel)
-                || held.kinds[kind_index(command::Namespace::Pattern)].len() > 0)
+            && !self.client.upstreams().is_cluster())
+        .then_some(OWN_HUB);
+        let holds = |kind| held.kinds[kind_index(kind)].contains(channel);
+        match count {
+            command::Count::Publish
+                if holds(command::Namespace::Channel)
+                    || held.kinds[kind_index(command::Namespace::Pattern)].len() > 0 =>
+            {
+                own
+            }
+            command::Count::SPublish if holds(command::Namespace::Shard) => {
+                held.shard_of.get(channel).copied().or(own)
+            }
+            _ => None,
+        }
+    }
+
+    /// The handle of hub `hub` ([`Open::hub`]).
+    fn hub_handle(&self, hub: u32) -> Option<&pubsub::PubSub> {
+        match hub {
+            OWN_HUB => self.subs.hub.as_ref(),
+            link => self
+                .subs
+                .held
+                .as_deref()?
+                .shards
+                .iter()
+                .find(|shard| shard.id == link)
+                .map(|shard| &shard.hub),
+        }
     }
 
     /// The slot a synced PUBLISH's reply goes out in, behind the PUBLISH's own (which yields
-    /// nothing): the messages the own hub passes on from now until its sync answer go out
-    /// ahead of the reply.
-    fn open_sync(&mut self) {
+    /// nothing): the messages hub `hub` passes on from now until its sync answer go out ahead
+    /// of the reply.
+    fn open_sync(&mut self, hub: u32) {
         let (reply, rx) = oneshot::channel();
         self.subs.held().open.push_back(Open {
-            hub: OWN_HUB,
+            hub,
             reply,
             before: Vec::new(),
             frames: Bytes::new(),
@@ -977,8 +1005,8 @@ impl State {
         });
     }
 
-    /// A synced PUBLISH's reply, corrected: kept in its slot until the own hub has passed on
-    /// every message Redis sent before it ([`pubsub::PubSub::sync`]). What goes out now, in
+    /// A synced PUBLISH's reply, corrected: kept in its slot until the hub has passed on every
+    /// message Redis sent before it ([`pubsub::PubSub::sync`]). What goes out now, in
     /// the PUBLISH's own place: nothing, or the reply itself if there is nothing to wait for
     /// (an error, a RESET since, a hub that cannot take the request).
     pub(super) fn synced(&mut self, reply: Reply, charged: bool, skipped: bool) -> (Reply, bool) {
@@ -1007,10 +1035,9 @@ impl State {
             true => Bytes::new(),
             false => replies.bytes,
         };
-        let asked = self
-            .subs
-            .hub
-            .as_ref()
+        let hub = self.subs.held().open.get(at).map(|open| open.hub);
+        let asked = hub
+            .and_then(|hub| self.hub_handle(hub))
             .is_some_and(|hub| hub.sync(self.client.id));
         let held = self.subs.held();
         match (asked, held.open.get_mut(at)) {

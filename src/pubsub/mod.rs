@@ -269,10 +269,22 @@ impl PubSub {
             .await;
     }
 
-    /// Asks for a [`HubRequest::Sync`] answer; `false` if the hub cannot take the request now
-    /// (its queue is full, or it is gone), and so will not answer.
+    /// Asks for a [`HubRequest::Sync`] answer; `false` if the hub is gone and so will not
+    /// answer. A full queue (other clients' subscriptions) is waited on by a task of its own:
+    /// the session cannot wait here, and the client sends nothing else meanwhile, so there is
+    /// at most one such task per client.
     pub fn sync(&self, client: u64) -> bool {
-        self.tx.try_send(HubRequest::Sync { client }).is_ok()
+        match self.tx.try_send(HubRequest::Sync { client }) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(request)) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(request).await;
+                });
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
     }
 
     /// The client leaves: everything it held is dropped.
