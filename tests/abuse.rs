@@ -147,6 +147,46 @@ async fn a_resp3_publisher_that_never_reads_is_not_read_ahead_without_bound() {
     assert_eq!(bystander.call(&["PING"]).await, "+PONG\r\n");
 }
 
+/// The read-ahead bound above stops at a blocking command: a client in `BLPOP k 0` that
+/// pipelines more than 1 MiB behind it and closes must still be seen to close, as Redis sees
+/// it, so that its BLPOP is cancelled and takes no element another client pushes later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_client_that_closes_behind_a_long_pipeline_is_dropped() {
+    let redis = RedisServer::start();
+    let redmux = RedmuxProcess::start("", &upstream(&redis));
+    let blocked = || {
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query(&mut redis.direct())
+            .unwrap();
+        info.lines()
+            .find_map(|line| line.strip_prefix("blocked_clients:"))
+            .map(|n| n.trim().to_owned())
+    };
+    let mut stream = tokio::net::TcpStream::connect(redmux.addr).await.unwrap();
+    stream
+        .write_all(b"*3\r\n$5\r\nBLPOP\r\n$1\r\nk\r\n$1\r\n0\r\n")
+        .await
+        .unwrap();
+    let deadline = Deadline::new();
+    while blocked().as_deref() != Some("1") {
+        deadline.next_try("the BLPOP to block").await;
+    }
+    let gets = b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n".repeat(3 * 1024 * 1024 / 20);
+    let _ = tokio::time::timeout(Duration::from_secs(3), stream.write_all(&gets)).await;
+    drop(stream);
+    let deadline = Deadline::new();
+    while blocked().as_deref() != Some("0") {
+        deadline
+            .next_try("the closed client's BLPOP to be cancelled")
+            .await;
+    }
+    let pushed: i64 = redis::Commands::lpush(&mut redis.direct(), "k", "precious").unwrap();
+    assert_eq!(pushed, 1);
+    let left: i64 = redis::Commands::llen(&mut redis.direct(), "k").unwrap();
+    assert_eq!(left, 1, "a closed client's BLPOP took the element");
+}
+
 /// With `max_pipeline` small, what a never-reading client can make redmux hold is bounded by
 /// `client_output_limit` plus `max_pipeline` replies in flight: the client is closed there.
 /// Resident memory may be up to twice that, since a reply shares its allocation with the actor's

@@ -11,6 +11,7 @@ mod support;
 use std::{
     collections::BTreeSet,
     sync::{Arc, Mutex, Weak},
+    time::Duration,
 };
 
 use redmux::{cluster::slot::slot, resp::encode_command, Config};
@@ -1053,6 +1054,69 @@ async fn a_shard_channel_whose_slot_moves_is_dropped_as_redis_drops_it() {
     // The other master's channel was never touched.
     publisher.call(&["SPUBLISH", kept, "still"]).await;
     assert_eq!(subscriber.reply_str().await, smessage(kept, "still"));
+
+    // A RESP3 client's own SPUBLISH runs just before its channel's slot leaves the master
+    // (CLIENT PAUSE fixes the order): its reply waits for a PING on the master's shard hub,
+    // whose connection then holds no subscription, so Redis answers `+PONG`, not the
+    // subscribed form. The hub takes either: the reply comes at once, and other clients'
+    // SSUBSCRIBEs on that master carry on.
+    let m = *cluster
+        .masters()
+        .iter()
+        .find(|&&port| port != to && port != owner(&cluster, kept))
+        .unwrap();
+    let x = name_on(&cluster, m, "raced", &[]);
+    let sx = slot(x.as_bytes());
+    let mut resp3 = redmux.raw().await;
+    resp3.call(&["HELLO", "3"]).await;
+    assert_eq!(
+        resp3.call(&["SSUBSCRIBE", &x]).await,
+        shard_frame("ssubscribe", &x, 1).replacen('*', ">", 1)
+    );
+    resp3.send(cmd(&["SPUBLISH", &x, "warm"])).await;
+    assert_eq!(
+        resp3.reply_str().await,
+        smessage(&x, "warm").replacen('*', ">", 1)
+    );
+    assert_eq!(resp3.reply_str().await, ":1\r\n");
+    let to_id = support::cluster::node_id(to);
+    start_move(sx, m, to);
+    pause(m, 500);
+    resp3.send(cmd(&["SPUBLISH", &x, "own"])).await;
+    a_moment().await;
+    let mover = std::thread::spawn({
+        let to_id = to_id.clone();
+        move || set_owner(m, sx, &to_id)
+    });
+    let mut frames = BTreeSet::new();
+    for _ in 0..3 {
+        let frame = tokio::time::timeout(Duration::from_secs(3), resp3.reply_str())
+            .await
+            .expect("the own SPUBLISH's frames within 3 s");
+        frames.insert(frame);
+    }
+    mover.join().unwrap();
+    let expected = [
+        smessage(&x, "own").replacen('*', ">", 1),
+        ":1\r\n".to_owned(),
+        shard_frame("sunsubscribe", &x, 0).replacen('*', ">", 1),
+    ];
+    assert_eq!(frames, expected.into_iter().collect());
+    for port in cluster.masters() {
+        set_owner(port, sx, &to_id);
+    }
+    let y = name_on(&cluster, m, "after-race", &[sx]);
+    let mut other = redmux.raw().await;
+    let answer = tokio::time::timeout(Duration::from_secs(3), other.call(&["SSUBSCRIBE", &y]))
+        .await
+        .expect("another client's SSUBSCRIBE on the same master within 3 s");
+    assert_eq!(answer, shard_frame("ssubscribe", &y, 1));
+    assert_eq!(
+        Conn::connect(m).query(&["SPUBLISH", &y, "after"]),
+        Resp::Int(1)
+    );
+    assert_eq!(other.reply_str().await, smessage(&y, "after"));
+    cluster.wait_agreed();
 }
 
 /// A cluster that speaks TLS (its plaintext ports left open, as during a move to TLS) and

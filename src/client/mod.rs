@@ -67,7 +67,9 @@ const MAX_BATCH: u32 = 64;
 const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
 /// Most unparsed input read ahead while the next request waits for a barrier (see
 /// [`Path`]): reading on would let a client that pipelines behind one (a RESP3 subscriber's
-/// PUBLISHes, each waiting for the last) fill its buffer up to `client_query_limit`.
+/// PUBLISHes, each waiting for the last) fill its buffer up to `client_query_limit`. Not
+/// while a blocking command is owed: its reply may never come, and the client's close must
+/// still be seen (`State::owes_blocking`).
 const STALLED_READ_AHEAD: usize = 1024 * 1024;
 
 /// A reply slot, in request order.

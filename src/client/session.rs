@@ -323,7 +323,9 @@ pub(super) fn burst<'a, S: Duplex>(
                 && !this.eof
                 && this.outstanding < this.config.max_pipeline
                 && this.out_len < OUTPUT_HIGH_WATER
-                && !(this.stalled() && this.rbuf.len() >= STALLED_READ_AHEAD);
+                && !(this.stalled()
+                    && this.rbuf.len() >= STALLED_READ_AHEAD
+                    && !this.owes_blocking());
             // Nothing buffered, nothing owed: the client holds no read buffer while it idles.
             if this.rbuf.is_empty() && this.outstanding == 0 && this.out.is_empty() {
                 this.rbuf = BytesMut::new();
@@ -376,10 +378,7 @@ pub(super) fn burst<'a, S: Duplex>(
                         // pinned connection closes with it, discarding any transaction.
                         Ok((0, _)) => {
                             this.eof = true;
-                            this.abort = this
-                                .pending
-                                .iter()
-                                .any(|p| matches!(p, Pending::Upstream { blocking: true, .. }));
+                            this.abort = this.owes_blocking();
                         }
                         Ok((n, drained)) => {
                             if let Some(metrics) = &this.config.metrics {
@@ -546,6 +545,15 @@ impl State {
             client,
             idle,
         }
+    }
+
+    /// Whether a blocking command's reply is owed: it may never come, so the client's close
+    /// must be seen (it drops the client, as Redis drops a blocked client that leaves), however
+    /// much it pipelined behind the command.
+    pub(super) fn owes_blocking(&self) -> bool {
+        self.pending
+            .iter()
+            .any(|p| matches!(p, Pending::Upstream { blocking: true, .. }))
     }
 
     /// The client sent a request or took a reply.

@@ -27,6 +27,12 @@ impl Hub {
             let frame = rbuf.split_to(end).freeze();
             scanner.consumed(end);
             consume_budget().await;
+            // PING's answer on a connection that holds no subscription any more (Redis
+            // dropped the last shard channel when its slot left the node).
+            if &frame[..] == b"+PONG\r\n" {
+                self.ponged().await;
+                continue;
+            }
             if frame.first() == Some(&b'-') {
                 if self.outbox.late_redirect(&frame) {
                     continue;
@@ -62,12 +68,7 @@ impl Hub {
                 b"sunsubscribe" => (Namespace::Shard, false),
                 // A subscribed RESP2 connection's answer to PING (`pong` and its argument).
                 b"pong" => {
-                    if self.outbox.expects_pong() {
-                        if let Some(sent) = self.outbox.answered() {
-                            self.command_done(&sent);
-                        }
-                        self.answer_ready().await;
-                    }
+                    self.ponged().await;
                     continue;
                 }
                 _ => continue,
@@ -92,6 +93,16 @@ impl Hub {
             self.answer_ready().await;
         }
         Ok(())
+    }
+
+    /// Redis answered the PING at the front of what was sent ([`super::HubRequest::Sync`]).
+    async fn ponged(&mut self) {
+        if self.outbox.expects_pong() {
+            if let Some(sent) = self.outbox.answered() {
+                self.command_done(&sent);
+            }
+            self.answer_ready().await;
+        }
     }
 
     /// Redis dropped `key` without being asked (a shard channel whose slot left the node), or

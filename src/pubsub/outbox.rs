@@ -186,8 +186,8 @@ impl Outbox {
     }
 
     /// Whether `error` is a redirect (`-MOVED slot …`, `-ASK slot …`) that cannot be the
-    /// oldest command's answer, being for another slot: the late answer to a shard command
-    /// already counted done. A command for a slot that left the node is answered with a
+    /// oldest command's answer, being for another slot (or a PING's, which none is): the late
+    /// answer to a shard command already counted done. A command for a slot that left the node is answered with a
     /// redirect, and Redis's unasked `sunsubscribe` for the slot's channels, sent when the slot
     /// left, looks like its answer: it was taken as one.
     pub(super) fn late_redirect(&self, error: &[u8]) -> bool {
@@ -197,7 +197,7 @@ impl Outbox {
         };
         self.sent
             .front()
-            .is_none_or(|sent| sent.slot.is_some_and(|own| own != slot))
+            .is_none_or(|sent| sent.ping || sent.slot.is_some_and(|own| own != slot))
     }
 
     /// Redis refused the oldest command as a whole.
@@ -261,6 +261,13 @@ mod tests {
         assert!(
             outbox.late_redirect(&moved(own)),
             "nothing is waiting for it"
+        );
+        outbox.push_ping(2);
+        outbox.next_commands(true).await;
+        assert!(outbox.expects_pong());
+        assert!(
+            outbox.late_redirect(&moved(own)),
+            "a PING is never redirected"
         );
     }
 }
