@@ -489,7 +489,7 @@ impl State {
             None => self.own_hub(),
         };
         hub.subscribe(self.client.id, kind, new, inbox).await;
-        self.open_slot(confirmation, kind, added, id, 1);
+        self.open_slot(confirmation, kind, added, id, 1, Awaits::Answer);
         if refusable {
             self.sync = true;
         }
@@ -649,7 +649,14 @@ impl State {
         match hub {
             Some((id, hub)) if !run.removed.is_empty() => {
                 hub.unsubscribe(self.client.id, kind, run.removed).await;
-                self.open_slot(Bytes::from(run.frames), kind, Vec::new(), id, count);
+                self.open_slot(
+                    Bytes::from(run.frames),
+                    kind,
+                    Vec::new(),
+                    id,
+                    count,
+                    Awaits::Answer,
+                );
             }
             _ => self.pending.push_back(Pending::Local {
                 bytes: Bytes::from(run.frames),
@@ -660,14 +667,16 @@ impl State {
 
     /// A reply slot the hub's answer completes: `frames` if it did what was asked, its error
     /// if Redis refused (then the names in `added` are taken back), after the messages Redis
-    /// sent before its answer.
-    pub(super) fn open_slot(
+    /// sent before its answer; or, for a synced PUBLISH ([`Awaits::Reply`]), the PUBLISH's
+    /// reply once the hub has answered its PING.
+    fn open_slot(
         &mut self,
         frames: Bytes,
         kind: command::Namespace,
         added: Vec<(Bytes, u64)>,
         hub: u32,
         count: u32,
+        awaits: Awaits,
     ) {
         let (reply, rx) = oneshot::channel();
         self.subs.held().open.push_back(Open {
@@ -677,7 +686,7 @@ impl State {
             frames,
             kind,
             added,
-            awaits: Awaits::Answer,
+            awaits,
         });
         self.last_path = Some(Path::PubSub);
         self.unresolved += 1;
@@ -982,27 +991,10 @@ impl State {
     /// nothing): the messages hub `hub` passes on from now until its sync answer go out ahead
     /// of the reply.
     fn open_sync(&mut self, hub: u32) {
-        let (reply, rx) = oneshot::channel();
-        self.subs.held().open.push_back(Open {
-            hub,
-            reply,
-            before: Vec::new(),
-            frames: Bytes::new(),
-            kind: command::Namespace::Channel,
-            added: Vec::new(),
-            awaits: Awaits::Reply,
-        });
-        self.unresolved += 1;
-        self.pending.push_back(Pending::Upstream {
-            rx,
-            count: 0,
-            suppress: false,
-            release: None,
-            charged: true,
-            sent: Instant::now(),
-            blocking: false,
-            then: None,
-        });
+        let kind = command::Namespace::Channel;
+        // No request of its own (the PUBLISH's slot counts it). The path it names is moot:
+        // the client's next request waits for this slot whatever its path.
+        self.open_slot(Bytes::new(), kind, Vec::new(), hub, 0, Awaits::Reply);
     }
 
     /// A synced PUBLISH's reply, corrected: kept in its slot until the hub has passed on every

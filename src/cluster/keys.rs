@@ -23,7 +23,7 @@
 //! Commands without keys are classified by [`Scope`]: most can run on any master, a few concern
 //! every master (DBSIZE, KEYS, FLUSHALL, SCRIPT LOAD...) or need a node-aware cursor (SCAN).
 
-use std::sync::OnceLock;
+use std::{cell::RefCell, sync::OnceLock};
 
 use crate::resp::Args;
 
@@ -161,7 +161,7 @@ pub fn scope_and_slot(request: &[u8]) -> (Scope, SlotOf) {
 
 thread_local! {
     /// The key positions [`scope_and_slot`] reads, kept between calls.
-    static POSITIONS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+    static POSITIONS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Where a command's keys are, given all its arguments (the name first): the scope and the

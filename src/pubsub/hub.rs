@@ -389,6 +389,11 @@ impl Hub {
         }
         let unwanted = self.release(client, gone).await;
         let own = self.push_by_kind(unwanted, false, Some(id));
+        self.wait_for_commands(id, client, own);
+    }
+
+    /// Waiter `id` of `client`, of no names: done once Redis has answered its `own` commands.
+    fn wait_for_commands(&mut self, id: u64, client: u64, own: u32) {
         self.waiters.insert(
             id,
             Waiter {
@@ -422,20 +427,7 @@ impl Hub {
             }
             false => 0,
         };
-        self.waiters.insert(
-            id,
-            Waiter {
-                client,
-                subscribe: false,
-                names: Vec::new(),
-                missing: HashSet::new(),
-                own,
-                refused: None,
-                answer: Answer::Inbox,
-                since: Instant::now(),
-            },
-        );
-        self.ready.push(id);
+        self.wait_for_commands(id, client, own);
     }
 
     /// Drops a client and everything it held; `done` hears when Redis has unsubscribed what

@@ -186,10 +186,11 @@ impl Outbox {
     }
 
     /// Whether `error` is a redirect (`-MOVED slot …`, `-ASK slot …`) that cannot be the
-    /// oldest command's answer, being for another slot (or a PING's, which none is): the late
-    /// answer to a shard command already counted done. A command for a slot that left the node is answered with a
-    /// redirect, and Redis's unasked `sunsubscribe` for the slot's channels, sent when the slot
-    /// left, looks like its answer: it was taken as one.
+    /// oldest command's answer, being for another slot (or the oldest being a PING, which is
+    /// never redirected): the late answer to a shard command already counted done. A command
+    /// for a slot that left the node is answered with a redirect, and Redis's unasked
+    /// `sunsubscribe` for the slot's channels, sent when the slot left, looks like its answer:
+    /// it was taken as one.
     pub(super) fn late_redirect(&self, error: &[u8]) -> bool {
         let slot = match redirect(error) {
             Some(Redirect::Moved { slot, .. } | Redirect::Ask { slot, .. }) => slot,
