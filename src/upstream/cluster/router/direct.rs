@@ -85,28 +85,17 @@ impl Direct {
         let (Some((addr, sender)), Some(back)) = (node, table.back.upgrade()) else {
             return Err(batch);
         };
-        let Batch {
-            frames,
-            count,
-            queued_at,
-            timeout,
-            reply,
-            budget,
-        } = batch;
+        let (frames, count, client) = Client::of(batch);
         let now = Instant::now();
-        let deadline = timeout.map(|t| queued_at + t);
-        let left = deadline.map(|d| d.saturating_duration_since(now));
+        let left = client.deadline.map(|d| d.saturating_duration_since(now));
         let unit = Unit::Range { start: 0, len: 1 };
         let routed = Routed {
             back,
             node: addr.clone(),
             job: Job::new(0, unit, frames.clone()),
-            client: Some(Client {
-                reply,
-                budget,
-                deadline,
-            }),
+            client: Some(client),
         };
+        // The same deadline, counted from now.
         let request = Batch {
             frames,
             count,
@@ -116,14 +105,14 @@ impl Direct {
             budget: None,
         };
         if left.is_some_and(|left| left.is_zero()) {
-            return Err(given_back(request, queued_at, timeout));
+            return Err(given_back(request));
         }
         sender.try_send(request).map_err(|refused| {
             let request = match refused {
                 mpsc::error::TrySendError::Full(request)
                 | mpsc::error::TrySendError::Closed(request) => request,
             };
-            given_back(request, queued_at, timeout)
+            given_back(request)
         })?;
         self.cluster.direct.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -142,10 +131,10 @@ impl Direct {
     }
 }
 
-/// The client's batch again, from the node's batch made of it.
-fn given_back(request: Batch, queued_at: Instant, timeout: Option<std::time::Duration>) -> Batch {
-    let Batch { frames, reply, .. } = request;
-    let (reply, budget) = match reply {
+/// The client's batch again, from the node's batch made of it: its deadline is the client's
+/// own.
+fn given_back(request: Batch) -> Batch {
+    let (reply, budget) = match request.reply {
         ReplyTo::Router(routed) => match routed.client {
             Some(client) => (client.reply, client.budget),
             None => (ReplyTo::Router(routed), None),
@@ -153,11 +142,8 @@ fn given_back(request: Batch, queued_at: Instant, timeout: Option<std::time::Dur
         reply => (reply, None),
     };
     Batch {
-        frames,
-        count: 1,
-        queued_at,
-        timeout,
         reply,
         budget,
+        ..request
     }
 }

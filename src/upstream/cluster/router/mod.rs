@@ -229,6 +229,26 @@ struct Client {
     deadline: Option<Instant>,
 }
 
+impl Client {
+    /// A client's batch taken apart: its requests, how many, and where their replies go.
+    fn of(batch: Batch) -> (Bytes, u32, Client) {
+        let Batch {
+            frames,
+            count,
+            queued_at,
+            timeout,
+            reply,
+            budget,
+        } = batch;
+        let client = Client {
+            reply,
+            budget,
+            deadline: timeout.map(|t| queued_at + t),
+        };
+        (frames, count, client)
+    }
+}
+
 /// Replies a node's actor gave back to the router.
 #[derive(Debug)]
 struct Returned {
@@ -615,19 +635,7 @@ impl Router {
         if request.reply.is_closed() {
             return;
         }
-        let Batch {
-            frames,
-            count,
-            queued_at,
-            timeout,
-            reply,
-            budget,
-        } = request;
-        let client = Client {
-            reply,
-            budget,
-            deadline: timeout.map(|t| queued_at + t),
-        };
+        let (frames, count, client) = Client::of(request);
         let (bounds, routes) = if count == 1 {
             let (route, touch) = self.route(&frames);
             if let (Route::Node(node), true) = (&route, self.holds.idle()) {
