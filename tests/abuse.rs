@@ -154,33 +154,17 @@ async fn a_resp3_publisher_that_never_reads_is_not_read_ahead_without_bound() {
 async fn a_blocked_client_that_closes_behind_a_long_pipeline_is_dropped() {
     let redis = RedisServer::start();
     let redmux = RedmuxProcess::start("", &upstream(&redis));
-    let blocked = || {
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query(&mut redis.direct())
-            .unwrap();
-        info.lines()
-            .find_map(|line| line.strip_prefix("blocked_clients:"))
-            .map(|n| n.trim().to_owned())
-    };
     let mut stream = tokio::net::TcpStream::connect(redmux.addr).await.unwrap();
     stream
         .write_all(b"*3\r\n$5\r\nBLPOP\r\n$1\r\nk\r\n$1\r\n0\r\n")
         .await
         .unwrap();
-    let deadline = Deadline::new();
-    while blocked().as_deref() != Some("1") {
-        deadline.next_try("the BLPOP to block").await;
-    }
+    redis.wait_blocked_clients(1).await;
     let gets = b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n".repeat(3 * 1024 * 1024 / 20);
     let _ = tokio::time::timeout(Duration::from_secs(3), stream.write_all(&gets)).await;
     drop(stream);
-    let deadline = Deadline::new();
-    while blocked().as_deref() != Some("0") {
-        deadline
-            .next_try("the closed client's BLPOP to be cancelled")
-            .await;
-    }
+    // The closed client's BLPOP is cancelled.
+    redis.wait_blocked_clients(0).await;
     let pushed: i64 = redis::Commands::lpush(&mut redis.direct(), "k", "precious").unwrap();
     assert_eq!(pushed, 1);
     let left: i64 = redis::Commands::llen(&mut redis.direct(), "k").unwrap();

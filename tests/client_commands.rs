@@ -41,22 +41,6 @@ async fn id_of(raw: &mut Raw) -> String {
     reply.trim_start_matches(':').trim_end().to_owned()
 }
 
-/// Waits until Redis has `n` clients blocked.
-async fn wait_blocked(redis: &RedisServer, n: usize) {
-    let deadline = support::Deadline::new();
-    let mut direct = redis.direct();
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query(&mut direct)
-            .unwrap();
-        if info.contains(&format!("blocked_clients:{n}\r")) {
-            return;
-        }
-        deadline.next_try(format!("{n} blocked clients")).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_list_shows_each_client_as_it_is() {
     let redis = RedisServer::start();
@@ -88,7 +72,7 @@ async fn client_list_shows_each_client_as_it_is() {
     let mut blocked = redmux.raw().await;
     let blocked_id = id_of(&mut blocked).await;
     blocked.send("BLPOP nothing 0\r\n").await;
-    wait_blocked(&redis, 1).await;
+    redis.wait_blocked_clients(1).await;
 
     let mut asking = redmux.raw().await;
     let asking_id = id_of(&mut asking).await;
@@ -351,13 +335,13 @@ async fn client_unblock_unblocks_as_redis_does() {
                 "not blocked yet"
             );
             blocked.send("BLPOP list 0\r\n").await;
-            wait_blocked(&redis, 1).await;
+            redis.wait_blocked_clients(1).await;
             let mut unblock = vec!["CLIENT", "UNBLOCK", &id];
             unblock.extend(mode);
             let answer = admin.call(&unblock).await;
             results.push((answer, blocked.reply_str().await));
             assert_eq!(blocked.call(&["PING"]).await, "+PONG\r\n");
-            wait_blocked(&redis, 0).await;
+            redis.wait_blocked_clients(0).await;
         }
         assert_eq!(results[1], results[0], "{mode:?}: through redmux, directly");
         assert_eq!(results[1].0, ":1\r\n");

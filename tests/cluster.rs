@@ -1405,6 +1405,17 @@ fn pause_writes(port: u16, ms: u64) {
     assert_eq!(reply, Resp::Simple("OK".into()));
 }
 
+/// Both of the client's SETs of `key` (`1`, then `2`) are answered OK, in order, and the
+/// second is what master `node` holds: it ran last, there.
+async fn both_set_and_second_on(client: &mut Raw, node: u16, key: &str) {
+    assert_eq!(client.reply_str().await, "+OK\r\n");
+    assert_eq!(client.reply_str().await, "+OK\r\n");
+    assert_eq!(
+        Conn::connect(node).query(&["GET", key]),
+        Resp::Bulk(b"2".to_vec())
+    );
+}
+
 /// Moves key `key` from master `from` to master `to` (`MIGRATE`, its slot migrating).
 fn migrate((from, to): (u16, u16), key: &str) {
     let port = to.to_string();
@@ -1514,12 +1525,7 @@ async fn a_request_sent_after_its_slot_moved_runs_after_those_before_it() {
     move_and_read(&mut resp3, admin, &masters, &unrelated, (n, p)).await;
     move_and_read(&mut resp3, admin, &masters, &k, (m, n)).await;
     client.send(cmd(&["SET", &k, "2"])).await;
-    assert_eq!(client.reply_str().await, "+OK\r\n");
-    assert_eq!(client.reply_str().await, "+OK\r\n");
-    assert_eq!(
-        Conn::connect(n).query(&["GET", &k]),
-        Resp::Bulk(b"2".to_vec())
-    );
+    both_set_and_second_on(&mut client, n, &k).await;
 
     // -TRYAGAIN: a MSET whose slot is half moved is tried again, and the SET sent after it
     // waits for its answer instead of running on m at once.
@@ -1530,12 +1536,7 @@ async fn a_request_sent_after_its_slot_moved_runs_after_those_before_it() {
     a_moment().await;
     migrate((m, n), &a);
     owned_by_n(st);
-    assert_eq!(client.reply_str().await, "+OK\r\n");
-    assert_eq!(client.reply_str().await, "+OK\r\n");
-    assert_eq!(
-        Conn::connect(n).query(&["GET", &a]),
-        Resp::Bulk(b"2".to_vec())
-    );
+    both_set_and_second_on(&mut client, n, &a).await;
     assert_eq!(
         Conn::connect(n).query(&["GET", &b]),
         Resp::Bulk(b"1".to_vec())
@@ -1891,10 +1892,5 @@ async fn a_slot_left_without_a_master_keeps_the_order_of_its_requests() {
     }
     client.send(cmd(&["SET", &key, "2"])).await;
     // A's pause ends: it answers the first SET -MOVED, which is resent to B before the second.
-    assert_eq!(client.reply_str().await, "+OK\r\n");
-    assert_eq!(client.reply_str().await, "+OK\r\n");
-    assert_eq!(
-        Conn::connect(b).query(&["GET", &key]),
-        Resp::Bulk(b"2".to_vec())
-    );
+    both_set_and_second_on(&mut client, b, &key).await;
 }

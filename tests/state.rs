@@ -9,24 +9,6 @@ use std::time::{Duration, Instant};
 use redis::AsyncCommands;
 use support::{Deadline, RedisServer, Redmux};
 
-/// Waits until Redis reports `n` blocked clients.
-async fn wait_blocked_clients(redis: &RedisServer, n: usize) {
-    let want = format!("blocked_clients:{n}\r");
-    let deadline = Deadline::new();
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query(&mut redis.direct())
-            .unwrap();
-        if info.contains(&want) {
-            return;
-        }
-        deadline
-            .next_try(format!("never {n} blocked clients:\n{info}"))
-            .await;
-    }
-}
-
 fn client_list(redis: &RedisServer) -> String {
     redis::cmd("CLIENT")
         .arg("LIST")
@@ -389,7 +371,7 @@ async fn blocking_commands_get_a_connection_of_their_own() {
     let baseline = hundred_clients_p99(redmux.addr).await;
     let mut blocked = redmux.raw().await;
     blocked.send("BLPOP jobs 0\r\n").await;
-    wait_blocked_clients(&redis, 1).await;
+    redis.wait_blocked_clients(1).await;
     // While it blocks, the same 100 clients at full speed see the same latency.
     let during = hundred_clients_p99(redmux.addr).await;
     println!("100 clients, p99 latency: {baseline:?} alone, {during:?} beside a blocked BLPOP");
@@ -411,7 +393,7 @@ async fn blocking_commands_get_a_connection_of_their_own() {
     // XREAD BLOCK woken by XADD.
     blocked.send("XREAD BLOCK 0 STREAMS s $\r\n").await;
     // Wait until Redis has it blocked (it shows as a blocked client).
-    wait_blocked_clients(&redis, 1).await;
+    redis.wait_blocked_clients(1).await;
     assert!(pusher
         .call(&["XADD", "s", "*", "f", "v"])
         .await
@@ -435,9 +417,9 @@ async fn blocked_client_leaving_closes_its_connection() {
     let redmux = Redmux::start(&redis.addr()).await;
     let mut blocked = redmux.raw().await;
     blocked.send("BLPOP never 0\r\n").await;
-    wait_blocked_clients(&redis, 1).await;
+    redis.wait_blocked_clients(1).await;
     drop(blocked);
-    wait_blocked_clients(&redis, 0).await;
+    redis.wait_blocked_clients(0).await;
     // A later LPUSH is not eaten by the departed client's BLPOP.
     let mut pusher = redmux.raw().await;
     assert_eq!(pusher.call(&["LPUSH", "never", "x"]).await, ":1\r\n");
@@ -519,7 +501,7 @@ async fn giving_up_a_pinned_connection() {
     let mut blocked = redmux.raw().await;
     assert_eq!(blocked.call(&["WATCH", "k"]).await, "+OK\r\n");
     blocked.send("BLPOP q 0\r\n").await;
-    wait_blocked_clients(&redis, 1).await;
+    redis.wait_blocked_clients(1).await;
     drop(blocked);
-    wait_blocked_clients(&redis, 0).await;
+    redis.wait_blocked_clients(0).await;
 }

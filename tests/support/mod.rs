@@ -204,6 +204,25 @@ impl RedisServer {
         self.direct_db(0)
     }
 
+    /// Waits until Redis reports `n` blocked clients (`INFO clients`).
+    pub(crate) async fn wait_blocked_clients(&self, n: usize) {
+        let want = format!("blocked_clients:{n}\r");
+        let deadline = Deadline::new();
+        let mut direct = self.direct();
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("clients")
+                .query(&mut direct)
+                .unwrap();
+            if info.contains(&want) {
+                return;
+            }
+            deadline
+                .next_try(format!("never {n} blocked clients:\n{info}"))
+                .await;
+        }
+    }
+
     /// A direct connection to database `db`.
     pub(crate) fn direct_db(&self, db: u32) -> redis::Connection {
         redis::Client::open(format!("redis://127.0.0.1:{}/{db}", self.port))
