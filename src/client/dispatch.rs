@@ -51,7 +51,7 @@ impl State {
         let mut run_len = 0;
         let mut run_count = 0;
         loop {
-            if self.outstanding >= self.config.max_pipeline {
+            if !self.pipeline_has_room() {
                 break;
             }
             let frame = match self.decoder.decode(&self.rbuf[run_len..]) {

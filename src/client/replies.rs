@@ -263,7 +263,7 @@ impl State {
     /// counted for its command: bit `i` of `errors` marks reply `i` as an error, and `sent` is
     /// when the requests went upstream (one clock read for the batch).
     pub(super) fn settle(&mut self, count: u32, errors: u64, sent: Option<Instant>) {
-        self.outstanding -= count as usize;
+        self.outstanding -= count;
         let Some(metrics) = &self.config.metrics else {
             return;
         };
@@ -275,6 +275,12 @@ impl State {
             let error = errors.checked_shr(i).is_some_and(|bits| bits & 1 == 1);
             metrics.reply(command, error, latency);
         }
+    }
+
+    /// Whether fewer requests are owed than `max_pipeline` allows: more may be read and parsed.
+    pub(super) fn pipeline_has_room(&self) -> bool {
+        u32::try_from(self.config.max_pipeline)
+            .map_or(self.outstanding < u32::MAX, |max| self.outstanding < max)
     }
 
     /// A request was taken on: its reply is owed.

@@ -307,7 +307,7 @@ pub(super) fn burst<'a, S: Duplex>(
                 && !this.draining
                 && !this.stalled()
                 && this.pause.is_none()
-                && this.outstanding < this.config.max_pipeline
+                && this.pipeline_has_room()
             {
                 this.process_input().await;
                 continue;
@@ -321,7 +321,7 @@ pub(super) fn burst<'a, S: Duplex>(
             }
             let can_read = !this.draining
                 && !this.eof
-                && this.outstanding < this.config.max_pipeline
+                && this.pipeline_has_room()
                 && this.out_len < OUTPUT_HIGH_WATER
                 && !(this.stalled()
                     && this.rbuf.len() >= STALLED_READ_AHEAD
