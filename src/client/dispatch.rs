@@ -670,15 +670,10 @@ impl State {
             then,
             via,
         } = batch;
-        let (destination, path) = match (via, &release, self.held()) {
-            (Some(via), _, _) => (via, Path::Auth),
-            (None, Some(lease), _) | (None, None, Some(lease)) => {
-                (lease.sender().clone(), Path::Pinned(lease.id()))
-            }
-            (None, None, None) => (
-                self.client.shared.sender().clone(),
-                Path::Shared(self.client.moves),
-            ),
+        let path = match (&via, &release, self.held()) {
+            (Some(_), _, _) => Path::Auth,
+            (None, Some(lease), _) | (None, None, Some(lease)) => Path::Pinned(lease.id()),
+            (None, None, None) => Path::Shared(self.client.moves),
         };
         // One request of a client with nothing outstanding may go past a cluster's router,
         // straight to its master (see `Shared::direct`): nothing of its own can be overtaken.
@@ -699,16 +694,26 @@ impl State {
             true => self.client.shared.direct(request).err(),
             false => Some(request),
         };
-        let handed = match request.map(|request| destination.try_send(request)) {
-            None | Some(Ok(())) => Ok(true),
-            // Boxed: a full channel is rare, and this future is large.
-            Some(Err(TrySendError::Full(request))) => {
-                let timeout = self.config.request_timeout;
-                Err(Box::pin(async move {
-                    tokio::time::timeout(timeout, destination.send(request)).await
-                }))
+        let handed = match request {
+            None => Ok(true),
+            Some(request) => {
+                // Taken only now: a request sent direct needs no handle on the connection.
+                let destination = via.unwrap_or_else(|| match release.as_ref().or(self.held()) {
+                    Some(lease) => lease.sender().clone(),
+                    None => self.client.shared.sender().clone(),
+                });
+                match destination.try_send(request) {
+                    Ok(()) => Ok(true),
+                    // Boxed: a full channel is rare, and this future is large.
+                    Err(TrySendError::Full(request)) => {
+                        let timeout = self.config.request_timeout;
+                        Err(Box::pin(async move {
+                            tokio::time::timeout(timeout, destination.send(request)).await
+                        }))
+                    }
+                    Err(TrySendError::Closed(_)) => Ok(false),
+                }
             }
-            Some(Err(TrySendError::Closed(_))) => Ok(false),
         };
         async move {
             let sent = match handed {

@@ -735,6 +735,27 @@ mod tests {
         }
     }
 
+    /// The router answers CLUSTER itself; its direct path sends on only requests with keys,
+    /// so no CLUSTER form may have any.
+    #[test]
+    fn cluster_commands_have_no_keys() {
+        for args in [
+            &["CLUSTER", "KEYSLOT", "k"][..],
+            &["cluster", "countkeysinslot", "1"],
+            &["CLUSTER", "GETKEYSINSLOT", "1", "10"],
+            &["CLUSTER", "INFO"],
+            &["CLUSTER", "SLOTS"],
+            &["CLUSTER"],
+        ] {
+            let request = encode_command(args.iter().map(|a| a.as_bytes()));
+            assert_eq!(
+                scope_and_slot(&request),
+                (Scope::NoKeys, SlotOf::None),
+                "{args:?}"
+            );
+        }
+    }
+
     #[test]
     fn the_table_is_sorted_and_every_row_is_lower_case() {
         for pair in table::COMMANDS.windows(2) {

@@ -22,12 +22,11 @@
 
 use std::sync::{atomic::Ordering, Arc, RwLock};
 
-use tokio::{sync::mpsc, time::Instant};
+use tokio::sync::mpsc;
 
 use super::{Client, Job, NodeAddr, Returned, Routed, Unit};
 use crate::{
     cluster::keys::{self, Scope, SlotOf},
-    resp::Args,
     upstream::{
         cluster::{Cluster, Topology},
         Batch, ReplyTo,
@@ -64,13 +63,7 @@ impl Direct {
         let Some(table) = table.as_ref() else {
             return Err(batch);
         };
-        // CLUSTER is answered by the router.
-        if Args::new(&batch.frames)
-            .next()
-            .is_none_or(|name| name.eq_ignore_ascii_case(b"cluster"))
-        {
-            return Err(batch);
-        }
+        // Keyless requests go through the router, CLUSTER among them (it answers that).
         let (Scope::Keys | Scope::ShardChannels, SlotOf::One(slot)) =
             keys::scope_and_slot(&batch.frames)
         else {
@@ -85,9 +78,9 @@ impl Direct {
         let (Some((addr, sender)), Some(back)) = (node, table.back.upgrade()) else {
             return Err(batch);
         };
+        // The node's batch keeps the client's clock: the same deadline.
+        let (queued_at, timeout) = (batch.queued_at, batch.timeout);
         let (frames, count, client) = Client::of(batch);
-        let now = Instant::now();
-        let left = client.deadline.map(|d| d.saturating_duration_since(now));
         let unit = Unit::Range { start: 0, len: 1 };
         let routed = Routed {
             back,
@@ -95,18 +88,14 @@ impl Direct {
             job: Job::new(0, unit, frames.clone()),
             client: Some(client),
         };
-        // The same deadline, counted from now.
         let request = Batch {
             frames,
             count,
-            queued_at: now,
-            timeout: left,
+            queued_at,
+            timeout,
             reply: ReplyTo::Router(Box::new(routed)),
             budget: None,
         };
-        if left.is_some_and(|left| left.is_zero()) {
-            return Err(given_back(request));
-        }
         sender.try_send(request).map_err(|refused| {
             let request = match refused {
                 mpsc::error::TrySendError::Full(request)
