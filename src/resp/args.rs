@@ -2,8 +2,6 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{find2, parse_int};
-
 /// Iterates over the arguments of a complete multibulk request that [`super::RequestDecoder`]
 /// accepted. Lengths are trusted, so this only walks headers; it works on the sloppy forms Redis
 /// accepts (any byte after a header's CR, any two bytes after a payload) as well as on canonical
@@ -31,15 +29,33 @@ impl<'a> Args<'a> {
         self.remaining
     }
 
+    /// One pass over the digits up to the CR: every request's arguments are walked here, and a
+    /// search for the CR followed by a parse took twice as long. The same headers are taken as
+    /// [`parse_int`](super::parse_int) takes (no sign, no leading zero), as the decoder did.
     fn header(&mut self, kind: u8) -> Option<usize> {
         let (&first, body) = self.rest.split_first()?;
         if first != kind {
             return None;
         }
-        let cr = find2(b'\r', b'\r', body)?;
-        let value = parse_int(&body[..cr])?;
+        let mut value: usize = 0;
+        let mut cr = 0;
+        loop {
+            match *body.get(cr)? {
+                b'\r' => break,
+                digit @ b'0'..=b'9' => {
+                    value = value
+                        .checked_mul(10)?
+                        .checked_add(usize::from(digit - b'0'))?;
+                }
+                _ => return None,
+            }
+            cr += 1;
+        }
+        if cr == 0 || (cr > 1 && body[0] == b'0') {
+            return None;
+        }
         self.rest = body.get(cr + 2..)?;
-        usize::try_from(value).ok()
+        Some(value)
     }
 }
 
@@ -99,6 +115,28 @@ mod tests {
         );
         let back: Vec<&[u8]> = Args::new(&encoded).collect();
         assert_eq!(back, args);
+    }
+
+    #[test]
+    fn headers_are_taken_as_parse_int_takes_them() {
+        for (header, expected) in [
+            (&b"*1\r\n$1\r\nx\r\n"[..], vec![&b"x"[..]]),
+            (b"*1\r\n$0\r\n\r\n", vec![b""]),
+            (b"*1\r\n$10\r\n0123456789\r\n", vec![b"0123456789"]),
+            // Sloppy forms Redis takes: any byte after the CR and after the payload.
+            (b"*1\rx$1\r\nxyz", vec![b"x"]),
+            (b"*1\r\n$01\r\nx\r\n", vec![]),
+            (b"*01\r\n$1\r\nx\r\n", vec![]),
+            (b"*1\r\n$-1\r\n", vec![]),
+            (b"*1\r\n$+1\r\nx\r\n", vec![]),
+            (b"*1\r\n$\r\nx\r\n", vec![]),
+            (b"*1\r\n$1 \r\nx\r\n", vec![]),
+            (b"*1\r\n$99999999999999999999999\r\nx\r\n", vec![]),
+            (b"*1\r\n$1", vec![]),
+        ] {
+            let args: Vec<&[u8]> = Args::new(header).collect();
+            assert_eq!(args, expected, "{:?}", String::from_utf8_lossy(header));
+        }
     }
 
     #[test]
