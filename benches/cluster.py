@@ -11,9 +11,13 @@ over the run, from /proc: steadier than throughput on a shared machine). compare
 counterpart.
 
   cargo build --release
-  benches/cluster.py --predixy PATH/TO/predixy-binary [--threads 1] [--rounds 3]
+  benches/cluster.py --predixy PATH/TO/predixy-binary [--threads 1] [--rounds 3] [--cpu-quota 0.3]
 
 --predixy names predixy's own binary (it is given a config file as its only argument).
+--cpu-quota F caps each proxy at F of one CPU (a cgroup of its own, v1 or v2 cpu controller;
+needs root). Without it, on a small machine redis-benchmark and Redis share the cores with the
+proxy and the load generator sets the pace; with it, the proxy does, and throughput follows its
+CPU cost per request, as on a machine where the proxy is the bottleneck.
 """
 import argparse, os, shutil, statistics, subprocess, sys, tempfile, time
 
@@ -82,6 +86,35 @@ def cpu_seconds(pid):
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+class CpuCap:
+    """A cgroup capping its processes at `quota` of one CPU, removed by close()."""
+
+    def __init__(self, name, quota):
+        period = 100_000
+        v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+        self.path = os.path.join("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/cpu",
+                                 f"redmux-bench-{name}-{os.getpid()}")
+        os.makedirs(self.path)
+        if v2:
+            self.write("cpu.max", f"{int(quota * period)} {period}")
+        else:
+            self.write("cpu.cfs_period_us", str(period))
+            self.write("cpu.cfs_quota_us", str(int(quota * period)))
+
+    def write(self, name, value):
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(value)
+
+    def add(self, pid):
+        self.write("cgroup.procs", str(pid))
+
+    def close(self):
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--predixy", required=True, help="predixy's binary")
@@ -90,12 +123,13 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workloads", default=DEFAULT_WORKLOADS)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every workload's -n")
+    p.add_argument("--cpu-quota", type=float, help="cap each proxy at this share of one CPU")
     a = p.parse_args()
     for tool in ("redis-server", "redis-cli", "redis-benchmark"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is needed")
     tmp = tempfile.mkdtemp(prefix="redmux-cluster-bench-")
-    procs = []
+    procs, caps = [], []
     try:
         cluster, ports = start_cluster(tmp)
         procs += cluster
@@ -116,6 +150,10 @@ def main():
         wait_port(pport, predixy)
         targets["predixy"] = pport
         pids["predixy"] = predixy.pid
+        if a.cpu_quota:
+            for n, pid in pids.items():
+                caps.append(CpuCap(n, a.cpu_quota))
+                caps[-1].add(pid)
         names = list(targets)
         results = {w: {n: [] for n in names} for w in a.workloads.split(",")}
         for r in range(a.rounds):
@@ -159,6 +197,8 @@ def main():
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for cap in caps:
+            cap.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
