@@ -37,7 +37,8 @@ impl<'a> Args<'a> {
         if first != kind {
             return None;
         }
-        let mut value: usize = 0;
+        // An i64, as `parse_int`'s: a count past i64::MAX is no count.
+        let mut value: i64 = 0;
         let mut cr = 0;
         loop {
             match *body.get(cr)? {
@@ -45,7 +46,7 @@ impl<'a> Args<'a> {
                 digit @ b'0'..=b'9' => {
                     value = value
                         .checked_mul(10)?
-                        .checked_add(usize::from(digit - b'0'))?;
+                        .checked_add(i64::from(digit - b'0'))?;
                 }
                 _ => return None,
             }
@@ -55,7 +56,7 @@ impl<'a> Args<'a> {
             return None;
         }
         self.rest = body.get(cr + 2..)?;
-        Some(value)
+        usize::try_from(value).ok()
     }
 }
 
@@ -132,6 +133,8 @@ mod tests {
             (b"*1\r\n$\r\nx\r\n", vec![]),
             (b"*1\r\n$1 \r\nx\r\n", vec![]),
             (b"*1\r\n$99999999999999999999999\r\nx\r\n", vec![]),
+            (b"*9223372036854775807\r\n$1\r\nx\r\n", vec![b"x"]),
+            (b"*9223372036854775808\r\n$1\r\nx\r\n", vec![]),
             (b"*1\r\n$1", vec![]),
         ] {
             let args: Vec<&[u8]> = Args::new(header).collect();
