@@ -377,3 +377,26 @@ async fn client_reply_skip_is_used_up_as_by_redis() {
         }
     }
 }
+
+/// A blocking command's timeout too large for Redis gets Redis's own error ("timeout is out
+/// of range"), not a lost connection: redmux adds `request_timeout` to the timeout it reads
+/// and must not overflow doing so. Alone, pipelined, queued in a transaction, and in front of
+/// the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_timeout_out_of_range_gets_redis_error() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let steps = [
+        "BLPOP l 1e19",
+        "BRPOP l 1.8e19",
+        "BLMOVE l m LEFT RIGHT 9.3e18",
+        "BZPOPMIN z 1e300",
+        "XREAD BLOCK 99999999999999999999 STREAMS s $",
+        "MULTI",
+        "BLPOP l 1e19",
+        "EXEC",
+        "PING",
+    ];
+    same_as_redis(&redis, &redmux, &steps, false).await;
+    same_as_redis(&redis, &redmux, &steps, true).await;
+}

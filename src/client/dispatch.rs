@@ -456,7 +456,12 @@ impl State {
                 // Queued in a transaction it does not block: the normal timeout applies.
                 let (timeout, blocking) = match self.tx {
                     Tx::Multi { .. } => (Some(self.config.request_timeout), false),
-                    _ => (block.map(|t| t + self.config.request_timeout), true),
+                    // A timeout too large to add to (Redis refuses it: "timeout is out of
+                    // range") waits for Redis's answer without a deadline of its own.
+                    _ => (
+                        block.and_then(|t| t.checked_add(self.config.request_timeout)),
+                        true,
+                    ),
                 };
                 if self.eof && blocking {
                     // Nobody would read the reply, and it may never come.

@@ -526,7 +526,9 @@ impl Pipeline {
             errors: 0,
             reply: request.reply,
             budget: request.budget,
-            deadline: request.timeout.map(|timeout| now + timeout),
+            // A timeout past what the clock can count is no deadline (a blocking command's
+            // timeout comes from the client).
+            deadline: request.timeout.and_then(|timeout| now.checked_add(timeout)),
         });
     }
 

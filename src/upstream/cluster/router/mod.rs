@@ -243,7 +243,7 @@ impl Client {
         let client = Client {
             reply,
             budget,
-            deadline: timeout.map(|t| queued_at + t),
+            deadline: timeout.and_then(|t| queued_at.checked_add(t)),
         };
         (frames, count, client)
     }
