@@ -456,8 +456,8 @@ impl State {
                 // Queued in a transaction it does not block: the normal timeout applies.
                 let (timeout, blocking) = match self.tx {
                     Tx::Multi { .. } => (Some(self.config.request_timeout), false),
-                    // A timeout too large to add to (Redis refuses it: "timeout is out of
-                    // range") waits for Redis's answer without a deadline of its own.
+                    // A timeout too large to add to, which Redis refuses ("timeout is
+                    // negative" or "out of range"), waits for that answer without a deadline.
                     _ => (
                         block.and_then(|t| t.checked_add(self.config.request_timeout)),
                         true,
