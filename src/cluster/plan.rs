@@ -202,13 +202,21 @@ impl Plan {
     }
 
     fn merge_values(&self, replies: &[&[u8]]) -> Result<Bytes, MergeError> {
+        // Each part's key count, counted in one pass: counting per part over every key took
+        // parts × keys steps, seconds for one MGET over every slot, while the router (and every
+        // client behind it) waited.
+        let mut keys = vec![0usize; replies.len()];
+        for &(part, _) in &self.order {
+            if let Some(count) = keys.get_mut(part) {
+                *count += 1;
+            }
+        }
         let mut values = Vec::with_capacity(replies.len());
         for (part, reply) in replies.iter().enumerate() {
             let items = elements(reply)
                 .map_err(|source| MergeError::Format { part, source })?
                 .ok_or(MergeError::Unexpected { part })?;
-            let keys = self.order.iter().filter(|(p, _)| *p == part).count();
-            if items.len() != keys {
+            if Some(&items.len()) != keys.get(part) {
                 return Err(MergeError::Unexpected { part });
             }
             values.push(items);
@@ -295,6 +303,42 @@ mod tests {
             &merged[..],
             b"*5\r\n$1\r\nF\r\n$1\r\nB\r\n$-1\r\n$2\r\nZZ\r\n$1\r\nB\r\n"
         );
+    }
+
+    /// An MGET over every slot, several keys each: the merge takes time in proportion to the
+    /// keys, not to parts × keys (which took minutes here). Bounded by a watchdog, generous
+    /// enough for a slow debug build, so that the quadratic form fails instead of hanging.
+    #[test]
+    fn a_split_over_every_slot_merges_in_one_pass() {
+        let keys: Vec<String> = (0..400_000)
+            .map(|i| format!("{{{}}}k{i}", i % 100_000))
+            .collect();
+        let mut args = vec!["MGET"];
+        args.extend(keys.iter().map(String::as_str));
+        let plan = split(&args).unwrap();
+        assert!(plan.parts().len() > 16_000, "{} parts", plan.parts().len());
+        let replies: Vec<Vec<u8>> = plan
+            .parts()
+            .iter()
+            .map(|part| {
+                let n = Args::new(&part.request).count() - 1;
+                let mut reply = format!("*{n}\r\n").into_bytes();
+                for _ in 0..n {
+                    reply.extend_from_slice(b"$1\r\nv\r\n");
+                }
+                reply
+            })
+            .collect();
+        let (done, merged) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let replies: Vec<&[u8]> = replies.iter().map(Vec::as_slice).collect();
+            let _ = done.send(plan.merge(&replies).map(|bytes| bytes.len()));
+        });
+        let len = merged
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("merged within 30 s")
+            .unwrap();
+        assert_eq!(len, "*400000\r\n".len() + 400_000 * "$1\r\nv\r\n".len());
     }
 
     #[test]
