@@ -400,3 +400,16 @@ async fn a_blocking_timeout_out_of_range_gets_redis_error() {
     same_as_redis(&redis, &redmux, &steps, false).await;
     same_as_redis(&redis, &redmux, &steps, true).await;
 }
+
+/// Redis reads a blocking command's seconds with `strtold`, which takes hex floats: `BLPOP l
+/// 0x1.8p0` blocks for 1.5 s there. redmux cannot read that number, so it must not cut the
+/// wait short at `request_timeout` (1 s here): the client gets Redis's `*-1` when Redis's
+/// timeout ends, as directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_timeout_in_hex_blocks_as_long_as_redis_reads_it() {
+    let redis = RedisServer::start();
+    let mut config = support::config(&redis.addr());
+    config.upstream.request_timeout = std::time::Duration::from_secs(1);
+    let redmux = Redmux::start_with(config).await;
+    same_as_redis(&redis, &redmux, &["BLPOP l 0x1.8p0", "PING"], false).await;
+}

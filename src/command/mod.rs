@@ -416,7 +416,10 @@ fn parse_timeout(arg: Option<&[u8]>, millis: bool) -> Option<Duration> {
     match seconds {
         Some(0.0) => None,
         Some(s) => Some(Duration::try_from_secs_f64(s).unwrap_or(Duration::ZERO)),
-        None => Some(Duration::ZERO),
+        // Not a number to Rust: Redis may read it all the same (its `strtold` takes hex floats
+        // such as `0x10` or `0x1.8p1`, seconds it then blocks for), so no deadline of redmux's
+        // own cuts it short; Redis answers at once what it cannot read.
+        None => None,
     }
 }
 
@@ -585,7 +588,8 @@ mod tests {
         assert_eq!(act(&["BLMOVE", "a", "b", "LEFT", "RIGHT", "3"]), secs(3.0));
         assert_eq!(act(&["BZMPOP", "4", "1", "z", "MIN"]), secs(4.0));
         assert_eq!(act(&["WAIT", "1", "500"]), secs(0.5));
-        assert_eq!(act(&["BLPOP", "a", "nope"]), secs(0.0));
+        assert_eq!(act(&["BLPOP", "a", "nope"]), Action::Block(None));
+        assert_eq!(act(&["BLPOP", "a", "0x3"]), Action::Block(None));
         assert_eq!(act(&["BLPOP", "a", "-1"]), secs(0.0));
         assert_eq!(
             act(&["XREAD", "COUNT", "1", "BLOCK", "250", "STREAMS", "s", "$"]),
