@@ -172,6 +172,17 @@ async fn client_errors_are_redis_errors() {
         &["CLIENT", "PAUSE", "abc"],
         &["CLIENT", "PAUSE", "-1"],
         &["CLIENT", "PAUSE", "10", "FOO"],
+        // The mode is checked before the timeout; a fourth argument is a syntax error.
+        &["CLIENT", "PAUSE", "abc", "xyz"],
+        &["CLIENT", "PAUSE", "10", "ALL", "extra"],
+        &["CLIENT", "pause", "10", "ALL", "extra"],
+        &["CLIENT", "UNBLOCK", "5", "ERROR", "extra"],
+        // Redis 7.0 adds the timeout to the clock in a signed 64-bit integer: this one wraps
+        // into the past, the pause ends at once, and the SET after it is answered.
+        &["CLIENT", "PAUSE", "9223372036854775807", "WRITE"],
+        &["SET", "k", "v"],
+        &["CLIENT", "PAUSE", "9223372036854775807"],
+        &["PING"],
         &["CLIENT", "UNPAUSE", "x"],
         &["CLIENT", "UNBLOCK"],
         &["CLIENT", "UNBLOCK", "abc"],

@@ -411,6 +411,8 @@ impl ClientState {
             (b"list", _) => self.list(args),
             (b"kill", 1..) => return self.kill(args),
             (b"pause", 1 | 2) => self.pause(args),
+            // Past the table's arity, the subcommand's own count (`clientCommand`).
+            (b"pause" | b"unblock", 3..) => crate::command::subcommand_syntax(b"client", sub),
             (b"unpause", 0) => {
                 self.clients.unpause();
                 ok()
@@ -608,17 +610,29 @@ impl ClientState {
     /// its direct clients are not paused.
     fn pause(&self, mut args: Args<'_>) -> Bytes {
         let timeout = args.next().unwrap_or_default();
-        let millis = match parse_int(timeout) {
-            None => return encode::error("timeout is not an integer or out of range"),
-            Some(ms) if ms < 0 => return encode::error("timeout is negative"),
-            Some(ms) => ms,
-        };
+        // The mode first, as Redis's `clientCommand` checks it.
         let mode = match args.next() {
             None => PauseMode::All,
             Some(mode) if keyword_is(mode, b"write") => PauseMode::Write,
             Some(mode) if keyword_is(mode, b"all") => PauseMode::All,
             Some(_) => return encode::error("CLIENT PAUSE mode must be WRITE or ALL"),
         };
+        let millis = match parse_int(timeout) {
+            None => return encode::error("timeout is not an integer or out of range"),
+            Some(ms) if ms < 0 => return encode::error("timeout is negative"),
+            Some(ms) => ms,
+        };
+        // Redis 7.0 (`getTimeoutFromObjectOrReply`) adds the timeout to the Unix time in
+        // milliseconds as a signed 64-bit integer: past i64::MAX the end wraps into the past
+        // and the pause ends at once. So here: it is answered and holds nothing.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+            });
+        if millis.checked_add(now).is_none() {
+            return ok();
+        }
         let millis = u64::try_from(millis).unwrap_or(0);
         self.clients.pause(Duration::from_millis(millis), mode);
         ok()

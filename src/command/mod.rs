@@ -356,8 +356,23 @@ pub(crate) fn unknown_command(name: &[u8], args: Args<'_>) -> Bytes {
 
 /// Redis's reply to a container command with a subcommand it does not know.
 pub(crate) fn unknown_subcommand(name: &[u8], sub: &[u8]) -> Bytes {
+    subcommand_error(b"unknown subcommand '", name, sub)
+}
+
+/// Redis's `addReplySubcommandSyntaxError`: a known subcommand given an argument count its
+/// command refuses beyond the table's arity.
+pub(crate) fn subcommand_syntax(name: &[u8], sub: &[u8]) -> Bytes {
+    subcommand_error(
+        b"unknown subcommand or wrong number of arguments for '",
+        name,
+        sub,
+    )
+}
+
+/// `-ERR <lead><sub>'. Try <NAME> HELP.`, the subcommand cut at a NUL and at `ECHO_MAX` bytes.
+fn subcommand_error(lead: &[u8], name: &[u8], sub: &[u8]) -> Bytes {
     let sub = c_string(sub);
-    let mut text = b"unknown subcommand '".to_vec();
+    let mut text = lead.to_vec();
     text.extend_from_slice(&sub[..sub.len().min(ECHO_MAX)]);
     text.extend_from_slice(b"'. Try ");
     text.extend_from_slice(&c_string(name).to_ascii_uppercase());
