@@ -380,6 +380,13 @@ async fn whole_keyspace_commands_cover_every_master() {
         client.call(&["SCAN", "99999999999999999999"]).await,
         "-ERR invalid cursor\r\n"
     );
+    // Read as Redis's strtoul reads a cursor: -1 is 2^64-1, which names no master; +0 is 0.
+    assert_eq!(
+        client.call(&["SCAN", "-1"]).await,
+        "-ERR invalid cursor\r\n"
+    );
+    let first = client.call(&["SCAN", "+0", "COUNT", "1000"]).await;
+    assert!(first.starts_with("*2\r\n"), "{first}");
     let random = client.call(&["RANDOMKEY"]).await;
     assert!(random.contains("space:"), "{random}");
 

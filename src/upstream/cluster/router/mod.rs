@@ -896,10 +896,7 @@ impl Router {
     pub(super) fn scan(&mut self, request: &[u8]) -> Route {
         let argv: Vec<&[u8]> = Args::new(request).collect();
         let masters = self.master_count();
-        let cursor = argv
-            .get(1)
-            .and_then(|c| std::str::from_utf8(c).ok()?.parse::<u64>().ok());
-        let Some(cursor) = cursor else {
+        let Some(cursor) = argv.get(1).and_then(|c| scan_cursor(c)) else {
             // Not a cursor: any master gives Redis's own error.
             return match self.any_master() {
                 Some(node) => Route::Node(node),
@@ -1170,12 +1167,58 @@ fn cluster_command(mut args: Args<'_>) -> Bytes {
     ))
 }
 
+/// A SCAN cursor as Redis reads one (`parseScanCursorOrReply`: `strtoul` in base 10 on the
+/// argument up to a NUL): an optional sign, then digits; `-n` wraps as an unsigned number
+/// does, so `-1` is 2^64−1; no space, nothing after, no overflow. `None`: Redis's "invalid
+/// cursor" (the request then goes to a master as it is, which says so).
+fn scan_cursor(arg: &[u8]) -> Option<u64> {
+    let arg = arg.split(|&b| b == 0).next().unwrap_or_default();
+    let (negative, digits) = match arg.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        Some((b'+', rest)) => (false, rest),
+        _ => (false, arg),
+    };
+    // `strtoul` converts nothing from an empty string and leaves it whole: cursor 0. A lone
+    // sign is left unread, which Redis refuses.
+    if digits.is_empty() {
+        return arg.is_empty().then_some(0);
+    }
+    let mut cursor: u64 = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        cursor = cursor.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(if negative {
+        cursor.wrapping_neg()
+    } else {
+        cursor
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::{
         combine::{combined, scan_reply},
         *,
     };
+
+    #[test]
+    fn scan_cursors_are_read_as_strtoul_reads_them() {
+        assert_eq!(scan_cursor(b"0"), Some(0));
+        assert_eq!(scan_cursor(b"17"), Some(17));
+        assert_eq!(scan_cursor(b"+5"), Some(5));
+        assert_eq!(scan_cursor(b"-1"), Some(u64::MAX));
+        assert_eq!(scan_cursor(b"-0"), Some(0));
+        assert_eq!(scan_cursor(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(scan_cursor(b"18446744073709551616"), None);
+        assert_eq!(scan_cursor(b""), Some(0));
+        assert_eq!(scan_cursor(b"5\0x"), Some(5));
+        for invalid in [&b"-"[..], b"+", b" 1", b"1 ", b"1x", b"0x1", b"1.0"] {
+            assert_eq!(scan_cursor(invalid), None, "{invalid:?}");
+        }
+    }
 
     #[test]
     fn scan_cursors_name_the_master() {
