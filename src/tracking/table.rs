@@ -151,7 +151,6 @@ impl Table {
     }
 }
 
-/// Whether `key` starts with one of `prefixes` (every key when there are none).
 /// Whether `key` starts with one of `prefixes` (any key when there are none), which
 /// [`disjoint`] made: the only candidate is the greatest prefix not above the key. A search
 /// rather than a walk: a client with 20,000 prefixes made each write of 20,000 keys take
