@@ -84,13 +84,22 @@ impl Cluster {
             nodes: Vec::new(),
             _dir: dir,
         };
+        // A port the system has just said is free may be said free again: every port of the
+        // cluster (client, bus, TLS) is one no other node of it has.
+        let mut taken = std::collections::HashSet::new();
+        let mut fresh = || loop {
+            let port = free_port();
+            if taken.insert(port) {
+                return port;
+            }
+        };
         for _ in 0..NODES {
             // Redis 7 takes the bus port as `cluster-port`; by default it is port + 10000,
             // which a free ephemeral port may push past 65535.
-            let (port, bus) = (free_port(), free_port());
+            let (port, bus) = (fresh(), fresh());
             let node_dir = cluster._dir.path().join(port.to_string());
             std::fs::create_dir(&node_dir).expect("node dir");
-            let tls_port = options.tls.map(|_| free_port());
+            let tls_port = options.tls.map(|_| fresh());
             let child = spawn_node(port, bus, &node_dir, tls_port, options);
             cluster.nodes.push(Node {
                 port,
