@@ -1172,7 +1172,7 @@ fn cluster_command(mut args: Args<'_>) -> Bytes {
 /// does, so `-1` is 2^64−1; no space, nothing after, no overflow. `None`: Redis's "invalid
 /// cursor" (the request then goes to a master as it is, which says so).
 fn scan_cursor(arg: &[u8]) -> Option<u64> {
-    let arg = arg.split(|&b| b == 0).next().unwrap_or_default();
+    let arg = crate::command::c_string(arg);
     let (negative, digits) = match arg.split_first() {
         Some((b'-', rest)) => (true, rest),
         Some((b'+', rest)) => (false, rest),
