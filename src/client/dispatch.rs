@@ -675,10 +675,12 @@ impl State {
             then,
             via,
         } = batch;
-        let path = match (&via, &release, self.held()) {
-            (Some(_), _, _) => Path::Auth,
-            (None, Some(lease), _) | (None, None, Some(lease)) => Path::Pinned(lease.id()),
-            (None, None, None) => Path::Shared(self.client.moves),
+        // The connection: `via`, else the request's own lease, else the transaction's, else
+        // the shared one (the same choice as the destination's below).
+        let path = match (&via, release.as_ref().or(self.held())) {
+            (Some(_), _) => Path::Auth,
+            (None, Some(lease)) => Path::Pinned(lease.id()),
+            (None, None) => Path::Shared(self.client.moves),
         };
         // One request of a client with nothing outstanding may go past a cluster's router,
         // straight to its master (see `Shared::direct`): nothing of its own can be overtaken.
