@@ -25,7 +25,7 @@
 //! their way, as from any cluster client.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -71,7 +71,7 @@ pub(super) enum Touch {
 
 /// Slots whose new requests wait while its token is held elsewhere.
 struct Gate {
-    slots: Box<[u64; SLOTS / 64]>,
+    slots: Slots,
     token: Token,
     /// The one client whose requests it holds back (`-TRYAGAIN`), or every client's (`None`:
     /// a fence).
@@ -84,10 +84,42 @@ impl Gate {
     }
 
     fn covers(&self, slot: u16) -> bool {
-        let slot = usize::from(slot);
-        self.slots
-            .get(slot / 64)
-            .is_some_and(|word| word & (1 << (slot % 64)) != 0)
+        match &self.slots {
+            Slots::One(one) => *one == slot,
+            Slots::Many(words) => {
+                let slot = usize::from(slot);
+                words
+                    .get(slot / 64)
+                    .is_some_and(|word| word & (1 << (slot % 64)) != 0)
+            }
+        }
+    }
+}
+
+/// A gate's slots: one (a retried request's: there may be one such gate per request in
+/// flight, so it stays small), or a set of them (a fence's).
+enum Slots {
+    One(u16),
+    Many(Box<[u64; SLOTS / 64]>),
+}
+
+impl FromIterator<u16> for Slots {
+    fn from_iter<I: IntoIterator<Item = u16>>(slots: I) -> Slots {
+        let mut slots = slots.into_iter().peekable();
+        let mut words = Box::new([0u64; SLOTS / 64]);
+        let Some(first) = slots.next() else {
+            return Slots::Many(words);
+        };
+        if slots.peek().is_none() {
+            return Slots::One(first);
+        }
+        for slot in std::iter::once(first).chain(slots) {
+            let slot = usize::from(slot);
+            if let Some(word) = words.get_mut(slot / 64) {
+                *word |= 1 << (slot % 64);
+            }
+        }
+        Slots::Many(words)
     }
 }
 
@@ -102,21 +134,101 @@ pub(super) struct Held {
     pub(super) owner: Owner,
 }
 
-/// What one client's waiting requests touch: what its new requests must wait behind.
+/// One client's waiting requests, by what they touch: what its new requests must wait
+/// behind. Each set holds numbers in [`Holds::queue`], so its first is the earliest.
 #[derive(Default)]
 struct Queued {
-    slots: HashMap<u16, usize>,
-    all: usize,
+    held: BTreeSet<u64>,
+    /// Those that touch each slot.
+    slots: HashMap<u16, BTreeSet<u64>>,
+    /// Those that touch every slot.
+    all: BTreeSet<u64>,
+    /// Those no gate held back when last looked at: they wait only behind this client's
+    /// earlier requests, so only they may go when one of those times out.
+    ungated: BTreeSet<u64>,
+}
+
+impl Queued {
+    /// Whether request `number`, which touches `touch`, must wait behind an earlier one of
+    /// these (`u64::MAX`: a new request, behind all of them).
+    fn blocks(&self, touch: Touch, number: u64) -> bool {
+        match touch {
+            Touch::Nothing => false,
+            Touch::Slot(slot) => {
+                let earlier = |set: Option<&BTreeSet<u64>>| {
+                    set.and_then(BTreeSet::first).is_some_and(|&n| n < number)
+                };
+                earlier(Some(&self.all)) || earlier(self.slots.get(&slot))
+            }
+            Touch::All => self.held.first().is_some_and(|&n| n < number),
+        }
+    }
+
+    fn add(&mut self, number: u64, touch: Touch, gated: bool) {
+        self.held.insert(number);
+        if !gated {
+            self.ungated.insert(number);
+        }
+        match touch {
+            Touch::Nothing => {}
+            Touch::Slot(slot) => {
+                self.slots.entry(slot).or_default().insert(number);
+            }
+            Touch::All => {
+                self.all.insert(number);
+            }
+        }
+    }
+
+    fn remove(&mut self, number: u64, touch: Touch) {
+        self.held.remove(&number);
+        self.ungated.remove(&number);
+        match touch {
+            Touch::Nothing => {}
+            Touch::Slot(slot) => {
+                if let Some(numbers) = self.slots.get_mut(&slot) {
+                    numbers.remove(&number);
+                    if numbers.is_empty() {
+                        self.slots.remove(&slot);
+                    }
+                }
+            }
+            Touch::All => {
+                self.all.remove(&number);
+            }
+        }
+    }
 }
 
 /// The gates and the requests waiting, in the order they came.
+///
+/// Kept so that what the router does per request costs a few steps however many wait: a
+/// gate can stay closed for a request timeout (a fence to a node that stopped answering)
+/// while every client's requests for its slots queue here, and the router looks at the
+/// soonest deadline on every turn. Only opening a gate looks at every waiting request.
 #[derive(Default)]
 pub(super) struct Holds {
     gates: Vec<Gate>,
-    queue: VecDeque<Held>,
-    /// For each client with requests waiting (by [`key`]), how many touch each slot, and
-    /// every slot.
+    /// The waiting requests by a number given in the order they came.
+    queue: BTreeMap<u64, Held>,
+    /// The number the next waiting request gets.
+    next: u64,
+    /// The waiting requests that have a deadline, soonest first.
+    due: BTreeSet<(Instant, u64)>,
+    /// For each client with requests waiting (by [`key`]), which they are and what they
+    /// touch.
     queued: HashMap<usize, Queued>,
+    /// What to look at again for requests that may go: every client's (a gate opened), or
+    /// only those whose requests timed out.
+    look_again: LookAgain,
+}
+
+#[derive(Default)]
+enum LookAgain {
+    #[default]
+    Nobody,
+    Clients(HashSet<usize>),
+    Everyone,
 }
 
 impl Holds {
@@ -132,16 +244,9 @@ impl Holds {
         slots: impl IntoIterator<Item = u16>,
         only: Option<Owner>,
     ) -> Token {
-        let mut words = Box::new([0u64; SLOTS / 64]);
-        for slot in slots {
-            let slot = usize::from(slot);
-            if let Some(word) = words.get_mut(slot / 64) {
-                *word |= 1 << (slot % 64);
-            }
-        }
         let token = Token::default();
         self.gates.push(Gate {
-            slots: words,
+            slots: slots.into_iter().collect(),
             token: token.clone(),
             only,
         });
@@ -158,7 +263,11 @@ impl Holds {
     pub(super) fn open(&mut self) -> bool {
         let before = self.gates.len();
         self.gates.retain(|gate| Arc::strong_count(&gate.token) > 1);
-        self.gates.len() < before
+        let opened = self.gates.len() < before;
+        if opened {
+            self.look_again = LookAgain::Everyone;
+        }
+        opened
     }
 
     fn gated_for(&self, touch: Touch, owner: &Owner) -> bool {
@@ -172,53 +281,117 @@ impl Holds {
 
     /// Whether a new request of `owner` that touches `touch` must wait.
     pub(super) fn must_wait(&self, touch: Touch, owner: &Owner) -> bool {
-        let behind = match (touch, self.queued.get(&key(owner))) {
-            (Touch::Nothing, _) => return false,
-            (_, None) => false,
-            (Touch::Slot(slot), Some(queued)) => queued.all > 0 || queued.slots.contains_key(&slot),
-            (Touch::All, Some(queued)) => queued.all > 0 || !queued.slots.is_empty(),
-        };
+        if touch == Touch::Nothing {
+            return false;
+        }
+        let behind = self
+            .queued
+            .get(&key(owner))
+            .is_some_and(|queued| queued.blocks(touch, u64::MAX));
         behind || self.gated_for(touch, owner)
     }
 
     pub(super) fn push(&mut self, held: Held) {
-        let queued = self.queued.entry(key(&held.owner)).or_default();
-        match held.touch {
-            Touch::Nothing => {}
-            Touch::Slot(slot) => *queued.slots.entry(slot).or_default() += 1,
-            Touch::All => queued.all += 1,
+        let number = self.next;
+        self.next += 1;
+        let gated = self.gated_for(held.touch, &held.owner);
+        self.queued
+            .entry(key(&held.owner))
+            .or_default()
+            .add(number, held.touch, gated);
+        if let Some(deadline) = held.deadline {
+            self.due.insert((deadline, number));
         }
-        self.queue.push_back(held);
+        self.queue.insert(number, held);
     }
 
-    /// The waiting requests that may go now, in the order they came.
+    /// The waiting requests that may go now (a gate opened, or requests they waited behind
+    /// timed out), in the order they came.
     pub(super) fn release(&mut self) -> Vec<Held> {
-        let waiting = std::mem::take(&mut self.queue);
-        self.queued.clear();
         let mut go = Vec::new();
-        for held in waiting {
-            if self.must_wait(held.touch, &held.owner) {
-                self.push(held);
-            } else {
-                go.push(held);
+        match std::mem::take(&mut self.look_again) {
+            LookAgain::Nobody => {}
+            LookAgain::Everyone => {
+                for (_, mine) in std::mem::take(&mut self.queued) {
+                    self.look_at(mine.held, &mut go);
+                }
+            }
+            LookAgain::Clients(clients) => {
+                for client in clients {
+                    let Some(ungated) = self.queued.get(&client).map(|q| q.ungated.clone()) else {
+                        continue;
+                    };
+                    self.look_at(ungated, &mut go);
+                }
             }
         }
-        go
+        go.sort_unstable();
+        go.into_iter()
+            .filter_map(|number| {
+                let held = self.queue.remove(&number)?;
+                if let Some(deadline) = held.deadline {
+                    self.due.remove(&(deadline, number));
+                }
+                Some(held)
+            })
+            .collect()
+    }
+
+    /// Looks again at a client's waiting requests `numbers`, in order: each that may go now
+    /// leaves the client's [`Queued`] (those behind it no longer wait for it) and is added
+    /// to `go`; each that stays is (again) in it.
+    fn look_at(&mut self, numbers: BTreeSet<u64>, go: &mut Vec<u64>) {
+        for number in numbers {
+            let Some(held) = self.queue.get(&number) else {
+                continue;
+            };
+            let (touch, client) = (held.touch, key(&held.owner));
+            let gated = self.gated_for(touch, &held.owner);
+            let queued = self.queued.entry(client).or_default();
+            queued.remove(number, touch);
+            if gated || queued.blocks(touch, number) {
+                queued.add(number, touch, gated);
+            } else {
+                go.push(number);
+                if queued.held.is_empty() {
+                    self.queued.remove(&client);
+                }
+            }
+        }
     }
 
     /// When the first waiting request is due.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        self.queue.iter().filter_map(|held| held.deadline).min()
+        self.due.first().map(|&(deadline, _)| deadline)
     }
 
-    /// Takes out the waiting requests due by `now`: they get a timeout.
+    /// Takes out the waiting requests due by `now`: they get a timeout. Those of their
+    /// clients behind them may go at the next [`Holds::release`].
     pub(super) fn expired(&mut self, now: Instant) -> Vec<Held> {
-        let (expired, waiting): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.queue)
-            .into_iter()
-            .partition(|held| held.deadline.is_some_and(|d| d <= now));
-        self.queued.clear();
-        for held in waiting {
-            self.push(held);
+        let mut expired = Vec::new();
+        while let Some(&(deadline, number)) = self.due.first() {
+            if deadline > now {
+                break;
+            }
+            self.due.pop_first();
+            let Some(held) = self.queue.remove(&number) else {
+                continue;
+            };
+            let client = key(&held.owner);
+            if let Some(queued) = self.queued.get_mut(&client) {
+                queued.remove(number, held.touch);
+                if queued.held.is_empty() {
+                    self.queued.remove(&client);
+                }
+            }
+            match &mut self.look_again {
+                LookAgain::Everyone => {}
+                LookAgain::Clients(clients) => {
+                    clients.insert(client);
+                }
+                nobody @ LookAgain::Nobody => *nobody = LookAgain::Clients(HashSet::from([client])),
+            }
+            expired.push(held);
         }
         expired
     }
@@ -267,6 +440,22 @@ mod tests {
     }
 
     #[test]
+    fn a_gate_covers_its_slots_and_no_other() {
+        let me = None;
+        for slots in [vec![], vec![3], vec![3, 70], vec![16_383, 3]] {
+            let mut holds = Holds::default();
+            let _token = holds.gate(slots.clone(), None);
+            for slot in [0, 3, 4, 70, 16_383] {
+                assert_eq!(
+                    holds.must_wait(Touch::Slot(slot), &me),
+                    slots.contains(&slot),
+                    "{slots:?} {slot}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn a_clients_own_gate_and_queue_hold_back_only_that_client() {
         let mut holds = Holds::default();
         let (a, b): (Owner, Owner) = (
@@ -306,5 +495,181 @@ mod tests {
         let order: Vec<usize> = holds.release().iter().map(|h| h.index).collect();
         assert_eq!(order, [1]);
         assert_eq!(holds.next_deadline(), None);
+    }
+    /// The router's way with a gate that stays closed (a fence to a node that does not answer)
+    /// while many clients' requests come one at a time: a look at the soonest deadline per
+    /// request, then the deadlines falling due a few at a time, each followed by a release.
+    /// Each step costs in proportion to the requests it concerns, not to every request
+    /// waiting (walks over them all did not finish in 30 s here). Bounded by a watchdog,
+    /// generous enough for a slow debug build, so that a walk per step fails instead of
+    /// hanging.
+    #[test]
+    fn a_long_gate_costs_each_request_a_few_steps() {
+        const CLIENTS: usize = 1_000;
+        const REQUESTS: usize = 200_000;
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let owners: Vec<Owner> = (0..CLIENTS)
+                .map(|_| Some(Arc::new(Budget::new(1 << 20))))
+                .collect();
+            let mut holds = Holds::default();
+            let fence = holds.gate([7], None);
+            let start = Instant::now();
+            for i in 0..REQUESTS {
+                let owner = &owners[i % CLIENTS];
+                assert!(holds.must_wait(Touch::Slot(7), owner));
+                holds.push(Held {
+                    deadline: Some(start + std::time::Duration::from_micros(i as u64)),
+                    owner: owner.clone(),
+                    ..held(i, Touch::Slot(7))
+                });
+                assert_eq!(holds.next_deadline(), Some(start));
+            }
+            let mut expired = 0;
+            for tick in (0..REQUESTS / 2).step_by(10) {
+                expired += holds
+                    .expired(start + std::time::Duration::from_micros(tick as u64 + 9))
+                    .len();
+                assert!(holds.release().is_empty());
+            }
+            drop(fence);
+            assert!(holds.open());
+            let released = holds.release();
+            let _ = done.send((expired, released.len(), holds.idle()));
+        });
+        let (expired, released, idle) = finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("done within 30 s");
+        assert_eq!(
+            (expired, released, idle),
+            (REQUESTS / 2, REQUESTS / 2, true)
+        );
+    }
+    /// What the holds did before they were kept by number: every request waiting looked at
+    /// on every release and every timeout, in a list. Random steps give both the same
+    /// requests and must see the same requests go, in the same order, and time out.
+    #[test]
+    fn holds_let_go_what_a_walk_over_every_request_would() {
+        #[derive(Default)]
+        struct Walk {
+            queue: Vec<(usize, Touch, usize, Option<u64>)>,
+        }
+        impl Walk {
+            fn waits(
+                queue: &[(usize, Touch, usize, Option<u64>)],
+                gates: &[(Vec<u16>, Option<usize>)],
+                touch: Touch,
+                owner: usize,
+            ) -> bool {
+                let conflict = |a: Touch, b: Touch| match (a, b) {
+                    (Touch::Nothing, _) | (_, Touch::Nothing) => false,
+                    (Touch::All, _) | (_, Touch::All) => true,
+                    (Touch::Slot(a), Touch::Slot(b)) => a == b,
+                };
+                let behind = queue.iter().any(|q| q.2 == owner && conflict(q.1, touch));
+                let gated = gates.iter().any(|(slots, only)| {
+                    only.is_none_or(|o| o == owner)
+                        && match touch {
+                            Touch::Nothing => false,
+                            Touch::Slot(slot) => slots.contains(&slot),
+                            Touch::All => true,
+                        }
+                });
+                touch != Touch::Nothing && (behind || gated)
+            }
+            fn release(&mut self, gates: &[(Vec<u16>, Option<usize>)]) -> Vec<usize> {
+                let mut kept = Vec::new();
+                let mut go = Vec::new();
+                for q in std::mem::take(&mut self.queue) {
+                    if Self::waits(&kept, gates, q.1, q.2) {
+                        kept.push(q);
+                    } else {
+                        go.push(q.0);
+                    }
+                }
+                self.queue = kept;
+                go
+            }
+        }
+        let owners: Vec<Owner> = (0..4)
+            .map(|_| Some(Arc::new(Budget::new(1 << 20))))
+            .collect();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut random = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let start = Instant::now();
+        let at = |t: u64| start + std::time::Duration::from_millis(t);
+        for _ in 0..200 {
+            let (mut holds, mut walk) = (Holds::default(), Walk::default());
+            let mut gates: Vec<(Vec<u16>, Option<usize>, Token)> = Vec::new();
+            let (mut now, mut index) = (0, 0);
+            for _ in 0..200 {
+                let walk_gates: Vec<(Vec<u16>, Option<usize>)> =
+                    gates.iter().map(|(s, o, _)| (s.clone(), *o)).collect();
+                match random(10) {
+                    0..=4 => {
+                        let touch = match random(5) {
+                            0 => Touch::All,
+                            1 => Touch::Nothing,
+                            _ => Touch::Slot(random(4) as u16),
+                        };
+                        let owner = random(4) as usize;
+                        let deadline = (random(4) > 0).then(|| now + 1 + random(20));
+                        let waits = Walk::waits(&walk.queue, &walk_gates, touch, owner);
+                        assert_eq!(holds.must_wait(touch, &owners[owner]), waits);
+                        if waits {
+                            holds.push(Held {
+                                deadline: deadline.map(at),
+                                owner: owners[owner].clone(),
+                                ..held(index, touch)
+                            });
+                            walk.queue.push((index, touch, owner, deadline));
+                        }
+                        index += 1;
+                    }
+                    5 => {
+                        let slots: Vec<u16> =
+                            (0..1 + random(2)).map(|_| random(4) as u16).collect();
+                        let only = (random(2) == 0).then(|| random(4) as usize);
+                        let token = holds.gate(slots.clone(), only.map(|o| owners[o].clone()));
+                        gates.push((slots, only, token));
+                    }
+                    6 | 7 if !gates.is_empty() => {
+                        gates.remove(random(gates.len() as u64) as usize);
+                        let walk_gates: Vec<(Vec<u16>, Option<usize>)> =
+                            gates.iter().map(|(s, o, _)| (s.clone(), *o)).collect();
+                        assert!(holds.open());
+                        let went: Vec<usize> = holds.release().iter().map(|h| h.index).collect();
+                        assert_eq!(went, walk.release(&walk_gates));
+                    }
+                    _ => {
+                        now += random(8);
+                        assert_eq!(
+                            holds.next_deadline(),
+                            walk.queue.iter().filter_map(|q| q.3).min().map(at)
+                        );
+                        let mut expired: Vec<usize> =
+                            holds.expired(at(now)).iter().map(|h| h.index).collect();
+                        expired.sort_unstable();
+                        let (out, kept) = std::mem::take(&mut walk.queue)
+                            .into_iter()
+                            .partition(|q| q.3.is_some_and(|d| d <= now));
+                        walk.queue = kept;
+                        let out: Vec<usize> = out
+                            .iter()
+                            .map(|q: &(usize, Touch, usize, Option<u64>)| q.0)
+                            .collect();
+                        assert_eq!(expired, out);
+                        let went: Vec<usize> = holds.release().iter().map(|h| h.index).collect();
+                        assert_eq!(went, walk.release(&walk_gates));
+                    }
+                }
+                assert_eq!(holds.idle(), gates.is_empty() && walk.queue.is_empty());
+            }
+        }
     }
 }

@@ -28,7 +28,11 @@ pub(super) mod direct;
 pub(super) mod holds;
 pub(super) mod redirects;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::{
@@ -106,7 +110,8 @@ pub(in crate::upstream) fn spawn(
         masters: Vec::new(),
         batches: HashMap::new(),
         next_batch: 0,
-        retries: Vec::new(),
+        retries: BTreeMap::new(),
+        next_retry: 0,
         spawner,
         round_robin: 0,
         holds: Holds::default(),
@@ -302,7 +307,6 @@ impl Routed {
 
 /// A request to send again later (TRYAGAIN).
 struct Retry {
-    pub(super) at: Instant,
     pub(super) node: Arc<NodeAddr>,
     pub(super) job: Job,
 }
@@ -386,7 +390,11 @@ struct Router {
     pub(super) masters: Vec<Option<usize>>,
     pub(super) batches: HashMap<u64, Answering>,
     pub(super) next_batch: u64,
-    pub(super) retries: Vec<Retry>,
+    /// `-TRYAGAIN`ed jobs by when they are tried again (and a number, as two may be due at
+    /// once): the router looks at the soonest on every turn.
+    pub(super) retries: BTreeMap<(Instant, u64), Retry>,
+    /// The number the next retry gets.
+    pub(super) next_retry: u64,
     pub(super) spawner: Spawner,
     /// Where the next keyless request goes.
     pub(super) round_robin: usize,
@@ -416,7 +424,7 @@ impl Router {
                 self.release().await;
             }
             self.publish();
-            let next_retry = self.retries.iter().map(|r| r.at).min();
+            let next_retry = self.retries.first_key_value().map(|(&(at, _), _)| at);
             let held_due = self.holds.next_deadline();
             // A gate's token dropped outside the router (an actor that ended with the fence
             // unanswered) wakes nothing: while a gate is closed the router looks from time to

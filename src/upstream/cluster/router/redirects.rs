@@ -159,11 +159,12 @@ impl Router {
                 }
                 let at = Instant::now() + TRYAGAIN_FIRST * (1 << job.tries);
                 job.tries += 1;
-                self.retries.push(Retry {
-                    at,
+                self.next_retry += 1;
+                let retry = Retry {
                     node: node.clone(),
                     job,
-                });
+                };
+                self.retries.insert((at, self.next_retry), retry);
                 return;
             }
             _ => {}
@@ -179,11 +180,9 @@ impl Router {
     /// Sends the TRYAGAIN retries that are due.
     pub(super) async fn retry_due(&mut self) {
         let now = Instant::now();
-        let (due, later): (Vec<Retry>, Vec<Retry>) = std::mem::take(&mut self.retries)
-            .into_iter()
-            .partition(|r| r.at <= now);
-        self.retries = later;
-        for Retry { node, job, .. } in due {
+        let later = self.retries.split_off(&(now, u64::MAX));
+        let due = std::mem::replace(&mut self.retries, later);
+        for Retry { node, job } in due.into_values() {
             let batch = job.batch;
             match self.node(&node.host, node.port) {
                 Some(node) => self.send(node, job).await,
