@@ -512,23 +512,32 @@ impl Pipeline {
         if request.reply.is_closed() {
             return;
         }
-        self.unwritten += request.frames.len();
-        if request.frames.len() >= BY_REFERENCE {
+        let Batch {
+            frames,
+            count,
+            mut reply,
+            budget,
+            timeout,
+            ..
+        } = request;
+        self.unwritten += frames.len();
+        if frames.len() >= BY_REFERENCE {
             self.seal();
-            self.out.push_back(request.frames);
+            self.out.push_back(frames.clone());
         } else {
-            self.tail.extend_from_slice(&request.frames);
+            self.tail.extend_from_slice(&frames);
         }
-        self.owed += u64::from(request.count);
+        reply.written(frames);
+        self.owed += u64::from(count);
         self.inflight.push_back(InFlight {
-            count: request.count,
-            remaining: request.count,
+            count,
+            remaining: count,
             errors: 0,
-            reply: request.reply,
-            budget: request.budget,
+            reply,
+            budget,
             // A timeout past what the clock can count is no deadline (a blocking command's
             // timeout comes from the client).
-            deadline: request.timeout.and_then(|timeout| now.checked_add(timeout)),
+            deadline: timeout.and_then(|timeout| now.checked_add(timeout)),
         });
     }
 

@@ -115,6 +115,15 @@ impl ReplyTo {
             ReplyTo::Router(routed) => routed.deliver(reply),
         }
     }
+
+    /// The batch's requests, as they were written: a router's message that goes without a
+    /// copy of them (a client's batch the direct path passed on whole) keeps them, to send
+    /// them again on `-MOVED`. Taking them here saves the copy's allocation per request.
+    pub(crate) fn written(&mut self, frames: Bytes) {
+        if let ReplyTo::Router(routed) = self {
+            routed.written(frames);
+        }
+    }
 }
 
 impl From<oneshot::Sender<Reply>> for ReplyTo {

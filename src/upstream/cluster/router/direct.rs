@@ -22,6 +22,7 @@
 
 use std::sync::{atomic::Ordering, Arc, RwLock};
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{Client, Job, NodeAddr, Returned, Routed, Unit};
@@ -82,10 +83,12 @@ impl Direct {
         let (queued_at, timeout) = (batch.queued_at, batch.timeout);
         let (frames, count, client) = Client::of(batch);
         let unit = Unit::Range { start: 0, len: 1 };
+        // The actor gives the job the requests once it has written them (see
+        // `ReplyTo::written`): no copy is made here.
         let routed = Routed {
             back,
             node: addr.clone(),
-            job: Job::new(0, unit, frames.clone()),
+            job: Job::new(0, unit, Bytes::new()),
             client: Some(client),
         };
         let request = Batch {

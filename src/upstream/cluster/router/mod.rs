@@ -271,6 +271,13 @@ impl Routed {
         }
     }
 
+    /// Called by the node's actor with the requests it wrote (see [`ReplyTo::written`]).
+    pub(in crate::upstream) fn written(&mut self, frames: Bytes) {
+        if self.job.frames.is_empty() {
+            self.job.frames = frames;
+        }
+    }
+
     /// Called by the node's actor with the replies (or the error that ended them).
     pub(in crate::upstream) fn deliver(self, reply: Reply) {
         let Routed {
