@@ -116,9 +116,10 @@ impl ReplyTo {
         }
     }
 
-    /// The batch's requests, as they were written: a router's message that goes without a
-    /// copy of them (a client's batch the direct path passed on whole) keeps them, to send
-    /// them again on `-MOVED`. Taking them here saves the copy's allocation per request.
+    /// The batch's requests, as they were written: a router's message, which goes without a
+    /// copy of them, keeps them to send them again on `-MOVED` (one whose requests follow an
+    /// `ASKING` keeps its own). Taking them here saves a copy's allocation and atomics per
+    /// message.
     pub(crate) fn written(&mut self, frames: Bytes) {
         if let ReplyTo::Router(routed) = self {
             routed.written(frames);

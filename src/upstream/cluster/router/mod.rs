@@ -948,7 +948,7 @@ impl Router {
 
     /// Puts `job` on node `node`'s channel, with only what is left of its batch's time to
     /// answer: the time of `client`'s batch when it is one passed on whole.
-    pub(super) async fn post(&mut self, node: usize, job: Job, client: Option<Client>) {
+    pub(super) async fn post(&mut self, node: usize, mut job: Job, client: Option<Client>) {
         let now = Instant::now();
         let deadline = match (&client, job.unit) {
             (Some(client), _) => client.deadline,
@@ -967,13 +967,15 @@ impl Router {
             return self.not_sent(job, client, UpstreamError::Unavailable);
         };
         let len = job.len();
+        // Without ASKING the actor gives the job its requests back once written (see
+        // `ReplyTo::written`): no copy is kept meanwhile.
         let (wire, count) = if job.asking {
             let mut wire = BytesMut::with_capacity(job.frames.len() + 20);
             wire.put_slice(b"*1\r\n$6\r\nASKING\r\n");
             wire.put_slice(&job.frames);
             (wire.freeze(), len + 1)
         } else {
-            (job.frames.clone(), len)
+            (std::mem::take(&mut job.frames), len)
         };
         let sender = conn.sender.clone();
         let routed = Routed {
@@ -1003,7 +1005,8 @@ impl Router {
             }
             Err(mpsc::error::TrySendError::Closed(request)) => request,
         };
-        if let ReplyTo::Router(routed) = refused.reply {
+        if let ReplyTo::Router(mut routed) = refused.reply {
+            routed.written(refused.frames);
             let Routed { job, client, .. } = *routed;
             self.not_sent(job, client, UpstreamError::Unavailable);
         }
