@@ -38,6 +38,11 @@ pub struct ReplyScanner {
     /// Accept top-level push frames as replies (a client reading what redmux sends it); an
     /// upstream request/reply connection must never receive one.
     allow_push: bool,
+    /// How far past `pos` the element's line was searched for its CR without finding it (the
+    /// `pos` it was searched from, and how far): a status line has no length limit (a script
+    /// can return a 512 MB one), and searching it again from its start at every read would
+    /// cost its length squared over the read size.
+    searched: (usize, usize),
 }
 
 impl ReplyScanner {
@@ -57,12 +62,14 @@ impl ReplyScanner {
     pub fn consumed(&mut self, n: usize) {
         debug_assert!(n <= self.pos);
         self.pos -= n;
+        self.searched = (self.pos, 0);
     }
 
     /// Forgets any partial state: for a fresh connection.
     pub fn reset(&mut self) {
         self.pos = 0;
         self.open.clear();
+        self.searched = (0, 0);
     }
 
     /// Scans on from where the last call stopped. `Ok(Some(end))`: a top-level reply ends at
@@ -73,11 +80,19 @@ impl ReplyScanner {
                 return Ok(None);
             };
             let rest = &buf[self.pos + 1..];
-            let Some(cr) = find2(b'\r', b'\r', rest) else {
+            let from = match self.searched {
+                (pos, searched) if pos == self.pos => searched.min(rest.len()),
+                _ => 0,
+            };
+            let Some(cr) = find2(b'\r', b'\r', &rest[from..]).map(|at| from + at) else {
+                self.searched = (self.pos, rest.len());
                 return Ok(None);
             };
             match rest.get(cr + 1) {
-                None => return Ok(None),
+                None => {
+                    self.searched = (self.pos, cr);
+                    return Ok(None);
+                }
                 Some(b'\n') => {}
                 Some(_) => return Err(ReplyError::BadLineEnd),
             }
@@ -217,6 +232,38 @@ mod tests {
             );
         }
         assert_eq!(scanner.next_reply(input).unwrap(), Some(input.len()));
+    }
+
+    /// A status line (which has no length limit) arriving over many reads is searched once:
+    /// searching it from its start at every read took minutes at this size. Bounded by a
+    /// watchdog, generous enough for a slow debug build.
+    #[test]
+    fn a_long_status_line_is_searched_once() {
+        const READ: usize = 64 * 1024;
+        const LINE: usize = 64 * 1024 * 1024;
+        let (done, end) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut scanner = ReplyScanner::new();
+            let mut buf = Vec::with_capacity(LINE + READ);
+            buf.extend_from_slice(b":1\r\n+");
+            while buf.len() < LINE {
+                buf.resize(buf.len() + READ, b'a');
+                if scanner.next_reply(&buf).unwrap() == Some(4) {
+                    scanner.consumed(4);
+                    buf.drain(..4);
+                }
+                assert_eq!(scanner.next_reply(&buf).unwrap(), None);
+            }
+            // The CR in one read, its LF in the next.
+            buf.push(b'\r');
+            assert_eq!(scanner.next_reply(&buf).unwrap(), None);
+            buf.push(b'\n');
+            let _ = done.send((scanner.next_reply(&buf).unwrap(), buf.len()));
+        });
+        let (end, len) = end
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("scanned within 30 s");
+        assert_eq!(end, Some(len));
     }
 
     #[test]
