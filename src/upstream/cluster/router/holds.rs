@@ -25,7 +25,7 @@
 //! their way, as from any cluster client.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
 };
 
@@ -37,15 +37,6 @@ use crate::{cluster::slot::SLOTS, io::Budget};
 /// Whose requests these are: a client's output budget, of which each client has one (the
 /// `Arc` kept here keeps its address from going to another client); `None` for redmux's own.
 pub(super) type Owner = Option<Arc<Budget>>;
-
-/// Whether `a` and `b` are the same client.
-fn same(a: &Owner, b: &Owner) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-        (None, None) => true,
-        _ => false,
-    }
-}
 
 /// An owner as a map key: its budget's address (0 for redmux's own).
 fn key(owner: &Owner) -> usize {
@@ -78,29 +69,112 @@ struct Gate {
     only: Option<Owner>,
 }
 
-impl Gate {
-    fn holds_back(&self, owner: &Owner) -> bool {
-        self.only.as_ref().is_none_or(|only| same(only, owner))
-    }
-
-    fn covers(&self, slot: u16) -> bool {
-        match &self.slots {
-            Slots::One(one) => *one == slot,
-            Slots::Many(words) => {
-                let slot = usize::from(slot);
-                words
-                    .get(slot / 64)
-                    .is_some_and(|word| word & (1 << (slot % 64)) != 0)
-            }
-        }
-    }
-}
-
 /// A gate's slots: one (a retried request's: there may be one such gate per request in
 /// flight, so it stays small), or a set of them (a fence's).
 enum Slots {
     One(u16),
     Many(Box<[u64; SLOTS / 64]>),
+}
+
+impl Slots {
+    /// Calls `f` with each slot.
+    fn each(&self, mut f: impl FnMut(u16)) {
+        match self {
+            Slots::One(slot) => f(*slot),
+            Slots::Many(words) => {
+                for (at, &word) in words.iter().enumerate() {
+                    let mut bits = word;
+                    while bits != 0 {
+                        let bit = bits.trailing_zeros() as usize;
+                        f(u16::try_from(at * 64 + bit).unwrap_or(u16::MAX));
+                        bits &= bits - 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The closed gates, counted by what they hold back, so that a request learns in a few
+/// steps whether one holds it back however many are closed: a `-TRYAGAIN` gate is kept per
+/// request in flight, and a map change can fence thousands of slots one by one.
+#[derive(Default)]
+struct Closed {
+    fences: usize,
+    /// How many fences cover each slot (empty until the first fence).
+    fenced: Vec<u32>,
+    /// Each client's own gates, by [`key`].
+    own: HashMap<usize, Own>,
+}
+
+/// One client's own gates: how many, and how many cover each slot.
+#[derive(Default)]
+struct Own {
+    gates: usize,
+    slots: HashMap<u16, u32>,
+}
+
+impl Closed {
+    /// Counts `gate` in (`closing`) or out.
+    fn count(&mut self, gate: &Gate, closing: bool) {
+        let step = |count: &mut u32| match closing {
+            true => *count += 1,
+            false => *count = count.saturating_sub(1),
+        };
+        match &gate.only {
+            None => {
+                if closing {
+                    self.fences += 1;
+                } else {
+                    self.fences = self.fences.saturating_sub(1);
+                }
+                if self.fenced.is_empty() {
+                    self.fenced = vec![0; SLOTS];
+                }
+                gate.slots.each(|slot| {
+                    if let Some(count) = self.fenced.get_mut(usize::from(slot)) {
+                        step(count);
+                    }
+                });
+            }
+            Some(owner) => {
+                let client = key(owner);
+                let own = self.own.entry(client).or_default();
+                if closing {
+                    own.gates += 1;
+                } else {
+                    own.gates = own.gates.saturating_sub(1);
+                }
+                gate.slots.each(|slot| {
+                    let count = own.slots.entry(slot).or_default();
+                    step(count);
+                    if *count == 0 {
+                        own.slots.remove(&slot);
+                    }
+                });
+                if own.gates == 0 {
+                    self.own.remove(&client);
+                }
+            }
+        }
+    }
+
+    /// Whether a closed gate holds back a request of `owner` that touches `touch`: a fence
+    /// holds back every client's, a client's own gate only its own; either holds back a
+    /// request that touches every slot.
+    fn holds_back(&self, touch: Touch, owner: &Owner) -> bool {
+        let own = self.own.get(&key(owner));
+        match touch {
+            Touch::Nothing => false,
+            Touch::Slot(slot) => {
+                self.fenced
+                    .get(usize::from(slot))
+                    .is_some_and(|&count| count > 0)
+                    || own.is_some_and(|own| own.slots.contains_key(&slot))
+            }
+            Touch::All => self.fences > 0 || own.is_some(),
+        }
+    }
 }
 
 impl FromIterator<u16> for Slots {
@@ -202,10 +276,11 @@ impl Queued {
 
 /// The gates and the requests waiting, in the order they came.
 ///
-/// Kept so that what the router does per request costs a few steps however many wait: a
-/// gate can stay closed for a request timeout (a fence to a node that stopped answering)
-/// while every client's requests for its slots queue here, and the router looks at the
-/// soonest deadline on every turn. Only opening a gate looks at every waiting request.
+/// Kept so that what the router does per request costs a few steps however many wait and
+/// however many gates are closed: a gate can stay closed for a request timeout (a fence to a
+/// node that stopped answering) while every client's requests for its slots queue here, and
+/// the router looks at the soonest deadline on every turn. Opening a gate looks again at the
+/// requests it held back; the last fence's opening, at every waiting request.
 #[derive(Default)]
 pub(super) struct Holds {
     gates: Vec<Gate>,
@@ -218,8 +293,11 @@ pub(super) struct Holds {
     /// For each client with requests waiting (by [`key`]), which they are and what they
     /// touch.
     queued: HashMap<usize, Queued>,
-    /// What to look at again for requests that may go: every client's (a gate opened), or
-    /// only those whose requests timed out.
+    /// For each slot, the clients with requests for it waiting, and how many: those a fence
+    /// on it may let go.
+    touching: HashMap<u16, HashMap<usize, u32>>,
+    closed: Closed,
+    /// What to look at again for requests that may go.
     look_again: LookAgain,
 }
 
@@ -227,7 +305,10 @@ pub(super) struct Holds {
 enum LookAgain {
     #[default]
     Nobody,
-    Clients(HashSet<usize>),
+    /// These clients' requests: all of them (a gate that held them back opened), or only
+    /// those no gate holds back (requests they waited behind timed out).
+    Clients(HashMap<usize, bool>),
+    /// Every client's: the last fence opened.
     Everyone,
 }
 
@@ -245,11 +326,13 @@ impl Holds {
         only: Option<Owner>,
     ) -> Token {
         let token = Token::default();
-        self.gates.push(Gate {
+        let gate = Gate {
             slots: slots.into_iter().collect(),
             token: token.clone(),
             only,
-        });
+        };
+        self.closed.count(&gate, true);
+        self.gates.push(gate);
         token
     }
 
@@ -260,22 +343,53 @@ impl Holds {
     }
 
     /// Opens the gates whose token is no longer held anywhere else; whether any opened.
+    /// Only the requests an opened gate held back are looked at again: its client's, or a
+    /// fence's slots' (every client's once no fence is left: they held back every request
+    /// that touches every slot).
     pub(super) fn open(&mut self) -> bool {
-        let before = self.gates.len();
-        self.gates.retain(|gate| Arc::strong_count(&gate.token) > 1);
-        let opened = self.gates.len() < before;
-        if opened {
-            self.look_again = LookAgain::Everyone;
+        if self
+            .gates
+            .iter()
+            .all(|gate| Arc::strong_count(&gate.token) > 1)
+        {
+            return false;
         }
-        opened
+        let (opened, closed): (Vec<Gate>, Vec<Gate>) = std::mem::take(&mut self.gates)
+            .into_iter()
+            .partition(|gate| Arc::strong_count(&gate.token) == 1);
+        self.gates = closed;
+        for gate in &opened {
+            self.closed.count(gate, false);
+        }
+        for gate in &opened {
+            match &gate.only {
+                Some(owner) => self.look_again_at(key(owner), true),
+                None if self.closed.fences == 0 => self.look_again = LookAgain::Everyone,
+                None => {
+                    let mut clients = Vec::new();
+                    gate.slots.each(|slot| {
+                        if let Some(touching) = self.touching.get(&slot) {
+                            clients.extend(touching.keys().copied());
+                        }
+                    });
+                    for client in clients {
+                        self.look_again_at(client, true);
+                    }
+                }
+            }
+        }
+        true
     }
 
-    fn gated_for(&self, touch: Touch, owner: &Owner) -> bool {
-        let mut gates = self.gates.iter().filter(|gate| gate.holds_back(owner));
-        match touch {
-            Touch::Nothing => false,
-            Touch::Slot(slot) => gates.any(|gate| gate.covers(slot)),
-            Touch::All => gates.next().is_some(),
+    /// Marks `client`'s requests to be looked at again: `all` of them, or those no gate
+    /// holds back.
+    fn look_again_at(&mut self, client: usize, all: bool) {
+        match &mut self.look_again {
+            LookAgain::Everyone => {}
+            LookAgain::Clients(clients) => *clients.entry(client).or_default() |= all,
+            nobody @ LookAgain::Nobody => {
+                *nobody = LookAgain::Clients(HashMap::from([(client, all)]));
+            }
         }
     }
 
@@ -288,17 +402,14 @@ impl Holds {
             .queued
             .get(&key(owner))
             .is_some_and(|queued| queued.blocks(touch, u64::MAX));
-        behind || self.gated_for(touch, owner)
+        behind || self.closed.holds_back(touch, owner)
     }
 
     pub(super) fn push(&mut self, held: Held) {
         let number = self.next;
         self.next += 1;
-        let gated = self.gated_for(held.touch, &held.owner);
-        self.queued
-            .entry(key(&held.owner))
-            .or_default()
-            .add(number, held.touch, gated);
+        let gated = self.closed.holds_back(held.touch, &held.owner);
+        self.enqueue(key(&held.owner), number, held.touch, gated);
         if let Some(deadline) = held.deadline {
             self.due.insert((deadline, number));
         }
@@ -312,16 +423,20 @@ impl Holds {
         match std::mem::take(&mut self.look_again) {
             LookAgain::Nobody => {}
             LookAgain::Everyone => {
+                self.touching.clear();
                 for (_, mine) in std::mem::take(&mut self.queued) {
                     self.look_at(mine.held, &mut go);
                 }
             }
             LookAgain::Clients(clients) => {
-                for client in clients {
-                    let Some(ungated) = self.queued.get(&client).map(|q| q.ungated.clone()) else {
+                for (client, all) in clients {
+                    let Some(numbers) = self.queued.get(&client).map(|queued| match all {
+                        true => queued.held.clone(),
+                        false => queued.ungated.clone(),
+                    }) else {
                         continue;
                     };
-                    self.look_at(ungated, &mut go);
+                    self.look_at(numbers, &mut go);
                 }
             }
         }
@@ -346,15 +461,58 @@ impl Holds {
                 continue;
             };
             let (touch, client) = (held.touch, key(&held.owner));
-            let gated = self.gated_for(touch, &held.owner);
-            let queued = self.queued.entry(client).or_default();
-            queued.remove(number, touch);
-            if gated || queued.blocks(touch, number) {
-                queued.add(number, touch, gated);
+            let gated = self.closed.holds_back(touch, &held.owner);
+            self.dequeue(client, number, touch);
+            let behind = self
+                .queued
+                .get(&client)
+                .is_some_and(|queued| queued.blocks(touch, number));
+            if gated || behind {
+                self.enqueue(client, number, touch, gated);
             } else {
                 go.push(number);
-                if queued.held.is_empty() {
-                    self.queued.remove(&client);
+            }
+        }
+    }
+
+    /// Counts request `number` of `client` in as waiting.
+    fn enqueue(&mut self, client: usize, number: u64, touch: Touch, gated: bool) {
+        self.queued
+            .entry(client)
+            .or_default()
+            .add(number, touch, gated);
+        if let Touch::Slot(slot) = touch {
+            *self
+                .touching
+                .entry(slot)
+                .or_default()
+                .entry(client)
+                .or_default() += 1;
+        }
+    }
+
+    /// Counts request `number` of `client` out (if it was in).
+    fn dequeue(&mut self, client: usize, number: u64, touch: Touch) {
+        let Some(queued) = self.queued.get_mut(&client) else {
+            return;
+        };
+        if !queued.held.contains(&number) {
+            return;
+        }
+        queued.remove(number, touch);
+        if queued.held.is_empty() {
+            self.queued.remove(&client);
+        }
+        if let Touch::Slot(slot) = touch {
+            if let Some(clients) = self.touching.get_mut(&slot) {
+                if let Some(count) = clients.get_mut(&client) {
+                    *count -= 1;
+                    if *count == 0 {
+                        clients.remove(&client);
+                    }
+                }
+                if clients.is_empty() {
+                    self.touching.remove(&slot);
                 }
             }
         }
@@ -378,19 +536,8 @@ impl Holds {
                 continue;
             };
             let client = key(&held.owner);
-            if let Some(queued) = self.queued.get_mut(&client) {
-                queued.remove(number, held.touch);
-                if queued.held.is_empty() {
-                    self.queued.remove(&client);
-                }
-            }
-            match &mut self.look_again {
-                LookAgain::Everyone => {}
-                LookAgain::Clients(clients) => {
-                    clients.insert(client);
-                }
-                nobody @ LookAgain::Nobody => *nobody = LookAgain::Clients(HashSet::from([client])),
-            }
+            self.dequeue(client, number, held.touch);
+            self.look_again_at(client, false);
             expired.push(held);
         }
         expired
@@ -603,7 +750,7 @@ mod tests {
         };
         let start = Instant::now();
         let at = |t: u64| start + std::time::Duration::from_millis(t);
-        for _ in 0..200 {
+        for _ in 0..2_000 {
             let (mut holds, mut walk) = (Holds::default(), Walk::default());
             let mut gates: Vec<(Vec<u16>, Option<usize>, Token)> = Vec::new();
             let (mut now, mut index) = (0, 0);
@@ -632,8 +779,7 @@ mod tests {
                         index += 1;
                     }
                     5 => {
-                        let slots: Vec<u16> =
-                            (0..1 + random(2)).map(|_| random(4) as u16).collect();
+                        let slots: Vec<u16> = (0..random(3)).map(|_| random(4) as u16).collect();
                         let only = (random(2) == 0).then(|| random(4) as usize);
                         let token = holds.gate(slots.clone(), only.map(|o| owners[o].clone()));
                         gates.push((slots, only, token));
@@ -671,5 +817,64 @@ mod tests {
                 assert_eq!(holds.idle(), gates.is_empty() && walk.queue.is_empty());
             }
         }
+    }
+    /// Many gates closed at once (a `-TRYAGAIN` gate per request in flight while slots
+    /// migrate): another client's request asks whether one holds it back, and each gate
+    /// that opens lets go what it held, in a few steps each. Looking at every gate per
+    /// request, and at every waiting request per opening, took a minute here (found by a
+    /// hostile pass). Bounded by a watchdog, generous enough for a slow debug build.
+    #[test]
+    fn many_gates_cost_each_request_a_few_steps() {
+        const CLIENTS: usize = 400;
+        const BEHIND: usize = 100;
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let owners: Vec<Owner> = (0..CLIENTS)
+                .map(|_| Some(Arc::new(Budget::new(1 << 20))))
+                .collect();
+            let other: Owner = Some(Arc::new(Budget::new(1 << 20)));
+            let mut holds = Holds::default();
+            let mut tokens: Vec<Token> = owners
+                .iter()
+                .map(|owner| holds.gate([1], Some(owner.clone())))
+                .collect();
+            let fences: Vec<Token> = (1_000..3_000)
+                .map(|slot| holds.gate([slot], None))
+                .collect();
+            let mut index = 0;
+            for owner in &owners {
+                for touch in std::iter::once(Touch::All)
+                    .chain((0..BEHIND).map(|i| Touch::Slot(3_000 + i as u16)))
+                {
+                    assert!(holds.must_wait(touch, owner));
+                    holds.push(Held {
+                        owner: owner.clone(),
+                        ..held(index, touch)
+                    });
+                    index += 1;
+                }
+            }
+            for i in 0..20_000 {
+                assert!(!holds.must_wait(Touch::Slot(3_000 + i % 10_000), &other));
+            }
+            let mut released = 0;
+            while let Some(token) = tokens.pop() {
+                drop(token);
+                assert!(holds.open());
+                released += holds.release().len();
+            }
+            assert_eq!(
+                released, 0,
+                "the fences still hold back every request of every slot"
+            );
+            drop(fences);
+            assert!(holds.open());
+            released += holds.release().len();
+            let _ = done.send((released, index, holds.idle()));
+        });
+        let (released, pushed, idle) = finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("done within 30 s");
+        assert_eq!((released, idle), (pushed, true));
     }
 }
