@@ -521,6 +521,84 @@ async fn transactions_run_on_the_master_of_their_first_key() {
     );
 }
 
+/// A transaction that queues keyless commands past what redmux holds for it (64 KiB) goes to
+/// a master then, as if it had ended, so that redmux's memory does not grow with what one
+/// client queues: a master has it before EXEC, and EXEC runs every command, in order. A key
+/// queued after that is one of that master's or a key across slots.
+#[tokio::test]
+async fn a_long_keyless_transaction_is_not_held_in_redmux() {
+    const QUEUED: usize = 10_000;
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    let mut out = cmd(&["MULTI"]);
+    for i in 0..QUEUED {
+        out.extend(cmd(&["ECHO", &i.to_string()]));
+    }
+    let replies = client.pipeline(&out, QUEUED + 1).await;
+    assert_eq!(replies.len(), QUEUED + 1);
+    assert_eq!(replies[0], b"+OK\r\n");
+    assert!(replies[1..].iter().all(|r| r == b"+QUEUED\r\n"));
+    let queued_on_masters: i64 = cluster
+        .masters()
+        .into_iter()
+        .map(|port| {
+            let Resp::Bulk(list) = Conn::connect(port).query(&["CLIENT", "LIST"]) else {
+                panic!("CLIENT LIST of {port}");
+            };
+            String::from_utf8_lossy(&list)
+                .split_whitespace()
+                .filter_map(|field| field.strip_prefix("multi="))
+                .filter_map(|n| n.parse::<i64>().ok())
+                .filter(|&n| n > 0)
+                .sum::<i64>()
+        })
+        .sum();
+    assert!(
+        queued_on_masters > 0,
+        "the transaction is on a master before EXEC"
+    );
+    let mut expected = format!("*{QUEUED}\r\n");
+    for i in 0..QUEUED {
+        let i = i.to_string();
+        expected.push_str(&format!("${}\r\n{i}\r\n", i.len()));
+    }
+    assert_eq!(client.call(&["EXEC"]).await, expected);
+    assert_eq!(client.call(&["PING"]).await, "+PONG\r\n");
+    // The transaction's first key comes after that: it runs if that key is on the master the
+    // transaction went to, and is refused as one across slots if not.
+    let crossslot = "-CROSSSLOT Keys in request don't hash to the same slot\r\n";
+    let mut ran = std::collections::BTreeSet::new();
+    for key in keys("held", 6) {
+        let mut out = cmd(&["MULTI"]);
+        for i in 0..QUEUED {
+            out.extend(cmd(&["ECHO", &i.to_string()]));
+        }
+        out.extend(cmd(&["SET", &key, "1"]));
+        out.extend(cmd(&["EXEC"]));
+        let replies = client.pipeline(&out, QUEUED + 3).await;
+        let (set, exec) = (&replies[QUEUED + 1], &replies[QUEUED + 2]);
+        if set == b"+QUEUED\r\n" {
+            // Its master is the one the transaction went to.
+            assert!(exec.starts_with(format!("*{}\r\n", QUEUED + 1).as_bytes()));
+            ran.insert(key.clone());
+        } else {
+            // Another master's key, as a transaction across slots.
+            assert_eq!(set, crossslot.as_bytes(), "{key}");
+            assert_eq!(
+                exec,
+                b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+            );
+        }
+        let exists = i64::from(ran.contains(&key));
+        assert_eq!(
+            at_owner(&cluster, &key).query(&["EXISTS", &key]),
+            Resp::Int(exists)
+        );
+    }
+    assert!(!ran.is_empty() && ran.len() < 6, "{ran:?}");
+}
+
 #[tokio::test]
 async fn a_transaction_across_slots_is_aborted_as_redis_cluster_does() {
     let cluster = shared();

@@ -39,6 +39,9 @@ use crate::{
 };
 
 /// EXEC's answer when a command queued before it was refused.
+/// Most bytes of requests held before a transaction's first key (see [`Pinned::held`]).
+const HELD_MAX: usize = 64 * 1024;
+
 const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
 
 /// Starts a pinned cluster connection on `rx`; `spawner` starts the actor of the node it
@@ -53,6 +56,7 @@ pub(in crate::upstream) fn spawn(
         spawner,
         node: None,
         held: Vec::new(),
+        held_len: 0,
         multi: false,
         sticky: false,
         tx_slot: None,
@@ -110,8 +114,12 @@ struct Pinned {
     spawner: Spawner,
     node: Option<Node>,
     /// Requests answered here and not yet sent: MULTI and what was queued before the first
-    /// key.
+    /// key. At most [`HELD_MAX`] bytes: a transaction that queues more keyless commands goes
+    /// to any master then, as if it had ended, rather than growing redmux's memory with what
+    /// the client sends.
     held: Vec<Bytes>,
+    /// The bytes in `held`.
+    held_len: usize,
     /// Between MULTI and EXEC or DISCARD.
     multi: bool,
     /// MULTI or WATCH went to the node: the connection stays on it.
@@ -216,6 +224,7 @@ impl Pinned {
             let verb = verb(&frame);
             if verb == Verb::Reset && self.node.is_none() {
                 self.held.clear();
+                self.held_len = 0;
                 self.multi = false;
                 self.tx_slot = None;
                 self.aborted = false;
@@ -239,7 +248,8 @@ impl Pinned {
                     Some(Some(_)) => {}
                     // No key: MULTI, and what is queued after it, wait for one.
                     None if self.node.is_none() && (verb == Verb::Multi || self.multi) => {
-                        if matches!(verb, Verb::Exec | Verb::Discard) {
+                        let full = self.held_len + frame.len() > HELD_MAX;
+                        if matches!(verb, Verb::Exec | Verb::Discard) || full {
                             match self.any() {
                                 Some(addr) => down |= !self.settle(addr),
                                 None => down = true,
@@ -251,6 +261,7 @@ impl Pinned {
                                 _ => b"+QUEUED\r\n",
                             };
                             if !(verb == Verb::Multi && self.multi) {
+                                self.held_len += frame.len();
                                 self.held.push(frame);
                             }
                             self.multi = true;
@@ -271,6 +282,7 @@ impl Pinned {
             if !self.held.is_empty() {
                 // MULTI went first: the connection stays on this node now.
                 self.sticky = true;
+                self.held_len = 0;
                 for held in self.held.drain(..) {
                     wire.extend_from_slice(&held);
                     pieces.push(Piece::Drop);
