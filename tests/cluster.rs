@@ -755,6 +755,63 @@ async fn under_traffic(
     seen
 }
 
+/// A node that stops reading (stopped here; a long script does the same) fills its channel:
+/// the router's messages for it then wait beside the router, which goes on with the other
+/// nodes'. It waited for room itself, and every client's pipelines to every node with it.
+#[tokio::test]
+async fn a_stuck_node_holds_up_only_its_own_requests() {
+    // A cluster of its own: a node is stopped.
+    let cluster = Cluster::start();
+    let redmux = start(&cluster).await;
+    let masters = cluster.masters();
+    let (stuck, other) = (masters[0], masters[1]);
+    let on = |port: u16, prefix: &str| {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|key| owner(&cluster, key) == port)
+            .expect("a key on that master")
+    };
+    let tag = on(stuck, "tag");
+    let probe = on(other, "probe");
+    let mut clients = Vec::new();
+    for _ in 0..192 {
+        clients.push(redmux.raw().await);
+    }
+    let mut prober = redmux.raw().await;
+    assert_eq!(prober.call(&["SET", &probe, "here"]).await, "+OK\r\n");
+    // Both nodes' connections are up.
+    let warm = format!("{{{tag}}}:warm");
+    assert_eq!(prober.call(&["SET", &warm, "1"]).await, "+OK\r\n");
+
+    let stopped = cluster.stop(stuck);
+    // Pipelines of 1,024 requests, cut into messages of at most 64: the first megabytes fill
+    // the sockets and the stuck node's actor's megabyte unwritten, the rest its channel.
+    let pad = "k".repeat(200);
+    let mut gets = Vec::new();
+    for i in 0..1_024 {
+        gets.extend(cmd(&["GET", &format!("{{{tag}}}:{pad}:{i}")]));
+    }
+    for client in &mut clients {
+        client.send(&gets).await;
+    }
+    // A pipeline for another node is answered while the stuck one is still stopped.
+    let mut out = Vec::new();
+    for _ in 0..10 {
+        out.extend(cmd(&["GET", &probe]));
+    }
+    let replies = tokio::time::timeout(Duration::from_millis(1_000), prober.pipeline(&out, 10))
+        .await
+        .expect("another node's pipeline answered while one node is stuck");
+    assert!(replies.iter().all(|reply| reply == b"$4\r\nhere\r\n"));
+    drop(stopped);
+    // Once the node reads again, what waited for it is answered, in order.
+    for client in &mut clients {
+        let answers = client.pipeline(&[], 1_024).await;
+        assert_eq!(answers.len(), 1_024);
+        assert!(answers.iter().all(|reply| reply == b"$-1\r\n"));
+    }
+}
+
 #[tokio::test]
 async fn resharding_under_incr_traffic_is_invisible_to_clients() {
     let cluster = Arc::new(Cluster::start());

@@ -46,6 +46,15 @@ pub(crate) struct Cluster {
     _dir: tempfile::TempDir,
 }
 
+/// A node stopped by [`Cluster::stop`]; dropping it lets the node go on.
+pub(crate) struct Stopped(u32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        super::send_signal(self.0, "CONT");
+    }
+}
+
 impl Cluster {
     /// Starts the nodes, creates the cluster and waits until every node reports
     /// `cluster_state:ok` with all 16384 slots served.
@@ -236,6 +245,21 @@ impl Cluster {
             }
             deadline.next_try_blocking("every node to agree on the slot map");
         }
+    }
+
+    /// Stops the node on `port` (SIGSTOP) until the guard returned is dropped (SIGCONT): it
+    /// reads nothing meanwhile, as a node stuck in a long script. Within the cluster's node
+    /// timeout (2 s) no failover starts.
+    pub(crate) fn stop(&self, port: u16) -> Stopped {
+        let pid = self
+            .nodes
+            .iter()
+            .find(|node| node.port == port)
+            .and_then(|node| node.child.as_ref())
+            .map(Child::id)
+            .expect("a running node of this cluster");
+        super::send_signal(pid, "STOP");
+        Stopped(pid)
     }
 
     /// SIGKILLs the node on `port`.

@@ -27,6 +27,7 @@ pub(super) mod combine;
 pub(super) mod direct;
 pub(super) mod holds;
 pub(super) mod redirects;
+pub(super) mod relay;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -45,6 +46,7 @@ use self::{
     combine::{merge, random, requests},
     direct::{Direct, Table},
     holds::{Held, Holds, Token, Touch},
+    relay::Relay,
 };
 use super::{Cluster, Topology};
 use crate::{
@@ -136,6 +138,8 @@ pub(super) struct NodeAddr {
 struct NodeConn {
     pub(super) addr: Arc<NodeAddr>,
     pub(super) sender: mpsc::Sender<Batch>,
+    /// Messages waiting for room on `sender` (see [`relay`]).
+    pub(super) relay: Option<Relay>,
 }
 
 /// Which part of a batch a message to a node answers.
@@ -602,7 +606,11 @@ impl Router {
             host: host.to_owned(),
             port,
         });
-        self.nodes.push(NodeConn { addr, sender });
+        self.nodes.push(NodeConn {
+            addr,
+            sender,
+            relay: None,
+        });
         Some(self.nodes.len() - 1)
     }
 
@@ -963,9 +971,12 @@ impl Router {
         if timeout.is_some_and(|t| t.is_zero()) {
             return self.not_sent(job, client, UpstreamError::Timeout);
         }
-        let Some(conn) = self.nodes.get(node) else {
+        let Some(conn) = self.nodes.get_mut(node) else {
             return self.not_sent(job, client, UpstreamError::Unavailable);
         };
+        if conn.relay.as_ref().is_some_and(Relay::drained) {
+            conn.relay = None;
+        }
         let len = job.len();
         // Without ASKING the actor gives the job its requests back once written (see
         // `ReplyTo::written`): no copy is kept meanwhile.
@@ -977,7 +988,6 @@ impl Router {
         } else {
             (std::mem::take(&mut job.frames), len)
         };
-        let sender = conn.sender.clone();
         let routed = Routed {
             back: self.back.clone(),
             node: conn.addr.clone(),
@@ -992,16 +1002,19 @@ impl Router {
             reply: ReplyTo::Router(Box::new(routed)),
             budget: None,
         };
-        let refused = match sender.try_send(request) {
+        if let Some(relay) = &conn.relay {
+            // Behind what waits for room already.
+            return relay.relay(request);
+        }
+        let refused = match conn.sender.try_send(request) {
             Ok(()) => return,
             Err(mpsc::error::TrySendError::Full(request)) => {
-                // The node is behind: wait, within the time the batch has, which holds back
-                // the clients of this router as a busy Redis would.
-                let wait = timeout.unwrap_or(Duration::from_secs(5));
-                match tokio::time::timeout(wait, sender.reserve()).await {
-                    Ok(Ok(permit)) => return permit.send(request),
-                    _ => request,
-                }
+                // The node is behind: its messages wait for room beside the router, which
+                // goes on with the other nodes'.
+                let relay = Relay::start(conn.sender.clone());
+                relay.relay(request);
+                conn.relay = Some(relay);
+                return;
             }
             Err(mpsc::error::TrySendError::Closed(request)) => request,
         };

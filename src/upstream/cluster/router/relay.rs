@@ -1,0 +1,148 @@
+//! A node's messages that wait for room on its channel, beside the router.
+//!
+//! A node's actor stops taking messages once it has a megabyte unwritten, and its channel
+//! fills when the node stops reading (a long script, a stopped process). The router serves
+//! every node: were it to wait there for room, one stuck node would hold up every client's
+//! requests for the others. So a message that finds the channel full goes to the node's relay,
+//! a task that hands the node its messages in the order they came as room frees, each within
+//! its own time, and the router goes on. While the relay has messages the router sends that
+//! node's through it too, so that they stay in order; once it has handed over all of them the
+//! router sends on the channel itself again.
+//!
+//! What waits in a relay is bounded as the router's batches are: by the requests each client
+//! may have in flight (`max_pipeline`).
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::{sync::mpsc, time::Instant};
+
+use crate::upstream::{Batch, UpstreamError};
+
+/// How long a message with no deadline of its own waits for room.
+const WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// The relay of one node's channel.
+#[derive(Debug)]
+pub(super) struct Relay {
+    tx: mpsc::UnboundedSender<Batch>,
+    /// Messages given to the relay and not yet handed over (or refused).
+    pending: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    /// Starts a relay to `node`'s channel.
+    pub(super) fn start(node: mpsc::Sender<Batch>) -> Relay {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Batch>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let left = pending.clone();
+        tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                let wait = batch.timeout.map_or(WAIT_MAX, |timeout| {
+                    batch
+                        .queued_at
+                        .checked_add(timeout)
+                        .map_or(WAIT_MAX, |due| {
+                            due.saturating_duration_since(Instant::now())
+                        })
+                });
+                match tokio::time::timeout(wait, node.reserve()).await {
+                    Ok(Ok(permit)) => permit.send(batch),
+                    // No room in time, or the node's actor has ended.
+                    _ => refuse(batch),
+                }
+                left.fetch_sub(1, Ordering::Release);
+            }
+        });
+        Relay { tx, pending }
+    }
+
+    /// Whether every message it was given has been handed over (or refused): the router may
+    /// send on the node's channel itself again, after them.
+    pub(super) fn drained(&self) -> bool {
+        self.pending.load(Ordering::Acquire) == 0
+    }
+
+    /// Gives it `batch`, to hand over after those it has.
+    pub(super) fn relay(&self, batch: Batch) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::error::SendError(batch)) = self.tx.send(batch) {
+            self.pending.fetch_sub(1, Ordering::Release);
+            refuse(batch);
+        }
+    }
+}
+
+/// A message that found no room: its requests get an error, as from a node unavailable.
+fn refuse(batch: Batch) {
+    let Batch {
+        frames, mut reply, ..
+    } = batch;
+    reply.written(frames);
+    reply.deliver(Err(UpstreamError::Unavailable), None);
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::upstream::Reply;
+
+    fn batch(frames: &'static [u8], timeout: Duration) -> (Batch, oneshot::Receiver<Reply>) {
+        let (tx, rx) = oneshot::channel();
+        let batch = Batch {
+            frames: Bytes::from_static(frames),
+            count: 1,
+            queued_at: Instant::now(),
+            timeout: Some(timeout),
+            reply: tx.into(),
+            budget: None,
+        };
+        (batch, rx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_wait_for_room_in_order_and_each_within_its_time() {
+        let (node, mut taken) = mpsc::channel(1);
+        let (first, _first) = batch(b"first", Duration::from_secs(9));
+        node.try_send(first).unwrap();
+        let relay = Relay::start(node);
+        let (second, _second) = batch(b"second", Duration::from_secs(9));
+        let (third, _third) = batch(b"third", Duration::from_secs(9));
+        let (late, late_reply) = batch(b"late", Duration::from_secs(1));
+        relay.relay(second);
+        relay.relay(third);
+        relay.relay(late);
+        assert!(!relay.drained());
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            order.push(taken.recv().await.unwrap().frames);
+        }
+        assert_eq!(order, [&b"first"[..], b"second", b"third"]);
+        // Its second ran out before there was room for it.
+        assert_eq!(late_reply.await.unwrap(), Err(UpstreamError::Unavailable));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(relay.drained());
+        assert!(taken.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_node_that_has_ended_refuses_what_waits() {
+        let (node, taken) = mpsc::channel(1);
+        let (first, _first) = batch(b"first", Duration::from_secs(9));
+        node.try_send(first).unwrap();
+        let relay = Relay::start(node);
+        let (second, second_reply) = batch(b"second", Duration::from_secs(9));
+        relay.relay(second);
+        drop(taken);
+        assert_eq!(second_reply.await.unwrap(), Err(UpstreamError::Unavailable));
+    }
+}
