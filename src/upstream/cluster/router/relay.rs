@@ -9,8 +9,10 @@
 //! node's through it too, so that they stay in order; once it has handed over all of them the
 //! router sends on the channel itself again.
 //!
-//! What waits in a relay is bounded as the router's batches are: by the requests each client
-//! may have in flight (`max_pipeline`).
+//! A relay holds at most [`MAX_MESSAGES`] messages and [`MAX_BYTES`] bytes (one message
+//! whatever its size): past that a message is refused at once, as from a node unavailable,
+//! since clients that hang up and come back are bounded by nothing else. A message whose
+//! client has gone is dropped when its turn comes, without waiting for room.
 
 use std::{
     sync::{
@@ -27,22 +29,55 @@ use crate::upstream::{Batch, UpstreamError};
 /// How long a message with no deadline of its own waits for room.
 const WAIT_MAX: Duration = Duration::from_secs(5);
 
+/// Most messages a relay holds: as many again as a node's channel.
+const MAX_MESSAGES: usize = 1024;
+
+/// Most bytes of requests a relay holds.
+const MAX_BYTES: usize = 64 * 1024 * 1024;
+
 /// The relay of one node's channel.
 #[derive(Debug)]
 pub(super) struct Relay {
     tx: mpsc::UnboundedSender<Batch>,
-    /// Messages given to the relay and not yet handed over (or refused).
-    pending: Arc<AtomicUsize>,
+    held: Arc<Held>,
+}
+
+/// What a relay holds: messages given to it and not yet handed over (or refused), and their
+/// bytes.
+#[derive(Debug, Default)]
+struct Held {
+    messages: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Held {
+    fn take(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        self.messages.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Counts a message out, once handed over or refused (messages last: see
+    /// [`Relay::drained`]).
+    fn give(&self, bytes: usize) {
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.messages.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl Relay {
     /// Starts a relay to `node`'s channel.
     pub(super) fn start(node: mpsc::Sender<Batch>) -> Relay {
         let (tx, mut rx) = mpsc::unbounded_channel::<Batch>();
-        let pending = Arc::new(AtomicUsize::new(0));
-        let left = pending.clone();
+        let held = Arc::new(Held::default());
+        let left = held.clone();
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
+                let bytes = batch.frames.len();
+                if batch.reply.is_closed() {
+                    // Nobody waits for its replies: it need not be written.
+                    left.give(bytes);
+                    continue;
+                }
                 let wait = batch.timeout.map_or(WAIT_MAX, |timeout| {
                     batch
                         .queued_at
@@ -56,23 +91,32 @@ impl Relay {
                     // No room in time, or the node's actor has ended.
                     _ => refuse(batch),
                 }
-                left.fetch_sub(1, Ordering::Release);
+                left.give(bytes);
             }
         });
-        Relay { tx, pending }
+        Relay { tx, held }
     }
 
     /// Whether every message it was given has been handed over (or refused): the router may
     /// send on the node's channel itself again, after them.
     pub(super) fn drained(&self) -> bool {
-        self.pending.load(Ordering::Acquire) == 0
+        self.held.messages.load(Ordering::Acquire) == 0
     }
 
-    /// Gives it `batch`, to hand over after those it has.
+    /// Gives it `batch`, to hand over after those it has; refused at once when it holds
+    /// all it may.
     pub(super) fn relay(&self, batch: Batch) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
+        let bytes = batch.frames.len();
+        let messages = self.held.messages.load(Ordering::Acquire);
+        let full = messages > 0
+            && (messages >= MAX_MESSAGES
+                || self.held.bytes.load(Ordering::Acquire) + bytes > MAX_BYTES);
+        if full {
+            return refuse(batch);
+        }
+        self.held.take(bytes);
         if let Err(mpsc::error::SendError(batch)) = self.tx.send(batch) {
-            self.pending.fetch_sub(1, Ordering::Release);
+            self.held.give(bytes);
             refuse(batch);
         }
     }
@@ -95,10 +139,10 @@ mod tests {
     use super::*;
     use crate::upstream::Reply;
 
-    fn batch(frames: &'static [u8], timeout: Duration) -> (Batch, oneshot::Receiver<Reply>) {
+    fn batch(frames: impl Into<Bytes>, timeout: Duration) -> (Batch, oneshot::Receiver<Reply>) {
         let (tx, rx) = oneshot::channel();
         let batch = Batch {
-            frames: Bytes::from_static(frames),
+            frames: frames.into(),
             count: 1,
             queued_at: Instant::now(),
             timeout: Some(timeout),
@@ -111,12 +155,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn messages_wait_for_room_in_order_and_each_within_its_time() {
         let (node, mut taken) = mpsc::channel(1);
-        let (first, _first) = batch(b"first", Duration::from_secs(9));
+        let (first, _first) = batch(&b"first"[..], Duration::from_secs(9));
         node.try_send(first).unwrap();
         let relay = Relay::start(node);
-        let (second, _second) = batch(b"second", Duration::from_secs(9));
-        let (third, _third) = batch(b"third", Duration::from_secs(9));
-        let (late, late_reply) = batch(b"late", Duration::from_secs(1));
+        let (second, _second) = batch(&b"second"[..], Duration::from_secs(9));
+        let (third, _third) = batch(&b"third"[..], Duration::from_secs(9));
+        let (late, late_reply) = batch(&b"late"[..], Duration::from_secs(1));
         relay.relay(second);
         relay.relay(third);
         relay.relay(late);
@@ -134,13 +178,43 @@ mod tests {
         assert!(taken.try_recv().is_err());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_full_relay_refuses_at_once_and_drops_what_nobody_waits_for() {
+        let (node, mut taken) = mpsc::channel(1);
+        let (first, _first) = batch(&b"first"[..], Duration::from_secs(9));
+        node.try_send(first).unwrap();
+        let relay = Relay::start(node);
+        let mut waiting = Vec::new();
+        for _ in 0..MAX_MESSAGES {
+            let (message, reply) = batch(&b"waits"[..], Duration::from_secs(9));
+            relay.relay(message);
+            waiting.push(reply);
+        }
+        let (over, over_reply) = batch(&b"over"[..], Duration::from_secs(9));
+        relay.relay(over);
+        assert_eq!(over_reply.await.unwrap(), Err(UpstreamError::Unavailable));
+        // Their clients have gone: none of them is handed over, and room is made at once.
+        drop(waiting);
+        assert_eq!(&taken.recv().await.unwrap().frames[..], b"first");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(relay.drained());
+        assert!(taken.try_recv().is_err());
+        // One message of any size goes into an empty relay; one that would take it past its
+        // bytes does not.
+        let (filler, _filler) = batch(&b"filler"[..], Duration::from_secs(9));
+        relay.relay(filler);
+        let (big, big_reply) = batch(vec![b'x'; MAX_BYTES], Duration::from_secs(9));
+        relay.relay(big);
+        assert_eq!(big_reply.await.unwrap(), Err(UpstreamError::Unavailable));
+    }
+
     #[tokio::test]
     async fn a_node_that_has_ended_refuses_what_waits() {
         let (node, taken) = mpsc::channel(1);
-        let (first, _first) = batch(b"first", Duration::from_secs(9));
+        let (first, _first) = batch(&b"first"[..], Duration::from_secs(9));
         node.try_send(first).unwrap();
         let relay = Relay::start(node);
-        let (second, second_reply) = batch(b"second", Duration::from_secs(9));
+        let (second, second_reply) = batch(&b"second"[..], Duration::from_secs(9));
         relay.relay(second);
         drop(taken);
         assert_eq!(second_reply.await.unwrap(), Err(UpstreamError::Unavailable));
