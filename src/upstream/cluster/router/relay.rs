@@ -78,16 +78,22 @@ impl Relay {
                     left.give(bytes);
                     continue;
                 }
-                let wait = batch.timeout.map_or(WAIT_MAX, |timeout| {
-                    batch
-                        .queued_at
-                        .checked_add(timeout)
-                        .map_or(WAIT_MAX, |due| {
-                            due.saturating_duration_since(Instant::now())
-                        })
+                let due = batch
+                    .timeout
+                    .and_then(|timeout| batch.queued_at.checked_add(timeout));
+                let wait = due.map_or(WAIT_MAX, |due| {
+                    due.saturating_duration_since(Instant::now())
                 });
                 match tokio::time::timeout(wait, node.reserve()).await {
-                    Ok(Ok(permit)) => permit.send(batch),
+                    Ok(Ok(permit)) => {
+                        // What is left of its time goes with it, not its time again: the
+                        // actor counts a message's time from when it takes it.
+                        let mut batch = batch;
+                        if let Some(due) = due {
+                            batch.timeout = Some(due.saturating_duration_since(Instant::now()));
+                        }
+                        permit.send(batch);
+                    }
                     // No room in time, or the node's actor has ended.
                     _ => refuse(batch),
                 }
@@ -168,9 +174,19 @@ mod tests {
         let mut order = Vec::new();
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_millis(400)).await;
-            order.push(taken.recv().await.unwrap().frames);
+            let message = taken.recv().await.unwrap();
+            order.push((message.frames, message.timeout));
         }
-        assert_eq!(order, [&b"first"[..], b"second", b"third"]);
+        // Each goes with what is left of its time (the first never waited).
+        let left = |ms: u64| Some(Duration::from_millis(9_000 - ms));
+        assert_eq!(
+            order,
+            [
+                (Bytes::from_static(b"first"), Some(Duration::from_secs(9))),
+                (Bytes::from_static(b"second"), left(400)),
+                (Bytes::from_static(b"third"), left(800)),
+            ]
+        );
         // Its second ran out before there was room for it.
         assert_eq!(late_reply.await.unwrap(), Err(UpstreamError::Unavailable));
         tokio::time::sleep(Duration::from_millis(1)).await;
