@@ -38,10 +38,10 @@ use crate::{
     upstream::{Batch, Budget, Replies, Reply, ReplyTo, UpstreamError},
 };
 
-/// EXEC's answer when a command queued before it was refused.
 /// Most bytes of requests held before a transaction's first key (see [`Pinned::held`]).
 const HELD_MAX: usize = 64 * 1024;
 
+/// EXEC's answer when a command queued before it was refused.
 const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
 
 /// Starts a pinned cluster connection on `rx`; `spawner` starts the actor of the node it
