@@ -29,8 +29,10 @@ use crate::upstream::{Batch, UpstreamError};
 /// How long a message with no deadline of its own waits for room.
 const WAIT_MAX: Duration = Duration::from_secs(5);
 
-/// Most messages a relay holds: as many again as a node's channel.
-const MAX_MESSAGES: usize = 1024;
+/// Most messages a relay holds: enough that a node merely slow under a burst of pipelines
+/// (each client's cut into messages of 64 requests) makes no client wait for an error; the
+/// bytes are the bound that matters.
+const MAX_MESSAGES: usize = 16 * 1024;
 
 /// Most bytes of requests a relay holds.
 const MAX_BYTES: usize = 64 * 1024 * 1024;
