@@ -523,11 +523,14 @@ impl Pipeline {
         self.unwritten += frames.len();
         if frames.len() >= BY_REFERENCE {
             self.seal();
-            self.out.push_back(frames.clone());
+            if reply.keeps_written() {
+                reply.written(frames.clone());
+            }
+            self.out.push_back(frames);
         } else {
             self.tail.extend_from_slice(&frames);
+            reply.written(frames);
         }
-        reply.written(frames);
         self.owed += u64::from(count);
         self.inflight.push_back(InFlight {
             count,

@@ -125,6 +125,12 @@ impl ReplyTo {
             routed.written(frames);
         }
     }
+
+    /// Whether [`ReplyTo::written`] keeps the requests: only then is a copy worth making
+    /// of those the actor writes by reference.
+    pub(crate) fn keeps_written(&self) -> bool {
+        matches!(self, ReplyTo::Router(routed) if routed.keeps_written())
+    }
 }
 
 impl From<oneshot::Sender<Reply>> for ReplyTo {

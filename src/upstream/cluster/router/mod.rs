@@ -277,9 +277,14 @@ impl Routed {
 
     /// Called by the node's actor with the requests it wrote (see [`ReplyTo::written`]).
     pub(in crate::upstream) fn written(&mut self, frames: Bytes) {
-        if self.job.frames.is_empty() {
+        if self.keeps_written() {
             self.job.frames = frames;
         }
+    }
+
+    /// Whether its job went without its requests, to take them back once written.
+    pub(in crate::upstream) fn keeps_written(&self) -> bool {
+        self.job.frames.is_empty()
     }
 
     /// Called by the node's actor with the replies (or the error that ended them).
