@@ -936,14 +936,14 @@ impl Router {
             return Route::Local(Bytes::from_static(b"-ERR invalid cursor\r\n"));
         }
         let own = (cursor & ((1 << CURSOR_BITS) - 1)).to_string();
-        let mut args = argv.clone();
-        args[1] = own.as_bytes();
+        let mut argv = argv;
+        argv[1] = own.as_bytes();
         let Some(node) = self.master(master) else {
             return self.down();
         };
         Route::Fanout(
             Merge::Scan { master, masters },
-            vec![(node, encode_command(args))],
+            vec![(node, encode_command(argv))],
         )
     }
 
