@@ -42,6 +42,23 @@ mod upstream;
 
 pub use config::Config;
 
+/// Runs `work` on a thread of its own and gives what it returns, failing the test if that
+/// takes more than 30 s: for the tests that bound a cost, so that a quadratic regression fails
+/// instead of hanging (the bound is generous enough for a slow debug build).
+#[cfg(test)]
+pub(crate) fn within_a_watchdog<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(work());
+    });
+    result
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("{what} within 30 s"))
+}
+
 /// Loads the configuration as the binary does: [`Config::load`], then every TLS file it names
 /// read and checked, as the server and the upstream will read them.
 pub fn load_config(

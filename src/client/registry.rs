@@ -674,15 +674,11 @@ mod tests {
             ids: Some(ids),
             ..Filter::default()
         };
-        let (done, out) = std::sync::mpsc::channel();
         let matching = clients.clone();
-        std::thread::spawn(move || {
+        let found = crate::within_a_watchdog("matched", move || {
             let found = matching.matching(&filter, |_| String::new());
-            let _ = done.send(found.iter().map(|entry| entry.id).collect::<Vec<u64>>());
+            found.iter().map(|entry| entry.id).collect::<Vec<u64>>()
         });
-        let found = out
-            .recv_timeout(Duration::from_secs(30))
-            .expect("matched within 30 s");
         assert_eq!(found, expected);
         drop(entries);
     }

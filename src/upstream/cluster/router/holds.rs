@@ -548,6 +548,11 @@ impl Holds {
 mod tests {
     use super::*;
 
+    /// A client of its own.
+    fn client() -> Owner {
+        Some(Arc::new(Budget::new(1 << 20)))
+    }
+
     fn held(index: usize, touch: Touch) -> Held {
         Held {
             batch: 0,
@@ -605,10 +610,7 @@ mod tests {
     #[test]
     fn a_clients_own_gate_and_queue_hold_back_only_that_client() {
         let mut holds = Holds::default();
-        let (a, b): (Owner, Owner) = (
-            Some(Arc::new(Budget::new(1 << 20))),
-            Some(Arc::new(Budget::new(1 << 20))),
-        );
+        let (a, b) = (client(), client());
         let _retried = holds.gate([7], Some(a.clone()));
         assert!(holds.must_wait(Touch::Slot(7), &a));
         assert!(holds.must_wait(Touch::All, &a));
@@ -654,11 +656,8 @@ mod tests {
     fn a_long_gate_costs_each_request_a_few_steps() {
         const CLIENTS: usize = 1_000;
         const REQUESTS: usize = 200_000;
-        let (done, finished) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let owners: Vec<Owner> = (0..CLIENTS)
-                .map(|_| Some(Arc::new(Budget::new(1 << 20))))
-                .collect();
+        let (expired, released, idle) = crate::within_a_watchdog("done", move || {
+            let owners: Vec<Owner> = (0..CLIENTS).map(|_| client()).collect();
             let mut holds = Holds::default();
             let fence = holds.gate([7], None);
             let start = Instant::now();
@@ -682,11 +681,8 @@ mod tests {
             drop(fence);
             assert!(holds.open());
             let released = holds.release();
-            let _ = done.send((expired, released.len(), holds.idle()));
+            (expired, released.len(), holds.idle())
         });
-        let (expired, released, idle) = finished
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("done within 30 s");
         assert_eq!(
             (expired, released, idle),
             (REQUESTS / 2, REQUESTS / 2, true)
@@ -738,9 +734,7 @@ mod tests {
                 go
             }
         }
-        let owners: Vec<Owner> = (0..4)
-            .map(|_| Some(Arc::new(Budget::new(1 << 20))))
-            .collect();
+        let owners: Vec<Owner> = (0..4).map(|_| client()).collect();
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
         let mut random = move |n: u64| {
             seed ^= seed << 13;
@@ -827,12 +821,9 @@ mod tests {
     fn many_gates_cost_each_request_a_few_steps() {
         const CLIENTS: usize = 400;
         const BEHIND: usize = 100;
-        let (done, finished) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let owners: Vec<Owner> = (0..CLIENTS)
-                .map(|_| Some(Arc::new(Budget::new(1 << 20))))
-                .collect();
-            let other: Owner = Some(Arc::new(Budget::new(1 << 20)));
+        let (released, pushed, idle) = crate::within_a_watchdog("done", move || {
+            let owners: Vec<Owner> = (0..CLIENTS).map(|_| client()).collect();
+            let other = client();
             let mut holds = Holds::default();
             let mut tokens: Vec<Token> = owners
                 .iter()
@@ -870,11 +861,8 @@ mod tests {
             drop(fences);
             assert!(holds.open());
             released += holds.release().len();
-            let _ = done.send((released, index, holds.idle()));
+            (released, index, holds.idle())
         });
-        let (released, pushed, idle) = finished
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("done within 30 s");
         assert_eq!((released, idle), (pushed, true));
     }
 }

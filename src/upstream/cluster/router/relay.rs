@@ -41,18 +41,18 @@ const MAX_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Debug)]
 pub(super) struct Relay {
     tx: mpsc::UnboundedSender<Batch>,
-    held: Arc<Held>,
+    held: Arc<Waiting>,
 }
 
-/// What a relay holds: messages given to it and not yet handed over (or refused), and their
-/// bytes.
+/// What waits in a relay: messages given to it and not yet handed over (or refused), and
+/// their bytes.
 #[derive(Debug, Default)]
-struct Held {
+struct Waiting {
     messages: AtomicUsize,
     bytes: AtomicUsize,
 }
 
-impl Held {
+impl Waiting {
     fn take(&self, bytes: usize) {
         self.bytes.fetch_add(bytes, Ordering::AcqRel);
         self.messages.fetch_add(1, Ordering::AcqRel);
@@ -70,7 +70,7 @@ impl Relay {
     /// Starts a relay to `node`'s channel.
     pub(super) fn start(node: mpsc::Sender<Batch>) -> Relay {
         let (tx, mut rx) = mpsc::unbounded_channel::<Batch>();
-        let held = Arc::new(Held::default());
+        let held = Arc::new(Waiting::default());
         let left = held.clone();
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
@@ -160,12 +160,18 @@ mod tests {
         (batch, rx)
     }
 
+    /// A relay to a node whose channel (of one) is full with message "first": what the
+    /// node takes, and the first message's reply.
+    fn behind_a_full_channel() -> (Relay, mpsc::Receiver<Batch>, oneshot::Receiver<Reply>) {
+        let (node, taken) = mpsc::channel(1);
+        let (first, first_reply) = batch(&b"first"[..], Duration::from_secs(9));
+        node.try_send(first).unwrap();
+        (Relay::start(node), taken, first_reply)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn messages_wait_for_room_in_order_and_each_within_its_time() {
-        let (node, mut taken) = mpsc::channel(1);
-        let (first, _first) = batch(&b"first"[..], Duration::from_secs(9));
-        node.try_send(first).unwrap();
-        let relay = Relay::start(node);
+        let (relay, mut taken, _first) = behind_a_full_channel();
         let (second, _second) = batch(&b"second"[..], Duration::from_secs(9));
         let (third, _third) = batch(&b"third"[..], Duration::from_secs(9));
         let (late, late_reply) = batch(&b"late"[..], Duration::from_secs(1));
@@ -198,10 +204,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_relay_refuses_at_once_and_drops_what_nobody_waits_for() {
-        let (node, mut taken) = mpsc::channel(1);
-        let (first, _first) = batch(&b"first"[..], Duration::from_secs(9));
-        node.try_send(first).unwrap();
-        let relay = Relay::start(node);
+        let (relay, mut taken, _first) = behind_a_full_channel();
         let mut waiting = Vec::new();
         for _ in 0..MAX_MESSAGES {
             let (message, reply) = batch(&b"waits"[..], Duration::from_secs(9));
@@ -228,10 +231,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_node_that_has_ended_refuses_what_waits() {
-        let (node, taken) = mpsc::channel(1);
-        let (first, _first) = batch(&b"first"[..], Duration::from_secs(9));
-        node.try_send(first).unwrap();
-        let relay = Relay::start(node);
+        let (relay, taken, _first) = behind_a_full_channel();
         let (second, second_reply) = batch(&b"second"[..], Duration::from_secs(9));
         relay.relay(second);
         drop(taken);
