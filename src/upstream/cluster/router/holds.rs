@@ -100,7 +100,7 @@ impl Slots {
 /// request in flight, and a map change can fence thousands of slots one by one.
 #[derive(Default)]
 struct Closed {
-    fences: usize,
+    fences: u32,
     /// How many fences cover each slot (empty until the first fence).
     fenced: Vec<u32>,
     /// Each client's own gates, by [`key`].
@@ -110,7 +110,7 @@ struct Closed {
 /// One client's own gates: how many, and how many cover each slot.
 #[derive(Default)]
 struct Own {
-    gates: usize,
+    gates: u32,
     slots: HashMap<u16, u32>,
 }
 
@@ -123,11 +123,7 @@ impl Closed {
         };
         match &gate.only {
             None => {
-                if closing {
-                    self.fences += 1;
-                } else {
-                    self.fences = self.fences.saturating_sub(1);
-                }
+                step(&mut self.fences);
                 if self.fenced.is_empty() {
                     self.fenced = vec![0; SLOTS];
                 }
@@ -140,11 +136,7 @@ impl Closed {
             Some(owner) => {
                 let client = key(owner);
                 let own = self.own.entry(client).or_default();
-                if closing {
-                    own.gates += 1;
-                } else {
-                    own.gates = own.gates.saturating_sub(1);
-                }
+                step(&mut own.gates);
                 gate.slots.each(|slot| {
                     let count = own.slots.entry(slot).or_default();
                     step(count);
