@@ -267,6 +267,53 @@ async fn transactions_own_writes_and_acl_users_read_around_the_cache() {
     assert!(reply.starts_with("-NOPERM"), "{reply}");
 }
 
+/// Redis 7.0 tells no tracking client of a SWAPDB: redmux empties the cache when the reply
+/// of one sent through it is in, before the client sees it, even with a blocking command
+/// owed behind it on the same connection (after WATCH, or after the EXEC of a MULTI that
+/// queued it), whose reply may not come for a long time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapdb_empties_the_cache_before_its_reply_whatever_is_owed_after_it() {
+    let redis = RedisServer::start();
+    let (redmux, mut reader) = start(cache_config(&redis), &redis).await;
+    let mut direct = Raw::connect(redis.addr().parse().unwrap()).await;
+    assert_eq!(direct.call(&["SET", "k", "a"]).await, "+OK\r\n");
+    assert_eq!(direct.call(&["SELECT", "1"]).await, "+OK\r\n");
+    assert_eq!(direct.call(&["SET", "k", "b"]).await, "+OK\r\n");
+    let command = |args: &[&str]| redmux::resp::encode_command(args.iter().map(|a| a.as_bytes()));
+    let pipelines = [
+        [command(&["WATCH", "x"]), command(&["SWAPDB", "0", "1"])].concat(),
+        [
+            command(&["MULTI"]),
+            command(&["SWAPDB", "0", "1"]),
+            command(&["EXEC"]),
+        ]
+        .concat(),
+    ];
+    let mut expected = ["a", "b"].into_iter().cycle();
+    let mut clients = Vec::new();
+    for (round, pipeline) in pipelines.iter().enumerate() {
+        let now = expected.next().unwrap();
+        support::wait_cache_serving(&redis, &mut reader, "k").await;
+        assert_eq!(reader.call(&["GET", "k"]).await, format!("$1\r\n{now}\r\n"));
+        let mut writer = redmux.raw().await;
+        let blpop = command(&["BLPOP", &format!("q{round}"), "0"]);
+        writer.send([&pipeline[..], &blpop].concat()).await;
+        let replies = if round == 0 { 2 } else { 3 };
+        for _ in 0..replies {
+            let reply = writer.reply_str().await;
+            assert!(reply.starts_with('+') || reply.starts_with('*'), "{reply}");
+        }
+        // The SWAPDB's reply is in, the BLPOP waits: db 0 now holds the other value.
+        let swapped = expected.clone().next().unwrap();
+        assert_eq!(
+            reader.call(&["GET", "k"]).await,
+            format!("$1\r\n{swapped}\r\n"),
+            "round {round}: a read after SWAPDB's reply got db 0's old value from the cache"
+        );
+        clients.push(writer);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_served_while_the_invalidation_stream_is_down() {
     let redis = RedisServer::start();

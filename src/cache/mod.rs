@@ -130,7 +130,8 @@ impl NearCache {
         self.inner.owner
     }
 
-    /// New limits (a reload): entries past a smaller budget are evicted now.
+    /// New limits (a reload): entries past a smaller budget are evicted now, and a shorter
+    /// `max_ttl` or new prefixes empty the cache.
     pub fn configure(&self, limits: &Limits) {
         let prefixes: Arc<[Bytes]> = Arc::from(limits.prefixes.clone());
         self.inner
@@ -138,12 +139,13 @@ impl NearCache {
             .store(limits.max_memory as u64, Relaxed);
         for shard in self.inner.shards.iter() {
             let mut shard = lock(shard);
-            shard.max_ttl = limits.max_ttl;
-            if shard.prefixes != prefixes {
-                // Entries of keys no longer wanted would never be read, only take room.
+            // Entries of keys no longer wanted would never be read, only take room; entries
+            // filled under a longer `max_ttl` would be served past the new one.
+            if shard.prefixes != prefixes || limits.max_ttl < shard.max_ttl {
                 shard.flush();
                 shard.prefixes = prefixes.clone();
             }
+            shard.max_ttl = limits.max_ttl;
             shard.configure(limits.max_memory / SHARDS, limits.policy);
         }
     }
@@ -373,6 +375,30 @@ mod tests {
             cache.get(0, false, GET_U, &GET_U[4..]),
             Lookup::Fill(_)
         ));
+    }
+
+    /// No entry outlives `max_ttl` after it was read: one filled under a longer `max_ttl`
+    /// goes when a reload shortens it; a longer one changes nothing already cached.
+    #[test]
+    fn a_shorter_max_ttl_empties_the_cache_and_a_longer_one_keeps_it() {
+        let cache = cache();
+        let Lookup::Fill(ticket) = cache.get(0, false, GET_K, &GET_K[4..]) else {
+            panic!()
+        };
+        cache.fill(ticket, b"$1\r\nv\r\n", None);
+        let limits = |secs| Limits {
+            max_memory: 1 << 20,
+            max_ttl: Duration::from_secs(secs),
+            prefixes: Vec::new(),
+            policy: Policy::TinyLfu,
+        };
+        cache.configure(&limits(120));
+        assert!(matches!(
+            cache.get(0, false, GET_K, &GET_K[4..]),
+            Lookup::Hit(_)
+        ));
+        cache.configure(&limits(1));
+        assert_eq!(cache.snapshot().entries, 0);
     }
 
     /// A loop over a few more keys than fit: LRU evicts each key just before it is read again,

@@ -36,7 +36,16 @@ const MAX_PROBES: usize = 256;
 pub(super) enum Written {
     Keys(Vec<Bytes>),
     /// Anything: FLUSHALL, FLUSHDB, SWAPDB, or too many keys.
-    All,
+    All {
+        /// For each FLUSHALL, FLUSHDB and SWAPDB not yet answered, the replies still to come,
+        /// its own the last: when its reply is in, the cache is emptied at once, before the
+        /// client sees it. A reply owed behind it (a BLPOP) must not hold that back: Redis
+        /// 7.0 tells no tracking client of a SWAPDB, so nothing else empties the cache.
+        /// One queued in MULTI runs at EXEC, which nothing follows until it is answered
+        /// (the EXEC gives its connection back, and the next request waits at the barrier
+        /// for the replies of the one before): it is flushed for when every reply is in.
+        flushes: Vec<u32>,
+    },
 }
 
 /// What to do with a read, as the cache says.
@@ -227,16 +236,46 @@ impl State {
         match self.written.take().map(|written| *written) {
             None => {}
             Some(Written::Keys(keys)) => cache.invalidate(&keys),
-            Some(Written::All) => cache.flush(),
+            Some(Written::All { .. }) => cache.flush(),
+        }
+    }
+
+    /// `count` more replies are in: a FLUSHALL, FLUSHDB or SWAPDB among them empties the cache
+    /// now, whatever replies are still owed after it (the written keys are dropped when all
+    /// are in, as ever, with one more flush).
+    pub(super) fn flush_if_answered(&mut self, count: u32) {
+        let Some(Written::All { flushes, .. }) = self.written.as_deref_mut() else {
+            return;
+        };
+        let waiting = flushes.len();
+        for left in flushes.iter_mut() {
+            *left = left.saturating_sub(count);
+        }
+        flushes.retain(|&left| left > 0);
+        if flushes.len() < waiting {
+            if let Some(cache) = &self.config.cache {
+                cache.flush();
+            }
         }
     }
 }
 
 /// A request that may write, while a cache is on: its keys are noted, and the client
 /// reads around the cache until its replies are in.
-pub(super) fn note_write(written: &mut Option<Box<Written>>, command: CommandId, request: &[u8]) {
+/// `owed`: the replies owed before this request's, `None` in MULTI (it runs at EXEC).
+pub(super) fn note_write(
+    written: &mut Option<Box<Written>>,
+    command: CommandId,
+    request: &[u8],
+    owed: Option<u32>,
+) {
     if matches!(command.name(), "flushall" | "flushdb" | "swapdb") {
-        *written = Some(Box::new(Written::All));
+        let mut flushes = match written.take().map(|written| *written) {
+            Some(Written::All { flushes }) => flushes,
+            _ => Vec::new(),
+        };
+        flushes.extend(owed.map(|owed| owed.saturating_add(1)));
+        *written = Some(Box::new(Written::All { flushes }));
         return;
     }
     let found = keys(request);
@@ -249,11 +288,13 @@ pub(super) fn note_write(written: &mut Option<Box<Written>>, command: CommandId,
         return;
     }
     match written.as_deref_mut() {
-        Some(Written::All) => {}
+        Some(Written::All { .. }) => {}
         Some(Written::Keys(noted)) => {
             noted.extend(copies(found.keys()));
             if noted.len() > WRITTEN_MAX_KEYS {
-                *written = Some(Box::new(Written::All));
+                *written = Some(Box::new(Written::All {
+                    flushes: Vec::new(),
+                }));
             }
         }
         None => *written = Some(Box::new(Written::Keys(copies(found.keys())))),

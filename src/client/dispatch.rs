@@ -156,7 +156,8 @@ impl State {
             }
             if writes && cached {
                 if let Some(request) = frame.command_bytes(&self.rbuf[run_len..]) {
-                    note_write(&mut self.written, command, request);
+                    let owed = (!in_multi).then_some(self.outstanding);
+                    note_write(&mut self.written, command, request, owed);
                 }
             }
             self.client.entry.command(command);

@@ -86,7 +86,8 @@ enum Pending {
     Release(Lease),
     /// No reply: an invalidation for a tracking client, turned into bytes (a push, or a
     /// message to the client it redirects to) when every slot before it is out, so it never
-    /// overtakes the reply of a read sent before the key changed. Boxed: it is rare.
+    /// overtakes the reply of a read sent before the key changed. Charged to the output
+    /// budget when queued, as `Pushed` is. Boxed: it is rare.
     Invalidate(Box<Invalidate>),
     /// The replies to `count` requests forwarded as one batch.
     Upstream {
@@ -116,6 +117,11 @@ struct Invalidate {
     invalidation: crate::tracking::Invalidation,
     /// From a client that redirects its invalidations to this one.
     redirected: bool,
+    /// What it was charged to the output budget ([`Invalidation::size`]), given back when it
+    /// is turned into bytes.
+    ///
+    /// [`Invalidation::size`]: crate::tracking::Invalidation::size
+    charged: usize,
 }
 
 /// What to do once an upstream reply is in, besides passing it on.
@@ -474,6 +480,50 @@ mod tests {
             written(&state),
             b"_\r\n>2\r\n$10\r\ninvalidate\r\n_\r\n".to_vec()
         );
+        shutdown.cancel();
+    }
+
+    /// A client's own invalidations and those of a client redirecting to it alternate behind a
+    /// reply that does not come: each kind merges into its own, and the client is sent two.
+    #[tokio::test]
+    async fn own_and_redirected_invalidations_merge_each_into_their_own() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (mut state, _read) = tracking_state(&shutdown).await;
+        for i in 0..3000 {
+            invalidate(&state, format!("own:{i}").as_bytes());
+            let redirected = vec![Bytes::from(format!("other:{i}"))];
+            state.client.entry.post(Invalidation::Keys(redirected));
+            state.take_mail();
+        }
+        assert_eq!(state.pending.len(), 3, "the read, and one of each kind");
+        shutdown.cancel();
+    }
+
+    /// Invalidations kept apart by messages queued between them (a subscriber in RESP3) do
+    /// not merge, but each is charged to the output budget when it is queued: a client that
+    /// waits behind a reply that does not come is closed at `client_output_limit`.
+    #[tokio::test]
+    async fn invalidations_between_messages_count_against_the_output_limit() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (mut state, _read) = tracking_state(&shutdown).await;
+        state.budget.set_limit(1 << 20);
+        let key = Bytes::from(vec![b'k'; 1000]);
+        let mut rounds = 0;
+        while !state.abort {
+            rounds += 1;
+            assert!(rounds < 100, "never closed: {} slots", state.pending.len());
+            let keys = (0..60).map(|i| [key.clone(), Bytes::from(i.to_string())].concat().into());
+            crate::tracking::Sink::invalidate(
+                &*state.client.entry,
+                Invalidation::Keys(keys.collect()),
+            );
+            state.take_mail();
+            state.push_unasked(Bytes::from_static(
+                b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n",
+            ));
+        }
+        // About a MiB of key bytes waited when the client was closed.
+        assert!(rounds < 30, "{rounds}");
         shutdown.cancel();
     }
 

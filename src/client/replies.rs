@@ -106,6 +106,7 @@ impl State {
                 }
                 Pending::Invalidate(_) => {
                     if let Some(Pending::Invalidate(waiting)) = self.pending.pop_front() {
+                        self.budget.refund(waiting.charged);
                         let bytes = if waiting.redirected {
                             self.client.redirected(&waiting.invalidation)
                         } else {
@@ -266,6 +267,7 @@ impl State {
     /// when the requests went upstream (one clock read for the batch).
     pub(super) fn settle(&mut self, count: u32, errors: u64, sent: Option<Instant>) {
         self.outstanding -= count;
+        self.flush_if_answered(count);
         let Some(metrics) = &self.config.metrics else {
             return;
         };
@@ -367,25 +369,55 @@ impl State {
     }
 
     /// Takes the invalidations waiting in the client's entry into the reply queue, behind the
-    /// replies already owed: one waiting at the tail of the queue takes them in, so a client
-    /// that does not read (or waits on a blocking command) holds a bounded amount of them.
+    /// replies already owed. One of the same kind waiting among the last two slots (its own
+    /// and redirected ones alternate there) takes them in: it overtakes no reply that way.
+    /// What waits is charged to the output budget, so a client that does not read (or waits
+    /// on a blocking command, with messages or other replies between its invalidations)
+    /// is closed at `client_output_limit`, as for any push.
     pub(super) fn take_mail(&mut self) {
         let mail = self.client.entry.take_mail();
         for (invalidation, redirected) in [(mail.own, false), (mail.redirected, true)] {
             let Some(invalidation) = invalidation else {
                 continue;
             };
-            if let Some(Pending::Invalidate(tail)) = self.pending.back_mut() {
-                if tail.redirected == redirected {
-                    tail.invalidation.absorb(invalidation);
-                    continue;
+            let waiting = self
+                .pending
+                .iter_mut()
+                .rev()
+                .take(2)
+                .map_while(|slot| match slot {
+                    Pending::Invalidate(waiting) => Some(waiting),
+                    _ => None,
+                })
+                .find(|waiting| waiting.redirected == redirected);
+            let charged = match waiting {
+                Some(waiting) => {
+                    let before = waiting.invalidation.size();
+                    waiting.invalidation.absorb(invalidation);
+                    let grown = waiting.invalidation.size().saturating_sub(before);
+                    self.budget
+                        .charge(grown)
+                        .then(|| waiting.charged += grown)
+                        .ok_or(grown)
                 }
+                None => {
+                    let charged = invalidation.size();
+                    let fits = self.budget.charge(charged);
+                    if fits {
+                        self.pending
+                            .push_back(Pending::Invalidate(Box::new(Invalidate {
+                                invalidation,
+                                redirected,
+                                charged,
+                            })));
+                    }
+                    fits.then_some(()).ok_or(charged)
+                }
+            };
+            if let Err(refused) = charged {
+                self.budget.refund(refused);
+                return self.over_limit();
             }
-            self.pending
-                .push_back(Pending::Invalidate(Box::new(Invalidate {
-                    invalidation,
-                    redirected,
-                })));
         }
     }
 

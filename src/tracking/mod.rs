@@ -60,6 +60,18 @@ impl Invalidation {
         }
     }
 
+    /// About the bytes it takes, in memory and as a frame: what a client that has it waiting
+    /// is charged against its output limit.
+    pub fn size(&self) -> usize {
+        const FRAME: usize = 32;
+        match self {
+            Invalidation::Keys(keys) => {
+                keys.iter().map(|key| key.len() + FRAME).sum::<usize>() + FRAME
+            }
+            Invalidation::All => FRAME,
+        }
+    }
+
     /// Takes `next` in: the keys of both, or everything.
     pub fn absorb(&mut self, next: Invalidation) {
         match (&mut *self, next) {
