@@ -9,7 +9,8 @@
 //! - `command`: the command table and every command policy (what is forwarded, answered,
 //!   pinned or refused; the gates for auth and subscribed state). Imports only `resp`;
 //! - `config`: plain data (schema, defaults, validation, addresses). Imports nothing of redmux;
-//! - `io` (socket traits, outgoing writes, the output budget), `tls` (PEM files), `metrics`,
+//! - `io` (socket traits, outgoing writes, the output budget), `hash` (a cheap hash for maps
+//!   whose keys redmux picks), `tls` (PEM files), `metrics`,
 //!   `auth`, `cluster` (slots, key positions, the slot map, splits: pure) and `cache` (the
 //!   near cache's entries, placeholders and eviction: no I/O);
 //! - `upstream`: connections only (actors, the pinned pool, dial and handshake with its TLS
@@ -28,6 +29,7 @@ mod client;
 pub mod cluster;
 mod command;
 pub mod config;
+mod hash;
 mod io;
 mod metrics;
 mod monitor;

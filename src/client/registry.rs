@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 
 use crate::{
     command::CommandId,
+    hash::Fast,
     tracking::{Invalidation, Sink},
     upstream::{ConnectionId, Identity},
 };
@@ -473,7 +474,8 @@ struct Pause {
 /// Every client of a server.
 #[derive(Debug)]
 pub struct Clients {
-    entries: Mutex<HashMap<u64, Arc<Entry>>>,
+    /// Keyed by the ids redmux gives out: [`Fast`], not SipHash.
+    entries: Mutex<HashMap<u64, Arc<Entry>, Fast>>,
     pause: Pause,
 }
 
@@ -516,7 +518,7 @@ impl Clients {
         self.lock().remove(&id);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>, Fast>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -35,6 +35,7 @@ pub(crate) use pool::Lease;
 use crate::{
     command::Profile,
     config::UpstreamConfig,
+    hash::Fast,
     io::Budget,
     metrics::Metrics,
     resp::{encode, ReplyScanner},
@@ -293,7 +294,8 @@ struct Inner {
     databases: u32,
     /// By serving thread and target: each thread that serves clients has shared connections
     /// of its own (see [`enter_worker`]).
-    shared: Mutex<HashMap<(usize, Target), Group>>,
+    /// At most `max_shared` targets a worker: [`Fast`], not SipHash.
+    shared: Mutex<HashMap<(usize, Target), Group, Fast>>,
     /// Ids for shared actors, for logs and `/status`.
     next_shared_id: std::sync::atomic::AtomicUsize,
     pool: pool::Pool,
@@ -446,7 +448,7 @@ impl Upstreams {
                 connections: config.connections,
                 max_shared: config.max_shared,
                 databases: config.databases,
-                shared: Mutex::new(HashMap::new()),
+                shared: Mutex::new(HashMap::default()),
                 next_shared_id: std::sync::atomic::AtomicUsize::new(0),
                 checker: std::sync::OnceLock::new(),
                 metrics,
