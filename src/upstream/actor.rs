@@ -27,6 +27,7 @@ use tokio::{
 use tracing::{debug, info, warn, Instrument};
 
 use super::{
+    cluster::Returns,
     connect::{open, ConnectError, Reader, Writer},
     ActorSnapshot, Batch, Dial, Replies, ReplyTo, Setup, Target, Timeouts, UpstreamError,
 };
@@ -84,6 +85,9 @@ pub(super) struct Config {
     pub connection_id: Option<ConnectionId>,
     /// The cluster node it connects to, if any.
     pub node: Option<(String, u16)>,
+    /// For a cluster router's node, the way back to the router for the errors of the
+    /// requests its direct path sends (see [`ReplyTo::Direct`]).
+    pub returns: Option<Returns>,
 }
 
 /// The id Redis gives a pinned connection (CLIENT ID), once it is connected; 0 before, or if
@@ -363,7 +367,10 @@ impl Actor {
                             break;
                         }
                         if let Some(request) = self.waiting.pop_front() {
-                            request.reply.deliver(Err(UpstreamError::Unavailable), None);
+                            let deadline = request.timeout.and_then(|t| request.queued_at.checked_add(t));
+                            let returns = self.config.returns.as_ref();
+                            let error = Err(UpstreamError::Unavailable);
+                            request.reply.deliver_from(error, request.budget, deadline, returns);
                         }
                     }
                     self.publish_queued();
@@ -374,7 +381,7 @@ impl Actor {
 
     /// Pipelines requests over one live connection until it fails or every client is gone.
     async fn pipeline(&mut self, mut reader: Reader, mut writer: Writer) -> Ended {
-        let mut pipe = Pipeline::new();
+        let mut pipe = Pipeline::new(self.config.returns.clone());
         let now = Instant::now();
         for request in self.waiting.drain(..) {
             pipe.push(request, now);
@@ -479,10 +486,12 @@ struct Pipeline {
     next_reply: usize,
     /// Some batch has been answered on this connection.
     answered: bool,
+    /// The actor's way back to its cluster router (see [`Config::returns`]).
+    returns: Option<Returns>,
 }
 
 impl Pipeline {
-    fn new() -> Self {
+    fn new(returns: Option<Returns>) -> Self {
         Pipeline {
             out: VecDeque::new(),
             tail: BytesMut::with_capacity(READ_CHUNK),
@@ -493,6 +502,7 @@ impl Pipeline {
             owed: 0,
             next_reply: 0,
             answered: false,
+            returns,
         }
     }
 
@@ -575,7 +585,9 @@ impl Pipeline {
                         bytes: replies,
                         errors: done.errors,
                     };
-                    done.reply.deliver(Ok(replies), done.budget.as_deref());
+                    let returns = self.returns.as_ref();
+                    done.reply
+                        .deliver_from(Ok(replies), done.budget, done.deadline, returns);
                 }
             }
         }
@@ -584,7 +596,10 @@ impl Pipeline {
     /// Fails every request written or queued on this connection.
     fn fail(&mut self, error: UpstreamError, why: Lost) -> Ended {
         for request in self.inflight.drain(..) {
-            request.reply.deliver(Err(error), None);
+            let returns = self.returns.as_ref();
+            request
+                .reply
+                .deliver_from(Err(error), request.budget, request.deadline, returns);
         }
         self.owed = 0;
         Ended::Lost {
@@ -648,7 +663,7 @@ mod tests {
 
     #[tokio::test]
     async fn replies_go_to_their_batch_in_order() {
-        let mut pipe = Pipeline::new();
+        let mut pipe = Pipeline::new(None);
         let (a, mut rx_a) = request(
             Bytes::from_static(b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n"),
             2,
@@ -680,7 +695,7 @@ mod tests {
 
     #[tokio::test]
     async fn large_requests_are_queued_by_reference_and_small_ones_copied_together() {
-        let mut pipe = Pipeline::new();
+        let mut pipe = Pipeline::new(None);
         let value = vec![b'v'; BY_REFERENCE];
         let large = Bytes::from(
             [
@@ -707,7 +722,7 @@ mod tests {
 
     #[tokio::test]
     async fn error_replies_are_marked_by_position_in_their_batch() {
-        let mut pipe = Pipeline::new();
+        let mut pipe = Pipeline::new(None);
         let (a, mut rx_a) = request(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), 4);
         let (b, mut rx_b) = request(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), 2);
         pipe.push(a, Instant::now());
@@ -727,7 +742,7 @@ mod tests {
 
     #[tokio::test]
     async fn failure_reaches_every_batch_and_gone_clients_are_skipped() {
-        let mut pipe = Pipeline::new();
+        let mut pipe = Pipeline::new(None);
         let (a, rx_a) = request(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), 1);
         let (b, mut rx_b) = request(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), 1);
         drop(rx_a);

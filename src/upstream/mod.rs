@@ -88,6 +88,10 @@ pub enum ReplyTo {
     /// A cluster router that sent the batch to one node: the replies go back to it, or
     /// straight to the client whose batch it passed on whole (see [`cluster::Routed`]).
     Router(Box<cluster::Routed>),
+    /// A client's one request that a cluster router's direct path sent to a node: the reply
+    /// goes to the client, or to the router when it is an error (see
+    /// [`cluster::DirectReply`]).
+    Direct(cluster::DirectReply),
 }
 
 impl ReplyTo {
@@ -96,11 +100,14 @@ impl ReplyTo {
         match self {
             ReplyTo::Sender(sender) => sender.is_closed(),
             ReplyTo::Router(routed) => routed.is_closed(),
+            ReplyTo::Direct(direct) => direct.is_closed(),
         }
     }
 
     /// Hands `reply` over. Replies for a client are first charged to its output `budget`;
     /// past the limit they are dropped and the client gets [`UpstreamError::OutputLimit`].
+    /// [`ReplyTo::Direct`] included: without its router ([`ReplyTo::deliver_from`]), its client
+    /// gets the reply as it is.
     pub(crate) fn deliver(self, reply: Reply, budget: Option<&Budget>) {
         match self {
             ReplyTo::Sender(sender) => {
@@ -114,6 +121,25 @@ impl ReplyTo {
                 let _ = sender.send(reply);
             }
             ReplyTo::Router(routed) => routed.deliver(reply),
+            ReplyTo::Direct(direct) => direct.into_sender().deliver(reply, budget),
+        }
+    }
+
+    /// [`ReplyTo::deliver`] by an actor, with what it keeps of the batch (the client's
+    /// output `budget`, when the replies are due) and, for a cluster router's node, the way
+    /// back to the router: an error of [`ReplyTo::Direct`] goes there.
+    pub(crate) fn deliver_from(
+        self,
+        reply: Reply,
+        budget: Option<Arc<Budget>>,
+        deadline: Option<Instant>,
+        returns: Option<&cluster::Returns>,
+    ) {
+        match (self, returns) {
+            (ReplyTo::Direct(direct), Some(returns)) => {
+                direct.deliver(reply, budget, deadline, returns);
+            }
+            (reply_to, _) => reply_to.deliver(reply, budget.as_deref()),
         }
     }
 
@@ -122,15 +148,21 @@ impl ReplyTo {
     /// `ASKING` keeps its own). Taking them here saves a copy's allocation and atomics per
     /// message.
     pub(crate) fn written(&mut self, frames: Bytes) {
-        if let ReplyTo::Router(routed) = self {
-            routed.written(frames);
+        match self {
+            ReplyTo::Router(routed) => routed.written(frames),
+            ReplyTo::Direct(direct) => direct.written(frames),
+            ReplyTo::Sender(_) => {}
         }
     }
 
     /// Whether [`ReplyTo::written`] keeps the requests: only then is a copy worth making
     /// of those the actor writes by reference.
     pub(crate) fn keeps_written(&self) -> bool {
-        matches!(self, ReplyTo::Router(routed) if routed.keeps_written())
+        match self {
+            ReplyTo::Router(routed) => routed.keeps_written(),
+            ReplyTo::Direct(_) => true,
+            ReplyTo::Sender(_) => false,
+        }
     }
 }
 
@@ -193,6 +225,14 @@ impl UpstreamError {
     }
 }
 
+/// A cluster node an actor connects to, and for a router's actor the way back to its
+/// router (see [`cluster::Returns`]).
+struct Node {
+    host: String,
+    port: u16,
+    returns: Option<cluster::Returns>,
+}
+
 /// Timeouts an actor applies.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -235,6 +275,10 @@ impl Shared {
     /// Sends a batch of one request straight to its cluster node when the router allows it
     /// (see the router's `direct` module); gives it back otherwise. Only for a client with
     /// nothing outstanding.
+    // The batch comes back by value when it must take the router's way (every pipelined
+    // batch does): boxing it there would cost an allocation per batch. At 128 bytes it is
+    // still moved without a call to `memcpy`.
+    #[allow(clippy::result_large_err)]
     pub fn direct(&self, batch: Batch) -> Result<(), Batch> {
         match &self.0.direct {
             Some(direct) => direct.send(batch),
@@ -806,13 +850,17 @@ impl Upstreams {
     ) -> Arc<cluster::Direct> {
         let weak = Arc::downgrade(&self.inner);
         let node_target = target.clone();
-        let spawner: cluster::Spawner = Box::new(move |host: &str, port: u16| {
+        let spawner: cluster::Spawner = Box::new(move |host: &str, port: u16, returns| {
             let upstreams = Upstreams {
                 inner: weak.upgrade()?,
             };
             let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
             let id = upstreams.next_shared_id();
-            let node = (host.to_owned(), port);
+            let node = Node {
+                host: host.to_owned(),
+                port,
+                returns,
+            };
             upstreams.spawn_actor_at(
                 id,
                 node_target.clone(),
@@ -838,12 +886,16 @@ impl Upstreams {
     ) {
         let weak = Arc::downgrade(&self.inner);
         let connection = connection.clone();
-        let spawner: cluster::Spawner = Box::new(move |host: &str, port: u16| {
+        let spawner: cluster::Spawner = Box::new(move |host: &str, port: u16, returns| {
             let upstreams = Upstreams {
                 inner: weak.upgrade()?,
             };
             let (tx, rx) = mpsc::channel(pool::CHANNEL_CAPACITY);
-            let node = Some((host.to_owned(), port));
+            let node = Some(Node {
+                host: host.to_owned(),
+                port,
+                returns,
+            });
             let (role, connection) = (actor::Role::Pinned, Some(connection.clone()));
             upstreams.spawn_actor_at(id, target.clone(), role, rx, connection, node);
             Some(tx)
@@ -872,9 +924,17 @@ impl Upstreams {
         role: actor::Role,
         rx: mpsc::Receiver<Batch>,
         connection_id: Option<actor::ConnectionId>,
-        node: Option<(String, u16)>,
+        node: Option<Node>,
     ) {
         let inner = &self.inner;
+        let (node, returns) = match node {
+            Some(Node {
+                host,
+                port,
+                returns,
+            }) => (Some((host, port)), returns),
+            None => (None, None),
+        };
         let label = node
             .as_ref()
             .map(|(host, port)| Arc::from(format!("{host}:{port}")));
@@ -906,6 +966,7 @@ impl Upstreams {
             health,
             connection_id,
             node,
+            returns,
         };
         actor::spawn(config, rx);
     }

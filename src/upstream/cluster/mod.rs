@@ -26,7 +26,10 @@ use tokio::{io::AsyncWriteExt, sync::watch};
 use tracing::{debug, info, warn};
 
 pub(super) use pinned::spawn as spawn_pinned;
-pub(super) use router::{direct::Direct, spawn as spawn_router, Routed, Spawner};
+pub(super) use router::{
+    direct::{Direct, DirectReply, Returns},
+    spawn as spawn_router, Routed, Spawner,
+};
 
 use super::{connect, Address, Dial, Setup, Timeouts, UpstreamError};
 use crate::{

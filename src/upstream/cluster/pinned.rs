@@ -200,7 +200,7 @@ impl Pinned {
         {
             return true;
         }
-        match (self.spawner)(&host, port) {
+        match (self.spawner)(&host, port, None) {
             Some(sender) => {
                 self.node = Some(Node { host, port, sender });
                 true

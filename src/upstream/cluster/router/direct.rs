@@ -15,22 +15,30 @@
 //!   table's lock for writing and a direct send holds it for reading from the table lookup to
 //!   the send, so a direct request is either in its node's queue before the router's fence
 //!   for that node, or routed by the router.
-//! - The request goes to the node as a batch the router passed on whole would
-//!   ([`ReplyTo::Router`] with the client): the node's actor answers the client itself unless
-//!   the reply is an error, and errors, redirects and lost connections come back to the
-//!   router, which handles them as for any other batch.
+//! - The request goes to the node as a batch the router passed on whole would: the node's
+//!   actor answers the client itself unless the reply is an error, and errors, redirects and
+//!   lost connections come back to the router on the channel the router's own messages come
+//!   back on, in the order the node's actor wrote them, which handles them as for any other
+//!   batch.
+//!
+//! The request goes as [`ReplyTo::Direct`]: the client's reply channel and nothing else. What
+//! the router needs to take an error back (its channel, the node) the node's actor was given
+//! once, when the router started it ([`Returns`]), instead of a box per request carrying them.
 
 use std::sync::{atomic::Ordering, Arc, RwLock};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 
 use super::{Client, Job, NodeAddr, Returned, Routed, Unit};
 use crate::{
     cluster::keys::{self, Scope, SlotOf},
     upstream::{
         cluster::{Cluster, Topology},
-        Batch, ReplyTo,
+        Batch, Budget, Reply, ReplyTo,
     },
 };
 
@@ -46,16 +54,86 @@ pub(crate) struct Direct {
 #[derive(Debug)]
 pub(super) struct Table {
     pub(super) topology: Arc<Topology>,
-    /// The node of each master of `topology`, where its actor runs.
-    pub(super) masters: Vec<Option<(Arc<NodeAddr>, mpsc::Sender<Batch>)>>,
-    /// Where the node's actor gives errors back: weak, so that the table does not keep the
-    /// router alive.
+    /// The channel of each master of `topology`'s actor.
+    pub(super) masters: Vec<Option<mpsc::Sender<Batch>>>,
+}
+
+/// What a router's node actor needs to give the router the error of a request the direct
+/// path sent it: given to the actor once, when the router starts it.
+#[derive(Debug, Clone)]
+pub(crate) struct Returns {
+    /// Weak: the actor does not keep its router alive.
     pub(super) back: mpsc::WeakUnboundedSender<Returned>,
+    pub(super) node: Arc<NodeAddr>,
+}
+
+/// A client's one request, sent by the direct path: where its reply goes. Its output budget
+/// and its deadline are the node's batch's own, which the actor keeps for every request: only
+/// the reply channel and the request go here, so that a batch stays small enough to be moved
+/// without a call to `memcpy` (128 bytes).
+#[derive(Debug)]
+pub struct DirectReply {
+    sender: oneshot::Sender<Reply>,
+    /// The request, once the actor wrote it (see [`ReplyTo::written`]): the router sends it
+    /// again on `-MOVED`.
+    frames: Bytes,
+}
+
+impl DirectReply {
+    pub(in crate::upstream) fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// Called by the node's actor with the request it wrote.
+    pub(in crate::upstream) fn written(&mut self, frames: Bytes) {
+        self.frames = frames;
+    }
+
+    /// The client's reply channel, for a reply that goes to it as it is.
+    pub(in crate::upstream) fn into_sender(self) -> ReplyTo {
+        ReplyTo::Sender(self.sender)
+    }
+
+    /// Called by the node's actor with the reply (or the error that ended it), the client's
+    /// output `budget`, when the reply is due, and the way back to its router: the client
+    /// gets a reply that is no error, the router the rest, as it would have from a batch it
+    /// passed on whole (see [`Routed`]). Once the router has gone, the client gets the
+    /// error as it is.
+    pub(in crate::upstream) fn deliver(
+        self,
+        reply: Reply,
+        budget: Option<Arc<Budget>>,
+        deadline: Option<Instant>,
+        returns: &Returns,
+    ) {
+        let clean = matches!(&reply, Ok(replies) if replies.errors == 0);
+        let back = (!clean).then(|| returns.back.upgrade()).flatten();
+        let DirectReply { sender, frames } = self;
+        let client = Client {
+            reply: ReplyTo::Sender(sender),
+            budget,
+            deadline,
+        };
+        match back {
+            Some(back) => Routed {
+                back,
+                node: returns.node.clone(),
+                job: Job::new(0, Unit::Range { start: 0, len: 1 }, frames),
+                client: Some(client),
+            }
+            .deliver(reply),
+            None => client.reply.deliver(reply, client.budget.as_deref()),
+        }
+    }
 }
 
 impl Direct {
     /// Sends `batch`, one request, to the master of its slot; gives it back when it must go
     /// through the router.
+    // The batch comes back by value when it must take the router's way (every pipelined
+    // batch does): boxing it there would cost an allocation per batch. At 128 bytes it is
+    // still moved without a call to `memcpy`.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn send(&self, batch: Batch) -> Result<(), Batch> {
         if batch.count != 1 || batch.reply.is_closed() {
             return Err(batch);
@@ -70,34 +148,48 @@ impl Direct {
         else {
             return Err(batch);
         };
-        let node = table
+        let Some(sender) = table
             .topology
             .map
             .owner(slot)
             .and_then(|at| table.masters.get(at))
-            .and_then(Option::as_ref);
-        let (Some((addr, sender)), Some(back)) = (node, table.back.upgrade()) else {
+            .and_then(Option::as_ref)
+        else {
             return Err(batch);
         };
-        // The node's batch keeps the client's clock: the same deadline.
-        let (queued_at, timeout) = (batch.queued_at, batch.timeout);
-        let (frames, count, client) = Client::of(batch);
-        let unit = Unit::Range { start: 0, len: 1 };
-        // The actor gives the job the requests once it has written them (see
-        // `ReplyTo::written`): no copy is made here.
-        let routed = Routed {
-            back,
-            node: addr.clone(),
-            job: Job::new(0, unit, Bytes::new()),
-            client: Some(client),
+        let Batch {
+            frames,
+            count,
+            queued_at,
+            timeout,
+            reply,
+            budget,
+        } = batch;
+        let sender_of_client = match reply {
+            ReplyTo::Sender(sender) => sender,
+            reply => {
+                return Err(Batch {
+                    frames,
+                    count,
+                    queued_at,
+                    timeout,
+                    reply,
+                    budget,
+                })
+            }
         };
+        // The node's batch keeps the client's clock and budget. The actor gives the reply the
+        // request once it has written it (see `ReplyTo::written`): no copy is made here.
         let request = Batch {
             frames,
             count,
             queued_at,
             timeout,
-            reply: ReplyTo::Router(Box::new(routed)),
-            budget: None,
+            reply: ReplyTo::Direct(DirectReply {
+                sender: sender_of_client,
+                frames: Bytes::new(),
+            }),
+            budget,
         };
         sender.try_send(request).map_err(|refused| {
             let request = match refused {
@@ -126,16 +218,9 @@ impl Direct {
 /// The client's batch again, from the node's batch made of it: its deadline is the client's
 /// own.
 fn given_back(request: Batch) -> Batch {
-    let (reply, budget) = match request.reply {
-        ReplyTo::Router(routed) => match routed.client {
-            Some(client) => (client.reply, client.budget),
-            None => (ReplyTo::Router(routed), None),
-        },
-        reply => (reply, None),
+    let reply = match request.reply {
+        ReplyTo::Direct(direct) => direct.into_sender(),
+        reply => reply,
     };
-    Batch {
-        reply,
-        budget,
-        ..request
-    }
+    Batch { reply, ..request }
 }

@@ -44,7 +44,7 @@ use tracing::Instrument;
 
 use self::{
     combine::{merge, random, requests},
-    direct::{Direct, Table},
+    direct::{Direct, Returns, Table},
     holds::{Held, Holds, Token, Touch},
     relay::Relay,
 };
@@ -83,9 +83,10 @@ const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 const CURSOR_BITS: u32 = 56;
 
 /// Starts a node actor for `host:port` and gives its channel; `None` once the set of upstream
-/// connections that owns the router is gone.
+/// connections that owns the router is gone. A router's actors get the way back to it for the
+/// direct path's errors (see [`direct::Returns`]).
 pub(in crate::upstream) type Spawner =
-    Box<dyn Fn(&str, u16) -> Option<mpsc::Sender<Batch>> + Send + Sync>;
+    Box<dyn Fn(&str, u16, Option<Returns>) -> Option<mpsc::Sender<Batch>> + Send + Sync>;
 
 /// Starts a router on `rx`; its direct path (see [`direct`]).
 pub(in crate::upstream) fn spawn(
@@ -575,14 +576,10 @@ impl Router {
         let masters = (0..topology.map.masters().len())
             .map(|at| {
                 let node = self.nodes.get(self.masters.get(at).copied().flatten()?)?;
-                Some((node.addr.clone(), node.sender.clone()))
+                Some(node.sender.clone())
             })
             .collect();
-        self.direct.set(Some(Table {
-            topology,
-            masters,
-            back: self.back.downgrade(),
-        }));
+        self.direct.set(Some(Table { topology, masters }));
         self.published = Some(self.routing);
     }
 
@@ -606,11 +603,15 @@ impl Router {
         if let Some(at) = self.find(host, port) {
             return Some(at);
         }
-        let sender = (self.spawner)(host, port)?;
         let addr = Arc::new(NodeAddr {
             host: host.to_owned(),
             port,
         });
+        let returns = Returns {
+            back: self.back.downgrade(),
+            node: addr.clone(),
+        };
+        let sender = (self.spawner)(host, port, Some(returns))?;
         self.nodes.push(NodeConn {
             addr,
             sender,
