@@ -162,21 +162,11 @@ impl Direct {
             count,
             queued_at,
             timeout,
-            reply,
+            reply: ReplyTo::Sender(sender_of_client),
             budget,
-        } = batch;
-        let sender_of_client = match reply {
-            ReplyTo::Sender(sender) => sender,
-            reply => {
-                return Err(Batch {
-                    frames,
-                    count,
-                    queued_at,
-                    timeout,
-                    reply,
-                    budget,
-                })
-            }
+        } = batch
+        else {
+            return Err(batch);
         };
         // The node's batch keeps the client's clock and budget. The actor gives the reply the
         // request once it has written it (see `ReplyTo::written`): no copy is made here.
