@@ -358,3 +358,76 @@ async fn client_unblock_unblocks_as_redis_does() {
         assert_eq!(results[1].0, ":1\r\n");
     }
 }
+
+/// B waits in `BLPOP l 0`; A sends `RPUSH l x`, then CLIENT UNBLOCK or KILL of B, then
+/// `LLEN l`, in one write. Redis runs A's commands in order, so the push serves B first: A
+/// gets `:1 :0 :0` (UNBLOCK finds B no longer blocked) or `:1 :1 :0` (KILL), and B the
+/// element. A's replies, and B's for UNBLOCK.
+async fn push_then_act_on_the_blocked(
+    redis: &RedisServer,
+    addr: std::net::SocketAddr,
+    verb: &str,
+) -> (Vec<String>, Option<String>) {
+    let mut b = Raw::connect(addr).await;
+    let b_id = id_of(&mut b).await;
+    assert_eq!(b.call(&["DEL", "l"]).await.chars().next(), Some(':'));
+    b.send("BLPOP l 0\r\n").await;
+    redis.wait_blocked_clients(1).await;
+    let mut a = Raw::connect(addr).await;
+    let act: &[&str] = match verb {
+        "KILL" => &["CLIENT", "KILL", "ID", &b_id],
+        _ => &["CLIENT", "UNBLOCK", &b_id],
+    };
+    let mut bytes = Vec::new();
+    for request in [&["RPUSH", "l", "x"][..], act, &["LLEN", "l"]] {
+        bytes.extend_from_slice(&redmux::resp::encode_command(
+            request.iter().map(|arg| arg.as_bytes()),
+        ));
+    }
+    let replies = a
+        .pipeline(&bytes, 3)
+        .await
+        .into_iter()
+        .map(|reply| String::from_utf8_lossy(&reply).into_owned())
+        .collect();
+    let b_reply = match verb {
+        "KILL" => None,
+        _ => Some(b.reply_str().await),
+    };
+    redis.wait_blocked_clients(0).await;
+    (replies, b_reply)
+}
+
+/// CLIENT UNBLOCK and KILL act on another client, and Redis runs them after what the client
+/// sent before: redmux, which answers them itself (UNBLOCK on a connection of its own), waits
+/// for the replies to the client's earlier requests first. Without that wait, KILL closed B
+/// before A's push reached Redis (most trials) and UNBLOCK overtook the push (some): the
+/// binary, whose single thread shows the race most often, and 20 trials of each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_kill_and_unblock_run_after_the_clients_earlier_commands() {
+    let redis = RedisServer::start();
+    let redmux = support::binary::RedmuxProcess::start(
+        "",
+        &format!("[upstream]\naddress = \"redis://{}\"", redis.addr()),
+    );
+    let direct_addr = redis.addr().parse().unwrap();
+    for (verb, a_replies, b_reply) in [
+        (
+            "UNBLOCK",
+            [":1\r\n", ":0\r\n", ":0\r\n"],
+            Some("*2\r\n$1\r\nl\r\n$1\r\nx\r\n"),
+        ),
+        ("KILL", [":1\r\n", ":1\r\n", ":0\r\n"], None),
+    ] {
+        let want = (
+            a_replies.map(str::to_owned).to_vec(),
+            b_reply.map(str::to_owned),
+        );
+        let direct = push_then_act_on_the_blocked(&redis, direct_addr, verb).await;
+        assert_eq!(direct, want, "{verb} directly");
+        for trial in 0..20 {
+            let proxied = push_then_act_on_the_blocked(&redis, redmux.addr, verb).await;
+            assert_eq!(proxied, want, "{verb} through redmux, trial {trial}");
+        }
+    }
+}

@@ -231,9 +231,9 @@ async fn slow_subscriber_is_cut_off() {
     );
 }
 
-/// Messages that wait behind a reply that does not come (a RESP3 subscriber blocked in BLPOP)
-/// count against the output limit while they wait: past it the client is closed, as Redis
-/// closes a subscriber past its pubsub output limit, and redmux holds nothing more for it.
+/// A RESP3 subscriber blocked in BLPOP that does not read: its messages count against the
+/// output limit, and past it the client is closed, as Redis closes a subscriber past its
+/// pubsub output limit, and redmux holds nothing more for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_behind_a_blocked_reply_count_against_the_limit() {
     let redis = RedisServer::start();
@@ -245,14 +245,76 @@ async fn messages_behind_a_blocked_reply_count_against_the_limit() {
     blocked.call(&["SUBSCRIBE", "flood"]).await;
     wait_numsub(&redis, "flood", 1);
     blocked.send(b"BLPOP nothing:here 0\r\n").await;
-    let payload = "p".repeat(1000);
+    let payload = "p".repeat(10_000);
     let round = publish_round("flood", &payload);
     let mut publisher = redmux.raw().await;
-    // 3 MB published, three times the limit.
+    // 30 MB published, thirty times the limit and more than the sockets' buffers hold.
     for _ in 0..30 {
         publisher.pipeline(&round, 100).await;
     }
-    blocked.expect_closed().await;
+    // What the sockets held is read, then the end: closed, not 30 MB later.
+    let mut read = 0;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(reply) = blocked.try_reply().await {
+            read += reply.len();
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the blocked client was not closed");
+    assert!(
+        read < 20 << 20,
+        "{read} bytes reached a client that did not read"
+    );
+}
+
+/// A RESP3 client blocked in BLPOP hears its messages and its invalidations while it waits,
+/// as Redis writes a blocked client its pushes, and then BLPOP's reply: they do not wait
+/// behind the reply that has not come. (They did: none reached the client, which was closed
+/// at its output limit although it read everything it was sent.) Directly, then through
+/// redmux.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_resp3_client_hears_its_pushes_while_it_waits() {
+    let redis = RedisServer::start();
+    let mut config = support::config(&redis.addr());
+    config.server.client_output_limit = 1024 * 1024;
+    let redmux = Redmux::start_with(config).await;
+    let payload = "p".repeat(100_000);
+    for addr in [redis.addr().parse().unwrap(), redmux.addr] {
+        let mut blocked = Raw::connect(addr).await;
+        let mut other = Raw::connect(addr).await;
+        assert_eq!(other.call(&["SET", "k", "v"]).await, "+OK\r\n");
+        blocked.call(&["HELLO", "3"]).await;
+        assert_eq!(blocked.call(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n");
+        assert_eq!(blocked.call(&["GET", "k"]).await, "$1\r\nv\r\n");
+        blocked.call(&["SUBSCRIBE", "c"]).await;
+        wait_numsub(&redis, "c", 1);
+        blocked.send(b"BLPOP l 0\r\n").await;
+        redis.wait_blocked_clients(1).await;
+        // 3 MB of messages, three times the limit, each read as it comes.
+        for _ in 0..30 {
+            assert_eq!(other.call(&["PUBLISH", "c", &payload]).await, ":1\r\n");
+            let push = blocked.reply_str().await;
+            assert!(
+                push.starts_with(">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n"),
+                "{addr}: {push:.40}"
+            );
+        }
+        assert_eq!(other.call(&["SET", "k", "w"]).await, "+OK\r\n");
+        assert_eq!(
+            blocked.reply_str().await,
+            ">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n",
+            "{addr}"
+        );
+        assert_eq!(other.call(&["RPUSH", "l", "x"]).await, ":1\r\n");
+        assert_eq!(
+            blocked.reply_str().await,
+            "*2\r\n$1\r\nl\r\n$1\r\nx\r\n",
+            "{addr}"
+        );
+        assert_eq!(blocked.call(&["PING"]).await, "+PONG\r\n", "{addr}");
+        drop(blocked);
+        wait_numsub(&redis, "c", 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

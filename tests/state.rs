@@ -453,6 +453,23 @@ async fn monitor_gets_a_connection_of_its_own() {
         deadline.next_try("MONITOR connection never closed").await;
     }
     assert_eq!(watcher.call(&["GET", "watched"]).await, "$5\r\nvalue\r\n");
+    // MONITOR and RESET in one write: MONITOR's `+OK` first, as Redis answers (closing the
+    // MONITOR connection at RESET lost it, and the client got an error in its place).
+    let replies = watcher
+        .pipeline(b"MONITOR\r\nRESET\r\nGET watched\r\n", 3)
+        .await;
+    assert_eq!(
+        replies,
+        [&b"+OK\r\n"[..], b"+RESET\r\n", b"$5\r\nvalue\r\n"],
+        "{:?}",
+        replies
+            .iter()
+            .map(|r| String::from_utf8_lossy(r))
+            .collect::<Vec<_>>()
+    );
+    while client_list(&redis).contains("flags=O") {
+        deadline.next_try("MONITOR connection never closed").await;
+    }
 
     let mut config = support::config(&redis.addr());
     config.upstream.allow_monitor = false;

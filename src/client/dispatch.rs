@@ -387,7 +387,9 @@ impl State {
                         }
                         Tx::None => {}
                     }
-                    self.monitor = None;
+                    if let Some(feed) = self.monitor.take() {
+                        self.pending.push_back(Pending::Unmonitor(feed));
+                    }
                     self.reset_pubsub().await;
                 }
                 // `CLIENT REPLY ON` clears a pending SKIP before it answers (Redis's
@@ -584,6 +586,7 @@ impl State {
                 Some(held.unwrap_or(Path::NewPinned))
             }
             Action::Transaction(_) => held,
+            Action::Connection if command::acts_on_others(request) => Some(Path::Others),
             Action::PubSub { .. } => Some(Path::PubSub),
             // Queued in a transaction, else on a connection of its own.
             Action::Monitor | Action::Control if matches!(self.tx, Tx::Multi { .. }) => held,

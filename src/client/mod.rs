@@ -84,6 +84,10 @@ enum Pending {
     /// No reply: gives a pinned connection back once every earlier slot is answered (RESET
     /// in a transaction, after the requests already sent on that connection).
     Release(Lease),
+    /// No reply: ends a MONITOR feed once every earlier slot is answered (RESET right after
+    /// MONITOR: closing its connection at once would lose MONITOR's `+OK`). The feed is not
+    /// read meanwhile: after RESET the client hears no more of it.
+    Unmonitor(Box<Feed>),
     /// No reply: an invalidation for a tracking client, turned into bytes (a push, or a
     /// message to the client it redirects to) when every slot before it is out, so it never
     /// overtakes the reply of a read sent before the key changed. Charged to the output
@@ -186,6 +190,9 @@ enum Path {
     /// CLIENT TRACKING ON waiting for redmux's invalidation stream: the reads after it wait
     /// too, so none goes untracked.
     Tracking,
+    /// Answered by redmux, acting on other clients (see [`command::acts_on_others`]): no
+    /// request was ever sent on it, so it waits for every request before it.
+    Others,
 }
 
 /// The client's transaction state, and the pinned connection that carries it.

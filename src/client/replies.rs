@@ -104,25 +104,34 @@ impl State {
                     }
                     continue;
                 }
-                Pending::Invalidate(_) => {
-                    if let Some(Pending::Invalidate(waiting)) = self.pending.pop_front() {
-                        self.budget.refund(waiting.charged);
-                        let bytes = if waiting.redirected {
-                            self.client.redirected(&waiting.invalidation)
-                        } else {
-                            self.client.invalidation(&waiting.invalidation)
-                        };
-                        if !bytes.is_empty() {
-                            self.queue_out(bytes);
-                        }
+                Pending::Unmonitor(_) => {
+                    if let Some(Pending::Unmonitor(feed)) = self.pending.pop_front() {
+                        // Dropping the feed closes its connection.
+                        drop(feed);
                     }
                     continue;
                 }
-                Pending::Upstream { rx, .. } => match rx.try_recv() {
-                    Ok(reply) => reply,
-                    Err(oneshot::error::TryRecvError::Empty) => return,
-                    Err(oneshot::error::TryRecvError::Closed) => Err(UpstreamError::ConnectionLost),
-                },
+                Pending::Invalidate(_) => {
+                    if let Some(Pending::Invalidate(waiting)) = self.pending.pop_front() {
+                        self.invalidate_now(&waiting);
+                    }
+                    continue;
+                }
+                Pending::Upstream { rx, blocking, .. } => {
+                    let blocked = *blocking;
+                    match rx.try_recv() {
+                        Ok(reply) => reply,
+                        Err(oneshot::error::TryRecvError::Empty) => {
+                            if blocked && self.pending.len() > 1 {
+                                self.pass_unasked();
+                            }
+                            return;
+                        }
+                        Err(oneshot::error::TryRecvError::Closed) => {
+                            Err(UpstreamError::ConnectionLost)
+                        }
+                    }
+                }
             };
             if let Some(Pending::Upstream {
                 count,
@@ -305,13 +314,61 @@ impl State {
     }
 
     /// Queues a frame the client did not ask for behind the replies it is owed, charged to the
-    /// output budget now (see [`Pending::Pushed`]).
+    /// output budget now (see [`Pending::Pushed`]). A client blocked on a command hears it at
+    /// once instead, as Redis writes a blocked client its pushes: the commands after the
+    /// blocking one have not run, and those before it are answered.
     pub(super) fn push_unasked(&mut self, frame: Bytes) {
         if !self.budget.charge(frame.len()) {
             self.budget.refund(frame.len());
             return self.over_limit();
         }
+        // With slots behind the blocking one, it goes behind them, and `collect_ready` passes
+        // them all on in order.
+        if self.blocked() && self.pending.len() == 1 {
+            return self.enqueue(frame);
+        }
         self.pending.push_back(Pending::Pushed(frame));
+    }
+
+    /// Whether the client waits on a blocking command, every reply before it out.
+    fn blocked(&self) -> bool {
+        matches!(
+            self.pending.front(),
+            Some(Pending::Upstream { blocking: true, .. })
+        )
+    }
+
+    /// The client waits on a blocking command: the pushes and invalidations queued behind it
+    /// go out now, in their order, ahead of it and of the replies queued after it, which
+    /// Redis would send only once it returns. The slots behind it are at most
+    /// `max_pipeline`.
+    fn pass_unasked(&mut self) {
+        let unasked = |slot: &Pending| matches!(slot, Pending::Pushed(_) | Pending::Invalidate(_));
+        if !self.pending.iter().skip(1).any(unasked) {
+            return;
+        }
+        let behind: Vec<Pending> = self.pending.drain(1..).collect();
+        for slot in behind {
+            match slot {
+                Pending::Pushed(bytes) => self.enqueue(bytes),
+                Pending::Invalidate(waiting) => self.invalidate_now(&waiting),
+                slot => self.pending.push_back(slot),
+            }
+        }
+    }
+
+    /// Turns waiting invalidations into the bytes the client gets, given back to the budget
+    /// they were charged to.
+    fn invalidate_now(&mut self, waiting: &Invalidate) {
+        self.budget.refund(waiting.charged);
+        let bytes = if waiting.redirected {
+            self.client.redirected(&waiting.invalidation)
+        } else {
+            self.client.invalidation(&waiting.invalidation)
+        };
+        if !bytes.is_empty() {
+            self.queue_out(bytes);
+        }
     }
 
     /// Queues bytes already charged to the budget.

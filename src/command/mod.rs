@@ -243,6 +243,21 @@ pub(crate) fn names_auth(request: &[u8]) -> bool {
         || (name.eq_ignore_ascii_case(b"hello") && args.any(|arg| keyword_is(arg, b"auth")))
 }
 
+/// Whether a connection command acts on other clients: CLIENT KILL, UNBLOCK, PAUSE and
+/// UNPAUSE. Redis runs it after the client's earlier commands, so a client that pushes to a
+/// list and then unblocks or kills the client waiting on it has its push run first; redmux,
+/// which answers it itself, must wait for the earlier commands' replies before it acts.
+pub(crate) fn acts_on_others(request: &[u8]) -> bool {
+    let mut args = Args::new(request);
+    let (Some(name), Some(sub)) = (args.next(), args.next()) else {
+        return false;
+    };
+    name.eq_ignore_ascii_case(b"client")
+        && [&b"kill"[..], b"unblock", b"pause", b"unpause"]
+            .iter()
+            .any(|others| sub.eq_ignore_ascii_case(others))
+}
+
 /// Before authenticating, a client may only AUTH, HELLO (with AUTH), RESET or QUIT.
 pub(crate) fn allowed_before_auth(action: &Action, request: &[u8]) -> bool {
     match action {
