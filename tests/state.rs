@@ -522,3 +522,69 @@ async fn giving_up_a_pinned_connection() {
     drop(blocked);
     redis.wait_blocked_clients(0).await;
 }
+
+/// The master's replication INFO, once the replica is online and has acknowledged every
+/// write so far (its `offset` is the master's `master_repl_offset`).
+async fn replica_caught_up(master: &RedisServer) {
+    let deadline = Deadline::new();
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut master.direct())
+            .unwrap();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.split_once(name).map(|(_, rest)| rest.to_owned()))
+        };
+        let master_offset = field("master_repl_offset:");
+        let acked = field("slave0:").and_then(|slave| {
+            slave
+                .contains("state=online")
+                .then(|| {
+                    slave
+                        .split(",offset=")
+                        .nth(1)?
+                        .split(',')
+                        .next()
+                        .map(str::to_owned)
+                })
+                .flatten()
+        });
+        if acked.is_some() && acked == master_offset {
+            return;
+        }
+        deadline
+            .next_try(format!("the replica never caught up:\n{info}"))
+            .await;
+    }
+}
+
+/// WAIT counts the replicas that acknowledged the client's own writes, as Redis counts them
+/// for the writes of the connection it runs on. redmux runs WAIT on a pinned connection,
+/// reused here after the client's transaction: its last write is the transaction's, which
+/// the replica had. redmux writes a mark there first (an SPUBLISH, which Redis replicates),
+/// behind the client's writes. Without it, with the only replica stopped, WAIT answered `:1`
+/// at once for a write the replica never got. Directly, then through redmux; and once the
+/// replica runs again, WAIT counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_counts_the_replicas_that_have_the_clients_own_writes() {
+    let master = RedisServer::start();
+    let port = master.port.to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let redmux = Redmux::start(&master.addr()).await;
+    for addr in [master.addr().parse().unwrap(), redmux.addr] {
+        let mut client = support::Raw::connect(addr).await;
+        let transaction = client.pipeline(b"MULTI\r\nSET a 1\r\nEXEC\r\n", 3).await;
+        assert_eq!(transaction[2], b"*1\r\n+OK\r\n", "{addr}");
+        replica_caught_up(&master).await;
+        replica.signal("STOP");
+        let replies = client.pipeline(b"SET w 2\r\nWAIT 1 300\r\n", 2).await;
+        replica.signal("CONT");
+        assert_eq!(replies, [&b"+OK\r\n"[..], b":0\r\n"], "{addr}");
+        assert_eq!(
+            client.call(&["WAIT", "1", "10000"]).await,
+            ":1\r\n",
+            "{addr}"
+        );
+    }
+}

@@ -488,12 +488,28 @@ impl State {
                     let connection = lease.as_ref().or(self.held()).map(Lease::connection);
                     self.client.entry.set_blocked_on(connection.cloned());
                 }
+                // WAIT counts replicas for this connection's last write: one of redmux's own
+                // first, after the client's. A standalone Redis only: the embedded store has
+                // no replicas, and a cluster node does not replicate SPUBLISH.
+                let upstreams = self.client.upstreams();
+                let marked = blocking
+                    && upstreams.profile() == command::Profile::Redis
+                    && !upstreams.is_cluster()
+                    && command::waits_for_replicas(&request);
+                let (frames, then) = match marked {
+                    true => (
+                        Bytes::from([command::MARK, &request].concat()),
+                        Some(Box::new(Then::Marked)),
+                    ),
+                    false => (request, None),
+                };
                 let batch = Run {
-                    frames: request,
+                    frames,
                     count: 1,
                     timeout,
                     release: lease,
                     blocking,
+                    then,
                     ..Run::default()
                 };
                 self.forward(batch).await;

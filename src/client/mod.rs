@@ -152,6 +152,10 @@ enum Then {
     /// A read the near cache missed: its reply fills the placeholders it left (see
     /// [`cache::Filling`]).
     Fill(cache::Filling),
+    /// WAIT or WAITAOF behind redmux's [`command::MARK`]: the mark's reply is taken off, and
+    /// if Redis refused the mark (a user without access to its channel), WAIT's count is not
+    /// for the client's writes, so the client gets an error in its place.
+    Marked,
 }
 
 impl Then {
@@ -160,6 +164,7 @@ impl Then {
     fn added_replies(&self) -> u32 {
         match self {
             Then::Fill(filling) => filling.probes(),
+            Then::Marked => 1,
             _ => 0,
         }
     }

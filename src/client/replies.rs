@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     command::CommandId,
-    resp::{encode, Args},
+    resp::{encode, Args, ReplyScanner},
     upstream::{Lease, Replies, Reply, UpstreamError},
 };
 
@@ -217,6 +217,7 @@ impl State {
                 (Ok(Replies { bytes, errors }), false)
             }
             (Some(Then::Fill(filling)), Ok(replies)) => self.filled(filling, replies, charged),
+            (Some(Then::Marked), Ok(replies)) => self.unmarked(replies, charged),
             (Some(Then::Tracking), reply) => {
                 if !matches!(&reply, Ok(replies) if replies.errors == 0) {
                     self.client.tracking_off();
@@ -225,6 +226,44 @@ impl State {
             }
             (_, reply) => (reply, charged),
         }
+    }
+
+    /// WAIT's reply, behind that of the mark written before it (see [`Then::Marked`]).
+    fn unmarked(&mut self, replies: Replies, charged: bool) -> (Reply, bool) {
+        let Replies { bytes, errors } = replies;
+        let mut scanner = ReplyScanner::new();
+        let Ok(Some(end)) = scanner.next_reply(&bytes) else {
+            // The actor read exactly two replies: not reached.
+            return (Ok(Replies { bytes, errors }), charged);
+        };
+        if errors & 1 == 0 {
+            if charged {
+                self.budget.refund(end);
+            }
+            let wait = bytes.slice(end..);
+            return (
+                Ok(Replies {
+                    bytes: wait,
+                    errors: errors >> 1,
+                }),
+                charged,
+            );
+        }
+        if charged {
+            self.budget.refund(bytes.len());
+        }
+        let refusal = String::from_utf8_lossy(&bytes[1..end]);
+        let error = encode::error(&format!(
+            "redmux: WAIT cannot count this client's writes: SPUBLISH to __redmux__:wait refused: {}",
+            refusal.trim_end()
+        ));
+        (
+            Ok(Replies {
+                bytes: error,
+                errors: 1,
+            }),
+            false,
+        )
     }
 
     /// A failed AUTH, for the metrics.

@@ -258,6 +258,23 @@ pub(crate) fn acts_on_others(request: &[u8]) -> bool {
             .any(|others| sub.eq_ignore_ascii_case(others))
 }
 
+/// Whether a command waits for replicas to acknowledge the client's writes (WAIT, WAITAOF).
+/// Redis counts them for the offset of the last write made on the connection the command runs
+/// on; redmux runs it on a pinned connection, which has made none of the client's writes, so
+/// it first writes [`MARK`] there (see the session's `Then::Marked`).
+pub(crate) fn waits_for_replicas(request: &[u8]) -> bool {
+    let name = Args::new(request).next().unwrap_or_default();
+    name.eq_ignore_ascii_case(b"wait") || name.eq_ignore_ascii_case(b"waitaof")
+}
+
+/// What redmux writes on a pinned connection before WAIT or WAITAOF: an empty message to a
+/// shard channel of its own. Redis replicates it (a standalone Redis propagates SPUBLISH to its
+/// replicas), after every write the client made before, so the connection's last write is at
+/// least as far in the replication stream as the client's own, and WAIT waits for what Redis
+/// would wait for directly. Pattern subscriptions never match a shard channel: only a client
+/// that SSUBSCRIBEs this very name would hear it.
+pub(crate) const MARK: &[u8] = b"*3\r\n$8\r\nSPUBLISH\r\n$15\r\n__redmux__:wait\r\n$0\r\n\r\n";
+
 /// Before authenticating, a client may only AUTH, HELLO (with AUTH), RESET or QUIT.
 pub(crate) fn allowed_before_auth(action: &Action, request: &[u8]) -> bool {
     match action {
