@@ -29,7 +29,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::{
     cluster::Returns,
     connect::{open, ConnectError, Reader, Writer},
-    ActorSnapshot, Batch, Dial, Replies, ReplyTo, Setup, Target, Timeouts, UpstreamError,
+    ActorSnapshot, Batch, Dial, Replies, Reply, ReplyTo, Setup, Target, Timeouts, UpstreamError,
 };
 use crate::{
     io::{outgoing::write_some, Budget},
@@ -367,10 +367,12 @@ impl Actor {
                             break;
                         }
                         if let Some(request) = self.waiting.pop_front() {
-                            let deadline = request.timeout.and_then(|t| request.queued_at.checked_add(t));
+                            let Batch { frames, queued_at, timeout, reply, budget, .. } = request;
+                            let deadline = timeout.and_then(|t| queued_at.checked_add(t));
                             let returns = self.config.returns.as_ref();
+                            let back = returns.map(|returns| (returns, frames));
                             let error = Err(UpstreamError::Unavailable);
-                            request.reply.deliver_from(error, request.budget, deadline, returns);
+                            reply.deliver_from(error, (budget, deadline), back);
                         }
                     }
                     self.publish_queued();
@@ -488,6 +490,9 @@ struct Pipeline {
     answered: bool,
     /// The actor's way back to its cluster router (see [`Config::returns`]).
     returns: Option<Returns>,
+    /// The request of each [`ReplyTo::Direct`] batch in `inflight`, in order: the router
+    /// sends it again on `-MOVED`. Kept here rather than in the batch, which stays small.
+    direct: VecDeque<Bytes>,
 }
 
 impl Pipeline {
@@ -503,6 +508,7 @@ impl Pipeline {
             next_reply: 0,
             answered: false,
             returns,
+            direct: VecDeque::new(),
         }
     }
 
@@ -531,15 +537,21 @@ impl Pipeline {
             ..
         } = request;
         self.unwritten += frames.len();
+        let direct = matches!(reply, ReplyTo::Direct(_));
         if frames.len() >= BY_REFERENCE {
             self.seal();
-            if reply.keeps_written() {
+            if direct {
+                self.direct.push_back(frames.clone());
+            } else if reply.keeps_written() {
                 reply.written(frames.clone());
             }
             self.out.push_back(frames);
         } else {
             self.tail.extend_from_slice(&frames);
-            reply.written(frames);
+            match direct {
+                true => self.direct.push_back(frames),
+                false => reply.written(frames),
+            }
         }
         self.owed += u64::from(count);
         self.inflight.push_back(InFlight {
@@ -585,21 +597,28 @@ impl Pipeline {
                         bytes: replies,
                         errors: done.errors,
                     };
-                    let returns = self.returns.as_ref();
-                    done.reply
-                        .deliver_from(Ok(replies), done.budget, done.deadline, returns);
+                    self.answer(done, Ok(replies));
                 }
             }
         }
     }
 
+    /// Hands `reply` to the batch `done` answers; a direct request's error goes to the router
+    /// with the request, which is taken off `direct` in any case.
+    fn answer(&mut self, done: InFlight, reply: Reply) {
+        let frames = match done.reply {
+            ReplyTo::Direct(_) => self.direct.pop_front(),
+            _ => None,
+        };
+        let back = self.returns.as_ref().zip(frames);
+        done.reply
+            .deliver_from(reply, (done.budget, done.deadline), back);
+    }
+
     /// Fails every request written or queued on this connection.
     fn fail(&mut self, error: UpstreamError, why: Lost) -> Ended {
-        for request in self.inflight.drain(..) {
-            let returns = self.returns.as_ref();
-            request
-                .reply
-                .deliver_from(Err(error), request.budget, request.deadline, returns);
+        for request in std::mem::take(&mut self.inflight) {
+            self.answer(request, Err(error));
         }
         self.owed = 0;
         Ended::Lost {

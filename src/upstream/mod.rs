@@ -89,9 +89,9 @@ pub enum ReplyTo {
     /// straight to the client whose batch it passed on whole (see [`cluster::Routed`]).
     Router(Box<cluster::Routed>),
     /// A client's one request that a cluster router's direct path sent to a node: the reply
-    /// goes to the client, or to the router when it is an error (see
-    /// [`cluster::DirectReply`]).
-    Direct(cluster::DirectReply),
+    /// goes to the client, or to the router when it is an error, with the request, which the
+    /// node's actor keeps meanwhile (see [`ReplyTo::deliver_from`]).
+    Direct(oneshot::Sender<Reply>),
 }
 
 impl ReplyTo {
@@ -100,7 +100,7 @@ impl ReplyTo {
         match self {
             ReplyTo::Sender(sender) => sender.is_closed(),
             ReplyTo::Router(routed) => routed.is_closed(),
-            ReplyTo::Direct(direct) => direct.is_closed(),
+            ReplyTo::Direct(sender) => sender.is_closed(),
         }
     }
 
@@ -121,25 +121,25 @@ impl ReplyTo {
                 let _ = sender.send(reply);
             }
             ReplyTo::Router(routed) => routed.deliver(reply),
-            ReplyTo::Direct(direct) => direct.into_sender().deliver(reply, budget),
+            ReplyTo::Direct(sender) => ReplyTo::Sender(sender).deliver(reply, budget),
         }
     }
 
     /// [`ReplyTo::deliver`] by an actor, with what it keeps of the batch (the client's
     /// output `budget`, when the replies are due) and, for a cluster router's node, the way
-    /// back to the router: an error of [`ReplyTo::Direct`] goes there.
+    /// back to the router with the request as written: an error of [`ReplyTo::Direct`] goes
+    /// there.
     pub(crate) fn deliver_from(
         self,
         reply: Reply,
-        budget: Option<Arc<Budget>>,
-        deadline: Option<Instant>,
-        returns: Option<&cluster::Returns>,
+        kept: (Option<Arc<Budget>>, Option<Instant>),
+        back: Option<(&cluster::Returns, Bytes)>,
     ) {
-        match (self, returns) {
-            (ReplyTo::Direct(direct), Some(returns)) => {
-                direct.deliver(reply, budget, deadline, returns);
+        match (self, back) {
+            (ReplyTo::Direct(sender), Some((returns, frames))) => {
+                cluster::deliver_direct(sender, reply, kept, frames, returns);
             }
-            (reply_to, _) => reply_to.deliver(reply, budget.as_deref()),
+            (reply_to, _) => reply_to.deliver(reply, kept.0.as_deref()),
         }
     }
 
@@ -148,21 +148,15 @@ impl ReplyTo {
     /// `ASKING` keeps its own). Taking them here saves a copy's allocation and atomics per
     /// message.
     pub(crate) fn written(&mut self, frames: Bytes) {
-        match self {
-            ReplyTo::Router(routed) => routed.written(frames),
-            ReplyTo::Direct(direct) => direct.written(frames),
-            ReplyTo::Sender(_) => {}
+        if let ReplyTo::Router(routed) = self {
+            routed.written(frames);
         }
     }
 
     /// Whether [`ReplyTo::written`] keeps the requests: only then is a copy worth making
     /// of those the actor writes by reference.
     pub(crate) fn keeps_written(&self) -> bool {
-        match self {
-            ReplyTo::Router(routed) => routed.keeps_written(),
-            ReplyTo::Direct(_) => true,
-            ReplyTo::Sender(_) => false,
-        }
+        matches!(self, ReplyTo::Router(routed) if routed.keeps_written())
     }
 }
 
@@ -275,10 +269,6 @@ impl Shared {
     /// Sends a batch of one request straight to its cluster node when the router allows it
     /// (see the router's `direct` module); gives it back otherwise. Only for a client with
     /// nothing outstanding.
-    // The batch comes back by value when it must take the router's way (every pipelined
-    // batch does): boxing it there would cost an allocation per batch. At 128 bytes it is
-    // still moved without a call to `memcpy`.
-    #[allow(clippy::result_large_err)]
     pub fn direct(&self, batch: Batch) -> Result<(), Batch> {
         match &self.0.direct {
             Some(direct) => direct.send(batch),

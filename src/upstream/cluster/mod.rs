@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 pub(super) use pinned::spawn as spawn_pinned;
 pub(super) use router::{
-    direct::{Direct, DirectReply, Returns},
+    direct::{deliver as deliver_direct, Direct, Returns},
     spawn as spawn_router, Routed, Spawner,
 };
 

@@ -23,7 +23,10 @@
 //!
 //! The request goes as [`ReplyTo::Direct`]: the client's reply channel and nothing else. What
 //! the router needs to take an error back (its channel, the node) the node's actor was given
-//! once, when the router started it ([`Returns`]), instead of a box per request carrying them.
+//! once, when the router started it ([`Returns`]), instead of a box per request carrying them;
+//! the request itself, to send again on `-MOVED`, the actor keeps while it is in flight. A
+//! batch stays 96 bytes, as for every other client: at 128 a standalone Redis's clients paid
+//! 1.7% more instructions per request.
 
 use std::sync::{atomic::Ordering, Arc, RwLock};
 
@@ -67,73 +70,41 @@ pub(crate) struct Returns {
     pub(super) node: Arc<NodeAddr>,
 }
 
-/// A client's one request, sent by the direct path: where its reply goes. Its output budget
-/// and its deadline are the node's batch's own, which the actor keeps for every request: only
-/// the reply channel and the request go here, so that a batch stays small enough to be moved
-/// without a call to `memcpy` (128 bytes).
-#[derive(Debug)]
-pub struct DirectReply {
+/// Hands the reply to a client's one request that the direct path sent (see
+/// [`ReplyTo::Direct`]): called by the node's actor with the reply (or the error that ended
+/// it), the client's output `budget`, when the reply is due, the request as written (which
+/// the actor kept), and the way back to its router. The client gets a reply that is no
+/// error, the router the rest, as it would have from a batch it passed on whole (see
+/// [`Routed`]). Once the router has gone, the client gets the error as it is.
+pub(in crate::upstream) fn deliver(
     sender: oneshot::Sender<Reply>,
-    /// The request, once the actor wrote it (see [`ReplyTo::written`]): the router sends it
-    /// again on `-MOVED`.
+    reply: Reply,
+    (budget, deadline): (Option<Arc<Budget>>, Option<Instant>),
     frames: Bytes,
-}
-
-impl DirectReply {
-    pub(in crate::upstream) fn is_closed(&self) -> bool {
-        self.sender.is_closed()
-    }
-
-    /// Called by the node's actor with the request it wrote.
-    pub(in crate::upstream) fn written(&mut self, frames: Bytes) {
-        self.frames = frames;
-    }
-
-    /// The client's reply channel, for a reply that goes to it as it is.
-    pub(in crate::upstream) fn into_sender(self) -> ReplyTo {
-        ReplyTo::Sender(self.sender)
-    }
-
-    /// Called by the node's actor with the reply (or the error that ended it), the client's
-    /// output `budget`, when the reply is due, and the way back to its router: the client
-    /// gets a reply that is no error, the router the rest, as it would have from a batch it
-    /// passed on whole (see [`Routed`]). Once the router has gone, the client gets the
-    /// error as it is.
-    pub(in crate::upstream) fn deliver(
-        self,
-        reply: Reply,
-        budget: Option<Arc<Budget>>,
-        deadline: Option<Instant>,
-        returns: &Returns,
-    ) {
-        let clean = matches!(&reply, Ok(replies) if replies.errors == 0);
-        let back = (!clean).then(|| returns.back.upgrade()).flatten();
-        let DirectReply { sender, frames } = self;
-        let client = Client {
-            reply: ReplyTo::Sender(sender),
-            budget,
-            deadline,
-        };
-        match back {
-            Some(back) => Routed {
-                back,
-                node: returns.node.clone(),
-                job: Job::new(0, Unit::Range { start: 0, len: 1 }, frames),
-                client: Some(client),
-            }
-            .deliver(reply),
-            None => client.reply.deliver(reply, client.budget.as_deref()),
+    returns: &Returns,
+) {
+    let clean = matches!(&reply, Ok(replies) if replies.errors == 0);
+    let back = (!clean).then(|| returns.back.upgrade()).flatten();
+    let client = Client {
+        reply: ReplyTo::Sender(sender),
+        budget,
+        deadline,
+    };
+    match back {
+        Some(back) => Routed {
+            back,
+            node: returns.node.clone(),
+            job: Job::new(0, Unit::Range { start: 0, len: 1 }, frames),
+            client: Some(client),
         }
+        .deliver(reply),
+        None => client.reply.deliver(reply, client.budget.as_deref()),
     }
 }
 
 impl Direct {
     /// Sends `batch`, one request, to the master of its slot; gives it back when it must go
     /// through the router.
-    // The batch comes back by value when it must take the router's way (every pipelined
-    // batch does): boxing it there would cost an allocation per batch. At 128 bytes it is
-    // still moved without a call to `memcpy`.
-    #[allow(clippy::result_large_err)]
     pub(crate) fn send(&self, batch: Batch) -> Result<(), Batch> {
         if batch.count != 1 || batch.reply.is_closed() {
             return Err(batch);
@@ -168,17 +139,14 @@ impl Direct {
         else {
             return Err(batch);
         };
-        // The node's batch keeps the client's clock and budget. The actor gives the reply the
-        // request once it has written it (see `ReplyTo::written`): no copy is made here.
+        // The node's batch keeps the client's clock and budget; the actor keeps the request
+        // while it is in flight: no copy is made here.
         let request = Batch {
             frames,
             count,
             queued_at,
             timeout,
-            reply: ReplyTo::Direct(DirectReply {
-                sender: sender_of_client,
-                frames: Bytes::new(),
-            }),
+            reply: ReplyTo::Direct(sender_of_client),
             budget,
         };
         sender.try_send(request).map_err(|refused| {
@@ -209,7 +177,7 @@ impl Direct {
 /// own.
 fn given_back(request: Batch) -> Batch {
     let reply = match request.reply {
-        ReplyTo::Direct(direct) => direct.into_sender(),
+        ReplyTo::Direct(sender) => ReplyTo::Sender(sender),
         reply => reply,
     };
     Batch { reply, ..request }
