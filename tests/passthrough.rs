@@ -262,39 +262,3 @@ async fn acl_refusals_come_before_the_subscribed_context() {
     )
     .await;
 }
-
-/// WAIT runs behind a mark redmux writes on its pinned connection (an SPUBLISH to
-/// `__redmux__:wait`, see `wait_counts_the_replicas_that_have_the_clients_own_writes`): a
-/// user who may not publish there gets an error that says why, not a count that would not be
-/// for its writes. A user who may gets Redis's count.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wait_for_a_user_who_may_not_publish_says_why() {
-    let redis = redis_with_users();
-    let _: () = redis::cmd("ACL")
-        .arg(
-            &[
-                "SETUSER",
-                "waiter",
-                "on",
-                ">waitpw",
-                "~*",
-                "resetchannels",
-                "+@all",
-            ][..],
-        )
-        .query(&mut redis.direct())
-        .unwrap();
-    let redmux = Redmux::start(&redis.addr()).await;
-    let mut alice = redmux.raw().await;
-    assert_eq!(alice.call(&["AUTH", "alice", "alicepw"]).await, "+OK\r\n");
-    assert_eq!(alice.call(&["WAIT", "0", "0"]).await, ":0\r\n");
-    let mut waiter = redmux.raw().await;
-    assert_eq!(waiter.call(&["AUTH", "waiter", "waitpw"]).await, "+OK\r\n");
-    assert_eq!(
-        waiter.call(&["WAIT", "0", "0"]).await,
-        "-ERR redmux: WAIT cannot count this client's writes: SPUBLISH to __redmux__:wait \
-         refused: NOPERM this user has no permissions to access one of the channels used as \
-         arguments\r\n"
-    );
-    assert_eq!(waiter.call(&["PING"]).await, "+PONG\r\n");
-}

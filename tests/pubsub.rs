@@ -317,6 +317,39 @@ async fn a_blocked_resp3_client_hears_its_pushes_while_it_waits() {
     }
 }
 
+/// A connection command pipelined behind a blocking one waits for it, as Redis runs nothing
+/// a client sent behind a blocking command before it returns: a RESET there left the client
+/// subscribed and hearing its messages until BLPOP returned. (redmux answered it at once:
+/// PUBLISH counted 0 and the message was lost.) Directly, then through redmux.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_behind_a_blocking_command_waits_for_it() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    for addr in [redis.addr().parse().unwrap(), redmux.addr] {
+        let mut blocked = Raw::connect(addr).await;
+        let mut other = Raw::connect(addr).await;
+        blocked.call(&["HELLO", "3"]).await;
+        blocked.call(&["SUBSCRIBE", "c"]).await;
+        wait_numsub(&redis, "c", 1);
+        blocked.send(b"BLPOP l 0\r\nRESET\r\n").await;
+        redis.wait_blocked_clients(1).await;
+        assert_eq!(other.call(&["PUBLISH", "c", "m"]).await, ":1\r\n", "{addr}");
+        assert_eq!(
+            blocked.reply_str().await,
+            ">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n",
+            "{addr}"
+        );
+        assert_eq!(other.call(&["RPUSH", "l", "x"]).await, ":1\r\n");
+        assert_eq!(
+            blocked.reply_str().await,
+            "*2\r\n$1\r\nl\r\n$1\r\nx\r\n",
+            "{addr}"
+        );
+        assert_eq!(blocked.reply_str().await, "+RESET\r\n", "{addr}");
+        wait_numsub(&redis, "c", 0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_pubsub() {
     let redmux = Redmux::start("embedded").await;

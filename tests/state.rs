@@ -561,11 +561,12 @@ async fn replica_caught_up(master: &RedisServer) {
 
 /// WAIT counts the replicas that acknowledged the client's own writes, as Redis counts them
 /// for the writes of the connection it runs on. redmux runs WAIT on a pinned connection,
-/// reused here after the client's transaction: its last write is the transaction's, which
-/// the replica had. redmux writes a mark there first (an SPUBLISH, which Redis replicates),
-/// behind the client's writes. Without it, with the only replica stopped, WAIT answered `:1`
-/// at once for a write the replica never got. Directly, then through redmux; and once the
-/// replica runs again, WAIT counts it.
+/// reused here after the client's transaction: its offset is the transaction's, which the
+/// replica had. redmux sends a PING there first, which moves the offset past the client's
+/// writes. Without it, with the only replica stopped, WAIT answered `:1` at once for a write
+/// the replica never got. Directly, then through redmux; and once the replica runs again,
+/// WAIT counts it. Under a write pause on Redis, WAIT is answered at once, as directly (a
+/// written mark, an SPUBLISH, waited for the pause to end).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_counts_the_replicas_that_have_the_clients_own_writes() {
     let master = RedisServer::start();
@@ -586,5 +587,20 @@ async fn wait_counts_the_replicas_that_have_the_clients_own_writes() {
             ":1\r\n",
             "{addr}"
         );
+        let _: () = redis::cmd("CLIENT")
+            .arg(&["PAUSE", "20000", "WRITE"][..])
+            .query(&mut master.direct())
+            .unwrap();
+        let started = Instant::now();
+        let count = client.call(&["WAIT", "0", "100"]).await;
+        assert!(count.starts_with(':'), "{addr}: {count}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{addr}: WAIT waited for the pause"
+        );
+        let _: () = redis::cmd("CLIENT")
+            .arg("UNPAUSE")
+            .query(&mut master.direct())
+            .unwrap();
     }
 }

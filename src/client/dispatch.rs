@@ -488,9 +488,10 @@ impl State {
                     let connection = lease.as_ref().or(self.held()).map(Lease::connection);
                     self.client.entry.set_blocked_on(connection.cloned());
                 }
-                // WAIT counts replicas for this connection's last write: one of redmux's own
-                // first, after the client's. A standalone Redis only: the embedded store has
-                // no replicas, and a cluster node does not replicate SPUBLISH.
+                // WAIT counts replicas for this connection's offset: a command of redmux's own
+                // first moves it past the client's writes. A standalone Redis only: the
+                // embedded store has no replicas, and in front of a cluster the client's writes
+                // went to other masters than the one WAIT reaches.
                 let upstreams = self.client.upstreams();
                 let marked = blocking
                     && upstreams.profile() == command::Profile::Redis
@@ -603,6 +604,10 @@ impl State {
             }
             Action::Transaction(_) => held,
             Action::Connection if command::acts_on_others(request) => Some(Path::Others),
+            // Redis runs nothing a client sends behind a blocking command before it returns:
+            // RESET, HELLO or CLIENT TRACKING OFF would otherwise drop or change what the
+            // client hears meanwhile.
+            Action::Connection if self.owes_blocking() => Some(Path::Others),
             Action::PubSub { .. } => Some(Path::PubSub),
             // Queued in a transaction, else on a connection of its own.
             Action::Monitor | Action::Control if matches!(self.tx, Tx::Multi { .. }) => held,

@@ -152,9 +152,9 @@ enum Then {
     /// A read the near cache missed: its reply fills the placeholders it left (see
     /// [`cache::Filling`]).
     Fill(cache::Filling),
-    /// WAIT or WAITAOF behind redmux's [`command::MARK`]: the mark's reply is taken off, and
-    /// if Redis refused the mark (a user without access to its channel), WAIT's count is not
-    /// for the client's writes, so the client gets an error in its place.
+    /// WAIT or WAITAOF behind redmux's [`command::MARK`], a PING: its reply is taken off. (A
+    /// user Redis does not allow PING has no connection through redmux at all: every
+    /// connection redmux opens is checked with one.)
     Marked,
 }
 
@@ -195,8 +195,9 @@ enum Path {
     /// CLIENT TRACKING ON waiting for redmux's invalidation stream: the reads after it wait
     /// too, so none goes untracked.
     Tracking,
-    /// Answered by redmux, acting on other clients (see [`command::acts_on_others`]): no
-    /// request was ever sent on it, so it waits for every request before it.
+    /// Answered by redmux, acting on other clients (see [`command::acts_on_others`]), or
+    /// behind a blocking command: no request was ever sent on it, so it waits for every
+    /// request before it.
     Others,
 }
 

@@ -228,7 +228,7 @@ impl State {
         }
     }
 
-    /// WAIT's reply, behind that of the mark written before it (see [`Then::Marked`]).
+    /// WAIT's reply, behind that of the PING sent before it (see [`Then::Marked`]).
     fn unmarked(&mut self, replies: Replies, charged: bool) -> (Reply, bool) {
         let Replies { bytes, errors } = replies;
         let mut scanner = ReplyScanner::new();
@@ -236,33 +236,16 @@ impl State {
             // The actor read exactly two replies: not reached.
             return (Ok(Replies { bytes, errors }), charged);
         };
-        if errors & 1 == 0 {
-            if charged {
-                self.budget.refund(end);
-            }
-            let wait = bytes.slice(end..);
-            return (
-                Ok(Replies {
-                    bytes: wait,
-                    errors: errors >> 1,
-                }),
-                charged,
-            );
-        }
         if charged {
-            self.budget.refund(bytes.len());
+            self.budget.refund(end);
         }
-        let refusal = String::from_utf8_lossy(&bytes[1..end]);
-        let error = encode::error(&format!(
-            "redmux: WAIT cannot count this client's writes: SPUBLISH to __redmux__:wait refused: {}",
-            refusal.trim_end()
-        ));
+        let wait = bytes.slice(end..);
         (
             Ok(Replies {
-                bytes: error,
-                errors: 1,
+                bytes: wait,
+                errors: errors >> 1,
             }),
-            false,
+            charged,
         )
     }
 

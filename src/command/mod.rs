@@ -259,21 +259,22 @@ pub(crate) fn acts_on_others(request: &[u8]) -> bool {
 }
 
 /// Whether a command waits for replicas to acknowledge the client's writes (WAIT, WAITAOF).
-/// Redis counts them for the offset of the last write made on the connection the command runs
-/// on; redmux runs it on a pinned connection, which has made none of the client's writes, so
-/// it first writes [`MARK`] there (see the session's `Then::Marked`).
+/// Redis counts them for the connection's offset, which it sets after each command the
+/// connection runs; redmux runs it on a pinned connection whose last command may be older
+/// than the client's writes (a transaction's, before the connection went back to the pool),
+/// so it first sends [`MARK`] there (see the session's `Then::Marked`).
 pub(crate) fn waits_for_replicas(request: &[u8]) -> bool {
     let name = Args::new(request).next().unwrap_or_default();
     name.eq_ignore_ascii_case(b"wait") || name.eq_ignore_ascii_case(b"waitaof")
 }
 
-/// What redmux writes on a pinned connection before WAIT or WAITAOF: an empty message to a
-/// shard channel of its own. Redis replicates it (a standalone Redis propagates SPUBLISH to its
-/// replicas), after every write the client made before, so the connection's last write is at
-/// least as far in the replication stream as the client's own, and WAIT waits for what Redis
-/// would wait for directly. Pattern subscriptions never match a shard channel: only a client
-/// that SSUBSCRIBEs this very name would hear it.
-pub(crate) const MARK: &[u8] = b"*3\r\n$8\r\nSPUBLISH\r\n$15\r\n__redmux__:wait\r\n$0\r\n\r\n";
+/// What redmux writes on a pinned connection before WAIT or WAITAOF: a PING. Redis sets a
+/// connection's offset to the replication stream's current end after every command it runs
+/// (`c->woff = server.master_repl_offset` in `processCommand`, `src/server.c`), not only after
+/// writes; the client's writes were answered before (the path barrier), so they are behind
+/// that end, and WAIT waits for what it would wait for directly. A PING is not held by a
+/// `CLIENT PAUSE WRITE` on Redis and tells no subscriber anything.
+pub(crate) const MARK: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 
 /// Before authenticating, a client may only AUTH, HELLO (with AUTH), RESET or QUIT.
 pub(crate) fn allowed_before_auth(action: &Action, request: &[u8]) -> bool {
