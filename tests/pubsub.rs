@@ -267,6 +267,25 @@ async fn messages_behind_a_blocked_reply_count_against_the_limit() {
     );
 }
 
+/// Subscribes `blocked` (RESP3 already) to `c` and sends `then`, which starts with a
+/// BLPOP of `l`; returns once Redis shows it blocked.
+async fn subscribe_and_block(redis: &RedisServer, blocked: &mut Raw, then: &[u8]) {
+    blocked.call(&["SUBSCRIBE", "c"]).await;
+    wait_numsub(redis, "c", 1);
+    blocked.send(then).await;
+    redis.wait_blocked_clients(1).await;
+}
+
+/// `other` pushes to `l`, and `blocked`'s BLPOP returns it.
+async fn unblock(other: &mut Raw, blocked: &mut Raw, addr: SocketAddr) {
+    assert_eq!(other.call(&["RPUSH", "l", "x"]).await, ":1\r\n");
+    assert_eq!(
+        blocked.reply_str().await,
+        "*2\r\n$1\r\nl\r\n$1\r\nx\r\n",
+        "{addr}"
+    );
+}
+
 /// A RESP3 client blocked in BLPOP hears its messages and its invalidations while it waits,
 /// as Redis writes a blocked client its pushes, and then BLPOP's reply: they do not wait
 /// behind the reply that has not come. (They did: none reached the client, which was closed
@@ -286,10 +305,7 @@ async fn a_blocked_resp3_client_hears_its_pushes_while_it_waits() {
         blocked.call(&["HELLO", "3"]).await;
         assert_eq!(blocked.call(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n");
         assert_eq!(blocked.call(&["GET", "k"]).await, "$1\r\nv\r\n");
-        blocked.call(&["SUBSCRIBE", "c"]).await;
-        wait_numsub(&redis, "c", 1);
-        blocked.send(b"BLPOP l 0\r\n").await;
-        redis.wait_blocked_clients(1).await;
+        subscribe_and_block(&redis, &mut blocked, b"BLPOP l 0\r\n").await;
         // 3 MB of messages, three times the limit, each read as it comes.
         for _ in 0..30 {
             assert_eq!(other.call(&["PUBLISH", "c", &payload]).await, ":1\r\n");
@@ -305,12 +321,7 @@ async fn a_blocked_resp3_client_hears_its_pushes_while_it_waits() {
             ">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n",
             "{addr}"
         );
-        assert_eq!(other.call(&["RPUSH", "l", "x"]).await, ":1\r\n");
-        assert_eq!(
-            blocked.reply_str().await,
-            "*2\r\n$1\r\nl\r\n$1\r\nx\r\n",
-            "{addr}"
-        );
+        unblock(&mut other, &mut blocked, addr).await;
         assert_eq!(blocked.call(&["PING"]).await, "+PONG\r\n", "{addr}");
         drop(blocked);
         wait_numsub(&redis, "c", 0);
@@ -329,22 +340,14 @@ async fn a_reset_behind_a_blocking_command_waits_for_it() {
         let mut blocked = Raw::connect(addr).await;
         let mut other = Raw::connect(addr).await;
         blocked.call(&["HELLO", "3"]).await;
-        blocked.call(&["SUBSCRIBE", "c"]).await;
-        wait_numsub(&redis, "c", 1);
-        blocked.send(b"BLPOP l 0\r\nRESET\r\n").await;
-        redis.wait_blocked_clients(1).await;
+        subscribe_and_block(&redis, &mut blocked, b"BLPOP l 0\r\nRESET\r\n").await;
         assert_eq!(other.call(&["PUBLISH", "c", "m"]).await, ":1\r\n", "{addr}");
         assert_eq!(
             blocked.reply_str().await,
             ">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n",
             "{addr}"
         );
-        assert_eq!(other.call(&["RPUSH", "l", "x"]).await, ":1\r\n");
-        assert_eq!(
-            blocked.reply_str().await,
-            "*2\r\n$1\r\nl\r\n$1\r\nx\r\n",
-            "{addr}"
-        );
+        unblock(&mut other, &mut blocked, addr).await;
         assert_eq!(blocked.reply_str().await, "+RESET\r\n", "{addr}");
         wait_numsub(&redis, "c", 0);
     }
