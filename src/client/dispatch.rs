@@ -429,7 +429,14 @@ impl State {
                 "redmux: MONITOR is disabled (upstream.allow_monitor = false)",
             )),
             Action::Monitor if self.monitor.is_some() => {
-                self.reply_locally(Bytes::from_static(b"+OK\r\n"))
+                // Redis answers nothing to a client that monitors already (`monitorCommand`
+                // returns before its reply); a CLIENT REPLY SKIP is used up all the same.
+                self.take_suppress();
+                self.owe();
+                self.pending.push_back(Pending::Local {
+                    bytes: Bytes::new(),
+                    count: 1,
+                });
             }
             Action::Monitor => {
                 let (feed, inbox) = Feed::new(self.config.output_limit());
