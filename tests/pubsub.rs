@@ -26,6 +26,13 @@ fn wait_numsub(redis: &RedisServer, channel: &str, want: i64) {
     }
 }
 
+/// redmux in front of `redis`, closing a client past `limit` bytes of unread output.
+async fn with_output_limit(redis: &RedisServer, limit: u64) -> Redmux {
+    let mut config = support::config(&redis.addr());
+    config.server.client_output_limit = limit;
+    Redmux::start_with(config).await
+}
+
 /// 100 PUBLISHes of `payload` to `channel`, pipelined.
 fn publish_round(channel: &str, payload: &str) -> Vec<u8> {
     let publish = redmux::resp::encode_command(["PUBLISH", channel, payload].map(str::as_bytes));
@@ -184,9 +191,7 @@ async fn the_redis_crate_pubsub_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_subscriber_is_cut_off() {
     let redis = RedisServer::start();
-    let mut config = support::config(&redis.addr());
-    config.server.client_output_limit = 4 * 1024 * 1024;
-    let redmux = Redmux::start_with(config).await;
+    let redmux = with_output_limit(&redis, 4 * 1024 * 1024).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut slow = socket.connect(redmux.addr).await.unwrap();
@@ -237,9 +242,7 @@ async fn slow_subscriber_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_behind_a_blocked_reply_count_against_the_limit() {
     let redis = RedisServer::start();
-    let mut config = support::config(&redis.addr());
-    config.server.client_output_limit = 1024 * 1024;
-    let redmux = Redmux::start_with(config).await;
+    let redmux = with_output_limit(&redis, 1024 * 1024).await;
     let mut blocked = redmux.raw().await;
     blocked.call(&["HELLO", "3"]).await;
     blocked.call(&["SUBSCRIBE", "flood"]).await;
@@ -294,9 +297,7 @@ async fn unblock(other: &mut Raw, blocked: &mut Raw, addr: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_resp3_client_hears_its_pushes_while_it_waits() {
     let redis = RedisServer::start();
-    let mut config = support::config(&redis.addr());
-    config.server.client_output_limit = 1024 * 1024;
-    let redmux = Redmux::start_with(config).await;
+    let redmux = with_output_limit(&redis, 1024 * 1024).await;
     let payload = "p".repeat(100_000);
     for addr in [redis.addr().parse().unwrap(), redmux.addr] {
         let mut blocked = Raw::connect(addr).await;

@@ -428,16 +428,9 @@ impl State {
             Action::Monitor if !self.config.allow_monitor => self.reply_locally(encode::error(
                 "redmux: MONITOR is disabled (upstream.allow_monitor = false)",
             )),
-            Action::Monitor if self.monitor.is_some() => {
-                // Redis answers nothing to a client that monitors already (`monitorCommand`
-                // returns before its reply); a CLIENT REPLY SKIP is used up all the same.
-                self.take_suppress();
-                self.owe();
-                self.pending.push_back(Pending::Local {
-                    bytes: Bytes::new(),
-                    count: 1,
-                });
-            }
+            // Redis answers nothing to a client that monitors already (`monitorCommand` returns
+            // before its reply): an empty slot, which uses up a CLIENT REPLY SKIP as any does.
+            Action::Monitor if self.monitor.is_some() => self.reply_locally(Bytes::new()),
             Action::Monitor => {
                 let (feed, inbox) = Feed::new(self.config.output_limit());
                 let identity = self.client.identity();
