@@ -11,8 +11,10 @@
 //! `-CROSSSLOT` here and EXEC then gets `-EXECABORT` (a DISCARD goes to the node instead), as
 //! the issue of a transaction across slots shows to a client of Redis Cluster. While watching,
 //! a command for a slot another master owns gets `-MOVED` from the node, which the client sees
-//! as `-CROSSSLOT`. Outside those states the connection moves to whichever master owns the
-//! next request's slot, and a `-MOVED` (the node did not run the command) is followed once.
+//! as `-CROSSSLOT`. A command whose own keys span slots (a BLPOP of two lists, say) gets
+//! `-CROSSSLOT` here without reaching a node, in a transaction or not. Outside those states
+//! the connection moves to whichever master owns the next request's slot, and a `-MOVED` (the
+//! node did not run the command) is followed once.
 
 use std::{collections::VecDeque, sync::Arc};
 
@@ -32,7 +34,6 @@ use crate::{
         keys::{self, SlotOf},
         plan::{CLUSTERDOWN, CROSSSLOT},
         redirect::{followable, redirect, scripted, Redirect},
-        slot::slot,
     },
     resp::{encode_command, Args},
     upstream::{Batch, Budget, Replies, Reply, ReplyTo, UpstreamError},
@@ -231,12 +232,19 @@ impl Pinned {
                 pieces.push(Piece::Local(Bytes::from_static(b"+RESET\r\n")));
                 continue;
             }
+            let keys = keys::keys(&frame);
+            let slot_of = keys.slot();
+            if slot_of == SlotOf::Cross {
+                // Refused here, as the node would refuse it (and flag a transaction, which
+                // makes EXEC fail): a blocking command across slots never waits on a node.
+                self.aborted |= self.multi;
+                pieces.push(Piece::Local(Bytes::from_static(CROSSSLOT)));
+                continue;
+            }
             // Where the request goes, when that is still open.
             if !self.sticky {
-                let keys = keys::keys(&frame);
-                let target = match (keys.slot(), keys.keys().first()) {
-                    (SlotOf::One(slot), _) => Some(self.owner(slot)),
-                    (SlotOf::Cross, Some(first)) => Some(self.owner(slot(first))),
+                let target = match slot_of {
+                    SlotOf::One(slot) => Some(self.owner(slot)),
                     _ => None,
                 };
                 let may_move = self.inflight.is_empty() && wire.is_empty();
@@ -295,7 +303,7 @@ impl Pinned {
                     // Queued for another slot than the transaction's first key: refused, and
                     // EXEC will be too (Redis Cluster queues it, then refuses EXEC, when the
                     // slots are on one node; this is the same whichever node owns them).
-                    Verb::Other => match (self.tx_slot, keys::keys(&frame).slot()) {
+                    Verb::Other => match (self.tx_slot, slot_of) {
                         (None, SlotOf::One(slot)) => self.tx_slot = Some(slot),
                         (Some(first), SlotOf::One(slot)) if slot != first => {
                             self.aborted = true;
