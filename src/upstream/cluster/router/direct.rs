@@ -76,7 +76,9 @@ pub(crate) struct Returns {
 /// it), the client's output `budget`, when the reply is due, the request as written (which
 /// the actor kept), and the way back to its router. The client gets a reply that is no
 /// error, the router the rest, as it would have from a batch it passed on whole (see
-/// [`Routed`]). Once the router has gone, the client gets the error as it is.
+/// [`Routed`]). Once the router has gone, the client gets the error as it is: that client
+/// has gone too, since only a router of redmux's own identity has a direct path, and it lives
+/// as long as the upstream set that every one of its clients holds.
 pub(in crate::upstream) fn deliver(
     sender: oneshot::Sender<Reply>,
     reply: Reply,
