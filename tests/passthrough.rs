@@ -161,6 +161,33 @@ async fn a_logged_in_clients_commands_run_as_its_user() {
     );
 }
 
+/// A WATCH that found every pinned connection taken leaves the client without one: an AUTH
+/// then is checked where any client's is, never on the shared connection, which would log in
+/// every client that shares it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_after_a_refused_watch_logs_in_only_its_client() {
+    let redis = redis_with_users();
+    let mut config = support::config(&redis.addr());
+    config.upstream.max_pinned = 1;
+    config.upstream.connect_timeout = std::time::Duration::from_millis(200);
+    let redmux = Redmux::start_with(config).await;
+    let mut holder = redmux.raw().await;
+    assert_eq!(holder.call(&["MULTI"]).await, "+OK\r\n");
+    let mut watcher = redmux.raw().await;
+    assert_eq!(
+        watcher.call(&["WATCH", "k"]).await,
+        "-ERR redmux: no pinned upstream connection free (max_pinned reached)\r\n"
+    );
+    assert_eq!(watcher.call(&["AUTH", "reader", "readpw"]).await, "+OK\r\n");
+    assert_eq!(
+        watcher.call(&["SET", "k", "v"]).await,
+        "-NOPERM this user has no permissions to run the 'set' command\r\n"
+    );
+    let mut other = redmux.raw().await;
+    assert_eq!(other.call(&["SET", "k", "v"]).await, "+OK\r\n");
+    assert_eq!(holder.call(&["EXEC"]).await, "*0\r\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_auth_configured_redmux_still_answers_auth_itself() {
     let redis = redis_with_users();

@@ -310,6 +310,11 @@ async fn client_gone_mid_transaction_applies_nothing() {
     assert_eq!(b.call(&["GET", "reset"]).await, "$-1\r\n");
 }
 
+const NO_PINNED: &str = "-ERR redmux: no pinned upstream connection free (max_pinned reached)\r\n";
+const ABORTED_NO_PINNED: &str = "-EXECABORT Transaction discarded because of: redmux: no pinned upstream connection free (max_pinned reached)\r\n";
+
+/// Every pinned connection taken: a transaction gets none, and none of it runs, however the
+/// client sends it; its EXEC says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_pool_exhausted_gives_a_clear_error() {
     let redis = RedisServer::start();
@@ -321,17 +326,90 @@ async fn pinned_pool_exhausted_gives_a_clear_error() {
     let mut b = redmux.raw().await;
     assert_eq!(a.call(&["MULTI"]).await, "+OK\r\n");
     let started = Instant::now();
+    assert_eq!(b.call(&["MULTI"]).await, "+OK\r\n");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(b.call(&["SET", "b", "queued"]).await, "+QUEUED\r\n");
     assert_eq!(
         b.call(&["MULTI"]).await,
-        "-ERR redmux: no pinned upstream connection free (max_pinned reached)\r\n"
+        "-ERR MULTI calls can not be nested\r\n"
     );
-    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(
+        b.call(&["WATCH", "b"]).await,
+        "-ERR WATCH inside MULTI is not allowed\r\n"
+    );
+    assert_eq!(b.call(&["EXEC"]).await, ABORTED_NO_PINNED);
+    assert_eq!(b.call(&["GET", "b"]).await, "$-1\r\n");
     assert_eq!(b.call(&["SET", "b", "still works"]).await, "+OK\r\n");
+    // Pipelined, as a client library sends a transaction: nothing runs outside it, nothing is
+    // sent to the shared connection (whose SELECT would move every client).
+    let pipelined = [
+        &["MULTI"][..],
+        &["SET", "t", "1"],
+        &["SELECT", "3"],
+        &["INCR", "n"],
+        &["EXEC"],
+        &["WATCH", "w"],
+        &["MULTI"],
+        &["SET", "w", "1"],
+        &["EXEC"],
+        &["MULTI"],
+        &["SET", "d", "1"],
+        &["DISCARD"],
+        &["GET", "b"],
+    ]
+    .map(|args| {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        redmux::resp::encode_command(args).to_vec()
+    })
+    .concat();
+    let replies = b.pipeline(&pipelined, 13).await;
+    let replies: Vec<String> = replies
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    let queued = "+QUEUED\r\n";
+    assert_eq!(
+        replies,
+        [
+            "+OK\r\n",
+            queued,
+            queued,
+            queued,
+            ABORTED_NO_PINNED,
+            NO_PINNED,
+            "+OK\r\n",
+            queued,
+            ABORTED_NO_PINNED,
+            "+OK\r\n",
+            queued,
+            "+OK\r\n",
+            "$11\r\nstill works\r\n",
+        ]
+    );
+    let mut direct = redis.direct();
+    for key in ["t", "n", "w", "d"] {
+        let exists: bool = redis::Commands::exists(&mut direct, key).unwrap();
+        assert!(!exists, "{key} was written outside its transaction");
+    }
+    let mut db3 = redis.direct_db(3);
+    let in3: bool = redis::Commands::exists(&mut db3, "n").unwrap();
+    assert!(!in3);
+    // A WATCH that got no connection did not hold: the transaction after it never runs,
+    // even once a connection is free, and the client's other commands run as ever.
+    assert_eq!(b.call(&["WATCH", "w"]).await, NO_PINNED);
+    assert_eq!(b.call(&["EXEC"]).await, "-ERR EXEC without MULTI\r\n");
+    assert_eq!(b.call(&["SET", "plain", "1"]).await, "+OK\r\n");
     assert_eq!(a.call(&["EXEC"]).await, "*0\r\n");
+    assert_eq!(b.call(&["BLPOP", "nothing", "0.01"]).await, "*-1\r\n");
+    assert_eq!(b.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(b.call(&["SET", "w", "1"]).await, queued);
+    assert_eq!(b.call(&["EXEC"]).await, ABORTED_NO_PINNED);
+    let exists: bool = redis::Commands::exists(&mut direct, "w").unwrap();
+    assert!(!exists);
     // Released (cleaned and pooled): B gets it now, and it is in B's db, not A's.
     assert_eq!(b.call(&["SELECT", "5"]).await, "+OK\r\n");
     assert_eq!(b.call(&["MULTI"]).await, "+OK\r\n");
-    assert_eq!(b.call(&["SET", "in5", "1"]).await, "+QUEUED\r\n");
+    assert_eq!(b.call(&["SET", "in5", "1"]).await, queued);
     assert_eq!(b.call(&["EXEC"]).await, "*1\r\n+OK\r\n");
     let mut db5 = redis.direct_db(5);
     let in5: String = redis::Commands::get(&mut db5, "in5").unwrap();

@@ -347,7 +347,7 @@ impl State {
                     Effect::AuthFailed => self.auth_failed(),
                     Effect::None | Effect::Reset => {}
                 }
-                if let Tx::Watching(_) = &self.tx {
+                if let Tx::Watching(Ok(_)) = &self.tx {
                     // The watching connection follows the client's db and protocol, so the
                     // commands it carries run where Redis would run them (the watched keys
                     // keep the db they were watched in).
@@ -382,10 +382,13 @@ impl State {
                     // The pinned connection goes back (cleaned by its own RESET, which
                     // discards the transaction) once the requests already sent on it are in.
                     match std::mem::replace(&mut self.tx, Tx::None) {
-                        Tx::Watching(lease) | Tx::Multi { lease, .. } => {
+                        Tx::Watching(Ok(lease))
+                        | Tx::Multi {
+                            lease: Ok(lease), ..
+                        } => {
                             self.pending.push_back(Pending::Release(lease));
                         }
-                        Tx::None => {}
+                        Tx::Watching(Err(_)) | Tx::Multi { lease: Err(_), .. } | Tx::None => {}
                     }
                     if let Some(feed) = self.monitor.take() {
                         self.pending.push_back(Pending::Unmonitor(feed));
@@ -471,7 +474,8 @@ impl State {
                     self.abort = true;
                     return false;
                 }
-                let lease = if matches!(self.tx, Tx::None) {
+                // Watching without a connection, it takes one of its own as outside.
+                let lease = if self.held().is_none() && !matches!(self.tx, Tx::Multi { .. }) {
                     match self.client.upstreams().pinned(self.client.target()).await {
                         Ok(lease) => Some(lease),
                         Err(error) => {
@@ -546,7 +550,7 @@ impl State {
         let name = Args::new(&request).next().unwrap_or_default();
         let refusal = if self.subs.has_hub() {
             Some("redmux: AUTH while subscribed is not supported")
-        } else if matches!(self.tx, Tx::Watching(_)) && name.eq_ignore_ascii_case(b"hello") {
+        } else if matches!(self.tx, Tx::Watching(Ok(_))) && name.eq_ignore_ascii_case(b"hello") {
             Some("redmux: HELLO with AUTH while watching is not supported")
         } else {
             None
@@ -554,9 +558,10 @@ impl State {
         if let Some(refusal) = refusal {
             return self.reply_locally(encode::error(refusal));
         }
-        let via = match self.tx {
-            Tx::None => Some(self.client.upstreams().auth_checker()),
-            _ => None,
+        // Never on the shared connection: on the watching one, else the checking one.
+        let via = match self.held() {
+            None => Some(self.client.upstreams().auth_checker()),
+            Some(_) => None,
         };
         let batch = Run {
             frames: auth,
@@ -573,8 +578,11 @@ impl State {
     /// The pinned connection the client holds for its transaction, if any.
     pub(super) fn held(&self) -> Option<&Lease> {
         match &self.tx {
-            Tx::Watching(lease) | Tx::Multi { lease, .. } => Some(lease),
-            Tx::None => None,
+            Tx::Watching(Ok(lease))
+            | Tx::Multi {
+                lease: Ok(lease), ..
+            } => Some(lease),
+            Tx::Watching(Err(_)) | Tx::Multi { lease: Err(_), .. } | Tx::None => None,
         }
     }
 
@@ -707,10 +715,18 @@ impl State {
             (None, Some(lease)) => Path::Pinned(lease.id()),
             (None, None) => Path::Shared(self.client.moves),
         };
+        // Queued in a transaction that has no connection: answered here, and never sent
+        // (see `Tx`), least of all to the shared connection.
+        let queued_here = via.is_none()
+            && release.is_none()
+            && matches!(self.tx, Tx::Multi { lease: Err(_), .. });
         // One request of a client with nothing outstanding may go past a cluster's router,
         // straight to its master (see `Shared::direct`): nothing of its own can be overtaken.
-        let direct =
-            matches!(path, Path::Shared(_)) && self.unresolved == 0 && count == 1 && then.is_none();
+        let direct = matches!(path, Path::Shared(_))
+            && self.unresolved == 0
+            && count == 1
+            && then.is_none()
+            && !queued_here;
         self.last_path = Some(path);
         let handed_at = Instant::now();
         let added = then.as_deref().map_or(0, Then::added_replies);
@@ -727,6 +743,7 @@ impl State {
             false => Some(request),
         };
         let handed = match request {
+            _ if queued_here => Ok(false),
             None => Ok(true),
             Some(request) => {
                 // Taken only now: a request sent direct needs no handle on the connection.
@@ -768,10 +785,10 @@ impl State {
                 }
             } else {
                 Pending::Local {
-                    bytes: if suppress {
-                        Bytes::new()
-                    } else {
-                        UpstreamError::Unavailable.replies(count)
+                    bytes: match (suppress, queued_here) {
+                        (true, _) => Bytes::new(),
+                        (false, true) => encode::repeat(b"+QUEUED\r\n", count as usize),
+                        (false, false) => UpstreamError::Unavailable.replies(count),
                     },
                     count,
                 }

@@ -54,7 +54,7 @@ use crate::{
     command::{self, CommandId},
     io::Budget,
     resp::RequestDecoder,
-    upstream::{Batch, Lease, Reply},
+    upstream::{Batch, Lease, Reply, UpstreamError},
 };
 
 /// Most requests in one batch. The actor hands a batch's replies back only when all are in, so
@@ -201,16 +201,21 @@ enum Path {
     Others,
 }
 
-/// The client's transaction state, and the pinned connection that carries it.
+/// The client's transaction state, and the pinned connection that carries it, or why there is
+/// none: WATCH or MULTI found no pinned connection (`max_pinned` were taken). Such a
+/// transaction never reaches Redis: MULTI is answered `+OK` all the same and what is queued
+/// `+QUEUED` here, so that a client that pipelines its transaction behind MULTI (or WATCH)
+/// has none of it run outside the transaction, and its EXEC gets `-EXECABORT` with the reason.
 #[derive(Debug)]
 enum Tx {
     None,
-    /// After WATCH, before MULTI.
-    Watching(Lease),
+    /// After WATCH, before MULTI. Without a connection, the commands the client sends go on as
+    /// outside a transaction; the one it opens next never runs (its WATCH did not hold).
+    Watching(Result<Lease, UpstreamError>),
     /// After MULTI (with or without WATCH before it). `dirty`: a command was refused while
     /// queuing, so EXEC must abort, as in Redis.
     Multi {
-        lease: Lease,
+        lease: Result<Lease, UpstreamError>,
         dirty: bool,
         /// The database the last SELECT queued in the transaction selects: Redis runs it at
         /// EXEC, and the client is in that database from then on.

@@ -8,6 +8,7 @@ use super::{Run, State, Then, Tx};
 use crate::{
     command::Transaction,
     resp::{encode, encode_command, Args},
+    upstream::{Lease, UpstreamError},
 };
 
 impl State {
@@ -15,39 +16,60 @@ impl State {
     pub(super) async fn transaction(&mut self, command: Transaction, request: Bytes) {
         let timeout = Some(self.config.request_timeout);
         match (command, std::mem::replace(&mut self.tx, Tx::None)) {
-            // Opening: take a pinned connection (the one WATCH holds, or a new one).
+            // Opening: take a pinned connection (the one WATCH holds, or a new one). Without
+            // one, MULTI is answered here all the same (see `Tx`).
             (Transaction::Multi, Tx::None) | (Transaction::Watch, Tx::None) => {
-                match self.client.upstreams().pinned(self.client.target()).await {
-                    Ok(lease) => {
-                        self.tx = if command == Transaction::Multi {
-                            Tx::Multi {
-                                lease,
-                                dirty: false,
-                                db: None,
-                                writes: false,
-                                queued: 0,
-                            }
-                        } else {
-                            Tx::Watching(lease)
-                        };
+                let lease = self.client.upstreams().pinned(self.client.target()).await;
+                match (command, lease) {
+                    (Transaction::Watch, Err(error)) => {
+                        self.tx = Tx::Watching(Err(error));
+                        self.reply_locally(error.replies(1));
+                    }
+                    (Transaction::Watch, Ok(lease)) => {
+                        self.tx = Tx::Watching(Ok(lease));
                         self.forward_one(request, timeout, None).await;
                     }
-                    Err(error) => self.reply_locally(error.replies(1)),
+                    (_, lease) => self.open_multi(lease, request).await,
                 }
             }
-            (Transaction::Multi, Tx::Watching(lease)) => {
-                self.tx = Tx::Multi {
-                    lease,
-                    dirty: false,
-                    db: None,
-                    writes: false,
-                    queued: 0,
-                };
-                self.forward_one(request, timeout, None).await;
+            (Transaction::Multi, Tx::Watching(lease)) => self.open_multi(lease, request).await,
+            // No connection: nothing of the transaction reached Redis, and none of it runs.
+            (
+                Transaction::Exec,
+                Tx::Multi {
+                    lease: Err(error), ..
+                },
+            ) => self.reply_locally(Bytes::from(format!(
+                "-EXECABORT Transaction discarded because of: {error}\r\n"
+            ))),
+            (Transaction::Discard, Tx::Multi { lease: Err(_), .. })
+            | (Transaction::Unwatch, Tx::Watching(Err(_))) => {
+                self.reply_locally(Bytes::from_static(b"+OK\r\n"))
+            }
+            // The keys watched before were not: it stays without a connection.
+            (Transaction::Watch, Tx::Watching(Err(error))) => {
+                self.tx = Tx::Watching(Err(error));
+                self.reply_locally(error.replies(1));
+            }
+            // Redis's answers, which do not abort the transaction; UNWATCH is queued.
+            (_, tx @ Tx::Multi { lease: Err(_), .. }) => {
+                self.tx = tx;
+                self.reply_locally(match command {
+                    Transaction::Multi => encode::error("MULTI calls can not be nested"),
+                    Transaction::Watch => encode::error("WATCH inside MULTI is not allowed"),
+                    _ => Bytes::from_static(b"+QUEUED\r\n"),
+                });
             }
             // A command redmux refused while queuing aborts the transaction: DISCARD it
             // upstream (that reply is dropped) and answer as Redis does.
-            (Transaction::Exec, Tx::Multi { lease, dirty: true, .. }) => {
+            (
+                Transaction::Exec,
+                Tx::Multi {
+                    lease: Ok(lease),
+                    dirty: true,
+                    ..
+                },
+            ) => {
                 let discard = Run {
                     frames: encode_command([&b"DISCARD"[..]]),
                     count: 1,
@@ -64,7 +86,14 @@ impl State {
             // Closing: the last request on the pinned connection; it is given back after. An
             // EXEC whose transaction SELECTs moves the client once it has run, and nothing
             // after it runs before that is known.
-            (Transaction::Exec, Tx::Multi { lease, db, .. }) => {
+            (
+                Transaction::Exec,
+                Tx::Multi {
+                    lease: Ok(lease),
+                    db,
+                    ..
+                },
+            ) => {
                 self.sync = db.is_some();
                 let batch = Run {
                     frames: request,
@@ -76,19 +105,32 @@ impl State {
                 };
                 self.forward(batch).await;
             }
-            (Transaction::Discard, Tx::Multi { lease, .. })
-            | (Transaction::Unwatch, Tx::Watching(lease)) => {
+            (
+                Transaction::Discard,
+                Tx::Multi {
+                    lease: Ok(lease), ..
+                },
+            )
+            | (Transaction::Unwatch, Tx::Watching(Ok(lease))) => {
                 self.forward_one(request, timeout, Some(lease)).await;
             }
-            // Without a transaction there is nothing to close: Redis's own answers. Its arity
+            // Without a transaction there is nothing to close: Redis's own answers (while
+            // watching without a connection, too). Its arity
             // check comes first, and refuses EXEC in EXEC's words.
-            (Transaction::Exec, Tx::None) if Args::new(&request).remaining() > 1 => {
+            (Transaction::Exec, tx @ (Tx::None | Tx::Watching(Err(_))))
+                if Args::new(&request).remaining() > 1 =>
+            {
+                self.tx = tx;
                 self.reply_locally(Bytes::from_static(
                     b"-EXECABORT Transaction discarded because of: wrong number of arguments for 'exec' command\r\n",
                 ))
             }
-            (Transaction::Exec, Tx::None) => self.reply_locally(encode::error("EXEC without MULTI")),
-            (Transaction::Discard, Tx::None) => {
+            (Transaction::Exec, tx @ (Tx::None | Tx::Watching(Err(_)))) => {
+                self.tx = tx;
+                self.reply_locally(encode::error("EXEC without MULTI"))
+            }
+            (Transaction::Discard, tx @ (Tx::None | Tx::Watching(Err(_)))) => {
+                self.tx = tx;
                 self.reply_locally(encode::error("DISCARD without MULTI"))
             }
             (Transaction::Unwatch, Tx::None) => self.reply_locally(Bytes::from_static(b"+OK\r\n")),
@@ -98,6 +140,26 @@ impl State {
                 self.tx = tx;
                 self.forward_one(request, timeout, None).await;
             }
+        }
+    }
+
+    /// MULTI, on the connection WATCH took or MULTI took itself, or on none: then it is
+    /// answered here, as Redis would answer it, and the transaction never runs.
+    async fn open_multi(&mut self, lease: Result<Lease, UpstreamError>, request: Bytes) {
+        let connected = lease.is_ok();
+        self.tx = Tx::Multi {
+            lease,
+            dirty: false,
+            db: None,
+            writes: false,
+            queued: 0,
+        };
+        match connected {
+            true => {
+                let timeout = Some(self.config.request_timeout);
+                self.forward_one(request, timeout, None).await;
+            }
+            false => self.reply_locally(Bytes::from_static(b"+OK\r\n")),
         }
     }
 }
