@@ -589,3 +589,33 @@ async fn the_embedded_store_refuses_tracking() {
         .await
         .contains("\r\noff\r\n"));
 }
+
+/// A transaction that got no pinned connection reads nothing: its keys are not tracked, and a
+/// change to them is not pushed (the first push the client hears is of a key it did read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_without_a_connection_tracks_nothing() {
+    let redis = RedisServer::start();
+    let mut config = support::config(&redis.addr());
+    config.upstream.max_pinned = 1;
+    config.upstream.connect_timeout = std::time::Duration::from_millis(200);
+    let redmux = Redmux::start_with(config).await;
+    let mut holder = redmux.raw().await;
+    assert_eq!(holder.call(&["MULTI"]).await, "+OK\r\n");
+    let (mut t, mut w) = resp3_clients(Ends {
+        track: redmux.addr,
+        write: redis.addr().parse().unwrap(),
+    })
+    .await;
+    assert_eq!(t.call(&["CLIENT", "TRACKING", "ON"]).await, "+OK\r\n");
+    assert_eq!(t.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(t.call(&["GET", "unread"]).await, "+QUEUED\r\n");
+    assert!(t.call(&["EXEC"]).await.starts_with("-EXECABORT"));
+    assert_eq!(w.call(&["SET", "unread", "1"]).await, "+OK\r\n");
+    assert_eq!(t.call(&["GET", "read"]).await, "_\r\n");
+    assert_eq!(w.call(&["SET", "read", "1"]).await, "+OK\r\n");
+    assert_eq!(
+        t.reply_str().await,
+        ">2\r\n$10\r\ninvalidate\r\n*1\r\n$4\r\nread\r\n"
+    );
+    assert_eq!(holder.call(&["EXEC"]).await, "*0\r\n");
+}

@@ -147,7 +147,9 @@ impl State {
                 self.client.entry.set_multi(Some(*queued));
             }
             self.current = command;
-            if self.client.tracking.is_some() {
+            // A transaction without a connection reads nothing (see `Tx`).
+            if self.client.tracking.is_some() && !matches!(self.tx, Tx::Multi { lease: Err(_), .. })
+            {
                 // Before it goes upstream: see `tracking`. (A run flushed above moved the
                 // request to the front of the buffer, where `run_len` now points.)
                 if let Some(request) = frame.command_bytes(&self.rbuf[run_len..]) {
