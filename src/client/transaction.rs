@@ -115,8 +115,8 @@ impl State {
                 self.forward_one(request, timeout, Some(lease)).await;
             }
             // Without a transaction there is nothing to close: Redis's own answers (while
-            // watching without a connection, too). Its arity
-            // check comes first, and refuses EXEC in EXEC's words.
+            // watching without a connection, too). Its arity check comes first, and refuses
+            // EXEC in EXEC's words.
             (Transaction::Exec, tx @ (Tx::None | Tx::Watching(Err(_))))
                 if Args::new(&request).remaining() > 1 =>
             {

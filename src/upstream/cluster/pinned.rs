@@ -232,8 +232,7 @@ impl Pinned {
                 pieces.push(Piece::Local(Bytes::from_static(b"+RESET\r\n")));
                 continue;
             }
-            let keys = keys::keys(&frame);
-            let slot_of = keys.slot();
+            let slot_of = keys::keys(&frame).slot();
             if slot_of == SlotOf::Cross {
                 // Refused here, as the node would refuse it (and flag a transaction, which
                 // makes EXEC fail): a blocking command across slots never waits on a node.
