@@ -524,6 +524,17 @@ async fn monitor_gets_a_connection_of_its_own() {
             break;
         }
     }
+    // Redis counts a monitoring client as a replica: it may not touch the keyspace.
+    let refused = "-ERR Replica can't interact with the keyspace\r\n";
+    for args in [
+        &["GET", "watched"][..],
+        &["SET", "watched", "other"],
+        &["EVAL", "return 1", "0"],
+        &["BLPOP", "list", "0"],
+        &["OBJECT", "ENCODING", "watched"],
+    ] {
+        assert_eq!(watcher.call(args).await, refused, "{args:?}");
+    }
     // RESET stops monitoring: its connection goes away.
     assert_eq!(watcher.call(&["RESET"]).await, "+RESET\r\n");
     let deadline = Deadline::new();

@@ -85,6 +85,19 @@ impl State {
                 None => command::action(request, profile),
             };
             let action = self.uncounted(action);
+            // Redis counts a MONITOR client as a replica, which may not touch the keyspace
+            // (after the subscribed context's own refusal).
+            let action = match self.monitor.is_some()
+                && matches!(
+                    action,
+                    Action::Forward | Action::Count(_) | Action::Block(_)
+                )
+                && (self.client.resp3 || !self.subs.active())
+                && command::touches_keyspace(command, request)
+            {
+                true => Action::Reject(encode::error("Replica can't interact with the keyspace")),
+                false => action,
+            };
             let plain = self.client.reply_mode == ReplyMode::On
                 && self.client.authenticated
                 && (self.client.resp3 || !self.subs.active());

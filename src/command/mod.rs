@@ -17,7 +17,7 @@ mod pubsub;
 mod table;
 
 pub(crate) use pubsub::{Count, Namespace};
-pub(crate) use table::{lookup, may_write, Class, CommandId};
+pub(crate) use table::{lookup, may_write, touches_keyspace, Class, CommandId};
 
 /// What the client session does with one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -704,6 +704,35 @@ mod tests {
         );
         assert_eq!(act(&["POST", "/", "HTTP/1.1"]), Action::Drop);
         assert_eq!(act(&["Host:", "x"]), Action::Drop);
+    }
+
+    #[test]
+    fn a_monitor_client_may_not_touch_the_keyspace() {
+        let touches = |args: &[&str]| {
+            let request = encode_command(args.iter().map(|a| a.as_bytes()));
+            touches_keyspace(lookup(args[0].as_bytes()).0, &request)
+        };
+        for args in [
+            &["GET", "k"][..],
+            &["sort_ro", "k"],
+            &["SET", "k", "v"],
+            &["EVAL", "return 1", "0"],
+            &["PUBLISH", "c", "m"],
+            &["OBJECT", "ENCODING", "k"],
+            &["FUNCTION", "FLUSH"],
+        ] {
+            assert!(touches(args), "{args:?}");
+        }
+        for args in [
+            &["PING"][..],
+            &["SELECT", "1"],
+            &["OBJECT", "HELP"],
+            &["SCRIPT", "LOAD", "return 1"],
+            &["INFO"],
+            &["NOSUCHCOMMAND"],
+        ] {
+            assert!(!touches(args), "{args:?}");
+        }
     }
 
     #[test]

@@ -466,14 +466,7 @@ const WRITES: [&str; 105] = [
 /// neither in 7.0 (a script is replicated as the EVAL that runs it), and a pause lets them by.
 pub(crate) fn may_write(id: CommandId, request: &[u8]) -> bool {
     static WRITE: OnceLock<[bool; CommandId::COUNT]> = OnceLock::new();
-    let table = WRITE.get_or_init(|| {
-        let mut table = [false; CommandId::COUNT];
-        for name in WRITES {
-            table[lookup(name.as_bytes()).0.index()] = true;
-        }
-        table
-    });
-    if table.get(id.index()).copied().unwrap_or(false) {
+    if flagged(&WRITE, &WRITES, id) {
         return true;
     }
     let subcommands: &[&[u8]] = match id.name() {
@@ -487,6 +480,126 @@ pub(crate) fn may_write(id: CommandId, request: &[u8]) -> bool {
         ],
         _ => return false,
     };
+    subcommand_in(request, subcommands)
+}
+
+/// The commands Redis 7.0 flags `readonly` (`COMMAND INFO`).
+const READS: [&str; 82] = [
+    "bitcount",
+    "bitfield_ro",
+    "bitpos",
+    "dbsize",
+    "dump",
+    "eval_ro",
+    "evalsha_ro",
+    "exists",
+    "expiretime",
+    "fcall_ro",
+    "geodist",
+    "geohash",
+    "geopos",
+    "georadius_ro",
+    "georadiusbymember_ro",
+    "geosearch",
+    "get",
+    "getbit",
+    "getrange",
+    "hexists",
+    "hget",
+    "hgetall",
+    "hkeys",
+    "hlen",
+    "hmget",
+    "hrandfield",
+    "hscan",
+    "hstrlen",
+    "hvals",
+    "keys",
+    "lcs",
+    "lindex",
+    "llen",
+    "lolwut",
+    "lpos",
+    "lrange",
+    "mget",
+    "pexpiretime",
+    "pfcount",
+    "pttl",
+    "randomkey",
+    "scan",
+    "scard",
+    "sdiff",
+    "sinter",
+    "sintercard",
+    "sismember",
+    "smembers",
+    "smismember",
+    "sort_ro",
+    "srandmember",
+    "sscan",
+    "strlen",
+    "substr",
+    "sunion",
+    "touch",
+    "ttl",
+    "type",
+    "xlen",
+    "xpending",
+    "xrange",
+    "xread",
+    "xrevrange",
+    "zcard",
+    "zcount",
+    "zdiff",
+    "zinter",
+    "zintercard",
+    "zlexcount",
+    "zmscore",
+    "zrandmember",
+    "zrange",
+    "zrangebylex",
+    "zrangebyscore",
+    "zrank",
+    "zrevrange",
+    "zrevrangebylex",
+    "zrevrangebyscore",
+    "zrevrank",
+    "zscan",
+    "zscore",
+    "zunion",
+];
+
+/// Whether Redis 7.0 refuses this request from a MONITOR client, which it counts as a
+/// replica: a `readonly`, `write` or `may_replicate` command or subcommand gets "Replica can't
+/// interact with the keyspace" (Redis's `processCommand`).
+pub(crate) fn touches_keyspace(id: CommandId, request: &[u8]) -> bool {
+    static READ: OnceLock<[bool; CommandId::COUNT]> = OnceLock::new();
+    if flagged(&READ, &READS, id) || may_write(id, request) {
+        return true;
+    }
+    let subcommands: &[&[u8]] = match id.name() {
+        "memory" => &[b"usage"],
+        "object" => &[b"encoding", b"freq", b"idletime", b"refcount"],
+        "xinfo" => &[b"consumers", b"groups", b"stream"],
+        _ => return false,
+    };
+    subcommand_in(request, subcommands)
+}
+
+/// Whether `id` is one of `names`, by a table of every id built once.
+fn flagged(table: &OnceLock<[bool; CommandId::COUNT]>, names: &[&str], id: CommandId) -> bool {
+    let table = table.get_or_init(|| {
+        let mut table = [false; CommandId::COUNT];
+        for name in names {
+            table[lookup(name.as_bytes()).0.index()] = true;
+        }
+        table
+    });
+    table.get(id.index()).copied().unwrap_or(false)
+}
+
+/// Whether the request's subcommand (its second word) is one of `subcommands`.
+fn subcommand_in(request: &[u8], subcommands: &[&[u8]]) -> bool {
     let mut args = Args::new(request);
     args.next();
     args.next()
