@@ -339,6 +339,12 @@ async fn pinned_pool_exhausted_gives_a_clear_error() {
     );
     assert_eq!(b.call(&["EXEC"]).await, ABORTED_NO_PINNED);
     assert_eq!(b.call(&["GET", "b"]).await, "$-1\r\n");
+    // Redis's arity check on EXEC comes first.
+    assert_eq!(b.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(
+        b.call(&["EXEC", "x"]).await,
+        "-EXECABORT Transaction discarded because of: wrong number of arguments for 'exec' command\r\n"
+    );
     assert_eq!(b.call(&["SET", "b", "still works"]).await, "+OK\r\n");
     // Pipelined, as a client library sends a transaction: nothing runs outside it, nothing is
     // sent to the shared connection (whose SELECT would move every client).

@@ -342,8 +342,8 @@ async fn a_runaway_script_is_killed_while_every_pinned_connection_is_held() {
     assert_eq!(killer.call(&["PING"]).await, "+PONG\r\n");
 }
 
-/// CLIENT REPLY SKIP is used up by the next command whatever it is, (UN)SUBSCRIBE and MONITOR
-/// included; MONITOR's `+OK` is a plain reply it silences; `CLIENT REPLY ON` clears a pending
+/// CLIENT REPLY SKIP is used up by the next command whatever it is, (UN)SUBSCRIBE, MONITOR
+/// and an empty request included; MONITOR's `+OK` is a plain reply it silences; `CLIENT REPLY ON` clears a pending
 /// SKIP and is answered. Each compared with Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reply_skip_is_used_up_as_by_redis() {
@@ -358,6 +358,10 @@ async fn client_reply_skip_is_used_up_as_by_redis() {
         ),
         ("CLIENT REPLY SKIP\r\nUNSUBSCRIBE c\r\nPING\r\n", 2),
         ("CLIENT REPLY SKIP\r\nRESET\r\nPING\r\n", 1),
+        // An empty request is a command of no arguments to Redis, which uses up the SKIP.
+        ("CLIENT REPLY SKIP\r\n\r\nPING\r\nECHO end\r\n", 2),
+        ("CLIENT REPLY SKIP\r\n*0\r\nPING\r\n", 1),
+        ("CLIENT REPLY SKIP\r\n*-1\r\nPING\r\n", 1),
         // The first reply only: the MONITOR feed follows on its own connection.
         ("CLIENT REPLY SKIP\r\nMONITOR\r\nPING\r\n", 1),
     ] {
@@ -376,6 +380,28 @@ async fn client_reply_skip_is_used_up_as_by_redis() {
             }
         }
     }
+}
+
+/// EXEC with arguments gets Redis's arity answer before anything else, after a command
+/// redmux refused while queuing too (a name with a NUL byte, which redmux never forwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_with_arguments_is_refused_for_its_arity_first() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let steps = b"MULTI\r\n*1\r\n$10\r\nsubscribe\0\r\nEXEC x\r\nPING\r\n";
+    let mut expected = None;
+    for addr in [redis.addr().parse().unwrap(), redmux.addr] {
+        let mut raw = Raw::connect(addr).await;
+        let replies = pipeline(&mut raw, steps, 4).await;
+        match &expected {
+            None => expected = Some(replies),
+            Some(expected) => assert_eq!(&replies, expected, "through redmux, directly"),
+        }
+    }
+    assert_eq!(
+        expected.unwrap()[2],
+        "-EXECABORT Transaction discarded because of: wrong number of arguments for 'exec' command\r\n"
+    );
 }
 
 /// A blocking command's timeout too large for Redis gets Redis's own error ("timeout is out

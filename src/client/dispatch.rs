@@ -74,9 +74,13 @@ impl State {
                 }
             };
             let Some(request) = frame.command_bytes(&self.rbuf[run_len..]) else {
-                // Input Redis ignores without a reply.
+                // Input Redis ignores without a reply, though as a command of no arguments:
+                // it uses up a CLIENT REPLY SKIP (Redis's `resetClient` runs for it).
                 self.flush_run(&mut run_len, &mut run_count).await;
                 self.rbuf.advance(frame.consumed());
+                if self.client.reply_mode == ReplyMode::Skip {
+                    self.client.reply_mode = ReplyMode::On;
+                }
                 continue;
             };
             let profile = self.client.upstreams().profile();

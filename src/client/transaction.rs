@@ -39,9 +39,12 @@ impl State {
                 Tx::Multi {
                     lease: Err(error), ..
                 },
-            ) => self.reply_locally(Bytes::from(format!(
-                "-EXECABORT Transaction discarded because of: {error}\r\n"
-            ))),
+            ) => self.reply_locally(match exec_arity(&request) {
+                Some(arity) => Bytes::from_static(arity),
+                None => Bytes::from(format!(
+                    "-EXECABORT Transaction discarded because of: {error}\r\n"
+                )),
+            }),
             (Transaction::Discard, Tx::Multi { lease: Err(_), .. })
             | (Transaction::Unwatch, Tx::Watching(Err(_))) => {
                 self.reply_locally(Bytes::from_static(b"+OK\r\n"))
@@ -61,7 +64,8 @@ impl State {
                 });
             }
             // A command redmux refused while queuing aborts the transaction: DISCARD it
-            // upstream (that reply is dropped) and answer as Redis does.
+            // upstream (that reply is dropped) and answer as Redis does (its arity check on
+            // EXEC comes first).
             (
                 Transaction::Exec,
                 Tx::Multi {
@@ -79,9 +83,9 @@ impl State {
                 };
                 self.owe();
                 self.send(discard, true).await;
-                self.reply_locally(Bytes::from_static(
+                self.reply_locally(Bytes::from_static(exec_arity(&request).unwrap_or(
                     b"-EXECABORT Transaction discarded because of previous errors.\r\n",
-                ));
+                )));
             }
             // Closing: the last request on the pinned connection; it is given back after. An
             // EXEC whose transaction SELECTs moves the client once it has run, and nothing
@@ -118,12 +122,10 @@ impl State {
             // watching without a connection, too). Its arity check comes first, and refuses
             // EXEC in EXEC's words.
             (Transaction::Exec, tx @ (Tx::None | Tx::Watching(Err(_))))
-                if Args::new(&request).remaining() > 1 =>
+                if exec_arity(&request).is_some() =>
             {
                 self.tx = tx;
-                self.reply_locally(Bytes::from_static(
-                    b"-EXECABORT Transaction discarded because of: wrong number of arguments for 'exec' command\r\n",
-                ))
+                self.reply_locally(Bytes::from_static(EXEC_ARITY))
             }
             (Transaction::Exec, tx @ (Tx::None | Tx::Watching(Err(_)))) => {
                 self.tx = tx;
@@ -162,4 +164,13 @@ impl State {
             false => self.reply_locally(Bytes::from_static(b"+OK\r\n")),
         }
     }
+}
+
+/// Redis's answer to EXEC with arguments: its arity check comes before anything else.
+const EXEC_ARITY: &[u8] =
+    b"-EXECABORT Transaction discarded because of: wrong number of arguments for 'exec' command\r\n";
+
+/// [`EXEC_ARITY`] if this EXEC has arguments.
+fn exec_arity(request: &[u8]) -> Option<&'static [u8]> {
+    (Args::new(request).remaining() > 1).then_some(EXEC_ARITY)
 }
