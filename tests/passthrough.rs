@@ -167,12 +167,8 @@ async fn a_logged_in_clients_commands_run_as_its_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_after_a_refused_watch_logs_in_only_its_client() {
     let redis = redis_with_users();
-    let mut config = support::config(&redis.addr());
-    config.upstream.max_pinned = 1;
-    config.upstream.connect_timeout = std::time::Duration::from_millis(200);
-    let redmux = Redmux::start_with(config).await;
-    let mut holder = redmux.raw().await;
-    assert_eq!(holder.call(&["MULTI"]).await, "+OK\r\n");
+    let wait = std::time::Duration::from_millis(200);
+    let (redmux, mut holder) = support::pinned_pool_held(&redis.addr(), wait).await;
     let mut watcher = redmux.raw().await;
     assert_eq!(
         watcher.call(&["WATCH", "k"]).await,

@@ -318,13 +318,9 @@ const ABORTED_NO_PINNED: &str = "-EXECABORT Transaction discarded because of: re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_pool_exhausted_gives_a_clear_error() {
     let redis = RedisServer::start();
-    let mut config = support::config(&redis.addr());
-    config.upstream.max_pinned = 1;
-    config.upstream.connect_timeout = Duration::from_millis(300);
-    let redmux = Redmux::start_with(config).await;
-    let mut a = redmux.raw().await;
+    let (redmux, mut a) =
+        support::pinned_pool_held(&redis.addr(), Duration::from_millis(300)).await;
     let mut b = redmux.raw().await;
-    assert_eq!(a.call(&["MULTI"]).await, "+OK\r\n");
     let started = Instant::now();
     assert_eq!(b.call(&["MULTI"]).await, "+OK\r\n");
     assert!(started.elapsed() >= Duration::from_millis(250));

@@ -595,12 +595,8 @@ async fn the_embedded_store_refuses_tracking() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_without_a_connection_tracks_nothing() {
     let redis = RedisServer::start();
-    let mut config = support::config(&redis.addr());
-    config.upstream.max_pinned = 1;
-    config.upstream.connect_timeout = std::time::Duration::from_millis(200);
-    let redmux = Redmux::start_with(config).await;
-    let mut holder = redmux.raw().await;
-    assert_eq!(holder.call(&["MULTI"]).await, "+OK\r\n");
+    let wait = std::time::Duration::from_millis(200);
+    let (redmux, mut holder) = support::pinned_pool_held(&redis.addr(), wait).await;
     let (mut t, mut w) = resp3_clients(Ends {
         track: redmux.addr,
         write: redis.addr().parse().unwrap(),

@@ -365,6 +365,18 @@ pub(crate) fn config(upstream: &str) -> Config {
     config
 }
 
+/// redmux in front of `upstream` with one pinned connection, and a client that holds it (in
+/// MULTI): the next that wants one waits `wait` (`connect_timeout`) and gets none.
+pub(crate) async fn pinned_pool_held(upstream: &str, wait: Duration) -> (Redmux, Raw) {
+    let mut config = config(upstream);
+    config.upstream.max_pinned = 1;
+    config.upstream.connect_timeout = wait;
+    let redmux = Redmux::start_with(config).await;
+    let mut holder = redmux.raw().await;
+    assert_eq!(holder.call(&["MULTI"]).await, "+OK\r\n");
+    (redmux, holder)
+}
+
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
