@@ -89,19 +89,7 @@ impl State {
                 None => command::action(request, profile),
             };
             let action = self.uncounted(action);
-            // Redis counts a MONITOR client as a replica, which may not touch the keyspace
-            // (after the subscribed context's own refusal).
-            let action = match self.monitor.is_some()
-                && matches!(
-                    action,
-                    Action::Forward | Action::Count(_) | Action::Block(_)
-                )
-                && (self.client.resp3 || !self.subs.active())
-                && command::touches_keyspace(command, request)
-            {
-                true => Action::Reject(encode::error("Replica can't interact with the keyspace")),
-                false => action,
-            };
+            let action = self.monitoring(command, action, request);
             let plain = self.client.reply_mode == ReplyMode::On
                 && self.client.authenticated
                 && (self.client.resp3 || !self.subs.active());
@@ -592,6 +580,22 @@ impl State {
         };
         self.sync = true;
         self.forward(batch).await;
+    }
+
+    /// Redis counts a MONITOR client as a replica, which may not touch the keyspace: refused
+    /// here (after the subscribed context's own refusal, which comes first in Redis).
+    fn monitoring(&self, command: CommandId, action: Action, request: &[u8]) -> Action {
+        let refused = self.monitor.is_some()
+            && matches!(
+                action,
+                Action::Forward | Action::Count(_) | Action::Block(_)
+            )
+            && (self.client.resp3 || !self.subs.active())
+            && command::touches_keyspace(command, request);
+        match refused {
+            true => Action::Reject(encode::error("Replica can't interact with the keyspace")),
+            false => action,
+        }
     }
 
     /// The pinned connection the client holds for its transaction, if any.
