@@ -335,6 +335,16 @@ async fn pinned_pool_exhausted_gives_a_clear_error() {
     );
     assert_eq!(b.call(&["EXEC"]).await, ABORTED_NO_PINNED);
     assert_eq!(b.call(&["GET", "b"]).await, "$-1\r\n");
+    // A command refused while queuing comes first, as with a connection.
+    assert_eq!(b.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(
+        b.call(&["GET\0x", "k"]).await,
+        "-ERR unknown command 'GET', with args beginning with: 'k' \r\n"
+    );
+    assert_eq!(
+        b.call(&["EXEC"]).await,
+        "-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
     // Redis's arity check on EXEC comes first.
     assert_eq!(b.call(&["MULTI"]).await, "+OK\r\n");
     assert_eq!(

@@ -34,14 +34,18 @@ impl State {
             }
             (Transaction::Multi, Tx::Watching(lease)) => self.open_multi(lease, request).await,
             // No connection: nothing of the transaction reached Redis, and none of it runs.
+            // A command refused while queuing says so first, as it would with a connection.
             (
                 Transaction::Exec,
                 Tx::Multi {
-                    lease: Err(error), ..
+                    lease: Err(error),
+                    dirty,
+                    ..
                 },
-            ) => self.reply_locally(match exec_arity(&request) {
-                Some(arity) => Bytes::from_static(arity),
-                None => Bytes::from(format!(
+            ) => self.reply_locally(match (exec_arity(&request), dirty) {
+                (Some(arity), _) => Bytes::from_static(arity),
+                (None, true) => Bytes::from_static(PREVIOUS_ERRORS),
+                (None, false) => Bytes::from(format!(
                     "-EXECABORT Transaction discarded because of: {error}\r\n"
                 )),
             }),
@@ -83,9 +87,9 @@ impl State {
                 };
                 self.owe();
                 self.send(discard, true).await;
-                self.reply_locally(Bytes::from_static(exec_arity(&request).unwrap_or(
-                    b"-EXECABORT Transaction discarded because of previous errors.\r\n",
-                )));
+                self.reply_locally(Bytes::from_static(
+                    exec_arity(&request).unwrap_or(PREVIOUS_ERRORS),
+                ));
             }
             // Closing: the last request on the pinned connection; it is given back after. An
             // EXEC whose transaction SELECTs moves the client once it has run, and nothing
@@ -165,6 +169,9 @@ impl State {
         }
     }
 }
+
+/// Redis's answer to EXEC after a command was refused while queuing.
+const PREVIOUS_ERRORS: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
 
 /// Redis's answer to EXEC with arguments: its arity check comes before anything else.
 const EXEC_ARITY: &[u8] =
