@@ -78,12 +78,7 @@ fn crossslot_errors(cluster: &Cluster) -> u64 {
     cluster
         .masters()
         .into_iter()
-        .map(|port| {
-            let info = Conn::connect(port).query(&["INFO", "errorstats"]).text();
-            info.lines()
-                .find_map(|line| line.strip_prefix("errorstat_CROSSSLOT:count="))
-                .map_or(0, |count| count.trim().parse().expect("a count"))
-        })
+        .map(|port| errors_given(port, "CROSSSLOT"))
         .sum()
 }
 
@@ -1652,9 +1647,15 @@ async fn mset_tried_again(
 
 /// How many times node `port` answered `-TRYAGAIN`.
 fn tryagains(port: u16) -> u64 {
+    errors_given(port, "TRYAGAIN")
+}
+
+/// How many errors with this code node `port` has given since it started.
+fn errors_given(port: u16, code: &str) -> u64 {
     let info = Conn::connect(port).query(&["INFO", "errorstats"]).text();
+    let field = format!("errorstat_{code}:count=");
     info.lines()
-        .find_map(|line| line.strip_prefix("errorstat_TRYAGAIN:count="))
+        .find_map(|line| line.strip_prefix(field.as_str()))
         .map_or(0, |count| count.trim().parse().unwrap())
 }
 

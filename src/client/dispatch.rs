@@ -153,8 +153,7 @@ impl State {
             }
             self.current = command;
             // A transaction without a connection reads nothing (see `Tx`).
-            if self.client.tracking.is_some() && !matches!(self.tx, Tx::Multi { lease: Err(_), .. })
-            {
+            if self.client.tracking.is_some() && !self.tx.queues_here() {
                 // Before it goes upstream: see `tracking`. (A run flushed above moved the
                 // request to the front of the buffer, where `run_len` now points.)
                 if let Some(request) = frame.command_bytes(&self.rbuf[run_len..]) {
@@ -740,9 +739,7 @@ impl State {
         };
         // Queued in a transaction that has no connection: answered here, and never sent
         // (see `Tx`), least of all to the shared connection.
-        let queued_here = via.is_none()
-            && release.is_none()
-            && matches!(self.tx, Tx::Multi { lease: Err(_), .. });
+        let queued_here = via.is_none() && release.is_none() && self.tx.queues_here();
         // One request of a client with nothing outstanding may go past a cluster's router,
         // straight to its master (see `Shared::direct`): nothing of its own can be overtaken.
         let direct = matches!(path, Path::Shared(_))

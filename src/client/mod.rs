@@ -227,6 +227,13 @@ enum Tx {
     },
 }
 
+impl Tx {
+    /// A transaction that got no connection: what it queues is answered here, and never sent.
+    fn queues_here(&self) -> bool {
+        matches!(self, Tx::Multi { lease: Err(_), .. })
+    }
+}
+
 /// A run of requests about to be handed to an upstream connection as one [`Batch`].
 #[derive(Default)]
 struct Run {
