@@ -255,6 +255,40 @@ async fn multi_key_commands_are_split_by_slot_and_merged() {
     );
 }
 
+/// A split over more slots than a node's channel and relay hold messages (20,000 keys, some
+/// 12,000 slots, eight times over): each node gets one message per split, so nothing is
+/// refused as if a node were down.
+#[tokio::test]
+async fn splits_over_thousands_of_slots_go_to_each_master_as_one_message() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    let keys = keys("wide", 20_000);
+    let mut mset = vec!["MSET"];
+    for key in &keys {
+        mset.extend([key.as_str(), key.as_str()]);
+    }
+    assert_eq!(client.call(&mset).await, "+OK\r\n");
+    let mut exists = vec!["EXISTS"];
+    exists.extend(keys.iter().map(String::as_str));
+    let mut out = Vec::new();
+    for _ in 0..8 {
+        out.extend(cmd(&exists));
+    }
+    let mut mget = vec!["MGET"];
+    mget.extend(keys.iter().map(String::as_str));
+    out.extend(cmd(&mget));
+    let replies = client.pipeline(&out, 9).await;
+    for reply in &replies[..8] {
+        assert_eq!(String::from_utf8_lossy(reply), ":20000\r\n");
+    }
+    let values = keys.iter().map(|k| Resp::Bulk(k.clone().into_bytes()));
+    assert_eq!(parse(&replies[8]), Resp::Array(values.collect()));
+    let mut del = vec!["DEL"];
+    del.extend(keys.iter().map(String::as_str));
+    assert_eq!(client.call(&del).await, ":20000\r\n");
+}
+
 #[tokio::test]
 async fn other_commands_across_slots_get_crossslot_and_hash_tags_work() {
     let cluster = shared();

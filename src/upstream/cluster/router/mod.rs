@@ -153,6 +153,9 @@ enum Unit {
     Picked,
     /// Part `part` of request `index`, which was split or sent to several masters.
     Part { index: usize, part: usize },
+    /// The parts of request `index` the job's `picks` lists, in order: all the parts of a
+    /// split that go to one node, as one message.
+    Parts { index: usize },
     /// No client's: a `PING` behind what a node was sent before a gate closed (see
     /// [`holds`]).
     Fence,
@@ -172,7 +175,8 @@ struct Job {
     pub(super) asking: bool,
     /// A gate that stays closed while the job is on its way (see [`holds`]).
     pub(super) hold: Option<Token>,
-    /// For [`Unit::Picked`], the index in the batch of each request; else empty.
+    /// For [`Unit::Picked`], the index in the batch of each request; for [`Unit::Parts`],
+    /// the number of each part; else empty.
     pub(super) picks: Vec<usize>,
 }
 
@@ -195,7 +199,7 @@ impl Job {
     fn len(&self) -> usize {
         match self.unit {
             Unit::Range { len, .. } => len,
-            Unit::Picked => self.picks.len(),
+            Unit::Picked | Unit::Parts { .. } => self.picks.len(),
             Unit::Part { .. } | Unit::Fence => 1,
         }
     }
@@ -206,8 +210,22 @@ impl Job {
         match self.unit {
             Unit::Range { start, .. } => start + k,
             Unit::Picked => self.picks.get(k).copied().unwrap_or(usize::MAX),
-            Unit::Part { index, .. } => index,
+            Unit::Part { index, .. } | Unit::Parts { index } => index,
             Unit::Fence => usize::MAX,
+        }
+    }
+
+    /// What its `k`th request (`k` below [`Job::len`]) answers, as a job of its own.
+    fn unit_of(&self, k: usize) -> Unit {
+        match self.unit {
+            Unit::Parts { index } => Unit::Part {
+                index,
+                part: self.picks.get(k).copied().unwrap_or(usize::MAX),
+            },
+            Unit::Range { .. } | Unit::Picked | Unit::Part { .. } | Unit::Fence => Unit::Range {
+                start: self.index(k),
+                len: 1,
+            },
         }
     }
 }
@@ -780,9 +798,30 @@ impl Router {
                 if let Some(batch) = self.batches.get_mut(&id) {
                     batch.fanouts.insert(index, fanout);
                 }
+                // One message per node, however many slots of a split it serves: a split over
+                // thousands of slots would otherwise fill the node's channel and its relay
+                // with thousands of messages, and be refused as if the node were unavailable.
+                let mut by_node: Vec<(usize, Vec<usize>, Vec<Bytes>)> = Vec::new();
                 for (part, (node, request)) in parts.into_iter().enumerate() {
-                    let unit = Unit::Part { index, part };
-                    self.send(node, Job::new(id, unit, request)).await;
+                    match by_node.iter_mut().find(|(n, _, _)| *n == node) {
+                        Some((_, picks, requests)) => {
+                            picks.push(part);
+                            requests.push(request);
+                        }
+                        None => by_node.push((node, vec![part], vec![request])),
+                    }
+                }
+                for (node, picks, requests) in by_node {
+                    let job = match (picks.as_slice(), requests.as_slice()) {
+                        ([part], [request]) => {
+                            Job::new(id, Unit::Part { index, part: *part }, request.clone())
+                        }
+                        _ => Job {
+                            picks,
+                            ..Job::new(id, Unit::Parts { index }, requests.concat().into())
+                        },
+                    };
+                    self.send(node, job).await;
                 }
             }
         }
@@ -1048,7 +1087,7 @@ impl Router {
                     self.fill(batch, job.index(k), error.replies(1));
                 }
             }
-            Unit::Part { index, .. } => {
+            Unit::Part { index, .. } | Unit::Parts { index } => {
                 let Some(b) = self.batches.get_mut(&batch) else {
                     return;
                 };

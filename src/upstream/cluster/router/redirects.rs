@@ -66,7 +66,7 @@ impl Router {
                     self.fill_range(batch, index, 1, bytes.slice(from..to), 0);
                 }
             }
-            Unit::Range { .. } | Unit::Picked => {
+            Unit::Range { .. } | Unit::Picked | Unit::Parts { .. } => {
                 let (Some(replies), Some(requests)) =
                     (split_replies(&bytes, len), split_replies(&job.frames, len))
                 else {
@@ -74,13 +74,9 @@ impl Router {
                     return self.finish_if_done(batch);
                 };
                 for (k, (&(from, to), &(rfrom, rto))) in replies.iter().zip(&requests).enumerate() {
-                    let unit = Unit::Range {
-                        start: job.index(k),
-                        len: 1,
-                    };
                     let one = Job {
                         batch,
-                        unit,
+                        unit: job.unit_of(k),
                         frames: job.frames.slice(rfrom..rto),
                         redirects: job.redirects,
                         tries: job.tries,
@@ -173,7 +169,8 @@ impl Router {
             Unit::Range { start, .. } => self.fill(job.batch, start, reply),
             Unit::Picked => self.fill(job.batch, job.index(0), reply),
             Unit::Part { index, part } => self.fill_part(job.batch, index, part, reply),
-            Unit::Fence => {}
+            // Taken apart by `answered`: each part comes here as a job of its own.
+            Unit::Parts { .. } | Unit::Fence => {}
         }
     }
 
