@@ -707,6 +707,67 @@ async fn a_transaction_across_slots_is_aborted_as_redis_cluster_does() {
     assert_eq!(client.call(&["SET", &first, "ok"]).await, "+OK\r\n");
 }
 
+/// A transaction runs on one master: a command redmux runs on every master would cover a part
+/// of the keyspace there and say nothing of it (SCAN would even give that master's own
+/// cursor, and end the walk early). Refused in MULTI, which EXEC then aborts, and while
+/// watching. (Nothing destructive here: the cluster is shared by the tests.)
+#[tokio::test]
+async fn commands_for_every_master_are_refused_in_a_transaction() {
+    let cluster = shared();
+    let redmux = start(&cluster).await;
+    let mut client = redmux.raw().await;
+    let refused = |name: &str| {
+        format!(
+            "-ERR redmux: '{name}' runs on every master of the cluster, and a transaction \
+             (MULTI, WATCH) on one\r\n"
+        )
+    };
+    let execabort = "-EXECABORT Transaction discarded because of previous errors.\r\n";
+    let key = "every:key";
+    let every: [(&[&str], &str); 5] = [
+        (&["DBSIZE"], "dbsize"),
+        (&["keys", "every:*"], "keys"),
+        (&["SCAN", "0"], "scan"),
+        (&["SCRIPT", "LOAD", "return 1"], "script load"),
+        (&["script", "Exists", "abc"], "script exists"),
+    ];
+    for (command, name) in every {
+        // Before the transaction's first key, and after it.
+        for keyed in [false, true] {
+            assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+            if keyed {
+                assert_eq!(client.call(&["SET", key, "1"]).await, "+QUEUED\r\n");
+            }
+            assert_eq!(client.call(command).await, refused(name));
+            assert_eq!(client.call(&["EXEC"]).await, execabort);
+        }
+        assert_eq!(client.call(&["WATCH", key]).await, "+OK\r\n");
+        assert_eq!(client.call(command).await, refused(name));
+        assert_eq!(client.call(&["UNWATCH"]).await, "+OK\r\n");
+        assert!(client.call(command).await.starts_with(['*', ':', '$']));
+    }
+    assert_eq!(
+        at_owner(&cluster, key).query(&["EXISTS", key]),
+        Resp::Int(0)
+    );
+    // A keyed command Redis refuses as it queues it, before the transaction's first key: its
+    // own error, as from a node (answered `+QUEUED` here before, by the connection that holds
+    // MULTI until the first key).
+    assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+    for (command, name) in [(&["SET", key][..], "set"), (&["get"][..], "get")] {
+        assert_eq!(
+            client.call(command).await,
+            format!("-ERR wrong number of arguments for '{name}' command\r\n")
+        );
+    }
+    assert_eq!(client.call(&["PING"]).await, "+QUEUED\r\n");
+    assert_eq!(client.call(&["EXEC"]).await, execabort);
+    // RANDOMKEY is one master's anyway.
+    assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+    assert_eq!(client.call(&["RANDOMKEY"]).await, "+QUEUED\r\n");
+    assert!(client.call(&["EXEC"]).await.starts_with("*1\r\n"));
+}
+
 #[tokio::test]
 async fn watch_pins_the_master_of_the_watched_key() {
     let cluster = shared();
@@ -1839,6 +1900,65 @@ async fn never_reading_clients_of_a_cluster_are_closed_and_memory_stays_bounded(
     println!("{ABUSERS} never-reading clients: rss before {before} KiB, peak {peak} KiB (+{growth} KiB, bound {bound} KiB)");
     assert!(growth <= bound, "rss grew {growth} KiB, bound {bound} KiB");
     drop(abusers);
+}
+
+/// A split becomes a request per slot, each some 150 bytes of the router's and the actors'
+/// memory: a client pipelining MGETs of a key in every slot (16,384 requests out of 160 KB)
+/// and never reading must not make redmux hold its whole pipeline so (300 of them made it
+/// grow by 1.7 GB, and other clients' requests time out behind them on the masters'
+/// connections). Its requests on their way are bounded by their bytes, so redmux stops
+/// reading it, and another client is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_pipelining_wide_splits_is_not_read_without_bound() {
+    const SENT_MAX: usize = 48 * 1024 * 1024;
+    let cluster = shared();
+    let mut by_slot: Vec<Option<String>> = vec![None; 16384];
+    let mut missing = by_slot.len();
+    for i in 0u32.. {
+        let key = format!("{i:x}");
+        let at = &mut by_slot[usize::from(slot(key.as_bytes()))];
+        if at.is_none() {
+            *at = Some(key);
+            missing -= 1;
+            if missing == 0 {
+                break;
+            }
+        }
+    }
+    let mget: Vec<&str> = std::iter::once("MGET")
+        .chain(by_slot.iter().flatten().map(String::as_str))
+        .collect();
+    let request = cmd(&mget);
+    let seeds: Vec<String> = cluster.addrs().iter().map(|a| format!("\"{a}\"")).collect();
+    let redmux = support::binary::RedmuxProcess::start(
+        "",
+        &format!("[upstream]\ncluster = [{}]\n", seeds.join(", ")),
+    );
+    let mut bystander = redmux.raw().await;
+    assert_eq!(bystander.call(&["SET", "wide:own", "1"]).await, "+OK\r\n");
+    let before = redmux.rss_kib();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(redmux.addr).await.unwrap();
+    // Writes until redmux stops taking them.
+    let batch = request.repeat(16);
+    let mut sent = 0;
+    while sent < SENT_MAX {
+        let write = tokio::io::AsyncWriteExt::write_all(&mut stream, &batch);
+        match tokio::time::timeout(Duration::from_secs(2), write).await {
+            Ok(Ok(())) => sent += batch.len(),
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    assert_eq!(bystander.call(&["GET", "wide:own"]).await, "$1\r\n1\r\n");
+    let growth = redmux.peak_rss_kib().saturating_sub(before);
+    println!("sent {} KiB; rss grew {growth} KiB", sent / 1024);
+    // 1 MiB of requests on their way, and the one that takes them past it, made into split
+    // requests (some 7 x 16,384 of them), their replies, a socket's buffers, the allocator.
+    let bound = 64 * 1024;
+    assert!(growth <= bound, "rss grew {growth} KiB, bound {bound} KiB");
+    assert!(sent < SENT_MAX / 2, "redmux read {} KiB ahead", sent / 1024);
+    drop(stream);
 }
 
 /// A client logged in as a user of its own has connections to the masters as that user, and

@@ -5,7 +5,6 @@
 
 use std::{
     future::Future,
-    pin::Pin,
     task::{Context, Poll},
     time::Duration,
 };
@@ -19,7 +18,7 @@ use super::{
     registry::{flag, PauseMode, Subscription},
     state::{Effect, ReplyMode},
     subscriptions::Feed,
-    Path, Pending, Run, State, Then, Tx, MAX_BATCH,
+    Path, PauseWait, Pending, Run, State, Then, Tx, MAX_BATCH,
 };
 use crate::{
     command::{self, Action, CommandId, Transaction},
@@ -29,12 +28,9 @@ use crate::{
 };
 
 /// Polls the wait for a CLIENT PAUSE to end; never ready without one.
-pub(super) fn poll_pause(
-    pause: &mut Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
+pub(super) fn poll_pause(pause: &mut Option<Box<PauseWait>>, cx: &mut Context<'_>) -> Poll<()> {
     match pause {
-        Some(wait) => wait.as_mut().poll(cx),
+        Some(wait) => (**wait).as_mut().poll(cx),
         None => Poll::Pending,
     }
 }
@@ -137,7 +133,8 @@ impl State {
                     // It waits, unparsed, for the pause to end (or for UNPAUSE).
                     self.flush_run(&mut run_len, &mut run_count).await;
                     let clients = self.client.clients().clone();
-                    self.pause = Some(Box::pin(async move { clients.wait(until).await }));
+                    let wait = Box::pin(async move { clients.wait(until).await });
+                    self.pause = Some(Box::new(wait));
                     break;
                 }
             }
@@ -749,6 +746,10 @@ impl State {
             && !queued_here;
         self.last_path = Some(path);
         let handed_at = Instant::now();
+        let bytes = match blocking {
+            true => 0,
+            false => u32::try_from(frames.len()).unwrap_or(u32::MAX),
+        };
         let added = then.as_deref().map_or(0, Then::added_replies);
         let request = Batch {
             frames,
@@ -791,6 +792,7 @@ impl State {
             };
             if sent {
                 self.unresolved += 1;
+                self.in_flight = self.in_flight.saturating_add(bytes);
             }
             self.pending.push_back(if sent {
                 Pending::Upstream {
@@ -801,6 +803,7 @@ impl State {
                     charged: true,
                     sent: handed_at,
                     blocking,
+                    bytes,
                     then,
                 }
             } else {

@@ -65,12 +65,23 @@ const MAX_BATCH: u32 = 64;
 
 /// Stop reading a client while this many reply bytes wait for it to read them.
 const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
+/// Most request bytes on their way upstream and not yet answered: no more requests are taken
+/// while a client has this many out (one request of any size goes when none is). The replies
+/// are bounded by `client_output_limit`; this bounds the requests, and above all what a
+/// cluster router makes of them: a request split by slot becomes up to 16,384 requests, some
+/// 150 bytes each of the router's and the actors' memory, so a client pipelining hundreds of
+/// such splits could make redmux hold gigabytes, and keep other clients' requests waiting
+/// behind them on the masters' connections.
+const MAX_IN_FLIGHT: usize = 1024 * 1024;
 /// Most unparsed input read ahead while the next request waits for a barrier (see
 /// [`Path`]): reading on would let a client that pipelines behind one (a RESP3 subscriber's
 /// PUBLISHes, each waiting for the last) fill its buffer up to `client_query_limit`. Not
 /// while a blocking command is owed: its reply may never come, and the client's close must
 /// still be seen (`State::owes_blocking`).
 const STALLED_READ_AHEAD: usize = 1024 * 1024;
+
+/// The wait for a CLIENT PAUSE to end (see `State::pause`).
+type PauseWait = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A reply slot, in request order.
 #[derive(Debug)]
@@ -110,6 +121,9 @@ enum Pending {
         /// A blocking command, whose reply may never come: a client that closes its side
         /// while owed one is dropped at once, as Redis drops a blocked client that leaves.
         blocking: bool,
+        /// The bytes of the requests, counted in `State::in_flight` until the replies are in
+        /// (0 for a blocking command: see [`State::pipeline_has_room`]).
+        bytes: u32,
         /// What to do with the reply besides passing it on. Boxed: it is rare.
         then: Option<Box<Then>>,
     },
@@ -282,9 +296,14 @@ struct State {
     /// carried out and answered.
     eof: bool,
     /// The wait for a CLIENT PAUSE to end, while the next request waits, unparsed, in `rbuf`.
-    pause: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Boxed twice: the wait is rare, and a thin pointer keeps the busy session's box small.
+    pause: Option<Box<PauseWait>>,
     /// Requests whose replies have not reached `out` yet.
     outstanding: u32,
+    /// Bytes of the requests of the unanswered `Pending::Upstream` slots (see
+    /// [`MAX_IN_FLIGHT`]). A `u32`, with the others above, to keep the busy session's box
+    /// small; added and taken away saturating, as a request of 4 GiB would saturate it.
+    in_flight: u32,
     /// The command of each outstanding request, oldest first, to count replies per command:
     /// kept only with metrics on.
     owed: VecDeque<CommandId>,

@@ -11,7 +11,7 @@ use tracing::warn;
 
 use super::{
     state::{Effect, ReplyMode},
-    Invalidate, Path, Pending, State, Then,
+    Invalidate, Path, Pending, State, Then, MAX_IN_FLIGHT,
 };
 use crate::{
     command::CommandId,
@@ -141,19 +141,22 @@ impl State {
                 sent,
                 then,
                 blocking,
+                bytes,
                 ..
             }) = self.pending.pop_front()
             {
-                self.resolved(blocking);
+                self.resolved(blocking, bytes);
                 let (reply, charged) = self.then(then, reply, charged);
                 self.deliver(reply, count, suppress, release, charged, sent);
             }
         }
     }
 
-    /// An upstream slot is answered; a blocking one means the client is no longer blocked.
-    pub(super) fn resolved(&mut self, blocking: bool) {
+    /// An upstream slot of `bytes` of requests is answered; a blocking one means the client
+    /// is no longer blocked.
+    pub(super) fn resolved(&mut self, blocking: bool, bytes: u32) {
         self.unresolved -= 1;
+        self.in_flight = self.in_flight.saturating_sub(bytes);
         if blocking {
             self.client.entry.set_blocked_on(None);
         }
@@ -312,10 +315,13 @@ impl State {
         }
     }
 
-    /// Whether fewer requests are owed than `max_pipeline` allows: more may be read and parsed.
+    /// Whether fewer requests are owed than `max_pipeline` allows, and fewer bytes of them are
+    /// on their way than [`MAX_IN_FLIGHT`]: more may be read and parsed. A blocking command's
+    /// bytes do not count: while one is owed the client is read on, to see it close.
     pub(super) fn pipeline_has_room(&self) -> bool {
-        u32::try_from(self.config.max_pipeline)
-            .map_or(self.outstanding < u32::MAX, |max| self.outstanding < max)
+        let requests = u32::try_from(self.config.max_pipeline)
+            .map_or(self.outstanding < u32::MAX, |max| self.outstanding < max);
+        requests && (self.in_flight as usize) < MAX_IN_FLIGHT
     }
 
     /// A request was taken on: its reply is owed.
@@ -521,6 +527,7 @@ impl State {
             charged: false,
             sent: Instant::now(),
             blocking: false,
+            bytes: 0,
             then,
         });
     }

@@ -338,8 +338,8 @@ pub(super) fn burst<'a, S: Duplex>(
             tokio::select! {
                 biased;
                 reply = front_reply(&mut this.pending), if waiting_upstream => {
-                    if let Some(Pending::Upstream { count, suppress, release, charged, sent, then, blocking, .. }) = this.pending.pop_front() {
-                        this.resolved(blocking);
+                    if let Some(Pending::Upstream { count, suppress, release, charged, sent, then, blocking, bytes, .. }) = this.pending.pop_front() {
+                        this.resolved(blocking, bytes);
                         let reply = reply.unwrap_or(Err(UpstreamError::ConnectionLost));
                         let (reply, charged) = this.then(then, reply, charged);
                         this.deliver(reply, count, suppress, release, charged, sent);
@@ -502,6 +502,7 @@ impl State {
             eof: false,
             pause: None,
             outstanding: 0,
+            in_flight: 0,
             owed,
             current: CommandId::OTHER,
             out,

@@ -698,6 +698,7 @@ impl State {
             // The session charges what it puts in the reply itself.
             charged: true,
             sent: Instant::now(),
+            bytes: 0,
             blocking: false,
             then: None,
         });

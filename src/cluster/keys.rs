@@ -189,6 +189,18 @@ pub fn key_positions(argv: &[&[u8]]) -> (Scope, Vec<usize>) {
     (scope, positions)
 }
 
+/// Whether `request` is a command with keys given an argument count its arity does not allow
+/// (`GET`, `SET k`): Redis refuses it before anything else, in MULTI too. Commands without
+/// keys are not in the table, so say `false` whatever their arguments.
+pub fn keyed_with_wrong_arity(request: &[u8]) -> bool {
+    let mut args = Args::new(request);
+    let (Some(name), sub) = (args.next(), args.next()) else {
+        return false;
+    };
+    let argc = 1 + usize::from(sub.is_some()) + args.count();
+    lookup(name, sub).is_some_and(|command| !arity_fits(command.arity, argc))
+}
+
 /// [`key_positions`] into `positions`, which it clears first: the router's hot path reuses
 /// one vector rather than allocating one per request.
 fn positions_into(argv: &[&[u8]], positions: &mut Vec<usize>) -> Scope {
@@ -733,6 +745,32 @@ mod tests {
 
     fn keys_of(args: &[&str]) -> Vec<String> {
         found(args).1
+    }
+
+    #[test]
+    fn keyed_commands_with_a_wrong_argument_count_are_told_apart() {
+        let wrong = |args: &[&str]| {
+            keyed_with_wrong_arity(&encode_command(args.iter().map(|a| a.as_bytes())))
+        };
+        for args in [
+            &["GET"][..],
+            &["set", "k"],
+            &["GET", "a", "b"],
+            &["xinfo", "stream"],
+        ] {
+            assert!(wrong(args), "{args:?}");
+        }
+        // Fitting, keyless (not in the table), unknown, or a name with a NUL.
+        for args in [
+            &["GET", "k"][..],
+            &["SET", "k", "v", "EX", "1"],
+            &["PING"],
+            &["PING", "a", "b", "c"],
+            &["bogus"],
+            &["GET\0", "k", "x"],
+        ] {
+            assert!(!wrong(args), "{args:?}");
+        }
     }
 
     #[test]

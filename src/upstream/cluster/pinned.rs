@@ -4,7 +4,11 @@
 //! The client takes its pinned connection before it knows which key comes (MULTI comes first),
 //! so the node is chosen late: MULTI, and keyless commands queued after it, are answered here
 //! (`+OK`, `+QUEUED`) and held, and go to the node with the first keyed request, their replies
-//! dropped. EXEC or DISCARD with no key at all goes to any master.
+//! dropped. EXEC or DISCARD with no key at all goes to any master, and so does a command with
+//! keys given a wrong argument count (`SET k`), which Redis refuses as it queues it: the
+//! client gets Redis's own error, and EXEC its `-EXECABORT`. (An unknown command is answered
+//! `+QUEUED` here, as redmux's table knows only the commands that have keys; EXEC is refused
+//! all the same.)
 //!
 //! Once MULTI or WATCH has gone to a node the connection stays there until EXEC, DISCARD,
 //! UNWATCH or RESET. A command queued for another slot than the transaction's first key gets
@@ -12,7 +16,11 @@
 //! the issue of a transaction across slots shows to a client of Redis Cluster. While watching,
 //! a command for a slot another master owns gets `-MOVED` from the node, which the client sees
 //! as `-CROSSSLOT`. A command whose own keys span slots (a BLPOP of two lists, say) gets
-//! `-CROSSSLOT` here without reaching a node, in a transaction or not. Outside those states
+//! `-CROSSSLOT` here without reaching a node, in a transaction or not. A command that redmux
+//! runs on every master (FLUSHALL, DBSIZE, KEYS, SCAN, SCRIPT LOAD...) is refused here in a
+//! transaction or while watching, and a transaction it was queued in is aborted: on the one
+//! node the transaction runs on it would cover a part of the keyspace, and say nothing of
+//! it. Outside those states
 //! the connection moves to whichever master owns the next request's slot, and a `-MOVED` (the
 //! node did not run the command) is followed once.
 
@@ -31,7 +39,7 @@ use super::{
 };
 use crate::{
     cluster::{
-        keys::{self, SlotOf},
+        keys::{self, Scope, SlotOf},
         plan::{CLUSTERDOWN, CROSSSLOT},
         redirect::{followable, redirect, scripted, Redirect},
     },
@@ -144,6 +152,23 @@ enum Verb {
     Other,
 }
 
+/// The error for a command run on every master, given in a transaction (or while watching):
+/// the transaction runs on one node.
+fn every_master_refused(request: &[u8]) -> Bytes {
+    let mut args = Args::new(request);
+    let mut name = args.next().unwrap_or_default().to_ascii_lowercase();
+    if let (b"script" | b"function", Some(sub)) = (name.as_slice(), args.next()) {
+        name.push(b' ');
+        name.extend(sub.to_ascii_lowercase());
+    }
+    let mut error = b"-ERR redmux: '".to_vec();
+    error.extend(name);
+    error.extend_from_slice(
+        b"' runs on every master of the cluster, and a transaction (MULTI, WATCH) on one\r\n",
+    );
+    error.into()
+}
+
 fn verb(request: &[u8]) -> Verb {
     let name = Args::new(request).next().unwrap_or_default();
     let is = |word: &[u8]| name.eq_ignore_ascii_case(word);
@@ -232,7 +257,12 @@ impl Pinned {
                 pieces.push(Piece::Local(Bytes::from_static(b"+RESET\r\n")));
                 continue;
             }
-            let slot_of = keys::keys(&frame).slot();
+            let (scope, slot_of) = keys::scope_and_slot(&frame);
+            if (self.multi || self.sticky) && matches!(scope, Scope::AllMasters(_) | Scope::Scan) {
+                self.aborted |= self.multi;
+                pieces.push(Piece::Local(every_master_refused(&frame)));
+                continue;
+            }
             if slot_of == SlotOf::Cross {
                 // Refused here, as the node would refuse it (and flag a transaction, which
                 // makes EXEC fail): a blocking command across slots never waits on a node.
@@ -256,7 +286,10 @@ impl Pinned {
                     // No key: MULTI, and what is queued after it, wait for one.
                     None if self.node.is_none() && (verb == Verb::Multi || self.multi) => {
                         let full = self.held_len + frame.len() > HELD_MAX;
-                        if matches!(verb, Verb::Exec | Verb::Discard) || full {
+                        // A keyed command Redis refuses for its argument count as it is queued
+                        // goes to a node now, for Redis's own error.
+                        let refused = keys::keyed_with_wrong_arity(&frame);
+                        if matches!(verb, Verb::Exec | Verb::Discard) || full || refused {
                             match self.any() {
                                 Some(addr) => down |= !self.settle(addr),
                                 None => down = true,
