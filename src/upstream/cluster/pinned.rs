@@ -19,10 +19,9 @@
 //! `-CROSSSLOT` here without reaching a node, in a transaction or not. A command that redmux
 //! runs on every master (FLUSHALL, DBSIZE, KEYS, SCAN, SCRIPT LOAD...) is refused here in a
 //! transaction or while watching, and a transaction it was queued in is aborted: on the one
-//! node the transaction runs on it would cover a part of the keyspace, and say nothing of
-//! it. Outside those states
-//! the connection moves to whichever master owns the next request's slot, and a `-MOVED` (the
-//! node did not run the command) is followed once.
+//! node the transaction runs on it would cover a part of the keyspace, and say nothing of it.
+//! Outside those states the connection moves to whichever master owns the next request's
+//! slot, and a `-MOVED` (the node did not run the command) is followed once.
 
 use std::{collections::VecDeque, sync::Arc};
 
