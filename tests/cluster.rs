@@ -289,6 +289,59 @@ async fn splits_over_thousands_of_slots_go_to_each_master_as_one_message() {
     assert_eq!(client.call(&del).await, ":20000\r\n");
 }
 
+/// A split's parts for one master go as one message: when one of them is redirected (`-ASK`
+/// while its slot migrates, `-MOVED` once it has moved and redmux's map is stale), that part
+/// alone follows the redirect, and the replies are still merged in the order of the keys.
+#[tokio::test]
+async fn a_redirected_part_of_a_split_is_followed_alone() {
+    let cluster = Cluster::start();
+    let redmux = start(&cluster).await;
+    let masters = cluster.masters();
+    let (m, n, p) = (masters[0], masters[1], masters[2]);
+    let moving = name_on(&cluster, m, "parts", &[]);
+    let staying = name_on(&cluster, m, "parts", &[slot(moving.as_bytes())]);
+    let elsewhere = name_on(&cluster, n, "parts", &[]);
+    let sm = slot(moving.as_bytes());
+    let mut client = redmux.raw().await;
+    let keys = [&moving, &staying, &elsewhere];
+    let mset = |value: &str| -> Vec<String> {
+        let pairs = keys.map(|key| [key.clone(), format!("{value}:{key}")]);
+        std::iter::once("MSET".to_owned())
+            .chain(pairs.into_iter().flatten())
+            .collect()
+    };
+    let mget = ["MGET", &moving, &staying, &elsewhere];
+    let values = |value: &str| {
+        let values = keys.map(|key| Resp::Bulk(format!("{value}:{key}").into_bytes()));
+        Resp::Array(values.to_vec())
+    };
+    let first = mset("first");
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    assert_eq!(client.call(&first).await, "+OK\r\n");
+    // The slot migrating from m to p, its key moved: m answers that part -ASK.
+    start_move(sm, m, p);
+    migrate((m, p), &moving);
+    assert_eq!(parse(client.call(&mget).await.as_bytes()), values("first"));
+    let second = mset("second");
+    let second: Vec<&str> = second.iter().map(String::as_str).collect();
+    assert_eq!(client.call(&second).await, "+OK\r\n");
+    // The slot moved: m answers that part -MOVED, until redmux reads the new map.
+    let p_id = support::cluster::node_id(p);
+    for port in [p, m, n] {
+        set_owner(port, sm, &p_id);
+    }
+    // The part written while the slot migrated went to p, after ASKING.
+    assert_eq!(
+        Conn::connect(p).query(&["GET", &moving]),
+        Resp::Bulk(format!("second:{moving}").into_bytes())
+    );
+    assert_eq!(parse(client.call(&mget).await.as_bytes()), values("second"));
+    let mut del = vec!["DEL"];
+    del.extend([moving.as_str(), staying.as_str(), elsewhere.as_str()]);
+    assert_eq!(client.call(&del).await, ":3\r\n");
+    cluster.wait_agreed();
+}
+
 #[tokio::test]
 async fn other_commands_across_slots_get_crossslot_and_hash_tags_work() {
     let cluster = shared();
@@ -743,6 +796,12 @@ async fn commands_for_every_master_are_refused_in_a_transaction() {
         }
         assert_eq!(client.call(&["WATCH", key]).await, "+OK\r\n");
         assert_eq!(client.call(command).await, refused(name));
+        // EXEC or DISCARD without MULTI is an error, and the client still watches.
+        for stray in ["EXEC", "DISCARD"] {
+            let error = format!("-ERR {stray} without MULTI\r\n");
+            assert_eq!(client.call(&[stray]).await, error);
+            assert_eq!(client.call(command).await, refused(name));
+        }
         assert_eq!(client.call(&["UNWATCH"]).await, "+OK\r\n");
         assert!(client.call(command).await.starts_with(['*', ':', '$']));
     }

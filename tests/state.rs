@@ -514,6 +514,24 @@ async fn blocked_client_leaving_closes_its_connection() {
     let mut pusher = redmux.raw().await;
     assert_eq!(pusher.call(&["LPUSH", "never", "x"]).await, ":1\r\n");
     assert_eq!(pusher.call(&["LLEN", "never"]).await, ":1\r\n");
+    // The same while watching, with 2 MB of requests behind the BLPOP on its connection: past
+    // the bytes redmux lets a client have on their way, and still its close is seen (it was
+    // not, and the BLPOP ate the push, and the SET behind it ran).
+    let mut watching = redmux.raw().await;
+    assert_eq!(watching.call(&["WATCH", "w"]).await, "+OK\r\n");
+    let big = "x".repeat(2_000_000);
+    let mut out = b"BLPOP later 0\r\n".to_vec();
+    out.extend(redmux::resp::encode_command(
+        ["SET", "big", big.as_str()].map(str::as_bytes),
+    ));
+    out.extend(b"PING\r\n");
+    watching.send(out).await;
+    redis.wait_blocked_clients(1).await;
+    drop(watching);
+    redis.wait_blocked_clients(0).await;
+    assert_eq!(pusher.call(&["LPUSH", "later", "x"]).await, ":1\r\n");
+    assert_eq!(pusher.call(&["LLEN", "later"]).await, ":1\r\n");
+    assert_eq!(pusher.call(&["EXISTS", "big"]).await, ":0\r\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,7 +122,7 @@ enum Pending {
         /// while owed one is dropped at once, as Redis drops a blocked client that leaves.
         blocking: bool,
         /// The bytes of the requests, counted in `State::in_flight` until the replies are in
-        /// (0 for a blocking command: see [`State::pipeline_has_room`]).
+        /// (0 for a blocking command, whose reply may never come).
         bytes: u32,
         /// What to do with the reply besides passing it on. Boxed: it is rare.
         then: Option<Box<Then>>,

@@ -321,7 +321,7 @@ pub(super) fn burst<'a, S: Duplex>(
             }
             let can_read = !this.draining
                 && !this.eof
-                && this.pipeline_has_room()
+                && this.may_read()
                 && this.out_len < OUTPUT_HIGH_WATER
                 && !(this.stalled()
                     && this.rbuf.len() >= STALLED_READ_AHEAD

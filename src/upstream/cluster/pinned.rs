@@ -356,6 +356,8 @@ impl Pinned {
                     self.sticky = true;
                 }
                 Verb::Watch => self.sticky = true,
+                // Without MULTI Redis answers an error and goes on watching.
+                Verb::Exec | Verb::Discard if !self.multi => {}
                 Verb::Exec | Verb::Discard | Verb::Reset => {
                     self.multi = false;
                     self.sticky = false;
