@@ -532,6 +532,44 @@ async fn blocked_client_leaving_closes_its_connection() {
     assert_eq!(pusher.call(&["LPUSH", "later", "x"]).await, ":1\r\n");
     assert_eq!(pusher.call(&["LLEN", "later"]).await, ":1\r\n");
     assert_eq!(pusher.call(&["EXISTS", "big"]).await, ":0\r\n");
+    // And with more requests behind it than `max_pipeline` (1024).
+    let mut watching = redmux.raw().await;
+    assert_eq!(watching.call(&["WATCH", "w"]).await, "+OK\r\n");
+    watching
+        .send(format!("BLPOP deep 0\r\n{}", "PING\r\n".repeat(1100)))
+        .await;
+    redis.wait_blocked_clients(1).await;
+    drop(watching);
+    redis.wait_blocked_clients(0).await;
+    assert_eq!(pusher.call(&["LPUSH", "deep", "x"]).await, ":1\r\n");
+    assert_eq!(pusher.call(&["LLEN", "deep"]).await, ":1\r\n");
+}
+
+/// A client blocked behind a large reply it does not read, that closes its side: Redis reads a
+/// blocked client on and drops it at the end of its input; so does redmux, though it stops
+/// reading a client with a megabyte of replies waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_client_that_half_closes_unread_is_dropped() {
+    let redis = RedisServer::start();
+    let redmux = Redmux::start(&redis.addr()).await;
+    let mut pusher = redmux.raw().await;
+    let big = "x".repeat(8_000_000);
+    assert_eq!(pusher.call(&["SET", "big", &big]).await, "+OK\r\n");
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(redmux.addr).await.unwrap();
+    let requests = b"GET big\r\nBLPOP half 0\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut stream, requests)
+        .await
+        .unwrap();
+    redis.wait_blocked_clients(1).await;
+    tokio::io::AsyncWriteExt::shutdown(&mut stream)
+        .await
+        .unwrap();
+    redis.wait_blocked_clients(0).await;
+    assert_eq!(pusher.call(&["LPUSH", "half", "x"]).await, ":1\r\n");
+    assert_eq!(pusher.call(&["LLEN", "half"]).await, ":1\r\n");
+    drop(stream);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,7 +77,7 @@ const MAX_IN_FLIGHT: usize = 1024 * 1024;
 /// [`Path`]): reading on would let a client that pipelines behind one (a RESP3 subscriber's
 /// PUBLISHes, each waiting for the last) fill its buffer up to `client_query_limit`. Not
 /// while a blocking command is owed: its reply may never come, and the client's close must
-/// still be seen (`State::owes_blocking`).
+/// still be seen (`State::owes_blocking`; the same goes for the other limits on reading).
 const STALLED_READ_AHEAD: usize = 1024 * 1024;
 
 /// The wait for a CLIENT PAUSE to end (see `State::pause`).

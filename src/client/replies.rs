@@ -316,25 +316,11 @@ impl State {
     }
 
     /// Whether fewer requests are owed than `max_pipeline` allows, and fewer bytes of them are
-    /// on their way than [`MAX_IN_FLIGHT`]: more may be parsed and sent.
+    /// on their way than [`MAX_IN_FLIGHT`]: more may be read, parsed and sent.
     pub(super) fn pipeline_has_room(&self) -> bool {
-        self.requests_have_room() && (self.in_flight as usize) < MAX_IN_FLIGHT
-    }
-
-    /// Whether more may be read: as [`State::pipeline_has_room`], except that the bytes on
-    /// their way do not stop it while a blocking command is owed. Its reply may never come, and
-    /// the client's close must be seen (what it sends meanwhile waits in `rbuf`, within
-    /// `client_query_limit`): a request of a megabyte behind a BLPOP on the same connection
-    /// (while watching) would otherwise keep a client that has left blocked, to pop an element
-    /// nobody gets.
-    pub(super) fn may_read(&self) -> bool {
-        self.requests_have_room()
-            && ((self.in_flight as usize) < MAX_IN_FLIGHT || self.owes_blocking())
-    }
-
-    fn requests_have_room(&self) -> bool {
-        u32::try_from(self.config.max_pipeline)
-            .map_or(self.outstanding < u32::MAX, |max| self.outstanding < max)
+        let requests = u32::try_from(self.config.max_pipeline)
+            .map_or(self.outstanding < u32::MAX, |max| self.outstanding < max);
+        requests && (self.in_flight as usize) < MAX_IN_FLIGHT
     }
 
     /// A request was taken on: its reply is owed.

@@ -319,13 +319,15 @@ pub(super) fn burst<'a, S: Duplex>(
             if this.parkable() {
                 return Some(this.park());
             }
-            let can_read = !this.draining
-                && !this.eof
-                && this.may_read()
+            // Past any of these limits the client is not read, except while a blocking
+            // command is owed: its reply may never come, and the client's close must be seen
+            // (to drop it, as Redis drops a blocked client that leaves), so it is read on, what
+            // it sends meanwhile kept in `rbuf` within `client_query_limit`, as Redis reads a
+            // blocked client on. Asked last: it looks through the reply slots.
+            let room = this.pipeline_has_room()
                 && this.out_len < OUTPUT_HIGH_WATER
-                && !(this.stalled()
-                    && this.rbuf.len() >= STALLED_READ_AHEAD
-                    && !this.owes_blocking());
+                && !(this.stalled() && this.rbuf.len() >= STALLED_READ_AHEAD);
+            let can_read = !this.draining && !this.eof && (room || this.owes_blocking());
             // Nothing buffered, nothing owed: the client holds no read buffer while it idles.
             if this.rbuf.is_empty() && this.outstanding == 0 && this.out.is_empty() {
                 this.rbuf = BytesMut::new();
