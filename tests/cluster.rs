@@ -810,17 +810,35 @@ async fn commands_for_every_master_are_refused_in_a_transaction() {
         Resp::Int(0)
     );
     // A keyed command Redis refuses as it queues it, before the transaction's first key: its
-    // own error, as from a node (answered `+QUEUED` here before, by the connection that holds
-    // MULTI until the first key).
-    assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
-    for (command, name) in [(&["SET", key][..], "set"), (&["get"][..], "get")] {
+    // own error, as Redis gives it (answered `+QUEUED` here before, by the connection that
+    // holds MULTI until the first key), and the keys queued after it, on whichever master,
+    // `+QUEUED` as by Redis; EXEC is refused.
+    for master in cluster.masters() {
+        let later = name_on(&cluster, master, "every:later", &[]);
+        assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+        for (command, name) in [(&["SET", key][..], "set"), (&["get"][..], "get")] {
+            assert_eq!(
+                client.call(command).await,
+                format!("-ERR wrong number of arguments for '{name}' command\r\n")
+            );
+        }
+        assert_eq!(client.call(&["PING"]).await, "+QUEUED\r\n");
+        assert_eq!(client.call(&["SET", &later, "1"]).await, "+QUEUED\r\n");
+        assert_eq!(client.call(&["EXEC"]).await, execabort);
         assert_eq!(
-            client.call(command).await,
-            format!("-ERR wrong number of arguments for '{name}' command\r\n")
+            at_owner(&cluster, &later).query(&["EXISTS", &later]),
+            Resp::Int(0)
         );
+        // WATCH in MULTI gets Redis's own error, wherever its key is, and EXEC runs.
+        assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+        assert_eq!(client.call(&["SET", key, "1"]).await, "+QUEUED\r\n");
+        assert_eq!(
+            client.call(&["WATCH", &later]).await,
+            "-ERR WATCH inside MULTI is not allowed\r\n"
+        );
+        assert_eq!(client.call(&["EXEC"]).await, "*1\r\n+OK\r\n");
+        assert_eq!(client.call(&["DEL", key]).await, ":1\r\n");
     }
-    assert_eq!(client.call(&["PING"]).await, "+QUEUED\r\n");
-    assert_eq!(client.call(&["EXEC"]).await, execabort);
     // RANDOMKEY is one master's anyway.
     assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
     assert_eq!(client.call(&["RANDOMKEY"]).await, "+QUEUED\r\n");

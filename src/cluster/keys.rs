@@ -189,16 +189,17 @@ pub fn key_positions(argv: &[&[u8]]) -> (Scope, Vec<usize>) {
     (scope, positions)
 }
 
-/// Whether `request` is a command with keys given an argument count its arity does not allow
-/// (`GET`, `SET k`): Redis refuses it before anything else, in MULTI too. Commands without
-/// keys are not in the table, so say `false` whatever their arguments.
-pub fn keyed_with_wrong_arity(request: &[u8]) -> bool {
+/// The name Redis gives (`container|subcommand` for a subcommand) of a command with keys
+/// given an argument count its arity does not allow (`GET`, `SET k`): Redis refuses it before
+/// anything else, in MULTI too. `None` for anything else: commands without keys are not in
+/// the table.
+pub fn wrong_arity(request: &[u8]) -> Option<&'static [u8]> {
     let mut args = Args::new(request);
-    let (Some(name), sub) = (args.next(), args.next()) else {
-        return false;
-    };
+    let (name, sub) = (args.next()?, args.next());
     let argc = 1 + usize::from(sub.is_some()) + args.count();
-    lookup(name, sub).is_some_and(|command| !arity_fits(command.arity, argc))
+    lookup(name, sub)
+        .filter(|command| !arity_fits(command.arity, argc))
+        .map(|command| command.name)
 }
 
 /// [`key_positions`] into `positions`, which it clears first: the router's hot path reuses
@@ -749,16 +750,14 @@ mod tests {
 
     #[test]
     fn keyed_commands_with_a_wrong_argument_count_are_told_apart() {
-        let wrong = |args: &[&str]| {
-            keyed_with_wrong_arity(&encode_command(args.iter().map(|a| a.as_bytes())))
-        };
-        for args in [
-            &["GET"][..],
-            &["set", "k"],
-            &["GET", "a", "b"],
-            &["xinfo", "stream"],
+        let wrong = |args: &[&str]| wrong_arity(&encode_command(args.iter().map(|a| a.as_bytes())));
+        for (args, name) in [
+            (&["GET"][..], &b"get"[..]),
+            (&["set", "k"], b"set"),
+            (&["GET", "a", "b"], b"get"),
+            (&["xinfo", "stream"], b"xinfo|stream"),
         ] {
-            assert!(wrong(args), "{args:?}");
+            assert_eq!(wrong(args), Some(name), "{args:?}");
         }
         // Fitting, keyless (not in the table), unknown, or a name with a NUL.
         for args in [
@@ -769,7 +768,7 @@ mod tests {
             &["bogus"],
             &["GET\0", "k", "x"],
         ] {
-            assert!(!wrong(args), "{args:?}");
+            assert_eq!(wrong(args), None, "{args:?}");
         }
     }
 

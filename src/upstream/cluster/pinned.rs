@@ -4,11 +4,12 @@
 //! The client takes its pinned connection before it knows which key comes (MULTI comes first),
 //! so the node is chosen late: MULTI, and keyless commands queued after it, are answered here
 //! (`+OK`, `+QUEUED`) and held, and go to the node with the first keyed request, their replies
-//! dropped. EXEC or DISCARD with no key at all goes to any master, and so does a command with
-//! keys given a wrong argument count (`SET k`), which Redis refuses as it queues it: the
-//! client gets Redis's own error, and EXEC its `-EXECABORT`. (An unknown command is answered
-//! `+QUEUED` here, as redmux's table knows only the commands that have keys; EXEC is refused
-//! all the same.)
+//! dropped. EXEC or DISCARD with no key at all goes to any master. A command with keys given
+//! a wrong argument count (`SET k`) gets Redis's own error here, as Redis refuses it while
+//! queuing, and EXEC its `-EXECABORT`. (An unknown command is answered `+QUEUED` here, as
+//! redmux's table knows only the commands that have keys; EXEC is refused all the same, by
+//! the node.) WATCH in MULTI gets Redis's `-ERR WATCH inside MULTI is not allowed` here,
+//! whatever node its keys are on.
 //!
 //! Once MULTI or WATCH has gone to a node the connection stays there until EXEC, DISCARD,
 //! UNWATCH or RESET. A command queued for another slot than the transaction's first key gets
@@ -151,6 +152,18 @@ enum Verb {
     Other,
 }
 
+/// Redis's answer to WATCH in MULTI (`watchCommand`).
+const WATCH_IN_MULTI: &[u8] = b"-ERR WATCH inside MULTI is not allowed\r\n";
+
+/// Redis's error for a command given an argument count its arity does not allow
+/// (`processCommand`), `name` being its full name.
+fn arity_error(name: &[u8]) -> Bytes {
+    let mut error = b"-ERR wrong number of arguments for '".to_vec();
+    error.extend_from_slice(name);
+    error.extend_from_slice(b"' command\r\n");
+    error.into()
+}
+
 /// The error for a command run on every master, given in a transaction (or while watching):
 /// the transaction runs on one node.
 fn every_master_refused(request: &[u8]) -> Bytes {
@@ -257,6 +270,12 @@ impl Pinned {
                 continue;
             }
             let (scope, slot_of) = keys::scope_and_slot(&frame);
+            let wrong_arity = keys::wrong_arity(&frame);
+            if self.multi && verb == Verb::Watch && wrong_arity.is_none() {
+                // Redis's answer, whatever the keys: the transaction goes on.
+                pieces.push(Piece::Local(Bytes::from_static(WATCH_IN_MULTI)));
+                continue;
+            }
             if (self.multi || self.sticky) && matches!(scope, Scope::AllMasters(_) | Scope::Scan) {
                 self.aborted |= self.multi;
                 pieces.push(Piece::Local(every_master_refused(&frame)));
@@ -284,11 +303,15 @@ impl Pinned {
                     Some(Some(_)) => {}
                     // No key: MULTI, and what is queued after it, wait for one.
                     None if self.node.is_none() && (verb == Verb::Multi || self.multi) => {
+                        if let Some(name) = wrong_arity {
+                            // Refused as Redis refuses it while queuing, which aborts the
+                            // transaction; it still waits for its first key.
+                            self.aborted = true;
+                            pieces.push(Piece::Local(arity_error(name)));
+                            continue;
+                        }
                         let full = self.held_len + frame.len() > HELD_MAX;
-                        // A keyed command Redis refuses for its argument count as it is queued
-                        // goes to a node now, for Redis's own error.
-                        let refused = keys::keyed_with_wrong_arity(&frame);
-                        if matches!(verb, Verb::Exec | Verb::Discard) || full || refused {
+                        if matches!(verb, Verb::Exec | Verb::Discard) || full {
                             match self.any() {
                                 Some(addr) => down |= !self.settle(addr),
                                 None => down = true,
