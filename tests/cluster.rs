@@ -839,6 +839,21 @@ async fn commands_for_every_master_are_refused_in_a_transaction() {
         assert_eq!(client.call(&["EXEC"]).await, "*1\r\n+OK\r\n");
         assert_eq!(client.call(&["DEL", key]).await, ":1\r\n");
     }
+    // Given a wrong argument count they get Redis's arity error, as Redis checks it first:
+    // from redmux before the first key, from the node after it and while watching.
+    let arity = |name: &str| format!("-ERR wrong number of arguments for '{name}' command\r\n");
+    for keyed in [false, true] {
+        assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
+        if keyed {
+            assert_eq!(client.call(&["SET", key, "1"]).await, "+QUEUED\r\n");
+        }
+        assert_eq!(client.call(&["DBSIZE", "x"]).await, arity("dbsize"));
+        assert_eq!(client.call(&["script", "load"]).await, arity("script|load"));
+        assert_eq!(client.call(&["EXEC"]).await, execabort);
+    }
+    assert_eq!(client.call(&["WATCH", key]).await, "+OK\r\n");
+    assert_eq!(client.call(&["KEYS"]).await, arity("keys"));
+    assert_eq!(client.call(&["UNWATCH"]).await, "+OK\r\n");
     // RANDOMKEY is one master's anyway.
     assert_eq!(client.call(&["MULTI"]).await, "+OK\r\n");
     assert_eq!(client.call(&["RANDOMKEY"]).await, "+QUEUED\r\n");

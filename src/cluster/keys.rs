@@ -189,17 +189,55 @@ pub fn key_positions(argv: &[&[u8]]) -> (Scope, Vec<usize>) {
     (scope, positions)
 }
 
-/// The name Redis gives (`container|subcommand` for a subcommand) of a command with keys
-/// given an argument count its arity does not allow (`GET`, `SET k`): Redis refuses it before
-/// anything else, in MULTI too. `None` for anything else: commands without keys are not in
-/// the table.
+/// The name Redis gives (`container|subcommand` for a subcommand) of a command given an
+/// argument count its arity does not allow (`GET`, `SET k`, `DBSIZE x`): Redis refuses it
+/// before anything else, in MULTI too. Known for the commands with keys and those of
+/// [`EVERY_MASTER`]; `None` for anything else.
 pub fn wrong_arity(request: &[u8]) -> Option<&'static [u8]> {
     let mut args = Args::new(request);
     let (name, sub) = (args.next()?, args.next());
     let argc = 1 + usize::from(sub.is_some()) + args.count();
-    lookup(name, sub)
-        .filter(|command| !arity_fits(command.arity, argc))
-        .map(|command| command.name)
+    let (full, arity) = match lookup(name, sub) {
+        Some(command) => (command.name, command.arity),
+        None => every_master(name, sub)?,
+    };
+    (!arity_fits(arity, argc)).then_some(full)
+}
+
+/// The commands [`scope_of`] sends to every master or walks them with (SCAN), and their
+/// containers, with Redis 7.0's full names and arities (`COMMAND INFO`): the table holds only
+/// the commands with keys.
+const EVERY_MASTER: &[(&[u8], i16)] = &[
+    (b"dbsize", 1),
+    (b"flushall", -1),
+    (b"flushdb", -1),
+    (b"function", -2),
+    (b"function|delete", 3),
+    (b"function|flush", -2),
+    (b"function|kill", 2),
+    (b"function|load", -3),
+    (b"function|restore", -3),
+    (b"keys", 2),
+    (b"scan", -2),
+    (b"script", -2),
+    (b"script|exists", -3),
+    (b"script|flush", -2),
+    (b"script|kill", 2),
+    (b"script|load", 3),
+];
+
+/// The row of [`EVERY_MASTER`] for `name` (and `sub`, for SCRIPT and FUNCTION).
+fn every_master(name: &[u8], sub: Option<&[u8]>) -> Option<(&'static [u8], i16)> {
+    let mut buf = [0u8; NAME_MAX];
+    let mut len = lower_into(&mut buf, 0, name)?;
+    if let Some(sub) = sub.filter(|_| matches!(&buf[..len], b"script" | b"function")) {
+        len = lower_into(&mut buf, len, b"|")?;
+        len = lower_into(&mut buf, len, sub)?;
+    }
+    EVERY_MASTER
+        .iter()
+        .find(|(full, _)| *full == &buf[..len])
+        .copied()
 }
 
 /// [`key_positions`] into `positions`, which it clears first: the router's hot path reuses
@@ -756,6 +794,10 @@ mod tests {
             (&["set", "k"], b"set"),
             (&["GET", "a", "b"], b"get"),
             (&["xinfo", "stream"], b"xinfo|stream"),
+            (&["DBSIZE", "x"], b"dbsize"),
+            (&["script", "LOAD"], b"script|load"),
+            (&["SCRIPT"], b"script"),
+            (&["keys"], b"keys"),
         ] {
             assert_eq!(wrong(args), Some(name), "{args:?}");
         }
@@ -767,6 +809,9 @@ mod tests {
             &["PING", "a", "b", "c"],
             &["bogus"],
             &["GET\0", "k", "x"],
+            &["DBSIZE"],
+            &["script", "load", "return 1"],
+            &["SCRIPT", "bogus"],
         ] {
             assert_eq!(wrong(args), None, "{args:?}");
         }

@@ -276,7 +276,8 @@ impl Pinned {
                 pieces.push(Piece::Local(Bytes::from_static(WATCH_IN_MULTI)));
                 continue;
             }
-            if (self.multi || self.sticky) && matches!(scope, Scope::AllMasters(_) | Scope::Scan) {
+            let every_master = matches!(scope, Scope::AllMasters(_) | Scope::Scan);
+            if (self.multi || self.sticky) && every_master && wrong_arity.is_none() {
                 self.aborted |= self.multi;
                 pieces.push(Piece::Local(every_master_refused(&frame)));
                 continue;
