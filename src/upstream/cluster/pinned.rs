@@ -43,7 +43,7 @@ use crate::{
         plan::{CLUSTERDOWN, CROSSSLOT},
         redirect::{followable, redirect, scripted, Redirect},
     },
-    resp::{encode_command, Args},
+    resp::{encode, encode_command, Args},
     upstream::{Batch, Budget, Replies, Reply, ReplyTo, UpstreamError},
 };
 
@@ -152,16 +152,10 @@ enum Verb {
     Other,
 }
 
-/// Redis's answer to WATCH in MULTI (`watchCommand`).
-const WATCH_IN_MULTI: &[u8] = b"-ERR WATCH inside MULTI is not allowed\r\n";
-
 /// Redis's error for a command given an argument count its arity does not allow
 /// (`processCommand`), `name` being its full name.
 fn arity_error(name: &[u8]) -> Bytes {
-    let mut error = b"-ERR wrong number of arguments for '".to_vec();
-    error.extend_from_slice(name);
-    error.extend_from_slice(b"' command\r\n");
-    error.into()
+    encode::error_bytes(&[b"ERR wrong number of arguments for '", name, b"' command"].concat())
 }
 
 /// The error for a command run on every master, given in a transaction (or while watching):
@@ -173,12 +167,8 @@ fn every_master_refused(request: &[u8]) -> Bytes {
         name.push(b' ');
         name.extend(sub.to_ascii_lowercase());
     }
-    let mut error = b"-ERR redmux: '".to_vec();
-    error.extend(name);
-    error.extend_from_slice(
-        b"' runs on every master of the cluster, and a transaction (MULTI, WATCH) on one\r\n",
-    );
-    error.into()
+    let runs = b"' runs on every master of the cluster, and a transaction (MULTI, WATCH) on one";
+    encode::error_bytes(&[&b"ERR redmux: '"[..], &name, runs].concat())
 }
 
 fn verb(request: &[u8]) -> Verb {
@@ -270,10 +260,16 @@ impl Pinned {
                 continue;
             }
             let (scope, slot_of) = keys::scope_and_slot(&frame);
-            let wrong_arity = keys::wrong_arity(&frame);
+            // Asked only where it matters: a connection that is not in a transaction (a
+            // blocking command's) leaves arity to Redis.
+            let wrong_arity = (self.multi || self.sticky)
+                .then(|| keys::wrong_arity(&frame))
+                .flatten();
             if self.multi && verb == Verb::Watch && wrong_arity.is_none() {
-                // Redis's answer, whatever the keys: the transaction goes on.
-                pieces.push(Piece::Local(Bytes::from_static(WATCH_IN_MULTI)));
+                // Redis's answer (`watchCommand`), whatever the keys: the transaction goes on.
+                pieces.push(Piece::Local(encode::error(
+                    "WATCH inside MULTI is not allowed",
+                )));
                 continue;
             }
             let every_master = matches!(scope, Scope::AllMasters(_) | Scope::Scan);
